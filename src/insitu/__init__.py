@@ -1,0 +1,4 @@
+"""insitu: privacy-preserving federated learning between hospitals."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

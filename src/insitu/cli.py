@@ -1,0 +1,27 @@
+"""The ``insitu`` command line: argument parsing only, every command calls the library."""
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from insitu.errors import InsituError
+
+app = typer.Typer(
+    name="insitu",
+    help="Privacy-preserving federated learning between hospitals: patient data never leaves the site.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def main() -> None:
+    """Entry point: InsituError becomes a one-line message and exit code 2, never a traceback."""
+    try:
+        app()
+    except InsituError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

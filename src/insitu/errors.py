@@ -1,0 +1,72 @@
+"""The one exception tree of insitu.
+
+Every error a user can meet is an ``InsituError``; the CLI prints its message
+on one line and exits non-zero, without a traceback.  Messages name what was
+wrong, the value received, and what to do.
+
+    InsituError
+     ├── ConfigError          bad option, unknown name, impossible setting
+     ├── DataError            a source, CSV or .npz that does not hold what it must
+     ├── PolicyViolation      a site or gateway rule forbids this
+     │    ├── BudgetExceeded  a round would take a site past its privacy budget
+     │    └── TaskNotApproved a site was asked to run a task its admin did not approve
+     ├── ProtocolError        a malformed, oversized, replayed or forged message
+     │    └── RoundAborted    a round could not complete; the global model is unchanged
+     ├── SecurityError        certificates, keys, signatures, tampering
+     └── AuthError            no or bad credentials (gateway, operator actions)
+"""
+from __future__ import annotations
+
+
+class InsituError(Exception):
+    """Base of every error insitu raises on purpose."""
+
+
+class ConfigError(InsituError):
+    """An option, configuration file or name that cannot be used."""
+
+
+class DataError(InsituError):
+    """Input data that does not match what was declared."""
+
+
+class PolicyViolation(InsituError):
+    """A rule of a site, the consortium or the gateway forbids the action."""
+
+
+class BudgetExceeded(PolicyViolation):
+    """A round would take a site past its privacy budget; refused before training."""
+
+
+class TaskNotApproved(PolicyViolation):
+    """A task (or its parameters) that the site's admin did not approve."""
+
+
+class ProtocolError(InsituError):
+    """A message that is malformed, too large, replayed, out of order or forged."""
+
+
+class RoundAborted(ProtocolError):
+    """A round could not complete; the global model stays as it was."""
+
+
+class SecurityError(InsituError):
+    """Certificate, key, signature or integrity failure."""
+
+
+class AuthError(InsituError):
+    """Missing or invalid credentials."""
+
+
+__all__ = [
+    "InsituError",
+    "ConfigError",
+    "DataError",
+    "PolicyViolation",
+    "BudgetExceeded",
+    "TaskNotApproved",
+    "ProtocolError",
+    "RoundAborted",
+    "SecurityError",
+    "AuthError",
+]
