@@ -1,0 +1,110 @@
+"""The coordinator half of the round engine, written once for every transport.
+
+One round: broadcast the global model → sites train → collect (through the
+aggregation protocol) → check enough sites finished → apply the strategy.  A
+round that cannot complete raises :class:`RoundAborted` and leaves the global
+model exactly as it was; the next round can run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from insitu.errors import ConfigError, RoundAborted
+from insitu.federation.messages import Message, MessageKind
+from insitu.federation.protocol import AggregateResult, AggregationProtocol, PlainProtocol, RoundPlan
+from insitu.federation.strategies import Strategy
+from insitu.federation.task import TaskSpec
+from insitu.federation.transport import Transport, check_reply
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What happened in one round; written once, never edited."""
+
+    round: int
+    participants: tuple[str, ...]
+    dropped: Mapping[str, str]
+    train: Mapping[str, Mapping[str, Any]]
+    bytes_up: Mapping[str, int]
+    bytes_down: Mapping[str, int]
+    seconds: float
+    update_norm: float
+
+
+@dataclass
+class Coordinator:
+    job: str
+    task: TaskSpec
+    params: np.ndarray
+    strategy: Strategy
+    transport: Transport
+    protocol: AggregationProtocol = field(default_factory=PlainProtocol)
+    min_sites: int = 1
+    timeout: float = 600.0
+    weighting: str = "samples"
+    sites: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.params = np.asarray(self.params, dtype=np.float32)
+        if self.min_sites < 1:
+            raise ConfigError(f"--min-sites must be at least 1, got {self.min_sites}")
+        self.rounds_done = 0
+
+    def _sites(self) -> tuple[str, ...]:
+        return tuple(self.sites) if self.sites is not None else tuple(self.transport.sites())
+
+    def plan(self, round_: int) -> RoundPlan:
+        sites = self._sites()
+        if len(sites) < self.min_sites:
+            raise RoundAborted(f"round {round_}: only {len(sites)} site(s) connected, --min-sites is {self.min_sites}")
+        meta, tensors = self.strategy.configure(round_, self.params)
+        meta = {"task": self.task.to_meta(), "weighting": self.weighting, **meta}
+        tensors = {"params": self.params, **tensors}
+        size = self.strategy.update_size(self.params.shape[0])
+        return RoundPlan(self.job, round_, sites, size, self.timeout, self.min_sites, meta, tensors)
+
+    def run_round(self, round_: int) -> RoundRecord:
+        start = time.perf_counter()
+        plan = self.plan(round_)
+        result: AggregateResult = self.protocol.collect(plan, self.transport)
+        if len(result.participants) < self.min_sites:
+            why = "; ".join(f"{s}: {r}" for s, r in result.dropped.items()) or "none answered"
+            raise RoundAborted(
+                f"round {round_}: {len(result.participants)} of {len(plan.sites)} sites finished, "
+                f"--min-sites is {self.min_sites} ({why}); the global model is unchanged"
+            )
+        if not (result.weight > 0) or not np.all(np.isfinite(result.total)):
+            raise RoundAborted(f"round {round_}: aggregate is not finite (weight {result.weight}); the global model is unchanged")
+        mean = result.mean
+        fraction = len(result.participants) / max(1, len(plan.sites))
+        new = self.strategy.apply(self.params, mean, fraction=fraction)
+        if not np.all(np.isfinite(new)):
+            raise RoundAborted(f"round {round_}: the strategy produced non-finite parameters; the global model is unchanged")
+        n = self.params.shape[0]
+        self.params = new
+        self.rounds_done = round_
+        return RoundRecord(
+            round=round_,
+            participants=tuple(result.participants),
+            dropped=dict(result.dropped),
+            train={k: dict(v) for k, v in result.site_metrics.items()},
+            bytes_up=dict(result.bytes_up),
+            bytes_down=dict(result.bytes_down),
+            seconds=time.perf_counter() - start,
+            update_norm=float(np.linalg.norm(mean[:n])),
+        )
+
+    def evaluate(self, round_: int, params: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+        """Federated evaluation: each site scores the global model on its own test split."""
+        params = self.params if params is None else np.asarray(params, dtype=np.float32)
+        req = Message(MessageKind.EVALUATE, round_, self.job, {"task": self.task.to_meta()}, {"params": params})
+        ex = self.transport.exchange({s: req for s in self._sites()}, self.timeout)
+        out: dict[str, dict[str, Any]] = {}
+        for sid, rep in ex.replies.items():
+            check_reply(rep, MessageKind.EVALUATE_REPLY, round_, self.job)
+            out[sid] = dict(rep.meta)
+        return out

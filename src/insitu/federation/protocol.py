@@ -1,0 +1,141 @@
+"""How updates travel from sites to the coordinator's sum: the aggregation protocol.
+
+Every protocol computes the same thing, the weighted sum ``Σ wᵢ·uᵢ`` and ``Σ wᵢ``
+over the sites that completed the round; they differ in what the coordinator
+may see on the way.  A protocol has two halves:
+
+* coordinator half, :meth:`AggregationProtocol.collect`: runs the round's
+  exchanges (at least the TRAIN exchange) through a :class:`Transport` and
+  returns an :class:`AggregateResult`;
+* site half, :class:`SiteProtection`: turns the site's weighted, clipped,
+  noised, encoded vector into what leaves the site, and answers the
+  protocol's extra phases (key agreement, unmasking, decryption).
+
+The plain protocol below sends ``wᵢ·uᵢ`` in the clear: fine for a simulation,
+and what secure aggregation and homomorphic encryption replace.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from insitu.errors import ProtocolError
+from insitu.federation.messages import Message, MessageKind
+from insitu.federation.transport import Transport, check_reply, finite_vector
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Everything the coordinator decided for one round before asking any site."""
+
+    job: str
+    round: int
+    sites: tuple[str, ...]
+    size: int  # length of the update vector every site returns
+    timeout: float
+    min_sites: int
+    train_meta: Mapping[str, Any]
+    train_tensors: Mapping[str, np.ndarray]
+
+    def train_request(self, site: str, extra_meta: Mapping[str, Any] | None = None) -> Message:
+        meta = dict(self.train_meta)
+        if extra_meta:
+            meta.update(extra_meta)
+        return Message(MessageKind.TRAIN, self.round, self.job, meta, dict(self.train_tensors))
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    total: np.ndarray  # float64: Σ wᵢ·uᵢ over participants (plus any noise the protocol adds)
+    weight: float  # Σ wᵢ over participants
+    participants: tuple[str, ...]
+    dropped: Mapping[str, str]
+    site_metrics: Mapping[str, Mapping[str, Any]]
+    bytes_up: Mapping[str, int] = field(default_factory=dict)  # site → coordinator
+    bytes_down: Mapping[str, int] = field(default_factory=dict)  # coordinator → site
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / self.weight
+
+
+class SiteProtection(Protocol):
+    """The site half of a protocol: the last step before an update leaves the site."""
+
+    def protect(self, request: Message, weighted: np.ndarray, weight: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Meta and tensors of the TRAIN_REPLY carrying ``weighted`` (= wᵢ·uᵢ) and ``weight``."""
+        ...
+
+    def handlers(self) -> Mapping[MessageKind, Callable[[Message], Message]]:
+        """Extra message kinds this protocol's site half answers."""
+        ...
+
+
+class AggregationProtocol(Protocol):
+    name: str
+
+    def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult: ...
+
+    def site_protection(self, site_id: str) -> SiteProtection: ...
+
+
+def _merge(*counts: Mapping[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def train_replies(plan: RoundPlan, transport: Transport, sites: tuple[str, ...] | None = None, extra: Mapping[str, Mapping[str, Any]] | None = None):
+    """Run the TRAIN exchange; returns (exchange, valid replies, dropped incl. malformed replies)."""
+    sites = plan.sites if sites is None else sites
+    extra = extra or {}
+    ex = transport.exchange({s: plan.train_request(s, extra.get(s)) for s in sites}, plan.timeout)
+    ok: dict[str, Message] = {}
+    dropped = dict(ex.dropped)
+    for sid, rep in ex.replies.items():
+        try:
+            check_reply(rep, MessageKind.TRAIN_REPLY, plan.round, plan.job)
+            ok[sid] = rep
+        except ProtocolError as exc:
+            dropped[sid] = f"bad reply: {exc}"
+    return ex, ok, dropped
+
+
+class PlainSiteProtection:
+    def protect(self, request, weighted, weight):
+        return {"weight": float(weight)}, {"update": np.asarray(weighted, dtype=np.float32)}
+
+    def handlers(self):
+        return {}
+
+
+class PlainProtocol:
+    """No protection: the coordinator sees each site's weighted update."""
+
+    name = "plain"
+
+    def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult:
+        ex, replies, dropped = train_replies(plan, transport)
+        total = np.zeros(plan.size, dtype=np.float64)
+        weight = 0.0
+        metrics: dict[str, Mapping[str, Any]] = {}
+        for sid, rep in replies.items():
+            try:
+                vec = finite_vector(rep.tensor("update"), plan.size, f"update from {sid}")
+                w = rep.require("weight", (int, float))
+                if not np.isfinite(w) or w <= 0:
+                    raise ProtocolError(f"weight {w!r} from {sid} is not a positive number")
+            except ProtocolError as exc:
+                dropped[sid] = f"bad update: {exc}"
+                continue
+            total += vec
+            weight += float(w)
+            metrics[sid] = dict(rep.meta.get("metrics", {}))
+        return AggregateResult(total, weight, tuple(metrics), dropped, metrics, ex.bytes_received, ex.bytes_sent)
+
+    def site_protection(self, site_id: str) -> SiteProtection:
+        return PlainSiteProtection()

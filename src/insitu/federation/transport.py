@@ -1,0 +1,113 @@
+"""How the round engine talks to sites: one call, ``exchange``.
+
+The coordinator's round logic is written once against :class:`Transport`; the
+in-process transport (simulation) and the mTLS transport (deployment) differ
+only in how a request reaches a site and its reply comes back.  A site that
+does not answer in time, fails, or answers with an ERROR message is *dropped*
+from that exchange; the caller decides whether enough remain.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+from insitu.errors import InsituError, ProtocolError
+from insitu.federation.messages import Message, MessageKind, decode, encode, error_reply
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What came back from one broadcast: replies, and why the others are missing."""
+
+    replies: dict[str, Message]
+    dropped: dict[str, str]
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    bytes_received: dict[str, int] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    def sites(self) -> list[str]:
+        """Identities of the sites currently reachable."""
+        ...
+
+    def exchange(self, requests: Mapping[str, Message], timeout: float) -> Exchange:
+        """Send each site its request; gather the replies that arrive within ``timeout`` seconds."""
+        ...
+
+
+class SiteHandler(Protocol):
+    site_id: str
+
+    def handle(self, msg: Message) -> Message: ...
+
+
+#: decides, per (site, round, request kind), whether that site fails now; for drop-out tests.
+FailurePlan = Callable[[str, int, MessageKind], bool]
+
+
+class InProcessTransport:
+    """Sites living in this process.  Every message is encoded and decoded, exactly as on the wire,
+    so that simulation exercises the codec and counts the bytes a deployment would send."""
+
+    def __init__(self, sites: Mapping[str, SiteHandler], *, fail: FailurePlan | None = None, max_bytes: int | None = None):
+        self._sites = dict(sites)
+        self._fail = fail
+        self._max = max_bytes or 256 * 1024 * 1024
+
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    def exchange(self, requests: Mapping[str, Message], timeout: float) -> Exchange:
+        replies: dict[str, Message] = {}
+        dropped: dict[str, str] = {}
+        sent: dict[str, int] = {}
+        recv: dict[str, int] = {}
+        for sid, req in requests.items():
+            site = self._sites.get(sid)
+            if site is None:
+                dropped[sid] = f"unknown site {sid!r}"
+                continue
+            if self._fail is not None and self._fail(sid, req.round, req.kind):
+                dropped[sid] = "site failed (injected drop-out)"
+                continue
+            wire = encode(req, max_bytes=self._max)
+            sent[sid] = len(wire)
+            start = time.perf_counter()
+            try:
+                reply = site.handle(decode(wire, max_bytes=self._max))
+            except InsituError as exc:
+                reply = error_reply(req, str(exc), code=type(exc).__name__)
+            except Exception as exc:  # a site crashing must not crash the coordinator
+                reply = error_reply(req, f"site crashed: {type(exc).__name__}: {exc}", code="crash")
+            elapsed = time.perf_counter() - start
+            back = encode(reply, max_bytes=self._max)
+            recv[sid] = len(back)
+            reply = decode(back, max_bytes=self._max)
+            if elapsed > timeout:
+                dropped[sid] = f"timed out ({elapsed:.1f} s > {timeout:.1f} s)"
+            elif reply.kind is MessageKind.ERROR:
+                dropped[sid] = f"refused: {reply.meta.get('reason', '?')}"
+            else:
+                replies[sid] = reply
+        return Exchange(replies, dropped, sent, recv)
+
+
+def check_reply(reply: Message, kind: MessageKind, round_: int, job: str) -> None:
+    """A reply must be of the expected kind and belong to this job and round (no replays)."""
+    if reply.kind is not kind:
+        raise ProtocolError(f"expected {kind.value}, got {reply.kind.value}")
+    if reply.round != round_ or reply.job != job:
+        raise ProtocolError(f"reply is for job {reply.job!r} round {reply.round}, expected {job!r} round {round_}")
+
+
+def finite_vector(arr: np.ndarray, size: int, what: str) -> np.ndarray:
+    """Refuse a vector of the wrong length or with NaN/inf (a poisoned or broken update)."""
+    if arr.ndim != 1 or arr.shape[0] != size:
+        raise ProtocolError(f"{what} has shape {tuple(arr.shape)}, expected ({size},)")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ProtocolError(f"{what} holds {bad} NaN or infinite values")
+    return arr

@@ -1,0 +1,84 @@
+"""Model registry: the only models a task may name.  Nothing from a message picks code."""
+from __future__ import annotations
+
+import enum
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from insitu.errors import ConfigError
+
+
+class ModelName(str, enum.Enum):
+    LOGREG = "logreg"
+    CNN = "cnn"
+    MLP = "mlp"
+
+
+def _logreg(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_outputs))
+
+
+def _mlp(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    d = int(np.prod(input_shape))
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, num_outputs))
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and two dense layers for 28×28 single-channel images (~56 k parameters)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_outputs: int):
+        super().__init__()
+        c = input_shape[0] if len(input_shape) == 3 else 1
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        side = input_shape[-1] // 4
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * side * side, 32), nn.ReLU(), nn.Linear(32, num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return self.head(self.features(x))
+
+
+MODELS: dict[ModelName, Callable[[tuple[int, ...], int], nn.Module]] = {
+    ModelName.LOGREG: _logreg,
+    ModelName.MLP: _mlp,
+    ModelName.CNN: SmallCNN,
+}
+
+
+def build_model(name: str | ModelName, input_shape: tuple[int, ...], num_outputs: int, seed: int = 0) -> nn.Module:
+    try:
+        key = ModelName(name)
+    except ValueError:
+        raise ConfigError(f"unknown model {name!r}; choose one of {[m.value for m in ModelName]}") from None
+    torch.manual_seed(seed)
+    return MODELS[key](tuple(input_shape), num_outputs)
+
+
+def get_flat(model: nn.Module) -> np.ndarray:
+    """All trainable parameters as one float32 vector (the unit of federation)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu().numpy().astype(np.float32)
+
+
+def set_flat(model: nn.Module, vec: np.ndarray) -> None:
+    vec = np.asarray(vec, dtype=np.float32)
+    n = num_params(model)
+    if vec.shape != (n,):
+        raise ConfigError(f"parameter vector has shape {vec.shape}, the model needs ({n},)")
+    t = torch.from_numpy(vec)
+    i = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            k = p.numel()
+            p.copy_(t[i : i + k].view_as(p))
+            i += k
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

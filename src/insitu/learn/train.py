@@ -1,0 +1,120 @@
+"""Local training and evaluation at one site (plain SGD/Adam, FedProx term, Scaffold correction)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from insitu.errors import ConfigError
+
+
+class OptimizerName(str, enum.Enum):
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 0.01
+    steps: int = 50
+    batch_size: int = 4
+    optimizer: OptimizerName = OptimizerName.SGD
+    prox_mu: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and np.isfinite(self.lr)):
+            raise ConfigError(f"learning rate must be a positive number, got {self.lr!r}")
+        if self.steps < 1:
+            raise ConfigError(f"local steps must be at least 1, got {self.steps!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size!r}")
+        if self.prox_mu < 0:
+            raise ConfigError(f"FedProx mu must be >= 0, got {self.prox_mu!r}")
+        object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
+
+
+def loss_fn(num_outputs: int):
+    """Binary tasks use one logit and BCE; others cross-entropy over classes."""
+    if num_outputs == 1:
+        bce = nn.BCEWithLogitsLoss()
+        return lambda out, y: bce(out.squeeze(-1), y.float())
+    ce = nn.CrossEntropyLoss()
+    return lambda out, y: ce(out, y.long())
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer is OptimizerName.ADAM:
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_local(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    *,
+    num_outputs: int,
+    correction: list[torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Run ``cfg.steps`` minibatch steps from the model's current parameters.
+
+    ``correction`` (Scaffold's c − cᵢ, one tensor per parameter) is added to every gradient;
+    ``cfg.prox_mu`` adds FedProx's μ/2·‖w − w_global‖² with w_global = the starting point.
+    """
+    n = X.shape[0]
+    if n == 0:
+        raise ConfigError("cannot train on a site with no training records")
+    crit = loss_fn(num_outputs)
+    opt = make_optimizer(model, cfg)
+    anchor = [p.detach().clone() for p in model.parameters()] if cfg.prox_mu > 0 else None
+    model.train()
+    total = 0.0
+    bs = min(cfg.batch_size, n)
+    for _ in range(cfg.steps):
+        idx = torch.randint(0, n, (bs,), generator=generator)
+        opt.zero_grad(set_to_none=True)
+        loss = crit(model(X[idx]), y[idx])
+        if anchor is not None:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            loss = loss + 0.5 * cfg.prox_mu * prox
+        loss.backward()
+        if correction is not None:
+            for p, c in zip(model.parameters(), correction):
+                p.grad.add_(c)
+        opt.step()
+        total += float(loss.detach())
+    return {"train_loss": total / cfg.steps, "num_samples": int(n), "steps": cfg.steps}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, num_outputs: int, batch: int = 2048) -> dict[str, float]:
+    """Loss, number correct and count; accuracy at a 0.5 threshold for binary tasks."""
+    model.eval()
+    n = int(X.shape[0])
+    if n == 0:
+        return {"loss": float("nan"), "correct": 0, "n": 0, "accuracy": float("nan")}
+    crit = loss_fn(num_outputs)
+    loss, correct = 0.0, 0
+    for i in range(0, n, batch):
+        out = model(X[i : i + batch])
+        yb = y[i : i + batch]
+        loss += float(crit(out, yb)) * yb.shape[0]
+        pred = (out.squeeze(-1) > 0).long() if num_outputs == 1 else out.argmax(-1)
+        correct += int((pred == yb.long()).sum())
+    return {"loss": loss / n, "correct": correct, "n": n, "accuracy": correct / n}
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, X: torch.Tensor, *, num_outputs: int) -> np.ndarray:
+    """Probability of the positive class (binary) or class probabilities."""
+    model.eval()
+    out = model(X)
+    if num_outputs == 1:
+        return torch.sigmoid(out.squeeze(-1)).numpy()
+    return torch.softmax(out, -1).numpy()
