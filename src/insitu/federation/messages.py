@@ -63,6 +63,9 @@ class MessageKind(str, enum.Enum):
     HELLO_REPLY = "hello_reply"
     HEARTBEAT = "heartbeat"
     BYE = "bye"
+    # operator control (job submit / cancel / status / list); only operator certificates
+    OPERATOR = "operator"
+    OPERATOR_REPLY = "operator_reply"
 
 
 @dataclass(frozen=True)
