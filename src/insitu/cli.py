@@ -18,6 +18,11 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+from insitu.gateway.cli import app as gateway_app  # noqa: E402
+
+app.add_typer(gateway_app, name="gateway")
+
+
 def main() -> None:
     """Entry point: InsituError becomes a one-line message and exit code 2, never a traceback."""
     try:

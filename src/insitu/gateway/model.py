@@ -1,0 +1,121 @@
+"""The federated model as the gateway serves it: weights, feature schema and model card.
+
+Read from a run directory written by ``insitu simulate`` (or a coordinator's
+publication): ``task.json`` (the :class:`~insitu.federation.task.TaskSpec`,
+whose ``schema`` names the features in order), ``model.npz`` (``params``: the
+flat float32 parameter vector) and ``summary.json`` (training sites, rounds
+completed, and — when the run used differential privacy — ``privacy.epsilon``
+and ``privacy.delta``).  The model is rebuilt from the model registry only;
+nothing in these files picks code.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from insitu.errors import ConfigError, DataError
+from insitu.federation.task import TaskSpec
+from insitu.learn.models import build_model, set_flat
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a caller of /predict is told about the model that answered."""
+
+    model: str
+    task_hash: str
+    features: tuple[str, ...]
+    training_sites: tuple[str, ...]
+    rounds: int
+    epsilon: float | None  # None: trained without differential privacy
+    delta: float | None
+    strategy: str | None
+    mean_site_accuracy: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "task_hash": self.task_hash, "features": list(self.features),
+            "training_sites": list(self.training_sites), "rounds": self.rounds,
+            "epsilon": self.epsilon, "delta": self.delta,
+            "differential_privacy": self.epsilon is not None,
+            "strategy": self.strategy, "mean_site_accuracy": self.mean_site_accuracy,
+        }
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}; point [model] run_dir at an `insitu simulate` run") from None
+
+
+class ServedModel:
+    """A binary classifier over a tabular schema; thread-safe inference."""
+
+    def __init__(self, spec: TaskSpec, params: np.ndarray, card: ModelCard):
+        if spec.num_outputs != 1 or len(spec.input_shape) != 1 or spec.input_shape[0] != len(spec.schema):
+            raise ConfigError(
+                f"the gateway serves binary models over named tabular features; task has input shape "
+                f"{spec.input_shape}, {spec.num_outputs} outputs and schema {list(spec.schema)[:5]}"
+            )
+        self.spec, self.card = spec, card
+        self.net = build_model(spec.model, spec.input_shape, spec.num_outputs)
+        set_flat(self.net, params)
+        self.net.eval()
+        self._lock = threading.Lock()
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.spec.schema
+
+    def vector(self, features: Mapping[str, float]) -> np.ndarray:
+        """Order a name → value mapping by the schema; refuse missing, unknown or non-finite values."""
+        missing = [f for f in self.features if f not in features]
+        unknown = sorted(set(features) - set(self.features))
+        if missing or unknown:
+            raise DataError(f"features do not match the model schema: missing {missing}, unknown {unknown}")
+        x = np.array([float(features[f]) for f in self.features], dtype=np.float32)
+        bad = [f for f, v in zip(self.features, x) if not math.isfinite(float(v))]
+        if bad:
+            raise DataError(f"features {bad} are not finite numbers")
+        return x
+
+    def risk(self, x: np.ndarray) -> float:
+        with self._lock, torch.inference_mode():
+            logit = self.net(torch.from_numpy(x).reshape(1, -1))
+        return float(torch.sigmoid(logit).reshape(-1)[0])
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "ServedModel":
+        d = Path(run_dir)
+        spec = TaskSpec.from_meta(_read_json(d / "task.json"))
+        try:
+            with np.load(d / "model.npz") as z:
+                params = np.asarray(z["params"], dtype=np.float32)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"cannot read model parameters {d / 'model.npz'}: {exc}") from None
+        summary = _read_json(d / "summary.json") if (d / "summary.json").exists() else {}
+        privacy = summary.get("privacy") or {}
+        final = summary.get("final") or {}
+        card = ModelCard(
+            model=spec.model,
+            task_hash=spec.content_hash(),
+            features=spec.schema,
+            training_sites=tuple(sorted(summary.get("sites") or {})),
+            rounds=int(final.get("rounds_completed", 0)),
+            epsilon=privacy.get("epsilon"),
+            delta=privacy.get("delta"),
+            strategy=(summary.get("config") or {}).get("strategy"),
+            mean_site_accuracy=final.get("mean_site_accuracy"),
+        )
+        return cls(spec, params, card)
+
+
+__all__ = ["ModelCard", "ServedModel"]

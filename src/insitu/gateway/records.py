@@ -1,0 +1,226 @@
+"""Patient records behind the gateway: the full record, the nursing view, and their SQL store.
+
+The full record carries direct identifiers (name, birth date) and the doctor's
+clinical notes.  The nursing view is derived from it on every read and keeps
+only what ward care needs, with identifiers dropped and age generalised to a
+ten-year band; it is never stored, so it cannot drift from the record.
+
+Storage is SQLAlchemy (SQLite by default, any SQLAlchemy URL works): one
+``gateway_records`` table keyed by pseudonym, with an optimistic version
+counter so two concurrent updates cannot silently overwrite each other.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import threading
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from insitu.errors import ConfigError, DataError
+
+PSEUDONYM_PATTERN = r"^[A-Za-z0-9_-]{4,64}$"
+Pseudonym = Annotated[str, StringConstraints(pattern=PSEUDONYM_PATTERN)]
+Ward = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")]
+ShortText = Annotated[str, StringConstraints(max_length=200)]
+LongText = Annotated[str, StringConstraints(max_length=4000)]
+Items = Annotated[list[ShortText], Field(max_length=50)]
+
+
+class Sex(str, enum.Enum):
+    FEMALE = "female"
+    MALE = "male"
+
+
+class ChestPain(str, enum.Enum):
+    TYPICAL = "typical angina"
+    ATYPICAL = "atypical angina"
+    NON_ANGINAL = "non-anginal"
+    ASYMPTOMATIC = "asymptomatic"
+
+
+class RestEcg(str, enum.Enum):
+    NORMAL = "normal"
+    ST_T = "st-t abnormality"
+    LVH = "lv hypertrophy"
+
+
+class Mobility(str, enum.Enum):
+    INDEPENDENT = "independent"
+    ASSISTED = "assisted"
+    BEDBOUND = "bedbound"
+
+
+class RecordBody(BaseModel):
+    """What a doctor writes with PUT: every field of the record except its key and bookkeeping."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ward: Ward
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    birth_date: dt.date = Field(ge=dt.date(1900, 1, 1), le=dt.date(2100, 1, 1))
+    sex: Sex
+    diagnosis: ShortText = ""
+    physician_notes: LongText = ""
+    medications: Items = []
+    allergies: Items = []
+    care_notes: LongText = ""
+    mobility: Mobility = Mobility.INDEPENDENT
+    resting_bp: int = Field(ge=40, le=300, description="resting systolic blood pressure, mmHg")
+    cholesterol: int = Field(ge=0, le=1000, description="serum cholesterol, mg/dl")
+    max_heart_rate: int = Field(ge=30, le=250, description="maximum heart rate achieved, bpm")
+    fasting_blood_sugar_high: bool = False
+    exercise_angina: bool = False
+    st_depression: float = Field(ge=-5.0, le=10.0, allow_inf_nan=False)
+    chest_pain: ChestPain
+    rest_ecg: RestEcg = RestEcg.NORMAL
+
+
+class RecordPatch(BaseModel):
+    """PATCH body: any subset of the record's fields (``null`` is not a value here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ward: Ward = None  # type: ignore[assignment]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)] = None  # type: ignore[assignment]
+    birth_date: dt.date = Field(None, ge=dt.date(1900, 1, 1), le=dt.date(2100, 1, 1))  # type: ignore[assignment]
+    sex: Sex = None  # type: ignore[assignment]
+    diagnosis: ShortText = None  # type: ignore[assignment]
+    physician_notes: LongText = None  # type: ignore[assignment]
+    medications: Items = None  # type: ignore[assignment]
+    allergies: Items = None  # type: ignore[assignment]
+    care_notes: LongText = None  # type: ignore[assignment]
+    mobility: Mobility = None  # type: ignore[assignment]
+    resting_bp: int = Field(None, ge=40, le=300)  # type: ignore[assignment]
+    cholesterol: int = Field(None, ge=0, le=1000)  # type: ignore[assignment]
+    max_heart_rate: int = Field(None, ge=30, le=250)  # type: ignore[assignment]
+    fasting_blood_sugar_high: bool = None  # type: ignore[assignment]
+    exercise_angina: bool = None  # type: ignore[assignment]
+    st_depression: float = Field(None, ge=-5.0, le=10.0, allow_inf_nan=False)  # type: ignore[assignment]
+    chest_pain: ChestPain = None  # type: ignore[assignment]
+    rest_ecg: RestEcg = None  # type: ignore[assignment]
+
+    def changes(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.model_fields_set if getattr(self, k) is not None}
+
+
+class Record(RecordBody):
+    pseudonym: Pseudonym
+    version: int
+    updated_at: dt.datetime
+
+
+#: what ward care needs; everything else stays with the doctor.
+NURSING_FIELDS = ("ward", "sex", "allergies", "medications", "care_notes", "mobility", "resting_bp", "max_heart_rate")
+
+
+class NursingView(BaseModel):
+    """The de-identified nursing subset: no name, no birth date, no diagnosis or physician notes."""
+
+    pseudonym: str
+    ward: str
+    age_band: str
+    sex: Sex
+    allergies: list[str]
+    medications: list[str]
+    care_notes: str
+    mobility: Mobility
+    resting_bp: int
+    max_heart_rate: int
+
+
+def age_on(birth: dt.date, day: dt.date) -> int:
+    return day.year - birth.year - ((day.month, day.day) < (birth.month, birth.day))
+
+
+def nursing_view(rec: Record, today: dt.date) -> NursingView:
+    age = max(0, age_on(rec.birth_date, today))
+    lo = (age // 10) * 10
+    band = "90+" if lo >= 90 else f"{lo}-{lo + 9}"
+    return NursingView(pseudonym=rec.pseudonym, age_band=band, **{f: getattr(rec, f) for f in NURSING_FIELDS})
+
+
+_meta = sa.MetaData()
+records_table = sa.Table(
+    "gateway_records",
+    _meta,
+    sa.Column("pseudonym", sa.String(64), primary_key=True),
+    sa.Column("ward", sa.String(32), nullable=False, index=True),
+    sa.Column("body", sa.Text, nullable=False),  # JSON of RecordBody
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.String(40), nullable=False),
+)
+
+
+class RecordStore:
+    """Records by pseudonym through SQLAlchemy; every write is one transaction."""
+
+    def __init__(self, url: str):
+        try:
+            kw: dict[str, Any] = {}
+            if url.startswith("sqlite"):
+                kw["connect_args"] = {"check_same_thread": False}
+            self.engine = sa.create_engine(url, **kw)
+            _meta.create_all(self.engine)
+        except sa.exc.SQLAlchemyError as exc:
+            raise ConfigError(f"cannot open record store {url!r}: {exc}") from None
+        self._lock = threading.Lock()  # SQLite allows one writer; serialise ours rather than retry
+
+    @staticmethod
+    def _row_to_record(row: Any) -> Record:
+        body = json.loads(row.body)
+        return Record(pseudonym=row.pseudonym, version=row.version, updated_at=dt.datetime.fromisoformat(row.updated_at), **body)
+
+    def get(self, pseudonym: str) -> Record | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(records_table).where(records_table.c.pseudonym == pseudonym)).first()
+        return self._row_to_record(row) if row else None
+
+    def ward_of(self, pseudonym: str) -> str | None:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(records_table.c.ward).where(records_table.c.pseudonym == pseudonym)).scalar()
+
+    def put(self, pseudonym: str, body: RecordBody, now: dt.datetime) -> Record:
+        """Create or replace; returns the stored record with its new version."""
+        data = body.model_dump(mode="json")
+        with self._lock, self.engine.begin() as c:
+            old = c.execute(sa.select(records_table.c.version).where(records_table.c.pseudonym == pseudonym)).scalar()
+            version = 1 if old is None else old + 1
+            values = dict(ward=body.ward, body=json.dumps(data), version=version, updated_at=now.isoformat())
+            if old is None:
+                c.execute(records_table.insert().values(pseudonym=pseudonym, **values))
+            else:
+                c.execute(records_table.update().where(records_table.c.pseudonym == pseudonym).values(**values))
+        return Record(pseudonym=pseudonym, version=version, updated_at=now, **body.model_dump())
+
+    def patch(self, pseudonym: str, patch: RecordPatch, now: dt.datetime) -> Record | None:
+        """Apply the fields present in ``patch``; None if there is no such record."""
+        with self._lock:
+            current = self.get(pseudonym)
+            if current is None:
+                return None
+            merged = {**current.model_dump(include=set(RecordBody.model_fields)), **patch.changes()}
+            try:
+                body = RecordBody(**merged)
+            except ValueError as exc:
+                raise DataError(f"record {pseudonym} would be invalid after this change: {exc}") from None
+            data = body.model_dump(mode="json")
+            with self.engine.begin() as c:
+                res = c.execute(
+                    records_table.update()
+                    .where(records_table.c.pseudonym == pseudonym, records_table.c.version == current.version)
+                    .values(ward=body.ward, body=json.dumps(data), version=current.version + 1, updated_at=now.isoformat())
+                )
+                if res.rowcount != 1:
+                    raise DataError(f"record {pseudonym} changed concurrently; retry the update")
+        return Record(pseudonym=pseudonym, version=current.version + 1, updated_at=now, **body.model_dump())
+
+    def count(self) -> int:
+        with self.engine.connect() as c:
+            return int(c.execute(sa.select(sa.func.count()).select_from(records_table)).scalar() or 0)
+
+
+__all__ = ["Record", "RecordBody", "RecordPatch", "NursingView", "nursing_view", "RecordStore", "NURSING_FIELDS", "PSEUDONYM_PATTERN"]
