@@ -18,6 +18,17 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+@app.callback()
+def _root() -> None:
+    """Privacy-preserving federated learning between hospitals: patient data never leaves the site."""
+
+
+# -- commands (each a few lines over a library function) ---------------------------------------
+from insitu.cli_simulate import simulate_command  # noqa: E402
+
+app.command("simulate")(simulate_command)
+
+
 from insitu.gateway.cli import app as gateway_app  # noqa: E402
 
 app.add_typer(gateway_app, name="gateway")
@@ -30,3 +41,4 @@ def main() -> None:
     except InsituError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
+

@@ -46,10 +46,49 @@ def loss_fn(num_outputs: int):
     return lambda out, y: ce(out, y.long())
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer is OptimizerName.ADAM:
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+class _Optimizer:
+    """Plain SGD / Adam over a parameter list.
+
+    Written out (a few tensor ops) rather than taken from ``torch.optim``: on the first
+    step ``torch.optim`` imports the dynamo compiler stack, several seconds of start-up
+    that a 13-parameter logistic regression at a hospital site should not pay.
+    """
+
+    def __init__(self, params: list[torch.Tensor], cfg: TrainConfig):
+        self.params = params
+        self.cfg = cfg
+        self.t = 0
+        if cfg.optimizer is OptimizerName.ADAM:
+            self.m = [torch.zeros_like(p) for p in params]
+            self.v = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        cfg = self.cfg
+        self.t += 1
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad
+            if cfg.weight_decay:
+                g = g.add(p, alpha=cfg.weight_decay)
+            if cfg.optimizer is OptimizerName.ADAM:
+                b1, b2, eps = 0.9, 0.999, 1e-8
+                self.m[i].mul_(b1).add_(g, alpha=1 - b1)
+                self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+                mhat = self.m[i] / (1 - b1**self.t)
+                vhat = self.v[i] / (1 - b2**self.t)
+                p.addcdiv_(mhat, vhat.sqrt_().add_(eps), value=-cfg.lr)
+            else:
+                p.add_(g, alpha=-cfg.lr)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> _Optimizer:
+    return _Optimizer(list(model.parameters()), cfg)
 
 
 def train_local(

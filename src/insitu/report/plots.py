@@ -1,0 +1,32 @@
+"""Plots a person would rather look at than read."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def accuracy_plot(history: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    """Test accuracy per round: the global model on each site's test split, their mean and the union."""
+    ok = [h for h in history if h["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if ok:
+        rounds = [h["round"] for h in ok]
+        sites = sorted({s for h in ok for s, e in h["sites"].items() if "test_accuracy" in e})
+        for s in sites:
+            ax.plot(rounds, [h["sites"].get(s, {}).get("test_accuracy", float("nan")) for h in ok], lw=1, alpha=0.6, label=s)
+        ax.plot(rounds, [h["mean_site_accuracy"] for h in ok], lw=2.5, color="black", label="mean over sites")
+        ax.plot(rounds, [h["pooled_accuracy"] for h in ok], lw=2, ls="--", color="grey", label="all test records")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
