@@ -1,0 +1,99 @@
+"""``insitu coordinator`` and ``insitu job``: run the coordinator, and operate it with an operator certificate."""
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from insitu.errors import ConfigError
+
+app = typer.Typer(help="Run the coordinator: one TLS 1.3 port that sites dial; jobs and rounds kept in SQLite.", no_args_is_help=True)
+job_app = typer.Typer(help="Submit, watch and cancel jobs (needs an operator certificate).", no_args_is_help=True)
+out = Console()
+
+OPERATOR_CONFIG = typer.Option(Path("operator.toml"), "--config", "-c",
+                               help="operator.toml: [operator] coordinator = HOST:PORT, cert, key, ca.")
+
+
+@app.command("serve")
+def serve(config: Path = typer.Option(..., "--config", "-c", help="coordinator.toml")) -> None:
+    """Listen for sites and operators; run queued jobs; resume after a restart."""
+    from insitu.coordinator.service import serve as _serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _serve(config)
+
+
+def _call(config: Path, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    from insitu.net.client import operator_call
+    from insitu.net.pki import Credentials
+
+    try:
+        raw = tomllib.loads(config.read_text())["operator"]
+        base = config.resolve().parent
+        host, _, port = raw["coordinator"].rpartition(":")
+        creds = Credentials(base / raw["cert"], base / raw["key"], base / raw["ca"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read operator config {config}: {exc} (needs [operator] coordinator, cert, key, ca)") from None
+    return operator_call(host, int(port), creds, op, args)
+
+
+@job_app.command("submit")
+def submit(job_file: Path = typer.Argument(..., help="job.toml (same names as `insitu simulate`)."), config: Path = OPERATOR_CONFIG) -> None:
+    """Queue a job; prints its task hash, which each site must have approved."""
+    try:
+        job = tomllib.loads(job_file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read job file {job_file}: {exc}") from None
+    res = _call(config, "submit", {"job": job})
+    out.print(f"job {res['id']} {res['status']}; task hash {res['task_hash']}")
+
+
+@job_app.command("hash")
+def task_hash(job_file: Path = typer.Argument(...)) -> None:
+    """Print the content hash of a job's task (what site admins approve), without contacting anyone."""
+    from insitu.coordinator.jobs import JobSpec
+
+    spec = JobSpec.from_dict(tomllib.loads(job_file.read_text()))
+    out.print(spec.task.content_hash())
+
+
+@job_app.command("status")
+def status(job: str = typer.Argument(...), config: Path = OPERATOR_CONFIG, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A job's rounds: who joined, who dropped and why (site refusals included), accuracy."""
+    res = _call(config, "status", {"job": job})
+    if as_json:
+        out.print_json(json.dumps(res))
+        return
+    out.print(f"job {res['id']}: {res['status']}, {res['rounds_applied']}/{res['rounds_target']} rounds applied")
+    t = Table("round", "status", "sites", "dropped / reason", "mean acc", "s")
+    for r in res["rounds"]:
+        acc = (r.get("evaluation") or {}).get("mean_site_accuracy")
+        why = "; ".join(f"{k}: {v}" for k, v in r["dropped"].items()) or (r["reason"] or "")
+        t.add_row(str(r["round"]), r["status"], ",".join(r["participants"]), why[:120], f"{acc:.4f}" if acc is not None else "",
+                  f"{r['seconds']:.2f}" if r["seconds"] else "")
+    out.print(t)
+    if res.get("final"):
+        out.print(f"final mean site accuracy {res['final'].get('mean_site_accuracy')}")
+
+
+@job_app.command("list")
+def list_(config: Path = OPERATOR_CONFIG) -> None:
+    """All jobs on the coordinator."""
+    t = Table("job", "status", "rounds", "task", "by")
+    for j in _call(config, "list")["jobs"]:
+        t.add_row(j["id"], j["status"], f"{j['rounds_applied']}/{j['rounds_target']}", j["task_hash"][:12], j["submitted_by"])
+    out.print(t)
+
+
+@job_app.command("cancel")
+def cancel(job: str = typer.Argument(...), config: Path = OPERATOR_CONFIG) -> None:
+    """Stop a queued or running job after its current round."""
+    res = _call(config, "cancel", {"job": job})
+    out.print(f"job {res['id']} {res['status']}")

@@ -1,0 +1,287 @@
+"""``insitu coordinator serve``: the TLS port, the job queue and the round loop, with SQLite state.
+
+The round loop is the same :class:`~insitu.federation.coordinator.Coordinator`
+that ``insitu simulate`` drives; here its transport is the network and every
+round is reserved, then applied (or aborted) in the job store.  Killed and
+restarted, the service reloads the newest model version and the strategy's
+state, marks the interrupted round, and goes on with a fresh round number.
+
+``coordinator.toml`` (paths relative to the file)::
+
+    [coordinator]
+    host = "127.0.0.1"
+    port = 8443                  # 0: any free port, written to port_file
+    port_file = "coordinator.port"
+    cert = "pki/coordinator/coordinator.pem"
+    key = "pki/coordinator/coordinator.key"
+    ca = "pki/ca/ca.pem"
+    crl = "pki/ca/crl.pem"        # the CA's published revocation list
+    db = "coordinator.db"
+    heartbeat = 2.0
+    dead_after = 10.0
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from insitu.coordinator.jobs import JobSpec
+from insitu.net.protocols import make_protocol
+from insitu.coordinator.store import JobRow, JobStatus, JobStore, RoundStatus
+from insitu.errors import AuthError, ConfigError, InsituError, RoundAborted
+from insitu.federation.coordinator import Coordinator
+from insitu.federation.protocol import RoundPlan
+from insitu.learn.models import build_model, get_flat
+from insitu.net.pki import Credentials, Identity, Role
+from insitu.net.server import CoordinatorServer, NetConfig
+
+log = logging.getLogger("insitu.coordinator")
+
+#: strategy attributes that carry state between rounds (FedAdam's moments, Scaffold's control).
+STRATEGY_STATE = ("m", "v", "control")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    cert: Path
+    key: Path
+    ca: Path
+    crl: Path
+    db: Path
+    host: str = "127.0.0.1"
+    port: int = 8443
+    port_file: Path | None = None
+    heartbeat: float = 2.0
+    dead_after: float = 10.0
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CoordinatorConfig":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text()).get("coordinator")
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read coordinator config {path}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} needs a [coordinator] table")
+        known = {f.name for f in fields(cls)}
+        bad = set(raw) - known
+        if bad:
+            raise ConfigError(f"{path}: unknown keys {sorted(bad)} in [coordinator]; known: {sorted(known)}")
+        missing = {"cert", "key", "ca", "crl", "db"} - set(raw)
+        if missing:
+            raise ConfigError(f"{path}: [coordinator] lacks {sorted(missing)}")
+        base = path.resolve().parent
+        for k in ("cert", "key", "ca", "crl", "db", "port_file"):
+            if k in raw:
+                raw[k] = base / raw[k]
+        return cls(**raw)
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.cert, self.key, self.ca)
+
+
+@dataclass
+class DeployedCoordinator(Coordinator):
+    """The round engine's coordinator, telling sites the job's seed and protection in each TRAIN.
+
+    Sites derive their training randomness from the seed exactly as simulation
+    does, and check the protocol and group size against their own policy."""
+
+    seed: int = 0
+    protocol_name: str = "plain"
+
+    def plan(self, round_: int) -> RoundPlan:
+        p = super().plan(round_)
+        return replace(p, train_meta={**p.train_meta, "seed": self.seed, "protocol": self.protocol_name, "group": len(p.sites)})
+
+
+class OperatorOp(str, enum.Enum):
+    SUBMIT = "submit"
+    CANCEL = "cancel"
+    STATUS = "status"
+    LIST = "list"
+    SITES = "sites"
+
+
+def strategy_state(strategy) -> dict[str, np.ndarray | None]:
+    return {k: getattr(strategy, k, None) for k in STRATEGY_STATE if getattr(strategy, k, None) is not None}
+
+
+def mean_accuracy(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """FLamby's metric: accuracy averaged over the sites' test sets (plus pooled accuracy)."""
+    accs = [float(e["accuracy"]) for e in evals.values() if e.get("n", 0) > 0]
+    n = sum(int(e.get("n", 0)) for e in evals.values())
+    correct = sum(int(e.get("correct", 0)) for e in evals.values())
+    return {
+        "mean_site_accuracy": float(np.mean(accs)) if accs else None,
+        "pooled_accuracy": correct / n if n else None,
+        "site_accuracy": {k: float(v["accuracy"]) for k, v in evals.items() if v.get("n", 0) > 0},
+    }
+
+
+class CoordinatorService:
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        self.store = JobStore(config.db)
+        n = self.store.recover()
+        if n:
+            log.warning("marked %d round(s) interrupted by the last shutdown; they were not applied", n)
+        self.server = CoordinatorServer(
+            config.credentials, config.crl, self.operator,
+            NetConfig(host=config.host, port=config.port, heartbeat=config.heartbeat, dead_after=config.dead_after),
+        )
+        self._stop = threading.Event()
+        self._ops: dict[OperatorOp, Callable[[Mapping[str, Any], Identity], dict[str, Any]]] = {
+            OperatorOp.SUBMIT: self._submit,
+            OperatorOp.CANCEL: self._cancel,
+            OperatorOp.STATUS: self._status,
+            OperatorOp.LIST: self._list,
+            OperatorOp.SITES: self._sites,
+        }
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    # -- operator requests ---------------------------------------------------------------------
+    def operator(self, op: str, args: Mapping[str, Any], who: Identity) -> dict[str, Any]:
+        if who.role is not Role.OPERATOR:
+            raise AuthError(f"certificate {who.name} has role {who.role.value}; only an operator certificate may run jobs")
+        try:
+            handler = self._ops[OperatorOp(op)]
+        except ValueError:
+            raise ConfigError(f"unknown operator request {op!r}; known: {[o.value for o in OperatorOp]}") from None
+        log.info("operator %s: %s %s", who.name, op, args.get("job", ""))
+        return handler(args, who)
+
+    def _submit(self, args: Mapping[str, Any], who: Identity) -> dict[str, Any]:
+        spec = JobSpec.from_dict(args.get("job", {}))
+        row = self.store.add_job(spec.name, spec.to_dict(), spec.task.content_hash(), spec.rounds, who.name)
+        return row.public()
+
+    def _cancel(self, args, who):
+        return self.store.cancel(str(args.get("job", ""))).public()
+
+    def _status(self, args, who):
+        row = self.store.job(str(args.get("job", "")))
+        return {**row.public(), "rounds": self.store.rounds(row.id)}
+
+    def _list(self, args, who):
+        return {"jobs": [j.public() for j in self.store.jobs()]}
+
+    def _sites(self, args, who):
+        return {"sites": self.server.transport.sites()}
+
+    # -- running -------------------------------------------------------------------------------
+    def start(self) -> "CoordinatorService":
+        self.server.start()
+        if self.config.port_file is not None:
+            tmp = self.config.port_file.with_suffix(".tmp")
+            tmp.write_text(str(self.port))
+            tmp.replace(self.config.port_file)
+        log.info("coordinator listening on %s:%d (TLS 1.3, mutual auth)", self.config.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.stop()
+
+    def run_jobs(self) -> None:
+        """Run queued jobs one after another until stopped."""
+        while not self._stop.is_set():
+            job = self.store.next_active()
+            if job is None:
+                self._stop.wait(0.2)
+                continue
+            try:
+                self.run_job(job)
+            except InsituError as exc:
+                log.error("job %s failed: %s", job.id, exc)
+                self.store.set_status(job.id, JobStatus.FAILED, error=str(exc))
+
+    def run_job(self, job: JobRow) -> None:
+        spec = JobSpec.from_dict(job.spec)
+        strategy = spec.make_strategy()
+        latest = self.store.latest_model(job.id)
+        if latest is None:
+            version = 0
+            params = get_flat(build_model(spec.task.model, spec.task.input_shape, spec.task.num_outputs, seed=spec.seed))
+        else:
+            version, last_round, params, state = latest
+            for k, v in state.items():
+                setattr(strategy, k, v.astype(np.float64))
+            log.info("job %s: resuming from model version %d (round %d)", job.id, version, last_round)
+        coord = DeployedCoordinator(
+            job=job.id, task=spec.task, params=params, strategy=strategy, transport=self.server.transport,
+            protocol=make_protocol(spec.protocol, spec.protocol_options), min_sites=spec.min_sites,
+            timeout=spec.round_timeout, sites=spec.sites, seed=spec.seed, protocol_name=spec.protocol,
+        )
+        self.store.set_status(job.id, JobStatus.RUNNING)
+        aborted = sum(1 for r in self.store.rounds(job.id) if r["status"] in (RoundStatus.ABORTED.value, RoundStatus.INTERRUPTED.value))
+        max_aborted = spec.max_aborted if spec.max_aborted is not None else spec.rounds
+        wanted = set(spec.sites) if spec.sites else None
+        while version < spec.rounds:
+            if self._stop.is_set() or self.store.job(job.id).status is JobStatus.CANCELLED:
+                log.info("job %s: stopping at model version %d", job.id, version)
+                return
+            self.server.transport.wait_for(wanted, spec.min_sites, spec.wait_for_sites)
+            r = self.store.begin_round(job.id)
+            try:
+                rec = coord.run_round(r)
+            except RoundAborted as exc:
+                aborted += 1
+                self.store.abort_round(job.id, r, str(exc), {})
+                log.warning("job %s round %d aborted (%d so far): %s", job.id, r, aborted, exc)
+                if aborted > max_aborted:
+                    raise RoundAborted(f"job {job.id}: {aborted} rounds aborted (limit {max_aborted}); last: {exc}") from None
+                continue
+            last = version + 1 == spec.rounds
+            evaluation = None
+            if spec.eval_every and ((version + 1) % spec.eval_every == 0 or last):
+                evaluation = self._evaluate(coord, r)
+            version = self.store.apply_round(
+                job.id, r, expected_version=version, params=coord.params, state=strategy_state(strategy),
+                participants=rec.participants, dropped=rec.dropped, metrics=rec.train, evaluation=evaluation, seconds=rec.seconds,
+            )
+            acc = (evaluation or {}).get("mean_site_accuracy")
+            log.info("job %s round %d applied as version %d: %d sites, %d dropped, %.3f s%s", job.id, r, version,
+                     len(rec.participants), len(rec.dropped), rec.seconds, f", mean accuracy {acc:.4f}" if acc is not None else "")
+        final = self._evaluate(coord, self.store.job(job.id).next_round)
+        final.update({"rounds_applied": version, "rounds_aborted": aborted,
+                      "params_sha256": __import__("hashlib").sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
+        self.store.set_status(job.id, JobStatus.DONE, final=final)
+        log.info("job %s done: %s", job.id, final)
+
+    def _evaluate(self, coord: Coordinator, round_: int) -> dict[str, Any]:
+        try:
+            evals = coord.evaluate(round_)
+        except InsituError as exc:
+            return {"error": str(exc)}
+        return {**mean_accuracy(evals), "sites": {k: dict(v) for k, v in evals.items()}}
+
+
+def serve(config_path: str | Path) -> None:
+    """Run the coordinator until interrupted (SIGINT/SIGTERM)."""
+    import signal
+
+    svc = CoordinatorService(CoordinatorConfig.load(config_path)).start()
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop())
+    try:
+        svc.run_jobs()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        svc.stop()
+        svc.store.close()
+
+
+__all__ = ["CoordinatorConfig", "CoordinatorService", "DeployedCoordinator", "OperatorOp", "serve", "mean_accuracy"]

@@ -1,0 +1,275 @@
+"""The coordinator's memory: jobs, round attempts, model versions and who joined which round.
+
+SQLite (WAL, one writer) so a coordinator that is killed and restarted picks
+up where it stopped.  The rules that make a restart safe:
+
+* a round number is *reserved* (``begin_round``) and committed before any
+  site hears of it, so a restarted coordinator never re-sends a number a site
+  may already have trained (sites refuse replays);
+* applying a round is one transaction: the round's record, the sites that
+  joined, the new model version and the job's counter change together or not
+  at all; ``models`` has a unique (job, round) key, so a round cannot be
+  applied twice even by a buggy caller;
+* a round left ``started`` by a crash is marked ``interrupted`` on start-up
+  and never applied.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import io
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from insitu.errors import ConfigError, ProtocolError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, spec TEXT NOT NULL, task_hash TEXT NOT NULL, status TEXT NOT NULL,
+    submitted_by TEXT NOT NULL, created REAL NOT NULL, rounds_target INTEGER NOT NULL,
+    rounds_applied INTEGER NOT NULL DEFAULT 0, next_round INTEGER NOT NULL DEFAULT 1,
+    final TEXT, error TEXT);
+CREATE TABLE IF NOT EXISTS rounds (
+    job TEXT NOT NULL, round INTEGER NOT NULL, status TEXT NOT NULL, started REAL NOT NULL, ended REAL,
+    participants TEXT, dropped TEXT, metrics TEXT, evaluation TEXT, seconds REAL, reason TEXT,
+    PRIMARY KEY (job, round));
+CREATE TABLE IF NOT EXISTS round_sites (
+    job TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL, joined INTEGER NOT NULL, reason TEXT,
+    PRIMARY KEY (job, round, site));
+CREATE TABLE IF NOT EXISTS models (
+    job TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL, params BLOB NOT NULL,
+    state BLOB NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (job, version), UNIQUE (job, round));
+"""
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RoundStatus(str, enum.Enum):
+    STARTED = "started"
+    APPLIED = "applied"
+    ABORTED = "aborted"
+    INTERRUPTED = "interrupted"  # the coordinator stopped mid-round; never applied
+
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    spec: dict[str, Any]
+    task_hash: str
+    status: JobStatus
+    submitted_by: str
+    created: float
+    rounds_target: int
+    rounds_applied: int
+    next_round: int
+    final: dict[str, Any] | None
+    error: str | None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "status": self.status.value, "task_hash": self.task_hash, "submitted_by": self.submitted_by,
+            "created": self.created, "rounds_target": self.rounds_target, "rounds_applied": self.rounds_applied,
+            "next_round": self.next_round, "final": self.final, "error": self.error,
+        }
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray | None]) -> bytes:
+    """Numeric arrays as an .npz blob (loaded back with ``allow_pickle=False``)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})
+    return buf.getvalue()
+
+
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class JobStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self):
+        return _Tx(self._db, self._lock)
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def add_job(self, job_id: str, spec: Mapping[str, Any], task_hash: str, rounds: int, by: str) -> JobRow:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone():
+                raise ConfigError(f"a job named {job_id!r} already exists; choose another name")
+            db.execute(
+                "INSERT INTO jobs (id, spec, task_hash, status, submitted_by, created, rounds_target) VALUES (?,?,?,?,?,?,?)",
+                (job_id, json.dumps(dict(spec)), task_hash, JobStatus.QUEUED.value, by, time.time(), rounds),
+            )
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> JobRow:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise ConfigError(f"no job named {job_id!r}; `insitu job list` shows the jobs")
+        return _job(row)
+
+    def jobs(self) -> list[JobRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
+        return [_job(r) for r in rows]
+
+    def next_active(self) -> JobRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE status IN (?,?) ORDER BY created LIMIT 1", ACTIVE
+            ).fetchone()
+        return _job(row) if row else None
+
+    def set_status(self, job_id: str, status: JobStatus, *, error: str | None = None, final: Mapping[str, Any] | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET status=?, error=COALESCE(?, error), final=COALESCE(?, final) WHERE id=?",
+                (status.value, error, json.dumps(dict(final)) if final is not None else None, job_id),
+            )
+
+    def cancel(self, job_id: str) -> JobRow:
+        job = self.job(job_id)
+        if job.status.value not in ACTIVE:
+            raise ConfigError(f"job {job_id!r} is {job.status.value}; only queued or running jobs can be cancelled")
+        self.set_status(job_id, JobStatus.CANCELLED)
+        return self.job(job_id)
+
+    # -- rounds --------------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Mark rounds left 'started' by a crash as interrupted; returns how many."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE rounds SET status=?, ended=?, reason=? WHERE status=?",
+                (RoundStatus.INTERRUPTED.value, time.time(), "coordinator stopped during the round; not applied", RoundStatus.STARTED.value),
+            )
+            return cur.rowcount
+
+    def begin_round(self, job_id: str) -> int:
+        """Reserve the job's next round number (committed before any site hears of it)."""
+        with self._tx() as db:
+            (r,) = db.execute("SELECT next_round FROM jobs WHERE id=?", (job_id,)).fetchone()
+            db.execute("INSERT INTO rounds (job, round, status, started) VALUES (?,?,?,?)", (job_id, r, RoundStatus.STARTED.value, time.time()))
+            db.execute("UPDATE jobs SET next_round=? WHERE id=?", (r + 1, job_id))
+        return r
+
+    def apply_round(
+        self, job_id: str, round_: int, *, expected_version: int, params: np.ndarray, state: Mapping[str, np.ndarray | None],
+        participants: tuple[str, ...], dropped: Mapping[str, str], metrics: Mapping[str, Any], evaluation: Mapping[str, Any] | None, seconds: float,
+    ) -> int:
+        """Record round ``round_`` as applied and store the model it produced; one transaction."""
+        blob = pack_arrays({"params": params})
+        with self._tx() as db:
+            (applied, status) = db.execute("SELECT rounds_applied, status FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if applied != expected_version:
+                raise ProtocolError(f"job {job_id}: model version is {applied}, expected {expected_version}; refusing to apply round {round_}")
+            (rstatus,) = db.execute("SELECT status FROM rounds WHERE job=? AND round=?", (job_id, round_)).fetchone()
+            if rstatus != RoundStatus.STARTED.value:
+                raise ProtocolError(f"job {job_id}: round {round_} is {rstatus}; it cannot be applied")
+            db.execute(
+                "UPDATE rounds SET status=?, ended=?, participants=?, dropped=?, metrics=?, evaluation=?, seconds=? WHERE job=? AND round=?",
+                (RoundStatus.APPLIED.value, time.time(), json.dumps(list(participants)), json.dumps(dict(dropped)),
+                 json.dumps(metrics, default=float), json.dumps(evaluation, default=float) if evaluation is not None else None, seconds, job_id, round_),
+            )
+            for s in participants:
+                db.execute("INSERT INTO round_sites VALUES (?,?,?,1,NULL)", (job_id, round_, s))
+            for s, why in dropped.items():
+                db.execute("INSERT OR REPLACE INTO round_sites VALUES (?,?,?,0,?)", (job_id, round_, s, why))
+            db.execute(
+                "INSERT INTO models VALUES (?,?,?,?,?,?,?)",
+                (job_id, applied + 1, round_, blob, pack_arrays(state), hashlib.sha256(blob).hexdigest(), time.time()),
+            )
+            db.execute("UPDATE jobs SET rounds_applied=? WHERE id=?", (applied + 1, job_id))
+        return applied + 1
+
+    def abort_round(self, job_id: str, round_: int, reason: str, dropped: Mapping[str, str]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET status=?, ended=?, reason=?, dropped=? WHERE job=? AND round=? AND status=?",
+                (RoundStatus.ABORTED.value, time.time(), reason, json.dumps(dict(dropped)), job_id, round_, RoundStatus.STARTED.value),
+            )
+            for s, why in dropped.items():
+                db.execute("INSERT OR REPLACE INTO round_sites VALUES (?,?,?,0,?)", (job_id, round_, s, why))
+
+    def rounds(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT round, status, participants, dropped, evaluation, seconds, reason FROM rounds WHERE job=? ORDER BY round", (job_id,)
+            ).fetchall()
+        out = []
+        for r, status, parts, dropped, ev, secs, reason in rows:
+            out.append({
+                "round": r, "status": status, "participants": json.loads(parts) if parts else [],
+                "dropped": json.loads(dropped) if dropped else {}, "evaluation": json.loads(ev) if ev else None,
+                "seconds": secs, "reason": reason,
+            })
+        return out
+
+    def latest_model(self, job_id: str) -> tuple[int, int, np.ndarray, dict[str, np.ndarray]] | None:
+        """(version, round, params, strategy state) of the newest model, or None before round one."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version, round, params, state, sha256 FROM models WHERE job=? ORDER BY version DESC LIMIT 1", (job_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        version, round_, blob, state, digest = row
+        if hashlib.sha256(blob).hexdigest() != digest:
+            raise ProtocolError(f"job {job_id}: stored model version {version} fails its checksum")
+        return version, round_, unpack_arrays(blob)["params"], unpack_arrays(state)
+
+    def model_rounds(self, job_id: str) -> list[tuple[int, int]]:
+        with self._lock:
+            return [tuple(r) for r in self._db.execute("SELECT version, round FROM models WHERE job=? ORDER BY version", (job_id,))]
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
+        self.db, self.lock = db, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, et, ev, tb) -> None:
+        try:
+            self.db.execute("COMMIT" if et is None else "ROLLBACK")
+        finally:
+            self.lock.release()
+
+
+def _job(row) -> JobRow:
+    (jid, spec, th, status, by, created, target, applied, nxt, final, error) = row
+    return JobRow(jid, json.loads(spec), th, JobStatus(status), by, created, target, applied, nxt, json.loads(final) if final else None, error)
+
+
+__all__ = ["JobStore", "JobRow", "JobStatus", "RoundStatus"]

