@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
+from insitu.compress.codec import UpdateCodec, decode_update
+from insitu.compress.updates import CompressionSpec
 from insitu.errors import ProtocolError
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.transport import Transport, check_reply, finite_vector
@@ -106,17 +108,31 @@ def train_replies(plan: RoundPlan, transport: Transport, sites: tuple[str, ...] 
 
 
 class PlainSiteProtection:
+    """Sends wᵢ·uᵢ in the clear, in ``codec``'s wire format (dense float32 unless compressed)."""
+
+    def __init__(self, codec: UpdateCodec | None = None):
+        self.codec = codec or UpdateCodec()
+
     def protect(self, request, weighted, weight):
-        return {"weight": float(weight)}, {"update": np.asarray(weighted, dtype=np.float32)}
+        meta, tensors = self.codec.encode(weighted, request.job, request.round)
+        return {"weight": float(weight), **meta}, tensors
 
     def handlers(self):
         return {}
 
 
 class PlainProtocol:
-    """No protection: the coordinator sees each site's weighted update."""
+    """No protection: the coordinator sees each site's weighted update.
+
+    ``compression`` picks the wire format sites encode their (already compressed, see
+    :class:`insitu.compress.UpdateCompressor`) update in; replies name their format, so the
+    coordinator decodes any of them.
+    """
 
     name = "plain"
+
+    def __init__(self, compression: CompressionSpec | None = None):
+        self.compression = compression or CompressionSpec()
 
     def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult:
         ex, replies, dropped = train_replies(plan, transport)
@@ -125,7 +141,7 @@ class PlainProtocol:
         metrics: dict[str, Mapping[str, Any]] = {}
         for sid, rep in replies.items():
             try:
-                vec = finite_vector(rep.tensor("update"), plan.size, f"update from {sid}")
+                vec = finite_vector(decode_update(rep.meta, rep.tensors, plan.size, plan.job, plan.round), plan.size, f"update from {sid}")
                 w = rep.require("weight", (int, float))
                 if not np.isfinite(w) or w <= 0:
                     raise ProtocolError(f"weight {w!r} from {sid} is not a positive number")
@@ -138,4 +154,4 @@ class PlainProtocol:
         return AggregateResult(total, weight, tuple(metrics), dropped, metrics, ex.bytes_received, ex.bytes_sent)
 
     def site_protection(self, site_id: str) -> SiteProtection:
-        return PlainSiteProtection()
+        return PlainSiteProtection(UpdateCodec(self.compression))
