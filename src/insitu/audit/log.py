@@ -419,6 +419,9 @@ class _Tables:
             return conn.execute(sa.select(self.info.c.value).where(self.info.c.key == "log_id")).scalar_one_or_none()
 
     def create(self, engine: sa.Engine) -> str:
+        existing = self.existing_log_id(engine)
+        if existing is not None:
+            return existing
         with engine.connect().execution_options(insitu_write=True) as conn, conn.begin():
             if conn.dialect.name == "postgresql":
                 # serialize concurrent first opens of the same database
