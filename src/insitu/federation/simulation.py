@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from insitu.compress import CompressionSpec, UpdateCompressor
 from insitu.data.dataset import FederatedData
 from insitu.data.partition import Partition, PartitionKind
 from insitu.errors import ConfigError, RoundAborted
@@ -82,6 +83,7 @@ class SimulationConfig:
     min_sites: int = 1
     dropout: float = 0.0
     round_timeout: float = 600.0
+    compress: str = "none"  # update compression: int8, topk:F, shared:F, topk:F+int8 (insitu.compress)
     baselines: bool = True
     out: str | None = None
 
@@ -109,6 +111,7 @@ class SimulationConfig:
             server_lr=self.server_lr if self.server_lr is not None else SERVER_LR.get(strat, 1.0),
         )
         Partition.parse(cfg.partition)
+        CompressionSpec.parse(cfg.compress)
         if cfg.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {cfg.rounds}")
         if not 0.0 <= cfg.dropout < 1.0:
@@ -147,11 +150,13 @@ def make_task(cfg: SimulationConfig, data: FederatedData) -> TaskSpec:
 
 def build_protocol(cfg: SimulationConfig) -> AggregationProtocol:
     """The aggregation protocol asked for (plain unless a secure option is given)."""
-    return PlainProtocol()
+    return PlainProtocol(CompressionSpec.parse(cfg.compress))
 
 
 def build_pipeline(cfg: SimulationConfig, protocol: AggregationProtocol, site_id: str) -> SitePipeline:
-    return SitePipeline(protection=protocol.site_protection(site_id))
+    spec = CompressionSpec.parse(cfg.compress)
+    stage = None if spec.is_identity else UpdateCompressor(spec, seed=int(_stable_uniform(cfg.seed, site_id, -1) * 2**32))
+    return SitePipeline(compress=stage, protection=protocol.site_protection(site_id))
 
 
 def _dropout_plan(cfg: SimulationConfig) -> Callable | None:
@@ -279,6 +284,10 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
                 "rounds_completed": sum(1 for h in history if h["status"] == "ok"),
                 "rounds_aborted": sum(1 for h in history if h["status"] == "aborted"),
                 "bytes_up_per_round": float(np.mean([h["bytes_up_total"] for h in history])) if history else 0.0,
+                "bytes_up_per_round_per_site": {
+                    s.name: float(np.mean(v)) if (v := [h["sites"][s.name]["bytes_up"] for h in history if s.name in h["sites"] and h["sites"][s.name].get("bytes_up")]) else 0.0
+                    for s in data.sites
+                },
                 "seconds": fed_time,
             },
         }
