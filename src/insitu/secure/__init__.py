@@ -1,0 +1,24 @@
+"""Protecting updates on their way to the sum: secure aggregation and homomorphic aggregation.
+
+Both plug into the round engine as an :class:`~insitu.federation.protocol.AggregationProtocol`
+(coordinator half) with a matching site half:
+
+* :class:`SecAggProtocol` / :class:`SecAggSite`: pairwise masking after Bonawitz et al. 2017
+  on the sparse SecAgg+ graph, surviving drop-outs (the default, and the fastest).
+* :class:`HEProtocol` / :class:`HESite` with :class:`HEScheme` ``PAILLIER`` (packed, exact)
+  or ``CKKS`` (TenSEAL, approximate): the coordinator sums ciphertexts it cannot read.
+"""
+from insitu.secure.he import HEConfig, HEProtocol, HEScheme, HESite, HEStats
+from insitu.secure.secagg import SecAggConfig, SecAggProtocol, SecAggSite, SecAggStats
+
+__all__ = [
+    "HEConfig",
+    "HEProtocol",
+    "HEScheme",
+    "HESite",
+    "HEStats",
+    "SecAggConfig",
+    "SecAggProtocol",
+    "SecAggSite",
+    "SecAggStats",
+]

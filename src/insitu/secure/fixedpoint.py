@@ -1,0 +1,107 @@
+"""Fixed-point encoding of real vectors into the ring Z_2^k, with the headroom checked.
+
+A value v becomes round(v · 2^f) mod 2^k.  Summing n encoded vectors in the ring
+gives the encoding of the exact sum of the rounded values *provided* the true
+sum never leaves (−2^(k−1), 2^(k−1)).  That is guaranteed, not hoped for, by
+the check ``n · bound · 2^f < 2^(k−1)``: every site refuses a coordinate above
+``bound`` and the coordinator refuses a configuration that could wrap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from insitu.errors import ConfigError
+
+MIN_FRAC_BITS = 10
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    ring_bits: int  # k: arithmetic modulo 2^k
+    frac_bits: int  # f: resolution 2^-f
+    bound: float  # every encoded |value| must stay ≤ bound
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.ring_bits <= 64:
+            raise ConfigError(f"ring size {self.ring_bits} bits is not supported; use 32 or 64 (16–64 allowed)")
+        if not (self.bound > 0 and math.isfinite(self.bound)):
+            raise ConfigError(f"fixed-point bound {self.bound!r} must be a positive number")
+        if self.frac_bits < 0:
+            raise ConfigError(f"fixed-point fraction bits {self.frac_bits} must be ≥ 0")
+
+    @classmethod
+    def fit(cls, ring_bits: int, bound: float, n_parties: int, frac_bits: int | None = None) -> "FixedPoint":
+        """The finest encoding whose sum over ``n_parties`` cannot wrap (or check a given ``frac_bits``)."""
+        if n_parties < 1:
+            raise ConfigError(f"fixed point needs at least one party, got {n_parties}")
+        room = ring_bits - 1 - math.log2(n_parties) - math.log2(bound)
+        best = math.floor(room)
+        if n_parties * bound * 2.0 ** best >= 2.0 ** (ring_bits - 1):
+            best -= 1
+        if frac_bits is None:
+            frac_bits = min(best, 52)
+        fp = cls(ring_bits, frac_bits, bound)
+        fp.check_headroom(n_parties)
+        return fp
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint32 if self.ring_bits <= 32 else np.uint64)
+
+    @property
+    def mask(self) -> int:
+        return (1 << self.ring_bits) - 1
+
+    @property
+    def resolution(self) -> float:
+        return 2.0 ** -self.frac_bits
+
+    def check_headroom(self, n_parties: int) -> None:
+        """ConfigError unless the sum of ``n_parties`` encoded vectors provably cannot wrap."""
+        worst = n_parties * self.bound * 2.0 ** self.frac_bits
+        if worst >= 2.0 ** (self.ring_bits - 1):
+            raise ConfigError(
+                f"fixed point could overflow: {n_parties} sites × bound {self.bound:g} × 2^{self.frac_bits} = {worst:.3g} "
+                f"≥ 2^{self.ring_bits - 1}; use a 64-bit ring, fewer fraction bits or a smaller --secagg-bound"
+            )
+        if self.frac_bits < MIN_FRAC_BITS:
+            raise ConfigError(
+                f"fixed point keeps only {self.frac_bits} fraction bits (resolution {self.resolution:g}) for {n_parties} sites "
+                f"with bound {self.bound:g} in a {self.ring_bits}-bit ring; need ≥ {MIN_FRAC_BITS}: use a 64-bit ring or a smaller bound"
+            )
+
+    def encode(self, vec: np.ndarray, what: str = "update") -> np.ndarray:
+        """round(v·2^f) mod 2^k; a value beyond ``bound`` (or NaN) is refused, never clipped silently."""
+        v = np.asarray(vec, dtype=np.float64)
+        if not np.all(np.isfinite(v)):
+            raise ConfigError(f"{what} holds NaN or infinite values; it cannot be encoded")
+        peak = float(np.max(np.abs(v))) if v.size else 0.0
+        if peak > self.bound:
+            raise ConfigError(
+                f"{what} has a coordinate of magnitude {peak:.4g} above the fixed-point bound {self.bound:g}; "
+                "clip updates (client-level DP clipping) or raise the bound"
+            )
+        ints = np.rint(v * 2.0 ** self.frac_bits).astype(np.int64)
+        out = ints.view(np.uint64)
+        if self.ring_bits < 64:
+            out = out & np.uint64(self.mask)
+        return out.astype(self.dtype)
+
+    def decode(self, ring: np.ndarray) -> np.ndarray:
+        """Ring elements back to reals (two's complement in k bits)."""
+        u = np.asarray(ring).astype(np.uint64) & np.uint64(self.mask)
+        if self.ring_bits < 64:
+            signed = u.astype(np.int64)
+            signed = np.where(signed >= (1 << (self.ring_bits - 1)), signed - (1 << self.ring_bits), signed)
+        else:
+            signed = u.view(np.int64)
+        return signed.astype(np.float64) / 2.0 ** self.frac_bits
+
+    def reduce(self, arr: np.ndarray) -> np.ndarray:
+        """Bring a uint array accumulated in its dtype back into Z_2^k."""
+        if self.ring_bits in (32, 64):
+            return arr
+        return (arr & self.dtype.type(self.mask)).astype(self.dtype)
