@@ -204,8 +204,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     _rule("agent-inference", P, [R.AGENT], [A.INFER], [T.MODEL], "AI agents run inference on anonymized feature vectors"),
     _rule("model-card-public", P, [], [A.READ], [T.MODEL], "every authenticated role may read the model card"),
     _rule("agent-never-records", D, [R.AGENT], [], [T.RECORD, T.NURSING_VIEW], "an AI agent never sees a record"),
-    _rule("nurse-no-full-record", D, [R.NURSE], [], [T.RECORD], "nurses see only the nursing subset, not the full record"),
     _rule("nurse-read-only", D, [R.NURSE], [A.UPDATE], [], "nurses may not change records"),
+    _rule("nurse-no-full-record", D, [R.NURSE], [], [T.RECORD], "nurses see only the nursing subset, not the full record"),
 )
 
 DEFAULT_DENY = "default-deny"
