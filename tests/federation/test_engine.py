@@ -1,0 +1,127 @@
+"""The round engine: drop-outs, bad updates, minimum sites, replays — over the real in-process transport."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from insitu.data.heart import load_heart
+from insitu.errors import ProtocolError, RoundAborted
+from insitu.federation.coordinator import Coordinator
+from insitu.federation.messages import Message, MessageKind
+from insitu.federation.site import Site
+from insitu.federation.strategies import make_strategy
+from insitu.federation.task import TaskSpec
+from insitu.federation.transport import InProcessTransport
+from insitu.learn.models import build_model, get_flat
+
+
+@pytest.fixture(scope="module")
+def heart():
+    return load_heart()
+
+
+def _task(data):
+    return TaskSpec("logreg", data.input_shape, 1, data.schema, lr=0.05, local_steps=5, batch_size=4)
+
+
+def _setup(heart, fail=None, min_sites=1, site_cls=Site, strategy="fedavg"):
+    task = _task(heart)
+    sites = {s.name: site_cls(s.name, s, task, seed=i) for i, s in enumerate(heart.sites)}
+    coord = Coordinator("job", task, get_flat(build_model("logreg", (13,), 1)), make_strategy(strategy),
+                        InProcessTransport(sites, fail=fail), min_sites=min_sites)
+    return coord, sites
+
+
+def test_round_uses_all_sites_and_changes_model(heart):
+    coord, _ = _setup(heart)
+    before = coord.params.copy()
+    rec = coord.run_round(1)
+    assert set(rec.participants) == {s.name for s in heart.sites} and not rec.dropped
+    assert not np.allclose(before, coord.params)
+    assert all(v > 0 for v in rec.bytes_up.values())
+
+
+def test_dropped_site_is_reported_and_round_completes(heart):
+    coord, _ = _setup(heart, fail=lambda s, r, k: s == "hungary", min_sites=3)
+    rec = coord.run_round(1)
+    assert "hungary" not in rec.participants and "injected" in rec.dropped["hungary"]
+    assert len(rec.participants) == 3
+
+
+def test_too_few_sites_aborts_and_keeps_model(heart):
+    coord, _ = _setup(heart, fail=lambda s, r, k: s != "cleveland", min_sites=2)
+    before = coord.params.copy()
+    with pytest.raises(RoundAborted, match="1 of 4 sites finished, --min-sites is 2"):
+        coord.run_round(1)
+    np.testing.assert_array_equal(before, coord.params)
+    # the next round runs once the sites are back
+    coord.transport._fail = None
+    coord.run_round(2)
+    assert not np.array_equal(before, coord.params)
+
+
+class NaNSite(Site):
+    def handle(self, msg):
+        reply = super().handle(msg)
+        if msg.kind is MessageKind.TRAIN and self.site_id == "switzerland":
+            bad = np.full_like(reply.tensors["update"], np.nan)
+            return Message(reply.kind, reply.round, reply.job, reply.meta, {"update": bad})
+        return reply
+
+
+def test_nan_update_is_dropped_with_reason(heart):
+    coord, _ = _setup(heart, site_cls=NaNSite)
+    rec = coord.run_round(1)
+    assert "switzerland" not in rec.participants
+    assert "NaN" in rec.dropped["switzerland"]
+    assert np.all(np.isfinite(coord.params))
+
+
+class ShortSite(Site):
+    def handle(self, msg):
+        reply = super().handle(msg)
+        if msg.kind is MessageKind.TRAIN and self.site_id == "cleveland":
+            return Message(reply.kind, reply.round, reply.job, reply.meta, {"update": reply.tensors["update"][:3]})
+        return reply
+
+
+def test_wrong_shape_update_is_dropped(heart):
+    coord, _ = _setup(heart, site_cls=ShortSite)
+    rec = coord.run_round(1)
+    assert "3 values" in rec.dropped["cleveland"] or "shape (3,)" in rec.dropped["cleveland"]
+
+
+class CrashSite(Site):
+    def handle(self, msg):
+        if msg.kind is MessageKind.TRAIN and self.site_id == "va-long-beach":
+            raise RuntimeError("disk full")
+        return super().handle(msg)
+
+
+def test_crashing_site_does_not_crash_coordinator(heart):
+    coord, _ = _setup(heart, site_cls=CrashSite)
+    rec = coord.run_round(1)
+    assert "disk full" in rec.dropped["va-long-beach"]
+
+
+def test_replayed_round_refused_by_site(heart):
+    coord, sites = _setup(heart)
+    coord.run_round(1)
+    plan = coord.plan(1)
+    with pytest.raises(ProtocolError, match="replayed"):
+        sites["cleveland"].handle(plan.train_request("cleveland"))
+
+
+def test_site_refuses_a_different_task(heart):
+    _, sites = _setup(heart)
+    other = TaskSpec("logreg", (13,), 1, heart.schema, lr=0.5, local_steps=5, batch_size=4)
+    msg = Message(MessageKind.TRAIN, 1, "job", {"task": other.to_meta()}, {"params": np.zeros(14, np.float32)})
+    with pytest.raises(ProtocolError, match="is not the task this site runs"):
+        sites["cleveland"].handle(msg)
+
+
+def test_scaffold_round_runs_and_keeps_site_controls(heart):
+    coord, sites = _setup(heart, strategy="scaffold")
+    coord.run_round(1)
+    assert all(s.control is not None and np.any(s.control != 0) for s in sites.values())
+    assert np.any(coord.strategy.control != 0)
