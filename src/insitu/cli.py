@@ -42,6 +42,12 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(job_app, name="job")
 app.add_typer(site_app, name="site")
 
+from insitu.deid.cli import app as deid_app  # noqa: E402
+from insitu.audit.cli import app as audit_app  # noqa: E402
+
+app.add_typer(deid_app, name="deid")
+app.add_typer(audit_app, name="audit")
+
 
 def main() -> None:
     """Entry point: InsituError becomes a one-line message and exit code 2, never a traceback."""
