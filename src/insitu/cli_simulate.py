@@ -29,6 +29,8 @@ def simulate_command(
     dropout: float = typer.Option(0.0, help="Probability that a site fails in a round (to rehearse drop-outs)."),
     seed: int = typer.Option(0, help="Seed for model init, splits and sampling; runs are reproducible."),
     compress: str = typer.Option("none", help="Shrink each site's update on the wire: int8 (stochastic rounding, ~4x), topk:0.01 (largest 1 %, error feedback), shared:0.01 (1 % at seed-chosen coordinates every site shares; composes with secure aggregation), or topk:0.01+int8."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Mask each site's update so the coordinator learns only the sum, even when sites drop out (Bonawitz et al. / SecAgg+)."),
+    homomorphic: str = typer.Option("none", help="Encrypt updates instead: paillier (packed, exact) or ckks (TenSEAL, fast, approximate). Sites hold the key; the coordinator sums ciphertexts."),
     baselines: bool = typer.Option(True, help="Also train local-only and pooled baselines for comparison."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory to create (default runs/<time>-<dataset>-<strategy>)."),
 ) -> None:
@@ -41,7 +43,7 @@ def simulate_command(
     cfg = SimulationConfig(
         dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, rounds=rounds,
         local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, mu=mu, server_lr=server_lr,
-        min_sites=min_sites, dropout=dropout, seed=seed, compress=compress, baselines=baselines, out=out_dir,
+        min_sites=min_sites, dropout=dropout, seed=seed, compress=compress, secure_aggregation=secure_aggregation, homomorphic=homomorphic, baselines=baselines, out=out_dir,
     )
     summary = simulate(cfg, progress=True)
     out.print(summary_table(summary))

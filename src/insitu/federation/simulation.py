@@ -84,6 +84,8 @@ class SimulationConfig:
     dropout: float = 0.0
     round_timeout: float = 600.0
     compress: str = "none"  # update compression: int8, topk:F, shared:F, topk:F+int8 (insitu.compress)
+    secure_aggregation: bool = False  # pairwise-masked sums (insitu.secure.secagg)
+    homomorphic: str = "none"  # none, paillier or ckks (insitu.secure.he)
     baselines: bool = True
     out: str | None = None
 
@@ -112,6 +114,9 @@ class SimulationConfig:
         )
         Partition.parse(cfg.partition)
         CompressionSpec.parse(cfg.compress)
+        from insitu.secure import secure_protocol
+
+        secure_protocol(cfg.secure_aggregation, cfg.homomorphic)  # validates the combination
         if cfg.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {cfg.rounds}")
         if not 0.0 <= cfg.dropout < 1.0:
@@ -150,7 +155,10 @@ def make_task(cfg: SimulationConfig, data: FederatedData) -> TaskSpec:
 
 def build_protocol(cfg: SimulationConfig) -> AggregationProtocol:
     """The aggregation protocol asked for (plain unless a secure option is given)."""
-    return PlainProtocol(CompressionSpec.parse(cfg.compress))
+    from insitu.secure import secure_protocol
+
+    secure = secure_protocol(cfg.secure_aggregation, cfg.homomorphic)
+    return secure if secure is not None else PlainProtocol(CompressionSpec.parse(cfg.compress))
 
 
 def build_pipeline(cfg: SimulationConfig, protocol: AggregationProtocol, site_id: str) -> SitePipeline:

@@ -21,4 +21,28 @@ __all__ = [
     "SecAggProtocol",
     "SecAggSite",
     "SecAggStats",
+    "secure_protocol",
 ]
+
+
+def secure_protocol(secure_aggregation: bool = False, homomorphic: str = "none"):
+    """The protocol for the CLI options ``--secure-aggregation`` / ``--homomorphic``, or None for plain.
+
+    Both at once is refused: they protect the same step in two different ways.
+    """
+    from insitu.errors import ConfigError
+
+    he = (homomorphic or "none").lower()
+    if he != "none":
+        try:
+            scheme = HEScheme(he)
+        except ValueError:
+            raise ConfigError(f"unknown --homomorphic {homomorphic!r}; choose none, paillier or ckks") from None
+        if secure_aggregation:
+            raise ConfigError("--secure-aggregation and --homomorphic both protect the sum; choose one")
+        return HEProtocol(HEConfig(scheme=scheme))
+    if secure_aggregation:
+        return SecAggProtocol(SecAggConfig())
+    return None
+
+
