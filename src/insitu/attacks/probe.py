@@ -1,0 +1,139 @@
+"""The worst case for a site: a round whose update comes from a single record.
+
+A site's update is most revealing when it was computed from one record (a site with one new
+patient, or a coordinator that asks for one local step at batch size one).  The probe builds one
+site per record, runs a real round through the given protocol and site pipeline (so masking,
+encryption, clipping and noise are the ones a run uses), and lets the curious coordinator attack
+every vector it received.  A record counts as reconstructed when *any* view yields it: the
+attacker is given the benefit of choosing its best view after the fact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from insitu.attacks.observer import ObservedRound, observe_round
+from insitu.attacks.reconstruction import MatchConfig, analytic_linear, gradient_matching, score_images, score_tabular
+from insitu.data.dataset import SiteData
+from insitu.errors import ConfigError
+from insitu.federation.coordinator import Coordinator
+from insitu.federation.pipeline import SitePipeline
+from insitu.federation.protocol import AggregationProtocol
+from insitu.federation.site import Site
+from insitu.federation.strategies import Strategy
+from insitu.federation.task import TaskSpec
+from insitu.federation.transport import InProcessTransport
+from insitu.learn.models import build_model, set_flat
+
+#: builds the site for (site id, its data, task); a run passes its own to get its defences.
+SiteFactory = Callable[[str, SiteData, TaskSpec], Site]
+
+
+def default_site_factory(protocol: AggregationProtocol) -> SiteFactory:
+    def make(site_id: str, data: SiteData, task: TaskSpec) -> Site:
+        return Site(site_id, data, task, pipeline=SitePipeline(protection=protocol.site_protection(site_id)))
+
+    return make
+
+
+def single_record_round(
+    task: TaskSpec,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    params: np.ndarray,
+    protocol: AggregationProtocol,
+    site_factory: SiteFactory | None = None,
+) -> ObservedRound:
+    """One round with ``len(X)`` sites, each holding one record, from global model ``params``."""
+    if X.shape[0] < 1:
+        raise ConfigError("the probe needs at least one record")
+    factory = site_factory or default_site_factory(protocol)
+    sites = {}
+    for i in range(X.shape[0]):
+        sid = f"probe-{i + 1}"
+        data = SiteData(sid, X[i : i + 1], y[i : i + 1], X[i : i + 1], y[i : i + 1])
+        sites[sid] = factory(sid, data, task)
+    coord = Coordinator(job="privacy-probe", task=task, params=params, strategy=Strategy(), transport=InProcessTransport(sites), protocol=protocol, timeout=600.0)
+    return observe_round(coord, 1)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Per target record: was it reconstructed, and how close the best view got next to a guess."""
+
+    kind: str  # "analytic" or "gradient-matching"
+    success: tuple[bool, ...]
+    quality: tuple[float, ...]  # tabular: RMS error to the record; images: SSIM
+    guess_quality: tuple[float, ...]
+    psnr: tuple[float, ...] = ()
+    views: int = 0
+
+    @property
+    def success_rate(self) -> float:
+        return float(np.mean(self.success)) if self.success else 0.0
+
+    @property
+    def better_than_guess(self) -> float:
+        """Share of records the best view got closer to than the guess did."""
+        if self.kind == "analytic":
+            return float(np.mean([q < g for q, g in zip(self.quality, self.guess_quality)]))
+        return float(np.mean([q > g for q, g in zip(self.quality, self.guess_quality)]))
+
+
+def _model_at(task: TaskSpec, params: np.ndarray) -> torch.nn.Module:
+    m = build_model(task.model, task.input_shape, task.num_outputs)
+    set_flat(m, params)
+    return m
+
+
+def attack_tabular(obs: ObservedRound, task: TaskSpec, targets: np.ndarray, guess: np.ndarray, tol: float = 1e-3, clip: float = 10.0) -> ProbeResult:
+    """Analytic recovery from every view; estimates are clipped to ±``clip`` (z-scores), as an
+    attacker who knows the feature scale would."""
+    model = _model_at(task, obs.params)
+    ests = [np.clip(analytic_linear(v, model).estimate, -clip, clip) for v in obs.candidate_views().values()]
+    succ, qual, gq = [], [], []
+    for t in np.atleast_2d(targets):
+        scores = [score_tabular(e, t[None], guess, tol) for e in ests]
+        succ.append(any(s.exact for s in scores))
+        qual.append(min(s.distance for s in scores))
+        gq.append(scores[0].guess_distance)
+    return ProbeResult("analytic", tuple(succ), tuple(qual), tuple(gq), views=len(ests))
+
+
+def attack_images(
+    obs: ObservedRound,
+    task: TaskSpec,
+    targets: np.ndarray,
+    guess: np.ndarray,
+    config: MatchConfig = MatchConfig(),
+    *,
+    only_float_views: bool = True,
+    ssim_threshold: float = 0.7,
+) -> ProbeResult:
+    """Gradient matching (one image per view) from every view the coordinator holds.
+
+    Views that arrived as integers (fixed-point encoded, masked) or ciphertext bytes cannot be a
+    gradient and are skipped when ``only_float_views``; the aggregate is always attacked.
+    """
+    model = _model_at(task, obs.params)
+    views = obs.candidate_views()
+    if only_float_views:
+        keep = {"aggregate"}
+        for sid, msg in obs.train_replies.items():
+            for name, arr in msg.tensors.items():
+                if np.issubdtype(np.asarray(arr).dtype, np.floating):
+                    keep.add(f"{sid}:{name}")
+        views = {k: v for k, v in views.items() if k in keep}
+    ests = [gradient_matching(v, model, task.input_shape, config=config, seed=i)[0] for i, v in enumerate(views.values())]
+    succ, qual, gq, ps = [], [], [], []
+    for t in targets:
+        scores = [score_images(e, t[None], guess, config.bounds) for e in ests]
+        best = max(scores, key=lambda s: s.ssim)
+        succ.append(best.success(ssim_threshold))
+        qual.append(best.ssim)
+        gq.append(best.guess_ssim)
+        ps.append(best.psnr)
+    return ProbeResult("gradient-matching", tuple(succ), tuple(qual), tuple(gq), tuple(ps), views=len(ests))
