@@ -21,6 +21,11 @@ OPERATOR_CONFIG = typer.Option(Path("operator.toml"), "--config", "-c",
                                help="operator.toml: [operator] coordinator = HOST:PORT, cert, key, ca.")
 
 
+@app.callback()
+def _group() -> None:
+    """Run the coordinator (keeps `serve` a sub-command even while it is the only one)."""
+
+
 @app.command("serve")
 def serve(config: Path = typer.Option(..., "--config", "-c", help="coordinator.toml")) -> None:
     """Listen for sites and operators; run queued jobs; resume after a restart."""

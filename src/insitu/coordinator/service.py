@@ -38,7 +38,7 @@ from insitu.net.protocols import make_protocol
 from insitu.coordinator.store import JobRow, JobStatus, JobStore, RoundStatus
 from insitu.errors import AuthError, ConfigError, InsituError, RoundAborted
 from insitu.federation.coordinator import Coordinator
-from insitu.federation.protocol import RoundPlan
+from insitu.federation.protocol import AggregateResult, AggregationProtocol, RoundPlan
 from insitu.learn.models import build_model, get_flat
 from insitu.net.pki import Credentials, Identity, Role
 from insitu.net.server import CoordinatorServer, NetConfig
@@ -102,6 +102,28 @@ class DeployedCoordinator(Coordinator):
     def plan(self, round_: int) -> RoundPlan:
         p = super().plan(round_)
         return replace(p, train_meta={**p.train_meta, "seed": self.seed, "protocol": self.protocol_name, "group": len(p.sites)})
+
+
+class RecordingProtocol:
+    """Wraps the job's aggregation protocol to keep the last round's result, so that an aborted
+    round's per-site reasons (a site's refusal, a time-out) reach the job store and the operator."""
+
+    def __init__(self, inner: AggregationProtocol):
+        self.inner = inner
+        self.name = inner.name
+        self.last: tuple[int, AggregateResult] | None = None
+
+    def collect(self, plan: RoundPlan, transport) -> AggregateResult:
+        self.last = None
+        result = self.inner.collect(plan, transport)
+        self.last = (plan.round, result)
+        return result
+
+    def site_protection(self, site_id: str):
+        return self.inner.site_protection(site_id)
+
+    def dropped(self, round_: int) -> dict[str, str]:
+        return dict(self.last[1].dropped) if self.last and self.last[0] == round_ else {}
 
 
 class OperatorOp(str, enum.Enum):
@@ -220,9 +242,10 @@ class CoordinatorService:
             for k, v in state.items():
                 setattr(strategy, k, v.astype(np.float64))
             log.info("job %s: resuming from model version %d (round %d)", job.id, version, last_round)
+        protocol = RecordingProtocol(make_protocol(spec.protocol, spec.protocol_options))
         coord = DeployedCoordinator(
             job=job.id, task=spec.task, params=params, strategy=strategy, transport=self.server.transport,
-            protocol=make_protocol(spec.protocol, spec.protocol_options), min_sites=spec.min_sites,
+            protocol=protocol, min_sites=spec.min_sites,
             timeout=spec.round_timeout, sites=spec.sites, seed=spec.seed, protocol_name=spec.protocol,
         )
         self.store.set_status(job.id, JobStatus.RUNNING)
@@ -239,7 +262,7 @@ class CoordinatorService:
                 rec = coord.run_round(r)
             except RoundAborted as exc:
                 aborted += 1
-                self.store.abort_round(job.id, r, str(exc), {})
+                self.store.abort_round(job.id, r, str(exc), protocol.dropped(r))
                 log.warning("job %s round %d aborted (%d so far): %s", job.id, r, aborted, exc)
                 if aborted > max_aborted:
                     raise RoundAborted(f"job {job.id}: {aborted} rounds aborted (limit {max_aborted}); last: {exc}") from None

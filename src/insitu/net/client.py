@@ -51,10 +51,14 @@ class SiteClient:
         self._stop = threading.Event()
         self._work: queue.Queue = queue.Queue()
         self.connects = 0
+        self._channel: Channel | None = None
 
     def stop(self) -> None:
         self._stop.set()
         self._work.put(None)
+        channel = self._channel
+        if channel is not None:
+            channel.close()
 
     def run_forever(self) -> None:
         worker = threading.Thread(target=self._worker, daemon=True, name="site-worker")
@@ -68,6 +72,7 @@ class SiteClient:
                 self._stop.wait(delay * (0.5 + random.random()))
                 delay = min(self.config.backoff_max, delay * 2)
                 continue
+            self._channel = channel
             try:
                 self._session(channel)
                 delay = self.config.backoff_min  # a session that got going resets the back-off

@@ -300,7 +300,16 @@ class CoordinatorServer:
         hb = Message(MessageKind.HEARTBEAT)
         while not self._stop.wait(self.config.heartbeat):
             now = time.monotonic()
+            try:
+                crl_changed = self.tls.crl.refresh()
+            except SecurityError as exc:
+                log.error("%s", exc)
+                crl_changed = False
             for conn in self.transport.connections():
+                if crl_changed and self.tls.crl.is_revoked(conn.ident.serial):
+                    log.warning("site %s: certificate revoked; closing its channel", conn.ident.name)
+                    self.transport.detach(conn, "certificate revoked")
+                    continue
                 if now - conn.last_seen > self.config.dead_after:
                     self.transport.detach(conn, f"silent for {now - conn.last_seen:.1f} s")
                     continue

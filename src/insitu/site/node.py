@@ -193,7 +193,8 @@ def build_node(config: str | Path) -> tuple[SiteNode, SiteClient]:
     node = SiteNode(policy, name, data, stream, schema=schema)
     client = SiteClient(
         Credentials(policy.cert, policy.key, policy.ca),
-        DialConfig(policy.coordinator[0], policy.coordinator[1], heartbeat=policy.heartbeat, dead_after=policy.dead_after),
+        DialConfig(policy.coordinator[0], policy.coordinator[1], heartbeat=policy.heartbeat, dead_after=policy.dead_after,
+                   backoff_max=policy.backoff_max),
         node.handle, hello={"n_train": data.n_train, "n_test": data.n_test},
     )
     return node, client

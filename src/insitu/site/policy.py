@@ -91,6 +91,7 @@ class SitePolicy:
     min_secagg_group: int = 0
     heartbeat: float = 2.0
     dead_after: float = 10.0
+    backoff_max: float = 15.0
 
     @classmethod
     def load(cls, path: str | Path) -> "SitePolicy":
@@ -127,6 +128,7 @@ class SitePolicy:
             ranges={k: Range.parse(k, v) for k, v in pol.get("ranges", {}).items()},
             epsilon_budget=float(budget) if budget is not None else None, min_secagg_group=group,
             heartbeat=float(site.get("heartbeat", 2.0)), dead_after=float(site.get("dead_after", 10.0)),
+            backoff_max=float(site.get("backoff_max", 15.0)),
         )
 
 
