@@ -328,6 +328,7 @@ class _JobKeys:
     public_blob: bytes
     public: Any
     asked: frozenset[str]
+    keyed: frozenset[str]
 
 
 class HEProtocol:
@@ -376,7 +377,10 @@ class HEProtocol:
         keys = self._keys(plan, phase, abort, need)
         t_keys = time.perf_counter() - t_keys
         meta = self.backend.round_meta(cfg, keys.public, len(plan.sites))
-        trn = phase({s: plan.train_request(s, {"he": meta}) for s in plan.sites}, MessageKind.TRAIN_REPLY, "train")
+        for s in plan.sites:
+            if s not in keys.keyed:
+                dropped.setdefault(s, "holds no homomorphic key (missed or failed key setup)")
+        trn = phase({s: plan.train_request(s, {"he": meta}) for s in plan.sites if s in keys.keyed}, MessageKind.TRAIN_REPLY, "train")
         if len(trn) < need:
             why = "; ".join(f"{s}: {r}" for s, r in dropped.items()) or "none answered"
             raise RoundAborted(f"round {plan.round}: only {len(trn)} of {len(plan.sites)} sites sent encrypted updates, need {need} ({why}); the global model is unchanged")
@@ -462,7 +466,7 @@ class HEProtocol:
         for sid, r in inst.items():
             if r.meta.get("fingerprint") != fp:
                 raise abort(sid, "installed a different public key than the dealer's")
-        self._jobs[plan.job] = _JobKeys(public_blob, public, frozenset(plan.sites))
+        self._jobs[plan.job] = _JobKeys(public_blob, public, frozenset(plan.sites), frozenset(inst) | {dealer})
         return self._jobs[plan.job]
 
 
