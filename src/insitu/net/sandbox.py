@@ -99,7 +99,7 @@ class Sandbox:
         self.procs[key] = proc
         return proc
 
-    def start_coordinator(self, timeout: float = 30.0) -> int:
+    def start_coordinator(self, timeout: float = 90.0) -> int:
         """Start the coordinator; the first start picks a free port, later starts reuse it."""
         pf = self.root / "coordinator.port"
         pf.unlink(missing_ok=True)
@@ -117,6 +117,15 @@ class Sandbox:
         for op in (p.stem for p in self.root.glob("*.toml") if p.stem not in ("coordinator",)):
             self.write_operator_config(op)
         return self.port
+
+    def start_all(self, timeout: float = 90.0) -> None:
+        """Start the coordinator and every site at once (sites dial with back-off until it listens)."""
+        if not self.port:
+            self.port = free_port()
+        self.write_coordinator_config()
+        for s in self.sites:
+            self.start_site(s)
+        self.start_coordinator(timeout=timeout)
 
     def start_site(self, name: str) -> subprocess.Popen:
         cfg = self.root / "sites" / name / "site.toml"
@@ -139,7 +148,7 @@ class Sandbox:
                 proc.terminate()
         for key in list(self.procs):
             try:
-                self.procs[key].wait(5)
+                self.procs[key].wait(3)
             except subprocess.TimeoutExpired:
                 self.kill(key)
         self.procs.clear()
@@ -169,6 +178,15 @@ class Sandbox:
             time.sleep(0.05)
 
 
+def free_port() -> int:
+    """A port that was free a moment ago (the coordinator binds it with SO_REUSEADDR)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def create(root: str | Path, sites: Iterable[str] = SITES, *, approved: Iterable[str] = (), operators: Iterable[str] = ("ops",)) -> Sandbox:
     """Write CA, certificates and configs for a coordinator, operators and heart sites under ``root``."""
     root = Path(root)
@@ -187,4 +205,4 @@ def create(root: str | Path, sites: Iterable[str] = SITES, *, approved: Iterable
     return sb
 
 
-__all__ = ["Sandbox", "create", "SITES"]
+__all__ = ["Sandbox", "create", "free_port", "SITES"]

@@ -37,7 +37,7 @@ from insitu.federation.site import Site
 from insitu.federation.task import TaskSpec
 from insitu.net.client import DialConfig, SiteClient
 from insitu.net.pki import Credentials
-from insitu.net.protocols import make_protocol
+from insitu.net.protocols import KIND_PROTOCOL, site_protection
 from insitu.site.policy import Approvals, BudgetLedger, DataSource, SitePolicy, check_group, check_ranges
 
 log = logging.getLogger("insitu.site")
@@ -89,6 +89,7 @@ class SiteNode:
         self.approvals = Approvals(policy.state, policy.approved)
         self.ledger = BudgetLedger(policy.state, policy.epsilon_budget)
         self._sites: OrderedDict[str, Site] = OrderedDict()
+        self._early: dict[str, Any] = {}  # job → protocol site half created by a phase before TRAIN
         self._lock = threading.Lock()
 
     # -- the guard the round engine calls before training ------------------------------------
@@ -107,6 +108,9 @@ class SiteNode:
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
+        early = self._early_phase(msg)
+        if early is not None:
+            return early
         try:
             site = self._site_for(msg)
             if msg.kind is MessageKind.EVALUATE:
@@ -118,6 +122,23 @@ class SiteNode:
         if msg.kind is MessageKind.TRAIN:
             self.ledger.record(msg.job, msg.round, self._eps(site.task))
         return reply
+
+    def _early_phase(self, msg: Message) -> Message | None:
+        """Protocol phases that come before the job's first TRAIN (secure aggregation's key
+        agreement) are answered by the protocol's site half, kept until the Site is built."""
+        proto = KIND_PROTOCOL.get(msg.kind)
+        if proto is None:
+            return None
+        with self._lock:
+            if msg.job in self._sites:
+                return None
+            prot = self._early.get(msg.job)
+            if prot is None:
+                prot = site_protection(proto.value, self.site_id, min_group=self.policy.min_secagg_group)
+                self._early[msg.job] = prot
+                while len(self._early) > MAX_JOBS:
+                    self._early.pop(next(iter(self._early)))
+        return prot.handlers()[msg.kind](msg)
 
     def _eps(self, task: TaskSpec) -> float:
         return float(task.extra.get("epsilon_per_round", 0.0)) if self.policy.epsilon_budget is not None else 0.0
@@ -137,6 +158,8 @@ class SiteNode:
                     or getattr(site, "protocol_name", "plain") != protocol and msg.kind is MessageKind.TRAIN
                 )
                 if rebuild:
+                    if site is not None and getattr(site, "protocol_name", "plain") == protocol:
+                        self._early.setdefault(msg.job, site.pipeline.protection)  # keep key-agreement state
                     site = self._build(msg.job, task, self._seed(seed or 0), protocol)
             if site is None:
                 raise ProtocolError(f"{msg.kind.value} for job {msg.job!r} before any train or evaluate request")
@@ -147,8 +170,8 @@ class SiteNode:
         return job_seed * 1000 + self.stream  # as simulation seeds its i-th site: seed·1000 + i + 1
 
     def _build(self, job: str, task: TaskSpec, seed: int, protocol: str) -> Site:
-        proto = make_protocol(protocol)
-        site = Site(self.site_id, self.data, task, pipeline=SitePipeline(protection=proto.site_protection(self.site_id)),
+        prot = self._early.pop(job, None) or site_protection(protocol, self.site_id, min_group=self.policy.min_secagg_group)
+        site = Site(self.site_id, self.data, task, pipeline=SitePipeline(protection=prot),
                     guards=[self.guard], seed=seed)
         site.protocol_name = protocol  # type: ignore[attr-defined]
         self._sites[job] = site
