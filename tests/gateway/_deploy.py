@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _certs import Issued, TestCA
-from conftest import record_body, write_run_dir
+from ._certs import Issued, TestCA
+from .support import record_body, write_run_dir
 
 INSITU = [str(Path(sys.executable).with_name("insitu"))]
 

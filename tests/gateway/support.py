@@ -1,4 +1,4 @@
-"""Shared fixtures: a served model in a run directory, a gateway with an injectable clock, tokens."""
+"""Test support: a served model in a run directory, a gateway with an injectable clock, tokens."""
 from __future__ import annotations
 
 import datetime as dt
@@ -27,6 +27,7 @@ from insitu.gateway.tokens import TokenIssuer, TokenVerifier  # noqa: E402
 
 FEATURES = ("age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak",
             "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2")
+FEATS = {f: 0.25 * (i - 6) for i, f in enumerate(FEATURES)}  # a standardized feature vector
 ISSUER = "gateway.test"
 T0 = dt.datetime(2026, 11, 25, 10, 0, tzinfo=dt.timezone.utc)  # a Wednesday, mid-morning
 
@@ -115,14 +116,3 @@ def make_harness(tmp: Path, rules: tuple[Rule, ...] = (), tz: str = "UTC", model
     h = Harness(gw, TestClient(create_app(gw)), TokenIssuer(key, ISSUER, dt.timedelta(hours=12)), clock,
                 tmp / "audit.db", audit_key, params)
     return h
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Harness:
-    return make_harness(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Harness:
-    """One gateway for a whole module, for tests whose outcome does not depend on earlier requests."""
-    return make_harness(tmp_path_factory.mktemp("gw"))

@@ -6,10 +6,9 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from conftest import FEATURES, Harness, record_body
+from .support import FEATS, FEATURES, Harness, make_harness, record_body
 
 P = "cardio-0001"
-FEATS = {f: 0.25 * (i - 6) for i, f in enumerate(FEATURES)}
 
 # (method, path, json body) per endpoint × action
 CALLS = {
@@ -108,8 +107,6 @@ def test_predict_returns_model_risk_and_card(shared: Harness):
 
 
 def test_no_model_loaded_is_503_after_authorization(tmp_path):
-    from conftest import make_harness
-
     h = make_harness(tmp_path, model=False)
     assert h.client.post("/predict", json={"features": {}}, headers=h.auth("ai-model")).status_code == 503
     assert h.client.get("/model", headers=h.auth("nurse")).status_code == 503

@@ -8,7 +8,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from conftest import ISSUER, T0, Harness
+from .support import ISSUER, T0, Harness
 from insitu.errors import AuthError, ConfigError
 from insitu.gateway.policy import Role
 from insitu.gateway.tokens import TokenIssuer, TokenVerifier, parse_ttl

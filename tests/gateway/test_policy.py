@@ -5,7 +5,7 @@ import datetime as dt
 import tomllib
 import pytest
 
-from conftest import T0, make_harness
+from .support import FEATS, T0, make_harness
 from insitu.errors import ConfigError
 from insitu.gateway.config import GatewayConfig
 from insitu.gateway.policy import (
@@ -115,8 +115,6 @@ def test_admin_permit_cannot_override_default_deny(abac):
 
 
 def test_admin_permit_extends_the_table(abac):
-    from test_api import FEATS
-
     assert abac.client.post("/predict", json={"features": FEATS}, headers=abac.auth("doctor")).status_code == 200
     assert abac.client.post("/predict", json={"features": FEATS}, headers=abac.auth("nurse", ward="cardio", shift="07:00-19:00")).status_code == 403
 

@@ -16,7 +16,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
-from conftest import Harness, make_harness
+from .support import Harness, make_harness
 
 MAX_EXAMPLES = int(os.environ.get("INSITU_FUZZ_EXAMPLES", "12"))  # raise for a longer run
 ROLES = ("doctor", "nurse", "ai-model", None)

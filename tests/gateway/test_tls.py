@@ -8,9 +8,9 @@ import subprocess
 import httpx
 import pytest
 
-from _certs import TestCA
-from _deploy import make_deployment, seed_records, start_server, stop_server
-from test_api import FEATS
+from ._certs import TestCA
+from ._deploy import make_deployment, seed_records, start_server, stop_server
+from .support import FEATS
 
 
 @pytest.fixture(scope="module")
