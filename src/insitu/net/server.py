@@ -159,6 +159,9 @@ class NetworkTransport:
             except ConnectionError as exc:
                 dropped[sid] = f"disconnected: {exc}"
                 continue
+            except ProtocolError as exc:  # e.g. the request is over the message size limit
+                dropped[sid] = f"not sent: {exc}"
+                continue
             sent[sid] = size
             waiting[sid] = (conn, fut, seq)
         for sid, (conn, fut, seq) in waiting.items():
@@ -202,6 +205,10 @@ class CoordinatorServer:
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop; close alone leaves it listening
+        except OSError:
+            pass
         try:
             self._sock.close()
         except OSError:

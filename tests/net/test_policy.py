@@ -1,0 +1,75 @@
+"""Site rules: approvals by content hash with hyper-parameter ranges, limits, group size, budget."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from insitu.errors import BudgetExceeded, ConfigError, PolicyViolation, TaskNotApproved
+from insitu.federation.task import TaskSpec
+from insitu.site.policy import Approvals, BudgetLedger, Range, SitePolicy, check_group, check_ranges
+
+TASK = TaskSpec(model="logreg", input_shape=(13,), num_outputs=1, schema=tuple(f"f{i}" for i in range(13)), lr=0.05, local_steps=50, batch_size=4)
+
+
+def test_exact_hash_approval(tmp_path):
+    ap = Approvals(tmp_path)
+    with pytest.raises(TaskNotApproved, match="not approved"):
+        ap.check(TASK)
+    ap.remember_refused(TASK, "not approved")
+    ap.approve(TASK.content_hash())
+    ap.check(TASK)
+    with pytest.raises(TaskNotApproved):
+        ap.check(replace(TASK, lr=0.06))  # any change is a different task
+
+
+def test_range_approval_accepts_only_hyper_parameters_within_range(tmp_path):
+    ap = Approvals(tmp_path)
+    ap.remember_refused(TASK, "x")  # the site has seen the spec; the admin approves it with a range
+    ap.approve(TASK.content_hash(), {"lr": Range.parse("lr", "0.01:0.1"), "local_steps": Range.parse("local_steps", [10, 100])})
+    ap.check(replace(TASK, lr=0.09, local_steps=20))
+    with pytest.raises(TaskNotApproved):
+        ap.check(replace(TASK, lr=0.2))
+    with pytest.raises(TaskNotApproved):
+        ap.check(replace(TASK, batch_size=8))  # not opened to a range
+    with pytest.raises(TaskNotApproved):
+        ap.check(replace(TASK, model="mlp"))  # model is never a range
+    with pytest.raises(ConfigError, match="no range can be set"):
+        Range.parse("model", "0:1")
+    with pytest.raises(ConfigError, match="not a task content hash"):
+        ap.approve("abc")
+
+
+def test_site_limits_and_secure_aggregation_group():
+    check_ranges(TASK, {"local_steps": Range(1, 100)})
+    with pytest.raises(TaskNotApproved, match="outside this site's allowed range"):
+        check_ranges(TASK, {"local_steps": Range(1, 10)})
+    check_group("plain", 4, 0)
+    check_group("secagg", 4, 3)
+    with pytest.raises(PolicyViolation, match="effective group of 1"):
+        check_group("plain", 4, 3)
+    with pytest.raises(PolicyViolation):
+        check_group("secagg", 2, 3)
+
+
+def test_budget_checked_before_spending(tmp_path):
+    ledger = BudgetLedger(tmp_path, budget=1.0)
+    with pytest.raises(BudgetExceeded, match="declares no differential privacy"):
+        ledger.check(TASK)
+    dp = replace(TASK, extra={"epsilon_per_round": 0.4})
+    for r in (1, 2):
+        ledger.record("j", r, ledger.check(dp))
+    with pytest.raises(BudgetExceeded, match="would spend ε=0.4; the site budget has 0.2 left"):
+        ledger.check(dp)
+    assert ledger.spent() == pytest.approx(0.8)
+    assert BudgetLedger(tmp_path, None).check(TASK) == 0.0
+
+
+def test_site_config_errors(tmp_path):
+    p = tmp_path / "site.toml"
+    p.write_text('[site]\ncoordinator = "localhost"\ncert="a"\nkey="b"\nca="c"\n')
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        SitePolicy.load(p)
+    p.write_text('[site]\ncoordinator = "127.0.0.1:1"\ncert="a"\nkey="b"\nca="c"\n[policy]\nepsilon_budget = -1\n')
+    with pytest.raises(ConfigError, match="epsilon_budget"):
+        SitePolicy.load(p)
