@@ -48,12 +48,17 @@ from insitu.audit.cli import app as audit_app  # noqa: E402
 app.add_typer(deid_app, name="deid")
 app.add_typer(audit_app, name="audit")
 
+from insitu.compress.cli import crossdevice_app, export_app  # noqa: E402
 
-def main() -> None:
+app.add_typer(export_app, name="export")
+app.add_typer(crossdevice_app, name="cross-device")
+
+
+def main(argv: list[str] | None = None) -> None:
     """Entry point: InsituError becomes a one-line message and exit code 2, never a traceback."""
     try:
-        app()
+        app(args=argv)
     except InsituError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

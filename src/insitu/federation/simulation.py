@@ -55,7 +55,7 @@ class Defaults:
 
 
 DEFAULTS: dict[DatasetName, Defaults] = {
-    DatasetName.HEART: Defaults("logreg", 30, 50, 0.05, 4, "sgd", "natural", 4),
+    DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4),
     DatasetName.PNEUMONIAMNIST: Defaults("cnn", 30, 20, 0.05, 32, "sgd", "dirichlet:0.5", 4),
     DatasetName.MEDMNIST: Defaults("cnn", 30, 20, 0.05, 32, "sgd", "iid", 4),
 }
@@ -86,6 +86,17 @@ class SimulationConfig:
     compress: str = "none"  # update compression: int8, topk:F, shared:F, topk:F+int8 (insitu.compress)
     secure_aggregation: bool = False  # pairwise-masked sums (insitu.secure.secagg)
     homomorphic: str = "none"  # none, paillier or ckks (insitu.secure.he)
+    # differential privacy (insitu.federation.dp): off, record (DP-SGD) or site (DP-FedAvg)
+    dp: str = "off"
+    epsilon: float | None = None  # target ε; noise is calibrated to it
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # instead of --epsilon
+    clip: float | None = None
+    dp_placement: str = "central"  # site-level noise: central or distributed
+    adaptive_clip: bool = False
+    site_budget: str | None = None  # "3" or "cleveland=1,default=3"; default: the target ε
+    accountant: str = "pld"
+    privacy_ledger: str | None = None  # SQLite ledger kept across runs (default: in the run directory)
     baselines: bool = True
     out: str | None = None
 
@@ -117,6 +128,9 @@ class SimulationConfig:
         from insitu.secure import secure_protocol
 
         secure_protocol(cfg.secure_aggregation, cfg.homomorphic)  # validates the combination
+        from insitu.federation.dp import settings_from
+
+        settings_from(cfg)  # validates the DP options
         if cfg.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {cfg.rounds}")
         if not 0.0 <= cfg.dropout < 1.0:
@@ -250,20 +264,30 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
     elif options:
         config = replace(config, **options)
     cfg = config.resolved()
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    if write and out.exists():
+        raise ConfigError(f"output directory {str(out)!r} already exists; choose another --out")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     data = load_federated(cfg)
     task = make_task(cfg, data)
     protocol = build_protocol(cfg)
+    from insitu.federation.dp import run_for_simulation
+
+    dp = run_for_simulation(cfg, data)  # None unless --dp record|site
+    if dp:
+        protocol = dp.wrap_protocol(protocol)
     sites = {}
     for i, sd in enumerate(data.sites):
         sites[sd.name] = Site(sd.name, sd, task, pipeline=build_pipeline(cfg, protocol, sd.name), seed=cfg.seed * 1000 + i + 1)
+        if dp:
+            dp.configure_site(sites[sd.name])
     transport = InProcessTransport(sites, fail=_dropout_plan(cfg))
     strategy = make_strategy(cfg.strategy, **({"mu": cfg.mu} if cfg.strategy == "fedprox" else {}), server_lr=cfg.server_lr)
     init = get_flat(build_model(task.model, task.input_shape, task.num_outputs, seed=cfg.seed))
     coord = Coordinator(job=f"sim-{cfg.seed}", task=task, params=init, strategy=strategy, transport=transport,
-                        protocol=protocol, min_sites=cfg.min_sites, timeout=cfg.round_timeout)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
+                        protocol=protocol, min_sites=cfg.min_sites, timeout=cfg.round_timeout,
+                        weighting=dp.weighting if dp else "samples")
     writer = RunWriter(out) if write else None
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -273,6 +297,8 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
         with round_progress(cfg.rounds, enabled=progress, label=f"{cfg.dataset} · {cfg.strategy}") as bar:
             for r in range(1, cfg.rounds + 1):
                 rec = _one_round(coord, r)
+                if dp:
+                    rec.update(dp.round_summary(r))
                 history.append(rec)
                 if writer:
                     writer.round(rec)
@@ -300,11 +326,16 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
             },
         }
         if cfg.baselines:
-            total_steps = cfg.rounds * cfg.local_steps
+            # same compute as the federation: each site its own steps, pooled all sites' steps
+            site_steps = cfg.rounds * cfg.local_steps
             summary["baselines"] = {
-                "local_only": local_only(data, task, total_steps, seed=cfg.seed),
-                "pooled": pooled(data, task, total_steps, seed=cfg.seed),
+                "local_only": local_only(data, task, site_steps, seed=cfg.seed),
+                "pooled": pooled(data, task, site_steps * len(data.sites), seed=cfg.seed),
             }
+        if dp:
+            summary["final"].update(dp.final())
+            if writer and not cfg.privacy_ledger:
+                dp.ledger.export(writer.tmp / "privacy_ledger.sqlite")
         summary["wall_seconds"] = time.perf_counter() - t0
         if writer:
             from insitu.report.plots import accuracy_plot

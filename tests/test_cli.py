@@ -1,0 +1,100 @@
+"""The command line as a user meets it: real subprocesses, one-line errors, complete run directories."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+INSITU = [sys.executable, "-m", "insitu"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "120"}
+    return subprocess.run([*INSITU, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_help_lists_simulate(capsys):
+    assert main_exit("--help") == 0
+    assert "simulate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--strategy", "fedmagic"], "unknown strategy 'fedmagic'"),
+        (["--partition", "zipf"], "unknown partition 'zipf'"),
+        (["--sites", "500", "--partition", "iid"], "--sites 500 is more than"),
+        (["--dataset", "pneumoniamnist"], "needs --data PATH"),
+        (["--data", "/nonexistent.csv"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, capsys, args, needle):
+    out = tmp_path / "run"
+    code = main_exit("simulate", *args, "--rounds", "1", "--out", str(out))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in " ".join(err.split()), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_broken_csv_leaves_no_run_dir(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text('id,age,sex\n1,"unterminated\n')
+    code = main_exit("simulate", "--data", str(bad), "--out", str(tmp_path / "run"))
+    assert code == 2 and "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def main_exit(*args: str) -> int:
+    """Run the CLI in this process (as a user would, minus the interpreter start-up)."""
+    from insitu.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_end_to_end_default_heart_run(tmp_path):
+    out = tmp_path / "run"
+    r = run("simulate", "--rounds", "5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "mean over sites" in r.stdout and "local only" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    fin = summary["final"]
+    assert 0.55 < fin["mean_site_accuracy"] <= 1 and 0.55 < fin["pooled_accuracy"] <= 1
+    for base in ("local_only", "pooled"):
+        assert {"mean_site_accuracy", "pooled_accuracy"} <= set(summary["baselines"][base])
+    lines = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3, 4, 5]
+    assert set(lines[0]["sites"]) == {"cleveland", "hungary", "switzerland", "va-long-beach"}
+    assert all("test_accuracy" in e and "train_loss" in e for e in lines[-1]["sites"].values())
+    assert (out / "accuracy.png").stat().st_size > 5000
+    assert (out / "model.npz").exists() and (out / "task.json").exists()
+
+def test_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main_exit("simulate", "--rounds", "1", "--out", str(tmp_path / "run")) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_same_seed_same_result():
+    from insitu.federation.simulation import simulate
+
+    a = simulate(rounds=3, seed=7, baselines=False, write=False)
+    b = simulate(rounds=3, seed=7, baselines=False, write=False)
+    assert a["final"]["site_accuracy"] == b["final"]["site_accuracy"]
+
+
+def test_dropout_option_reports_dropped_sites():
+    from insitu.federation.simulation import simulate
+
+    s = simulate(rounds=6, dropout=0.4, seed=1, baselines=False, write=False)
+    assert s["final"]["rounds_completed"] + s["final"]["rounds_aborted"] == 6
