@@ -71,14 +71,15 @@ def _check_frame(frame: pd.DataFrame, schema: RecordSchema) -> None:
         raise DataError(f"records lack column(s) {missing} declared in the schema")
 
 
-def _shift_dates(frame: pd.DataFrame, schema: RecordSchema, policy: DeidPolicy, pz: Pseudonymizer) -> pd.DataFrame:
+def _shift_dates(frame: pd.DataFrame, schema: RecordSchema, policy: DeidPolicy,
+                 offsets: np.ndarray | None) -> pd.DataFrame:
     dates = [c.name for c in schema.columns if c.type is ColumnType.DATE and c.role is not Role.DIRECT_IDENTIFIER]
-    if not dates or policy.date_shift_days == 0:
+    if not dates or offsets is None:
         return frame
-    offsets = pd.to_timedelta(pz.date_offsets(frame[policy.patient_id], policy.date_shift_days), unit="D")
+    delta = pd.to_timedelta(offsets, unit="D")
     out = frame.copy()
     for c in dates:
-        out[c] = pd.to_datetime(frame[c]) + offsets
+        out[c] = pd.to_datetime(frame[c]) + delta
     return out
 
 
@@ -111,7 +112,10 @@ def deidentify(frame: pd.DataFrame, schema: RecordSchema, policy: DeidPolicy, se
                         "every record needs it for pseudonyms, date shifts and encryption")
 
     before = assess(frame, schema, policy)
-    shifted = _shift_dates(frame, schema, policy, pz)
+    patient_pseudonyms, offsets = None, None
+    if policy.patient_id:  # one factorization and one HMAC per patient for both
+        patient_pseudonyms, offsets = pz.pseudonyms_and_offsets(frame[policy.patient_id], policy.date_shift_days)
+    shifted = _shift_dates(frame, schema, policy, offsets if policy.date_shift_days > 0 else None)
 
     # quasi-identifiers: codes per level, labels per level
     names = [q.column for q in policy.quasi]
@@ -139,7 +143,8 @@ def deidentify(frame: pd.DataFrame, schema: RecordSchema, policy: DeidPolicy, se
         col = spec.name
         if spec.role is Role.DIRECT_IDENTIFIER:
             if policy.identifiers[col] is IdentifierAction.PSEUDONYMIZE:
-                out[spec.feature] = pz.pseudonyms(frame[col][keep].reset_index(drop=True))
+                ids = patient_pseudonyms if col == policy.patient_id else pz.pseudonyms(frame[col])
+                out[spec.feature] = ids[keep].reset_index(drop=True)
                 pseudonymized.append(col)
             else:
                 dropped.append(col)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from insitu.errors import PolicyViolation
 
@@ -39,12 +40,12 @@ def class_ids(codes: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
         c = np.asarray(c, dtype=np.int64)
         cc = int(c.max()) + 1 if n else 1
         if card * cc >= _MAX_KEY:
-            _, key = np.unique(key, return_inverse=True)
+            key = pd.factorize(key)[0].astype(np.int64)
             card = int(key.max()) + 1
         key = key * cc + c
         card *= cc
-    _, dense = np.unique(key, return_inverse=True)
-    return dense.astype(np.int64), int(dense.max()) + 1 if n else 0
+    dense = pd.factorize(key)[0].astype(np.int64)  # hash-based, O(n); class order is irrelevant
+    return dense, int(dense.max()) + 1 if n else 0
 
 
 def class_sizes(ids: np.ndarray, n_classes: int) -> np.ndarray:
@@ -55,8 +56,19 @@ def distinct_per_class(ids: np.ndarray, n_classes: int, sensitive: np.ndarray) -
     """Number of distinct sensitive codes in each class."""
     s = np.asarray(sensitive, dtype=np.int64)
     card = int(s.max()) + 1 if len(s) else 1
-    pairs = np.unique(ids * card + s)
+    pairs = _distinct(ids * card + s)
     return np.bincount(pairs // card, minlength=n_classes)
+
+
+def _distinct(x: np.ndarray) -> np.ndarray:
+    """Sorted distinct values by sort + diff (numpy's hash-based ``unique`` is far slower on wide int64 keys)."""
+    s = np.sort(x)
+    if len(s) == 0:
+        return s
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
 
 
 @dataclass(frozen=True)

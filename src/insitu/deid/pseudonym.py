@@ -93,11 +93,7 @@ class Pseudonymizer:
 
     def pseudonyms(self, ids: pd.Series) -> pd.Series:
         """One HMAC per distinct ID, broadcast to rows; missing IDs stay missing."""
-        codes, uniques = pd.factorize(ids, use_na_sentinel=True)
-        key = self._k_pseudo
-        table = np.array([hmac.digest(key, _id_bytes(u), "sha256").hex()[:PSEUDONYM_HEX] for u in uniques]
-                         + [None], dtype=object)
-        return pd.Series(table[codes], index=ids.index, dtype="string")  # code -1 -> None
+        return self.pseudonyms_and_offsets(ids, 0)[0]
 
     def date_offsets(self, ids: pd.Series, max_days: int) -> np.ndarray:
         """A keyed offset in ±[1, max_days] days per patient (0 for missing IDs).
@@ -105,16 +101,26 @@ class Pseudonymizer:
         Every date of one patient moves by the same offset, so intervals between that patient's
         events are exact; across patients the offsets are unrelated without the key.
         """
-        if max_days < 1:
-            return np.zeros(len(ids), dtype=np.int64)
+        return self.pseudonyms_and_offsets(ids, max_days, pseudonyms=False)[1]
+
+    def pseudonyms_and_offsets(self, ids: pd.Series, max_days: int, *,
+                               pseudonyms: bool = True) -> tuple[pd.Series | None, np.ndarray]:
+        """Both at once from one factorization: HMACs over distinct IDs only, numpy to broadcast."""
         codes, uniques = pd.factorize(ids, use_na_sentinel=True)
-        key = self._k_shift
-        raw = np.array([int.from_bytes(hmac.digest(key, _id_bytes(u), "sha256")[:8], "big") for u in uniques],
-                       dtype=np.uint64)
+        encoded = [_id_bytes(u) for u in np.asarray(uniques, dtype=object).tolist()]
+        series = None
+        if pseudonyms:
+            kp = self._k_pseudo
+            table = np.array([hmac.digest(kp, e, "sha256").hex()[:PSEUDONYM_HEX] for e in encoded] + [None],
+                             dtype=object)
+            series = pd.Series(table[codes], index=ids.index, dtype="string")  # code -1 -> None
+        if max_days < 1:
+            return series, np.zeros(len(ids), dtype=np.int64)
+        ks = self._k_shift
+        raw = np.frombuffer(b"".join(hmac.digest(ks, e, "sha256")[:8] for e in encoded), dtype=">u8").astype(np.uint64)
         magnitude = (raw % np.uint64(max_days)).astype(np.int64) + 1
         sign = np.where((raw >> np.uint64(63)) & np.uint64(1), -1, 1)
-        table = np.append(magnitude * sign, 0)
-        return table[codes]
+        return series, np.append(magnitude * sign, 0)[codes]
 
 
 def unkeyed_sha256(ids: pd.Series) -> pd.Series:
