@@ -3,13 +3,15 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# the CPU build of torch 2.13.0 lies on local disk on our machines; elsewhere pip finds it on PyPI
+PIP_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: setup demo test bench clean
 
 $(BIN)/insitu: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q $(PIP_LINKS) -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(BIN)/insitu
 
