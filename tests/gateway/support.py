@@ -19,6 +19,7 @@ from insitu.audit import AuditLog  # noqa: E402
 from insitu.audit.keys import generate_signing_key  # noqa: E402
 from insitu.federation.task import TaskSpec  # noqa: E402
 from insitu.gateway.app import Gateway, create_app  # noqa: E402
+from insitu.gateway.auditing import GroupCommitAudit  # noqa: E402
 from insitu.gateway.config import GatewayConfig  # noqa: E402
 from insitu.gateway.model import ServedModel  # noqa: E402
 from insitu.gateway.policy import PolicyDecisionPoint, Rule  # noqa: E402
@@ -106,7 +107,7 @@ def make_harness(tmp: Path, rules: tuple[Rule, ...] = (), tz: str = "UTC", model
         pdp=PolicyDecisionPoint(rules),
         verifier=TokenVerifier(key.public_key(), ISSUER, dt.timedelta(hours=12)),
         store=RecordStore(f"sqlite:///{tmp / 'records.db'}"),
-        audit=AuditLog.open(tmp / "audit.db", audit_key, writer="gateway"),
+        audit=GroupCommitAudit(AuditLog.open(tmp / "audit.db", audit_key, writer="gateway")),
         model=ServedModel.load(run) if model else None,
         clock=clock,
         tz=cfg.timezone,

@@ -11,7 +11,6 @@ Nothing here decides access by itself: :meth:`Gateway.enforce` is the only
 caller of :meth:`PolicyDecisionPoint.decide`.
 """
 import datetime as dt
-import threading
 import zoneinfo
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Mapping, Protocol
@@ -43,7 +42,10 @@ def utc_now() -> dt.datetime:
 
 
 class AuditSink(Protocol):
-    """What the gateway needs of an audit log (``insitu.audit.AuditLog`` provides it)."""
+    """What the gateway needs of an audit log: a thread-safe, durable ``append``.
+
+    ``insitu.audit.AuditLog`` provides it; :class:`insitu.gateway.auditing.GroupCommitAudit` wraps
+    one so concurrent requests share a transaction."""
 
     def append(self, action: AuditAction, subject: str, details: Mapping[str, Any]) -> Any: ...
 
@@ -89,7 +91,6 @@ class Gateway:
     tz: zoneinfo.ZoneInfo = field(default_factory=lambda: zoneinfo.ZoneInfo("UTC"))
     mtls_clients: Mapping[str, MtlsClient] = field(default_factory=dict)
     revocation: RevocationCheck | None = None
-    _audit_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- audit -------------------------------------------------------------------------------------
     def record(self, stage: str, subject: str, details: Mapping[str, Any]) -> None:
@@ -97,8 +98,7 @@ class Gateway:
 
         ``stage`` is authn (credentials refused), authz (a policy decision) or write (a record changed)."""
         try:
-            with self._audit_lock:
-                self.audit.append(AuditAction.GATEWAY_DECISION, subject, {"stage": stage, **details})
+            self.audit.append(AuditAction.GATEWAY_DECISION, subject, {"stage": stage, **details})
         except Exception as exc:  # noqa: BLE001 - any failure to audit must refuse service
             raise _AuditUnavailable(str(exc)) from exc
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from insitu.audit import AuditLog
 from insitu.errors import ConfigError
+from insitu.gateway.auditing import GroupCommitAudit
 from insitu.gateway.app import Clock, Gateway, create_app, utc_now
 from insitu.gateway.config import ClientCertMode, GatewayConfig
 from insitu.gateway.model import ServedModel
@@ -32,7 +33,7 @@ def build_gateway(cfg: GatewayConfig, clock: Clock = utc_now) -> Gateway:
         pdp=PolicyDecisionPoint(cfg.rules),
         verifier=TokenVerifier(load_public_key(cfg.token_public_key), cfg.issuer, cfg.max_ttl),
         store=RecordStore(cfg.records_url),
-        audit=AuditLog.open(cfg.audit_path, cfg.audit_key, writer=cfg.audit_writer),
+        audit=GroupCommitAudit(AuditLog.open(cfg.audit_path, cfg.audit_key, writer=cfg.audit_writer)),
         model=ServedModel.load(cfg.model_run_dir) if cfg.model_run_dir is not None else None,
         clock=clock,
         tz=cfg.timezone,
