@@ -48,17 +48,17 @@ from insitu.audit.cli import app as audit_app  # noqa: E402
 app.add_typer(deid_app, name="deid")
 app.add_typer(audit_app, name="audit")
 
-from insitu.compress.cli import crossdevice_app, export_app  # noqa: E402
+from insitu.compress.cli import crossdevice_command, export_command  # noqa: E402
 
-app.add_typer(export_app, name="export")
-app.add_typer(crossdevice_app, name="cross-device")
+app.command("export")(export_command)
+app.command("cross-device")(crossdevice_command)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     """Entry point: InsituError becomes a one-line message and exit code 2, never a traceback."""
     try:
-        app(args=argv)
+        app()
     except InsituError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
 

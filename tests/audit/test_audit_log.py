@@ -360,3 +360,16 @@ def test_concurrent_appends_from_processes_keep_one_chain(request, tmp_path, bac
     report = AuditLog.read(db).verify(load_public_keys(keys))
     assert report.ok and report.entries_checked == 24
     assert report.writers == ("site-a", "site-b", "site-c")
+
+
+def test_one_log_shared_by_threads(tmp_path):
+    """A gateway shares one AuditLog across request threads; appends must still form one chain."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog.open(tmp_path / "audit.db", key, "gateway")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: log.append(AuditAction.GATEWAY_DECISION, f"req-{i}", {"i": i}), range(40)))
+    report = log.verify({"gateway": key.public_key()})
+    assert report.ok and report.entries_checked == 40
+    assert sorted(e.details["i"] for e in log.entries()) == list(range(40))

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from insitu.audit.keys import fingerprint, load_public_keys, write_keypair
-from insitu.audit.log import AuditHead, AuditLog
+from insitu.audit.log import AuditHead, AuditLog, _redact
 from insitu.errors import ConfigError, SecurityError
 
 app = typer.Typer(help="Tamper-evident audit log: verify the chain and signatures, list entries, create writer keys.",
@@ -61,7 +61,7 @@ def show_command(
     details: bool = typer.Option(False, help="Show the details JSON."),
 ) -> None:
     """List entries as stored (run `verify` to know they are genuine)."""
-    t = Table(title=f"audit log {log}")
+    t = Table(title=f"audit log {_redact(log)}")
     for c in ("#", "time (UTC)", "writer", "action", "subject") + (("details",) if details else ()):
         t.add_column(c)
     with AuditLog.read(log) as audit:
