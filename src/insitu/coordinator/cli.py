@@ -33,6 +33,9 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="coordinator.t
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _serve(config)
+    from insitu.net.proc import fast_exit
+
+    fast_exit()  # skip the interpreter's slow teardown so a restart is quick
 
 
 def _call(config: Path, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -297,14 +297,18 @@ def serve(config_path: str | Path) -> None:
     import signal
 
     svc = CoordinatorService(CoordinatorConfig.load(config_path)).start()
-    signal.signal(signal.SIGTERM, lambda *_: svc.stop())
+    def _term(signum, frame) -> None:
+        # a round in flight is left 'started' and marked interrupted (never applied) at the next start
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _term)
     try:
         svc.run_jobs()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         svc.stop()
-        svc.store.close()
+        svc.store.close()  # every applied round is already committed
 
 
 __all__ = ["CoordinatorConfig", "CoordinatorService", "DeployedCoordinator", "OperatorOp", "serve", "mean_accuracy"]

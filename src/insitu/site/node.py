@@ -229,11 +229,18 @@ def serve(config: str | Path) -> None:
 
     node, client = build_node(config)
     log.info("site %s: %d train / %d test records; dialling %s:%d", node.site_id, node.data.n_train, node.data.n_test, *node.policy.coordinator)
-    signal.signal(signal.SIGTERM, lambda *_: client.stop())
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         client.run_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
         client.stop()
+
+
+def _exit_on_signal(signum, frame) -> None:
+    """SIGTERM interrupts the blocking read at once (closing the socket from a handler does not)."""
+    raise SystemExit(0)
 
 
 __all__ = ["SiteNode", "build_node", "serve", "load_site_data"]
