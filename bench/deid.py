@@ -78,13 +78,14 @@ def ours_fixed(df: pd.DataFrame, secret: bytes) -> int:
 def naive_fixed(df: pd.DataFrame, secret: bytes) -> int:
     """The same work, row by row in Python."""
     pz = Pseudonymizer(secret)  # same sub-keys, so both paths must find the same records below k
-    key_p, key_s = pz._k_pseudo, pz._k_shift
+    key = pz._k_pseudo
     counts: Counter = Counter()
     rows = []
     for mrn, age, z, sex, visit in zip(df["mrn"].tolist(), df["age"].tolist(), df["zip"].tolist(),
                                        df["sex"].tolist(), df["visit_date"].tolist()):
-        pseud = hmac.new(key_p, mrn.encode(), hashlib.sha256).hexdigest()[:32]
-        raw = int.from_bytes(hmac.new(key_s, mrn.encode(), hashlib.sha256).digest()[:8], "big")
+        mac = hmac.new(key, mrn.encode(), hashlib.sha256).digest()
+        pseud = mac[:16].hex()
+        raw = int.from_bytes(mac[24:32], "big")
         off = (raw % SHIFT_DAYS + 1) * (-1 if raw >> 63 else 1)
         month = (visit + pd.Timedelta(days=off)).strftime("%Y-%m")
         band = "90+" if age >= 90 else f"{age // 10 * 10}-{age // 10 * 10 + 9}"

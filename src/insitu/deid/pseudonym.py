@@ -12,10 +12,12 @@ attacker cannot compute a single candidate pseudonym, and HMAC-SHA256 is a PRF, 
 reveal nothing about IDs.  The same key gives the same pseudonym for the same patient on every run
 (records stay linkable inside the site, and across sites only if they share the key on purpose).
 
-One site secret (32 random bytes, file mode 0600) is expanded with HKDF-SHA256 into independent
-sub-keys — one for pseudonyms, one for date offsets — so a leaked offset never helps with
-pseudonyms.  Work is done per *distinct* ID (``pd.factorize``) and broadcast back with numpy, so a
-table with many visits per patient costs one HMAC per patient.
+One site secret (32 random bytes, file mode 0600) is expanded with HKDF-SHA256 into the HMAC key
+(other purposes get other HKDF labels).  One HMAC per patient gives both the pseudonym (bytes
+0-15) and the date offset (bytes 24-31): disjoint parts of a PRF output are independent, so the
+published pseudonym reveals nothing about the offset.  Work is done per *distinct* ID
+(``pd.factorize``) and broadcast back with numpy, so a table with many visits per patient costs
+one HMAC per patient.
 """
 from __future__ import annotations
 
@@ -82,7 +84,6 @@ class Pseudonymizer:
         if not isinstance(secret, bytes) or len(secret) < SECRET_BYTES:
             raise SecurityError(f"the site secret must be at least {SECRET_BYTES} random bytes")
         self._k_pseudo = _subkey(secret, b"pseudonym")
-        self._k_shift = _subkey(secret, b"date-shift")
 
     def fingerprint(self) -> str:
         """Identifies the secret in reports (so a changed secret is noticed) without revealing it."""
@@ -105,19 +106,21 @@ class Pseudonymizer:
 
     def pseudonyms_and_offsets(self, ids: pd.Series, max_days: int, *,
                                pseudonyms: bool = True) -> tuple[pd.Series | None, np.ndarray]:
-        """Both at once from one factorization: HMACs over distinct IDs only, numpy to broadcast."""
+        """Both from one HMAC per distinct ID: bytes 0-15 are the pseudonym, bytes 24-31 the offset.
+
+        HMAC-SHA256 is a PRF, so disjoint parts of its output are independent: a pseudonym (which
+        leaves the site) says nothing about that patient's date offset.
+        """
         codes, uniques = pd.factorize(ids, use_na_sentinel=True)
-        encoded = [_id_bytes(u) for u in np.asarray(uniques, dtype=object).tolist()]
+        key = self._k_pseudo
+        macs = [hmac.digest(key, _id_bytes(u), "sha256") for u in np.asarray(uniques, dtype=object).tolist()]
         series = None
         if pseudonyms:
-            kp = self._k_pseudo
-            table = np.array([hmac.digest(kp, e, "sha256").hex()[:PSEUDONYM_HEX] for e in encoded] + [None],
-                             dtype=object)
+            table = np.array([m[:PSEUDONYM_HEX // 2].hex() for m in macs] + [None], dtype=object)
             series = pd.Series(table[codes], index=ids.index, dtype="string")  # code -1 -> None
         if max_days < 1:
             return series, np.zeros(len(ids), dtype=np.int64)
-        ks = self._k_shift
-        raw = np.frombuffer(b"".join(hmac.digest(ks, e, "sha256")[:8] for e in encoded), dtype=">u8").astype(np.uint64)
+        raw = np.frombuffer(b"".join(m[24:32] for m in macs), dtype=">u8").astype(np.uint64)
         magnitude = (raw % np.uint64(max_days)).astype(np.int64) + 1
         sign = np.where((raw >> np.uint64(63)) & np.uint64(1), -1, 1)
         return series, np.append(magnitude * sign, 0)[codes]
