@@ -48,6 +48,10 @@ from insitu.audit.cli import app as audit_app  # noqa: E402
 app.add_typer(deid_app, name="deid")
 app.add_typer(audit_app, name="audit")
 
+from insitu.privacy.cli import app as privacy_app  # noqa: E402
+
+app.add_typer(privacy_app, name="privacy")
+
 from insitu.compress.cli import crossdevice_command, export_command  # noqa: E402
 
 app.command("export")(export_command)

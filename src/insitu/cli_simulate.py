@@ -31,6 +31,16 @@ def simulate_command(
     compress: str = typer.Option("none", help="Shrink each site's update on the wire: int8 (stochastic rounding, ~4x), topk:0.01 (largest 1 %, error feedback), shared:0.01 (1 % at seed-chosen coordinates every site shares; composes with secure aggregation), or topk:0.01+int8."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Mask each site's update so the coordinator learns only the sum, even when sites drop out (Bonawitz et al. / SecAgg+)."),
     homomorphic: str = typer.Option("none", help="Encrypt updates instead: paillier (packed, exact) or ckks (TenSEAL, fast, approximate). Sites hold the key; the coordinator sums ciphertexts."),
+    dp: str = typer.Option("off", help="Differential privacy: record (DP-SGD at each site: protects each patient record) or site (DP-FedAvg: protects each hospital's whole contribution)."),
+    epsilon: Optional[float] = typer.Option(None, help="Target ε for the whole run; the noise is calibrated so that no site spends more."),
+    delta: float = typer.Option(1e-5, help="Target δ (keep it well below 1 / records per site)."),
+    noise_multiplier: Optional[float] = typer.Option(None, help="Noise as a multiple of the clip norm, instead of --epsilon; ε spent is then reported."),
+    clip: Optional[float] = typer.Option(None, help="L2 clip norm: per record gradient (--dp record, default 1.0) or per site update (--dp site, default 0.5)."),
+    dp_placement: str = typer.Option("central", help="Site-level noise: central (the coordinator adds it) or distributed (each site adds a share sized for --min-sites, so dropouts cannot lower it; use with --secure-aggregation)."),
+    adaptive_clip: bool = typer.Option(False, "--adaptive-clip", help="Site level, central: track the median update norm (Andrew et al. 2021); its count query is accounted."),
+    site_budget: Optional[str] = typer.Option(None, help="Each site's ε limit: '3' for all, or 'cleveland=1,hungary=0.5,default=3'. Default: the target ε. A site refuses, before training, any round that would cross it."),
+    accountant: str = typer.Option("pld", help="pld (tight, default) or rdp."),
+    privacy_ledger: Optional[str] = typer.Option(None, help="SQLite privacy ledger kept across runs (budgets carry over); default: privacy_ledger.sqlite in the run directory."),
     baselines: bool = typer.Option(True, help="Also train local-only and pooled baselines for comparison."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory to create (default runs/<time>-<dataset>-<strategy>)."),
 ) -> None:
@@ -43,10 +53,18 @@ def simulate_command(
     cfg = SimulationConfig(
         dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, rounds=rounds,
         local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, mu=mu, server_lr=server_lr,
-        min_sites=min_sites, dropout=dropout, seed=seed, compress=compress, secure_aggregation=secure_aggregation, homomorphic=homomorphic, baselines=baselines, out=out_dir,
+        min_sites=min_sites, dropout=dropout, seed=seed, compress=compress, secure_aggregation=secure_aggregation, homomorphic=homomorphic,
+        dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement,
+        adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,
     )
     summary = simulate(cfg, progress=True)
     out.print(summary_table(summary))
+    if "privacy" in summary["final"]:
+        from insitu.privacy.cli import privacy_table
+
+        out.print(privacy_table(summary))
+        for r in summary["final"]["privacy"]["refusals"]:
+            out.print(f"[yellow]refused:[/] {r['reason']}")
     aborted = summary["final"]["rounds_aborted"]
     if aborted:
         out.print(f"[yellow]{aborted} round(s) aborted; see rounds.jsonl for why.[/]")

@@ -107,6 +107,10 @@ class SimulationConfig:
         except ValueError:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {[d.value for d in DatasetName]}") from None
         d = DEFAULTS[ds]
+        if self.dp != "off":
+            from insitu.federation.dp import dp_defaults
+
+            d = dp_defaults(ds.value, self.dp, d)  # DP-friendly batch/steps where the user set none
         try:
             strat = StrategyName(self.strategy)
         except ValueError:

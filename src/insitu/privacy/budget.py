@@ -140,6 +140,14 @@ class PrivacyLedger:
     def close(self) -> None:
         self._db.close()
 
+    def export(self, path: str | Path) -> None:
+        """Copy the whole ledger to a new SQLite file (SQLite's online backup)."""
+        dest = sqlite3.connect(str(path))
+        try:
+            self._db.backup(dest)
+        finally:
+            dest.close()
+
     def __enter__(self) -> "PrivacyLedger":
         return self
 
