@@ -48,21 +48,21 @@ from insitu.audit.cli import app as audit_app  # noqa: E402
 app.add_typer(deid_app, name="deid")
 app.add_typer(audit_app, name="audit")
 
-from insitu.privacy.cli import app as privacy_app  # noqa: E402
-
-app.add_typer(privacy_app, name="privacy")
-
 from insitu.compress.cli import crossdevice_command, export_command  # noqa: E402
 
 app.command("export")(export_command)
 app.command("cross-device")(crossdevice_command)
 
+from insitu.privacy.cli import app as privacy_app  # noqa: E402
 
-def main() -> None:
+app.add_typer(privacy_app, name="privacy")
+
+
+def main(argv: list[str] | None = None) -> None:
     """Entry point: InsituError becomes a one-line message and exit code 2, never a traceback."""
     try:
-        app()
+        app(args=argv)
     except InsituError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
