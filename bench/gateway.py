@@ -177,36 +177,63 @@ def _client(port: int, ca: str | None, token: str, seconds: float, warmup: float
     q.put(asyncio.run(_load(port, ca, token, body, seconds, warmup, concurrency)))
 
 
-def measure(kind: str, cfg: Path, token: str, seconds: float, warmup: float, concurrency: int) -> dict:
+def _drive(kind: str, port: int, cfg: Path, token: str, seconds: float, warmup: float, concurrency: int) -> dict:
     spawn = mp.get_context("spawn")
-    port = _free_port()
-    server = spawn.Process(target=_serve, args=(kind, str(cfg), port), daemon=True)
-    server.start()
-    try:
-        _wait(port, kind != "gateway-http")
-        time.sleep(0.5)
-        q = spawn.Queue()
-        ca = None if kind == "gateway-http" else str(cfg.parent / "tls" / "ca.pem")
-        client = spawn.Process(target=_client, args=(port, ca, token, seconds, warmup, concurrency, q))
-        client.start()
-        res = q.get(timeout=seconds + warmup + 120)
-        client.join()
-    finally:
-        server.terminate()
-        server.join(10)
-    lat = sorted(res["latencies"])
+    q = spawn.Queue()
+    ca = None if kind == "gateway-http" else str(cfg.parent / "tls" / "ca.pem")
+    client = spawn.Process(target=_client, args=(port, ca, token, seconds, warmup, concurrency, q))
+    client.start()
+    res = q.get(timeout=seconds + warmup + 120)
+    client.join()
+    return res
+
+
+def _summary(kind: str, runs: list[dict]) -> dict:
+    """Median over interleaved rounds of requests/s; latency percentiles over all measured requests."""
+    lat = sorted(x for r in runs for x in r["latencies"])
     n = len(lat)
+    statuses: dict[int, int] = {}
+    for r in runs:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
     return {
-        "kind": kind, "requests": n, "rps": n / res["seconds"], "errors": res["errors"], "statuses": res["statuses"],
+        "kind": kind, "requests": n, "rps": statistics.median(len(r["latencies"]) / r["seconds"] for r in runs),
+        "rps_rounds": [len(r["latencies"]) / r["seconds"] for r in runs],
+        "errors": sum(r["errors"] for r in runs), "statuses": statuses,
         "p50_ms": 1000 * lat[n // 2] if n else float("nan"),
         "p99_ms": 1000 * lat[min(n - 1, int(n * 0.99))] if n else float("nan"),
-        "mean_ms": 1000 * statistics.fmean(lat) if n else float("nan"),
     }
+
+
+KINDS = ("gateway-tls", "gateway-http", "hello-tls")
+
+
+def measure_all(cfg: Path, token: str, seconds: float, warmup: float, concurrency: int, rounds: int) -> list[dict]:
+    """Start the three servers once, then drive them in turn, round after round (load drifts cancel out)."""
+    spawn = mp.get_context("spawn")
+    ports = {k: _free_port() for k in KINDS}
+    servers = [spawn.Process(target=_serve, args=(k, str(cfg), ports[k]), daemon=True) for k in KINDS]
+    for s in servers:
+        s.start()
+    try:
+        for k in KINDS:
+            _wait(ports[k], k != "gateway-http")
+        time.sleep(0.5)
+        runs: dict[str, list[dict]] = {k: [] for k in KINDS}
+        for _ in range(rounds):
+            for k in KINDS:
+                runs[k].append(_drive(k, ports[k], cfg, token, seconds, warmup, concurrency))
+    finally:
+        for s in servers:
+            s.terminate()
+            s.join(10)
+    return [_summary(k, runs[k]) for k in KINDS]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 s per configuration instead of 10 s")
+    ap.add_argument("--quick", action="store_true", help="2 rounds of 3 s per configuration instead of 3 of 10 s")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per configuration")
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight (persistent connections)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -220,8 +247,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = make_site(Path(tmp))
         token = issue_token(GatewayConfig.load(cfg), "bench-agent", "ai-model", dt.timedelta(hours=1))
-        rows = [measure(k, cfg, token, seconds, warmup, args.concurrency)
-                for k in ("gateway-tls", "gateway-http", "hello-tls")]
+        rounds = args.rounds or (2 if args.quick else 3)
+        load_before = os.getloadavg()[0]
+        rows = measure_all(cfg, token, seconds, warmup, args.concurrency, rounds)
+        load_after = os.getloadavg()[0]
         from insitu.audit import AuditLog
         from insitu.audit.keys import load_public_keys
 
@@ -233,7 +262,8 @@ def main() -> None:
              "hello-tls": "bare FastAPI hello, TLS 1.3 (baseline)"}
     ours = rows[0]
     print(f"\n/predict, {os.cpu_count()} cores shared by server and client, {args.concurrency} in flight, "
-          f"{seconds:.0f} s each after {warmup:.0f} s warm-up")
+          f"{rounds} interleaved rounds of {seconds:.0f} s (+{warmup:.0f} s warm-up) per configuration; "
+          f"req/s is the median round; 1-min load average {load_before:.1f} before, {load_after:.1f} after")
     print(f"{'configuration':44s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'ours/baseline req/s':>20s}")
     for r in rows:
         ratio = "" if r is ours else f"{ours['rps'] / r['rps']:.2f}x"
@@ -243,7 +273,7 @@ def main() -> None:
     print(f"audit log: {audited} entries written by the gateway runs (one per request, warm-up included), chain verifies: {ok}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "seconds": seconds, "concurrency": args.concurrency,
-                                         "audit_entries": audited, "audit_verifies": ok}, indent=2))
+                                         "rounds": rounds, "audit_entries": audited, "audit_verifies": ok}, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._certs import Issued, TestCA
+from insitu.net.pki import CertificateAuthority, Credentials, Role
+
 from .support import record_body, write_run_dir
 
 INSITU = [str(Path(sys.executable).with_name("insitu"))]
@@ -26,12 +27,20 @@ def free_port() -> int:
 class Deployment:
     dir: Path
     config: Path
-    ca: TestCA
-    server: Issued
+    ca: CertificateAuthority
+    server: Credentials
     port: int
 
-    def client_context(self, cert: Issued | None = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.ca.pem))
+    @property
+    def ca_pem(self) -> Path:
+        return self.ca.dir / "ca.pem"
+
+    def issue_client(self, name: str) -> Credentials:
+        """A client certificate from the consortium CA (the gateway maps its CN to a role)."""
+        return self.ca.issue(name, Role.OPERATOR, self.dir / "clients")
+
+    def client_context(self, cert: Credentials | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_pem))
         if cert is not None:
             ctx.load_cert_chain(str(cert.cert), str(cert.key))
         return ctx
@@ -51,8 +60,9 @@ class Deployment:
 def make_deployment(d: Path, client_certs: str = "optional") -> Deployment:
     from insitu.audit.keys import write_keypair
 
-    ca = TestCA(d / "tls")
-    server = ca.issue("gateway", server=True)
+    ca = CertificateAuthority.init(d / "ca")
+    # the PKI has no gateway role yet; the coordinator role is its TLS-server certificate profile
+    server = ca.issue("gateway", Role.COORDINATOR, d / "tls", hosts=("127.0.0.1", "localhost"))
     write_run_dir(d / "run")
     write_keypair(d / "keys", "gateway")
     port = free_port()
@@ -63,7 +73,8 @@ host = "127.0.0.1"
 port = {port}
 cert = "tls/gateway.pem"
 key = "tls/gateway.key"
-ca = "tls/ca.pem"
+ca = "ca/ca.pem"
+crl = "ca/crl.pem"
 client_certs = "{client_certs}"
 
 [tokens]
@@ -85,6 +96,10 @@ writer = "gateway"
 
 [[mtls.clients]]
 cn = "agent-triage"
+role = "ai-model"
+
+[[mtls.clients]]
+cn = "agent-nightly"
 role = "ai-model"
 
 [[mtls.clients]]

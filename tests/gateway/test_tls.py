@@ -8,7 +8,7 @@ import subprocess
 import httpx
 import pytest
 
-from ._certs import TestCA
+from insitu.net.pki import CertificateAuthority, Role
 from ._deploy import make_deployment, seed_records, start_server, stop_server
 from .support import FEATS
 
@@ -33,7 +33,7 @@ def test_openssl_tls12_refused_tls13_accepted(deployed):
     # the server aborts the handshake: no certificate sent, no cipher agreed, s_client exits non-zero
     assert old.returncode != 0
     assert "no peer certificate available" in old.stdout and "Cipher is (NONE)" in old.stdout
-    new = _s_client(deployed.port, "-tls1_3", "-CAfile", str(deployed.ca.pem))
+    new = _s_client(deployed.port, "-tls1_3", "-CAfile", str(deployed.ca_pem))
     assert new.returncode == 0, new.stderr
     assert "TLSv1.3" in new.stdout and "Verify return code: 0 (ok)" in new.stdout
 
@@ -59,26 +59,38 @@ def test_token_over_tls(deployed):
 
 def test_client_certificate_is_an_alternative_to_tokens(deployed):
     url = f"https://127.0.0.1:{deployed.port}"
-    agent = deployed.ca.issue("agent-triage")
+    agent = deployed.issue_client("agent-triage")
     with httpx.Client(base_url=url, verify=deployed.client_context(agent)) as c:
         r = c.post("/predict", json={"features": FEATS})
         assert r.status_code == 200 and 0.0 < r.json()["risk"] < 1.0
         r = c.get("/records/cardio-0001")
         assert r.status_code == 403 and r.json()["rule"] == "agent-never-records"
-    doctor = deployed.ca.issue("dr-house")
+    doctor = deployed.issue_client("dr-house")
     with httpx.Client(base_url=url, verify=deployed.client_context(doctor)) as c:
         assert c.get("/records/cardio-0001").status_code == 200
-    stranger = deployed.ca.issue("not-enrolled")  # valid CA certificate, but no gateway attributes
+    stranger = deployed.issue_client("not-enrolled")  # valid CA certificate, but no gateway attributes
     with httpx.Client(base_url=url, verify=deployed.client_context(stranger)) as c:
         r = c.get("/model")
         assert r.status_code == 401 and "not enrolled" in r.json()["detail"]
 
 
 def test_certificate_from_another_ca_fails_the_handshake(deployed, tmp_path):
-    rogue = TestCA(tmp_path / "rogue").issue("agent-triage")  # right name, wrong issuer
+    rogue_ca = CertificateAuthority.init(tmp_path / "rogue")
+    rogue = rogue_ca.issue("agent-triage", Role.OPERATOR, tmp_path / "rogue-out")  # right name, wrong issuer
     with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
         with httpx.Client(verify=deployed.client_context(rogue)) as c:
             c.post(f"https://127.0.0.1:{deployed.port}/predict", json={"features": FEATS})
+
+
+def test_revoked_client_certificate_is_401(deployed):
+    url = f"https://127.0.0.1:{deployed.port}"
+    cert = deployed.issue_client("agent-nightly")
+    with httpx.Client(base_url=url, verify=deployed.client_context(cert)) as c:
+        assert c.get("/model").status_code == 200
+    deployed.ca.revoke("agent-nightly")  # republishes ca/crl.pem; the gateway reloads it when it changes
+    with httpx.Client(base_url=url, verify=deployed.client_context(cert)) as c:
+        r = c.get("/model")
+        assert r.status_code == 401 and "revoked" in r.json()["detail"]
 
 
 def test_server_process_audited_mtls_and_token_decisions(deployed):
