@@ -23,13 +23,13 @@ against what its admin approved.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from insitu.errors import ConfigError
 from insitu.federation.strategies import Strategy, StrategyName, make_strategy
 from insitu.federation.task import TaskSpec
-from insitu.net.protocols import ProtocolName, make_protocol
+from insitu.net.protocols import ProtocolName, make_protocol  # noqa: F401  (ProtocolName: the names a job may give)
 
 
 @dataclass(frozen=True)

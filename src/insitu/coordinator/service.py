@@ -23,9 +23,9 @@ state, marks the interrupted round, and goes on with a fresh round number.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import threading
-import time
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -280,7 +280,7 @@ class CoordinatorService:
                      len(rec.participants), len(rec.dropped), rec.seconds, f", mean accuracy {acc:.4f}" if acc is not None else "")
         final = self._evaluate(coord, self.store.job(job.id).next_round)
         final.update({"rounds_applied": version, "rounds_aborted": aborted,
-                      "params_sha256": __import__("hashlib").sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
+                      "params_sha256": hashlib.sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
         self.store.set_status(job.id, JobStatus.DONE, final=final)
         log.info("job %s done: %s", job.id, final)
 

@@ -188,7 +188,7 @@ class JobStore:
         """Record round ``round_`` as applied and store the model it produced; one transaction."""
         blob = pack_arrays({"params": params})
         with self._tx() as db:
-            (applied, status) = db.execute("SELECT rounds_applied, status FROM jobs WHERE id=?", (job_id,)).fetchone()
+            (applied,) = db.execute("SELECT rounds_applied FROM jobs WHERE id=?", (job_id,)).fetchone()
             if applied != expected_version:
                 raise ProtocolError(f"job {job_id}: model version is {applied}, expected {expected_version}; refusing to apply round {round_}")
             (rstatus,) = db.execute("SELECT status FROM rounds WHERE job=? AND round=?", (job_id, round_)).fetchone()

@@ -14,7 +14,6 @@ import queue
 import random
 import ssl
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from insitu.errors import AuthError, InsituError, ProtocolError, SecurityError
+from insitu.errors import InsituError, ProtocolError, SecurityError
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.transport import Exchange
 from insitu.net.channel import Channel, ServerTLS
@@ -330,4 +330,4 @@ def _refusal(msg: Message, reason: str, *, code: str = "AuthError") -> Message:
     return Message(MessageKind.ERROR, msg.round, msg.job, {"reason": reason, "code": code, "to": msg.kind.value})
 
 
-__all__ = ["CoordinatorServer", "NetworkTransport", "NetConfig", "SiteConnection", "AuthError"]
+__all__ = ["CoordinatorServer", "NetworkTransport", "NetConfig", "SiteConnection"]

@@ -25,12 +25,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from insitu.data.dataset import SiteData
-from insitu.errors import ConfigError, DataError, InsituError, PolicyViolation, ProtocolError, TaskNotApproved
+from insitu.errors import ConfigError, DataError, PolicyViolation, ProtocolError, TaskNotApproved
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.pipeline import SitePipeline
 from insitu.federation.site import Site
@@ -230,12 +229,20 @@ def serve(config: str | Path) -> None:
     node, client = build_node(config)
     log.info("site %s: %d train / %d test records; dialling %s:%d", node.site_id, node.data.n_train, node.data.n_test, *node.policy.coordinator)
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    # load the secure-aggregation code while idle, not during the first secure round (~2 s)
+    threading.Thread(target=_preload, daemon=True, name="preload").start()
     try:
         client.run_forever()
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         client.stop()
+
+
+def _preload() -> None:
+    import importlib
+
+    importlib.import_module("insitu.secure")
 
 
 def _exit_on_signal(signum, frame) -> None:
