@@ -90,6 +90,8 @@ def apply_command(
     Everything is checked in memory first: if the policy cannot be met (e.g. k needs more
     suppression than allowed) nothing is written.
     """
+    if "://" not in out_path and Path(out_path).exists() and not overwrite:
+        raise DataError(f"{out_path} already exists; pass --overwrite to replace it")
     sch = _schema(schema, policy)
     pol = DeidPolicy.from_toml(policy)
     ring = FieldKeyring.load(keyring) if keyring is not None else None
