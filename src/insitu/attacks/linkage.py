@@ -23,7 +23,8 @@ import pandas as pd
 from insitu.errors import DataError
 
 _RANGE = re.compile(r"^\s*([\[(]?)\s*(-?\d+(?:\.\d+)?)\s*(?:-|–|,|\.\.)\s*(-?\d+(?:\.\d+)?)\s*([\])]?)\s*$")
-_SUPPRESSED = {"", "*", "**", "suppressed", "nan", "none"}
+_TOP_CODED = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*\+\s*$")
+_SUPPRESSED = {"", "*", "**", "suppressed", "nan", "none", "<na>", "?"}
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,16 @@ def _consistent(aux: pd.Series, released: Any) -> np.ndarray:
             lo_ok = num > lo if m.group(1) == "(" else num >= lo
             hi_ok = num < hi if m.group(4) == ")" else num <= hi
             return np.asarray(lo_ok & hi_ok, dtype=bool)
+        m = _TOP_CODED.match(released)
+        if m:  # "90+": top-coded
+            return np.asarray(pd.to_numeric(aux, errors="coerce").to_numpy(dtype=float) >= float(m.group(1)), dtype=bool)
         if released.endswith("*"):
             prefix = released.rstrip("*")
             return np.asarray(aux.astype(str).str.startswith(prefix), dtype=bool)
+        try:
+            released = float(released)  # a number that travelled as text ("1" for sex = 1)
+        except ValueError:
+            return np.asarray(aux.astype(str) == released, dtype=bool)
     if isinstance(released, (int, float, np.integer, np.floating)) and not isinstance(released, bool):
         num = pd.to_numeric(aux, errors="coerce").to_numpy(dtype=float)
         return np.isclose(num, float(released), rtol=0, atol=1e-9)
@@ -120,3 +128,45 @@ def linkage_attack(
             n_correct += int(hit)
     n = len(release)
     return LinkageResult(n, n_unique, n_correct, expected / n if n else 0.0, qi)
+
+
+@dataclass(frozen=True)
+class ReidentificationRisk:
+    """The same linkage attack against the raw records and against the policy's output."""
+
+    before: LinkageResult
+    after: LinkageResult
+    suppressed: int  # records the policy removed (they cannot be linked, and are not released)
+    policy_k: int
+
+
+def reidentification_before_after(
+    frame: pd.DataFrame,
+    auxiliary: pd.DataFrame,
+    quasi_identifiers: Sequence[str],
+    *,
+    identity: str,
+    schema: Any,
+    policy: Any,
+    secret: bytes,
+) -> ReidentificationRisk:
+    """Run :func:`linkage_attack` on ``frame`` as is and after ``insitu.deid.deidentify``.
+
+    ``identity`` must be the schema's pseudonymised patient id: the evaluator (who holds the
+    site secret) maps pseudonyms back to true identities for scoring; the attacker never does.
+    """
+    from insitu.deid import Pseudonymizer, deidentify
+
+    before = linkage_attack(frame.drop(columns=[identity]), auxiliary, quasi_identifiers, identity=identity, truth=frame[identity])
+    res = deidentify(frame, schema, policy, secret, encrypt=False)
+    feature = {c.name: c.feature for c in schema.columns}
+    released = res.frame.rename(columns={feature[q]: q for q in quasi_identifiers if feature[q] in res.frame.columns})
+    pid = feature[identity]
+    if pid not in released.columns:
+        raise DataError(f"the policy drops {identity!r}; pseudonymise it so that the evaluator can score the attack")
+    back = dict(zip(Pseudonymizer(secret).pseudonyms(frame[identity].astype(str) if schema.column(identity).type == "string" else frame[identity]), frame[identity]))
+    truth = [back.get(p) for p in released[pid]]
+    after = linkage_attack(released.drop(columns=[pid]), auxiliary, quasi_identifiers, identity=identity, truth=truth)
+    # suppressed records are not released: count them as not re-identified over the original rows
+    after = LinkageResult(before.n_released, after.n_unique, after.n_correct, after.expected_rate * after.n_released / max(1, before.n_released), after.quasi_identifiers)
+    return ReidentificationRisk(before, after, res.report.suppressed, res.report.k)

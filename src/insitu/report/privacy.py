@@ -1,0 +1,610 @@
+"""The privacy report: attack a finished run and say what each defence bought.
+
+For a run directory written by ``insitu simulate`` the report plays three attackers:
+
+* an **outsider with the final model** (what a model card publishes) runs membership inference:
+  the loss-threshold attack and LiRA with shadow models trained by the run's own recipe.  Members
+  are the sites' training records, non-members their test records.
+* the **curious coordinator** runs the run's protocol and site pipeline on a probe round in which
+  every site's update comes from a single record (the worst case for a site), keeps everything
+  that reaches it, and tries to reconstruct the records: analytic recovery through a first linear
+  layer (tabular models) or gradient matching (CNN).
+* a **linkage attacker** joins the site's records, before and after the de-identification policy,
+  to an auxiliary table with identities (heart only: X-ray images carry no quasi-identifiers here).
+
+:func:`compare` runs the same task with no defence, record-level DP at several ε, secure
+aggregation and homomorphic aggregation, attacks each run, and fills one table.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import enum
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from insitu.attacks.linkage import ReidentificationRisk, reidentification_before_after
+from insitu.attacks.membership import MembershipAttack, MembershipResult, ShadowStats, lira, loss_threshold, train_shadows
+from insitu.attacks.metrics import RocSummary
+from insitu.attacks.probe import ProbeResult, attack_images, attack_tabular, single_record_round
+from insitu.attacks.reconstruction import MatchConfig
+from insitu.errors import ConfigError, DataError
+from insitu.federation.site import Site
+from insitu.federation.task import TaskSpec
+from insitu.learn.models import ModelName, build_model, set_flat
+from insitu.learn.train import TrainConfig, train_local
+
+
+# ---------------------------------------------------------------------------------------------
+# records of what was measured
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MembershipFigures:
+    attack: str
+    auc: float
+    tpr_at_0_1pct: float
+    tpr_at_1pct: float
+    n_members: int
+    n_nonmembers: int
+    shadows: int = 0
+
+    @classmethod
+    def of(cls, r: MembershipResult) -> "MembershipFigures":
+        return cls(r.attack.value, r.roc.auc, r.roc.tpr_at_0_1pct, r.roc.tpr_at_1pct, r.roc.n_members, r.roc.n_nonmembers, r.num_shadows)
+
+
+@dataclass(frozen=True)
+class ReconstructionFigures:
+    attack: str  # analytic / gradient-matching
+    records: int
+    success_rate: float  # exact match (tabular) or SSIM ≥ 0.7 and above the guess (images)
+    quality: float  # mean RMS error in z-units (tabular) or mean SSIM (images)
+    guess_quality: float  # the same for the guess
+    psnr: float | None
+    views: int  # vectors the coordinator held and attacked
+
+    @classmethod
+    def of(cls, r: ProbeResult) -> "ReconstructionFigures":
+        return cls(r.kind, len(r.success), r.success_rate, float(np.mean(r.quality)), float(np.mean(r.guess_quality)), float(np.mean(r.psnr)) if r.psnr else None, r.views)
+
+
+@dataclass(frozen=True)
+class PrivacyRow:
+    """One line of the report: one run, attacked three ways."""
+
+    run_dir: str
+    dataset: str
+    defence: str
+    epsilon: float | None
+    accuracy: float
+    membership: tuple[MembershipFigures, ...]
+    reconstruction: ReconstructionFigures
+    reid_before: float | None
+    reid_after: float | None
+    accuracy_cost: float | None = None  # no-defence accuracy − this run's accuracy (compare only)
+
+    @property
+    def strongest(self) -> MembershipFigures:
+        """The membership attack with the highest AUC (the report's headline)."""
+        return max(self.membership, key=lambda m: m.auc)
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    rows: tuple[PrivacyRow, ...]
+    notes: tuple[str, ...] = ()
+    html_path: str | None = None
+    command: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a run
+# ---------------------------------------------------------------------------------------------
+def _load_run(run_dir: Path) -> tuple[dict[str, Any], Any, TaskSpec, np.ndarray]:
+    from insitu.federation.simulation import SimulationConfig
+
+    summary_path = run_dir / "summary.json"
+    model_path = run_dir / "model.npz"
+    if not summary_path.exists() or not model_path.exists():
+        raise DataError(f"{str(run_dir)!r} is not a finished run: it needs summary.json and model.npz (write one with `insitu simulate --out DIR`)")
+    summary = json.loads(summary_path.read_text())
+    known = {f.name for f in dataclasses.fields(SimulationConfig)}
+    cfg = SimulationConfig(**{k: v for k, v in summary["config"].items() if k in known}).resolved()
+    task = TaskSpec.from_meta(summary["task"])
+    with np.load(model_path) as z:
+        params = z["params"].astype(np.float32)
+    return summary, cfg, task, params
+
+
+class Defence(str, enum.Enum):
+    NONE = "none"
+    RECORD_DP = "record-level DP"
+    SITE_DP = "site-level DP"
+    SECAGG = "secure aggregation"
+    HE_PAILLIER = "homomorphic (Paillier)"
+    HE_CKKS = "homomorphic (CKKS)"
+
+
+def _dp_level(cfg: Any) -> str:
+    return str(getattr(cfg, "dp", "off") or "off").lower()
+
+
+def _dp_fields(cfg: Any) -> dict[str, Any]:
+    """The DP options of a run config (they decide the shadow models' recipe)."""
+    return {k: getattr(cfg, k) for k in ("dp", "epsilon", "delta", "noise_multiplier", "clip", "dp_placement") if hasattr(cfg, k)}
+
+
+def describe_defence(cfg: Any, summary: dict[str, Any]) -> tuple[str, float | None]:
+    """Human label of the run's defences and the ε it spent (None without DP)."""
+    parts = []
+    level = _dp_level(cfg)
+    eps = _run_epsilon(cfg, summary)
+    if level == "record":
+        parts.append(Defence.RECORD_DP.value)
+    elif level == "site":
+        parts.append(f"{Defence.SITE_DP.value} ({getattr(cfg, 'dp_placement', 'central')})")
+    if getattr(cfg, "secure_aggregation", False):
+        parts.append(Defence.SECAGG.value)
+    he = (getattr(cfg, "homomorphic", "none") or "none").lower()
+    if he == "paillier":
+        parts.append(Defence.HE_PAILLIER.value)
+    elif he == "ckks":
+        parts.append(Defence.HE_CKKS.value)
+    return (" + ".join(parts) or Defence.NONE.value), eps
+
+
+def _run_epsilon(cfg: Any, summary: dict[str, Any]) -> float | None:
+    """ε the run spent (the largest over sites), as its ledger reported it."""
+    if _dp_level(cfg) == "off":
+        return None
+    final = summary.get("final", {})
+    if isinstance(final.get("epsilon"), (int, float)):
+        return float(final["epsilon"])
+    v = getattr(cfg, "epsilon", None)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _dp_privacy(summary: dict[str, Any]) -> dict[str, Any]:
+    return dict(summary.get("final", {}).get("privacy") or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# the three attackers
+# ---------------------------------------------------------------------------------------------
+def shadow_trainer(task: TaskSpec, steps: int, batch_size: int, dp: tuple[float, float] | None = None) -> Callable[[torch.Tensor, torch.Tensor, int], torch.nn.Module]:
+    """The attacker's copy of the training recipe: the task's model, optimizer and learning rate,
+    for the run's number of rounds × local steps on pooled data at the sites' combined batch size
+    (FedAvg over m sites moves like one model on m× the batch).  ``dp`` = (noise multiplier,
+    clip) when the run used record-level DP: the shadows then train with DP-SGD too."""
+    base = task.train_config()
+
+    def fit(X: torch.Tensor, y: torch.Tensor, seed: int) -> torch.nn.Module:
+        model = build_model(task.model, task.input_shape, task.num_outputs, seed=seed)
+        cfg = TrainConfig(lr=base.lr, steps=steps, batch_size=batch_size, optimizer=base.optimizer)
+        gen = torch.Generator().manual_seed(seed)
+        if dp is not None:
+            from insitu.learn.dpsgd import DPSGDConfig, dp_sgd_train
+
+            q = min(1.0, batch_size / max(1, X.shape[0]))
+            dp_sgd_train(model, X, y, cfg, DPSGDConfig(dp[0], dp[1], q), gen, num_outputs=task.num_outputs)
+        else:
+            train_local(model, X, y, cfg, gen, num_outputs=task.num_outputs)
+        return model
+
+    return fit
+
+
+def membership_attacks(
+    model: torch.nn.Module,
+    data: Any,
+    fit: Callable,
+    *,
+    shadows: int,
+    seed: int = 0,
+    stats: ShadowStats | None = None,
+) -> tuple[tuple[MembershipFigures, ...], ShadowStats | None]:
+    """Loss threshold, and LiRA (online and offline) when ``shadows`` ≥ 2."""
+    Xm, ym = data.pooled_train()
+    Xn, yn = data.pooled_test()
+    X, y = torch.cat([Xm, Xn]), torch.cat([ym, yn])
+    is_member = np.r_[np.ones(Xm.shape[0], bool), np.zeros(Xn.shape[0], bool)]
+    out = [MembershipFigures.of(loss_threshold(model, X, y, is_member))]
+    if shadows >= 2 or stats is not None:
+        if stats is None:
+            stats = train_shadows(X, y, fit, shadows, seed)
+        for v in (MembershipAttack.LIRA_ONLINE, MembershipAttack.LIRA_OFFLINE):
+            out.append(MembershipFigures.of(lira(model, X, y, is_member, fit, variant=v, stats=stats)))
+    return tuple(out), stats
+
+
+def _probe_defences(cfg: Any, summary: dict[str, Any], task: TaskSpec, X: torch.Tensor, y: torch.Tensor) -> tuple[Any, Callable]:
+    """The run's protocol and a factory for probe sites carrying the run's site pipeline and DP.
+
+    Record-level DP: the site trains with DP-SGD at the run's noise multiplier and clip, with the
+    record always in the batch (sampling rate 1: the worst case).  Site-level DP: the run's DP
+    settings are rebuilt for the probe (same ε, rounds, placement), on an in-memory ledger.
+    """
+    from insitu.data.dataset import FederatedData, SiteData
+    from insitu.federation import simulation
+
+    protocol = simulation.build_protocol(cfg)
+    level = _dp_level(cfg)
+    site_dp: Callable[[Site], None] = lambda site: None  # noqa: E731
+    if level == "record":
+        from insitu.federation.dp import dpsgd_trainer
+        from insitu.learn.dpsgd import DPSGDConfig
+
+        priv = _dp_privacy(summary)
+        sigma = max(float(v) for v in (priv.get("noise_multiplier") or {}).values())
+        dp = DPSGDConfig(sigma, float(priv["clip"]), 1.0)
+
+        def site_dp(site: Site) -> None:
+            site.trainer = dpsgd_trainer(dp)
+    elif level == "site":
+        from insitu.federation.dp import run_for_simulation
+
+        probe = FederatedData("probe", tuple(SiteData(f"probe-{i + 1}", X[i : i + 1], y[i : i + 1], X[i : i + 1], y[i : i + 1]) for i in range(X.shape[0])),
+                              task.input_shape, 2, task.schema)
+        quiet = dataclasses.replace(cfg, privacy_ledger=None) if hasattr(cfg, "privacy_ledger") else cfg
+        run = run_for_simulation(quiet, probe)
+        protocol = run.wrap_protocol(protocol)
+        site_dp = run.configure_site
+
+    def make(sid: str, data: Any, t: TaskSpec) -> Site:
+        site = Site(sid, data, t, pipeline=simulation.build_pipeline(cfg, protocol, sid))
+        site_dp(site)
+        return site
+
+    return protocol, make
+
+
+def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, params: np.ndarray, data: Any, *, records: int = 4, iterations: int = 300, seed: int = 0) -> ReconstructionFigures:
+    """The curious coordinator on a probe round of single-record updates, with the run's defences."""
+    Xm, ym = data.pooled_train()
+    rng = np.random.default_rng(seed)
+    idx = torch.from_numpy(np.sort(rng.choice(Xm.shape[0], size=min(records, Xm.shape[0]), replace=False)))
+    probe_task = dataclasses.replace(task, local_steps=1, batch_size=1)
+    protocol, factory = _probe_defences(cfg, summary, probe_task, Xm[idx], ym[idx])
+    obs = single_record_round(probe_task, Xm[idx], ym[idx], params, protocol, factory)
+    Xn, _ = data.pooled_test()
+    guess = Xn.mean(0).numpy()  # what an attacker knows without the update: the population mean
+    if ModelName(task.model) is ModelName.CNN:
+        lo, hi = float(Xn.min()), float(Xn.max())
+        res = attack_images(obs, probe_task, Xm[idx].numpy(), guess[None], MatchConfig(iterations=iterations, bounds=(lo, hi)))
+    else:
+        res = attack_tabular(obs, probe_task, Xm[idx].numpy(), guess)
+    return ReconstructionFigures.of(res)
+
+
+#: quasi-identifiers of the heart records an outside table (a registry) could also hold.
+HEART_QI = ("age", "sex", "hospital", "trestbps", "chol")
+#: the policy a heart site applies: 5-anonymity over those quasi-identifiers.
+HEART_DEID_POLICY = {
+    "deid": {"k": 5, "l": 1, "max_suppression": 0.05, "patient_id": "id", "date_shift_days": 0},
+    "identifiers": {"id": "pseudonymize"},
+    "generalize": {
+        "age": {"hierarchy": "age_band", "levels": [5, 10, 20, "*"]},
+        "sex": {"hierarchy": "category"},
+        "hospital": {"hierarchy": "category"},
+        "trestbps": {"hierarchy": "numeric_band", "levels": [10, 20, 40, "*"]},
+        "chol": {"hierarchy": "numeric_band", "levels": [25, 50, 100, "*"]},
+    },
+}
+
+
+def heart_reidentification(policy: dict[str, Any] | None = None, csv: str | None = None) -> ReidentificationRisk:
+    """Link the heart records to a registry holding the same quasi-identifiers with identities.
+
+    The auxiliary table is every heart patient's id and quasi-identifiers (the strongest outside
+    table: it covers everyone); the release is the records raw, then after the policy.
+    """
+    from insitu.data.heart import load_heart_frame
+    from insitu.data.sources import RecordSchema, conform
+    from insitu.deid import DeidPolicy
+
+    cols = {"id": {"role": "direct_identifier", "type": "integer", "nullable": False},
+            "age": {"role": "quasi_identifier", "type": "integer"},
+            "sex": {"role": "quasi_identifier", "type": "integer"},
+            "hospital": {"role": "quasi_identifier", "type": "string"},
+            "trestbps": {"role": "quasi_identifier", "type": "float"},
+            "chol": {"role": "quasi_identifier", "type": "float"},
+            "label": {"role": "label", "type": "integer"}}
+    schema = RecordSchema.from_dict({"columns": cols})
+    pol = DeidPolicy.from_dict(policy or HEART_DEID_POLICY, origin="heart privacy-report policy")
+    frame = conform(load_heart_frame(csv)[list(cols)], schema)
+    secret = np.random.default_rng(0).bytes(32)  # the evaluator's site secret, used only to score
+    return reidentification_before_after(frame, frame[["id", *HEART_QI]], HEART_QI, identity="id", schema=schema, policy=pol, secret=secret)
+
+
+# ---------------------------------------------------------------------------------------------
+# one run, many runs
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def single_thread():
+    """Shadow training is thousands of tiny steps: one torch thread is ~10× faster than two on a
+    busy 2-core machine (measured 2.6 s vs 30 s per heart shadow model)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def default_shadows(task: TaskSpec) -> int:
+    """Shadow models are cheap for tabular models and dear for the CNN."""
+    return 4 if ModelName(task.model) is ModelName.CNN else 16
+
+
+def attack_run(
+    run_dir: str | Path,
+    *,
+    shadows: int | None = None,
+    probe_records: int = 4,
+    iterations: int = 300,
+    seed: int = 0,
+    reid: ReidentificationRisk | None = None,
+    shadow_cache: dict[Any, ShadowStats] | None = None,
+) -> PrivacyRow:
+    """Attack one finished run; ``shadow_cache`` lets :func:`compare` reuse shadow models between
+    runs that share a training recipe (the protocol does not change what a model learns)."""
+    from insitu.federation.simulation import load_federated
+
+    run_dir = Path(run_dir)
+    summary, cfg, task, params = _load_run(run_dir)
+    data = load_federated(cfg)
+    model = build_model(task.model, task.input_shape, task.num_outputs)
+    set_flat(model, params)
+    defence, eps = describe_defence(cfg, summary)
+    n_shadows = default_shadows(task) if shadows is None else shadows
+    steps = int(cfg.rounds) * int(cfg.local_steps)
+    dp = None
+    if _dp_level(cfg) == "record":
+        priv = _dp_privacy(summary)
+        dp = (float(np.mean(list(priv["noise_multiplier"].values()))), float(priv["clip"]))
+    fit = shadow_trainer(task, steps, int(cfg.batch_size) * len(data.sites), dp)
+    key = (task.content_hash(), steps, json.dumps(_dp_fields(cfg), sort_keys=True, default=str), n_shadows, cfg.seed, cfg.dataset, cfg.partition)
+    cached = shadow_cache.get(key) if shadow_cache is not None else None
+    mia, stats = membership_attacks(model, data, fit, shadows=n_shadows, seed=seed, stats=cached)
+    if shadow_cache is not None and stats is not None:
+        shadow_cache[key] = stats
+    recon = reconstruction_attack(cfg, summary, task, params, data, records=probe_records, iterations=iterations, seed=seed)
+    if reid is None and cfg.dataset == "heart":
+        reid = heart_reidentification(csv=cfg.data)
+    return PrivacyRow(
+        run_dir=str(run_dir), dataset=cfg.dataset, defence=defence, epsilon=eps,
+        accuracy=float(summary["final"]["mean_site_accuracy"]), membership=mia, reconstruction=recon,
+        reid_before=reid.before.rate if reid else None, reid_after=reid.after.rate if reid else None,
+    )
+
+
+def privacy_report(run_dir: str | Path, *, html_out: str | Path | None = None, shadows: int | None = None, probe_records: int = 4, iterations: int = 300, seed: int = 0) -> PrivacyReport:
+    """``insitu privacy report RUN_DIR``: attack one run; writes ``privacy.html`` beside it."""
+    row = attack_run(run_dir, shadows=shadows, probe_records=probe_records, iterations=iterations, seed=seed)
+    report = PrivacyReport((row,), _notes([row]), command=f"insitu privacy report {run_dir}")
+    path = Path(html_out) if html_out else Path(run_dir) / "privacy.html"
+    write_html(report, path)
+    return dataclasses.replace(report, html_path=str(path))
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    dataset: str = "heart"
+    data: str | None = None
+    epsilons: tuple[float, ...] = (8.0, 1.0)
+    homomorphic: str = "auto"  # auto: paillier for small models, ckks for the CNN
+    rounds: int | None = None
+    seed: int = 0
+    shadows: int | None = None
+    probe_records: int = 4
+    iterations: int = 300
+    out: str = "runs/privacy-compare"
+    extra: dict[str, Any] = field(default_factory=dict)  # further SimulationConfig options
+
+
+def compare_configs(cc: CompareConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(name, SimulationConfig options) for every defence the comparison runs."""
+    base = {"dataset": cc.dataset, "data": cc.data, "rounds": cc.rounds, "seed": cc.seed, "baselines": False, **cc.extra}
+    model = cc.extra.get("model") or ("logreg" if cc.dataset == "heart" else "cnn")
+    he = cc.homomorphic if cc.homomorphic != "auto" else ("ckks" if model == "cnn" else "paillier")
+    runs: list[tuple[str, dict[str, Any]]] = [("none", dict(base))]
+    for eps in cc.epsilons:
+        runs.append((f"dp-eps{eps:g}", {**base, "dp": "record", "epsilon": float(eps)}))
+    runs.append(("secagg", {**base, "secure_aggregation": True}))
+    runs.append((f"he-{he}", {**base, "homomorphic": he}))
+    return runs
+
+
+def compare(cc: CompareConfig, *, progress: Callable[[str], None] | None = None) -> PrivacyReport:
+    """``insitu privacy compare``: run the task under each defence, attack every run, one table."""
+    from insitu.federation.simulation import SimulationConfig, simulate
+
+    out = Path(cc.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[PrivacyRow] = []
+    cache: dict[Any, ShadowStats] = {}
+    reid = heart_reidentification(csv=cc.data) if cc.dataset == "heart" else None
+    notes: list[str] = []
+    configs = compare_configs(cc)
+    for name, opts in configs:
+        if progress:
+            progress(f"training: {name}")
+        simulate(SimulationConfig(**opts, out=str(out / name)))
+        if progress:
+            progress(f"attacking: {name}")
+        rows.append(attack_run(out / name, shadows=cc.shadows, probe_records=cc.probe_records, iterations=cc.iterations, seed=cc.seed, reid=reid, shadow_cache=cache))
+    base_acc = rows[0].accuracy
+    rows = [dataclasses.replace(r, accuracy_cost=base_acc - r.accuracy) for r in rows]
+    report = PrivacyReport(tuple(rows), tuple(notes) + _notes(rows), command=_compare_command(cc))
+    path = out / "privacy.html"
+    write_html(report, path)
+    (out / "privacy.json").write_text(json.dumps(dataclasses.asdict(report), indent=2, default=float))
+    return dataclasses.replace(report, html_path=str(path))
+
+
+def _compare_command(cc: CompareConfig) -> str:
+    parts = ["insitu privacy compare", f"--dataset {cc.dataset}"]
+    if cc.data:
+        parts.append(f"--data {cc.data}")
+    if cc.rounds:
+        parts.append(f"--rounds {cc.rounds}")
+    parts.append("--epsilons " + ",".join(f"{e:g}" for e in cc.epsilons))
+    parts.append(f"--out {cc.out}")
+    return " ".join(parts)
+
+
+def _notes(rows: Sequence[PrivacyRow]) -> tuple[str, ...]:
+    notes = [
+        "MIA: members = the sites' training records, non-members = their test records; the strongest of "
+        "loss-threshold / LiRA online / LiRA offline is shown (all three in the details).",
+        "Reconstruction: the coordinator's best over every vector it received in a probe round where each of "
+        "the sites' updates comes from one record (the worst case for a site), run through the run's own protocol.",
+    ]
+    n_non = min((m.n_nonmembers for r in rows for m in r.membership), default=0)
+    if n_non and n_non < 1000:
+        notes.append(f"TPR at 0.1% FPR: with {n_non} non-members the smallest non-zero FPR is {100 / n_non:.2f}%, "
+                     "so that column is the TPR at zero false positives.")
+    return tuple(notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# presentation
+# ---------------------------------------------------------------------------------------------
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _recon_cell(r: ReconstructionFigures, long: bool = False) -> str:
+    if r.attack == "analytic":
+        return f"{_pct(r.success_rate)} exact" + (f" (RMS err {r.quality:.3g} vs guess {r.guess_quality:.3g})" if long else "")
+    return f"{_pct(r.success_rate)}, SSIM {r.quality:.2f}" + (f" vs guess {r.guess_quality:.2f}" if long else "")
+
+
+def table_rows(report: PrivacyReport, long: bool = False) -> list[list[str]]:
+    out = []
+    for r in report.rows:
+        m = r.strongest
+        reid = "n/a" if r.reid_before is None else f"{_pct(r.reid_before)} → {_pct(r.reid_after)}"
+        out.append([
+            r.defence,
+            "∞" if r.epsilon is None else f"{r.epsilon:.2f}",
+            f"{m.auc:.3f}" + (f" ({m.attack})" if long else ""),
+            _pct(m.tpr_at_0_1pct),
+            _pct(m.tpr_at_1pct),
+            _recon_cell(r.reconstruction, long),
+            reid,
+            f"{r.accuracy:.3f}" + ("" if r.accuracy_cost is None else f" ({-r.accuracy_cost:+.3f})"),
+        ])
+    return out
+
+
+HEADERS = ["defence", "ε", "MIA AUC", "TPR@0.1%FPR", "TPR@1%FPR", "reconstruction from a site's update", "re-identification (raw → de-identified)", "accuracy (cost)"]
+SHORT_HEADERS = ["defence", "ε", "MIA AUC", "TPR@.1%", "TPR@1%", "recon.", "re-id", "accuracy"]
+
+
+def rich_table(report: PrivacyReport):
+    from rich.table import Table
+
+    title = f"privacy · {report.rows[0].dataset}" if report.rows else "privacy"
+    t = Table(title=title, title_justify="left")
+    for h in SHORT_HEADERS:
+        t.add_column(h, justify="left" if h in ("defence", "recon.") else "right")
+    for row in table_rows(report):
+        t.add_row(*row)
+    return t
+
+
+def markdown_table(report: PrivacyReport) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report, long=True)]
+    return "\n".join(lines)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(report: PrivacyReport) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.rows
+    names = [r.defence + ("" if r.epsilon is None else f"\nε={r.epsilon:.2g}") for r in rows]
+    figs = []
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.2))
+    attacks = sorted({m.attack for r in rows for m in r.membership})
+    w = 0.8 / max(1, len(attacks))
+    for i, a in enumerate(attacks):
+        vals = [next((m.auc for m in r.membership if m.attack == a), np.nan) for r in rows]
+        ax.bar(np.arange(len(rows)) + i * w - 0.4 + w / 2, vals, w, label=a)
+    ax.axhline(0.5, color="k", lw=0.8, ls="--")
+    ax.axhline(0.55, color="r", lw=0.8, ls=":", label="0.55")
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_ylim(0.4, max(0.8, max((m.auc for r in rows for m in r.membership), default=0.5) + 0.05))
+    ax.set_ylabel("membership-inference AUC")
+    ax.legend(fontsize=7)
+    figs.append(("Membership inference AUC per defence (dashed: chance)", _png(fig)))
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.2))
+    ax.bar(range(len(rows)), [r.reconstruction.success_rate for r in rows], color="tab:red")
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("records reconstructed")
+    figs.append(("Share of single-record updates the coordinator reconstructed", _png(fig)))
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.2))
+    ax.bar(range(len(rows)), [r.accuracy for r in rows], color="tab:green")
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean site test accuracy")
+    figs.append(("Accuracy of the final model", _png(fig)))
+    return figs
+
+
+def write_html(report: PrivacyReport, path: str | Path) -> Path:
+    """A self-contained HTML page: the table, the notes, plots and every attack's figures."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in table_rows(report, long=True))
+    detail = []
+    for r in report.rows:
+        mia = "".join(
+            f"<tr><td>{esc(m.attack)}</td><td>{m.auc:.4f}</td><td>{_pct(m.tpr_at_0_1pct)}</td><td>{_pct(m.tpr_at_1pct)}</td>"
+            f"<td>{m.n_members}/{m.n_nonmembers}</td><td>{m.shadows}</td></tr>" for m in r.membership)
+        rc = r.reconstruction
+        detail.append(
+            f"<h3>{esc(r.defence)}{'' if r.epsilon is None else f' (ε = {r.epsilon:.3g})'} — <code>{esc(r.run_dir)}</code></h3>"
+            f"<table><tr><th>attack</th><th>AUC</th><th>TPR@0.1%</th><th>TPR@1%</th><th>members/non-members</th><th>shadow models</th></tr>{mia}</table>"
+            f"<p>reconstruction ({esc(rc.attack)}, {rc.records} single-record updates, {rc.views} vectors attacked): "
+            f"success {_pct(rc.success_rate)}, quality {rc.quality:.3f} vs guess {rc.guess_quality:.3f}"
+            + ("" if rc.psnr is None else f", PSNR {rc.psnr:.1f} dB") + "</p>")
+    plots = "".join(f"<figure><img src='data:image/png;base64,{b}'/><figcaption>{esc(c)}</figcaption></figure>" for c, b in _plots(report))
+    notes = "".join(f"<li>{esc(n)}</li>" for n in report.notes)
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>insitu privacy report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}figure{display:inline-block;margin:1em}</style></head><body>"
+        f"<h1>Privacy report</h1><p><code>{esc(report.command)}</code></p>"
+        f"<table><tr>{head}</tr>{body}</table><ul>{notes}</ul>{plots}<h2>Details</h2>{''.join(detail)}</body></html>"
+    )
+    path.write_text(page)
+    return path
