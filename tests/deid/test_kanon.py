@@ -24,6 +24,7 @@ def _check_output(out: pd.DataFrame, k: int, l: int) -> None:
         return
     g = out.groupby(QI_FEATURES, dropna=False)
     assert g.size().min() >= k
+    assert g["mrn"].nunique().min() >= k  # k distinct patients, not k visits of one
     if l > 1:
         assert g["diagnosis"].nunique(dropna=False).min() >= l
 
@@ -97,3 +98,18 @@ def test_hierarchies_label_as_documented():
     d = build_hierarchy(HierarchyKind.DATE, ["day", "month", "year"], {}, column="d")
     ts = np.array([pd.Timestamp("2021-03-04")], dtype=object)
     assert [d.generalize(ts, i)[0] for i in range(3)] == ["2021-03-04", "2021-03", "2021"]
+
+
+def test_k_counts_patients_not_visits():
+    """Six visits of one patient form a class of one person: record-level k would be fooled."""
+    schema = RecordSchema.from_dict(SCHEMA)
+    raw = conform(visits(300, seed=4), schema)
+    lone = raw.iloc[:6].copy()
+    lone["mrn"], lone["age"], lone["zip"] = "4242424", 17, "99999"
+    raw = pd.concat([raw, lone], ignore_index=True)
+    pol = {**POLICY, "deid": {**POLICY["deid"], "k": 3, "l": 1, "max_suppression": 0.1}}
+    result = deidentify(raw, schema, DeidPolicy.from_dict(pol), SECRET, encrypt=False)
+    _check_output(result.frame, 3, 1)  # the lone patient's class holds >= 3 patients, or it was suppressed
+    assert result.report.before["k"] == 1
+    codes = [np.zeros(6, dtype=np.int64)]
+    assert risk(codes, k=3).k == 6 and risk(codes, k=3, people=np.zeros(6, dtype=np.int64)).k == 1

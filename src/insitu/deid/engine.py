@@ -89,7 +89,12 @@ def assess(frame: pd.DataFrame, schema: RecordSchema, policy: DeidPolicy) -> Ris
     _check_frame(frame, schema)
     qi = [_codes(frame[q.column])[0] for q in policy.quasi]
     sens = [_codes(frame[s.column])[0] for s in policy.sensitive if s.diversity]
-    return risk(qi or [np.zeros(len(frame), dtype=np.int64)], sens, k=policy.k)
+    return risk(qi or [np.zeros(len(frame), dtype=np.int64)], sens, k=policy.k, people=_people(frame, policy))
+
+
+def _people(frame: pd.DataFrame, policy: DeidPolicy) -> np.ndarray | None:
+    """A code per record naming its patient, so k counts patients rather than visits."""
+    return _codes(frame[policy.patient_id])[0] if policy.patient_id else None
 
 
 def deidentify(frame: pd.DataFrame, schema: RecordSchema, policy: DeidPolicy, secret: bytes, *,
@@ -133,7 +138,9 @@ def deidentify(frame: pd.DataFrame, schema: RecordSchema, policy: DeidPolicy, se
     diverse = [s.column for s in policy.sensitive if s.diversity]
     sens_codes = [_codes(frame[c])[0] for c in diverse]
     l_eff = policy.l if diverse else 1
-    result = enforce(level_codes, names, sens_codes, k=policy.k, l=l_eff, max_suppression=policy.max_suppression)
+    people = _people(frame, policy)
+    result = enforce(level_codes, names, sens_codes, k=policy.k, l=l_eff, max_suppression=policy.max_suppression,
+                     people=people)
     keep = result.keep
 
     out: dict[str, Any] = {}
@@ -158,7 +165,7 @@ def deidentify(frame: pd.DataFrame, schema: RecordSchema, policy: DeidPolicy, se
     table = pd.DataFrame(out)
 
     after = risk(final_codes or [np.zeros(int(keep.sum()), dtype=np.int64)],
-                 [c[keep] for c in sens_codes], k=policy.k)
+                 [c[keep] for c in sens_codes], k=policy.k, people=None if people is None else people[keep])
     if after.records and (after.k < policy.k or (l_eff > 1 and (after.l or 0) < l_eff)):
         raise PolicyViolation(f"internal check failed: output has k={after.k}, l={after.l}; nothing was written")
 

@@ -3,7 +3,8 @@
 Definitions used (El Emam & Dankar 2008, "Protecting privacy using k-anonymity"):
 
 * equivalence class: the records sharing one combination of quasi-identifier values;
-* k: the size of the smallest class;  l (distinct l-diversity): the fewest distinct values of a
+* k: the size of the smallest class — counted in distinct *patients* when the table says who the
+  patient is (several visits of one person must not make a class look larger than it is);  l (distinct l-diversity): the fewest distinct values of a
   sensitive attribute in any class;
 * uniqueness: the share of records alone in their class;
 * prosecutor risk: an attacker who knows the target is in the table re-identifies a record of a
@@ -86,13 +87,23 @@ class RiskReport:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
-def risk(codes: Sequence[np.ndarray], sensitive: Sequence[np.ndarray] = (), *, k: int = 1) -> RiskReport:
-    """Risk measures of one table, given its quasi-identifier codes (and sensitive codes for l)."""
+def _sizes(ids: np.ndarray, m: int, people: np.ndarray | None) -> np.ndarray:
+    """Class sizes in records, or in distinct people when ``people`` codes are given."""
+    return class_sizes(ids, m) if people is None else distinct_per_class(ids, m, people)
+
+
+def risk(codes: Sequence[np.ndarray], sensitive: Sequence[np.ndarray] = (), *, k: int = 1,
+         people: np.ndarray | None = None) -> RiskReport:
+    """Risk measures of one table, given its quasi-identifier codes (and sensitive codes for l).
+
+    With ``people`` (a code per record identifying the patient), class sizes count distinct
+    patients: five visits of one patient in a class are one person, not k=5.
+    """
     n = len(codes[0]) if codes else 0
     if n == 0:
         return RiskReport(0, 0, 0, None, 0.0, 0.0, 0.0, 0.0)
     ids, m = class_ids(codes)
-    sizes = class_sizes(ids, m)
+    sizes = _sizes(ids, m, people)
     per_record = sizes[ids]
     l_value = None
     if sensitive:
@@ -117,10 +128,11 @@ class Enforcement:
     steps: tuple[str, ...]           # human-readable trace of the climb
 
 
-def failing(codes: Sequence[np.ndarray], sensitive: Sequence[np.ndarray], k: int, l: int) -> np.ndarray:
-    """Bool mask of records in classes smaller than k or with fewer than l sensitive values."""
+def failing(codes: Sequence[np.ndarray], sensitive: Sequence[np.ndarray], k: int, l: int,
+            people: np.ndarray | None = None) -> np.ndarray:
+    """Bool mask of records in classes smaller than k (records, or patients) or with fewer than l sensitive values."""
     ids, m = class_ids(codes)
-    bad_class = class_sizes(ids, m) < k
+    bad_class = _sizes(ids, m, people) < k
     if l > 1:
         for s in sensitive:
             bad_class |= distinct_per_class(ids, m, s) < l
@@ -128,7 +140,7 @@ def failing(codes: Sequence[np.ndarray], sensitive: Sequence[np.ndarray], k: int
 
 
 def enforce(level_codes: Sequence[Sequence[np.ndarray]], names: Sequence[str], sensitive: Sequence[np.ndarray],
-            *, k: int, l: int, max_suppression: float) -> Enforcement:
+            *, k: int, l: int, max_suppression: float, people: np.ndarray | None = None) -> Enforcement:
     """Climb the hierarchies until at most ``max_suppression`` of records fail, then suppress them.
 
     ``level_codes[j][v]`` is the code array of quasi-identifier j at level v (finest first).
@@ -139,8 +151,8 @@ def enforce(level_codes: Sequence[Sequence[np.ndarray]], names: Sequence[str], s
     steps: list[str] = []
 
     def bad_count(lv: Sequence[int]) -> tuple[int, np.ndarray]:
-        mask = failing([level_codes[j][v] for j, v in enumerate(lv)], sensitive, k, l) if level_codes else (
-            np.full(n, n < k) | (np.full(n, bool(l > 1 and any(len(np.unique(s)) < l for s in sensitive)))))
+        codes = [level_codes[j][v] for j, v in enumerate(lv)] or [np.zeros(n, dtype=np.int64)]
+        mask = failing(codes, sensitive, k, l, people)
         return int(mask.sum()), mask
 
     count, mask = bad_count(levels)
