@@ -19,7 +19,8 @@ its keys can move together.  Example::
     max_ttl = "12h"
 
     [records]
-    url = "sqlite:///records.db"
+    url = "sqlite:///records.db"      # or postgresql://user:pw@host/db (the site's database)
+    table = "gateway_records"
 
     [model]
     run_dir = "runs/heart"
@@ -87,6 +88,7 @@ class GatewayConfig:
     token_private_key: Path | None = None
     max_ttl: dt.timedelta = dt.timedelta(hours=12)
     records_url: str = "sqlite:///records.db"
+    records_table: str = "gateway_records"
     model_run_dir: Path | None = None
     audit_path: str = "audit.db"
     audit_key: Path | None = None
@@ -154,6 +156,7 @@ class GatewayConfig:
             token_private_key=path(tok.get("private_key")),
             max_ttl=parse_ttl(tok.get("max_ttl", "12h")),
             records_url=url,
+            records_table=str(rec.get("table", "gateway_records")),
             model_run_dir=path(mdl.get("run_dir")),
             audit_path=audit,
             audit_key=path(aud.get("key")),

@@ -14,12 +14,14 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import re
 import threading
 from typing import Annotated, Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from insitu.data.sources import redact_url
 from insitu.errors import ConfigError, DataError
 
 PSEUDONYM_PATTERN = r"^[A-Za-z0-9_-]{4,64}$"
@@ -143,30 +145,43 @@ def nursing_view(rec: Record, today: dt.date) -> NursingView:
     return NursingView(pseudonym=rec.pseudonym, age_band=band, **{f: getattr(rec, f) for f in NURSING_FIELDS})
 
 
-_meta = sa.MetaData()
-records_table = sa.Table(
-    "gateway_records",
-    _meta,
-    sa.Column("pseudonym", sa.String(64), primary_key=True),
-    sa.Column("ward", sa.String(32), nullable=False, index=True),
-    sa.Column("body", sa.Text, nullable=False),  # JSON of RecordBody
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("updated_at", sa.String(40), nullable=False),
-)
+def _table(name: str) -> sa.Table:
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("pseudonym", sa.String(64), primary_key=True),
+        sa.Column("ward", sa.String(32), nullable=False, index=True),
+        sa.Column("body", sa.Text, nullable=False),  # JSON of RecordBody
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("updated_at", sa.String(40), nullable=False),
+    )
+
+
+def store_url(target: str) -> str:
+    """A path becomes ``sqlite:///path``; ``postgresql://`` gets the psycopg 3 driver (as site sources do)."""
+    if target.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + target.split("://", 1)[1]
+    if "://" in target:
+        return target
+    return f"sqlite:///{target}"
 
 
 class RecordStore:
-    """Records by pseudonym through SQLAlchemy; every write is one transaction."""
+    """Records by pseudonym through SQLAlchemy (SQLite or PostgreSQL); every write is one transaction."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, table: str = "gateway_records"):
+        if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", table):
+            raise ConfigError(f"record table name {table!r} must be lower-case letters, digits and _")
+        url = store_url(url)
+        self.table = records_table = _table(table)
         try:
             kw: dict[str, Any] = {}
             if url.startswith("sqlite"):
                 kw["connect_args"] = {"check_same_thread": False}
             self.engine = sa.create_engine(url, **kw)
-            _meta.create_all(self.engine)
+            records_table.metadata.create_all(self.engine)
         except sa.exc.SQLAlchemyError as exc:
-            raise ConfigError(f"cannot open record store {url!r}: {exc}") from None
+            raise ConfigError(f"cannot open record store {redact_url(url)!r}: {getattr(exc, 'orig', exc)}") from None
         self._lock = threading.Lock()  # SQLite allows one writer; serialise ours rather than retry
 
     @staticmethod
@@ -176,24 +191,24 @@ class RecordStore:
 
     def get(self, pseudonym: str) -> Record | None:
         with self.engine.connect() as c:
-            row = c.execute(sa.select(records_table).where(records_table.c.pseudonym == pseudonym)).first()
+            row = c.execute(sa.select(self.table).where(self.table.c.pseudonym == pseudonym)).first()
         return self._row_to_record(row) if row else None
 
     def ward_of(self, pseudonym: str) -> str | None:
         with self.engine.connect() as c:
-            return c.execute(sa.select(records_table.c.ward).where(records_table.c.pseudonym == pseudonym)).scalar()
+            return c.execute(sa.select(self.table.c.ward).where(self.table.c.pseudonym == pseudonym)).scalar()
 
     def put(self, pseudonym: str, body: RecordBody, now: dt.datetime) -> Record:
         """Create or replace; returns the stored record with its new version."""
         data = body.model_dump(mode="json")
         with self._lock, self.engine.begin() as c:
-            old = c.execute(sa.select(records_table.c.version).where(records_table.c.pseudonym == pseudonym)).scalar()
+            old = c.execute(sa.select(self.table.c.version).where(self.table.c.pseudonym == pseudonym)).scalar()
             version = 1 if old is None else old + 1
             values = dict(ward=body.ward, body=json.dumps(data), version=version, updated_at=now.isoformat())
             if old is None:
-                c.execute(records_table.insert().values(pseudonym=pseudonym, **values))
+                c.execute(self.table.insert().values(pseudonym=pseudonym, **values))
             else:
-                c.execute(records_table.update().where(records_table.c.pseudonym == pseudonym).values(**values))
+                c.execute(self.table.update().where(self.table.c.pseudonym == pseudonym).values(**values))
         return Record(pseudonym=pseudonym, version=version, updated_at=now, **body.model_dump())
 
     def patch(self, pseudonym: str, patch: RecordPatch, now: dt.datetime) -> Record | None:
@@ -210,8 +225,8 @@ class RecordStore:
             data = body.model_dump(mode="json")
             with self.engine.begin() as c:
                 res = c.execute(
-                    records_table.update()
-                    .where(records_table.c.pseudonym == pseudonym, records_table.c.version == current.version)
+                    self.table.update()
+                    .where(self.table.c.pseudonym == pseudonym, self.table.c.version == current.version)
                     .values(ward=body.ward, body=json.dumps(data), version=current.version + 1, updated_at=now.isoformat())
                 )
                 if res.rowcount != 1:
@@ -220,7 +235,7 @@ class RecordStore:
 
     def count(self) -> int:
         with self.engine.connect() as c:
-            return int(c.execute(sa.select(sa.func.count()).select_from(records_table)).scalar() or 0)
+            return int(c.execute(sa.select(sa.func.count()).select_from(self.table)).scalar() or 0)
 
 
-__all__ = ["Record", "RecordBody", "RecordPatch", "NursingView", "nursing_view", "RecordStore", "NURSING_FIELDS", "PSEUDONYM_PATTERN"]
+__all__ = ["Record", "RecordBody", "RecordPatch", "NursingView", "nursing_view", "RecordStore", "store_url", "NURSING_FIELDS", "PSEUDONYM_PATTERN"]

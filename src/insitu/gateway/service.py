@@ -32,7 +32,7 @@ def build_gateway(cfg: GatewayConfig, clock: Clock = utc_now) -> Gateway:
     return Gateway(
         pdp=PolicyDecisionPoint(cfg.rules),
         verifier=TokenVerifier(load_public_key(cfg.token_public_key), cfg.issuer, cfg.max_ttl),
-        store=RecordStore(cfg.records_url),
+        store=RecordStore(cfg.records_url, cfg.records_table),
         audit=GroupCommitAudit(AuditLog.open(cfg.audit_path, cfg.audit_key, writer=cfg.audit_writer)),
         model=ServedModel.load(cfg.model_run_dir) if cfg.model_run_dir is not None else None,
         clock=clock,
