@@ -28,9 +28,10 @@ def init(out_dir: Path = typer.Option(..., "--out", help="Directory for the new 
 def issue(name: str = typer.Option(..., help="Party name, becomes the certificate CN (e.g. hospital-a)."),
           role: pki.Role = typer.Option(..., help="site, operator or coordinator."),
           out_dir: Path = typer.Option(..., "--out", help="Where to write NAME.key, NAME.pem and ca.pem."),
-          ca_dir: Path = CA_DIR, days: int = typer.Option(365, help="Validity in days.")) -> None:
+          ca_dir: Path = CA_DIR, days: int = typer.Option(365, help="Validity in days."),
+          host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator only: DNS names / IPs sites dial (repeat).")) -> None:
     """Issue a key and certificate in one step (for parties that let the CA make their key)."""
-    creds = pki.CertificateAuthority(ca_dir).issue(name, role, out_dir, days=days)
+    creds = pki.CertificateAuthority(ca_dir).issue(name, role, out_dir, days=days, hosts=tuple(host))
     out.print(f"{role.value} certificate for {name}: {creds.cert} (key {creds.key})")
 
 
@@ -45,10 +46,11 @@ def csr(name: str = typer.Option(..., help="Party name (CN)."), out_dir: Path = 
 def sign(csr_path: Path = typer.Argument(..., help="The party's .csr file."),
          role: pki.Role = typer.Option(..., help="Role the CA grants (the CSR cannot choose it)."),
          out_path: Path = typer.Option(None, "--out", help="Certificate file (default: NAME.pem beside the CSR)."),
-         ca_dir: Path = CA_DIR, days: int = typer.Option(365)) -> None:
+         ca_dir: Path = CA_DIR, days: int = typer.Option(365),
+         host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator only: DNS names / IPs sites dial (repeat).")) -> None:
     """Sign a certificate signing request for a role."""
     ca = pki.CertificateAuthority(ca_dir)
-    cert = ca.sign(pki.load_csr(csr_path), role, days=days)
+    cert = ca.sign(pki.load_csr(csr_path), role, days=days, hosts=tuple(host))
     from cryptography.hazmat.primitives import serialization
 
     target = out_path or csr_path.with_suffix(".pem")
@@ -62,6 +64,14 @@ def revoke(name: str = typer.Option(..., help="Party whose certificates to revok
     """Revoke every certificate of NAME and republish crl.pem (the coordinator reloads it)."""
     serials = pki.CertificateAuthority(ca_dir).revoke(name)
     out.print(f"revoked {len(serials)} certificate(s) of {name}; CRL republished at {ca_dir / 'crl.pem'}")
+
+
+@app.command("crl")
+def crl(ca_dir: Path = CA_DIR) -> None:
+    """Re-sign and republish crl.pem before it expires (it is valid 30 days; an expired CRL makes
+    the coordinator refuse every handshake, which fails closed)."""
+    path = pki.CertificateAuthority(ca_dir).publish_crl()
+    out.print(f"revocation list republished at {path}")
 
 
 @app.command("list")
