@@ -1,7 +1,7 @@
 """The de-identification policy a site applies before any record reaches training (TOML).
 
     [deid]
-    k = 5                        # every quasi-identifier combination shared by >= 5 records
+    k = 5                        # every quasi-identifier combination shared by >= 5 patients
     l = 2                        # and >= 2 distinct values of each diversity-checked sensitive column
     max_suppression = 0.05       # at most 5% of records may be removed; more is an error
     patient_id = "mrn"           # keys the pseudonym, the date shift and the encryption binding
