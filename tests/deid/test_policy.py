@@ -88,3 +88,14 @@ def test_bad_schemas():
     bad["columns"]["chol"]["feature"] = "target"
     with pytest.raises(ConfigError, match="feature name"):
         RecordSchema.from_dict(bad)
+
+
+def test_public_namespaces():
+    import insitu.data.sources as sources
+    import insitu.deid as deid
+
+    for mod in (deid, sources):
+        public = {n for n in dir(mod) if not n.startswith("_") and not isinstance(getattr(mod, n), type(mod))}
+        assert set(mod.__all__) <= public
+        assert all(hasattr(mod, n) for n in mod.__all__)
+    assert {"deidentify", "DeidPolicy", "FieldKeyring", "assess"} <= set(deid.__all__)

@@ -7,6 +7,10 @@ keys.  A key directory holds ``<writer>.key`` (PKCS#8 PEM, mode 0600) and ``<wri
 
 Private keys are refused when the file is readable by group or others: a signing key anyone on the
 host can read makes every signature in the log meaningless.
+
+Rotating a writer's key: create a key under a new writer name (``site-a-2027``), have the old
+writer append an ``AuditAction.KEY_ROTATION`` entry naming the new writer and its fingerprint,
+then switch.  Keep the old ``.pub`` in the verifier's directory: old entries still verify with it.
 """
 from __future__ import annotations
 
