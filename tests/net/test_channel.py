@@ -158,3 +158,22 @@ def test_oversized_message_refused(pki):
         assert "disconnected" in ex.dropped["hospital-a"]  # an 80 kB reply over the 64 kB limit closes the channel
     finally:
         srv.stop()
+
+
+def test_revocation_closes_an_open_channel_and_refuses_reconnection(pki):
+    srv = start_server(pki)
+    try:
+        client = start_site(pki, "a", srv.port, echo)
+        start_site(pki, "b", srv.port, echo)
+        assert srv.transport.wait_for(None, 2, 10) == ["hospital-a", "hospital-b"]
+        assert client.connected.wait(10)
+        connects = client.connects
+        pki["ca"].revoke("hospital-a")
+        deadline = time.monotonic() + 10
+        while "hospital-a" in srv.transport.sites() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.transport.sites() == ["hospital-b"]
+        time.sleep(1.0)  # the site keeps dialling with back-off; every handshake is refused
+        assert srv.transport.sites() == ["hospital-b"] and client.connects == connects
+    finally:
+        srv.stop()
