@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from insitu.errors import ConfigError, ProtocolError, RoundAborted
 from insitu.federation.messages import Message, MessageKind
 from insitu.secure import shamir
-from insitu.secure.secagg import SecAggConfig, SecAggProtocol, SecAggSite
+from insitu.secure.secagg import Recovery, SecAggConfig, SecAggProtocol, SecAggSite
 
 from .conftest import make_group, plan
 
@@ -32,11 +32,12 @@ def expected_ring_sum(cfg: SecAggConfig, n: int, vecs, weights, members) -> np.n
     n=st.integers(3, 9),
     size=st.integers(1, 300),
     bits=st.sampled_from([32, 64]),
+    recovery=st.sampled_from(list(Recovery)),
     seed=st.integers(0, 2**31),
     data=st.data(),
 )
-def test_unmasked_sum_equals_plain_sum_exactly_in_the_ring(n, size, bits, seed, data):
-    cfg = SecAggConfig(ring_bits=bits, bound=2.0**7 if bits == 32 else 2.0**20)
+def test_unmasked_sum_equals_plain_sum_exactly_in_the_ring(n, size, bits, recovery, seed, data):
+    cfg = SecAggConfig(ring_bits=bits, bound=2.0**7 if bits == 32 else 2.0**20, recovery=recovery)
     t = cfg.threshold_for(n)  # small groups use the complete graph
     budget = n - max(t, cfg.min_group)
     drops = data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.sampled_from(PHASES)), max_size=budget, unique_by=lambda x: x[0]))
@@ -55,8 +56,9 @@ def test_unmasked_sum_equals_plain_sum_exactly_in_the_ring(n, size, bits, seed, 
     assert set(res.dropped) == set(when)
 
 
-def test_sparse_graph_with_drop_outs_is_exact_and_cheaper_than_complete():
-    cfg = SecAggConfig(security_bits=10, bad_fraction=0.2)
+@pytest.mark.parametrize("recovery", list(Recovery))
+def test_sparse_graph_with_drop_outs_is_exact_and_cheaper_than_complete(recovery):
+    cfg = SecAggConfig(security_bits=10, bad_fraction=0.2, recovery=recovery)
     n, size = 30, 64
     assert cfg.degree_for(n) < n - 1
     gone = {"site03", "site17"}
@@ -67,6 +69,8 @@ def test_sparse_graph_with_drop_outs_is_exact_and_cheaper_than_complete():
     np.testing.assert_array_equal(np.concatenate([res.total, [res.weight]]), expected_ring_sum(cfg, n, vecs, weights, members))
     st_ = proto.last_stats
     assert st_.degree == cfg.degree_for(n) and st_.masks_regenerated <= len(members) + 2 * st_.degree
+    if recovery is Recovery.SURVIVORS:  # the server expanded only the survivors' self-masks
+        assert st_.masks_regenerated == len(members)
 
 
 @settings(max_examples=10, deadline=None)
@@ -146,16 +150,16 @@ def _tamper_meta(kind, fn):
 
 
 def test_forged_unmask_share_aborts_naming_the_forger():
-    def forge(meta):
-        b = dict(meta["b"])
-        v = sorted(b)[0]
-        y = shamir.from_bytes(base64.b64decode(b[v]))
-        b[v] = base64.b64encode(shamir.to_bytes((y + 1) % shamir.PRIME)).decode()
-        return {**meta, "b": b}
+    def forge(msg):
+        if msg.kind is not MessageKind.SECAGG_UNMASK_REPLY:
+            return msg
+        rows = msg.tensors["b_shares"].copy()
+        rows[:, -1] ^= 1  # every share of a self-mask seed this site returns is off by one bit
+        return replace(msg, tensors={**msg.tensors, "b_shares": rows})
 
     proto = SecAggProtocol()
-    sites, transport, _, _ = make_group(proto, 5, 10, 0, tamper={"site03": _tamper_meta(MessageKind.SECAGG_UNMASK_REPLY, forge)})
-    with pytest.raises(RoundAborted, match="site03"):
+    sites, transport, _, _ = make_group(proto, 5, 10, 0, tamper={"site03": forge})
+    with pytest.raises(RoundAborted, match="forged or inconsistent share.*site03"):
         proto.collect(plan(sites, 10), transport)
 
 

@@ -9,7 +9,7 @@ Both plug into the round engine as an :class:`~insitu.federation.protocol.Aggreg
   or ``CKKS`` (TenSEAL, approximate): the coordinator sums ciphertexts it cannot read.
 """
 from insitu.secure.he import HEConfig, HEProtocol, HEScheme, HESite, HEStats
-from insitu.secure.secagg import SecAggConfig, SecAggProtocol, SecAggSite, SecAggStats
+from insitu.secure.secagg import Recovery, SecAggConfig, SecAggProtocol, SecAggSite, SecAggStats
 
 __all__ = [
     "HEConfig",
@@ -17,6 +17,7 @@ __all__ = [
     "HEScheme",
     "HESite",
     "HEStats",
+    "Recovery",
     "SecAggConfig",
     "SecAggProtocol",
     "SecAggSite",

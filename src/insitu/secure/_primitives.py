@@ -35,10 +35,16 @@ def x25519_public(sk: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(sk).public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
 
-def agree(sk: bytes, pk: bytes) -> bytes:
+def private_key(sk: bytes) -> X25519PrivateKey:
+    """Parse a raw private key once (parsing costs as much as an agreement)."""
+    return X25519PrivateKey.from_private_bytes(sk)
+
+
+def agree(sk: bytes | X25519PrivateKey, pk: bytes) -> bytes:
     """Raw X25519 shared secret; refuses a malformed or low-order public key."""
+    key = sk if isinstance(sk, X25519PrivateKey) else X25519PrivateKey.from_private_bytes(sk)
     try:
-        return X25519PrivateKey.from_private_bytes(sk).exchange(X25519PublicKey.from_public_bytes(pk))
+        return key.exchange(X25519PublicKey.from_public_bytes(pk))
     except ValueError as exc:
         raise ProtocolError(f"X25519 key agreement failed: {exc}") from None
 

@@ -92,7 +92,12 @@ class FixedPoint:
 
     def decode(self, ring: np.ndarray) -> np.ndarray:
         """Ring elements back to reals (two's complement in k bits)."""
-        u = np.asarray(ring).astype(np.uint64) & np.uint64(self.mask)
+        ring = np.asarray(ring)
+        if self.ring_bits == 32 and ring.dtype == np.uint32:
+            return ring.view(np.int32).astype(np.float64) / 2.0**self.frac_bits
+        if self.ring_bits == 64 and ring.dtype == np.uint64:
+            return ring.view(np.int64).astype(np.float64) / 2.0**self.frac_bits
+        u = ring.astype(np.uint64) & np.uint64(self.mask)
         if self.ring_bits < 64:
             signed = u.astype(np.int64)
             signed = np.where(signed >= (1 << (self.ring_bits - 1)), signed - (1 << self.ring_bits), signed)

@@ -19,6 +19,7 @@ their constants).  When k ≥ n − 1 the graph is complete: plain Bonawitz et a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -41,7 +42,15 @@ def required_degree(n: int, security_bits: int, bad_fraction: float) -> int:
 
 def neighbours(sites: tuple[str, ...] | list[str], degree: int, seed: bytes) -> dict[str, frozenset[str]]:
     """The Harary graph over ``sites`` in the order drawn from ``seed``; complete when degree ≥ n − 1."""
-    ordered = sorted(sites)
+    return dict(_neighbours(tuple(sorted(sites)), int(degree), bytes(seed)))
+
+
+@functools.lru_cache(maxsize=64)
+def _neighbours(ordered: tuple[str, ...], degree: int, seed: bytes) -> tuple[tuple[str, frozenset[str]], ...]:
+    return tuple(_build(list(ordered), degree, seed).items())
+
+
+def _build(ordered: list[str], degree: int, seed: bytes) -> dict[str, frozenset[str]]:
     n = len(ordered)
     if len(set(ordered)) != n:
         raise ConfigError("site names in a secure-aggregation group must be distinct")

@@ -33,6 +33,7 @@ each site to the coordinator but not to its peers (see README).
 from __future__ import annotations
 
 import base64
+import enum
 import math
 import os
 import time
@@ -46,12 +47,27 @@ from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, RoundPlan
 from insitu.federation.transport import Transport
 from insitu.secure import shamir
-from insitu.secure._primitives import MaskExpander, agree, commitment, context, hkdf, open_sealed, seal, x25519_keypair, x25519_public
+from insitu.secure._primitives import MaskExpander, agree, commitment, context, hkdf, open_sealed, private_key, seal, x25519_keypair, x25519_public
 from insitu.secure.fixedpoint import FixedPoint
 from insitu.secure.graph import neighbours, required_degree
 
 KEY_BYTES = 32
 SEED_BYTES = 16
+
+
+class Recovery(str, enum.Enum):
+    """Who removes the masks that dropped sites shared with survivors.
+
+    SERVER (Bonawitz et al.): the coordinator rebuilds each dropped site's key from shares and
+    regenerates one mask per surviving neighbour; no extra upload.  SURVIVORS: each survivor
+    also returns, in the unmask phase, the sum of its masks with dropped neighbours (what the
+    coordinator would learn from the dropped key anyway, and never a self-mask); the
+    coordinator only adds these, falling back to SERVER for survivors that stay silent.  It
+    trades one extra upload per survivor for a server that expands only self-masks.
+    """
+
+    SERVER = "server"
+    SURVIVORS = "survivors"
 
 
 @dataclass(frozen=True)
@@ -73,8 +89,10 @@ class SecAggConfig:
     degree: int | None = None
     threshold: float | None = None
     min_group: int = 3
+    recovery: Recovery = Recovery.SERVER
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "recovery", Recovery(self.recovery))
         FixedPoint(self.ring_bits, self.frac_bits or 0, self.bound)  # validates ring size and bound
         if self.threshold is not None and not 0.5 < self.threshold <= 1.0:
             raise ConfigError(
@@ -160,6 +178,10 @@ def _share_aad(job: str, round_: int, sender: str, recipient: str) -> bytes:
 SEALED_SHARE_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
 
 
+def _share_rows(values: list[int]) -> np.ndarray:
+    return np.frombuffer(b"".join(shamir.to_bytes(v) for v in values), dtype=np.uint8).reshape(len(values), shamir.SHARE_BYTES)
+
+
 @dataclass(frozen=True)
 class _Setup:
     """The round parameters announced in SECAGG_ADVERTISE, checked by both sides."""
@@ -205,7 +227,7 @@ class _Setup:
 class _SiteRound:
     setup: _Setup
     nbrs: frozenset[str]
-    c_sk: bytes
+    c_sk: Any  # X25519PrivateKey
     c_pk: bytes
     s_sk: bytes
     s_pk: bytes
@@ -213,6 +235,7 @@ class _SiteRound:
     b_seed: bytes = b""
     held: dict[str, tuple[int, int]] = field(default_factory=dict)  # owner → (b share, s share) I hold
     u2: frozenset[str] = frozenset()
+    size: int = 0
     stage: str = "advertised"
 
 
@@ -275,7 +298,7 @@ class SecAggSite:
         setup.fp.check_headroom(n)
         c_sk, c_pk = x25519_keypair()
         s_sk, s_pk = x25519_keypair()
-        self._rounds[msg.job] = (msg.round, _SiteRound(setup, setup.graph()[self.site_id], c_sk, c_pk, s_sk, s_pk))
+        self._rounds[msg.job] = (msg.round, _SiteRound(setup, setup.graph()[self.site_id], private_key(c_sk), c_pk, s_sk, s_pk))
         return Message(MessageKind.SECAGG_ADVERTISE_REPLY, msg.round, msg.job, {"c_pk": _b64(c_pk), "s_pk": _b64(s_pk)})
 
     def _share(self, msg: Message) -> Message:
@@ -344,10 +367,12 @@ class SecAggSite:
         enc = fp.encode(vec, what=f"update of site {self.site_id}")
         exp = MaskExpander(enc.shape[0], enc.dtype)
         exp.add(enc, st.b_seed, +1)
+        s_key = private_key(st.s_sk)
         for v in sorted(peers):
-            seed = _mask_seed(agree(st.s_sk, st.keys[v][1]), request.job, request.round, self.site_id, v)
+            seed = _mask_seed(agree(s_key, st.keys[v][1]), request.job, request.round, self.site_id, v)
             exp.add(enc, seed, +1 if self.site_id < v else -1)
         st.u2 = u2s
+        st.size = enc.shape[0]
         st.stage = "sent"
         return {"secagg": 1}, {"masked": fp.reduce(enc)}
 
@@ -361,11 +386,25 @@ class SecAggSite:
         t = st.setup.threshold
         if len(s3) < max(self.config.min_group, t):
             raise ConfigError(f"site {self.site_id} refuses to unmask a sum of {len(s3)} sites; needs ≥ {max(self.config.min_group, t)}")
-        b = {v: _b64(shamir.to_bytes(st.held[v][0])) for v in sorted(s3) if v in st.held}
-        s = {v: _b64(shamir.to_bytes(st.held[v][1])) for v in sorted(d) if v in st.held}
+        b = [v for v in sorted(s3) if v in st.held]
+        s = [v for v in sorted(d) if v in st.held]
+        tensors = {
+            "b_shares": _share_rows([st.held[v][0] for v in b]),
+            "s_shares": _share_rows([st.held[v][1] for v in s]),
+        }
+        lost = sorted(d & st.nbrs)
+        if msg.meta.get("recovery") == Recovery.SURVIVORS.value and lost:
+            fp = st.setup.fp
+            corr = np.zeros(st.size, dtype=fp.dtype)
+            exp = MaskExpander(st.size, fp.dtype)
+            s_key = private_key(st.s_sk)
+            for v in lost:
+                seed = _mask_seed(agree(s_key, st.keys[v][1]), msg.job, msg.round, self.site_id, v)
+                exp.add(corr, seed, +1 if self.site_id < v else -1)
+            tensors["correction"] = fp.reduce(corr)
         st.stage = "unmasked"
         st.held.clear()
-        return Message(MessageKind.SECAGG_UNMASK_REPLY, msg.round, msg.job, {"b": b, "s": s})
+        return Message(MessageKind.SECAGG_UNMASK_REPLY, msg.round, msg.job, {"b": b, "s": s}, tensors)
 
 
 # -- coordinator half ---------------------------------------------------------------------------------
@@ -489,24 +528,35 @@ class SecAggProtocol:
         gone = u2 - u3
 
         # 4. unmask
-        umeta = {"survivors": sorted(u3), "dropped": sorted(gone)}
+        umeta = {"survivors": sorted(u3), "dropped": sorted(gone), "recovery": cfg.recovery.value}
         unm = phase({s: Message(MessageKind.SECAGG_UNMASK, plan.round, plan.job, umeta) for s in sorted(u3)}, MessageKind.SECAGG_UNMASK_REPLY, "unmask")
         t_unmask = time.perf_counter()
+        covered: set[tuple[str, str]] = set()  # (dropped, survivor) edges removed by a survivor's correction
         b_pts: dict[str, dict[int, int]] = {u: {} for u in u3}
         s_pts: dict[str, dict[int, int]] = {v: {} for v in gone}
         for h, rep in unm.items():
             b, s = rep.meta.get("b"), rep.meta.get("s")
-            want_b = {u for u in u3 if u == h or u in graph[h]}
-            want_s = {v for v in gone if v in graph[h]}
-            if not isinstance(b, dict) or not isinstance(s, dict) or set(b) != want_b or set(s) != want_s:
-                raise _abort(plan, h, f"unmask reply holds shares for {sorted(b or {})} / {sorted(s or {})}, expected {sorted(want_b)} / {sorted(want_s)}")
-            try:
-                for u, val in b.items():
-                    b_pts[u][idx[h]] = shamir.from_bytes(_unb64(val, shamir.SHARE_BYTES, f"share of b_{u}"))
-                for v, val in s.items():
-                    s_pts[v][idx[h]] = shamir.from_bytes(_unb64(val, shamir.SHARE_BYTES, f"share of key of {v}"))
-            except ProtocolError as exc:
-                raise _abort(plan, h, str(exc)) from None
+            want_b = sorted(u for u in u3 if u == h or u in graph[h])
+            want_s = sorted(v for v in gone if v in graph[h])
+            if b != want_b or s != want_s:
+                raise _abort(plan, h, f"unmask reply holds shares for {b!r} / {s!r}, expected {want_b} / {want_s}")
+            for name, owners, pts in (("b_shares", b, b_pts), ("s_shares", s, s_pts)):
+                rows = rep.tensors.get(name)
+                if rows is None or rows.dtype != np.uint8 or rows.shape != (len(owners), shamir.SHARE_BYTES):
+                    raise _abort(plan, h, f"unmask reply tensor {name} is missing or not ({len(owners)}, {shamir.SHARE_BYTES}) uint8")
+                try:
+                    for owner, row in zip(owners, rows):
+                        pts[owner][idx[h]] = shamir.from_bytes(row.tobytes())
+                except ProtocolError as exc:
+                    raise _abort(plan, h, str(exc)) from None
+            if cfg.recovery is Recovery.SURVIVORS and want_s:
+                corr = rep.tensors.get("correction")
+                if corr is None or corr.dtype != fp.dtype or corr.shape != (size,):
+                    raise _abort(plan, h, f"unmask reply lacks a ({size},) {fp.dtype} mask correction for its dropped neighbours")
+                if fp.ring_bits not in (32, 64) and int(corr.max(initial=0)) > top:
+                    raise _abort(plan, h, f"mask correction holds values outside Z_2^{fp.ring_bits}")
+                np.subtract(acc, corr, out=acc)
+                covered.update((v, h) for v in want_s)
         names = {i: s for s, i in idx.items()}
         exp = MaskExpander(size, fp.dtype)
         regenerated = 0
@@ -523,6 +573,9 @@ class SecAggProtocol:
             exp.add(acc, seed, -1)
             regenerated += 1
         for v in sorted(gone):
+            edges = [w for w in sorted(graph[v] & u3) if (v, w) not in covered]
+            if not edges:
+                continue
             s_pk = keys[v][1]
 
             def ok_s(x: int, s_pk: bytes = s_pk) -> bool:
@@ -532,8 +585,9 @@ class SecAggProtocol:
                 sk = shamir.reconstruct(s_pts[v], t, check=ok_s, names=names, what=f"mask key of dropped site {v}").to_bytes(32, "big")
             except ProtocolError as exc:
                 raise RoundAborted(f"round {plan.round}: secure aggregation aborted: {exc}; the global model is unchanged") from None
-            for w in sorted(graph[v] & u3):
-                seed = _mask_seed(agree(sk, keys[w][1]), plan.job, plan.round, v, w)
+            sk_v = private_key(sk)
+            for w in edges:
+                seed = _mask_seed(agree(sk_v, keys[w][1]), plan.job, plan.round, v, w)
                 exp.add(acc, seed, -1 if w < v else +1)  # y_w holds +mask when w < v
                 regenerated += 1
         total = fp.decode(fp.reduce(acc))
@@ -551,4 +605,4 @@ class SecAggProtocol:
         return AggregateResult(total[:-1], float(total[-1]), tuple(sorted(u3)), dropped, metrics, up, down)
 
 
-__all__ = ["SecAggConfig", "SecAggProtocol", "SecAggSite", "SecAggStats"]
+__all__ = ["Recovery", "SecAggConfig", "SecAggProtocol", "SecAggSite", "SecAggStats"]
