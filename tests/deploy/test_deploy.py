@@ -66,6 +66,21 @@ def hello_accepted(port: int, creds: Credentials) -> bool:
         ch.close()
 
 
+def wait_round_started(dep, job: str, round_: int, timeout: float = 90.0) -> None:
+    """Block until the coordinator has reserved ``round_`` of ``job`` (its TRAIN requests are going out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        db = sqlite3.connect(dep.root / "coordinator.db", timeout=5)
+        try:
+            row = db.execute("SELECT status FROM rounds WHERE job=? AND round=?", (job, round_)).fetchone()
+        finally:
+            db.close()
+        if row and row[0] == "started":
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"round {round_} of {job} never started")
+
+
 def test_heart_job_matches_simulation(dep):
     from insitu.federation.simulation import simulate
 
@@ -176,7 +191,8 @@ def test_site_certificate_cannot_submit(dep):
 
 def test_coordinator_killed_and_restarted_resumes_without_reapplying(dep):
     dep.operator("submit", {"job": {**SLOW, "name": "resume", "rounds": 4, "min_sites": 4}})
-    dep.wait_job("resume", rounds=2, timeout=90)  # then kill it during round 3
+    wait_round_started(dep, "resume", 3)
+    time.sleep(0.1)  # the sites are training round 3
     dep.kill("coordinator")
     dep.start_coordinator()
     st = dep.wait_job("resume", timeout=120)
@@ -188,13 +204,15 @@ def test_coordinator_killed_and_restarted_resumes_without_reapplying(dep):
     assert rounds_applied == sorted(set(rounds_applied))  # strictly increasing: no round applied twice
     statuses = {r["round"]: r["status"] for r in st["rounds"]}
     assert sorted(r for r, s in statuses.items() if s == "applied") == rounds_applied
+    assert statuses[3] == "interrupted" and 3 not in rounds_applied  # killed mid-round 3: never applied
     assert all(statuses[r] in ("interrupted", "aborted") for r in statuses if r not in rounds_applied)
     assert st["final"]["rounds_applied"] == 4
 
 
 def test_site_killed_mid_round_job_goes_on(dep):
     dep.operator("submit", {"job": {**SLOW, "name": "kill-site", "rounds": 3, "min_sites": 3, "wait_for_sites": 2.0, "sites": list(sandbox.SITES)}})
-    dep.wait_job("kill-site", rounds=1, timeout=90)  # then kill a site during round 2
+    wait_round_started(dep, "kill-site", 2)
+    time.sleep(0.1)  # the sites are training round 2
     dep.kill("site-switzerland")
     st = dep.wait_job("kill-site", timeout=90)
     assert st["status"] == "done", st
@@ -202,3 +220,4 @@ def test_site_killed_mid_round_job_goes_on(dep):
     first, *later = [r for r in st["rounds"] if r["status"] == "applied"]
     assert "switzerland" in first["participants"]
     assert later and all("switzerland" not in r["participants"] and "switzerland" in r["dropped"] for r in later)
+    assert later[0]["round"] == 2 and "disconnected" in later[0]["dropped"]["switzerland"]  # lost mid-round, round completed
