@@ -36,7 +36,7 @@ from insitu.federation.site import Site
 from insitu.federation.task import TaskSpec
 from insitu.net.client import DialConfig, SiteClient
 from insitu.net.pki import Credentials
-from insitu.net.protocols import KIND_PROTOCOL, site_protection
+from insitu.net.protocols import protocol_of, site_protection
 from insitu.site.policy import Approvals, BudgetLedger, DataSource, SitePolicy, check_group, check_ranges
 
 log = logging.getLogger("insitu.site")
@@ -124,12 +124,14 @@ class SiteNode:
 
     def _early_phase(self, msg: Message) -> Message | None:
         """Protocol phases that come before the job's first TRAIN (secure aggregation's key
-        agreement) are answered by the protocol's site half, kept until the Site is built."""
-        proto = KIND_PROTOCOL.get(msg.kind)
-        if proto is None:
+        agreement, homomorphic key dealing) are answered by the protocol's site half, kept until the Site is built."""
+        if msg.kind in (MessageKind.TRAIN, MessageKind.EVALUATE):
             return None
         with self._lock:
             if msg.job in self._sites:
+                return None
+            proto = protocol_of(msg)
+            if proto is None:
                 return None
             prot = self._early.get(msg.job)
             if prot is None:
@@ -137,7 +139,10 @@ class SiteNode:
                 self._early[msg.job] = prot
                 while len(self._early) > MAX_JOBS:
                     self._early.pop(next(iter(self._early)))
-        return prot.handlers()[msg.kind](msg)
+        handler = prot.handlers().get(msg.kind)
+        if handler is None:
+            raise ProtocolError(f"{msg.kind.value} for job {msg.job!r} before key agreement")
+        return handler(msg)
 
     def _eps(self, task: TaskSpec) -> float:
         return float(task.extra.get("epsilon_per_round", 0.0)) if self.policy.epsilon_budget is not None else 0.0
