@@ -55,8 +55,8 @@ def write_run_dir(d: Path, seed: int = 7, epsilon: float | None = 2.5, delta: fl
         "sites": {s: {"n_train": 100} for s in ("cleveland", "hungary", "switzerland", "va-long-beach")},
         "final": {"rounds_completed": 20, "mean_site_accuracy": 0.71},
     }
-    if epsilon is not None:
-        summary["privacy"] = {"epsilon": epsilon, "delta": delta}
+    if epsilon is not None:  # as insitu.federation.dp writes it into summary["final"]
+        summary["final"].update({"epsilon": epsilon, "delta": delta, "epsilon_per_site": {}})
     (d / "summary.json").write_text(json.dumps(summary))
     return params
 

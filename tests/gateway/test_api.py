@@ -186,3 +186,16 @@ def test_audit_failure_refuses_service(harness: Harness):
     harness.gw.audit = Broken()
     r = harness.client.get(f"/records/{P}", headers=harness.auth("doctor"))
     assert r.status_code == 503 and "audit" in r.json()["detail"]
+
+
+def test_oversized_body_is_413_before_parsing(shared: Harness):
+    big = {"features": FEATS, "pad": "x" * 70_000}
+    r = shared.client.post("/predict", json=big, headers=shared.auth("ai-model"))
+    assert r.status_code == 413
+
+    def chunks():  # no Content-Length: counted while streaming
+        yield b'{"features": {'
+        for _ in range(2000):
+            yield b'"x": 1.0, ' * 10
+    r = shared.client.post("/predict", content=chunks(), headers={**shared.auth("ai-model"), "content-type": "application/json"})
+    assert r.status_code == 413

@@ -220,6 +220,53 @@ def _features_model(model: ServedModel | None) -> type[BaseModel]:
     return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"), features=(feats, ...))
 
 
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413 before the app reads them into memory."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None:  # the HTTP layer delivers exactly this many bytes
+            if not length.isdigit() or int(length) > self.limit:
+                return await self._too_large(send)
+            return await self.app(scope, receive, send)
+        # chunked or no body: read at most `limit` bytes here, then replay them to the app
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # client went away
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(send)
+            if not msg.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Callable) -> None:
+        body = ('{"detail":"request body larger than %d bytes"}' % self.limit).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(gw: Gateway) -> FastAPI:
     """The FastAPI application over a :class:`Gateway`; serve it with :func:`insitu.gateway.tls.serve`."""
     app = FastAPI(
@@ -229,6 +276,7 @@ def create_app(gw: Gateway) -> FastAPI:
                     "Doctors read and update records; nurses read the de-identified nursing view; "
                     "AI agents run inference on anonymized feature vectors and never see a record.",
     )
+    app.add_middleware(BodyLimit)
     bearer_scheme = HTTPBearer(auto_error=False, description="token from `insitu gateway token`")
 
     @app.exception_handler(_Unauthenticated)

@@ -4,8 +4,8 @@ Read from a run directory written by ``insitu simulate`` (or a coordinator's
 publication): ``task.json`` (the :class:`~insitu.federation.task.TaskSpec`,
 whose ``schema`` names the features in order), ``model.npz`` (``params``: the
 flat float32 parameter vector) and ``summary.json`` (training sites, rounds
-completed, and — when the run used differential privacy — ``privacy.epsilon``
-and ``privacy.delta``).  The model is rebuilt from the model registry only;
+completed, and — when the run used differential privacy — ``final.epsilon``
+(the largest ε any site spent) and ``final.delta``).  The model is rebuilt from the model registry only;
 nothing in these files picks code.
 """
 from __future__ import annotations
@@ -102,7 +102,6 @@ class ServedModel:
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"cannot read model parameters {d / 'model.npz'}: {exc}") from None
         summary = _read_json(d / "summary.json") if (d / "summary.json").exists() else {}
-        privacy = summary.get("privacy") or {}
         final = summary.get("final") or {}
         card = ModelCard(
             model=spec.model,
@@ -110,8 +109,8 @@ class ServedModel:
             features=spec.schema,
             training_sites=tuple(sorted(summary.get("sites") or {})),
             rounds=int(final.get("rounds_completed", 0)),
-            epsilon=privacy.get("epsilon"),
-            delta=privacy.get("delta"),
+            epsilon=final.get("epsilon"),  # present only when the run used differential privacy
+            delta=final.get("delta") if final.get("epsilon") is not None else None,
             strategy=(summary.get("config") or {}).get("strategy"),
             mean_site_accuracy=final.get("mean_site_accuracy"),
         )
