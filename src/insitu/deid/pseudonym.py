@@ -113,7 +113,8 @@ class Pseudonymizer:
         """
         codes, uniques = pd.factorize(ids, use_na_sentinel=True)
         key = self._k_pseudo
-        macs = [hmac.digest(key, _id_bytes(u), "sha256") for u in np.asarray(uniques, dtype=object).tolist()]
+        texts = pd.Index(uniques, dtype=object).astype(str).str.strip().tolist()  # same as _id_bytes, vectorized
+        macs = [hmac.digest(key, t.encode("utf-8"), "sha256") for t in texts]
         series = None
         if pseudonyms:
             table = np.array([m[:PSEUDONYM_HEX // 2].hex() for m in macs] + [None], dtype=object)
