@@ -1,7 +1,6 @@
 """Shared fixtures for the attack tests: the heart pool, PneumoniaMNIST images, fast trainers."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,30 +51,32 @@ def fit_mlp(X: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 300) -> to
 
 
 def make_dp_mlp(epsilon: float, delta: float, n: int, epochs: int = 15, batch: int = 128, clip: float = 1.0):
-    """Record-level DP-SGD (Opacus, PRV accountant) with the noise calibrated once for ``epsilon``."""
-    from opacus import PrivacyEngine
-    from opacus.accountants.utils import get_noise_multiplier
+    """Record-level DP-SGD as the sites run it (``insitu.learn.dpsgd``: Poisson sampling, per-record
+    clipping), with the noise calibrated by the project's accountant (PLD) for ``epsilon``."""
+    from insitu.learn.dpsgd import DPSGDConfig, dp_sgd_train
+    from insitu.learn.train import TrainConfig
+    from insitu.privacy import calibrate_noise, epsilon_of
+    from insitu.privacy.accounting import Mechanism, PrivacyEvent
 
-    sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=batch / n, epochs=epochs, accountant="prv")
+    q = batch / n
+    steps = int(round(epochs / q))
+    sigma = calibrate_noise(epsilon, delta, rounds=1, sampling_rate=q, steps_per_round=steps)
 
     def fit(X: torch.Tensor, y: torch.Tensor, seed: int) -> torch.nn.Module:
-        torch.manual_seed(seed)
         m = build_model("mlp", (X.shape[1],), 1, seed=seed)
-        opt = torch.optim.SGD(m.parameters(), lr=1.0)
-        dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=batch)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            engine = PrivacyEngine(accountant="prv")
-            pm, popt, pdl = engine.make_private(module=m, optimizer=opt, data_loader=dl, noise_multiplier=sigma, max_grad_norm=clip)
-            for _ in range(epochs):
-                for xb, yb in pdl:
-                    if len(xb) == 0:
-                        continue
-                    popt.zero_grad()
-                    torch.nn.functional.binary_cross_entropy_with_logits(pm(xb).squeeze(-1), yb).backward()
-                    popt.step()
-            fit.epsilon = engine.get_epsilon(delta)
-        return pm._module
+        dp_sgd_train(m, X, y, TrainConfig(lr=1.0, steps=steps), DPSGDConfig(sigma, clip, min(1.0, batch / X.shape[0])),
+                     torch.Generator().manual_seed(seed), num_outputs=1)
+        return m
 
     fit.sigma = sigma
+    fit.epsilon = epsilon_of([PrivacyEvent(Mechanism.GAUSSIAN, sigma, q, steps)], delta)
     return fit
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Thousands of tiny steps: one torch thread is far faster than two on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from insitu.attacks.observer import ObservedRound
+from insitu.federation.dp import dpsgd_trainer
+from insitu.federation.pipeline import SitePipeline
+from insitu.federation.protocol import PlainSiteProtection
+from insitu.federation.site import Site
+from insitu.learn.dpsgd import DPSGDConfig
+from insitu.secure import SecAggConfig, SecAggProtocol
 from insitu.attacks.probe import attack_images, attack_tabular, single_record_round
 from insitu.attacks.reconstruction import MatchConfig, analytic_linear, gradient_matching, infer_labels, score_images
 from insitu.errors import ConfigError
@@ -26,9 +31,18 @@ def _trained_logreg(X, y):
     return get_flat(m)
 
 
-def sum_only(obs: ObservedRound) -> ObservedRound:
-    """What secure aggregation leaves the coordinator: the aggregate, no per-site vector."""
-    return replace(obs, train_replies={})
+def secagg() -> SecAggProtocol:
+    return SecAggProtocol(SecAggConfig())
+
+
+def dp_sgd_sites(noise_multiplier: float, clip: float = 1.0):
+    """Probe sites that train with the project's DP-SGD; the record is always sampled (worst case)."""
+    def make(sid, data, task):
+        site = Site(sid, data, task, pipeline=SitePipeline(protection=PlainSiteProtection()))
+        site.trainer = dpsgd_trainer(DPSGDConfig(noise_multiplier, clip, 1.0))
+        return site
+
+    return make
 
 
 def test_single_record_heart_update_is_reconstructed_exactly(heart_pool):
@@ -49,22 +63,40 @@ def test_several_local_steps_on_one_record_are_still_exact(heart_pool):
     np.testing.assert_allclose(est, X[0].numpy(), atol=1e-4)
 
 
-def test_sum_of_four_sites_is_no_better_than_a_guess(heart_pool):
-    """With only Σ of 4 single-record updates, no record is recovered and the estimate is on
-    average no closer to any of the four records than the population mean is."""
+def test_secure_aggregation_of_four_sites_leaves_no_better_than_a_guess(heart_pool):
+    """Under SecAgg the coordinator holds 4 masked vectors and Σ of 4 single-record updates: no
+    record is recovered, and the best estimate is on average no closer to any of the four records
+    than the population mean (the guess) is."""
     X, y = heart_pool
     params = _trained_logreg(X, y)
     rng = np.random.default_rng(0)
     exact, dist, guess = [], [], []
     for _ in range(20):
         idx = torch.from_numpy(rng.choice(X.shape[0], 4, replace=False))
-        obs = sum_only(single_record_round(HEART_TASK, X[idx], y[idx], params, PlainProtocol()))
+        obs = single_record_round(HEART_TASK, X[idx], y[idx], params, secagg())
+        assert set(obs.candidate_views()) == {f"probe-{i}:masked" for i in range(1, 5)} | {"aggregate"}
         res = attack_tabular(obs, HEART_TASK, X[idx].numpy(), np.zeros(13))
         exact.extend(res.success)
         dist.extend(res.quality)
         guess.extend(res.guess_quality)
     assert not any(exact)
     assert np.mean(dist) >= np.mean(guess)
+
+
+def test_record_level_dp_sgd_update_is_not_reconstructed(heart_pool):
+    """DP-SGD at the noise a heart site uses for ε = 1 (σ ≈ 1): the clipped, noised single-record
+    update no longer yields the record, and the estimate is worse than the guess."""
+    X, y = heart_pool
+    params = _trained_logreg(X, y)
+    rng = np.random.default_rng(1)
+    idx = torch.from_numpy(rng.choice(X.shape[0], 16, replace=False))
+    obs = single_record_round(HEART_TASK, X[idx], y[idx], params, PlainProtocol(), dp_sgd_sites(1.0))
+    res = attack_tabular(obs, HEART_TASK, X[idx].numpy(), np.zeros(13))
+    assert not any(res.success)
+    assert np.mean(res.quality) > np.mean(res.guess_quality)
+    # the same probe without DP recovers every record: the defence, not the probe, stops it
+    plain = attack_tabular(single_record_round(HEART_TASK, X[idx], y[idx], params, PlainProtocol()), HEART_TASK, X[idx].numpy(), np.zeros(13))
+    assert all(plain.success)
 
 
 def test_analytic_recovery_refuses_a_model_without_a_leading_linear_layer():
@@ -85,7 +117,7 @@ FAST = MatchConfig(iterations=200, bounds=(-1.0, 1.0))
 
 
 @pytest.mark.slow
-def test_gradient_matching_recovers_an_xray_from_one_update_and_not_from_a_sum(pneumonia):
+def test_gradient_matching_recovers_an_xray_from_one_update_and_not_under_secagg(pneumonia):
     X, y = pneumonia
     params = get_flat(build_model("cnn", (1, 28, 28), 1, seed=0))
     guess = X[100:].mean(0).numpy()
@@ -95,6 +127,7 @@ def test_gradient_matching_recovers_an_xray_from_one_update_and_not_from_a_sum(p
     res = attack_images(one, CNN_TASK, X[idx[:1]].numpy(), guess, FAST)
     assert res.success == (True,)
     assert res.quality[0] > 0.8 and res.psnr[0] > 20
-    summed = attack_images(sum_only(obs), CNN_TASK, X[idx].numpy(), guess, FAST)
+    summed = attack_images(single_record_round(CNN_TASK, X[idx], y[idx], params, secagg()), CNN_TASK, X[idx].numpy(), guess, FAST)
+    assert summed.views == 1  # masked integers cannot be a gradient: only the sum is attacked
     assert not any(summed.success)
     assert np.mean(summed.quality) <= np.mean(summed.guess_quality) + 0.05

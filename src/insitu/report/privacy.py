@@ -21,6 +21,7 @@ import base64
 import contextlib
 import dataclasses
 import enum
+import functools
 import html
 import io
 import json
@@ -306,6 +307,17 @@ def heart_reidentification(policy: dict[str, Any] | None = None, csv: str | None
     The auxiliary table is every heart patient's id and quasi-identifiers (the strongest outside
     table: it covers everyone); the release is the records raw, then after the policy.
     """
+    if policy is None:
+        return _heart_reid_default(csv)
+    return _heart_reid(policy, csv)
+
+
+@functools.lru_cache(maxsize=4)
+def _heart_reid_default(csv: str | None) -> ReidentificationRisk:
+    return _heart_reid(HEART_DEID_POLICY, csv)
+
+
+def _heart_reid(policy: dict[str, Any], csv: str | None) -> ReidentificationRisk:
     from insitu.data.heart import load_heart_frame
     from insitu.data.sources import RecordSchema, conform
     from insitu.deid import DeidPolicy
@@ -318,7 +330,7 @@ def heart_reidentification(policy: dict[str, Any] | None = None, csv: str | None
             "chol": {"role": "quasi_identifier", "type": "float"},
             "label": {"role": "label", "type": "integer"}}
     schema = RecordSchema.from_dict({"columns": cols})
-    pol = DeidPolicy.from_dict(policy or HEART_DEID_POLICY, origin="heart privacy-report policy")
+    pol = DeidPolicy.from_dict(policy, origin="heart privacy-report policy")
     frame = conform(load_heart_frame(csv)[list(cols)], schema)
     secret = np.random.default_rng(0).bytes(32)  # the evaluator's site secret, used only to score
     return reidentification_before_after(frame, frame[["id", *HEART_QI]], HEART_QI, identity="id", schema=schema, policy=pol, secret=secret)
@@ -449,6 +461,7 @@ def compare(cc: CompareConfig, *, progress: Callable[[str], None] | None = None)
     path = out / "privacy.html"
     write_html(report, path)
     (out / "privacy.json").write_text(json.dumps(dataclasses.asdict(report), indent=2, default=float))
+    (out / "privacy.md").write_text(f"`{report.command}`\n\n{markdown_table(report)}\n\n" + "\n".join(f"- {n}" for n in report.notes) + "\n")
     return dataclasses.replace(report, html_path=str(path))
 
 
