@@ -59,8 +59,8 @@ CASES = [
 def test_clipped_sum_equals_naive_per_sample_loop(name, make, shape, outputs):
     torch.manual_seed(0)
     model = make()
-    x = torch.randn(12, *shape)
-    y = torch.randint(0, max(2, outputs), (12,))
+    x = torch.randn(6, *shape)
+    y = torch.randint(0, max(2, outputs), (6,))
     loss = per_sample_loss(outputs)
     clip = 0.3
     with ClippedGradients(model) as cg:
@@ -75,9 +75,9 @@ def test_clipped_sum_equals_naive_per_sample_loop(name, make, shape, outputs):
 def test_clipping_bounds_every_record_gradient():
     torch.manual_seed(1)
     model = build_model("cnn", (1, 28, 28), 1)
-    x, y = torch.randn(16, 1, 28, 28) * 5, torch.randint(0, 2, (16,))
+    x, y = torch.randn(6, 1, 28, 28) * 5, torch.randint(0, 2, (6,))
     with ClippedGradients(model) as cg:
-        for i in range(16):
+        for i in range(6):
             grads, norms, _ = cg.compute(x[i : i + 1], y[i : i + 1], per_sample_loss(1), 0.05)
             assert norms[0] > 0.05
             assert math.sqrt(sum(float((g**2).sum()) for g in grads)) <= 0.05 * (1 + 1e-5)
@@ -85,11 +85,11 @@ def test_clipping_bounds_every_record_gradient():
 
 def test_noise_std_is_z_times_clip_over_expected_batch():
     """An empty Poisson batch still releases noise: exactly N(0, (zC)²)/(qn) per coordinate."""
-    model = build_model("cnn", (1, 28, 28), 1)
+    model = build_model("mlp", (1000,), 1)  # 32 k parameters = 32 k noise draws
     dp = DPSGDConfig(noise_multiplier=1.3, clip=0.7, sampling_rate=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     with ClippedGradients(model) as cg:
-        dp_sgd_step(cg, opt, torch.zeros(0, 1, 28, 28), torch.zeros(0), per_sample_loss(1), dp, 32.0, torch.Generator().manual_seed(0))
+        dp_sgd_step(cg, opt, torch.zeros(0, 1000), torch.zeros(0), per_sample_loss(1), dp, 32.0, torch.Generator().manual_seed(0))
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     want = 1.3 * 0.7 / 32.0
     assert abs(float(g.std()) / want - 1) < 5 / math.sqrt(2 * g.numel())

@@ -137,11 +137,12 @@ def test_budget_refusal_happens_before_any_training(tmp_path):
     assert torch.equal(site.model[1].weight, params_before)  # nor touched the model
 
 
+@pytest.mark.slow
 def test_simulation_reports_which_site_refused_and_why(tmp_path):
     from insitu.federation.simulation import simulate
 
-    s = simulate(dataset="heart", dp="record", noise_multiplier=2.0, rounds=3, local_steps=2, batch_size=32, lr=0.1,
-                 site_budget="switzerland=0.5,default=50", accountant="rdp", baselines=False, write=True, out=str(tmp_path / "run"))
+    s = simulate(dataset="heart", dp="record", noise_multiplier=2.0, rounds=2, local_steps=2, batch_size=32, lr=0.1,
+                 site_budget="switzerland=0.5,default=50", baselines=False, write=True, out=str(tmp_path / "run"))
     ref = s["final"]["privacy"]["refusals"]
     assert ref and {r["site"] for r in ref} == {"switzerland"}
     assert "would spend" in ref[0]["reason"] and "limit 0.5" in ref[0]["reason"]
