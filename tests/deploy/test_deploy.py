@@ -187,6 +187,15 @@ def test_site_certificate_cannot_submit(dep):
     with pytest.raises(AuthError, match="only an operator certificate"):
         dep.operator("cancel", {"job": "heart-1"}, who="hungary")
     assert "by-site" not in [j["id"] for j in dep.operator("list")["jobs"]]
+    # the same through `insitu job`, with operator.toml files
+    from insitu.coordinator.cli import job_app
+
+    job_file = dep.root / "by-site.toml"
+    job_file.write_text('name = "by-site"\ndataset = "heart"\nrounds = 1\n')
+    res = CliRunner().invoke(job_app, ["submit", str(job_file), "--config", str(dep.write_operator_config("cleveland"))])
+    assert isinstance(res.exception, AuthError), res.output
+    res = CliRunner().invoke(job_app, ["list", "--config", str(dep.root / "ops.toml")])
+    assert res.exit_code == 0 and "heart-1" in res.output and "by-site" not in res.output
 
 
 def test_coordinator_killed_and_restarted_resumes_without_reapplying(dep):

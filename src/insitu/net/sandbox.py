@@ -49,6 +49,7 @@ class Sandbox:
     heartbeat: float = 1.0
     dead_after: float = 5.0
     backoff_max: float = 1.0
+    operator_configs: set[str] = field(default_factory=set)
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -84,6 +85,7 @@ class Sandbox:
 
     def write_operator_config(self, name: str = "ops") -> Path:
         path = self.root / f"{name}.toml"
+        self.operator_configs.add(name)
         path.write_text(_table("operator", {
             "coordinator": f"127.0.0.1:{self.port}", "cert": f"pki/{name}/{name}.pem",
             "key": f"pki/{name}/{name}.key", "ca": f"pki/{name}/ca.pem",
@@ -114,7 +116,7 @@ class Sandbox:
             time.sleep(0.05)
         self.port = int(pf.read_text())
         self.write_coordinator_config()  # pin the port so a restart listens where the sites dial
-        for op in (p.stem for p in self.root.glob("*.toml") if p.stem not in ("coordinator",)):
+        for op in sorted(self.operator_configs):
             self.write_operator_config(op)
         return self.port
 
