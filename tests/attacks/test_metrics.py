@@ -40,3 +40,10 @@ def test_ssim_and_psnr_known_answers():
     assert ssim(img, np.clip(img + rng.normal(scale=0.02, size=img.shape), 0, 1)) > 0.9
     # SSIM ignores nothing structural: a flipped image is a different image
     assert ssim(img, img[::-1]) < 0.2
+
+
+def test_public_namespace_matches_all():
+    import insitu.attacks as attacks
+
+    public = {n for n in dir(attacks) if not n.startswith("_") and not isinstance(getattr(attacks, n), type(attacks))}
+    assert public == set(attacks.__all__)

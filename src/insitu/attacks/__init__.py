@@ -1,0 +1,42 @@
+"""Attacks that measure what a defence buys: membership inference, reconstruction, re-identification.
+
+    from insitu.attacks import loss_threshold, lira, analytic_linear, gradient_matching, linkage_attack
+
+Every attack has a test showing it succeeds with no defence, so a defended result means something.
+The privacy report (``insitu privacy report`` / ``compare``) runs them against finished runs.
+"""
+from insitu.attacks.linkage import LinkageResult, ReidentificationRisk, linkage_attack, reidentification_before_after
+from insitu.attacks.membership import MembershipAttack, MembershipResult, lira, logit_confidence, loss_threshold, train_shadows
+from insitu.attacks.metrics import RocSummary, psnr, roc_summary, ssim, tpr_at_fpr
+from insitu.attacks.observer import ObservedRound, observe_round
+from insitu.attacks.probe import ProbeResult, attack_images, attack_tabular, single_record_round
+from insitu.attacks.reconstruction import MatchConfig, analytic_linear, gradient_matching, score_images, score_tabular
+
+__all__ = [
+    "LinkageResult",
+    "MatchConfig",
+    "MembershipAttack",
+    "MembershipResult",
+    "ObservedRound",
+    "ProbeResult",
+    "ReidentificationRisk",
+    "RocSummary",
+    "analytic_linear",
+    "attack_images",
+    "attack_tabular",
+    "gradient_matching",
+    "linkage_attack",
+    "lira",
+    "logit_confidence",
+    "loss_threshold",
+    "observe_round",
+    "psnr",
+    "reidentification_before_after",
+    "roc_summary",
+    "score_images",
+    "score_tabular",
+    "single_record_round",
+    "ssim",
+    "tpr_at_fpr",
+    "train_shadows",
+]

@@ -25,6 +25,7 @@ import functools
 import html
 import io
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -471,6 +472,8 @@ def _compare_command(cc: CompareConfig) -> str:
         parts.append(f"--data {cc.data}")
     if cc.rounds:
         parts.append(f"--rounds {cc.rounds}")
+    if cc.extra.get("model"):
+        parts.append(f"--model {cc.extra['model']}")
     parts.append("--epsilons " + ",".join(f"{e:g}" for e in cc.epsilons))
     parts.append(f"--out {cc.out}")
     return " ".join(parts)
@@ -559,7 +562,7 @@ def _plots(report: PrivacyReport) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     rows = report.rows
-    names = [r.defence + ("" if r.epsilon is None else f"\nε={r.epsilon:.2g}") for r in rows]
+    names = [textwrap.fill(r.defence, 16) + ("" if r.epsilon is None else f"\nε={r.epsilon:.2g}") for r in rows]
     figs = []
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.2))
     attacks = sorted({m.attack for r in rows for m in r.membership})

@@ -57,6 +57,7 @@ def compare_command(
     epsilons: str = typer.Option("8,1", help="ε values for the record-level DP runs, comma separated."),
     homomorphic: str = typer.Option("auto", help="Scheme for the homomorphic row: paillier, ckks, or auto (Paillier for small models, CKKS for the CNN)."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds of every run (default: the dataset's)."),
+    model: Optional[str] = typer.Option(None, help="Model of every run: logreg, mlp or cnn (default: the dataset's)."),
     shadows: Optional[int] = typer.Option(None, help="Shadow models for LiRA (see `privacy report`)."),
     probe_records: int = typer.Option(4, help="Single-record site updates the curious coordinator attacks."),
     iterations: int = typer.Option(300, help="Gradient-matching iterations per image (CNN)."),
@@ -71,7 +72,8 @@ def compare_command(
     from insitu.report.privacy import CompareConfig, compare, single_thread
 
     cc = CompareConfig(dataset=dataset, data=data, epsilons=_epsilons(epsilons), homomorphic=homomorphic, rounds=rounds,
-                       seed=seed, shadows=shadows, probe_records=probe_records, iterations=iterations, out=str(out))
+                       seed=seed, shadows=shadows, probe_records=probe_records, iterations=iterations, out=str(out),
+                       extra={"model": model} if model else {})
     with single_thread():
         _show(compare(cc, progress=lambda msg: console.print(f"[dim]{msg}[/]")))
 
