@@ -97,7 +97,7 @@ class Sandbox:
         log = open(self.root / f"{key}.log", "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         proc = subprocess.Popen([sys.executable, "-c", _ENTRY[entry], *args], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=self.root, env=env, start_new_session=True)
+                                cwd=self.root, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         self.procs[key] = proc
         return proc
 
@@ -178,6 +178,18 @@ class Sandbox:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job} still {st['status']} after {timeout} s ({st['rounds_applied']} rounds applied)")
             time.sleep(0.05)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if the process that started it dies (a crashed test run
+    must not leave sites dialling forever).  Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def free_port() -> int:
