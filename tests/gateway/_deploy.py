@@ -122,7 +122,7 @@ def seed_records(dep: Deployment) -> None:
     store.engine.dispose()
 
 
-def start_server(dep: Deployment, timeout: float = 30.0) -> subprocess.Popen:
+def start_server(dep: Deployment, timeout: float = 120.0) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*INSITU, "gateway", "serve", "--config", str(dep.config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
