@@ -13,7 +13,7 @@
 3. the unkeyed-SHA-256 dictionary attack: how long hashing a whole 7-digit MRN space takes here.
 4. audit appends per second (SQLite file, durable commits): batched ``append_many`` vs one
    transaction per ``append`` (the baseline), and plain SQLite INSERTs without chain or signature
-   (the price of tamper evidence).
+   (the price of tamper evidence); on PostgreSQL too with ``--pg URL`` or $INSITU_TEST_PG_URL.
 """
 from __future__ import annotations
 
@@ -156,11 +156,40 @@ def audit_bench(n: int, batch: int) -> dict[str, float]:
             "verify": n_batch / t_verify}
 
 
+def audit_bench_pg(url: str, n: int, batch: int) -> dict[str, float]:
+    """Same on PostgreSQL, in throw-away tables."""
+    import secrets as _s
+
+    import sqlalchemy as sa
+
+    prefix = "bench_" + _s.token_hex(4)
+    key = Ed25519PrivateKey.generate()
+    details = {"rows": 1200, "columns": ["age", "zip", "sex"], "epsilon": 0.25}
+    log = AuditLog.open(url, key, "site-a", table_prefix=prefix)
+    try:
+        t_single, _ = timed(lambda: [log.append(AuditAction.DATA_ACCESS, "visits", details) for _ in range(n)])
+        reps = max(n * 5 // batch, 1)
+        t_batch, _ = timed(lambda: [log.append_many([(AuditAction.DATA_ACCESS, "visits", details)] * batch)
+                                    for _ in range(reps)])
+        assert log.verify({"site-a": key.public_key()}).ok
+    finally:
+        log.close()
+        eng = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        with eng.begin() as conn:
+            for t in ("entries", "head", "meta"):
+                conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{prefix}_{t}" CASCADE')
+            conn.exec_driver_sql(f'DROP FUNCTION IF EXISTS "{prefix}_entries_append_only"() CASCADE')
+        eng.dispose()
+    return {"single": n / t_single, "batched": reps * batch / t_batch}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100,000 rows and fewer audit appends")
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--baseline-rows", type=int, default=None, help="rows for the per-row baseline (default min(rows, 200,000))")
+    ap.add_argument("--pg", default=os.environ.get("INSITU_TEST_PG_URL"),
+                    help="also measure audit appends on this PostgreSQL URL (default: $INSITU_TEST_PG_URL)")
     args = ap.parse_args()
     n = args.rows or (100_000 if args.quick else 1_000_000)
     nb = min(n, args.baseline_rows or 200_000)
@@ -199,6 +228,11 @@ def main() -> None:
     print(f"   plain INSERT, no chain/signature  {a['plain']:>10,.0f} appends/s   "
           f"(insitu single / plain = {a['single'] / a['plain']:.2f}: the price of tamper evidence)")
     print(f"   verify (hash + Ed25519 check)     {a['verify']:>10,.0f} entries/s")
+    if args.pg:
+        p = audit_bench_pg(args.pg, na // 2, 100)
+        print("   PostgreSQL (same machine, 127.0.0.1):")
+        print(f"   batched append_many(100)          {p['batched']:>10,.0f} appends/s")
+        print(f"   baseline: one commit per append   {p['single']:>10,.0f} appends/s   ratio {p['batched'] / p['single']:.1f} x")
 
 
 if __name__ == "__main__":
