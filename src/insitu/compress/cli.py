@@ -31,6 +31,7 @@ def export_command(
     format: str = typer.Option("onnx", "--format", help="Output format (onnx)."),
     out_path: Path = typer.Option(Path("model.onnx"), "--out", help="Where to write the model."),
     data: Optional[str] = typer.Option(None, help="Path to the run's data if it moved (calibration, fine-tuning, accuracy)."),
+    site: Optional[str] = typer.Option(None, help="Whose training records distillation, fine-tuning and calibration may use (default: the largest site)."),
     distill_steps: int = typer.Option(1500, help="Student training steps."),
     finetune_steps: int = typer.Option(300, help="Fine-tuning steps after pruning."),
 ) -> None:
@@ -44,7 +45,7 @@ def export_command(
 
     opts = ExportOptions(prune=prune, quantize=quantize, distill=distill, format=format, finetune_steps=finetune_steps,
                          distill_config=DistillConfig(steps=distill_steps))
-    res = export_run(run_dir, out_path, opts, data=data)
+    res = export_run(run_dir, out_path, opts, data=data, site=site)
     t = Table(title=f"export of {run_dir}", title_justify="left")
     for col in ("model", "parameters", "nonzero", "size", "gzip", "latency (batch 1)", "test accuracy"):
         t.add_column(col, justify="left" if col == "model" else "right")

@@ -75,7 +75,7 @@ class CrossDeviceConfig:
     compress: str = "none"
     model: str = "mlp"
     local_steps: int = 10
-    lr: float = 0.05
+    lr: float = 0.1
     batch_size: int = 8
     server_lr: float = 1.0
     offline: float = 0.1  # probability that a sampled device does not answer

@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +123,14 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, TaskSpec]:
     return model, task
 
 
-def load_run_data(run_dir: str | Path, data: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pooled (train X, train y, test X, test y) of the run's own data splits, rebuilt from
-    ``summary.json``'s config; ``data`` overrides the path to the data file."""
+def load_run_data(run_dir: str | Path, data: str | None = None, site: str | None = None) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(site name, that site's train X, y, all sites' test X, y), rebuilt from the run's own
+    splits (``summary.json``'s config); ``data`` overrides the path to the data file.
+
+    Distillation, fine-tuning and int8 calibration use *one* site's training records (by
+    default the largest site), because in a deployment the export runs at one hospital that
+    may only use its own data; the test records of all sites only measure accuracy.
+    """
     from insitu.federation.simulation import SimulationConfig, load_federated
 
     summary = Path(run_dir) / "summary.json"
@@ -137,9 +142,15 @@ def load_run_data(run_dir: str | Path, data: str | None = None) -> tuple[torch.T
     if data is not None:
         cfg = SimulationConfig(**{**asdict(cfg), "data": data})
     fd = load_federated(cfg.resolved())
-    Xtr, ytr = fd.pooled_train()
+    by_name = {s.name: s for s in fd.sites}
+    if site is None:
+        chosen = max(fd.sites, key=lambda s: s.n_train)
+    elif site in by_name:
+        chosen = by_name[site]
+    else:
+        raise ConfigError(f"run has no site {site!r}; its sites are {sorted(by_name)}")
     Xte, yte = fd.pooled_test()
-    return Xtr, ytr, Xte, yte
+    return chosen.name, chosen.X_train, chosen.y_train, Xte, yte
 
 
 # -- ONNX --------------------------------------------------------------------------------------
@@ -304,11 +315,12 @@ def export_model(model: nn.Module, task: TaskSpec, options: ExportOptions, out: 
     return ExportResult(str(out), original, exported, tuple(steps), max_diff, agreement, sparsity(work))
 
 
-def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions, data: str | None = None) -> ExportResult:
-    """``insitu export``: load the run's model and data, compress, export, check."""
+def export_run(run_dir: str | Path, out: str | Path, options: ExportOptions, data: str | None = None, site: str | None = None) -> ExportResult:
+    """``insitu export``: load the run's model and one site's data, compress, export, check."""
     model, task = load_run_model(run_dir)
-    Xtr, ytr, Xte, yte = load_run_data(run_dir, data)
-    return export_model(model, task, options, out, X_train=Xtr, y_train=ytr, X_test=Xte, y_test=yte)
+    name, Xtr, ytr, Xte, yte = load_run_data(run_dir, data, site)
+    res = export_model(model, task, options, out, X_train=Xtr, y_train=ytr, X_test=Xte, y_test=yte)
+    return replace(res, steps=(f"training records of {name} ({Xtr.shape[0]}) used for distillation, fine-tuning and calibration",) + res.steps)
 
 
 __all__ = ["ExportOptions", "ExportResult", "ModelReport", "ExportFormat", "Quantization", "export_model", "export_run",
