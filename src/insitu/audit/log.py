@@ -188,6 +188,8 @@ class AuditLog:
         if not isinstance(signer, Ed25519PrivateKey):
             raise ConfigError(f"signer must be an Ed25519 private key or key file, got {type(signer).__name__}")
         url = database_url(url_or_path)
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         engine = _make_engine(url)
         tables = _Tables(table_prefix)
         log_id = tables.create(engine)

@@ -169,11 +169,14 @@ def enforce(level_codes: Sequence[Sequence[np.ndarray]], names: Sequence[str], s
             if best is None or cand < best:
                 best = cand
         if best is None:
+            capped = [nm for j, nm in enumerate(names) if int(level_codes[j][levels[j]].max()) > 0]
+            advice = (f"allow coarser levels (e.g. '*') for {', '.join(capped)}, raise max_suppression, or lower k/l"
+                      if capped else "every quasi-identifier is already generalized away: the table holds too few "
+                      "patients (or sensitive values) for this k/l; lower k/l or add records")
             raise PolicyViolation(
                 f"k={k}" + (f", l={l}" if l > 1 else "") + f" cannot be reached: at the coarsest levels the "
                 f"policy allows, {count} of {n} records ({count / max(n, 1):.1%}) would have to be suppressed, "
-                f"more than max_suppression={max_suppression:.1%}. Allow coarser levels (e.g. '*') for "
-                f"{', '.join(names) or 'the quasi-identifiers'}, raise max_suppression, or lower k/l. Nothing was written."
+                f"more than max_suppression={max_suppression:.1%}. To fix: {advice}. Nothing was written."
             )
         j = best[2]
         levels[j] += 1
