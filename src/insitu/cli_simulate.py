@@ -63,8 +63,12 @@ def simulate_command(
         from insitu.privacy.cli import privacy_table
 
         out.print(privacy_table(summary))
+        first: dict[str, dict] = {}
         for r in summary["final"]["privacy"]["refusals"]:
-            out.print(f"[yellow]refused:[/] {r['reason']}")
+            first.setdefault(r["site"], {**r, "count": 0})["count"] += 1
+        for r in first.values():
+            more = f" (and {r['count'] - 1} later round(s))" if r["count"] > 1 else ""
+            out.print(f"[yellow]refused{more}:[/] {r['reason']}")
     aborted = summary["final"]["rounds_aborted"]
     if aborted:
         out.print(f"[yellow]{aborted} round(s) aborted; see rounds.jsonl for why.[/]")

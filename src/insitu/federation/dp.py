@@ -348,6 +348,7 @@ class DPRun:
         self.seed = seed
         self.ledger = PrivacyLedger(ledger_path or ":memory:", audit=audit)
         self.guards: dict[str, BudgetGuard] = {}
+        self.by_round: list[dict[str, Any]] = []
         self.shares = max(1, int(min_sites))
         s = settings
         self.noise: dict[str, float] = {}
@@ -440,6 +441,7 @@ class DPRun:
         }
         if refused:
             out["dp_refused"] = refused
+        self.by_round.append({"round": round_, "epsilon": out["epsilon"]})
         return out
 
     def final(self) -> dict[str, Any]:
@@ -463,6 +465,7 @@ class DPRun:
                 "noise_shares": self.shares if s.level is DPLevel.SITE and s.placement is Placement.DISTRIBUTED else None,
                 "budgets": {sid: self.ledger.budget(sid).epsilon for sid in self.guards},
                 "refusals": refusals,
+                "epsilon_by_round": list(self.by_round),
                 "ledger_run_id": self.run_id,
             },
         }

@@ -55,6 +55,10 @@ def privacy_table(summary: dict[str, Any]) -> Table:
                   ", ".join(map(str, refused.get(site, []))) or "–")
     t.add_section()
     t.add_row("run (max over sites)", "", "", f"{fin['epsilon']:.3f}", f"{p['target_epsilon']:g}" if p["target_epsilon"] else "–", "")
+    by_round = p.get("epsilon_by_round") or []
+    if by_round:
+        t.caption = "ε after each round: " + " ".join(f"{r['round']}:{r['epsilon']:.3f}" for r in by_round)
+        t.caption_justify = "left"
     return t
 
 
