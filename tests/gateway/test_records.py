@@ -69,3 +69,59 @@ def test_public_namespace_matches_all():
         "import_module", "Any"}}
     assert public == set(gw.__all__)
     assert all(getattr(gw, n) is not None for n in gw.__all__)
+
+
+def test_import_from_a_site_csv_and_sqlite(tmp_path):
+    import pandas as pd
+
+    from insitu.gateway.records import bodies_from_source
+
+    rows = [{"pseudonym": f"p-{i:04d}", **record_body("cardio" if i % 2 else "icu"), "medications": "aspirin; statin",
+             "allergies": "penicillin"}
+            for i in range(5)]
+    frame = pd.DataFrame(rows)
+    frame.to_csv(tmp_path / "records.csv", index=False)
+    got = bodies_from_source(str(tmp_path / "records.csv"))
+    assert [p for p, _ in got] == [f"p-{i:04d}" for i in range(5)]
+    assert got[0][1].medications == ["aspirin", "statin"] and got[1][1].ward == "cardio"
+    eng = sa.create_engine(f"sqlite:///{tmp_path / 'site.db'}")
+    frame.to_sql("visits", eng, index=False)
+    eng.dispose()
+    assert len(bodies_from_source(str(tmp_path / "site.db"), "visits")) == 5
+
+
+def test_import_refuses_bad_rows_naming_rows_and_fields_not_values(tmp_path):
+    import pandas as pd
+
+    from insitu.errors import DataError
+    from insitu.gateway.records import bodies_from_source
+
+    good = {"pseudonym": "p-0001", **record_body(), "medications": "", "allergies": ""}
+    bad = {**good, "pseudonym": "p-0002", "resting_bp": 999, "name": "Secret Name"}
+    dup = {**good}
+    pd.DataFrame([good, bad, dup]).to_csv(tmp_path / "r.csv", index=False)
+    with pytest.raises(DataError) as e:
+        bodies_from_source(str(tmp_path / "r.csv"))
+    msg = str(e.value)
+    assert "row 2: invalid field(s) ['resting_bp']" in msg and "row 3" in msg and "nothing was imported" in msg
+    assert "999" not in msg and "Secret" not in msg
+
+
+def test_import_records_command_fills_the_store_and_audits(tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from insitu.audit import AuditLog
+    from insitu.audit.keys import write_keypair
+    from insitu.cli import app
+
+    write_keypair(tmp_path / "keys", "gateway")
+    (tmp_path / "gateway.toml").write_text(
+        '[records]\nurl = "sqlite:///records.db"\n[audit]\npath = "audit.db"\nkey = "keys/gateway.key"\nwriter = "gateway"\n')
+    pd.DataFrame([{"pseudonym": f"p-{i:04d}", **record_body(), "medications": "a;b", "allergies": ""} for i in range(3)]
+                 ).to_csv(tmp_path / "site.csv", index=False)
+    res = CliRunner().invoke(app, ["gateway", "import-records", str(tmp_path / "site.csv"), "--config", str(tmp_path / "gateway.toml")])
+    assert res.exit_code == 0, res.output
+    assert RecordStore(str(tmp_path / "records.db")).count() == 3
+    (entry,) = AuditLog.read(tmp_path / "audit.db").entries()
+    assert entry.action.value == "data.access" and entry.details["rows"] == 3

@@ -24,7 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from insitu.audit import AuditAction
-from insitu.errors import AuthError, DataError
+from insitu.errors import AuthError, DataError, SecurityError
 from insitu.gateway.config import MtlsClient
 from insitu.gateway.model import ServedModel
 from insitu.gateway.policy import AccessRequest, Action, Decision, PolicyDecisionPoint, ResourceType, Role
@@ -128,7 +128,10 @@ class Gateway:
     def _from_certificate(self, der: bytes) -> Principal:
         cert = x509.load_der_x509_certificate(der)  # already verified against the CA by the TLS layer
         if self.revocation is not None:
-            self.revocation.refresh()
+            try:
+                self.revocation.refresh()
+            except SecurityError as exc:  # unreadable or forged CRL: no certificate is trusted then
+                raise AuthError(f"cannot check certificate revocation: {exc}") from None
             if self.revocation.is_revoked(cert.serial_number):
                 raise AuthError(f"client certificate serial {cert.serial_number} is revoked")
         cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

@@ -54,3 +54,17 @@ def keygen_cmd(config: Path = ConfigOpt, overwrite: bool = typer.Option(False, h
 
     priv, pub = keygen(GatewayConfig.load(config), overwrite=overwrite)
     out.print(f"wrote {priv} (keep it with the token issuer) and {pub} (the gateway needs only this)")
+
+
+@app.command("import-records")
+def import_cmd(
+    source: str = typer.Argument(..., help="CSV file, SQLite file or postgresql:// URL of the site's records"),
+    table: Optional[str] = typer.Option(None, help="table name, for SQLite and PostgreSQL sources"),
+    config: Path = ConfigOpt,
+) -> None:
+    """Load records (a pseudonym column plus the record fields) into the gateway's store; every row is validated first."""
+    from insitu.gateway.config import GatewayConfig
+    from insitu.gateway.service import import_records
+
+    n = import_records(GatewayConfig.load(config), source, table)
+    out.print(f"imported {n} records")

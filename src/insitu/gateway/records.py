@@ -238,4 +238,46 @@ class RecordStore:
             return int(c.execute(sa.select(sa.func.count()).select_from(self.table)).scalar() or 0)
 
 
-__all__ = ["Record", "RecordBody", "RecordPatch", "NursingView", "nursing_view", "RecordStore", "store_url", "NURSING_FIELDS", "PSEUDONYM_PATTERN"]
+def bodies_from_source(source: str, table: str | None = None) -> list[tuple[str, RecordBody]]:
+    """Read records from a site source (CSV, SQLite or PostgreSQL, as ``insitu.data.sources`` opens
+    them): a ``pseudonym`` column plus the record's fields; list fields are ``;``-separated.
+
+    Every row is validated before anything is written; errors name rows and fields, never values.
+    """
+    import pandas as pd
+
+    from insitu.data.sources import open_source
+
+    src = open_source(source, table)
+    available = src.columns()
+    wanted = ["pseudonym", *RecordBody.model_fields]
+    required = ["pseudonym", *(n for n, f in RecordBody.model_fields.items() if f.is_required())]
+    missing = [c for c in required if c not in available]
+    if missing:
+        raise DataError(f"{src.display} lacks required column(s) {missing}; it has {available}")
+    frame = src.read([c for c in wanted if c in available])
+    out: list[tuple[str, RecordBody]] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, row in enumerate(frame.to_dict("records"), start=1):
+        values = {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and pd.isna(v))}
+        for k in ("medications", "allergies"):
+            if isinstance(values.get(k), str):
+                values[k] = [x.strip() for x in values[k].split(";") if x.strip()]
+        pseudonym = str(values.pop("pseudonym", ""))
+        if not re.match(PSEUDONYM_PATTERN, pseudonym) or pseudonym in seen:
+            problems.append(f"row {i}: pseudonym missing, malformed or repeated")
+            continue
+        seen.add(pseudonym)
+        try:
+            out.append((pseudonym, RecordBody(**values)))
+        except ValueError as exc:
+            fields = sorted({str(e["loc"][0]) for e in getattr(exc, "errors", lambda: [])() if e.get("loc")})
+            problems.append(f"row {i}: invalid field(s) {fields}")
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise DataError(f"{src.display}: " + "; ".join(problems[:10]) + more + "; nothing was imported")
+    return out
+
+
+__all__ = ["bodies_from_source", "Record", "RecordBody", "RecordPatch", "NursingView", "nursing_view", "RecordStore", "store_url", "NURSING_FIELDS", "PSEUDONYM_PATTERN"]

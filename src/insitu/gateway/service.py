@@ -60,6 +60,24 @@ def issue_token(cfg: GatewayConfig, subject: str, role: str, ttl: dt.timedelta, 
         subject, role, ttl, ward=ward, shift=shift)
 
 
+def import_records(cfg: GatewayConfig, source: str, table: str | None = None, clock: Clock = utc_now) -> int:
+    """Load records from a site source into the gateway's store (all rows validated first), audited."""
+    from insitu.audit import AuditAction
+    from insitu.data.sources import redact_url
+    from insitu.gateway.records import bodies_from_source
+
+    if cfg.audit_key is None:
+        raise ConfigError("[audit] key is not set; record imports are audited")
+    rows = bodies_from_source(source, table)
+    store = RecordStore(cfg.records_url, cfg.records_table)
+    now = clock()
+    for pseudonym, body in rows:
+        store.put(pseudonym, body, now)
+    with AuditLog.open(cfg.audit_path, cfg.audit_key, writer=cfg.audit_writer) as log:
+        log.append(AuditAction.DATA_ACCESS, redact_url(source), {"stage": "gateway.import", "rows": len(rows), "table": table})
+    return len(rows)
+
+
 def keygen(cfg: GatewayConfig, *, overwrite: bool = False) -> tuple[Path, Path]:
     if cfg.token_private_key is None or cfg.token_public_key is None:
         raise ConfigError("[tokens] private_key and public_key must both be set to generate a key pair")
@@ -69,4 +87,4 @@ def keygen(cfg: GatewayConfig, *, overwrite: bool = False) -> tuple[Path, Path]:
     return cfg.token_private_key, cfg.token_public_key
 
 
-__all__ = ["build_gateway", "serve_config", "issue_token", "keygen", "ClientCertMode"]
+__all__ = ["build_gateway", "serve_config", "issue_token", "import_records", "keygen", "ClientCertMode"]
