@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 HEART = {"name": "heart-1", "dataset": "heart", "rounds": 3, "seed": 0, "min_sites": 4, "round_timeout": 60.0}
 # rounds long enough (many local steps) to kill a process in the middle of one
-SLOW = {"dataset": "heart", "seed": 1, "round_timeout": 60.0, "task": {"local_steps": 200, "lr": 0.01}}
+SLOW = {"dataset": "heart", "seed": 1, "round_timeout": 60.0, "task": {"local_steps": 100, "lr": 0.01}}
 
 
 def task_hash(job: dict) -> str:
@@ -199,7 +199,7 @@ def test_site_certificate_cannot_submit(dep):
 
 
 def test_coordinator_killed_and_restarted_resumes_without_reapplying(dep):
-    dep.operator("submit", {"job": {**SLOW, "name": "resume", "rounds": 4, "min_sites": 4}})
+    dep.operator("submit", {"job": {**SLOW, "name": "resume", "rounds": 3, "min_sites": 4}})
     wait_round_started(dep, "resume", 3)
     time.sleep(0.1)  # the sites are training round 3
     dep.kill("coordinator")
@@ -208,14 +208,14 @@ def test_coordinator_killed_and_restarted_resumes_without_reapplying(dep):
     assert st["status"] == "done", st
     db = sqlite3.connect(dep.root / "coordinator.db")
     versions = db.execute("SELECT version, round FROM models WHERE job='resume' ORDER BY version").fetchall()
-    assert [v for v, _ in versions] == [1, 2, 3, 4]
+    assert [v for v, _ in versions] == [1, 2, 3]
     rounds_applied = [r for _, r in versions]
     assert rounds_applied == sorted(set(rounds_applied))  # strictly increasing: no round applied twice
     statuses = {r["round"]: r["status"] for r in st["rounds"]}
     assert sorted(r for r, s in statuses.items() if s == "applied") == rounds_applied
     assert statuses[3] == "interrupted" and 3 not in rounds_applied  # killed mid-round 3: never applied
     assert all(statuses[r] in ("interrupted", "aborted") for r in statuses if r not in rounds_applied)
-    assert st["final"]["rounds_applied"] == 4
+    assert st["final"]["rounds_applied"] == 3
 
 
 def test_site_killed_mid_round_job_goes_on(dep):

@@ -206,6 +206,9 @@ class CoordinatorService:
     # -- running -------------------------------------------------------------------------------
     def start(self) -> "CoordinatorService":
         self.server.start()
+        # job descriptions naming a dataset need its schema module (pandas, sklearn: seconds to
+        # import on a busy machine); load it while idle rather than inside the first `job submit`
+        threading.Thread(target=_preload, daemon=True, name="preload").start()
         if self.config.port_file is not None:
             tmp = self.config.port_file.with_suffix(".tmp")
             tmp.write_text(str(self.port))
@@ -232,6 +235,7 @@ class CoordinatorService:
 
     def run_job(self, job: JobRow) -> None:
         spec = JobSpec.from_dict(job.spec)
+        log.info("job %s: starting (%s, %s, %d rounds, min %d sites)", job.id, spec.strategy, spec.protocol, spec.rounds, spec.min_sites)
         strategy = spec.make_strategy()
         latest = self.store.latest_model(job.id)
         if latest is None:
@@ -290,6 +294,13 @@ class CoordinatorService:
         except InsituError as exc:
             return {"error": str(exc)}
         return {**mean_accuracy(evals), "sites": {k: dict(v) for k, v in evals.items()}}
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in ("insitu.data.heart", "insitu.secure"):
+        importlib.import_module(name)
 
 
 def serve(config_path: str | Path) -> None:
