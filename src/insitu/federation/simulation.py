@@ -176,7 +176,12 @@ def build_protocol(cfg: SimulationConfig) -> AggregationProtocol:
     from insitu.secure import secure_protocol
 
     secure = secure_protocol(cfg.secure_aggregation, cfg.homomorphic)
-    return secure if secure is not None else PlainProtocol(CompressionSpec.parse(cfg.compress))
+    spec = CompressionSpec.parse(cfg.compress)
+    if secure is not None:
+        from insitu.compress.secure import compose_with_secure
+
+        return compose_with_secure(secure, spec)  # shared:F masks only the shared subset; others refused
+    return PlainProtocol(spec)
 
 
 def build_pipeline(cfg: SimulationConfig, protocol: AggregationProtocol, site_id: str) -> SitePipeline:
