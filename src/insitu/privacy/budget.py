@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -133,8 +134,11 @@ class PrivacyLedger:
     def __init__(self, path: str | Path, *, audit: AuditSink | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
-        self._db.executescript(SCHEMA)
+        # one connection, used from whichever thread serves the site; the lock serialises it
+        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.executescript(SCHEMA)
         self.audit = audit
 
     def close(self) -> None:
@@ -159,25 +163,28 @@ class PrivacyLedger:
         spent = self.spent(site, budget)
         if spent > budget.epsilon:
             raise ConfigError(f"site {site} has already spent ε={spent:.3g}; a limit of {budget.epsilon:g} is below that")
-        self._db.execute(
-            "INSERT INTO budgets(site, epsilon, delta, accountant, set_at) VALUES (?,?,?,?,?) "
-            "ON CONFLICT(site) DO UPDATE SET epsilon=excluded.epsilon, delta=excluded.delta, "
-            "accountant=excluded.accountant, set_at=excluded.set_at",
-            (site, budget.epsilon, budget.delta, budget.accountant.value, _now()),
-        )
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO budgets(site, epsilon, delta, accountant, set_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(site) DO UPDATE SET epsilon=excluded.epsilon, delta=excluded.delta, "
+                "accountant=excluded.accountant, set_at=excluded.set_at",
+                (site, budget.epsilon, budget.delta, budget.accountant.value, _now()),
+            )
         if self.audit is not None:
             from insitu.audit import AuditAction
 
             self.audit.append(AuditAction.BUDGET_CHANGE, site, {"epsilon": budget.epsilon, "delta": budget.delta, "accountant": budget.accountant.value})
 
     def budget(self, site: str) -> Budget:
-        row = self._db.execute("SELECT epsilon, delta, accountant FROM budgets WHERE site=?", (site,)).fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT epsilon, delta, accountant FROM budgets WHERE site=?", (site,)).fetchone()
         if row is None:
             raise ConfigError(f"site {site} has no privacy budget; set one (ε limit and δ) before any DP round")
         return Budget(row[0], row[1], AccountantKind(row[2]))
 
     def sites(self) -> list[str]:
-        rows = self._db.execute("SELECT site FROM budgets UNION SELECT site FROM ledger ORDER BY 1").fetchall()
+        with self._lock:
+            rows = self._db.execute("SELECT site FROM budgets UNION SELECT site FROM ledger ORDER BY 1").fetchall()
         return [r[0] for r in rows]
 
     # -- records -------------------------------------------------------------------------------
@@ -193,7 +200,9 @@ class PrivacyLedger:
         if where:
             q += " WHERE " + " AND ".join(where)
         out = []
-        for r in self._db.execute(q + " ORDER BY seq", args).fetchall():
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY seq", args).fetchall()
+        for r in rows:
             events = tuple(PrivacyEvent.from_dict(e) for e in json.loads(r[5]))
             out.append(LedgerRecord(r[0], r[1], r[2], r[3], r[4], events, r[6], r[7], r[8], AccountantKind(r[9]), r[10]))
         return out
@@ -226,6 +235,10 @@ class PrivacyLedger:
         """Check the round against the budget and record it, atomically; raises BudgetExceeded
         (recording nothing) if it would go past the limit."""
         events = tuple(events)
+        with self._lock:
+            return self._charge(site, job, round_, events)
+
+    def _charge(self, site: str, job: str, round_: int, events: tuple[PrivacyEvent, ...]) -> LedgerRecord:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             quote = self.check(site, round_, events)
