@@ -43,3 +43,10 @@ def test_job_hash_matches_the_task_sites_approve(tmp_path):
     job.write_text('name = "h"\ndataset = "heart"\nrounds = 2\n[task]\nlr = 0.02\n')
     out = ok(job_app, "hash", job)
     assert out.strip() == JobSpec.from_dict({"name": "h", "dataset": "heart", "rounds": 2, "task": {"lr": 0.02}}).task.content_hash()
+
+
+def test_coordinator_heart_schema_matches_the_loader():
+    from insitu.coordinator.jobs import HEART_SCHEMA
+    from insitu.data.heart import FEATURES
+
+    assert HEART_SCHEMA == tuple(FEATURES)

@@ -102,6 +102,15 @@ class JobSpec:
             raise ConfigError(f"invalid job description: {exc}") from None
 
 
+#: the heart task's feature names (FLamby order), as ``insitu.data.heart.FEATURES``.  Copied so that
+#: the coordinator, which holds no data, need not import the data loaders (pandas, scikit-learn);
+#: a test keeps the two equal.
+HEART_SCHEMA = (
+    "age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak",
+    "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2",
+)
+
+
 def _task(dataset: str | None, task_raw: Mapping[str, Any] | None) -> TaskSpec:
     """The task from a dataset's defaults (``dataset = "heart"``) and/or an explicit [task] table."""
     base: dict[str, Any] = {}
@@ -114,10 +123,8 @@ def _task(dataset: str | None, task_raw: Mapping[str, Any] | None) -> TaskSpec:
             raise ConfigError(f"unknown dataset {dataset!r}; choose one of {[d.value for d in DatasetName]}") from None
         if ds is not DatasetName.HEART:
             raise ConfigError(f"dataset {ds.value}: give the task explicitly in a [task] table (input_shape, num_outputs, schema)")
-        from insitu.data.heart import FEATURES
-
         d = DEFAULTS[ds]
-        base = {"model": d.model, "input_shape": [len(FEATURES)], "num_outputs": 1, "schema": list(FEATURES),
+        base = {"model": d.model, "input_shape": [len(HEART_SCHEMA)], "num_outputs": 1, "schema": list(HEART_SCHEMA),
                 "lr": d.lr, "local_steps": d.local_steps, "batch_size": d.batch_size, "optimizer": d.optimizer}
     base.update(dict(task_raw or {}))
     if not base:
@@ -128,4 +135,4 @@ def _task(dataset: str | None, task_raw: Mapping[str, Any] | None) -> TaskSpec:
         raise ConfigError(f"invalid [task] table: {exc}") from None
 
 
-__all__ = ["JobSpec"]
+__all__ = ["JobSpec", "HEART_SCHEMA"]

@@ -206,8 +206,7 @@ class CoordinatorService:
     # -- running -------------------------------------------------------------------------------
     def start(self) -> "CoordinatorService":
         self.server.start()
-        # job descriptions naming a dataset need its schema module (pandas, sklearn: seconds to
-        # import on a busy machine); load it while idle rather than inside the first `job submit`
+        # load the secure-aggregation / HE code while idle, not inside the first secure round
         threading.Thread(target=_preload, daemon=True, name="preload").start()
         if self.config.port_file is not None:
             tmp = self.config.port_file.with_suffix(".tmp")
@@ -299,8 +298,7 @@ class CoordinatorService:
 def _preload() -> None:
     import importlib
 
-    for name in ("insitu.data.heart", "insitu.secure"):
-        importlib.import_module(name)
+    importlib.import_module("insitu.secure")
 
 
 def serve(config_path: str | Path) -> None:
