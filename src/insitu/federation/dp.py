@@ -503,7 +503,7 @@ def run_for_simulation(cfg: Any, data: Any) -> DPRun | None:
 #: accuracy 0.73 (bench/dp_tradeoff.py).
 DP_DEFAULTS: dict[tuple[str, DPLevel], dict[str, Any]] = {
     ("heart", DPLevel.RECORD): {"rounds": 10, "local_steps": 5, "batch_size": 64, "lr": 0.3},
-    ("pneumoniamnist", DPLevel.RECORD): {"rounds": 10, "local_steps": 10, "batch_size": 128, "lr": 0.5},
+    ("pneumoniamnist", DPLevel.RECORD): {"rounds": 5, "local_steps": 10, "batch_size": 256, "lr": 0.05, "optimizer": "adam"},
 }
 
 
