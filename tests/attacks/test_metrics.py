@@ -47,3 +47,14 @@ def test_public_namespace_matches_all():
 
     public = {n for n in dir(attacks) if not n.startswith("_") and not isinstance(getattr(attacks, n), type(attacks))}
     assert public == set(attacks.__all__)
+
+
+def test_auc_interval_covers_chance_for_noise_and_excludes_it_for_signal():
+    from insitu.attacks.metrics import auc_interval
+
+    rng = np.random.default_rng(3)
+    m = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    lo, hi = auc_interval(rng.normal(size=600), m)
+    assert lo < 0.5 < hi and hi - lo < 0.15
+    lo, hi = auc_interval(rng.normal(size=600) + 0.5 * m, m)
+    assert lo > 0.55

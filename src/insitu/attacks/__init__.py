@@ -7,7 +7,7 @@ The privacy report (``insitu privacy report`` / ``compare``) runs them against f
 """
 from insitu.attacks.linkage import LinkageResult, ReidentificationRisk, linkage_attack, reidentification_before_after
 from insitu.attacks.membership import MembershipAttack, MembershipResult, lira, logit_confidence, loss_threshold, train_shadows
-from insitu.attacks.metrics import RocSummary, psnr, roc_summary, ssim, tpr_at_fpr
+from insitu.attacks.metrics import RocSummary, auc_interval, psnr, roc_summary, ssim, tpr_at_fpr
 from insitu.attacks.observer import ObservedRound, observe_round
 from insitu.attacks.probe import ProbeResult, attack_images, attack_tabular, single_record_round
 from insitu.attacks.reconstruction import MatchConfig, analytic_linear, gradient_matching, score_images, score_tabular
@@ -23,6 +23,7 @@ __all__ = [
     "RocSummary",
     "analytic_linear",
     "attack_images",
+    "auc_interval",
     "attack_tabular",
     "gradient_matching",
     "linkage_attack",
