@@ -62,6 +62,7 @@ def test_onnx_matches_pytorch():
         assert np.max(np.abs(got - ref)) < 1e-4
 
 
+@pytest.mark.slow
 def test_distilled_student_is_small_and_learns_from_teacher(trained):
     model, _, X, y, Xte, yte = trained
     student = distill(model, X, y, num_outputs=1, config=DistillConfig(steps=150, lr=0.01))
@@ -74,8 +75,11 @@ def test_distilled_student_is_small_and_learns_from_teacher(trained):
 def test_export_prune_int8_smaller_and_checked(trained, tmp_path):
     model, task, X, y, Xte, yte = trained
     plain = export_model(model, task, ExportOptions(latency_runs=20), tmp_path / "f.onnx", X_train=X, y_train=y, X_test=Xte, y_test=yte)
-    small = export_model(model, task, ExportOptions(prune=0.5, quantize="int8", finetune_steps=50, latency_runs=20), tmp_path / "q.onnx",
+    small = export_model(model, task, ExportOptions(prune=0.5, quantize="int8-static", finetune_steps=50, latency_runs=20), tmp_path / "q.onnx",
                          X_train=X, y_train=y, X_test=Xte, y_test=yte)
+    dyn = export_model(model, task, ExportOptions(quantize="int8", latency_runs=20), tmp_path / "d.onnx", X_train=X, y_train=y, X_test=Xte, y_test=yte)
+    assert dyn.exported.bytes * 3 < plain.exported.bytes and dyn.int8_agreement >= 0.95
+    assert "MatMulInteger" in {n.op_type for n in __import__("onnx").load(str(tmp_path / "d.onnx")).graph.node}
     assert plain.max_abs_diff_float < 1e-4 and (tmp_path / "f.onnx").stat().st_size == plain.exported.bytes
     assert abs(plain.exported.accuracy - plain.original.accuracy) < 1e-9  # float export changes nothing
     assert small.exported.bytes * 3 < plain.exported.bytes  # int8 weights: about a quarter

@@ -25,21 +25,22 @@ def _kb(n: int) -> str:
 
 def export_command(
     run_dir: Path = typer.Argument(..., help="Run directory written by `insitu simulate` (model.npz, task.json, summary.json)."),
-    prune: float = typer.Option(0.0, help="Fraction of conv/linear weights to zero by magnitude (global threshold), then fine-tune with the mask held."),
-    quantize: str = typer.Option("none", help="none, or int8: post-training static quantization of the ONNX graph, calibrated on training records."),
+    prune: float = typer.Option(0.0, help="Fraction of conv/linear weights to zero by magnitude (one global threshold)."),
+    quantize: str = typer.Option("none", help="none; int8 (int8 weights, activations quantized at run time: no data needed); or int8-static (activations too, calibrated on one site's training records)."),
     distill: bool = typer.Option(False, "--distill/--no-distill", help="First distil the model into a ~40x smaller student (images: TinyCNN)."),
     format: str = typer.Option("onnx", "--format", help="Output format (onnx)."),
     out_path: Path = typer.Option(Path("model.onnx"), "--out", help="Where to write the model."),
     data: Optional[str] = typer.Option(None, help="Path to the run's data if it moved (calibration, fine-tuning, accuracy)."),
     site: Optional[str] = typer.Option(None, help="Whose training records distillation, fine-tuning and calibration may use (default: the largest site)."),
     distill_steps: int = typer.Option(1500, help="Student training steps."),
-    finetune_steps: int = typer.Option(300, help="Fine-tuning steps after pruning."),
+    finetune_steps: int = typer.Option(0, help="Fine-tune the pruned model this many steps on one site's records (mask held)."),
 ) -> None:
     """Compress and export the run's model, check it with onnxruntime against PyTorch, and report
     size, latency and accuracy beside the original.
 
     The float ONNX graph must match PyTorch to 1e-4 and an int8 graph must agree with its float
-    source on >= 95 % of predictions, or nothing is written.
+    source on >= 95 % of predictions, or nothing is written.  Distillation, fine-tuning and
+    int8-static calibration use one site's training records (--site, default the largest).
     """
     from insitu.compress.export import ExportOptions, export_run
 
