@@ -117,9 +117,11 @@ def _serve(kind: str, cfg_path: str, port: int) -> None:
     uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, ctx)).run()
 
 
-def _wait(port: int, tls: bool, timeout: float = 120.0) -> None:
+def _wait(port: int, server, timeout: float = 120.0) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
+        if not server.is_alive():
+            raise RuntimeError(f"server for port {port} exited with code {server.exitcode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -216,8 +218,8 @@ def measure_all(cfg: Path, token: str, seconds: float, warmup: float, concurrenc
     for s in servers:
         s.start()
     try:
-        for k in KINDS:
-            _wait(ports[k], k != "gateway-http")
+        for k, server in zip(KINDS, servers):
+            _wait(ports[k], server)
         time.sleep(0.5)
         runs: dict[str, list[dict]] = {k: [] for k in KINDS}
         for _ in range(rounds):

@@ -125,3 +125,26 @@ def test_import_records_command_fills_the_store_and_audits(tmp_path):
     assert RecordStore(str(tmp_path / "records.db")).count() == 3
     (entry,) = AuditLog.read(tmp_path / "audit.db").entries()
     assert entry.action.value == "data.access" and entry.details["rows"] == 3
+
+
+def test_concurrent_openers_of_a_new_store_all_succeed(tmp_path):
+    """Two gateway workers starting at once both try to create the table (a race the bench hit)."""
+    import threading
+
+    for attempt in range(3):
+        path, errors = str(tmp_path / f"r{attempt}.db"), []
+        barrier = threading.Barrier(4)
+
+        def open_store() -> None:
+            barrier.wait()
+            try:
+                RecordStore(path).engine.dispose()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_store) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []

@@ -179,7 +179,12 @@ class RecordStore:
             if url.startswith("sqlite"):
                 kw["connect_args"] = {"check_same_thread": False}
             self.engine = sa.create_engine(url, **kw)
-            records_table.metadata.create_all(self.engine)
+            try:
+                records_table.metadata.create_all(self.engine)
+            except sa.exc.SQLAlchemyError:
+                # another process (a second gateway worker) created it between our check and CREATE
+                if not sa.inspect(self.engine).has_table(table):
+                    raise
         except sa.exc.SQLAlchemyError as exc:
             raise ConfigError(f"cannot open record store {redact_url(url)!r}: {getattr(exc, 'orig', exc)}") from None
         self._lock = threading.Lock()  # SQLite allows one writer; serialise ours rather than retry
