@@ -112,6 +112,7 @@ def attack_images(
     *,
     only_float_views: bool = True,
     ssim_threshold: float = 0.7,
+    seed: int = 0,
 ) -> ProbeResult:
     """Gradient matching (one image per view) from every view the coordinator holds.
 
@@ -127,7 +128,7 @@ def attack_images(
                 if np.issubdtype(np.asarray(arr).dtype, np.floating):
                     keep.add(f"{sid}:{name}")
         views = {k: v for k, v in views.items() if k in keep}
-    ests = [gradient_matching(v, model, task.input_shape, config=config, seed=i)[0] for i, v in enumerate(views.values())]
+    ests = [gradient_matching(v, model, task.input_shape, config=config, seed=seed + i)[0] for i, v in enumerate(views.values())]
     succ, qual, gq, ps = [], [], [], []
     for t in targets:
         scores = [score_images(e, t[None], guess, config.bounds) for e in ests]

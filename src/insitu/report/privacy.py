@@ -75,10 +75,12 @@ class ReconstructionFigures:
     guess_quality: float  # the same for the guess
     psnr: float | None
     views: int  # vectors the coordinator held and attacked
+    better_than_guess: float | None = None  # share of records the best view got closer to than the guess
 
     @classmethod
     def of(cls, r: ProbeResult) -> "ReconstructionFigures":
-        return cls(r.kind, len(r.success), r.success_rate, float(np.mean(r.quality)), float(np.mean(r.guess_quality)), float(np.mean(r.psnr)) if r.psnr else None, r.views)
+        return cls(r.kind, len(r.success), r.success_rate, float(np.mean(r.quality)), float(np.mean(r.guess_quality)),
+                   float(np.mean(r.psnr)) if r.psnr else None, r.views, r.better_than_guess)
 
 
 @dataclass(frozen=True)
@@ -271,22 +273,35 @@ def _probe_defences(cfg: Any, summary: dict[str, Any], task: TaskSpec, X: torch.
     return protocol, make
 
 
-def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, params: np.ndarray, data: Any, *, records: int = 4, iterations: int = 300, seed: int = 0) -> ReconstructionFigures:
-    """The curious coordinator on a probe round of single-record updates, with the run's defences."""
+def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, params: np.ndarray, data: Any, *, records: int | None = None, iterations: int = 300, seed: int = 0) -> ReconstructionFigures:
+    """The curious coordinator on probe rounds of single-record updates, with the run's defences.
+
+    Each probe round has as many sites as the run (so secure aggregation sums as many updates as
+    it did in the run); ``records`` (default: 32 tabular, 4 images) are spread over
+    ⌈records / sites⌉ rounds, so that a figure is not one lucky draw.
+    """
     Xm, ym = data.pooled_train()
+    cnn = ModelName(task.model) is ModelName.CNN
+    records = records or (4 if cnn else 32)
+    per_round = max(1, len(data.sites))
     rng = np.random.default_rng(seed)
-    idx = torch.from_numpy(np.sort(rng.choice(Xm.shape[0], size=min(records, Xm.shape[0]), replace=False)))
+    chosen = rng.choice(Xm.shape[0], size=min(records, Xm.shape[0]), replace=False)
     probe_task = dataclasses.replace(task, local_steps=1, batch_size=1)
-    protocol, factory = _probe_defences(cfg, summary, probe_task, Xm[idx], ym[idx])
-    obs = single_record_round(probe_task, Xm[idx], ym[idx], params, protocol, factory)
     Xn, _ = data.pooled_test()
     guess = Xn.mean(0).numpy()  # what an attacker knows without the update: the population mean
-    if ModelName(task.model) is ModelName.CNN:
-        lo, hi = float(Xn.min()), float(Xn.max())
-        res = attack_images(obs, probe_task, Xm[idx].numpy(), guess[None], MatchConfig(iterations=iterations, bounds=(lo, hi)))
-    else:
-        res = attack_tabular(obs, probe_task, Xm[idx].numpy(), guess)
-    return ReconstructionFigures.of(res)
+    parts: list[ProbeResult] = []
+    for start in range(0, len(chosen), per_round):
+        idx = torch.from_numpy(np.sort(chosen[start : start + per_round]))
+        protocol, factory = _probe_defences(cfg, summary, probe_task, Xm[idx], ym[idx])
+        obs = single_record_round(probe_task, Xm[idx], ym[idx], params, protocol, factory)
+        if cnn:
+            lo, hi = float(Xn.min()), float(Xn.max())
+            parts.append(attack_images(obs, probe_task, Xm[idx].numpy(), guess[None], MatchConfig(iterations=iterations, bounds=(lo, hi)), seed=seed + start))
+        else:
+            parts.append(attack_tabular(obs, probe_task, Xm[idx].numpy(), guess))
+    merged = ProbeResult(parts[0].kind, sum((p.success for p in parts), ()), sum((p.quality for p in parts), ()),
+                         sum((p.guess_quality for p in parts), ()), sum((p.psnr for p in parts), ()), sum(p.views for p in parts))
+    return ReconstructionFigures.of(merged)
 
 
 #: quasi-identifiers of the heart records an outside table (a registry) could also hold.
@@ -364,7 +379,7 @@ def attack_run(
     run_dir: str | Path,
     *,
     shadows: int | None = None,
-    probe_records: int = 4,
+    probe_records: int | None = None,
     iterations: int = 300,
     seed: int = 0,
     reid: ReidentificationRisk | None = None,
@@ -402,13 +417,38 @@ def attack_run(
     )
 
 
-def privacy_report(run_dir: str | Path, *, html_out: str | Path | None = None, shadows: int | None = None, probe_records: int = 4, iterations: int = 300, seed: int = 0) -> PrivacyReport:
+def privacy_report(run_dir: str | Path, *, html_out: str | Path | None = None, shadows: int | None = None, probe_records: int | None = None, iterations: int = 300, seed: int = 0) -> PrivacyReport:
     """``insitu privacy report RUN_DIR``: attack one run; writes ``privacy.html`` beside it."""
     row = attack_run(run_dir, shadows=shadows, probe_records=probe_records, iterations=iterations, seed=seed)
     report = PrivacyReport((row,), _notes([row]), command=f"insitu privacy report {run_dir}")
     path = Path(html_out) if html_out else Path(run_dir) / "privacy.html"
     write_html(report, path)
-    return dataclasses.replace(report, html_path=str(path))
+    report = dataclasses.replace(report, html_path=str(path))
+    path.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(report), indent=2, default=float))
+    return report
+
+
+def load_report(path: str | Path) -> PrivacyReport:
+    """A report written as JSON by :func:`privacy_report` or :func:`compare`."""
+    d = json.loads(Path(path).read_text())
+    rows = []
+    for r in d["rows"]:
+        r = dict(r)
+        r["membership"] = tuple(MembershipFigures(**m) for m in r["membership"])
+        r["reconstruction"] = ReconstructionFigures(**r["reconstruction"])
+        rows.append(PrivacyRow(**r))
+    return PrivacyReport(tuple(rows), tuple(d.get("notes", ())), d.get("html_path"), d.get("command", ""))
+
+
+def merge_reports(reports: Sequence[PrivacyReport], command: str = "") -> PrivacyReport:
+    """One table from single-run reports (e.g. runs attacked in parallel); the first row is the
+    reference for the accuracy cost."""
+    rows = [r for rep in reports for r in rep.rows]
+    if not rows:
+        raise DataError("no report rows to merge")
+    base = rows[0].accuracy
+    rows = [dataclasses.replace(r, accuracy_cost=base - r.accuracy) for r in rows]
+    return PrivacyReport(tuple(rows), _notes(rows), command=command)
 
 
 @dataclass(frozen=True)
@@ -420,7 +460,7 @@ class CompareConfig:
     rounds: int | None = None
     seed: int = 0
     shadows: int | None = None
-    probe_records: int = 4
+    probe_records: int | None = None
     iterations: int = 300
     out: str = "runs/privacy-compare"
     extra: dict[str, Any] = field(default_factory=dict)  # further SimulationConfig options
@@ -506,8 +546,8 @@ def _pct(v: float | None) -> str:
 
 def _recon_cell(r: ReconstructionFigures, long: bool = False) -> str:
     if r.attack == "analytic":
-        return f"{_pct(r.success_rate)} exact" + (f" (RMS err {r.quality:.3g} vs guess {r.guess_quality:.3g})" if long else "")
-    return f"{_pct(r.success_rate)}, SSIM {r.quality:.2f}" + (f" vs guess {r.guess_quality:.2f}" if long else "")
+        return f"{_pct(r.success_rate)} exact" + (f" (RMS err {r.quality:.3g} vs guess {r.guess_quality:.3g}, n={r.records})" if long else "")
+    return f"{_pct(r.success_rate)}, SSIM {r.quality:.2f}" + (f" vs guess {r.guess_quality:.2f}, n={r.records}" if long else "")
 
 
 def table_rows(report: PrivacyReport, long: bool = False) -> list[list[str]]:

@@ -35,7 +35,7 @@ def report_command(
     run_dir: Path = typer.Argument(..., help="A finished run directory of `insitu simulate` (summary.json + model.npz)."),
     html: Optional[Path] = typer.Option(None, help="Where to write the HTML report (default RUN_DIR/privacy.html)."),
     shadows: Optional[int] = typer.Option(None, help="Shadow models for LiRA (even; default 16 for tabular models, 4 for the CNN; 0 = loss attack only)."),
-    probe_records: int = typer.Option(4, help="Single-record site updates the curious coordinator attacks."),
+    probe_records: Optional[int] = typer.Option(None, help="Single-record site updates the curious coordinator attacks (default 32 tabular, 4 images), as many per probe round as the run has sites."),
     iterations: int = typer.Option(300, help="Gradient-matching iterations per image (CNN)."),
     seed: int = typer.Option(0, help="Seed for shadow splits and probe records."),
 ) -> None:
@@ -59,7 +59,7 @@ def compare_command(
     rounds: Optional[int] = typer.Option(None, help="Federated rounds of every run (default: the dataset's)."),
     model: Optional[str] = typer.Option(None, help="Model of every run: logreg, mlp or cnn (default: the dataset's)."),
     shadows: Optional[int] = typer.Option(None, help="Shadow models for LiRA (see `privacy report`)."),
-    probe_records: int = typer.Option(4, help="Single-record site updates the curious coordinator attacks."),
+    probe_records: Optional[int] = typer.Option(None, help="Single-record site updates the curious coordinator attacks (default 32 tabular, 4 images), as many per probe round as the run has sites."),
     iterations: int = typer.Option(300, help="Gradient-matching iterations per image (CNN)."),
     seed: int = typer.Option(0, help="Seed of every run and attack."),
     out: Path = typer.Option(Path("runs/privacy-compare"), help="Directory for the runs, privacy.html and privacy.json."),
