@@ -232,13 +232,21 @@ class NoiseShareStage:
         return vec + self.rng.normal(0.0, std, size=vec.shape)
 
 
-def dpsgd_trainer(dp: DPSGDConfig):
-    """A :data:`~insitu.federation.site.Trainer` running DP-SGD on the site's records."""
+def dpsgd_trainer(dp: DPSGDConfig, noise_seed: int | None = None):
+    """A :data:`~insitu.federation.site.Trainer` running DP-SGD on the site's records.
+
+    The noise stream is seeded from the OS unless ``noise_seed`` is given (reproducible
+    simulations only); the site's own generator draws only the Poisson samples."""
+    import secrets
+
+    import torch
+
+    noise = torch.Generator().manual_seed(secrets.randbits(63) if noise_seed is None else noise_seed)
 
     def trainer(site: Any, model: Any, cfg: Any, request: Message) -> dict[str, Any]:
         correction = site.scaffold_correction(request, model)
         return dp_sgd_train(model, site.data.X_train, site.data.y_train, cfg, dp, site.generator,
-                            num_outputs=site.task.num_outputs, correction=correction)
+                            num_outputs=site.task.num_outputs, correction=correction, noise_generator=noise)
 
     return trainer
 
@@ -421,7 +429,8 @@ class DPRun:
         site.guards.append(guard)
         trainer = site.trainer
         if s.level is DPLevel.RECORD:
-            trainer = dpsgd_trainer(DPSGDConfig(self.noise[sid], s.clip_norm, self.sampling[sid]))
+            trainer = dpsgd_trainer(DPSGDConfig(self.noise[sid], s.clip_norm, self.sampling[sid]),
+                                    None if self.seed is None else self.seed * 7 + zlib.crc32(sid.encode()) + 1)
         else:
             site.pipeline.clip = ClipStage(s.clip_norm, adaptive=self.adaptive is not None)
             if s.placement is Placement.DISTRIBUTED:

@@ -27,6 +27,7 @@ padding, zero padding mode).  Any other layer with trainable parameters is refus
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -243,8 +244,12 @@ def dp_sgd_train(
     *,
     num_outputs: int,
     correction: list[torch.Tensor] | None = None,
+    noise_generator: torch.Generator | None = None,
 ) -> dict[str, Any]:
     """``cfg.steps`` DP-SGD steps with Poisson sampling at rate ``dp.sampling_rate``.
+
+    ``generator`` draws the Poisson samples; the noise comes from ``noise_generator``, by default
+    seeded from the operating system: a noise stream someone can replay protects nothing.
 
     Accounting for these steps is the caller's (the site's ledger charges
     ``PrivacyEvent(GAUSSIAN, z, q, steps)`` before calling this).
@@ -252,11 +257,12 @@ def dp_sgd_train(
     n = int(X.shape[0])
     if n == 0:
         raise ConfigError("cannot train on a site with no training records")
+    noise = noise_generator or torch.Generator().manual_seed(secrets.randbits(63))
     with ClippedGradients(model) as clipper:
-        return _train(clipper, model, X, y, cfg, dp, generator, num_outputs, correction)
+        return _train(clipper, model, X, y, cfg, dp, generator, noise, num_outputs, correction)
 
 
-def _train(clipper, model, X, y, cfg, dp, generator, num_outputs, correction) -> dict[str, Any]:
+def _train(clipper, model, X, y, cfg, dp, generator, noise, num_outputs, correction) -> dict[str, Any]:
     n = int(X.shape[0])
     loss = per_sample_loss(num_outputs)
     opt = make_optimizer(model, cfg)
@@ -277,7 +283,7 @@ def _train(clipper, model, X, y, cfg, dp, generator, num_outputs, correction) ->
                 for e, c in zip(extra, correction):
                     e.add_(c)
         opt.zero_grad(set_to_none=True)
-        lsum, norms = dp_sgd_step(clipper, opt, X[idx], y[idx], loss, dp, expected, generator, extra)
+        lsum, norms = dp_sgd_step(clipper, opt, X[idx], y[idx], loss, dp, expected, noise, extra)
         total_loss += lsum
         seen += int(idx.numel())
         clipped += int((norms > dp.clip).sum())
