@@ -1,6 +1,7 @@
 """The mTLS channel and network transport, in-process over real TLS sockets on 127.0.0.1."""
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
@@ -160,7 +161,8 @@ def test_oversized_message_refused(pki):
         srv.stop()
 
 
-def test_revocation_closes_an_open_channel_and_refuses_reconnection(pki):
+def test_revocation_closes_an_open_channel_and_refuses_reconnection(pki, caplog):
+    caplog.set_level(logging.WARNING, logger="insitu.coordinator.net")
     srv = start_server(pki)
     try:
         client = start_site(pki, "a", srv.port, echo)
@@ -168,12 +170,17 @@ def test_revocation_closes_an_open_channel_and_refuses_reconnection(pki):
         assert srv.transport.wait_for(None, 2, 10) == ["hospital-a", "hospital-b"]
         assert client.connected.wait(10)
         connects = client.connects
+        ctx_before = srv.tls.context()
         pki["ca"].revoke("hospital-a")
+        srv.tls.crl.refresh()  # whoever loads the new CRL first (here: as the heart-beat ticker would) ...
+        assert srv.tls.context() is not ctx_before  # ... the next handshake uses a context holding it
         deadline = time.monotonic() + 10
         while "hospital-a" in srv.transport.sites() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert srv.transport.sites() == ["hospital-b"]
         time.sleep(1.0)  # the site keeps dialling with back-off; every handshake is refused
         assert srv.transport.sites() == ["hospital-b"] and client.connects == connects
+        # refused by OpenSSL at the handshake (CRL loaded into the context), not only after it
+        assert any("certificate verify failed: certificate revoked" in r.getMessage() for r in caplog.records)
     finally:
         srv.stop()

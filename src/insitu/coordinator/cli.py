@@ -84,7 +84,7 @@ def status(job: str = typer.Argument(...), config: Path = OPERATOR_CONFIG, as_js
     for r in res["rounds"]:
         acc = (r.get("evaluation") or {}).get("mean_site_accuracy")
         why = "; ".join(f"{k}: {v}" for k, v in r["dropped"].items()) or (r["reason"] or "")
-        t.add_row(str(r["round"]), r["status"], ",".join(r["participants"]), why[:120], f"{acc:.4f}" if acc is not None else "",
+        t.add_row(str(r["round"]), r["status"], ",".join(r["participants"]), why[:240], f"{acc:.4f}" if acc is not None else "",
                   f"{r['seconds']:.2f}" if r["seconds"] else "")
     out.print(t)
     if res.get("final"):

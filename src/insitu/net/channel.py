@@ -81,12 +81,16 @@ class ServerTLS:
         self.creds = creds
         self.crl = RevocationList(crl_path, creds.ca)
         self._ctx = server_context(creds, crl_path)
+        self._ctx_version = self.crl.version
         self._lock = threading.Lock()
 
     def context(self) -> ssl.SSLContext:
+        """The context for the next handshake, rebuilt if a newer CRL was loaded (by anyone)."""
         with self._lock:
-            if self.crl.refresh():
+            self.crl.refresh()
+            if self.crl.version != self._ctx_version:
                 self._ctx = server_context(self.creds, self.crl.path)
+                self._ctx_version = self.crl.version
             return self._ctx
 
     def accept(self, raw: socket.socket, timeout: float = 10.0) -> tuple["Channel", Identity]:

@@ -366,5 +366,10 @@ class RevocationList:
     def is_revoked(self, serial: int) -> bool:
         return serial in self._revoked
 
+    @property
+    def version(self) -> int:
+        """Changes whenever a new CRL is loaded (its file's modification time)."""
+        return int(self._mtime)
+
 
 __all__ = ["Role", "Identity", "Credentials", "CertificateAuthority", "create_csr", "load_csr", "identity_of", "RevocationList", "ROLE_OID"]

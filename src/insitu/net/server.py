@@ -305,13 +305,14 @@ class CoordinatorServer:
 
     def _ticker(self) -> None:
         hb = Message(MessageKind.HEARTBEAT)
+        seen = self.tls.crl.version
         while not self._stop.wait(self.config.heartbeat):
             now = time.monotonic()
             try:
-                crl_changed = self.tls.crl.refresh()
+                self.tls.crl.refresh()
             except SecurityError as exc:
                 log.error("%s", exc)
-                crl_changed = False
+            crl_changed, seen = self.tls.crl.version != seen, self.tls.crl.version
             for conn in self.transport.connections():
                 if crl_changed and self.tls.crl.is_revoked(conn.ident.serial):
                     log.warning("site %s: certificate revoked; closing its channel", conn.ident.name)

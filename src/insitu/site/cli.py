@@ -54,8 +54,9 @@ def pending(config: Path = CONFIG) -> None:
     from insitu.site.policy import Approvals, SitePolicy
 
     policy = SitePolicy.load(config)
-    t = Table("task hash", "model", "lr", "local steps", "refused", "last reason")
+    t = Table("model", "lr", "local steps", "refused", "last reason")
+    t.add_column("task hash (approve this)", overflow="fold", min_width=64)
     for h, e in Approvals(policy.state, policy.approved).pending().items():
         s = e["spec"]
-        t.add_row(h, s["model"], str(s["lr"]), str(s["local_steps"]), str(e["count"]), e.get("last_reason", "")[:80])
+        t.add_row(s["model"], str(s["lr"]), str(s["local_steps"]), str(e["count"]), e.get("last_reason", "")[:80], h)
     out.print(t)
