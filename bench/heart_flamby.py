@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="2 seeds")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--normalize", default="site", help="site (FLamby's recipe, the comparable one) or federated")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = range(2 if args.quick else args.seeds)
@@ -39,12 +40,12 @@ def main() -> int:
     t0 = time.perf_counter()
     for seed in seeds:
         for i, strat in enumerate(STRATEGIES):
-            s = simulate(strategy=strat, seed=seed, rounds=args.rounds, baselines=(i == 0), write=False)
+            s = simulate(strategy=strat, seed=seed, rounds=args.rounds, normalize=args.normalize, baselines=(i == 0), write=False)
             results[strat].append(s["final"]["mean_site_accuracy"])
             if i == 0:
                 results["pooled"].append(s["baselines"]["pooled"]["mean_site_accuracy"])
                 results["local (best site)"].append(s["baselines"]["local_only"]["best_site_model_mean_accuracy"])
-    table = Table(title=f"Fed-Heart-Disease, mean site accuracy over {len(seeds)} seeds ({time.perf_counter() - t0:.0f} s)")
+    table = Table(title=f"Fed-Heart-Disease ({args.normalize} z-scoring), mean site accuracy over {len(seeds)} seeds ({time.perf_counter() - t0:.0f} s)")
     for col in ("method", "insitu", "± sd", "FLamby", "ratio"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for k, vals in results.items():

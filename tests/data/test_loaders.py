@@ -104,3 +104,20 @@ def test_npz_not_a_zip(tmp_path):
     p.write_text("hello")
     with pytest.raises(DataError, match="cannot be read"):
         load_medmnist(p, 2, Partition.parse("iid"))
+
+
+def test_federated_normalization_equals_pooled_statistics():
+    from insitu.data.heart import FEATURES, _split, federated_moments
+    from insitu.data.heart import HOSPITALS
+
+    df = load_heart_frame()
+    trains = [_split(df[df["hospital"] == h])[0][list(FEATURES)].to_numpy(float) for h in HOSPITALS]
+    mu, sd = federated_moments(trains)
+    pooled = np.concatenate(trains)
+    np.testing.assert_allclose(mu, pooled.mean(0), atol=1e-9)
+    np.testing.assert_allclose(sd, pooled.std(0), atol=1e-9)
+    d = load_heart(normalize="federated")
+    X = np.concatenate([s.X_train.numpy() for s in d.sites])
+    np.testing.assert_allclose(X.mean(0), 0, atol=1e-5)
+    with pytest.raises(DataError, match="unknown normalization 'global'"):
+        load_heart(normalize="global")

@@ -13,6 +13,7 @@ random_state=43)``; z-score each centre with its own train statistics.
 """
 from __future__ import annotations
 
+import enum
 from importlib import resources
 from pathlib import Path
 
@@ -108,8 +109,37 @@ def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     return (train - mu) / sd, (test - mu) / sd
 
 
-def _site(name: str, tr: pd.DataFrame, te: pd.DataFrame) -> SiteData:
-    Xtr, Xte = standardize(tr[list(FEATURES)].to_numpy(float), te[list(FEATURES)].to_numpy(float))
+class Normalize(str, enum.Enum):
+    """How features are z-scored.
+
+    ``site``: each site with its own train statistics (FLamby's recipe).  It also removes the
+    between-hospital shifts in feature means, which carry signal here (e.g. Switzerland records
+    cholesterol as 0).  ``federated``: one mean and standard deviation for the consortium,
+    computed from per-site aggregates only (count, Σx, Σx² of the training splits — three
+    vectors per site, no record), the way a pooled analysis would standardize.
+    """
+
+    SITE = "site"
+    FEDERATED = "federated"
+
+
+def federated_moments(train_parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Consortium mean and std from each site's (n, Σx, Σx²): the only things that leave a site."""
+    n = sum(len(x) for x in train_parts)
+    s1 = sum(x.sum(0) for x in train_parts)
+    s2 = sum((x * x).sum(0) for x in train_parts)
+    mu = s1 / n
+    sd = np.sqrt(np.maximum(s2 / n - mu * mu, 0.0))
+    sd[sd < 1e-8] = 1.0
+    return mu, sd
+
+
+def _site(name: str, tr: pd.DataFrame, te: pd.DataFrame, moments: tuple[np.ndarray, np.ndarray] | None = None) -> SiteData:
+    raw_tr, raw_te = tr[list(FEATURES)].to_numpy(float), te[list(FEATURES)].to_numpy(float)
+    if moments is None:
+        Xtr, Xte = standardize(raw_tr, raw_te)
+    else:
+        Xtr, Xte = (raw_tr - moments[0]) / moments[1], (raw_te - moments[0]) / moments[1]
     return SiteData(
         name,
         torch.tensor(Xtr, dtype=torch.float32),
@@ -119,30 +149,40 @@ def _site(name: str, tr: pd.DataFrame, te: pd.DataFrame) -> SiteData:
     )
 
 
-def load_heart(path: str | Path | None = None) -> FederatedData:
+def _build(df: pd.DataFrame, splits: list[tuple[str, pd.DataFrame, pd.DataFrame]], normalize: str | Normalize, info: dict) -> FederatedData:
+    try:
+        norm = Normalize(normalize)
+    except ValueError:
+        raise DataError(f"unknown normalization {normalize!r}; use site or federated") from None
+    moments = federated_moments([tr[list(FEATURES)].to_numpy(float) for _, tr, _ in splits]) if norm is Normalize.FEDERATED else None
+    sites = tuple(_site(name, tr, te, moments) for name, tr, te in splits)
+    return FederatedData("heart", sites, (len(FEATURES),), 2, FEATURES, {**info, "records": len(df), "normalize": norm.value})
+
+
+def load_heart(path: str | Path | None = None, normalize: str | Normalize = Normalize.SITE) -> FederatedData:
     """The four hospitals as four sites (FLamby's natural split)."""
     df = load_heart_frame(path)
-    sites = []
+    splits = []
     for hosp, name in zip(HOSPITALS, SITE_NAMES):
         part = df[df["hospital"] == hosp]
         if len(part) < 4:
             raise DataError(f"hospital {hosp!r} has {len(part)} complete records; at least 4 are needed to split train/test")
         tr, te = _split(part)
-        sites.append(_site(name, tr, te))
-    return FederatedData("heart", tuple(sites), (len(FEATURES),), 2, FEATURES, {"records": len(df), "partition": "natural"})
+        splits.append((name, tr, te))
+    return _build(df, splits, normalize, {"partition": "natural"})
 
 
 def heart_pooled_frame(path: str | Path | None = None) -> pd.DataFrame:
     return load_heart_frame(path)
 
 
-def heart_sites_from_indices(df: pd.DataFrame, parts: list[np.ndarray], names: list[str]) -> FederatedData:
+def heart_sites_from_indices(df: pd.DataFrame, parts: list[np.ndarray], names: list[str], normalize: str | Normalize = Normalize.SITE) -> FederatedData:
     """Heart records re-partitioned across simulated sites (iid or label-skewed)."""
-    sites = []
+    splits = []
     for name, idx in zip(names, parts):
         part = df.iloc[idx]
         if len(part) < 4:
             raise DataError(f"site {name} would get {len(part)} records; at least 4 are needed (use fewer --sites)")
         tr, te = _split(part)
-        sites.append(_site(name, tr, te))
-    return FederatedData("heart", tuple(sites), (len(FEATURES),), 2, FEATURES, {"records": len(df)})
+        splits.append((name, tr, te))
+    return _build(df, splits, normalize, {})

@@ -97,6 +97,7 @@ class SimulationConfig:
     site_budget: str | None = None  # "3" or "cleveland=1,default=3"; default: the target ε
     accountant: str = "pld"
     privacy_ledger: str | None = None  # SQLite ledger kept across runs (default: in the run directory)
+    normalize: str = "site"  # heart: z-score per site (FLamby) or with federated moments
     baselines: bool = True
     out: str | None = None
 
@@ -157,10 +158,10 @@ def load_federated(cfg: SimulationConfig) -> FederatedData:
         if part.kind is PartitionKind.NATURAL:
             if cfg.sites != 4:
                 raise ConfigError(f"the natural heart partition has 4 hospitals; --sites {cfg.sites} needs --partition iid or dirichlet:ALPHA")
-            return load_heart(cfg.data)
+            return load_heart(cfg.data, cfg.normalize)
         df = heart_pooled_frame(cfg.data)
         parts = split_indices(df["label"].to_numpy(), cfg.sites, part, np.random.default_rng(cfg.seed), min_per_site=4)
-        return heart_sites_from_indices(df, parts, [f"hospital-{i + 1}" for i in range(cfg.sites)])
+        return heart_sites_from_indices(df, parts, [f"hospital-{i + 1}" for i in range(cfg.sites)], cfg.normalize)
     return load_medmnist(cfg.data, cfg.sites, part, seed=cfg.seed, name=ds.value)
 
 
