@@ -49,10 +49,12 @@ def table(title: str, rows: list[dict[str, Any]], base_acc: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer settings and rounds")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds per heart row (mean is reported)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per heart row, mean reported (default 3; 1 with --quick)")
     ap.add_argument("--skip-pneumonia", action="store_true")
     ap.add_argument("--skip-heart", action="store_true")
     args = ap.parse_args()
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
 
     def heart(label: str, seeds: int, **kw: Any) -> dict[str, Any]:
         rows = [run(label, dataset="heart", seed=s, **kw) for s in range(seeds)]

@@ -509,7 +509,7 @@ def run_for_simulation(cfg: Any, data: Any) -> DPRun | None:
 
 #: Training defaults that suit DP (larger Poisson batches, fewer steps: each step costs ε),
 #: used only where the user did not set the option.  Heart, record level, ε = 1: mean site
-#: accuracy 0.73 (bench/dp_tradeoff.py).
+#: accuracy 0.721 ± 0.021 over seeds 0–4 (bench/dp_tradeoff.py).
 DP_DEFAULTS: dict[tuple[str, DPLevel], dict[str, Any]] = {
     ("heart", DPLevel.RECORD): {"rounds": 10, "local_steps": 5, "batch_size": 64, "lr": 0.3},
     ("pneumoniamnist", DPLevel.RECORD): {"rounds": 5, "local_steps": 10, "batch_size": 256, "lr": 0.05, "optimizer": "adam"},
