@@ -3,14 +3,13 @@ coordinator reconstructs what the sites meant to send, and training still learns
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from insitu.compress import CompressionSpec
 
 from .helpers import federation
 
 
-def _round_bytes(text: str, rounds: int = 2) -> tuple[int, float, object]:
+def _round_bytes(text: str, rounds: int = 2) -> tuple[int, object]:
     coord, _ = federation(CompressionSpec.parse(text))
     up = 0
     for r in range(1, rounds + 1):

@@ -33,7 +33,6 @@ from insitu.compress.model import DistillConfig, count_params, distill, prune, s
 from insitu.errors import ConfigError, DataError
 from insitu.federation.task import TaskSpec
 from insitu.learn.models import build_model, set_flat
-from insitu.learn.train import evaluate
 
 #: the float ONNX graph must match PyTorch this closely (max absolute difference of logits)
 FLOAT_TOLERANCE = 1e-4
