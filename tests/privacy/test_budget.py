@@ -155,3 +155,18 @@ def test_simulation_reports_which_site_refused_and_why(tmp_path):
 
     rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert all("epsilon" in r for r in rounds) and "switzerland" in rounds[-1]["dp_refused"]
+
+
+def test_site_refuses_a_round_announcing_fewer_noise_shares_than_it_sized_for(tmp_path):
+    from insitu.errors import PolicyViolation
+    from insitu.federation.dp import BudgetGuard
+    from insitu.federation.messages import Message, MessageKind
+
+    with PrivacyLedger(tmp_path / "l.sqlite") as led:
+        led.set_budget("a", Budget(5.0))
+        guard = BudgetGuard(led, "a", lambda t: ROUND, job="job", min_shares=3)
+        with pytest.raises(PolicyViolation, match="sized for at least 3"):
+            guard(None, Message(MessageKind.TRAIN, 1, "job", {"dp_min_shares": 2}), None)
+        assert led.records("a") == []  # nothing charged
+        guard(None, Message(MessageKind.TRAIN, 2, "job", {"dp_min_shares": 3}), None)
+        assert [r.round for r in led.records("a")] == [2]
