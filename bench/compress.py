@@ -50,6 +50,7 @@ def run(setting: str, args: argparse.Namespace) -> dict:
         "last5_accuracy": float(np.mean(curve[-5:])),
         "curve": curve,
         "seconds": time.perf_counter() - t0,
+        "config": {k: s["config"].get(k) for k in ("model", "optimizer", "lr", "batch_size", "local_steps", "partition", "sites", "lr_schedule")},
     }
 
 
@@ -91,6 +92,7 @@ def main() -> int:
         ok = "baseline" if r is dense else ("yes" if ratio >= 10 and delta >= -1 and delta5 >= -1 else "no")
         t.add_row(r["setting"] + (" (baseline)" if r is dense else ""), f"{r['bytes_up_per_site_round']:,.0f}", f"{ratio:.1f}×", f"{r['accuracy']:.3f}", f"{delta:+.1f}", f"{r['last5_accuracy']:.3f}", f"{delta5:+.1f}", ok)
     con.print(t)
+    con.print("local training: " + ", ".join(f"{k} {v}" for k, v in dense["config"].items() if v is not None))
     if args.json:
         args.json.write_text(json.dumps({"rounds": args.rounds, "seed": args.seed, "results": results}, indent=2))
     return 0
