@@ -125,3 +125,14 @@ def test_scaffold_round_runs_and_keeps_site_controls(heart):
     coord.run_round(1)
     assert all(s.control is not None and np.any(s.control != 0) for s in sites.values())
     assert np.any(coord.strategy.control != 0)
+
+
+def test_lr_schedule_lowers_but_never_raises_site_lr(heart):
+    coord, sites = _setup(heart)
+    coord.lr_schedule = lambda r: 0.5
+    plan = coord.plan(1)
+    assert plan.train_meta["lr_scale"] == 0.5
+    sites["cleveland"].handle(plan.train_request("cleveland"))
+    bad = plan.train_request("hungary", {"lr_scale": 3.0})
+    with pytest.raises(ProtocolError, match="lr_scale 3.0 must be in"):
+        sites["hungary"].handle(bad)

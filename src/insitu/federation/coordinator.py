@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -47,6 +47,8 @@ class Coordinator:
     timeout: float = 600.0
     weighting: str = "samples"
     sites: tuple[str, ...] | None = None
+    #: round → factor in (0, 1] on the sites' learning rate (e.g. cosine decay); None: constant
+    lr_schedule: Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
         self.params = np.asarray(self.params, dtype=np.float32)
@@ -63,6 +65,8 @@ class Coordinator:
             raise RoundAborted(f"round {round_}: only {len(sites)} site(s) connected, --min-sites is {self.min_sites}")
         meta, tensors = self.strategy.configure(round_, self.params)
         meta = {"task": self.task.to_meta(), "weighting": self.weighting, **meta}
+        if self.lr_schedule is not None:
+            meta["lr_scale"] = float(self.lr_schedule(round_))
         tensors = {"params": self.params, **tensors}
         size = self.strategy.update_size(self.params.shape[0])
         return RoundPlan(self.job, round_, sites, size, self.timeout, self.min_sites, meta, tensors)

@@ -6,6 +6,7 @@ the pipeline's output leaves it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -78,6 +79,11 @@ class Site:
             raise ProtocolError("global parameters hold NaN or infinite values")
         set_flat(self.model, params)
         cfg = task.train_config()
+        scale = msg.meta.get("lr_scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 < scale <= 1.0:
+            raise ProtocolError(f"lr_scale {scale!r} must be in (0, 1]: a coordinator may lower, never raise, the approved learning rate")
+        if scale != 1.0:
+            cfg = dataclasses.replace(cfg, lr=cfg.lr * float(scale))
         info: dict[str, Any] = dict(self.trainer(self, self.model, cfg, msg))
         delta = get_flat(self.model).astype(np.float64) - params.astype(np.float64)
         update = delta
