@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from insitu.cli import app
 from insitu.errors import DataError
 from insitu.federation.simulation import simulate
-from insitu.report.privacy import attack_run, compare_configs, CompareConfig, heart_reidentification, markdown_table, PrivacyReport
+from insitu.report.privacy import CompareConfig, PrivacyReport, attack_run, compare_configs, heart_reidentification, load_report, markdown_table, merge_reports
 
 TINY = dict(dataset="heart", rounds=2, local_steps=5, baselines=False)
 
@@ -29,6 +29,9 @@ def test_report_cli_on_an_undefended_run(runs):
     page = (runs / "none" / "privacy.html").read_text()
     assert "100.0% exact" in page  # every single-record update reconstructed
     assert "lira-online" in page and "data:image/png;base64," in page
+    saved = load_report(runs / "none" / "privacy.json")
+    assert saved.rows[0].defence == "none" and saved.rows[0].reconstruction.success_rate == 1.0
+    assert saved.rows[0].reconstruction.records == 32  # 8 probe rounds of the run's 4 sites
 
 
 def test_secure_aggregation_run_defeats_the_coordinator_but_not_the_outsider(runs):
@@ -37,8 +40,8 @@ def test_secure_aggregation_run_defeats_the_coordinator_but_not_the_outsider(run
     assert row.reconstruction.success_rate == 0.0
     assert row.reconstruction.quality > 0.5 * row.reconstruction.guess_quality
     assert [m.attack for m in row.membership] == ["loss-threshold"]
-    table = markdown_table(PrivacyReport((row,)))
-    assert "| secure aggregation | ∞ |" in table
+    table = markdown_table(merge_reports([PrivacyReport((row,)), PrivacyReport((row,))]))
+    assert "| secure aggregation | ∞ |" in table and "(+0.000)" in table
 
 
 def test_deid_policy_takes_heart_linkage_from_almost_all_to_almost_none():

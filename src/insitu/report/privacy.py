@@ -563,7 +563,7 @@ def table_rows(report: PrivacyReport, long: bool = False) -> list[list[str]]:
             _pct(m.tpr_at_1pct),
             _recon_cell(r.reconstruction, long),
             reid,
-            f"{r.accuracy:.3f}" + ("" if r.accuracy_cost is None else f" ({-r.accuracy_cost:+.3f})"),
+            f"{r.accuracy:.3f}" + ("" if r.accuracy_cost is None else f" ({0.0 - r.accuracy_cost:+.3f})"),
         ])
     return out
 
