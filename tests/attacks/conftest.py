@@ -65,7 +65,7 @@ def make_dp_mlp(epsilon: float, delta: float, n: int, epochs: int = 15, batch: i
     def fit(X: torch.Tensor, y: torch.Tensor, seed: int) -> torch.nn.Module:
         m = build_model("mlp", (X.shape[1],), 1, seed=seed)
         dp_sgd_train(m, X, y, TrainConfig(lr=1.0, steps=steps), DPSGDConfig(sigma, clip, min(1.0, batch / X.shape[0])),
-                     torch.Generator().manual_seed(seed), num_outputs=1)
+                     torch.Generator().manual_seed(seed), num_outputs=1, noise_generator=torch.Generator().manual_seed(seed + 1))
         return m
 
     fit.sigma = sigma

@@ -201,7 +201,9 @@ def shadow_trainer(task: TaskSpec, steps: int, batch_size: int, dp: tuple[float,
             from insitu.learn.dpsgd import DPSGDConfig, dp_sgd_train
 
             q = min(1.0, batch_size / max(1, X.shape[0]))
-            dp_sgd_train(model, X, y, cfg, DPSGDConfig(dp[0], dp[1], q), gen, num_outputs=task.num_outputs)
+            # shadow models are the attacker's own: a replayable noise stream is fine here
+            dp_sgd_train(model, X, y, cfg, DPSGDConfig(dp[0], dp[1], q), gen, num_outputs=task.num_outputs,
+                         noise_generator=torch.Generator().manual_seed(seed + 1))
         else:
             train_local(model, X, y, cfg, gen, num_outputs=task.num_outputs)
         return model
