@@ -98,3 +98,15 @@ def test_dropout_option_reports_dropped_sites():
 
     s = simulate(rounds=6, dropout=0.4, seed=1, baselines=False, write=False)
     assert s["final"]["rounds_completed"] + s["final"]["rounds_aborted"] == 6
+
+
+def test_best_val_selection_picks_a_round_by_validation(pneumonia_npz):
+    from insitu.federation.simulation import simulate
+
+    s = simulate(dataset="pneumoniamnist", data=str(pneumonia_npz), rounds=3, local_steps=2, baselines=False, write=False)
+    assert 1 <= s["final"]["selected_round"] <= 3
+
+
+def test_best_val_refused_for_heart(capsys):
+    assert main_exit("simulate", "--select", "best-val", "--rounds", "1") == 2
+    assert "needs validation splits" in capsys.readouterr().err

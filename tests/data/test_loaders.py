@@ -121,3 +121,12 @@ def test_federated_normalization_equals_pooled_statistics():
     np.testing.assert_allclose(X.mean(0), 0, atol=1e-5)
     with pytest.raises(DataError, match="unknown normalization 'global'"):
         load_heart(normalize="global")
+
+
+def test_medmnist_validation_split_follows_site_label_mix(pneumonia_npz):
+    d = load_medmnist(pneumonia_npz, 4, Partition.parse("dirichlet:0.5"), seed=0)
+    assert sum(s.X_val.shape[0] for s in d.sites) == 524
+    for s in d.sites:
+        tr = s.y_train.numpy().mean()
+        if s.X_val.shape[0] >= 20:
+            assert abs(s.y_val.numpy().mean() - tr) < 0.25

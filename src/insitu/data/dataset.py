@@ -15,6 +15,8 @@ class SiteData:
     y_train: torch.Tensor
     X_test: torch.Tensor
     y_test: torch.Tensor
+    X_val: torch.Tensor | None = None  # a validation split, where the data has one (model selection)
+    y_val: torch.Tensor | None = None
 
     @property
     def n_train(self) -> int:

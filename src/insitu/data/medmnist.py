@@ -58,19 +58,27 @@ def load_medmnist(path: str | Path, n_sites: int, partition: Partition, seed: in
     yte = arrays["test_labels"].reshape(-1).astype(int)
     classes = int(max(ytr.max(), yte.max()) + 1)
     train_parts = split_indices(ytr, n_sites, partition, rng)
-    # test images follow each site's train label proportions
-    test_parts: list[list[int]] = [[] for _ in range(n_sites)]
-    for c in range(classes):
-        idx = rng.permutation(np.flatnonzero(yte == c))
-        share = np.array([np.sum(ytr[p] == c) for p in train_parts], dtype=float)
-        share = share / share.sum() if share.sum() > 0 else np.full(n_sites, 1 / n_sites)
-        cuts = np.round(np.cumsum(share) * len(idx)).astype(int)[:-1]
-        for site, chunk in enumerate(np.split(idx, cuts)):
-            test_parts[site].extend(chunk.tolist())
+    def follow_train(labels: np.ndarray) -> list[np.ndarray]:
+        """Split held-out images so that each site's share follows its train label proportions."""
+        parts: list[list[int]] = [[] for _ in range(n_sites)]
+        for c in range(classes):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            share = np.array([np.sum(ytr[p] == c) for p in train_parts], dtype=float)
+            share = share / share.sum() if share.sum() > 0 else np.full(n_sites, 1 / n_sites)
+            cuts = np.round(np.cumsum(share) * len(idx)).astype(int)[:-1]
+            for site, chunk in enumerate(np.split(idx, cuts)):
+                parts[site].extend(chunk.tolist())
+        return [np.sort(np.array(p, dtype=int)) for p in parts]
+
+    test_parts = follow_train(yte)
+    has_val = "val_images" in arrays and "val_labels" in arrays
+    yva = arrays["val_labels"].reshape(-1).astype(int) if has_val else None
+    val_parts = follow_train(yva) if has_val else [None] * n_sites
     Xtr, Xte = _to_tensor(arrays["train_images"]), _to_tensor(arrays["test_images"])
+    Xva = _to_tensor(arrays["val_images"]) if has_val else None
     sites = []
-    for i, (ptr, pte) in enumerate(zip(train_parts, test_parts)):
-        pte_arr = np.sort(np.array(pte, dtype=int))
-        sites.append(SiteData(f"hospital-{i + 1}", Xtr[ptr], torch.tensor(ytr[ptr], dtype=torch.float32), Xte[pte_arr], torch.tensor(yte[pte_arr], dtype=torch.float32)))
+    for i, (ptr, pte, pva) in enumerate(zip(train_parts, test_parts, val_parts)):
+        val = (Xva[pva], torch.tensor(yva[pva], dtype=torch.float32)) if has_val else (None, None)
+        sites.append(SiteData(f"hospital-{i + 1}", Xtr[ptr], torch.tensor(ytr[ptr], dtype=torch.float32), Xte[pte], torch.tensor(yte[pte], dtype=torch.float32), *val))
     shape = tuple(Xtr.shape[1:])
     return FederatedData(name or Path(path).stem, tuple(sites), shape, classes, ("image",), {"partition": str(partition), "train": len(ytr), "test": len(yte)})

@@ -102,10 +102,10 @@ class Coordinator:
             update_norm=float(np.linalg.norm(mean[:n])),
         )
 
-    def evaluate(self, round_: int, params: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
-        """Federated evaluation: each site scores the global model on its own test split."""
+    def evaluate(self, round_: int, params: np.ndarray | None = None, split: str = "test") -> dict[str, dict[str, Any]]:
+        """Federated evaluation: each site scores the global model on its own test (or validation) split."""
         params = self.params if params is None else np.asarray(params, dtype=np.float32)
-        req = Message(MessageKind.EVALUATE, round_, self.job, {"task": self.task.to_meta()}, {"params": params})
+        req = Message(MessageKind.EVALUATE, round_, self.job, {"task": self.task.to_meta(), "split": split}, {"params": params})
         ex = self.transport.exchange({s: req for s in self._sites()}, self.timeout)
         out: dict[str, dict[str, Any]] = {}
         for sid, rep in ex.replies.items():

@@ -53,12 +53,13 @@ class Defaults:
     partition: str
     sites: int
     lr_schedule: str = "constant"
+    select: str = "last"
 
 
 DEFAULTS: dict[DatasetName, Defaults] = {
     DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4),
-    DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "cosine"),
-    DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "cosine"),
+    DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "cosine", "best-val"),
+    DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "cosine", "best-val"),
 }
 
 #: server learning rates that work for the adaptive optimizers (Reddi et al. tune η on a grid).
@@ -111,6 +112,7 @@ class SimulationConfig:
     site_budget: str | None = None  # "3" or "cleveland=1,default=3"; default: the target ε
     accountant: str = "pld"
     privacy_ledger: str | None = None  # SQLite ledger kept across runs (default: in the run directory)
+    select: str | None = None  # final model: the last round's, or the best on the sites' validation splits
     lr_schedule: str | None = None  # constant or cosine (site lr decays to 10% over the rounds)
     normalize: str = "site"  # heart: z-score per site (FLamby) or with federated moments
     baselines: bool = True
@@ -142,9 +144,14 @@ class SimulationConfig:
             optimizer=self.optimizer or d.optimizer,
             model=self.model or d.model,
             lr_schedule=self.lr_schedule or d.lr_schedule,
+            select=self.select or d.select,
             server_lr=self.server_lr if self.server_lr is not None else SERVER_LR.get(strat, 1.0),
         )
         Partition.parse(cfg.partition)
+        if cfg.select not in ("last", "best-val"):
+            raise ConfigError(f"unknown --select {cfg.select!r}; choose last or best-val")
+        if cfg.select == "best-val" and ds is DatasetName.HEART:
+            raise ConfigError("--select best-val needs validation splits; the heart data has none (FLamby's splits are train/test)")
         if cfg.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"unknown --lr-schedule {cfg.lr_schedule!r}; choose one of {sorted(LR_SCHEDULES)}")
         CompressionSpec.parse(cfg.compress)
@@ -298,6 +305,8 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     data = load_federated(cfg)
+    if cfg.select == "best-val" and any(s.X_val is None or s.X_val.shape[0] == 0 for s in data.sites):
+        raise ConfigError(f"--select best-val needs validation splits, and {cfg.data!r} has no val_images/val_labels; use --select last")
     task = make_task(cfg, data)
     protocol = build_protocol(cfg)
     from insitu.federation.dp import run_for_simulation
@@ -324,8 +333,14 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
         from insitu.report.progress import round_progress
 
         with round_progress(cfg.rounds, enabled=progress, label=f"{cfg.dataset} · {cfg.strategy}") as bar:
+            best: tuple[float, int, np.ndarray] | None = None
             for r in range(1, cfg.rounds + 1):
                 rec = _one_round(coord, r)
+                if cfg.select == "best-val" and rec["status"] == "ok":
+                    _, val_acc = _site_accuracy(coord.evaluate(r, split="val"))
+                    rec["val_accuracy"] = val_acc
+                    if best is None or val_acc > best[0]:
+                        best = (val_acc, r, coord.params.copy())
                 if dp:
                     rec.update(dp.round_summary(r))
                 history.append(rec)
@@ -333,6 +348,9 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
                     writer.round(rec)
                 bar(rec)
         fed_time = time.perf_counter() - t0
+        selected = cfg.rounds
+        if best is not None:
+            _, selected, coord.params = best  # the model the sites' validation data chose
         final_eval = coord.evaluate(cfg.rounds + 1)
         mean_acc, pooled_acc = _site_accuracy(final_eval)
         summary: dict[str, Any] = {
@@ -344,6 +362,7 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
                 "mean_site_accuracy": mean_acc,
                 "pooled_accuracy": pooled_acc,
                 "site_accuracy": {k: v["accuracy"] for k, v in final_eval.items()},
+                "selected_round": selected,
                 "rounds_completed": sum(1 for h in history if h["status"] == "ok"),
                 "rounds_aborted": sum(1 for h in history if h["status"] == "aborted"),
                 "bytes_up_per_round": float(np.mean([h["bytes_up_total"] for h in history])) if history else 0.0,

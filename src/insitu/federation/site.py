@@ -99,7 +99,14 @@ class Site:
         self._task_of(msg)
         params = msg.tensor("params", shape=(self.size,), dtype="float32")
         set_flat(self.model, params)
-        res = evaluate(self.model, self.data.X_test, self.data.y_test, num_outputs=self.task.num_outputs)
+        split = msg.meta.get("split", "test")
+        if split == "test":
+            X, y = self.data.X_test, self.data.y_test
+        elif split == "val" and self.data.X_val is not None:
+            X, y = self.data.X_val, self.data.y_val
+        else:
+            raise ProtocolError(f"site {self.site_id} has no {split!r} split to evaluate on")
+        res = evaluate(self.model, X, y, num_outputs=self.task.num_outputs)
         return Message(MessageKind.EVALUATE_REPLY, msg.round, msg.job, res)
 
     # -- Scaffold (Karimireddy et al. 2020, option II) ------------------------------------------
