@@ -27,6 +27,7 @@ def simulate_command(
     server_lr: Optional[float] = typer.Option(None, help="Server learning rate (FedAvg 1.0; adaptive optimizers 0.03)."),
     min_sites: int = typer.Option(1, help="A round completes only if at least this many sites finish it."),
     dropout: float = typer.Option(0.0, help="Probability that a site fails in a round (to rehearse drop-outs)."),
+    augment: Optional[int] = typer.Option(None, help="Images: shift each training image by up to N pixels (default 2 for images, 0 to turn off)."),
     select: Optional[str] = typer.Option(None, help="Final model: last (the last round's) or best-val (best pooled accuracy on the sites' validation splits; default where the data has them)."),
     lr_schedule: Optional[str] = typer.Option(None, help="Site learning rate over rounds: constant, or cosine (decays to 10%; default for images)."),
     normalize: str = typer.Option("site", help="heart: z-score each site with its own statistics (site, FLamby's recipe) or with consortium moments built from per-site sums (federated)."),
@@ -56,7 +57,7 @@ def simulate_command(
     cfg = SimulationConfig(
         dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, rounds=rounds,
         local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, mu=mu, server_lr=server_lr,
-        min_sites=min_sites, dropout=dropout, seed=seed, select=select, lr_schedule=lr_schedule, normalize=normalize, compress=compress, secure_aggregation=secure_aggregation, homomorphic=homomorphic,
+        min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, compress=compress, secure_aggregation=secure_aggregation, homomorphic=homomorphic,
         dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement,
         adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,
     )

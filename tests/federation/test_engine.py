@@ -136,3 +136,16 @@ def test_lr_schedule_lowers_but_never_raises_site_lr(heart):
     bad = plan.train_request("hungary", {"lr_scale": 3.0})
     with pytest.raises(ProtocolError, match="lr_scale 3.0 must be in"):
         sites["hungary"].handle(bad)
+
+
+def test_random_shift_moves_images_by_at_most_s_pixels():
+    import torch
+
+    from insitu.learn.train import random_shift
+
+    x = torch.zeros(64, 1, 9, 9)
+    x[:, 0, 4, 4] = 1.0  # one bright pixel in the centre
+    y = random_shift(x, 2, torch.Generator().manual_seed(0))
+    pos = torch.nonzero(y[:, 0] == 1.0)[:, 1:]
+    assert y.shape == x.shape and len(pos) == 64
+    assert int((pos - 4).abs().max()) <= 2 and len({tuple(p.tolist()) for p in pos}) > 5

@@ -54,12 +54,13 @@ class Defaults:
     sites: int
     lr_schedule: str = "constant"
     select: str = "last"
+    augment: int = 0
 
 
 DEFAULTS: dict[DatasetName, Defaults] = {
     DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4),
-    DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "cosine", "best-val"),
-    DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "cosine", "best-val"),
+    DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "cosine", "best-val", 2),
+    DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "cosine", "best-val", 2),
 }
 
 #: server learning rates that work for the adaptive optimizers (Reddi et al. tune η on a grid).
@@ -112,6 +113,7 @@ class SimulationConfig:
     site_budget: str | None = None  # "3" or "cleveland=1,default=3"; default: the target ε
     accountant: str = "pld"
     privacy_ledger: str | None = None  # SQLite ledger kept across runs (default: in the run directory)
+    augment: int | None = None  # images: random shifts of up to N pixels during local training
     select: str | None = None  # final model: the last round's, or the best on the sites' validation splits
     lr_schedule: str | None = None  # constant or cosine (site lr decays to 10% over the rounds)
     normalize: str = "site"  # heart: z-score per site (FLamby) or with federated moments
@@ -145,6 +147,7 @@ class SimulationConfig:
             model=self.model or d.model,
             lr_schedule=self.lr_schedule or d.lr_schedule,
             select=self.select or d.select,
+            augment=self.augment if self.augment is not None else d.augment,
             server_lr=self.server_lr if self.server_lr is not None else SERVER_LR.get(strat, 1.0),
         )
         Partition.parse(cfg.partition)
@@ -194,6 +197,7 @@ def make_task(cfg: SimulationConfig, data: FederatedData) -> TaskSpec:
     return TaskSpec(
         model=cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs, schema=data.schema,
         lr=cfg.lr, local_steps=cfg.local_steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+        extra={"augment_shift": cfg.augment} if cfg.augment else {},
     )
 
 

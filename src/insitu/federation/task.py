@@ -38,7 +38,11 @@ class TaskSpec:
         self.train_config()  # validates hyper-parameters
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.lr, steps=self.local_steps, batch_size=self.batch_size, optimizer=OptimizerName(self.optimizer), prox_mu=self.prox_mu)
+        shift = self.extra.get("augment_shift", 0)
+        if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= 8:
+            raise ConfigError(f"augment_shift must be an integer from 0 to 8, got {shift!r}")
+        return TrainConfig(lr=self.lr, steps=self.local_steps, batch_size=self.batch_size, optimizer=OptimizerName(self.optimizer),
+                           prox_mu=self.prox_mu, augment_shift=shift)
 
     def to_meta(self) -> dict[str, Any]:
         d = asdict(self)

@@ -24,6 +24,7 @@ class TrainConfig:
     optimizer: OptimizerName = OptimizerName.SGD
     prox_mu: float = 0.0
     weight_decay: float = 0.0
+    augment_shift: int = 0  # images: random translation by up to this many pixels (0 = off)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and np.isfinite(self.lr)):
@@ -118,7 +119,10 @@ def train_local(
     for _ in range(cfg.steps):
         idx = torch.randint(0, n, (bs,), generator=generator)
         opt.zero_grad(set_to_none=True)
-        loss = crit(model(X[idx]), y[idx])
+        xb = X[idx]
+        if cfg.augment_shift and xb.dim() == 4:
+            xb = random_shift(xb, cfg.augment_shift, generator)
+        loss = crit(model(xb), y[idx])
         if anchor is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             loss = loss + 0.5 * cfg.prox_mu * prox
@@ -129,6 +133,18 @@ def train_local(
         opt.step()
         total += float(loss.detach())
     return {"train_loss": total / cfg.steps, "num_samples": int(n), "steps": cfg.steps}
+
+
+def random_shift(x: torch.Tensor, s: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``s`` pixels (edge padding): cheap augmentation that keeps
+    a small CNN from memorising a site's few hundred X-rays."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (s, s, s, s), mode="replicate")
+    off = torch.randint(0, 2 * s + 1, (b, 2), generator=generator)
+    c = x.shape[1]
+    rows = (off[:, 0].view(b, 1, 1, 1) + torch.arange(h).view(1, 1, h, 1)).expand(b, c, h, w + 2 * s)
+    cols = (off[:, 1].view(b, 1, 1, 1) + torch.arange(w).view(1, 1, 1, w)).expand(b, c, h, w)
+    return torch.gather(torch.gather(padded, 2, rows), 3, cols)
 
 
 @torch.no_grad()
