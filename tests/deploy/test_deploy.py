@@ -29,8 +29,8 @@ from insitu.net.pki import CertificateAuthority, Credentials, Role
 pytestmark = pytest.mark.slow
 
 HEART = {"name": "heart-1", "dataset": "heart", "rounds": 3, "seed": 0, "min_sites": 4, "round_timeout": 60.0}
-# rounds long enough (many local steps) to kill a process in the middle of one
-SLOW = {"dataset": "heart", "seed": 1, "round_timeout": 60.0, "task": {"local_steps": 100, "lr": 0.01}}
+# rounds long enough (~0.5 s on an idle 2-core machine, longer under load) that a kill lands mid-round
+SLOW = {"dataset": "heart", "seed": 1, "round_timeout": 120.0, "task": {"local_steps": 3000, "lr": 0.001}}
 
 
 def task_hash(job: dict) -> str:
