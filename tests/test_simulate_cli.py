@@ -103,7 +103,7 @@ def test_dropout_option_reports_dropped_sites():
 def test_best_val_selection_picks_a_round_by_validation(pneumonia_npz):
     from insitu.federation.simulation import simulate
 
-    s = simulate(dataset="pneumoniamnist", data=str(pneumonia_npz), rounds=3, local_steps=2, baselines=False, write=False)
+    s = simulate(dataset="pneumoniamnist", data=str(pneumonia_npz), rounds=3, local_steps=2, select="best-val", baselines=False, write=False)
     assert 1 <= s["final"]["selected_round"] <= 3
 
 

@@ -59,8 +59,8 @@ class Defaults:
 
 DEFAULTS: dict[DatasetName, Defaults] = {
     DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4),
-    DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "cosine", "best-val", 2),
-    DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "cosine", "best-val", 2),
+    DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "constant", "last", 2),
+    DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "constant", "last", 2),
 }
 
 #: server learning rates that work for the adaptive optimizers (Reddi et al. tune η on a grid).
