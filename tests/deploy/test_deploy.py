@@ -87,7 +87,7 @@ def test_heart_job_matches_simulation(dep):
     dep.operator("submit", {"job": HEART})
     st = dep.wait_job("heart-1", timeout=90)
     assert st["status"] == "done", st
-    assert [r["status"] for r in st["rounds"]] == ["applied"] * 3
+    assert [r["status"] for r in st["rounds"]] == ["applied"] * 3, st["rounds"]
     assert all(sorted(r["participants"]) == sorted(dep.sites) for r in st["rounds"])
     sim = simulate(dataset="heart", rounds=3, seed=0, write=False, baselines=False)
     assert st["final"]["site_accuracy"] == pytest.approx(sim["final"]["site_accuracy"], abs=1e-12)

@@ -47,7 +47,7 @@ class Sandbox:
     port: int = 0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     heartbeat: float = 1.0
-    dead_after: float = 5.0
+    dead_after: float = 15.0  # generous: a loaded CI machine can stall heart-beats for seconds
     backoff_max: float = 1.0
     operator_configs: set[str] = field(default_factory=set)
 
