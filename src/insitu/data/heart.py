@@ -172,10 +172,6 @@ def load_heart(path: str | Path | None = None, normalize: str | Normalize = Norm
     return _build(df, splits, normalize, {"partition": "natural"})
 
 
-def heart_pooled_frame(path: str | Path | None = None) -> pd.DataFrame:
-    return load_heart_frame(path)
-
-
 def heart_sites_from_indices(df: pd.DataFrame, parts: list[np.ndarray], names: list[str], normalize: str | Normalize = Normalize.SITE) -> FederatedData:
     """Heart records re-partitioned across simulated sites (iid or label-skewed)."""
     splits = []

@@ -16,6 +16,7 @@ and what secure aggregation and homomorphic encryption replace.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
@@ -105,6 +106,41 @@ def train_replies(plan: RoundPlan, transport: Transport, sites: tuple[str, ...] 
         except ProtocolError as exc:
             dropped[sid] = f"bad reply: {exc}"
     return ex, ok, dropped
+
+
+class PhaseRunner:
+    """One exchange of a multi-phase protocol (key agreement, training, unmasking, decryption).
+
+    Counts bytes both ways and network seconds, records drop-outs with the phase's label, and
+    turns a reply nobody asked for, or one of another kind, job or round (a replay), into the
+    protocol's abort.  ``up``, ``down`` and ``dropped`` accumulate over all phases of the round.
+    """
+
+    def __init__(self, plan: RoundPlan, transport: Transport, abort: Callable[[str, str], Exception]):
+        self.plan, self.transport, self.abort = plan, transport, abort
+        self.up: dict[str, int] = {}
+        self.down: dict[str, int] = {}
+        self.dropped: dict[str, str] = {}
+        self.seconds = 0.0
+
+    def __call__(self, requests: Mapping[str, Message], expect: MessageKind, label: str) -> dict[str, Message]:
+        t0 = time.perf_counter()
+        ex = self.transport.exchange(requests, self.plan.timeout)
+        self.seconds += time.perf_counter() - t0
+        for k, v in ex.bytes_received.items():
+            self.up[k] = self.up.get(k, 0) + v
+        for k, v in ex.bytes_sent.items():
+            self.down[k] = self.down.get(k, 0) + v
+        for sid, why in ex.dropped.items():
+            self.dropped[sid] = f"{label}: {why}"
+        plan = self.plan
+        for sid, rep in ex.replies.items():
+            if sid not in requests:
+                raise self.abort(sid, f"answered {label} without being asked")
+            if rep.kind is not expect or rep.round != plan.round or rep.job != plan.job:
+                raise self.abort(sid, f"{label} reply is {rep.kind.value} for job {rep.job!r} round {rep.round}, "
+                                      f"expected {expect.value} for round {plan.round} (replayed or misdirected message)")
+        return dict(ex.replies)
 
 
 class PlainSiteProtection:

@@ -176,7 +176,7 @@ class SimulationConfig:
 
 
 def load_federated(cfg: SimulationConfig) -> FederatedData:
-    from insitu.data.heart import heart_pooled_frame, heart_sites_from_indices, load_heart
+    from insitu.data.heart import heart_sites_from_indices, load_heart, load_heart_frame
     from insitu.data.medmnist import load_medmnist
     from insitu.data.partition import split_indices
 
@@ -187,7 +187,7 @@ def load_federated(cfg: SimulationConfig) -> FederatedData:
             if cfg.sites != 4:
                 raise ConfigError(f"the natural heart partition has 4 hospitals; --sites {cfg.sites} needs --partition iid or dirichlet:ALPHA")
             return load_heart(cfg.data, cfg.normalize)
-        df = heart_pooled_frame(cfg.data)
+        df = load_heart_frame(cfg.data)
         parts = split_indices(df["label"].to_numpy(), cfg.sites, part, np.random.default_rng(cfg.seed), min_per_site=4)
         return heart_sites_from_indices(df, parts, [f"hospital-{i + 1}" for i in range(cfg.sites)], cfg.normalize)
     return load_medmnist(cfg.data, cfg.sites, part, seed=cfg.seed, name=ds.value)

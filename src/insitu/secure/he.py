@@ -37,7 +37,7 @@ import numpy as np
 
 from insitu.errors import ConfigError, ProtocolError, RoundAborted
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.protocol import AggregateResult, RoundPlan
+from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan
 from insitu.federation.transport import Transport
 from insitu.secure import ckks as _ckks
 from insitu.secure import paillier as _paillier
@@ -346,30 +346,13 @@ class HEProtocol:
 
     def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult:
         cfg = self.config
-        dropped: dict[str, str] = {}
-        up: dict[str, int] = {}
-        down: dict[str, int] = {}
-        t_net = 0.0
         need = max(plan.min_sites, cfg.min_group)
 
         def abort(site: str, cause: str) -> RoundAborted:
             return RoundAborted(f"round {plan.round}: homomorphic aggregation aborted by site {site}: {cause}; the global model is unchanged")
 
-        def phase(requests: Mapping[str, Message], expect: MessageKind, label: str) -> dict[str, Message]:
-            nonlocal t_net
-            t0 = time.perf_counter()
-            ex = transport.exchange(requests, plan.timeout)
-            t_net += time.perf_counter() - t0
-            for k, v in ex.bytes_received.items():
-                up[k] = up.get(k, 0) + v
-            for k, v in ex.bytes_sent.items():
-                down[k] = down.get(k, 0) + v
-            for sid, why in ex.dropped.items():
-                dropped[sid] = f"{label}: {why}"
-            for sid, rep in ex.replies.items():
-                if sid not in requests or rep.kind is not expect or rep.round != plan.round or rep.job != plan.job:
-                    raise abort(sid, f"{label} reply is {rep.kind.value} for job {rep.job!r} round {rep.round}, expected {expect.value} for round {plan.round} (replayed or misdirected message)")
-            return dict(ex.replies)
+        phase = PhaseRunner(plan, transport, abort)
+        dropped, up, down = phase.dropped, phase.up, phase.down
 
         if len(plan.sites) < need:
             raise RoundAborted(f"round {plan.round}: homomorphic aggregation needs at least {need} sites, {len(plan.sites)} connected; the global model is unchanged")

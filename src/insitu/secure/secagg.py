@@ -44,7 +44,7 @@ import numpy as np
 
 from insitu.errors import ConfigError, ProtocolError, RoundAborted
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.protocol import AggregateResult, RoundPlan
+from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan
 from insitu.federation.transport import Transport
 from insitu.secure import shamir
 from insitu.secure._primitives import MaskExpander, agree, commitment, context, hkdf, open_sealed, private_key, seal, x25519_keypair, x25519_public
@@ -426,7 +426,6 @@ class SecAggProtocol:
 
     def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult:
         t_start = time.perf_counter()
-        t_net = 0.0
         cfg = self.config
         group = tuple(sorted(plan.sites))
         n = len(group)
@@ -438,27 +437,9 @@ class SecAggProtocol:
         idx = setup.index()
         t = setup.threshold
         need = max(plan.min_sites, cfg.min_group)
-        dropped: dict[str, str] = {}
-        up: dict[str, int] = {}
-        down: dict[str, int] = {}
 
-        def phase(requests: Mapping[str, Message], expect: MessageKind, label: str) -> dict[str, Message]:
-            nonlocal t_net
-            t0 = time.perf_counter()
-            ex = transport.exchange(requests, plan.timeout)
-            t_net += time.perf_counter() - t0
-            for k, v in ex.bytes_received.items():
-                up[k] = up.get(k, 0) + v
-            for k, v in ex.bytes_sent.items():
-                down[k] = down.get(k, 0) + v
-            for sid, why in ex.dropped.items():
-                dropped[sid] = f"{label}: {why}"
-            for sid, rep in ex.replies.items():
-                if sid not in requests:
-                    raise _abort(plan, sid, f"answered {label} without being asked")
-                if rep.kind is not expect or rep.round != plan.round or rep.job != plan.job:
-                    raise _abort(plan, sid, f"{label} reply is {rep.kind.value} for job {rep.job!r} round {rep.round}, expected {expect.value} for round {plan.round} (replayed or misdirected message)")
-            return dict(ex.replies)
+        phase = PhaseRunner(plan, transport, lambda site, cause: _abort(plan, site, cause))
+        dropped, up, down = phase.dropped, phase.up, phase.down
 
         def enough(alive: Mapping[str, Any], label: str) -> None:
             if len(alive) < need:
@@ -593,7 +574,7 @@ class SecAggProtocol:
         total = fp.decode(fp.reduce(acc))
         now = time.perf_counter()
         self.last_stats = SecAggStats(
-            server_seconds=(now - t_start) - t_net,
+            server_seconds=(now - t_start) - phase.seconds,
             unmask_seconds=now - t_unmask,
             masks_regenerated=regenerated,
             degree=degree,
