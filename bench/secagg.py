@@ -5,9 +5,10 @@
     .venv/bin/python bench/secagg.py --target   # only the target configuration, four ways
 
 The target configuration (n = 100, 1e6, 10 %) is also run with a 32- and a 64-bit ring and
-both recovery modes (two of the four with --quick) (``Recovery.SERVER``: Bonawitz, the coordinator regenerates the
-dropped sites' masks; ``Recovery.SURVIVORS``: survivors return those masks' sum, one extra
-upload each, and the server expands only self-masks).
+both recovery modes (two of the four with --quick) (``Recovery.SERVER``: Bonawitz, the coordinator
+rebuilds every survivor's self-mask and the dropped sites' masks from shares and expands them;
+``Recovery.SURVIVORS``: each survivor returns one correction vector, its self-mask plus its masks
+with dropped neighbours, so the upload doubles and the server expands no mask at all).
 
 Every configuration runs the real protocol (``insitu.secure.SecAggProtocol``) over the
 in-process transport, which encodes every message as the wire would, so bytes are real.

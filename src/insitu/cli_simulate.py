@@ -34,6 +34,7 @@ def simulate_command(
     seed: int = typer.Option(0, help="Seed for model init, splits and sampling; runs are reproducible."),
     compress: str = typer.Option("none", help="Shrink each site's update on the wire: int8 (stochastic rounding, ~4x), topk:0.01 (largest 1 %, error feedback), shared:0.01 (1 % at seed-chosen coordinates every site shares; composes with secure aggregation), or topk:0.01+int8."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Mask each site's update so the coordinator learns only the sum, even when sites drop out (Bonawitz et al. / SecAgg+)."),
+    secagg_recovery: str = typer.Option("server", help="With --secure-aggregation: server (Bonawitz: the coordinator regenerates masks, no extra upload) or survivors (each survivor uploads one correction vector; the coordinator expands no mask: fastest for large groups)."),
     homomorphic: str = typer.Option("none", help="Encrypt updates instead: paillier (packed, exact) or ckks (TenSEAL, fast, approximate). Sites hold the key; the coordinator sums ciphertexts."),
     dp: str = typer.Option("off", help="Differential privacy: record (DP-SGD at each site: protects each patient record) or site (DP-FedAvg: protects each hospital's whole contribution)."),
     epsilon: Optional[float] = typer.Option(None, help="Target ε for the whole run; the noise is calibrated so that no site spends more."),
@@ -57,7 +58,7 @@ def simulate_command(
     cfg = SimulationConfig(
         dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, rounds=rounds,
         local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, mu=mu, server_lr=server_lr,
-        min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, compress=compress, secure_aggregation=secure_aggregation, homomorphic=homomorphic,
+        min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, compress=compress, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
         dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement,
         adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,
     )

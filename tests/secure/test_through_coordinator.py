@@ -42,9 +42,10 @@ def _setup(heart, protocol, fail=None):
     return coord, sites
 
 
-def test_secagg_round_matches_plain_round_within_fixed_point(heart):
+@pytest.mark.parametrize("recovery", ["server", "survivors"])
+def test_secagg_round_matches_plain_round_within_fixed_point(heart, recovery):
     plain, _ = _setup(heart, PlainProtocol())
-    secure, _ = _setup(heart, SecAggProtocol())
+    secure, _ = _setup(heart, secure_protocol(True, secagg_recovery=recovery))
     for r in (1, 2):
         plain.run_round(r)
         secure.run_round(r)
@@ -115,3 +116,8 @@ def test_cli_option_combinations():
         secure_protocol(True, "paillier")
     with pytest.raises(ConfigError, match="unknown --homomorphic"):
         secure_protocol(False, "rsa")
+    assert secure_protocol(True, secagg_recovery="survivors").config.recovery.value == "survivors"
+    with pytest.raises(ConfigError, match="unknown --secagg-recovery 'peers'"):
+        secure_protocol(True, secagg_recovery="peers")
+    with pytest.raises(ConfigError, match="only applies with --secure-aggregation"):
+        secure_protocol(False, secagg_recovery="survivors")

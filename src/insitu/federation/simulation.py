@@ -101,6 +101,7 @@ class SimulationConfig:
     round_timeout: float = 600.0
     compress: str = "none"  # update compression: int8, topk:F, shared:F, topk:F+int8 (insitu.compress)
     secure_aggregation: bool = False  # pairwise-masked sums (insitu.secure.secagg)
+    secagg_recovery: str = "server"  # who removes masks: server (Bonawitz) or survivors (one more upload each)
     homomorphic: str = "none"  # none, paillier or ckks (insitu.secure.he)
     # differential privacy (insitu.federation.dp): off, record (DP-SGD) or site (DP-FedAvg)
     dp: str = "off"
@@ -160,7 +161,7 @@ class SimulationConfig:
         CompressionSpec.parse(cfg.compress)
         from insitu.secure import secure_protocol
 
-        secure_protocol(cfg.secure_aggregation, cfg.homomorphic)  # validates the combination
+        secure_protocol(cfg.secure_aggregation, cfg.homomorphic, cfg.secagg_recovery)  # validates the combination
         from insitu.federation.dp import settings_from
 
         settings_from(cfg)  # validates the DP options
@@ -205,7 +206,7 @@ def build_protocol(cfg: SimulationConfig) -> AggregationProtocol:
     """The aggregation protocol asked for (plain unless a secure option is given)."""
     from insitu.secure import secure_protocol
 
-    secure = secure_protocol(cfg.secure_aggregation, cfg.homomorphic)
+    secure = secure_protocol(cfg.secure_aggregation, cfg.homomorphic, cfg.secagg_recovery)
     spec = CompressionSpec.parse(cfg.compress)
     if secure is not None:
         from insitu.compress.secure import compose_with_secure

@@ -26,8 +26,10 @@ __all__ = [
 ]
 
 
-def secure_protocol(secure_aggregation: bool = False, homomorphic: str = "none"):
+def secure_protocol(secure_aggregation: bool = False, homomorphic: str = "none", secagg_recovery: str = "server"):
     """The protocol for the CLI options ``--secure-aggregation`` / ``--homomorphic``, or None for plain.
+
+    ``secagg_recovery`` (server or survivors) picks who removes masks, see :class:`Recovery`.
 
     Both at once is refused: they protect the same step in two different ways.
     """
@@ -42,8 +44,14 @@ def secure_protocol(secure_aggregation: bool = False, homomorphic: str = "none")
         if secure_aggregation:
             raise ConfigError("--secure-aggregation and --homomorphic both protect the sum; choose one")
         return HEProtocol(HEConfig(scheme=scheme))
+    try:
+        recovery = Recovery(secagg_recovery)
+    except ValueError:
+        raise ConfigError(f"unknown --secagg-recovery {secagg_recovery!r}; choose server or survivors") from None
     if secure_aggregation:
-        return SecAggProtocol(SecAggConfig())
+        return SecAggProtocol(SecAggConfig(recovery=recovery))
+    if recovery is not Recovery.SERVER:
+        raise ConfigError("--secagg-recovery only applies with --secure-aggregation")
     return None
 
 

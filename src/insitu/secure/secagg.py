@@ -56,14 +56,18 @@ SEED_BYTES = 16
 
 
 class Recovery(str, enum.Enum):
-    """Who removes the masks that dropped sites shared with survivors.
+    """Who removes the self-masks, and the masks that dropped sites shared with survivors.
 
-    SERVER (Bonawitz et al.): the coordinator rebuilds each dropped site's key from shares and
-    regenerates one mask per surviving neighbour; no extra upload.  SURVIVORS: each survivor
-    also returns, in the unmask phase, the sum of its masks with dropped neighbours (what the
-    coordinator would learn from the dropped key anyway, and never a self-mask); the
-    coordinator only adds these, falling back to SERVER for survivors that stay silent.  It
-    trades one extra upload per survivor for a server that expands only self-masks.
+    SERVER (Bonawitz et al.): the coordinator rebuilds every survivor's self-mask seed and each
+    dropped site's key from shares, and expands one mask per survivor plus one per edge between
+    a dropped site and a survivor; no extra upload.  SURVIVORS: in the unmask phase each
+    survivor also returns one correction vector, its own self-mask plus its masks with dropped
+    neighbours.  The coordinator learns nothing it would not learn from the seeds and keys in
+    SERVER mode (a survivor's self-mask seed is revealed to it there too, and a dropped site's
+    key gives every mask of that site); it only subtracts the corrections, falling back to
+    SERVER for a survivor that stays silent (its self-mask seed and its dropped neighbours'
+    keys are rebuilt from the shares every survivor sends anyway).  It trades one extra upload
+    of the vector per survivor for a coordinator that expands no mask at all.
     """
 
     SERVER = "server"
@@ -393,10 +397,11 @@ class SecAggSite:
             "s_shares": _share_rows([st.held[v][1] for v in s]),
         }
         lost = sorted(d & st.nbrs)
-        if msg.meta.get("recovery") == Recovery.SURVIVORS.value and lost:
+        if msg.meta.get("recovery") == Recovery.SURVIVORS.value:
+            # own self-mask + masks with dropped neighbours, exactly what SERVER recovery would rebuild
             fp = st.setup.fp
-            corr = np.zeros(st.size, dtype=fp.dtype)
             exp = MaskExpander(st.size, fp.dtype)
+            corr = exp.expand(st.b_seed).copy()
             s_key = private_key(st.s_sk)
             for v in lost:
                 seed = _mask_seed(agree(s_key, st.keys[v][1]), msg.job, msg.round, self.site_id, v)
@@ -513,6 +518,7 @@ class SecAggProtocol:
         unm = phase({s: Message(MessageKind.SECAGG_UNMASK, plan.round, plan.job, umeta) for s in sorted(u3)}, MessageKind.SECAGG_UNMASK_REPLY, "unmask")
         t_unmask = time.perf_counter()
         covered: set[tuple[str, str]] = set()  # (dropped, survivor) edges removed by a survivor's correction
+        self_removed: set[str] = set()  # survivors whose correction removed their own self-mask
         b_pts: dict[str, dict[int, int]] = {u: {} for u in u3}
         s_pts: dict[str, dict[int, int]] = {v: {} for v in gone}
         for h, rep in unm.items():
@@ -530,18 +536,19 @@ class SecAggProtocol:
                         pts[owner][idx[h]] = shamir.from_bytes(row.tobytes())
                 except ProtocolError as exc:
                     raise _abort(plan, h, str(exc)) from None
-            if cfg.recovery is Recovery.SURVIVORS and want_s:
+            if cfg.recovery is Recovery.SURVIVORS:
                 corr = rep.tensors.get("correction")
                 if corr is None or corr.dtype != fp.dtype or corr.shape != (size,):
-                    raise _abort(plan, h, f"unmask reply lacks a ({size},) {fp.dtype} mask correction for its dropped neighbours")
+                    raise _abort(plan, h, f"unmask reply lacks the ({size},) {fp.dtype} correction (self-mask and masks with dropped neighbours) that survivor recovery asks for")
                 if fp.ring_bits not in (32, 64) and int(corr.max(initial=0)) > top:
                     raise _abort(plan, h, f"mask correction holds values outside Z_2^{fp.ring_bits}")
                 np.subtract(acc, corr, out=acc)
+                self_removed.add(h)
                 covered.update((v, h) for v in want_s)
         names = {i: s for s, i in idx.items()}
         exp = MaskExpander(size, fp.dtype)
         regenerated = 0
-        for u in sorted(u3):
+        for u in sorted(u3 - self_removed):
             com = commits[u]
 
             def ok_b(x: int, u: str = u, com: str = com) -> bool:
