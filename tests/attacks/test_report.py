@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from insitu.cli import app
 from insitu.errors import DataError
 from insitu.federation.simulation import simulate
-from insitu.report.privacy import CompareConfig, PrivacyReport, attack_run, compare_configs, heart_reidentification, load_report, markdown_table, merge_reports
+from insitu.report.privacy import CompareConfig, PrivacyReport, attack_run, compare, compare_configs, heart_reidentification, load_report, markdown_table, mean_row, merge_reports
 
 TINY = dict(dataset="heart", rounds=2, local_steps=5, baselines=False)
 
@@ -56,6 +56,28 @@ def test_compare_runs_every_defence():
     assert names == ["none", "dp-eps8", "dp-eps1", "secagg", "he-paillier"]
     cnn = dict(compare_configs(CompareConfig(dataset="pneumoniamnist", data="x.npz", epsilons=())))
     assert cnn["he-ckks"]["homomorphic"] == "ckks"
+
+
+def test_mean_over_seeds_averages_every_figure_and_keeps_each_seed(runs, tmp_path):
+    simulate(**TINY, seed=1, out=str(tmp_path / "none"))
+    a = attack_run(runs / "none", shadows=0, probe_records=4, seed=0)
+    b = attack_run(tmp_path / "none", shadows=0, probe_records=4, seed=1)
+    row = mean_row([a, b])
+    m = row.membership[0]
+    assert row.seeds == 2 and m.per_seed == (a.membership[0].auc, b.membership[0].auc)
+    assert m.auc == pytest.approx((a.membership[0].auc + b.membership[0].auc) / 2)
+    assert m.auc_low < m.auc < m.auc_high or a.membership[0].auc == b.membership[0].auc
+    assert row.accuracy == pytest.approx((a.accuracy + b.accuracy) / 2)
+    assert row.reconstruction.records == a.reconstruction.records + b.reconstruction.records
+    assert "mean of 2 seeds" in markdown_table(PrivacyReport((row,)))
+    secagg = attack_run(runs / "secagg", shadows=0, probe_records=4)
+    with pytest.raises(DataError, match="different defences"):
+        mean_row([a, secagg])
+
+
+def test_compare_refuses_zero_seeds(tmp_path):
+    with pytest.raises(Exception, match="--seeds must be at least 1"):
+        compare(CompareConfig(seeds=0, out=str(tmp_path / "c")))
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):

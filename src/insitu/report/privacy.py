@@ -57,8 +57,9 @@ class MembershipFigures:
     n_members: int
     n_nonmembers: int
     shadows: int = 0
-    auc_low: float | None = None  # 95 % bootstrap interval of the AUC
+    auc_low: float | None = None  # 95 % interval of the AUC: bootstrap (one run) or over seeds (mean of runs)
     auc_high: float | None = None
+    per_seed: tuple[float, ...] = ()  # the AUC of each seed's run, when this is a mean over seeds
 
     @classmethod
     def of(cls, r: MembershipResult, is_member: np.ndarray) -> "MembershipFigures":
@@ -97,6 +98,7 @@ class PrivacyRow:
     reid_before: float | None
     reid_after: float | None
     accuracy_cost: float | None = None  # no-defence accuracy − this run's accuracy (compare only)
+    seeds: int = 1  # >1: every figure is the mean over this many independently trained runs
 
     @property
     def strongest(self) -> MembershipFigures:
@@ -480,6 +482,7 @@ class CompareConfig:
     homomorphic: str = "auto"  # auto: paillier for small models, ckks for the CNN
     rounds: int | None = None
     seed: int = 0
+    seeds: int = 1  # repeat every run with seeds seed … seed+seeds−1 and report means
     shadows: int | None = None
     probe_records: int | None = None
     iterations: int = 300
@@ -487,9 +490,9 @@ class CompareConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # further SimulationConfig options
 
 
-def compare_configs(cc: CompareConfig) -> list[tuple[str, dict[str, Any]]]:
-    """(name, SimulationConfig options) for every defence the comparison runs."""
-    base = {"dataset": cc.dataset, "data": cc.data, "rounds": cc.rounds, "seed": cc.seed, "baselines": False, **cc.extra}
+def compare_configs(cc: CompareConfig, seed: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(name, SimulationConfig options) for every defence the comparison runs (at ``seed``, default cc.seed)."""
+    base = {"dataset": cc.dataset, "data": cc.data, "rounds": cc.rounds, "seed": cc.seed if seed is None else seed, "baselines": False, **cc.extra}
     model = cc.extra.get("model") or ("logreg" if cc.dataset == "heart" else "cnn")
     he = cc.homomorphic if cc.homomorphic != "auto" else ("ckks" if model == "cnn" else "paillier")
     runs: list[tuple[str, dict[str, Any]]] = [("none", dict(base))]
@@ -507,19 +510,30 @@ def compare(cc: CompareConfig, *, progress: Callable[[str], None] | None = None)
     out = Path(cc.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output directory {str(out)!r} exists and is not empty; choose another --out")
+    if cc.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {cc.seeds}")
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[PrivacyRow] = []
     cache: dict[Any, ShadowStats] = {}
     reid = heart_reidentification(csv=cc.data) if cc.dataset == "heart" else None
     notes: list[str] = []
-    configs = compare_configs(cc)
-    for name, opts in configs:
-        if progress:
-            progress(f"training: {name}")
-        simulate(SimulationConfig(**opts, out=str(out / name)))
-        if progress:
-            progress(f"attacking: {name}")
-        rows.append(attack_run(out / name, shadows=cc.shadows, probe_records=cc.probe_records, iterations=cc.iterations, seed=cc.seed, reid=reid, shadow_cache=cache))
+    runs: list[list[PrivacyRow]] = []  # runs[seed][defence]
+    for k in range(cc.seeds):
+        seed = cc.seed + k
+        where = out if cc.seeds == 1 else out / f"seed{seed}"
+        per_seed = []
+        for name, opts in compare_configs(cc, seed):
+            tag = name if cc.seeds == 1 else f"{name} (seed {seed}, {k + 1}/{cc.seeds})"
+            if progress:
+                progress(f"training: {tag}")
+            simulate(SimulationConfig(**opts, out=str(where / name)))
+            if progress:
+                progress(f"attacking: {tag}")
+            per_seed.append(attack_run(where / name, shadows=cc.shadows, probe_records=cc.probe_records, iterations=cc.iterations, seed=seed, reid=reid, shadow_cache=cache))
+        runs.append(per_seed)
+    rows = runs[0] if cc.seeds == 1 else [mean_row(list(same)) for same in zip(*runs)]
+    if cc.seeds > 1:
+        notes.append(f"Every figure is the mean over {cc.seeds} runs trained and attacked with seeds {cc.seed}–{cc.seed + cc.seeds - 1}; "
+                     "the AUC interval is the 95% t-interval of that mean, and the strongest attack is the one with the highest mean AUC.")
     base_acc = rows[0].accuracy
     rows = [dataclasses.replace(r, accuracy_cost=base_acc - r.accuracy) for r in rows]
     report = PrivacyReport(tuple(rows), tuple(notes) + _notes(rows), command=_compare_command(cc))
@@ -528,6 +542,52 @@ def compare(cc: CompareConfig, *, progress: Callable[[str], None] | None = None)
     (out / "privacy.json").write_text(json.dumps(dataclasses.asdict(report), indent=2, default=float))
     (out / "privacy.md").write_text(f"`{report.command}`\n\n{markdown_table(report)}\n\n" + "\n".join(f"- {n}" for n in report.notes) + "\n")
     return dataclasses.replace(report, html_path=str(path))
+
+
+def _mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95 % t-interval of a few per-seed figures."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return mean, mean - half, mean + half
+
+
+def mean_row(rows: Sequence[PrivacyRow]) -> PrivacyRow:
+    """One row from the same defence run with several seeds: every figure is the mean over runs.
+
+    Averaging the AUC of independently trained models estimates the attack's expected success on
+    this recipe; one run's AUC on a few hundred records moves by ±0.04 from training noise alone,
+    and taking the strongest of three attacks on one run biases it upwards."""
+    first = rows[0]
+    if any(r.defence != first.defence or r.dataset != first.dataset for r in rows):
+        raise DataError(f"cannot average rows of different defences: {sorted({r.defence for r in rows})}")
+    mia = []
+    for i, m in enumerate(first.membership):
+        same = [r.membership[i] for r in rows]
+        if any(x.attack != m.attack for x in same):
+            raise DataError(f"attack lists differ between seeds at position {i}")
+        mean, lo, hi = _mean_interval([x.auc for x in same])
+        mia.append(dataclasses.replace(
+            m, auc=mean, auc_low=lo, auc_high=hi, per_seed=tuple(x.auc for x in same),
+            tpr_at_0_1pct=float(np.mean([x.tpr_at_0_1pct for x in same])), tpr_at_1pct=float(np.mean([x.tpr_at_1pct for x in same]))))
+    rc = [r.reconstruction for r in rows]
+
+    def avg(vals: Sequence[float | None]) -> float | None:
+        got = [v for v in vals if v is not None]
+        return float(np.mean(got)) if got else None
+
+    recon = dataclasses.replace(
+        rc[0], records=sum(r.records for r in rc), success_rate=float(np.mean([r.success_rate for r in rc])),
+        quality=float(np.mean([r.quality for r in rc])), guess_quality=float(np.mean([r.guess_quality for r in rc])),
+        psnr=avg([r.psnr for r in rc]), views=sum(r.views for r in rc), better_than_guess=avg([r.better_than_guess for r in rc]))
+    return dataclasses.replace(
+        first, run_dir=str(Path(first.run_dir).parent.parent / Path(first.run_dir).name) if len(rows) > 1 else first.run_dir,
+        epsilon=avg([r.epsilon for r in rows]), accuracy=float(np.mean([r.accuracy for r in rows])), membership=tuple(mia),
+        reconstruction=recon, seeds=len(rows))
 
 
 def _compare_command(cc: CompareConfig) -> str:
@@ -539,6 +599,8 @@ def _compare_command(cc: CompareConfig) -> str:
     if cc.extra.get("model"):
         parts.append(f"--model {cc.extra['model']}")
     parts.append("--epsilons " + ",".join(f"{e:g}" for e in cc.epsilons))
+    if cc.seeds > 1:
+        parts.append(f"--seed {cc.seed} --seeds {cc.seeds}")
     parts.append(f"--out {cc.out}")
     return " ".join(parts)
 
@@ -580,7 +642,7 @@ def table_rows(report: PrivacyReport, long: bool = False) -> list[list[str]]:
         out.append([
             r.defence,
             "∞" if r.epsilon is None else f"{r.epsilon:.2f}",
-            f"{m.auc:.3f}" + (f" [{m.auc_low:.2f}, {m.auc_high:.2f}] ({m.attack})" if long and m.auc_low is not None else ""),
+            f"{m.auc:.3f}" + (f" [{m.auc_low:.2f}, {m.auc_high:.2f}] ({m.attack}{f', mean of {r.seeds} seeds' if r.seeds > 1 else ''})" if long and m.auc_low is not None else ""),
             _pct(m.tpr_at_0_1pct),
             _pct(m.tpr_at_1pct),
             _recon_cell(r.reconstruction, long),
@@ -670,7 +732,9 @@ def write_html(report: PrivacyReport, path: str | Path) -> Path:
     detail = []
     for r in report.rows:
         mia = "".join(
-            f"<tr><td>{esc(m.attack)}</td><td>{m.auc:.4f} [{m.auc_low:.3f}, {m.auc_high:.3f}]</td><td>{_pct(m.tpr_at_0_1pct)}</td><td>{_pct(m.tpr_at_1pct)}</td>"
+            f"<tr><td>{esc(m.attack)}</td><td>{m.auc:.4f} [{m.auc_low:.3f}, {m.auc_high:.3f}]"
+            + (f"<br/>per seed: {', '.join(f'{a:.3f}' for a in m.per_seed)}" if m.per_seed else "") + "</td>"
+            f"<td>{_pct(m.tpr_at_0_1pct)}</td><td>{_pct(m.tpr_at_1pct)}</td>"
             f"<td>{m.n_members}/{m.n_nonmembers}</td><td>{m.shadows}</td></tr>" for m in r.membership)
         rc = r.reconstruction
         detail.append(
