@@ -70,15 +70,16 @@ def make_protocol(name: str, options: Mapping[str, Any] | None = None) -> Aggreg
         raise ConfigError(f"invalid {key.value} options {opts}: {exc}") from None
 
 
-def site_protection(name: str, site_id: str, *, min_group: int = 0) -> SiteProtection:
-    """The site half of protocol ``name``; ``min_group`` is the site's own smallest acceptable group."""
+def site_protection(name: str, site_id: str, *, min_group: int = 0, attestation: Any = None) -> SiteProtection:
+    """The site half of protocol ``name``; ``min_group`` is the site's own smallest acceptable group;
+    ``attestation`` (secure aggregation) signs this site's keys and checks its peers' signatures."""
     key = _name(name)
     if key is ProtocolName.PLAIN:
         return PlainProtocol().site_protection(site_id)
     if key is ProtocolName.SECAGG:
         from insitu.secure import SecAggConfig, SecAggSite
 
-        return SecAggSite(site_id, SecAggConfig(min_group=max(SecAggConfig().min_group, min_group)))
+        return SecAggSite(site_id, SecAggConfig(min_group=max(SecAggConfig().min_group, min_group)), attestation=attestation)
     from insitu.secure import HEConfig, HESite
 
     return HESite(site_id, HEConfig(scheme=key.value, min_group=max(HEConfig().min_group, min_group)))

@@ -222,6 +222,13 @@ class _Setup:
     def index(self) -> dict[str, int]:
         return {s: i + 1 for i, s in enumerate(self.group)}
 
+    def digest(self) -> bytes:
+        """SHA-256 of the setup as announced (what a signed key advertisement binds to)."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.to_meta(), sort_keys=True).encode()).digest()
+
     def graph(self) -> dict[str, frozenset[str]]:
         return neighbours(self.group, self.degree, self.graph_seed)
 
@@ -251,9 +258,12 @@ class SecAggSite:
     for both shares of one peer, or replaying an old phase, is refused.
     """
 
-    def __init__(self, site_id: str, config: SecAggConfig | None = None):
+    def __init__(self, site_id: str, config: SecAggConfig | None = None, attestation: Any = None):
+        """``attestation`` (an :class:`insitu.secure.attest.Attestation`, deployments): sign this
+        site's keys with its certificate and accept only peers' keys signed with theirs."""
         self.site_id = site_id
         self.config = config or SecAggConfig()
+        self.attestation = attestation
         self._rounds: dict[str, tuple[int, _SiteRound]] = {}  # job → (round, state)
         self.seconds = 0.0  # time spent in this protocol (for benchmarks)
 
@@ -303,16 +313,29 @@ class SecAggSite:
         c_sk, c_pk = x25519_keypair()
         s_sk, s_pk = x25519_keypair()
         self._rounds[msg.job] = (msg.round, _SiteRound(setup, setup.graph()[self.site_id], private_key(c_sk), c_pk, s_sk, s_pk))
-        return Message(MessageKind.SECAGG_ADVERTISE_REPLY, msg.round, msg.job, {"c_pk": _b64(c_pk), "s_pk": _b64(s_pk)})
+        meta: dict[str, Any] = {"c_pk": _b64(c_pk), "s_pk": _b64(s_pk)}
+        if self.attestation is not None:
+            from insitu.secure.attest import transcript
+
+            signer = self.attestation.signer
+            meta["cert"] = signer.cert_pem.decode()
+            meta["sig"] = _b64(signer.sign(transcript(msg.job, msg.round, self.site_id, setup.digest(), c_pk, s_pk)))
+        return Message(MessageKind.SECAGG_ADVERTISE_REPLY, msg.round, msg.job, meta)
 
     def _share(self, msg: Message) -> Message:
         st = self._state(msg, "advertised")
         raw = msg.require("keys", dict)
         keys: dict[str, tuple[bytes, bytes]] = {}
+        digest = st.setup.digest() if self.attestation is not None else b""
         for sid, pair in raw.items():
-            if sid not in st.setup.group or not isinstance(pair, list) or len(pair) != 2:
+            if sid not in st.setup.group or not isinstance(pair, list) or len(pair) not in (2, 4):
                 raise ProtocolError(f"site {self.site_id}: bad key entry for {sid!r}")
             keys[sid] = (_unb64(pair[0], KEY_BYTES, f"c key of {sid}"), _unb64(pair[1], KEY_BYTES, f"s key of {sid}"))
+            if self.attestation is not None and sid != self.site_id:
+                from insitu.secure.attest import check_attestation_fields, transcript
+
+                cert, sig = check_attestation_fields(*(pair[2:] if len(pair) == 4 else (None, None)), sid)
+                self.attestation.verifier.verify(cert, sig, sid, transcript(msg.job, msg.round, sid, digest, *keys[sid]))
         if keys.get(self.site_id) != (st.c_pk, st.s_pk):
             raise ProtocolError(f"site {self.site_id}: the coordinator relayed wrong public keys for this site")
         if len(keys) < self.config.min_group:
@@ -454,16 +477,22 @@ class SecAggProtocol:
         # 1. advertise keys
         adv = phase({s: Message(MessageKind.SECAGG_ADVERTISE, plan.round, plan.job, setup.to_meta()) for s in group}, MessageKind.SECAGG_ADVERTISE_REPLY, "advertise")
         keys: dict[str, tuple[bytes, bytes]] = {}
+        signed: dict[str, list[str]] = {}  # site → [certificate PEM, signature], relayed for sites to check
         for sid, rep in adv.items():
             try:
                 keys[sid] = (_unb64(rep.meta.get("c_pk"), KEY_BYTES, "c_pk"), _unb64(rep.meta.get("s_pk"), KEY_BYTES, "s_pk"))
             except ProtocolError as exc:
                 raise _abort(plan, sid, f"bad public key: {exc}") from None
+            cert, sig = rep.meta.get("cert"), rep.meta.get("sig")
+            if cert is not None or sig is not None:
+                if not isinstance(cert, str) or not isinstance(sig, str) or len(cert) > 8192 or len(sig) > 128:
+                    raise _abort(plan, sid, "key advertisement carries a malformed certificate or signature")
+                signed[sid] = [cert, sig]
         enough(keys, "key advertisement")
         u1 = frozenset(keys)
 
         # 2. share keys
-        key_meta = {"keys": {s: [_b64(c), _b64(p)] for s, (c, p) in sorted(keys.items())}}
+        key_meta = {"keys": {s: [_b64(c), _b64(p), *signed.get(s, [])] for s, (c, p) in sorted(keys.items())}}
         shr = phase({s: Message(MessageKind.SECAGG_SHARE, plan.round, plan.job, key_meta) for s in sorted(u1)}, MessageKind.SECAGG_SHARE_REPLY, "share")
         sealed: dict[str, dict[str, str]] = {}  # sender → recipient → blob
         commits: dict[str, str] = {}

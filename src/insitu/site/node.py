@@ -36,7 +36,7 @@ from insitu.federation.site import Site
 from insitu.federation.task import TaskSpec
 from insitu.net.client import DialConfig, SiteClient
 from insitu.net.pki import Credentials
-from insitu.net.protocols import protocol_of, site_protection
+from insitu.net.protocols import ProtocolName, protocol_of, site_protection
 from insitu.site.policy import Approvals, BudgetLedger, DataSource, SitePolicy, check_group, check_ranges
 
 log = logging.getLogger("insitu.site")
@@ -90,6 +90,22 @@ class SiteNode:
         self._sites: OrderedDict[str, Site] = OrderedDict()
         self._early: dict[str, Any] = {}  # job → protocol site half created by a phase before TRAIN
         self._lock = threading.Lock()
+        self._attestation: Any = None
+
+    @property
+    def attestation(self) -> Any:
+        """Signs this site's secure-aggregation keys with its TLS certificate and checks its peers'
+        against the consortium CA, so the coordinator cannot substitute keys (insitu.secure.attest)."""
+        if self._attestation is None:
+            from insitu.secure.attest import Attestation
+
+            self._attestation = Attestation.load(self.policy.cert, self.policy.key, self.policy.ca)
+        return self._attestation
+
+    def _protection(self, protocol: str) -> Any:
+        """This site's half of ``protocol``; secure aggregation signs and checks keys (see attestation)."""
+        signed = protocol == ProtocolName.SECAGG.value
+        return site_protection(protocol, self.site_id, min_group=self.policy.min_secagg_group, attestation=self.attestation if signed else None)
 
     # -- the guard the round engine calls before training ------------------------------------
     def guard(self, site: Site, msg: Message, task: TaskSpec) -> None:
@@ -135,7 +151,7 @@ class SiteNode:
                 return None
             prot = self._early.get(msg.job)
             if prot is None:
-                prot = site_protection(proto.value, self.site_id, min_group=self.policy.min_secagg_group)
+                prot = self._protection(proto.value)
                 self._early[msg.job] = prot
                 while len(self._early) > MAX_JOBS:
                     self._early.pop(next(iter(self._early)))
@@ -174,7 +190,7 @@ class SiteNode:
         return job_seed * 1000 + self.stream  # as simulation seeds its i-th site: seed·1000 + i + 1
 
     def _build(self, job: str, task: TaskSpec, seed: int, protocol: str) -> Site:
-        prot = self._early.pop(job, None) or site_protection(protocol, self.site_id, min_group=self.policy.min_secagg_group)
+        prot = self._early.pop(job, None) or self._protection(protocol)
         site = Site(self.site_id, self.data, task, pipeline=SitePipeline(protection=prot),
                     guards=[self.guard], seed=seed)
         site.protocol_name = protocol  # type: ignore[attr-defined]
