@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from insitu.errors import BudgetExceeded, ConfigError, PolicyViolation, TaskNotApproved
+from insitu.errors import ConfigError, PolicyViolation, TaskNotApproved
 from insitu.federation.task import TaskSpec
-from insitu.site.policy import Approvals, BudgetLedger, Range, SitePolicy, check_group, check_ranges
+from insitu.site.policy import Approvals, Range, SitePolicy, check_group, check_ranges
 
 TASK = TaskSpec(model="logreg", input_shape=(13,), num_outputs=1, schema=tuple(f"f{i}" for i in range(13)), lr=0.05, local_steps=50, batch_size=4)
 
@@ -52,19 +52,6 @@ def test_site_limits_and_secure_aggregation_group():
         check_group("secagg", 2, 3)
 
 
-def test_budget_checked_before_spending(tmp_path):
-    ledger = BudgetLedger(tmp_path, budget=1.0)
-    with pytest.raises(BudgetExceeded, match="declares no differential privacy"):
-        ledger.check(TASK)
-    dp = replace(TASK, extra={"epsilon_per_round": 0.4})
-    for r in (1, 2):
-        ledger.record("j", r, ledger.check(dp))
-    with pytest.raises(BudgetExceeded, match="would spend ε=0.4; the site budget has 0.2 left"):
-        ledger.check(dp)
-    assert ledger.spent() == pytest.approx(0.8)
-    assert BudgetLedger(tmp_path, None).check(TASK) == 0.0
-
-
 def test_site_config_errors(tmp_path):
     p = tmp_path / "site.toml"
     p.write_text('[site]\ncoordinator = "localhost"\ncert="a"\nkey="b"\nca="c"\n')
@@ -72,4 +59,7 @@ def test_site_config_errors(tmp_path):
         SitePolicy.load(p)
     p.write_text('[site]\ncoordinator = "127.0.0.1:1"\ncert="a"\nkey="b"\nca="c"\n[policy]\nepsilon_budget = -1\n')
     with pytest.raises(ConfigError, match="epsilon_budget"):
+        SitePolicy.load(p)
+    p.write_text('[site]\ncoordinator = "127.0.0.1:1"\ncert="a"\nkey="b"\nca="c"\n[policy]\nepsilon_budget = 1\ndelta = 0.5e1\n')
+    with pytest.raises(ConfigError, match=r"delta must be in \(0, 1\), got 5.0"):
         SitePolicy.load(p)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from insitu.errors import PolicyViolation, TaskNotApproved
+from insitu.errors import BudgetExceeded, PolicyViolation, TaskNotApproved
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.task import TaskSpec
 from insitu.site.node import SiteNode, load_site_data
@@ -18,6 +19,7 @@ TASK = TaskSpec(model="logreg", input_shape=(3,), num_outputs=1, schema=FEATS, l
 
 
 def node(tmp_path, **policy):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for part, n in (("train", 40), ("test", 20)):
         df = pd.DataFrame(rng.normal(size=(n, 3)), columns=list(FEATS))
@@ -59,3 +61,56 @@ def test_schema_mismatch_and_plain_round_under_a_group_minimum_refused(tmp_path)
     n.approvals.approve(TASK.content_hash())
     with pytest.raises(PolicyViolation, match="secure aggregation among at least 3"):
         n.handle(train(protocol="plain", group=4))
+
+
+DP_TASK = replace(TASK, extra={"dp": "record", "noise_multiplier": 2.0, "clip": 1.0})
+
+
+def test_site_with_a_budget_runs_only_dp_tasks_and_charges_its_own_ledger_before_training(tmp_path):
+    from insitu.privacy import PrivacyLedger, epsilon_of
+    from insitu.federation.dp import TaskDP
+
+    n = node(tmp_path, approved=(TASK.content_hash(), DP_TASK.content_hash()), epsilon_budget=1.0)
+    with pytest.raises(BudgetExceeded, match="declares no differential privacy; this site has a privacy budget of ε=1"):
+        n.handle(train(TASK))
+    # the site's own figure: q = batch 4 / its 40 records, 5 steps per round, σ = 2
+    per_round = TaskDP.of(DP_TASK).events(DP_TASK, 40)
+    rounds_allowed = 1
+    while epsilon_of(per_round * (rounds_allowed + 1), 1e-5) <= 1.0:
+        rounds_allowed += 1
+    assert rounds_allowed == 3  # ε 0.61, 0.80, 0.95, then 1.08 after 1..4 rounds at q = 0.1
+    replies = [n.handle(train(DP_TASK, round_=r)) for r in range(1, rounds_allowed + 1)]
+    eps = [r.meta["metrics"]["epsilon_total"] for r in replies]
+    assert eps == sorted(eps) and eps[-1] <= 1.0 and eps[0] == pytest.approx(epsilon_of(per_round, 1e-5))
+    site = n._sites["job-1"]
+    done = site.last_round
+    with pytest.raises(BudgetExceeded, match=rf"round {rounds_allowed + 1} would spend ε=.*site budget has .* left \(limit 1 at δ=1e-05"):
+        n.handle(train(DP_TASK, round_=rounds_allowed + 1))
+    assert site.last_round == done  # refused before training
+    ledger = PrivacyLedger(tmp_path / "state" / "privacy_ledger.sqlite")
+    assert [r.round for r in ledger.records("hospital-a")] == list(range(1, rounds_allowed + 1))
+    assert ledger.spent("hospital-a") == pytest.approx(eps[-1])
+    refusal = json.loads((tmp_path / "state" / "refusals.jsonl").read_text().splitlines()[-1])
+    assert refusal["error"] == "BudgetExceeded" and refusal["round"] == rounds_allowed + 1
+
+
+def test_budget_survives_a_restart_and_dp_updates_are_noised(tmp_path):
+    n = node(tmp_path, approved=(DP_TASK.content_hash(),), epsilon_budget=50.0)
+    a = n.handle(train(DP_TASK, round_=1))
+    spent = a.meta["metrics"]["epsilon_total"]
+    again = node(tmp_path, approved=(DP_TASK.content_hash(),), epsilon_budget=50.0)  # same state directory
+    b = again.handle(train(DP_TASK, round_=2))
+    assert b.meta["metrics"]["epsilon_total"] > spent  # the new process starts from what was spent
+    c = node(tmp_path / "other", approved=(DP_TASK.content_hash(),), epsilon_budget=50.0).handle(train(DP_TASK, round_=1))
+    # same data, same seed, same first round: only DP-SGD's OS-seeded noise makes the updates differ
+    assert not np.allclose(a.tensors["update"], c.tensors["update"])
+
+
+def test_dp_task_refused_without_a_budget_and_malformed_dp_refused(tmp_path):
+    n = node(tmp_path, approved=(DP_TASK.content_hash(),))
+    with pytest.raises(PolicyViolation, match="asks for record-level DP but this site has no privacy budget"):
+        n.handle(train(DP_TASK))
+    bad = replace(TASK, extra={"dp": "record", "noise_multiplier": 0.0, "clip": 1.0})
+    n2 = node(tmp_path / "b", approved=(bad.content_hash(),), epsilon_budget=1.0)
+    with pytest.raises(PolicyViolation, match="needs a positive noise_multiplier, got 0.0"):
+        n2.handle(train(bad))

@@ -17,6 +17,14 @@ simulation is deployed unchanged::
     lr = 0.05
     local_steps = 50
 
+    [dp]                         # optional: record-level DP-SGD at every site
+    noise_multiplier = 1.1       # part of the task (and its hash): a site approves the noise
+    clip = 1.0                   # per-record L2 clip
+
+Each site computes its own ε from the noise multiplier and its own sampling rate and charges
+its own privacy ledger before training; sites with a budget refuse non-DP tasks and rounds that
+would pass their budget.
+
 The coordinator never sends code: the job names a model from the model
 registry and a data schema; each site checks the task's content hash
 against what its admin approved.
@@ -63,6 +71,9 @@ class JobSpec:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
         make_protocol(self.protocol, self.protocol_options)
         self.make_strategy()
+        from insitu.federation.dp import TaskDP
+
+        TaskDP.of(self.task)  # a malformed DP request fails at submission, not at every site
 
     def make_strategy(self) -> Strategy:
         from insitu.federation.simulation import SERVER_LR
@@ -85,13 +96,16 @@ class JobSpec:
     def from_dict(cls, raw: Mapping[str, Any]) -> "JobSpec":
         """Parse a job description (job.toml or its stored JSON); every field is checked."""
         raw = dict(raw)
-        known = {f.name for f in fields(cls)} | {"dataset"}
+        known = {f.name for f in fields(cls)} | {"dataset", "dp"}
         bad = set(raw) - known
         if bad:
             raise ConfigError(f"job description has unknown keys {sorted(bad)}; known keys are {sorted(known)}")
         task_raw = raw.pop("task", None)
         dataset = raw.pop("dataset", None)
+        dp_raw = raw.pop("dp", None)
         task = _task(dataset, task_raw)
+        if dp_raw is not None:
+            task = _with_dp(task, dp_raw)
         if "sites" in raw and raw["sites"] is not None:
             raw["sites"] = tuple(str(s) for s in raw["sites"])
         if "name" not in raw:
@@ -109,6 +123,23 @@ HEART_SCHEMA = (
     "age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak",
     "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2",
 )
+
+
+def _with_dp(task: TaskSpec, dp: Any) -> TaskSpec:
+    """Put a job's [dp] table into the task (so its content hash covers the noise) and check it."""
+    from dataclasses import replace
+
+    from insitu.federation.dp import TaskDP
+
+    if not isinstance(dp, Mapping):
+        raise ConfigError(f"[dp] must be a table (noise_multiplier, clip), got {dp!r}")
+    unknown = set(dp) - {"level", "noise_multiplier", "clip"}
+    if unknown:
+        raise ConfigError(f"[dp] has unknown keys {sorted(unknown)}; known: level, noise_multiplier, clip")
+    extra = {**dict(task.extra), "dp": dp.get("level", "record"), "noise_multiplier": dp.get("noise_multiplier"), "clip": dp.get("clip")}
+    out = replace(task, extra=extra)
+    TaskDP.of(out)
+    return out
 
 
 def _task(dataset: str | None, task_raw: Mapping[str, Any] | None) -> TaskSpec:

@@ -232,6 +232,58 @@ class NoiseShareStage:
         return vec + self.rng.normal(0.0, std, size=vec.shape)
 
 
+@dataclass(frozen=True)
+class TaskDP:
+    """Record-level DP a *deployed* task asks for, read from ``TaskSpec.extra``.
+
+    The parameters live in the task, so they are covered by the content hash a site admin
+    approves: a coordinator cannot lower the noise without the site refusing the task.  Only
+    the mechanism is fixed by the task; each site derives its own sampling rate q = batch /
+    its records and computes its own ε with its own accountant and ledger (the coordinator's
+    figure, if any, is never trusted)."""
+
+    noise_multiplier: float
+    clip: float
+
+    KEYS = ("dp", "noise_multiplier", "clip")
+
+    @classmethod
+    def of(cls, task: TaskSpec) -> "TaskDP | None":
+        extra = task.extra if isinstance(task.extra, Mapping) else {}
+        level = extra.get("dp")
+        if level is None:
+            stray = [k for k in ("noise_multiplier", "clip", "epsilon_per_round") if k in extra]
+            if stray:
+                raise ConfigError(f"task {task.content_hash()[:12]} sets {stray} without dp = \"record\"; a deployed DP task "
+                                  "names its mechanism: dp = \"record\", noise_multiplier, clip")
+            return None
+        if level != DPLevel.RECORD.value:
+            raise ConfigError(f"task asks for dp = {level!r}; deployed sites run record-level DP (dp = \"record\", DP-SGD at the site)")
+        out = []
+        for k in ("noise_multiplier", "clip"):
+            v = extra.get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"record-level DP task needs a positive {k}, got {v!r}")
+            out.append(float(v))
+        return cls(*out)
+
+    def sampling_rate(self, n_train: int, batch_size: int) -> float:
+        return min(1.0, batch_size / max(1, n_train))
+
+    def events(self, task: TaskSpec, n_train: int) -> tuple[PrivacyEvent, ...]:
+        """What one round of this task releases about one of ``n_train`` records."""
+        return (PrivacyEvent(Mechanism.GAUSSIAN, self.noise_multiplier, self.sampling_rate(n_train, task.batch_size), task.local_steps),)
+
+    def install(self, site: Any, ledger: PrivacyLedger, *, job: str | None = None) -> BudgetGuard:
+        """Charge every round to ``ledger`` before training and train with DP-SGD (OS-seeded noise)."""
+        n = int(site.data.n_train)
+        guard = BudgetGuard(ledger, site.site_id, lambda task: self.events(task, n), job=job)
+        site.guards.append(guard)
+        dp = DPSGDConfig(self.noise_multiplier, self.clip, self.sampling_rate(n, site.task.batch_size))
+        site.trainer = with_epsilon(dpsgd_trainer(dp), guard)
+        return guard
+
+
 def dpsgd_trainer(dp: DPSGDConfig, noise_seed: int | None = None):
     """A :data:`~insitu.federation.site.Trainer` running DP-SGD on the site's records.
 

@@ -7,7 +7,11 @@ guards that refuse, *before any training*:
 * a task whose content hash the admin has not approved (or outside the
   approval's hyper-parameter ranges, or outside this site's own limits);
 * a round whose update would not be masked among ``min_secagg_group`` sites;
-* a round that would take the site past its privacy budget;
+* with a privacy budget (``[policy] epsilon_budget``, ``delta``): a task that is not record-level
+  DP, and a round that the site's own accountant says would take it past the budget; the site
+  computes ε itself from the task's noise multiplier and its own sampling rate, charges
+  ``state/privacy_ledger.sqlite`` before training (one immutable row per round) and trains with
+  DP-SGD; without a budget, a DP task (nothing could cap it);
 * a task whose data schema is not this site's.
 
 A refusal is logged to ``state/refusals.jsonl``, the task is kept in
@@ -29,7 +33,7 @@ import pandas as pd
 import torch
 
 from insitu.data.dataset import SiteData
-from insitu.errors import ConfigError, DataError, PolicyViolation, ProtocolError, TaskNotApproved
+from insitu.errors import BudgetExceeded, ConfigError, DataError, PolicyViolation, ProtocolError, TaskNotApproved
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.pipeline import SitePipeline
 from insitu.federation.site import Site
@@ -37,7 +41,7 @@ from insitu.federation.task import TaskSpec
 from insitu.net.client import DialConfig, SiteClient
 from insitu.net.pki import Credentials
 from insitu.net.protocols import ProtocolName, protocol_of, site_protection
-from insitu.site.policy import Approvals, BudgetLedger, DataSource, SitePolicy, check_group, check_ranges
+from insitu.site.policy import Approvals, DataSource, SitePolicy, check_group, check_ranges
 
 log = logging.getLogger("insitu.site")
 MAX_JOBS = 8  # Site objects kept (one per recent job)
@@ -86,7 +90,12 @@ class SiteNode:
         self.stream = stream
         self.schema = schema
         self.approvals = Approvals(policy.state, policy.approved)
-        self.ledger = BudgetLedger(policy.state, policy.epsilon_budget)
+        self.ledger: Any = None  # the site's own privacy ledger (SQLite in its state directory), with a budget
+        if policy.epsilon_budget is not None:
+            from insitu.privacy import Budget, PrivacyLedger
+
+            self.ledger = PrivacyLedger(Path(policy.state) / "privacy_ledger.sqlite")
+            self.ledger.set_budget(site_id, Budget(policy.epsilon_budget, policy.delta))
         self._sites: OrderedDict[str, Site] = OrderedDict()
         self._early: dict[str, Any] = {}  # job → protocol site half created by a phase before TRAIN
         self._lock = threading.Lock()
@@ -111,7 +120,26 @@ class SiteNode:
     def guard(self, site: Site, msg: Message, task: TaskSpec) -> None:
         self.check_task(task)
         check_group(str(msg.meta.get("protocol", "plain")), int(msg.meta.get("group", 1)), self.policy.min_secagg_group)
-        self.ledger.check(task)
+        self.check_dp(task)
+
+    def check_dp(self, task: TaskSpec) -> Any:
+        """The site's DP rule: with a budget only record-level DP tasks run (charged to its own
+        ledger before training); without one, no DP task runs (nothing could cap it)."""
+        from insitu.federation.dp import TaskDP
+
+        try:
+            dp = TaskDP.of(task)
+        except ConfigError as exc:
+            raise PolicyViolation(f"task {task.content_hash()[:12]} refused: {exc}") from None
+        if self.ledger is not None and dp is None:
+            raise BudgetExceeded(
+                f"task {task.content_hash()[:12]} declares no differential privacy; this site has a privacy budget of "
+                f"ε={self.policy.epsilon_budget:g} and runs only record-level DP tasks (dp = \"record\", noise_multiplier, clip)")
+        if self.ledger is None and dp is not None:
+            raise PolicyViolation(
+                f"task {task.content_hash()[:12]} asks for record-level DP but this site has no privacy budget to account it "
+                "against: set [policy] epsilon_budget (and delta) in site.toml")
+        return dp
 
     def check_task(self, task: TaskSpec) -> None:
         self.approvals.check(task)
@@ -134,8 +162,6 @@ class SiteNode:
         except PolicyViolation as exc:
             self._refused(msg, exc)
             raise
-        if msg.kind is MessageKind.TRAIN:
-            self.ledger.record(msg.job, msg.round, self._eps(site.task))
         return reply
 
     def _early_phase(self, msg: Message) -> Message | None:
@@ -159,9 +185,6 @@ class SiteNode:
         if handler is None:
             raise ProtocolError(f"{msg.kind.value} for job {msg.job!r} before key agreement")
         return handler(msg)
-
-    def _eps(self, task: TaskSpec) -> float:
-        return float(task.extra.get("epsilon_per_round", 0.0)) if self.policy.epsilon_budget is not None else 0.0
 
     def _site_for(self, msg: Message) -> Site:
         with self._lock:
@@ -194,6 +217,15 @@ class SiteNode:
         site = Site(self.site_id, self.data, task, pipeline=SitePipeline(protection=prot),
                     guards=[self.guard], seed=seed)
         site.protocol_name = protocol  # type: ignore[attr-defined]
+        if self.ledger is not None:
+            from insitu.federation.dp import TaskDP
+
+            try:
+                dp = TaskDP.of(task)
+            except ConfigError:
+                dp = None  # self.guard refuses the task before any training
+            if dp is not None:
+                dp.install(site, self.ledger)  # after self.guard: approval is checked before anything is charged
         self._sites[job] = site
         while len(self._sites) > MAX_JOBS:
             self._sites.popitem(last=False)

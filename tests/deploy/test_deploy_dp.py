@@ -1,0 +1,71 @@
+"""Record-level DP in a real deployment: each hospital process accounts its own ε and stops itself.
+
+Three heart hospitals with privacy budgets, a coordinator, mutual TLS on 127.0.0.1.  The job's
+[dp] table puts the noise into the task (and its hash); every site derives its own sampling
+rate, charges its own SQLite ledger before training and refuses the round that would pass its
+budget; the coordinator never supplies an ε figure.
+"""
+from __future__ import annotations
+
+import pytest
+
+from insitu.coordinator.jobs import JobSpec
+from insitu.net import sandbox
+from insitu.privacy import PrivacyLedger
+
+pytestmark = pytest.mark.slow
+
+SITES = ("cleveland", "hungary", "va-long-beach")
+DP_JOB = {"name": "heart-dp", "dataset": "heart", "rounds": 4, "seed": 0, "min_sites": 2, "round_timeout": 60.0,
+          "dp": {"noise_multiplier": 1.5, "clip": 1.0}}
+PLAIN_JOB = {"name": "heart-plain", "dataset": "heart", "rounds": 1, "seed": 0, "min_sites": 2, "round_timeout": 60.0,
+             "max_aborted": 0, "wait_for_sites": 5.0}
+# σ = 1.5, batch 4, 50 steps a round: va-long-beach (85 records, q = 0.047) spends ε 1.14, 1.57,
+# 1.91 after rounds 1-3 at δ = 1e-5, so a limit of 1.7 lets it take part in two rounds
+BUDGETS = {"cleveland": 3.0, "hungary": 3.0, "va-long-beach": 1.7}
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp-consortium")
+    approved = [JobSpec.from_dict(j).task.content_hash() for j in (DP_JOB, PLAIN_JOB)]
+    sb = sandbox.create(root, SITES, approved=approved)
+    for s in SITES:
+        sb.write_site_config(s, approved=approved, policy={"epsilon_budget": BUDGETS[s], "delta": 1e-5})
+    try:
+        sb.start_all()
+        assert sb.wait_sites(len(SITES), timeout=90) == sorted(SITES)
+        yield sb
+    finally:
+        sb.stop()
+
+
+def test_each_site_enforces_its_own_budget(dep):
+    dep.operator("submit", {"job": DP_JOB})
+    st = dep.wait_job("heart-dp", timeout=120)
+    assert st["status"] == "done", st
+    rounds = st["rounds"]
+    assert [r["status"] for r in rounds] == ["applied"] * 4, rounds
+    assert [sorted(r["participants"]) for r in rounds[:2]] == [sorted(SITES)] * 2
+    for r in rounds[2:]:
+        assert sorted(r["participants"]) == ["cleveland", "hungary"]
+        why = r["dropped"]["va-long-beach"]
+        assert "would spend" in why and "limit 1.7 at δ=1e-05" in why, why
+    # each site's ledger holds exactly the rounds it trained, and stays within its limit
+    for s in SITES:
+        ledger = PrivacyLedger(dep.root / "sites" / s / "state" / "privacy_ledger.sqlite")
+        recs = ledger.records(s)
+        assert len(recs) == (2 if s == "va-long-beach" else 4), (s, recs)
+        assert recs[-1].epsilon_total <= BUDGETS[s]
+        assert all(e.noise_multiplier == 1.5 for r in recs for e in r.events)
+        ledger.close()
+    assert st["final"]["mean_site_accuracy"] > 0.5
+
+
+def test_sites_with_a_budget_refuse_a_task_without_dp(dep):
+    dep.operator("submit", {"job": PLAIN_JOB})
+    st = dep.wait_job("heart-plain", timeout=60)
+    assert st["status"] == "failed"
+    dropped = st["rounds"][0]["dropped"]
+    assert set(dropped) == set(SITES)
+    assert all("declares no differential privacy" in why for why in dropped.values()), dropped
