@@ -47,6 +47,9 @@ def test_each_site_enforces_its_own_budget(dep):
     rounds = st["rounds"]
     assert [r["status"] for r in rounds] == ["applied"] * 4, rounds
     assert [sorted(r["participants"]) for r in rounds[:2]] == [sorted(SITES)] * 2
+    # the operator sees each site's own ε in the job status
+    assert sorted(rounds[1]["epsilon"]) == sorted(SITES) and rounds[1]["epsilon"]["va-long-beach"] == pytest.approx(1.567, abs=0.01)
+    assert "va-long-beach" not in rounds[2]["epsilon"] and rounds[3]["epsilon"]["cleveland"] <= BUDGETS["cleveland"]
     for r in rounds[2:]:
         assert sorted(r["participants"]) == ["cleveland", "hungary"]
         why = r["dropped"]["va-long-beach"]

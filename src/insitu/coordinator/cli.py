@@ -80,12 +80,14 @@ def status(job: str = typer.Argument(...), config: Path = OPERATOR_CONFIG, as_js
         out.print_json(json.dumps(res))
         return
     out.print(f"job {res['id']}: {res['status']}, {res['rounds_applied']}/{res['rounds_target']} rounds applied")
-    t = Table("round", "status", "sites", "dropped / reason", "mean acc", "s")
+    dp = any(r.get("epsilon") for r in res["rounds"])
+    t = Table("round", "status", "sites", "dropped / reason", "mean acc", "s", *(["ε spent per site"] if dp else []))
     for r in res["rounds"]:
         acc = (r.get("evaluation") or {}).get("mean_site_accuracy")
         why = "; ".join(f"{k}: {v}" for k, v in r["dropped"].items()) or (r["reason"] or "")
+        eps = [", ".join(f"{s} {e:.2f}" for s, e in sorted((r.get("epsilon") or {}).items()))] if dp else []
         t.add_row(str(r["round"]), r["status"], ",".join(r["participants"]), why[:240], f"{acc:.4f}" if acc is not None else "",
-                  f"{r['seconds']:.2f}" if r["seconds"] else "")
+                  f"{r['seconds']:.2f}" if r["seconds"] else "", *eps)
     out.print(t)
     if res.get("final"):
         out.print(f"final mean site accuracy {res['final'].get('mean_site_accuracy')}")

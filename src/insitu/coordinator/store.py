@@ -222,14 +222,17 @@ class JobStore:
     def rounds(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT round, status, participants, dropped, evaluation, seconds, reason FROM rounds WHERE job=? ORDER BY round", (job_id,)
+                "SELECT round, status, participants, dropped, evaluation, seconds, reason, metrics FROM rounds WHERE job=? ORDER BY round", (job_id,)
             ).fetchall()
         out = []
-        for r, status, parts, dropped, ev, secs, reason in rows:
+        for r, status, parts, dropped, ev, secs, reason, metrics in rows:
+            m = json.loads(metrics) if metrics else {}
+            # ε each site says it has spent in total after this round (its own ledger; DP jobs only)
+            eps = {s: v["epsilon_total"] for s, v in m.items() if isinstance(v, dict) and isinstance(v.get("epsilon_total"), (int, float))}
             out.append({
                 "round": r, "status": status, "participants": json.loads(parts) if parts else [],
                 "dropped": json.loads(dropped) if dropped else {}, "evaluation": json.loads(ev) if ev else None,
-                "seconds": secs, "reason": reason,
+                "seconds": secs, "reason": reason, **({"epsilon": eps} if eps else {}),
             })
         return out
 
