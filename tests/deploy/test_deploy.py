@@ -105,6 +105,19 @@ def test_secure_aggregation_job_matches_simulation(dep):
     assert st["final"]["site_accuracy"] == pytest.approx(sim["final"]["site_accuracy"], abs=1e-12)
 
 
+def test_paillier_job_with_signed_key_dealing_matches_simulation(dep):
+    """Sites sign the X25519 keys the shared Paillier key is dealt under; the job equals simulation."""
+    from insitu.federation.simulation import simulate
+
+    dep.operator("submit", {"job": {**HEART, "name": "heart-paillier", "protocol": "paillier"}})
+    st = dep.wait_job("heart-paillier", timeout=120)
+    assert st["status"] == "done", st
+    sim = simulate(dataset="heart", rounds=3, seed=0, write=False, baselines=False, homomorphic="paillier")
+    assert st["final"]["site_accuracy"] == pytest.approx(sim["final"]["site_accuracy"], abs=1e-12)
+    log = (dep.root / "site-cleveland.log").read_text()
+    assert "signature" not in log  # no refusal: every relayed key verified
+
+
 def test_unapproved_task_refused_and_reported_then_approved_by_range(dep):
     job = {**HEART, "name": "unapproved", "task": {"lr": 0.07}, "max_aborted": 0, "wait_for_sites": 5.0}
     dep.operator("submit", {"job": job})

@@ -154,3 +154,52 @@ def test_keys_replayed_from_an_earlier_round_are_refused(pki):
     proto.collect(plan(sites, SIZE, 1), relay)
     with pytest.raises(RoundAborted, match="for site site00 do not carry its signature"):
         proto.collect(plan(sites, SIZE, 2), relay)
+
+
+# -- homomorphic key dealing ------------------------------------------------------------------
+def _he_group(pki, attest: dict | None = None):
+    from insitu.secure.he import HEConfig, HEScheme, HESite
+
+    _, _, creds = pki
+    rng = np.random.default_rng(1)
+    vecs = {s: rng.normal(size=SIZE) for s in IDS}
+    sites = {}
+    for s in IDS:
+        c = creds[s]
+        att = (attest or {}).get(s, Attestation.load(c.cert, c.key, c.ca))
+        sites[s] = VecSite(s, HESite(s, HEConfig(scheme=HEScheme.CKKS), attestation=att), vecs[s], 1.0)
+    return sites, vecs
+
+
+def _he_protocol():
+    from insitu.secure.he import HEConfig, HEProtocol, HEScheme
+
+    return HEProtocol(HEConfig(scheme=HEScheme.CKKS))
+
+
+def test_signed_he_key_dealing_gives_the_sum(pki):
+    sites, vecs = _he_group(pki)
+    res = _he_protocol().collect(plan(sites, SIZE), Relay(sites))
+    np.testing.assert_allclose(res.total, sum(vecs.values()), atol=1e-3)
+
+
+@pytest.mark.parametrize("victim", ["dealer", "peer"])
+def test_coordinator_interposing_its_own_dealing_key_is_refused(pki, victim):
+    """The dealer seals the shared private key under each peer's X25519 key: a coordinator that
+    relays its own key in place of a peer's (or of the dealer's) would open the private key."""
+    sites, _ = _he_group(pki)
+    mine = base64.b64encode(x25519_keypair()[1]).decode()
+
+    def swap(sid, msg):
+        if msg.kind is not MessageKind.HE_KEYS:
+            return msg
+        if victim == "peer" and msg.meta.get("stage") == "deal":
+            peers = {k: list(v) for k, v in msg.meta["peers"].items()}
+            peers["site02"][0] = mine
+            return replace(msg, meta={**msg.meta, "peers": peers})
+        if victim == "dealer" and msg.meta.get("stage") == "install":
+            return replace(msg, meta={**msg.meta, "dealer_pk": mine})
+        return msg
+
+    with pytest.raises(RoundAborted, match="for site site0[02] do not carry its signature"):
+        _he_protocol().collect(plan(sites, SIZE), Relay(sites, swap))

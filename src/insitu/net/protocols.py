@@ -72,7 +72,7 @@ def make_protocol(name: str, options: Mapping[str, Any] | None = None) -> Aggreg
 
 def site_protection(name: str, site_id: str, *, min_group: int = 0, attestation: Any = None) -> SiteProtection:
     """The site half of protocol ``name``; ``min_group`` is the site's own smallest acceptable group;
-    ``attestation`` (secure aggregation) signs this site's keys and checks its peers' signatures."""
+    ``attestation`` (secure aggregation, homomorphic key dealing) signs this site's keys and checks its peers' signatures."""
     key = _name(name)
     if key is ProtocolName.PLAIN:
         return PlainProtocol().site_protection(site_id)
@@ -82,7 +82,7 @@ def site_protection(name: str, site_id: str, *, min_group: int = 0, attestation:
         return SecAggSite(site_id, SecAggConfig(min_group=max(SecAggConfig().min_group, min_group)), attestation=attestation)
     from insitu.secure import HEConfig, HESite
 
-    return HESite(site_id, HEConfig(scheme=key.value, min_group=max(HEConfig().min_group, min_group)))
+    return HESite(site_id, HEConfig(scheme=key.value, min_group=max(HEConfig().min_group, min_group)), attestation=attestation)
 
 
 __all__ = ["ProtocolName", "protocol_of", "make_protocol", "site_protection"]

@@ -1,4 +1,5 @@
-"""Signed key advertisements: an active coordinator cannot substitute a site's secure-aggregation keys.
+"""Signed key advertisements: an active coordinator cannot substitute a site's secure-aggregation keys
+(nor the keys homomorphic key dealing seals the shared private key under).
 
 In Bonawitz et al.'s protocol every message between two sites travels through the
 coordinator.  If the public keys a site advertises are not authenticated, a coordinator
@@ -44,6 +45,11 @@ MAX_CERT_BYTES = 8192
 def transcript(job: str, round_: int, site: str, setup_digest: bytes, c_pk: bytes, s_pk: bytes) -> bytes:
     """What a site signs: its keys bound to the job, round, its name and the round's setup."""
     return context(LABEL, job, round_, site, setup_digest, c_pk, s_pk)
+
+
+def he_transcript(job: str, round_: int, site: str, scheme: str, x_pk: bytes) -> bytes:
+    """What a site signs in homomorphic key dealing: the X25519 key the private key is sealed under."""
+    return context(b"insitu-he-keys-v1", job, round_, site, scheme, x_pk)
 
 
 @dataclass(frozen=True)
@@ -156,4 +162,4 @@ def check_attestation_fields(cert: object, sig: object, site: str) -> tuple[byte
     return cert.encode(), signature
 
 
-__all__ = ["Attestation", "KeySigner", "PeerVerifier", "transcript", "check_attestation_fields"]
+__all__ = ["Attestation", "KeySigner", "PeerVerifier", "transcript", "he_transcript", "check_attestation_fields"]

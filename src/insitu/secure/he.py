@@ -20,8 +20,9 @@ every site holds the full private key, a coordinator that deviated from the
 protocol could ask a site to decrypt one site's ciphertext instead of the sum;
 a site decrypts at most once per round and refuses a sum of fewer than its
 ``min_group`` sites, which limits but does not remove this (threshold
-decryption would).  Likewise the X25519 keys of the dealing phase are not
-signed, so an active coordinator could interpose its own.  Secure aggregation
+decryption would).  In deployments the X25519 keys of the dealing phase are
+signed with the sites' certificates (``insitu.secure.attest``), so an active
+coordinator cannot interpose its own to catch the private key.  Secure aggregation
 (``insitu.secure.secagg``) does not have the decryption-oracle weakness.
 """
 from __future__ import annotations
@@ -231,8 +232,11 @@ class _SiteKeys:
 class HESite:
     """The site half: joins key dealing, encrypts its update, decrypts only sums."""
 
-    def __init__(self, site_id: str, config: HEConfig | None = None):
+    def __init__(self, site_id: str, config: HEConfig | None = None, attestation: Any = None):
+        """``attestation`` (deployments): sign this site's dealing key with its certificate and
+        accept only the dealer's / peers' keys signed with theirs."""
         self.site_id = site_id
+        self.attestation = attestation
         self.config = config or HEConfig()
         self.backend = _BACKENDS[self.config.scheme]
         self._jobs: dict[str, _SiteKeys] = {}
@@ -259,7 +263,13 @@ class HESite:
         st = self._jobs.setdefault(msg.job, _SiteKeys())
         if stage == "hello":
             st.x_sk, x_pk = x25519_keypair()
-            return Message(MessageKind.HE_KEYS_REPLY, msg.round, msg.job, {"x_pk": _b64(x_pk)})
+            meta: dict[str, Any] = {"x_pk": _b64(x_pk)}
+            if self.attestation is not None:
+                from insitu.secure.attest import he_transcript
+
+                meta["cert"] = self.attestation.signer.cert_pem.decode()
+                meta["sig"] = _b64(self.attestation.signer.sign(he_transcript(msg.job, msg.round, self.site_id, scheme, x_pk)))
+            return Message(MessageKind.HE_KEYS_REPLY, msg.round, msg.job, meta)
         if st.x_sk is None:
             raise ProtocolError(f"site {self.site_id}: HE key {stage!r} without a fresh hello (replayed or out of order)")
         x_sk, st.x_sk = st.x_sk, None  # one use only: a replayed deal or install cannot be opened again
@@ -267,14 +277,15 @@ class HESite:
             peers = msg.require("peers", dict)
             secret_blob, public_blob = self.backend.keygen(self.config)
             tensors = {"public": _arr(public_blob)}
-            for peer, pk in sorted(peers.items()):
-                key = _deal_key(agree(x_sk, _unb64(pk, 32, f"key of {peer}")), msg.job, self.site_id, peer)
+            for peer, entry in sorted(peers.items()):
+                pk = self._checked_key(msg, peer, entry, scheme)
+                key = _deal_key(agree(x_sk, pk), msg.job, self.site_id, peer)
                 tensors[f"to:{peer}"] = _arr(seal(key, secret_blob, context(b"insitu-he-deal-aad", msg.job, self.site_id, peer)))
             st.secret, st.public_blob = self.backend.load_secret(secret_blob), public_blob
             return Message(MessageKind.HE_KEYS_REPLY, msg.round, msg.job, {"fingerprint": _fingerprint(public_blob)}, tensors)
         if stage == "install":
             dealer = msg.require("dealer", str)
-            dealer_pk = _unb64(msg.require("dealer_pk", str), 32, "dealer key")
+            dealer_pk = self._checked_key(msg, dealer, [msg.require("dealer_pk", str), *([msg.meta.get("dealer_cert"), msg.meta.get("dealer_sig")] if "dealer_cert" in msg.meta or "dealer_sig" in msg.meta else [])], scheme)
             public_blob = _blob(msg.tensor("public"))
             key = _deal_key(agree(x_sk, dealer_pk), msg.job, dealer, self.site_id)
             secret_blob = open_sealed(key, _blob(msg.tensor("sealed")), context(b"insitu-he-deal-aad", msg.job, dealer, self.site_id), f"HE key from {dealer}")
@@ -284,6 +295,20 @@ class HESite:
             st.secret, st.public_blob = secret, public_blob
             return Message(MessageKind.HE_KEYS_REPLY, msg.round, msg.job, {"fingerprint": _fingerprint(public_blob)})
         raise ProtocolError(f"unknown HE key stage {stage!r}")
+
+    def _checked_key(self, msg: Message, peer: str, entry: Any, scheme: str) -> bytes:
+        """A peer's dealing key as relayed: ``pk`` or ``[pk, cert, sig]``; signed ones are required and
+        checked when this site has an attestation."""
+        parts = entry if isinstance(entry, list) else [entry]
+        if not parts or len(parts) not in (1, 3):
+            raise ProtocolError(f"site {self.site_id}: malformed dealing key entry for {peer}")
+        pk = _unb64(parts[0], 32, f"key of {peer}")
+        if self.attestation is not None:
+            from insitu.secure.attest import check_attestation_fields, he_transcript
+
+            cert, sig = check_attestation_fields(*(parts[1:] if len(parts) == 3 else (None, None)), peer)
+            self.attestation.verifier.verify(cert, sig, peer, he_transcript(msg.job, msg.round, peer, scheme, pk))
+        return pk
 
     def _secret(self, msg: Message) -> Any:
         st = self._jobs.get(msg.job)
@@ -415,18 +440,25 @@ class HEProtocol:
         scheme = self.config.scheme.value
         hello = phase({s: Message(MessageKind.HE_KEYS, plan.round, plan.job, {"stage": "hello", "scheme": scheme}) for s in plan.sites}, MessageKind.HE_KEYS_REPLY, "key hello")
         pks = {}
+        signed: dict[str, list[str]] = {}  # site → [certificate PEM, signature], relayed for sites to check
         for sid, rep in hello.items():
             try:
                 pks[sid] = _unb64(rep.meta.get("x_pk"), 32, "x_pk")
             except ProtocolError as exc:
                 raise abort(sid, str(exc)) from None
+            cert, sig = rep.meta.get("cert"), rep.meta.get("sig")
+            if cert is not None or sig is not None:
+                if not isinstance(cert, str) or not isinstance(sig, str) or len(cert) > 8192 or len(sig) > 128:
+                    raise abort(sid, "key hello carries a malformed certificate or signature")
+                signed[sid] = [cert, sig]
         if len(pks) < need:
             raise RoundAborted(f"round {plan.round}: only {len(pks)} sites joined homomorphic key setup, need {need}; the global model is unchanged")
         dealer = sorted(pks)[0]
-        peers = {s: _b64(pk) for s, pk in sorted(pks.items()) if s != dealer}
+        peers: dict[str, Any] = {s: [_b64(pk), *signed[s]] if s in signed else _b64(pk) for s, pk in sorted(pks.items()) if s != dealer}
         deal = phase({dealer: Message(MessageKind.HE_KEYS, plan.round, plan.job, {"stage": "deal", "scheme": scheme, "peers": peers})}, MessageKind.HE_KEYS_REPLY, "key deal")
         if dealer not in deal:
-            raise RoundAborted(f"round {plan.round}: key dealer {dealer} dropped out; the global model is unchanged")
+            why = getattr(phase, "dropped", {}).get(dealer)
+            raise RoundAborted(f"round {plan.round}: key dealer {dealer} dropped out{f' ({why})' if why else ''}; the global model is unchanged")
         rep = deal[dealer]
         if set(rep.tensors) != {"public"} | {f"to:{p}" for p in peers} or rep.tensors["public"].dtype != np.uint8:
             raise abort(dealer, "key deal reply does not hold exactly one sealed key per peer and the public key")
@@ -440,7 +472,8 @@ class HEProtocol:
             raise abort(dealer, str(exc)) from None
         inst = phase(
             {
-                p: Message(MessageKind.HE_KEYS, plan.round, plan.job, {"stage": "install", "scheme": scheme, "dealer": dealer, "dealer_pk": _b64(pks[dealer])}, {"sealed": rep.tensors[f"to:{p}"], "public": rep.tensors["public"]})
+                p: Message(MessageKind.HE_KEYS, plan.round, plan.job, {"stage": "install", "scheme": scheme, "dealer": dealer, "dealer_pk": _b64(pks[dealer]),
+                                                               **({"dealer_cert": signed[dealer][0], "dealer_sig": signed[dealer][1]} if dealer in signed else {})}, {"sealed": rep.tensors[f"to:{p}"], "public": rep.tensors["public"]})
                 for p in peers
             },
             MessageKind.HE_KEYS_REPLY,

@@ -113,7 +113,7 @@ class SiteNode:
 
     def _protection(self, protocol: str) -> Any:
         """This site's half of ``protocol``; secure aggregation signs and checks keys (see attestation)."""
-        signed = protocol == ProtocolName.SECAGG.value
+        signed = protocol != ProtocolName.PLAIN.value  # secure aggregation and homomorphic key dealing
         return site_protection(protocol, self.site_id, min_group=self.policy.min_secagg_group, attestation=self.attestation if signed else None)
 
     # -- the guard the round engine calls before training ------------------------------------
