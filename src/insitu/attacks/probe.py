@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from insitu.attacks.observer import ObservedRound, observe_round
-from insitu.attacks.reconstruction import MatchConfig, analytic_linear, gradient_matching, score_images, score_tabular
+from insitu.attacks.reconstruction import MatchConfig, analytic_linear, reconstruct_image, score_images, score_tabular
 from insitu.data.dataset import SiteData
 from insitu.errors import ConfigError
 from insitu.federation.coordinator import Coordinator
@@ -64,7 +64,7 @@ def single_record_round(
 class ProbeResult:
     """Per target record: was it reconstructed, and how close the best view got next to a guess."""
 
-    kind: str  # "analytic" or "gradient-matching"
+    kind: str  # "analytic" or "image-inversion"
     success: tuple[bool, ...]
     quality: tuple[float, ...]  # tabular: RMS error to the record; images: SSIM
     guess_quality: tuple[float, ...]
@@ -114,7 +114,8 @@ def attack_images(
     ssim_threshold: float = 0.7,
     seed: int = 0,
 ) -> ProbeResult:
-    """Gradient matching (one image per view) from every view the coordinator holds.
+    """Image reconstruction (feature inversion or gradient matching, whichever the attacker's own
+    gradient check prefers; one image per view) from every view the coordinator holds.
 
     Views that arrived as integers (fixed-point encoded, masked) or ciphertext bytes cannot be a
     gradient and are skipped when ``only_float_views``; the aggregate is always attacked.
@@ -128,7 +129,7 @@ def attack_images(
                 if np.issubdtype(np.asarray(arr).dtype, np.floating):
                     keep.add(f"{sid}:{name}")
         views = {k: v for k, v in views.items() if k in keep}
-    ests = [gradient_matching(v, model, task.input_shape, config=config, seed=seed + i)[0] for i, v in enumerate(views.values())]
+    ests = [reconstruct_image(v, model, task.input_shape, config=config, seed=seed + i)[0] for i, v in enumerate(views.values())]
     succ, qual, gq, ps = [], [], [], []
     for t in targets:
         scores = [score_images(e, t[None], guess, config.bounds) for e in ests]
@@ -137,4 +138,4 @@ def attack_images(
         qual.append(best.ssim)
         gq.append(best.guess_ssim)
         ps.append(best.psnr)
-    return ProbeResult("gradient-matching", tuple(succ), tuple(qual), tuple(gq), tuple(ps), views=len(ests))
+    return ProbeResult("image-inversion", tuple(succ), tuple(qual), tuple(gq), tuple(ps), views=len(ests))

@@ -69,7 +69,7 @@ class MembershipFigures:
 
 @dataclass(frozen=True)
 class ReconstructionFigures:
-    attack: str  # analytic / gradient-matching
+    attack: str  # analytic / image-inversion (feature inversion or gradient matching)
     records: int
     success_rate: float  # exact match (tabular) or SSIM ≥ 0.7 and above the guess (images)
     quality: float  # mean RMS error in z-units (tabular) or mean SSIM (images)
@@ -300,7 +300,8 @@ def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, par
     """The curious coordinator on probe rounds of single-record updates, with the run's defences.
 
     Each probe round has as many sites as the run (so secure aggregation sums as many updates as
-    it did in the run); ``records`` (default: 32 tabular, 4 images) are spread over
+    it did in the run), and each probe site takes one SGD step on its one record with the run's
+    learning rate, clip and noise; ``records`` (default: 32 tabular, 4 images) are spread over
     ⌈records / sites⌉ rounds, so that a figure is not one lucky draw.
     """
     Xm, ym = data.pooled_train()
@@ -309,7 +310,11 @@ def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, par
     per_round = max(1, len(data.sites))
     rng = np.random.default_rng(seed)
     chosen = rng.choice(Xm.shape[0], size=min(records, Xm.shape[0]), replace=False)
-    probe_task = dataclasses.replace(task, local_steps=1, batch_size=1)
+    # the worst case a site can be put in: one plain SGD step on one record, so the update is that
+    # record's gradient (the classic DLG setting).  A run's Adam steps (≈ the gradient's sign) or
+    # random shifts leak less per round; this figure does not credit them (an upper bound).
+    extra = {k: v for k, v in dict(task.extra).items() if k != "augment_shift"}
+    probe_task = dataclasses.replace(task, local_steps=1, batch_size=1, optimizer="sgd", extra=extra)
     Xn, _ = data.pooled_test()
     guess = Xn.mean(0).numpy()  # what an attacker knows without the update: the population mean
     parts: list[ProbeResult] = []
@@ -598,6 +603,8 @@ def _compare_command(cc: CompareConfig) -> str:
         parts.append(f"--rounds {cc.rounds}")
     if cc.extra.get("model"):
         parts.append(f"--model {cc.extra['model']}")
+    if cc.extra.get("partition"):
+        parts.append(f"--partition {cc.extra['partition']}")
     parts.append("--epsilons " + ",".join(f"{e:g}" for e in cc.epsilons))
     if cc.seeds > 1:
         parts.append(f"--seed {cc.seed} --seeds {cc.seeds}")

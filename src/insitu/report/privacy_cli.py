@@ -58,6 +58,7 @@ def compare_command(
     homomorphic: str = typer.Option("auto", help="Scheme for the homomorphic row: paillier, ckks, or auto (Paillier for small models, CKKS for the CNN)."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds of every run (default: the dataset's)."),
     model: Optional[str] = typer.Option(None, help="Model of every run: logreg, mlp or cnn (default: the dataset's)."),
+    partition: Optional[str] = typer.Option(None, help="How records are split over sites in every run (iid, dirichlet:ALPHA, natural; default: the dataset's)."),
     shadows: Optional[int] = typer.Option(None, help="Shadow models for LiRA (see `privacy report`)."),
     probe_records: Optional[int] = typer.Option(None, help="Single-record site updates the curious coordinator attacks (default 32 tabular, 4 images), as many per probe round as the run has sites."),
     iterations: int = typer.Option(300, help="Gradient-matching iterations per image (CNN)."),
@@ -74,7 +75,7 @@ def compare_command(
 
     cc = CompareConfig(dataset=dataset, data=data, epsilons=_epsilons(epsilons), homomorphic=homomorphic, rounds=rounds,
                        seed=seed, seeds=seeds, shadows=shadows, probe_records=probe_records, iterations=iterations, out=str(out),
-                       extra={"model": model} if model else {})
+                       extra={**({"model": model} if model else {}), **({"partition": partition} if partition else {})})
     with single_thread():
         _show(compare(cc, progress=lambda msg: console.print(f"[dim]{msg}[/]")))
 
