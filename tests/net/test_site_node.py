@@ -114,3 +114,14 @@ def test_dp_task_refused_without_a_budget_and_malformed_dp_refused(tmp_path):
     n2 = node(tmp_path / "b", approved=(bad.content_hash(),), epsilon_budget=1.0)
     with pytest.raises(PolicyViolation, match="needs a positive noise_multiplier, got 0.0"):
         n2.handle(train(bad))
+
+
+def test_pending_tells_the_admin_what_a_dp_task_would_cost_here(tmp_path):
+    from insitu.site.cli import _privacy_cell
+
+    n = node(tmp_path, approved=(), epsilon_budget=1.0)
+    cell = _privacy_cell(n.policy, DP_TASK.to_meta(), [])
+    assert cell == "DP-SGD σ=2, clip 1: first round ε=0.61 (q=0.1); spent 0 of 1"
+    assert _privacy_cell(n.policy, TASK.to_meta(), []) == "no DP (refused: this site has a budget)"
+    plain = node(tmp_path / "p")
+    assert _privacy_cell(plain.policy, DP_TASK.to_meta(), []).endswith("refused: no epsilon_budget here")

@@ -54,9 +54,43 @@ def pending(config: Path = CONFIG) -> None:
     from insitu.site.policy import Approvals, SitePolicy
 
     policy = SitePolicy.load(config)
-    t = Table("model", "lr", "local steps", "refused", "last reason")
+    t = Table("model", "lr", "local steps", "privacy at this site", "refused", "last reason")
     t.add_column("task hash (approve this)", overflow="fold", min_width=64)
+    n_train: list[int] = []  # loaded once, only if a DP task is pending
     for h, e in Approvals(policy.state, policy.approved).pending().items():
         s = e["spec"]
-        t.add_row(s["model"], str(s["lr"]), str(s["local_steps"]), str(e["count"]), e.get("last_reason", "")[:80], h)
+        t.add_row(s["model"], str(s["lr"]), str(s["local_steps"]), _privacy_cell(policy, s, n_train), str(e["count"]),
+                  e.get("last_reason", "")[:80], h)
     out.print(t)
+
+
+def _privacy_cell(policy, spec: dict, n_train: list[int]) -> str:
+    """What a pending task would cost this site's privacy budget per round, by this site's own accountant."""
+    from insitu.errors import InsituError
+    from insitu.federation.dp import TaskDP
+    from insitu.federation.task import TaskSpec
+
+    try:
+        task = TaskSpec.from_meta(spec)
+        dp = TaskDP.of(task)
+    except InsituError as exc:
+        return f"malformed: {exc}"[:80]
+    if dp is None:
+        return "no DP" + (" (refused: this site has a budget)" if policy.epsilon_budget is not None else "")
+    head = f"DP-SGD σ={dp.noise_multiplier:g}, clip {dp.clip:g}"
+    if policy.epsilon_budget is None:
+        return head + "; refused: no epsilon_budget here"
+    from insitu.privacy import Budget, PrivacyLedger, epsilon_of
+    from insitu.site.node import load_site_data
+
+    if not n_train:
+        n_train.append(load_site_data(policy)[0].n_train)
+    events = dp.events(task, n_train[0])
+    eps = epsilon_of(events, policy.delta)
+    ledger = PrivacyLedger(Path(policy.state) / "privacy_ledger.sqlite")
+    try:
+        site = ledger.sites()[0] if ledger.sites() else None
+        spent = ledger.spent(site, Budget(policy.epsilon_budget, policy.delta)) if site else 0.0
+    finally:
+        ledger.close()
+    return f"{head}: first round ε={eps:.3g} (q={events[0].sampling_rate:.3g}); spent {spent:.3g} of {policy.epsilon_budget:g}"
