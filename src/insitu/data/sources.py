@@ -34,11 +34,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import sqlalchemy as sa
+
+if TYPE_CHECKING:  # SQLAlchemy (~0.6 s to import) loads only for SQLite / PostgreSQL sources
+    import sqlalchemy as sa
 
 from insitu.errors import ConfigError, DataError
 
@@ -221,6 +223,8 @@ class _CsvReader:
 class _SqlReader:
     @staticmethod
     def _engine(src: RecordSource) -> sa.Engine:
+        import sqlalchemy as sa
+
         url = src.location if src.kind is SourceKind.POSTGRESQL else f"sqlite:///{src.location}"
         return sa.create_engine(url)
 
@@ -231,6 +235,8 @@ class _SqlReader:
 
     @classmethod
     def columns(cls, src: RecordSource) -> list[str]:
+        import sqlalchemy as sa
+
         engine = cls._engine(src)
         schema, name = cls._split(src.table or "")
         try:
@@ -246,6 +252,8 @@ class _SqlReader:
 
     @classmethod
     def read(cls, src: RecordSource, columns: list[str]) -> pd.DataFrame:
+        import sqlalchemy as sa
+
         engine = cls._engine(src)
         schema, name = cls._split(src.table or "")
         table = sa.Table(name, sa.MetaData(), *[sa.Column(c) for c in columns], schema=schema)
@@ -385,6 +393,8 @@ def write_table(frame: pd.DataFrame, target: str | os.PathLike[str], *, table: s
 
     Files are written to a temporary name and renamed, so a failure leaves nothing behind.
     """
+    import sqlalchemy as sa
+
     text = os.fspath(target)
     if text.startswith(("postgresql://", "postgres://", "postgresql+")):
         url = "postgresql+psycopg://" + text.split("://", 1)[1]

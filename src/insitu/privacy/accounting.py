@@ -42,11 +42,10 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from dp_accounting import dp_event, mechanism_calibration
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+if TYPE_CHECKING:  # dp-accounting (and scipy.signal under it) costs ~1.5 s to import: only when ε is computed
+    from dp_accounting import dp_event
 
 from insitu.errors import ConfigError
 
@@ -98,6 +97,8 @@ class PrivacyEvent:
         object.__setattr__(self, "steps", int(self.steps))
 
     def to_dp_event(self) -> dp_event.DpEvent:
+        from dp_accounting import dp_event
+
         base: dp_event.DpEvent
         if self.mechanism is Mechanism.GAUSSIAN:
             base = dp_event.GaussianDpEvent(self.noise_multiplier)
@@ -128,6 +129,9 @@ class PrivacyEvent:
 
 
 def _fresh(kind: AccountantKind):
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     if kind is AccountantKind.PLD:
         return pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     return rdp_privacy_accountant.RdpAccountant()
@@ -216,6 +220,8 @@ def calibrate_noise(
     kind = AccountantKind(kind)
     if extra_per_round and epsilon_of([e for e in extra_per_round for _ in range(rounds)], delta, kind) >= target_epsilon:
         raise ConfigError(f"the fixed per-round events alone spend more than ε={target_epsilon} over {rounds} rounds")
+
+    from dp_accounting import dp_event, mechanism_calibration
 
     def make_event(z: float) -> dp_event.DpEvent:
         z = max(z, 1e-6)

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from insitu.errors import ConfigError
-from insitu.privacy.budget import PrivacyLedger
+
+if TYPE_CHECKING:  # the accountant (dp-accounting, scipy) loads only when a command needs it
+    from insitu.privacy.budget import PrivacyLedger
 
 app = typer.Typer(help="Differential privacy: per-site budgets and the ledger of ε spent.", no_args_is_help=True)
 console = Console()
@@ -71,6 +73,8 @@ def ledger_command(
     """Show each site's budget, what it has spent, and one immutable record per round (mechanism, parameters, ε)."""
     if not path.exists():
         raise ConfigError(f"no privacy ledger at {str(path)!r}")
+    from insitu.privacy.budget import PrivacyLedger
+
     with PrivacyLedger(path) as ledger:
         if as_json:
             for r in ledger.records(site):
