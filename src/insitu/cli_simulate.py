@@ -6,8 +6,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from insitu.federation.simulation import SimulationConfig, simulate
-from insitu.report.tables import summary_table
 
 out = Console()
 
@@ -55,6 +53,9 @@ def simulate_command(
     Switzerland, VA Long Beach), logistic regression, FedAvg. Writes summary.json, rounds.jsonl,
     accuracy.png and the final model to the run directory.
     """
+    from insitu.federation.simulation import SimulationConfig, simulate  # torch loads here, not for `insitu --help`
+    from insitu.report.tables import summary_table
+
     cfg = SimulationConfig(
         dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, rounds=rounds,
         local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, mu=mu, server_lr=server_lr,

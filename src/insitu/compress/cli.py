@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from insitu.compress.model import DistillConfig
 
 out = Console()
 
@@ -43,6 +42,7 @@ def export_command(
     int8-static calibration use one site's training records (--site, default the largest).
     """
     from insitu.compress.export import ExportOptions, export_run
+    from insitu.compress.model import DistillConfig
 
     opts = ExportOptions(prune=prune, quantize=quantize, distill=distill, format=format, finetune_steps=finetune_steps,
                          distill_config=DistillConfig(steps=distill_steps))
