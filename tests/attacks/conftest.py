@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from insitu.learn.models import build_model
+from insitu.learn.train import single_thread
 
 PNEUMONIA = Path(__file__).resolve().parents[3] / "shared/data/pneumoniamnist.npz"
 
@@ -76,7 +77,5 @@ def make_dp_mlp(epsilon: float, delta: float, n: int, epochs: int = 15, batch: i
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Thousands of tiny steps: one torch thread is far faster than two on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from insitu.cli import app
-from insitu.errors import DataError
+from insitu.errors import ConfigError, DataError
 from insitu.federation.simulation import simulate
 from insitu.report.privacy import CompareConfig, PrivacyReport, attack_run, compare, compare_configs, heart_reidentification, load_report, markdown_table, mean_row, merge_reports
 
@@ -76,7 +76,7 @@ def test_mean_over_seeds_averages_every_figure_and_keeps_each_seed(runs, tmp_pat
 
 
 def test_compare_refuses_zero_seeds(tmp_path):
-    with pytest.raises(Exception, match="--seeds must be at least 1"):
+    with pytest.raises(ConfigError, match="--seeds must be at least 1, got 0"):
         compare(CompareConfig(seeds=0, out=str(tmp_path / "c")))
 
 

@@ -36,7 +36,8 @@ def pki(tmp_path_factory):
     return root, ca, creds
 
 
-def _group(pki, attest: dict | None = None):
+def _group(pki, attest: dict | None = None, protection=lambda s, att: SecAggSite(s, attestation=att)):
+    """Four sites, each with its own certificate's attestation (or the one given in ``attest``)."""
     _, _, creds = pki
     rng = np.random.default_rng(0)
     vecs = {s: rng.normal(size=SIZE) for s in IDS}
@@ -44,7 +45,7 @@ def _group(pki, attest: dict | None = None):
     for s in IDS:
         c = creds[s]
         att = (attest or {}).get(s, Attestation.load(c.cert, c.key, c.ca))
-        sites[s] = VecSite(s, SecAggSite(s, attestation=att), vecs[s], 1.0)
+        sites[s] = VecSite(s, protection(s, att), vecs[s], 1.0)
     return sites, vecs
 
 
@@ -157,18 +158,10 @@ def test_keys_replayed_from_an_earlier_round_are_refused(pki):
 
 
 # -- homomorphic key dealing ------------------------------------------------------------------
-def _he_group(pki, attest: dict | None = None):
+def _he_group(pki):
     from insitu.secure.he import HEConfig, HEScheme, HESite
 
-    _, _, creds = pki
-    rng = np.random.default_rng(1)
-    vecs = {s: rng.normal(size=SIZE) for s in IDS}
-    sites = {}
-    for s in IDS:
-        c = creds[s]
-        att = (attest or {}).get(s, Attestation.load(c.cert, c.key, c.ca))
-        sites[s] = VecSite(s, HESite(s, HEConfig(scheme=HEScheme.CKKS), attestation=att), vecs[s], 1.0)
-    return sites, vecs
+    return _group(pki, protection=lambda s, att: HESite(s, HEConfig(scheme=HEScheme.CKKS), attestation=att))
 
 
 def _he_protocol():

@@ -245,8 +245,6 @@ class TaskDP:
     noise_multiplier: float
     clip: float
 
-    KEYS = ("dp", "noise_multiplier", "clip")
-
     @classmethod
     def of(cls, task: TaskSpec) -> "TaskDP | None":
         extra = task.extra if isinstance(task.extra, Mapping) else {}

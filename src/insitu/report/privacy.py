@@ -18,7 +18,6 @@ aggregation and homomorphic aggregation, attacks each run, and fills one table.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import enum
 import functools
@@ -42,7 +41,7 @@ from insitu.errors import ConfigError, DataError
 from insitu.federation.site import Site
 from insitu.federation.task import TaskSpec
 from insitu.learn.models import ModelName, build_model, set_flat
-from insitu.learn.train import TrainConfig, train_local
+from insitu.learn.train import TrainConfig, single_thread, train_local  # noqa: F401  (single_thread: the CLI's)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,18 +385,6 @@ def _heart_reid(policy: dict[str, Any], csv: str | None) -> ReidentificationRisk
 # ---------------------------------------------------------------------------------------------
 # one run, many runs
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def single_thread():
-    """Shadow training is thousands of tiny steps: one torch thread is ~10× faster than two on a
-    busy 2-core machine (measured 2.6 s vs 30 s per heart shadow model)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def default_shadows(task: TaskSpec) -> int:
     """Shadow models are cheap for tabular models and dear for the CNN."""
     return 4 if ModelName(task.model) is ModelName.CNN else 16
@@ -590,7 +577,8 @@ def mean_row(rows: Sequence[PrivacyRow]) -> PrivacyRow:
         quality=float(np.mean([r.quality for r in rc])), guess_quality=float(np.mean([r.guess_quality for r in rc])),
         psnr=avg([r.psnr for r in rc]), views=sum(r.views for r in rc), better_than_guess=avg([r.better_than_guess for r in rc]))
     return dataclasses.replace(
-        first, run_dir=str(Path(first.run_dir).parent.parent / Path(first.run_dir).name) if len(rows) > 1 else first.run_dir,
+        # the runs live in OUT/seed<k>/<defence>: name them all
+        first, run_dir=str(Path(first.run_dir).parent.parent / "seed*" / Path(first.run_dir).name) if len(rows) > 1 else first.run_dir,
         epsilon=avg([r.epsilon for r in rows]), accuracy=float(np.mean([r.accuracy for r in rows])), membership=tuple(mia),
         reconstruction=recon, seeds=len(rows))
 

@@ -25,10 +25,13 @@ signed, so sites that compare transcripts would notice, but no consistency round
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -40,6 +43,7 @@ from insitu.secure._primitives import context
 
 LABEL = b"insitu-secagg-keys-v1"
 MAX_CERT_BYTES = 8192
+MAX_SIG_CHARS = 128  # base64 of a DER ECDSA P-256 signature is 96-100 characters
 
 
 def transcript(job: str, round_: int, site: str, setup_digest: bytes, c_pk: bytes, s_pk: bytes) -> bytes:
@@ -80,7 +84,6 @@ class PeerVerifier:
     """A site's checking half: the consortium CA certificate it trusts for TLS."""
 
     ca: x509.Certificate
-    clock: object = None  # callable returning an aware datetime (tests); None: now
     _ok: dict[bytes, tuple[str, ec.EllipticCurvePublicKey, dt.datetime]] = field(default_factory=dict)
 
     @classmethod
@@ -90,8 +93,9 @@ class PeerVerifier:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load the consortium CA certificate {ca}: {exc}") from None
 
-    def _now(self) -> dt.datetime:
-        return self.clock() if callable(self.clock) else dt.datetime.now(dt.timezone.utc)  # type: ignore[misc]
+    @staticmethod
+    def _now() -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
 
     def public_key(self, cert_pem: bytes, site: str) -> ec.EllipticCurvePublicKey:
         """The verified signing key of ``site`` from its certificate; SecurityError naming the fault."""
@@ -145,21 +149,34 @@ class Attestation:
     def load(cls, cert: str | Path, key: str | Path, ca: str | Path) -> "Attestation":
         return cls(KeySigner.load(cert, key), PeerVerifier.load(ca))
 
+    def sign_fields(self, message: bytes) -> dict[str, str]:
+        """The ``cert`` and ``sig`` fields a site adds to its key advertisement."""
+        return {"cert": self.signer.cert_pem.decode(), "sig": base64.b64encode(self.signer.sign(message)).decode()}
 
-def check_attestation_fields(cert: object, sig: object, site: str) -> tuple[bytes, bytes]:
-    """Parse the relayed certificate (PEM text) and signature (base64) of ``site``."""
-    import base64
-    import binascii
-
-    if not isinstance(cert, str) or not isinstance(sig, str):
-        raise ProtocolError(f"keys relayed for site {site} carry no certificate and signature; this site accepts only signed keys")
-    try:
-        signature = base64.b64decode(sig, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProtocolError(f"signature relayed for site {site} is not base64") from None
-    if not 8 <= len(signature) <= 80:
-        raise ProtocolError(f"signature relayed for site {site} has {len(signature)} bytes; an ECDSA P-256 signature has 70-72")
-    return cert.encode(), signature
+    def check_relayed(self, fields: Sequence[object], site: str, message: bytes) -> None:
+        """Check the ``[cert, sig]`` the coordinator relayed with ``site``'s keys against ``message``."""
+        cert, sig = (list(fields) + [None, None])[:2]
+        if not isinstance(cert, str) or not isinstance(sig, str):
+            raise ProtocolError(f"keys relayed for site {site} carry no certificate and signature; this site accepts only signed keys")
+        try:
+            signature = base64.b64decode(sig, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(f"signature relayed for site {site} is not base64") from None
+        if not 8 <= len(signature) <= MAX_SIG_CHARS:
+            raise ProtocolError(f"signature relayed for site {site} has {len(signature)} bytes; an ECDSA P-256 signature has 70-72")
+        self.verifier.verify(cert.encode(), signature, site, message)
 
 
-__all__ = ["Attestation", "KeySigner", "PeerVerifier", "transcript", "he_transcript", "check_attestation_fields"]
+def relayable(meta: Mapping[str, Any]) -> list[str]:
+    """Coordinator side: the ``[cert, sig]`` of a key advertisement to relay to the other sites
+    (empty when the site did not sign: simulation).  The coordinator checks only their shape; the
+    sites check the signature."""
+    cert, sig = meta.get("cert"), meta.get("sig")
+    if cert is None and sig is None:
+        return []
+    if not isinstance(cert, str) or not isinstance(sig, str) or len(cert) > MAX_CERT_BYTES or len(sig) > MAX_SIG_CHARS:
+        raise ProtocolError("key advertisement carries a malformed certificate or signature")
+    return [cert, sig]
+
+
+__all__ = ["Attestation", "KeySigner", "PeerVerifier", "transcript", "he_transcript", "relayable"]

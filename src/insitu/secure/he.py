@@ -42,6 +42,7 @@ from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan
 from insitu.federation.transport import Transport
 from insitu.secure import ckks as _ckks
 from insitu.secure import paillier as _paillier
+from insitu.secure.attest import relayable
 from insitu.secure._primitives import agree, context, hkdf, open_sealed, seal, x25519_keypair
 from insitu.secure.secagg import _b64, _unb64
 
@@ -267,8 +268,7 @@ class HESite:
             if self.attestation is not None:
                 from insitu.secure.attest import he_transcript
 
-                meta["cert"] = self.attestation.signer.cert_pem.decode()
-                meta["sig"] = _b64(self.attestation.signer.sign(he_transcript(msg.job, msg.round, self.site_id, scheme, x_pk)))
+                meta.update(self.attestation.sign_fields(he_transcript(msg.job, msg.round, self.site_id, scheme, x_pk)))
             return Message(MessageKind.HE_KEYS_REPLY, msg.round, msg.job, meta)
         if st.x_sk is None:
             raise ProtocolError(f"site {self.site_id}: HE key {stage!r} without a fresh hello (replayed or out of order)")
@@ -304,10 +304,9 @@ class HESite:
             raise ProtocolError(f"site {self.site_id}: malformed dealing key entry for {peer}")
         pk = _unb64(parts[0], 32, f"key of {peer}")
         if self.attestation is not None:
-            from insitu.secure.attest import check_attestation_fields, he_transcript
+            from insitu.secure.attest import he_transcript
 
-            cert, sig = check_attestation_fields(*(parts[1:] if len(parts) == 3 else (None, None)), peer)
-            self.attestation.verifier.verify(cert, sig, peer, he_transcript(msg.job, msg.round, peer, scheme, pk))
+            self.attestation.check_relayed(parts[1:], peer, he_transcript(msg.job, msg.round, peer, scheme, pk))
         return pk
 
     def _secret(self, msg: Message) -> Any:
@@ -433,7 +432,7 @@ class HEProtocol:
         )
         return AggregateResult(plain[:-1].copy(), float(plain[-1]), participants, dropped, metrics, up, down)
 
-    def _keys(self, plan: RoundPlan, phase: Callable, abort: Callable, need: int) -> _JobKeys:
+    def _keys(self, plan: RoundPlan, phase: PhaseRunner, abort: Callable, need: int) -> _JobKeys:
         known = self._jobs.get(plan.job)
         if known is not None and set(plan.sites) <= known.asked:
             return known
@@ -446,18 +445,17 @@ class HEProtocol:
                 pks[sid] = _unb64(rep.meta.get("x_pk"), 32, "x_pk")
             except ProtocolError as exc:
                 raise abort(sid, str(exc)) from None
-            cert, sig = rep.meta.get("cert"), rep.meta.get("sig")
-            if cert is not None or sig is not None:
-                if not isinstance(cert, str) or not isinstance(sig, str) or len(cert) > 8192 or len(sig) > 128:
-                    raise abort(sid, "key hello carries a malformed certificate or signature")
-                signed[sid] = [cert, sig]
+            try:
+                signed[sid] = relayable(rep.meta)
+            except ProtocolError as exc:
+                raise abort(sid, str(exc)) from None
         if len(pks) < need:
             raise RoundAborted(f"round {plan.round}: only {len(pks)} sites joined homomorphic key setup, need {need}; the global model is unchanged")
         dealer = sorted(pks)[0]
-        peers: dict[str, Any] = {s: [_b64(pk), *signed[s]] if s in signed else _b64(pk) for s, pk in sorted(pks.items()) if s != dealer}
+        peers: dict[str, Any] = {s: [_b64(pk), *signed[s]] if signed[s] else _b64(pk) for s, pk in sorted(pks.items()) if s != dealer}
         deal = phase({dealer: Message(MessageKind.HE_KEYS, plan.round, plan.job, {"stage": "deal", "scheme": scheme, "peers": peers})}, MessageKind.HE_KEYS_REPLY, "key deal")
         if dealer not in deal:
-            why = getattr(phase, "dropped", {}).get(dealer)
+            why = phase.dropped.get(dealer)
             raise RoundAborted(f"round {plan.round}: key dealer {dealer} dropped out{f' ({why})' if why else ''}; the global model is unchanged")
         rep = deal[dealer]
         if set(rep.tensors) != {"public"} | {f"to:{p}" for p in peers} or rep.tensors["public"].dtype != np.uint8:
@@ -473,7 +471,7 @@ class HEProtocol:
         inst = phase(
             {
                 p: Message(MessageKind.HE_KEYS, plan.round, plan.job, {"stage": "install", "scheme": scheme, "dealer": dealer, "dealer_pk": _b64(pks[dealer]),
-                                                               **({"dealer_cert": signed[dealer][0], "dealer_sig": signed[dealer][1]} if dealer in signed else {})}, {"sealed": rep.tensors[f"to:{p}"], "public": rep.tensors["public"]})
+                                                               **(dict(zip(("dealer_cert", "dealer_sig"), signed[dealer])))}, {"sealed": rep.tensors[f"to:{p}"], "public": rep.tensors["public"]})
                 for p in peers
             },
             MessageKind.HE_KEYS_REPLY,

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import base64
 import enum
+import hashlib
+import json
 import math
 import os
 import time
@@ -47,6 +49,7 @@ from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan
 from insitu.federation.transport import Transport
 from insitu.secure import shamir
+from insitu.secure.attest import relayable
 from insitu.secure._primitives import MaskExpander, agree, commitment, context, hkdf, open_sealed, private_key, seal, x25519_keypair, x25519_public
 from insitu.secure.fixedpoint import FixedPoint
 from insitu.secure.graph import neighbours, required_degree
@@ -224,9 +227,6 @@ class _Setup:
 
     def digest(self) -> bytes:
         """SHA-256 of the setup as announced (what a signed key advertisement binds to)."""
-        import hashlib
-        import json
-
         return hashlib.sha256(json.dumps(self.to_meta(), sort_keys=True).encode()).digest()
 
     def graph(self) -> dict[str, frozenset[str]]:
@@ -317,9 +317,7 @@ class SecAggSite:
         if self.attestation is not None:
             from insitu.secure.attest import transcript
 
-            signer = self.attestation.signer
-            meta["cert"] = signer.cert_pem.decode()
-            meta["sig"] = _b64(signer.sign(transcript(msg.job, msg.round, self.site_id, setup.digest(), c_pk, s_pk)))
+            meta.update(self.attestation.sign_fields(transcript(msg.job, msg.round, self.site_id, setup.digest(), c_pk, s_pk)))
         return Message(MessageKind.SECAGG_ADVERTISE_REPLY, msg.round, msg.job, meta)
 
     def _share(self, msg: Message) -> Message:
@@ -332,10 +330,9 @@ class SecAggSite:
                 raise ProtocolError(f"site {self.site_id}: bad key entry for {sid!r}")
             keys[sid] = (_unb64(pair[0], KEY_BYTES, f"c key of {sid}"), _unb64(pair[1], KEY_BYTES, f"s key of {sid}"))
             if self.attestation is not None and sid != self.site_id:
-                from insitu.secure.attest import check_attestation_fields, transcript
+                from insitu.secure.attest import transcript
 
-                cert, sig = check_attestation_fields(*(pair[2:] if len(pair) == 4 else (None, None)), sid)
-                self.attestation.verifier.verify(cert, sig, sid, transcript(msg.job, msg.round, sid, digest, *keys[sid]))
+                self.attestation.check_relayed(pair[2:], sid, transcript(msg.job, msg.round, sid, digest, *keys[sid]))
         if keys.get(self.site_id) != (st.c_pk, st.s_pk):
             raise ProtocolError(f"site {self.site_id}: the coordinator relayed wrong public keys for this site")
         if len(keys) < self.config.min_group:
@@ -483,16 +480,15 @@ class SecAggProtocol:
                 keys[sid] = (_unb64(rep.meta.get("c_pk"), KEY_BYTES, "c_pk"), _unb64(rep.meta.get("s_pk"), KEY_BYTES, "s_pk"))
             except ProtocolError as exc:
                 raise _abort(plan, sid, f"bad public key: {exc}") from None
-            cert, sig = rep.meta.get("cert"), rep.meta.get("sig")
-            if cert is not None or sig is not None:
-                if not isinstance(cert, str) or not isinstance(sig, str) or len(cert) > 8192 or len(sig) > 128:
-                    raise _abort(plan, sid, "key advertisement carries a malformed certificate or signature")
-                signed[sid] = [cert, sig]
+            try:
+                signed[sid] = relayable(rep.meta)
+            except ProtocolError as exc:
+                raise _abort(plan, sid, str(exc)) from None
         enough(keys, "key advertisement")
         u1 = frozenset(keys)
 
         # 2. share keys
-        key_meta = {"keys": {s: [_b64(c), _b64(p), *signed.get(s, [])] for s, (c, p) in sorted(keys.items())}}
+        key_meta = {"keys": {s: [_b64(c), _b64(p), *signed[s]] for s, (c, p) in sorted(keys.items())}}
         shr = phase({s: Message(MessageKind.SECAGG_SHARE, plan.round, plan.job, key_meta) for s in sorted(u1)}, MessageKind.SECAGG_SHARE_REPLY, "share")
         sealed: dict[str, dict[str, str]] = {}  # sender → recipient → blob
         commits: dict[str, str] = {}
