@@ -3,7 +3,7 @@
     .venv/bin/python bench/compress.py --data ../shared/data/pneumoniamnist.npz          # 30 rounds
     .venv/bin/python bench/compress.py --data ../shared/data/pneumoniamnist.npz --quick  # 10 rounds, 4 settings
 
-Every setting runs the real round engine (``insitu.federation.simulation.simulate``) on
+Every setting runs the real round engine (``insitu.apps.simulate.simulate``) on
 PneumoniaMNIST, 4 hospitals, Dirichlet(0.5) label skew, the small CNN, FedAvg, the same seed;
 only ``compress`` changes.  Bytes are what the in-process transport encoded for each
 TRAIN_REPLY (site → coordinator), i.e. what a deployment would send.  The target of issue 9:
@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from insitu.federation.simulation import simulate
+from insitu.apps.simulate import simulate
 
 SETTINGS = ["none", "int8", "topk:0.1", "topk:0.1+int8", "topk:0.01", "topk:0.01+int8", "shared:0.1+int8", "shared:0.01+int8"]
 QUICK = ["none", "int8", "topk:0.1+int8", "topk:0.01+int8"]

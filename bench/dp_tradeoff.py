@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from insitu.federation.simulation import simulate
+from insitu.apps.simulate import simulate
 
 PNEUMONIA = Path(__file__).resolve().parents[2] / "shared/data/pneumoniamnist.npz"
 

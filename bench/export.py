@@ -62,7 +62,7 @@ def main() -> int:
         if not args.data.exists():
             print(f"no data at {args.data}; pass --data PATH to pneumoniamnist.npz or --run RUN_DIR", file=sys.stderr)
             return 2
-        from insitu.federation.simulation import simulate
+        from insitu.apps.simulate import simulate
 
         run = tmp / "run"
         rounds = args.rounds or (10 if args.quick else 30)

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from insitu.federation.simulation import simulate
+from insitu.apps.simulate import simulate
 
 FLAMBY = {
     "pooled": 0.735, "local (best site)": 0.722, "fedavg": 0.685, "fedprox": 0.685, "scaffold": 0.684,

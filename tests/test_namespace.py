@@ -7,6 +7,6 @@ def test_all_names_resolve():
 
 
 def test_simulate_is_the_library_function():
-    from insitu.federation.simulation import simulate
+    from insitu.apps.simulate import simulate
 
     assert insitu.simulate is simulate

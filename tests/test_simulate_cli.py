@@ -25,8 +25,8 @@ def test_help_lists_simulate(capsys):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-        (["--strategy", "fedmagic"], "unknown strategy 'fedmagic'"),
+        (["--dataset", "mnist"], "--dataset: unknown value 'mnist'"),
+        (["--strategy", "fedmagic"], "--strategy: unknown value 'fedmagic'"),
         (["--partition", "zipf"], "unknown partition 'zipf'"),
         (["--sites", "500", "--partition", "iid"], "--sites 500 is more than"),
         (["--dataset", "pneumoniamnist"], "needs --data PATH"),
@@ -85,23 +85,37 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_same_seed_same_result():
-    from insitu.federation.simulation import simulate
+def test_seed_fixes_splits_and_init_while_site_randomness_stays_secret(tmp_path):
+    """--seed fixes what is public (splits, initial model); each site's sampling comes from its own
+    OS-random secret, so two runs differ, unless the same secrets are handed in (tests) or the run
+    asks for replayable randomness by name (and is marked not private)."""
+    from insitu.apps.simulate import simulate
 
-    a = simulate(rounds=3, seed=7, baselines=False, write=False)
-    b = simulate(rounds=3, seed=7, baselines=False, write=False)
-    assert a["final"]["site_accuracy"] == b["final"]["site_accuracy"]
+    secrets = {s: bytes([i + 1]) * 32 for i, s in enumerate(("cleveland", "hungary", "switzerland", "va-long-beach"))}
+    import numpy as np
+
+    a = simulate(rounds=3, seed=7, baselines=False, out=str(tmp_path / "a"))
+    b = simulate(rounds=3, seed=7, baselines=False, out=str(tmp_path / "b"))
+    assert a["sites"] == b["sites"] and a["plan_hash"] == b["plan_hash"]
+    assert not np.array_equal(np.load(tmp_path / "a" / "model.npz")["params"], np.load(tmp_path / "b" / "model.npz")["params"])
+    assert a["private_randomness"] and b["private_randomness"]
+    c = simulate(rounds=3, seed=7, baselines=False, write=False, site_secrets=secrets)
+    d = simulate(rounds=3, seed=7, baselines=False, write=False, site_secrets=secrets)
+    assert c["final"]["site_accuracy"] == d["final"]["site_accuracy"] and not c["private_randomness"]
+    e = simulate(rounds=3, seed=7, baselines=False, write=False, insecure_replayable_randomness=True)
+    f = simulate(rounds=3, seed=7, baselines=False, write=False, insecure_replayable_randomness=True)
+    assert e["final"]["site_accuracy"] == f["final"]["site_accuracy"] and not e["private_randomness"]
 
 
 def test_dropout_option_reports_dropped_sites():
-    from insitu.federation.simulation import simulate
+    from insitu.apps.simulate import simulate
 
     s = simulate(rounds=6, dropout=0.4, seed=1, baselines=False, write=False)
     assert s["final"]["rounds_completed"] + s["final"]["rounds_aborted"] == 6
 
 
 def test_best_val_selection_picks_a_round_by_validation(pneumonia_npz):
-    from insitu.federation.simulation import simulate
+    from insitu.apps.simulate import simulate
 
     s = simulate(dataset="pneumoniamnist", data=str(pneumonia_npz), rounds=3, local_steps=2, select="best-val", baselines=False, write=False)
     assert 1 <= s["final"]["selected_round"] <= 3

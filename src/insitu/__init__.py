@@ -14,7 +14,7 @@ __all__ = ["simulate", "SimulationConfig", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in ("simulate", "SimulationConfig"):
-        from insitu.federation import simulation
+        from insitu.apps import simulate as simulation
 
         return getattr(simulation, name)
     raise AttributeError(f"module 'insitu' has no attribute {name!r}")

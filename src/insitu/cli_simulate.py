@@ -1,4 +1,4 @@
-"""``insitu simulate``: argument parsing over :func:`insitu.federation.simulation.simulate`."""
+"""``insitu simulate``: argument parsing over :func:`insitu.apps.simulate.simulate`."""
 from __future__ import annotations
 
 from typing import Optional
@@ -29,7 +29,7 @@ def simulate_command(
     select: Optional[str] = typer.Option(None, help="Final model: last (default: the last round's) or best-val (best accuracy on the sites' validation splits; MedMNIST files carry them)."),
     lr_schedule: Optional[str] = typer.Option(None, help="Site learning rate over rounds: constant (default) or cosine (decays to 10%)."),
     normalize: str = typer.Option("site", help="heart: z-score each site with its own statistics (site, FLamby's recipe) or with consortium moments built from per-site sums (federated)."),
-    seed: int = typer.Option(0, help="Seed for model init, splits and sampling; runs are reproducible."),
+    seed: int = typer.Option(0, help="Seed for the splits and the initial model (public). Each site's sampling and DP noise come from its own secret (OS randomness), so two runs differ in those; see --insecure-replayable-randomness."),
     compress: str = typer.Option("none", help="Shrink each site's update on the wire: int8 (stochastic rounding, ~4x), topk:0.01 (largest 1 %, error feedback), shared:0.01 (1 % at seed-chosen coordinates every site shares; composes with secure aggregation), or topk:0.01+int8."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Mask each site's update so the coordinator learns only the sum, even when sites drop out (Bonawitz et al. / SecAgg+)."),
     secagg_recovery: str = typer.Option("server", help="With --secure-aggregation: server (Bonawitz: the coordinator regenerates masks, no extra upload) or survivors (each survivor uploads one correction vector; the coordinator expands no mask: fastest for large groups)."),
@@ -45,6 +45,7 @@ def simulate_command(
     accountant: str = typer.Option("pld", help="pld (tight, default) or rdp."),
     privacy_ledger: Optional[str] = typer.Option(None, help="SQLite privacy ledger kept across runs (budgets carry over); default: privacy_ledger.sqlite in the run directory."),
     baselines: bool = typer.Option(True, help="Also train local-only and pooled baselines for comparison."),
+    insecure_replayable_randomness: bool = typer.Option(False, "--insecure-replayable-randomness", help="Debugging only: derive every site's sampling, DP noise and rounding from --seed so a run can be replayed. Anyone who knows the seed can then subtract the noise: the run is marked NOT private."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory to create (default runs/<time>-<dataset>-<strategy>)."),
 ) -> None:
     """Federate a task across simulated hospitals in one process and compare with local-only and pooled training.
@@ -53,7 +54,7 @@ def simulate_command(
     Switzerland, VA Long Beach), logistic regression, FedAvg. Writes summary.json, rounds.jsonl,
     accuracy.png and the final model to the run directory.
     """
-    from insitu.federation.simulation import SimulationConfig, simulate  # torch loads here, not for `insitu --help`
+    from insitu.apps.simulate import SimulationConfig, simulate  # torch loads here, not for `insitu --help`
     from insitu.report.tables import summary_table
 
     cfg = SimulationConfig(
@@ -62,6 +63,7 @@ def simulate_command(
         min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, compress=compress, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
         dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement,
         adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,
+        insecure_replayable_randomness=insecure_replayable_randomness,
     )
     summary = simulate(cfg, progress=True)
     out.print(summary_table(summary))

@@ -70,3 +70,15 @@ __all__ = [
     "SecurityError",
     "AuthError",
 ]
+
+
+def parse_choice(cls, value, what: str, error: type[InsituError] = ConfigError):
+    """``cls(value)`` for an enum ``cls``, or ``error`` naming ``what``, the value and the choices.
+
+    The one place where a name given by a user or a peer becomes a member of a closed set."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        raise error(f"{what}: unknown value {value!r}; choose one of {[m.value for m in cls]}") from None

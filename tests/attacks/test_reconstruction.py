@@ -7,22 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from insitu.federation.dp import dpsgd_trainer
-from insitu.federation.pipeline import SitePipeline
-from insitu.federation.protocol import PlainSiteProtection
-from insitu.federation.site import Site
-from insitu.learn.dpsgd import DPSGDConfig
-from insitu.secure import SecAggConfig, SecAggProtocol
 from insitu.attacks.probe import attack_images, attack_tabular, single_record_round
 from insitu.attacks.reconstruction import MatchConfig, analytic_linear, gradient_matching, infer_labels, score_images
 from insitu.errors import ConfigError
-from insitu.federation.protocol import PlainProtocol
 from insitu.federation.task import TaskSpec
+from insitu.plan import DPSpec, Plan, ProtectionSpec
 from insitu.learn.models import build_model, get_flat
 from insitu.learn.train import TrainConfig, train_local
 
 HEART_TASK = TaskSpec(model="logreg", input_shape=(13,), num_outputs=1, schema=tuple(f"f{i}" for i in range(13)), lr=0.05, local_steps=1, batch_size=1)
 CNN_TASK = TaskSpec(model="cnn", input_shape=(1, 28, 28), num_outputs=1, schema=("image",), lr=0.05, local_steps=1, batch_size=1)
+PLAIN, SECAGG = ProtectionSpec("plain"), ProtectionSpec("secagg")
+
+
+def plan(task, protection=PLAIN, dp=None):
+    return Plan(task, protection=protection, dp=dp or DPSpec())
 
 
 def _trained_logreg(X, y):
@@ -31,25 +30,11 @@ def _trained_logreg(X, y):
     return get_flat(m)
 
 
-def secagg() -> SecAggProtocol:
-    return SecAggProtocol(SecAggConfig())
-
-
-def dp_sgd_sites(noise_multiplier: float, clip: float = 1.0):
-    """Probe sites that train with the project's DP-SGD; the record is always sampled (worst case)."""
-    def make(sid, data, task):
-        site = Site(sid, data, task, pipeline=SitePipeline(protection=PlainSiteProtection()))
-        site.trainer = dpsgd_trainer(DPSGDConfig(noise_multiplier, clip, 1.0), noise_seed=int(sid.split("-")[-1]))
-        return site
-
-    return make
-
-
 def test_single_record_heart_update_is_reconstructed_exactly(heart_pool):
     X, y = heart_pool
     params = _trained_logreg(X, y)
     idx = torch.tensor([3, 141, 402, 688])
-    obs = single_record_round(HEART_TASK, X[idx], y[idx], params, PlainProtocol())
+    obs = single_record_round(plan(HEART_TASK), X[idx], y[idx], params)
     res = attack_tabular(obs, HEART_TASK, X[idx].numpy(), np.zeros(13), tol=1e-4)
     assert res.success == (True, True, True, True)
     assert max(res.quality) < 1e-5
@@ -58,7 +43,7 @@ def test_single_record_heart_update_is_reconstructed_exactly(heart_pool):
 def test_several_local_steps_on_one_record_are_still_exact(heart_pool):
     X, y = heart_pool
     task = replace(HEART_TASK, local_steps=7)
-    obs = single_record_round(task, X[:1], y[:1], _trained_logreg(X, y), PlainProtocol())
+    obs = single_record_round(plan(task), X[:1], y[:1], _trained_logreg(X, y))
     est = analytic_linear(obs.candidate_views()["probe-1:update"], build_model("logreg", (13,), 1)).estimate
     np.testing.assert_allclose(est, X[0].numpy(), atol=1e-4)
 
@@ -73,7 +58,7 @@ def test_secure_aggregation_of_four_sites_leaves_no_better_than_a_guess(heart_po
     exact, dist, guess = [], [], []
     for _ in range(20):
         idx = torch.from_numpy(rng.choice(X.shape[0], 4, replace=False))
-        obs = single_record_round(HEART_TASK, X[idx], y[idx], params, secagg())
+        obs = single_record_round(plan(HEART_TASK, SECAGG), X[idx], y[idx], params)
         assert set(obs.candidate_views()) == {f"probe-{i}:masked" for i in range(1, 5)} | {"aggregate"}
         res = attack_tabular(obs, HEART_TASK, X[idx].numpy(), np.zeros(13))
         exact.extend(res.success)
@@ -91,12 +76,12 @@ def test_record_level_dp_sgd_update_is_not_reconstructed(heart_pool):
     params = _trained_logreg(X, y)
     rng = np.random.default_rng(1)
     idx = torch.from_numpy(rng.choice(X.shape[0], 16, replace=False))
-    obs = single_record_round(HEART_TASK, X[idx], y[idx], params, PlainProtocol(), dp_sgd_sites(8.7))
+    obs = single_record_round(plan(HEART_TASK, dp=DPSpec("record", noise_multiplier=8.7, clip=1.0)), X[idx], y[idx], params)
     res = attack_tabular(obs, HEART_TASK, X[idx].numpy(), np.zeros(13))
     assert not any(res.success)
     assert np.mean(res.quality) > 0.95 * np.mean(res.guess_quality)
     # the same probe without DP recovers every record: the defence, not the probe, stops it
-    plain = attack_tabular(single_record_round(HEART_TASK, X[idx], y[idx], params, PlainProtocol()), HEART_TASK, X[idx].numpy(), np.zeros(13))
+    plain = attack_tabular(single_record_round(plan(HEART_TASK), X[idx], y[idx], params), HEART_TASK, X[idx].numpy(), np.zeros(13))
     assert all(plain.success)
 
 
@@ -123,12 +108,12 @@ def test_gradient_matching_recovers_an_xray_from_one_update_and_not_under_secagg
     params = get_flat(build_model("cnn", (1, 28, 28), 1, seed=0))
     guess = X[100:].mean(0).numpy()
     idx = torch.tensor([0, 7, 21, 40])
-    obs = single_record_round(CNN_TASK, X[idx], y[idx], params, PlainProtocol())
+    obs = single_record_round(plan(CNN_TASK), X[idx], y[idx], params)
     one = replace(obs, train_replies={"probe-1": obs.train_replies["probe-1"]})
     res = attack_images(one, CNN_TASK, X[idx[:1]].numpy(), guess, FAST)
     assert res.success == (True,)
     assert res.quality[0] > 0.8 and res.psnr[0] > 20
-    summed = attack_images(single_record_round(CNN_TASK, X[idx], y[idx], params, secagg()), CNN_TASK, X[idx].numpy(), guess, FAST)
+    summed = attack_images(single_record_round(plan(CNN_TASK, SECAGG), X[idx], y[idx], params), CNN_TASK, X[idx].numpy(), guess, FAST)
     assert summed.views == 1  # masked integers cannot be a gradient: only the sum is attacked
     assert not any(summed.success)
     assert np.mean(summed.quality) <= np.mean(summed.guess_quality) + 0.05

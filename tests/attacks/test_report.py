@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from insitu.cli import app
 from insitu.errors import ConfigError, DataError
-from insitu.federation.simulation import simulate
+from insitu.apps.simulate import simulate
 from insitu.report.privacy import CompareConfig, PrivacyReport, attack_run, compare, compare_configs, heart_reidentification, load_report, markdown_table, mean_row, merge_reports
 
 TINY = dict(dataset="heart", rounds=2, local_steps=5, baselines=False)

@@ -4,16 +4,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from insitu.compress import CompressionSpec, UpdateCompressor
+from insitu.builder import build_federation
+from insitu.compress import CompressionSpec
 from insitu.data.dataset import SiteData
 from insitu.federation.coordinator import Coordinator
-from insitu.federation.pipeline import SitePipeline
-from insitu.federation.protocol import PlainProtocol
 from insitu.federation.site import Site
-from insitu.federation.strategies import Strategy
 from insitu.federation.task import TaskSpec
-from insitu.federation.transport import InProcessTransport
-from insitu.learn.models import build_model, get_flat
+from insitu.plan import Plan
 
 DIM = 400
 
@@ -32,11 +29,6 @@ def synthetic_sites(n_sites: int = 3, n: int = 120, seed: int = 0) -> list[SiteD
 
 def federation(spec: CompressionSpec, *, n_sites: int = 3, model: str = "mlp", seed: int = 0) -> tuple[Coordinator, dict[str, Site]]:
     task = TaskSpec(model=model, input_shape=(DIM,), num_outputs=1, schema=tuple(f"f{i}" for i in range(DIM)), lr=0.05, local_steps=5, batch_size=16)
-    protocol = PlainProtocol(spec)
-    sites = {}
-    for i, sd in enumerate(synthetic_sites(n_sites, seed=seed)):
-        stage = None if spec.is_identity else UpdateCompressor(spec, seed=i + 1)
-        sites[sd.name] = Site(sd.name, sd, task, pipeline=SitePipeline(compress=stage, protection=protocol.site_protection(sd.name)), seed=i + 1)
-    init = get_flat(build_model(model, (DIM,), 1, seed=seed))
-    coord = Coordinator(job="job-test", task=task, params=init, strategy=Strategy(), transport=InProcessTransport(sites), protocol=protocol)
-    return coord, sites
+    plan = Plan(task, compression=str(spec))
+    secrets = {f"site-{i}": bytes([i + 1]) * 32 for i in range(n_sites)}
+    return build_federation(plan, synthetic_sites(n_sites, seed=seed), seed=seed, job="job-test", secrets=secrets)

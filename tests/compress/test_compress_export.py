@@ -112,7 +112,7 @@ def test_export_run_reads_a_run_dir(trained, tmp_path):
 def test_simulate_then_export_heart(tmp_path):
     """End to end: a real (short) heart simulation, then `insitu export` on its run dir."""
     from insitu.cli import main
-    from insitu.federation.simulation import simulate
+    from insitu.apps.simulate import simulate
 
     run = tmp_path / "run"
     simulate(dataset="heart", rounds=2, baselines=False, out=str(run))

@@ -5,42 +5,34 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from insitu.compress import CompressionSpec, UpdateCompressor
+from insitu.builder import build_federation
+from insitu.compress import CompressionSpec
 from insitu.compress.secure import SharedSubsetProtocol, compose_with_secure
 from insitu.errors import ConfigError
-from insitu.federation.coordinator import Coordinator
-from insitu.federation.pipeline import SitePipeline
-from insitu.federation.protocol import PlainProtocol
-from insitu.federation.site import Site
-from insitu.federation.strategies import Strategy
 from insitu.federation.task import TaskSpec
-from insitu.federation.transport import InProcessTransport
-from insitu.learn.models import build_model, get_flat
+from insitu.plan import Plan, ProtectionSpec
 
 from .helpers import DIM, synthetic_sites
 
 secure = pytest.importorskip("insitu.secure")
+SECRETS = {f"site-{i}": bytes([i + 1]) * 32 for i in range(3)}
 
 
-def _fed(protocol, spec: CompressionSpec | None):
+def _fed(protection: str, compression: str = "none"):
     task = TaskSpec(model="mlp", input_shape=(DIM,), num_outputs=1, schema=tuple(f"f{i}" for i in range(DIM)), lr=0.05, local_steps=3, batch_size=16)
-    sites = {}
-    for i, sd in enumerate(synthetic_sites(3)):
-        stage = None if spec is None else UpdateCompressor(spec, seed=i + 1)
-        sites[sd.name] = Site(sd.name, sd, task, pipeline=SitePipeline(compress=stage, protection=protocol.site_protection(sd.name)), seed=i + 1)
-    init = get_flat(build_model("mlp", (DIM,), 1, seed=0))
-    return Coordinator(job="job-secure", task=task, params=init, strategy=Strategy(), transport=InProcessTransport(sites), protocol=protocol, min_sites=3)
+    plan = Plan(task, protection=ProtectionSpec(protection), compression=compression, min_sites=3)
+    return build_federation(plan, synthetic_sites(3), secrets=SECRETS)[0]
 
 
 def test_shared_subset_secagg_matches_plain_and_shrinks_bytes():
     spec = CompressionSpec.parse("shared:0.05")
-    dense = _fed(secure.secure_protocol(True), None)
-    masked = _fed(compose_with_secure(secure.secure_protocol(True), spec), spec)
-    plain = _fed(PlainProtocol(spec), spec)
+    dense = _fed("secagg")
+    masked = _fed("secagg", "shared:0.05")
+    plain = _fed("plain", "shared:0.05")
     r_dense, r_masked, r_plain = dense.run_round(1), masked.run_round(1), plain.run_round(1)
-    # same sites, seeds and compressor: secure aggregation over the subset gives the plain result
+    # same sites, secrets and compressor: secure aggregation over the subset gives the plain result
     np.testing.assert_allclose(masked.params, plain.params, atol=1e-5)
-    support = np.flatnonzero(masked.params != _fed(PlainProtocol(), None).params)
+    support = np.flatnonzero(masked.params != _fed("plain").params)
     assert len(support) <= spec.k(masked.params.shape[0])
     up_dense, up_masked = sum(r_dense.bytes_up.values()), sum(r_masked.bytes_up.values())
     assert up_masked * 5 < up_dense, (up_masked, up_dense)
@@ -48,9 +40,9 @@ def test_shared_subset_secagg_matches_plain_and_shrinks_bytes():
 
 def test_what_does_not_compose_is_refused():
     with pytest.raises(ConfigError, match="shared:0.01"):
-        compose_with_secure(secure.secure_protocol(True), CompressionSpec.parse("topk:0.01"))
+        compose_with_secure(secure.SecAggProtocol(), CompressionSpec.parse("topk:0.01"))
     with pytest.raises(ConfigError, match="int8"):
-        compose_with_secure(secure.secure_protocol(True), CompressionSpec.parse("int8"))
-    p = secure.secure_protocol(True)
+        compose_with_secure(secure.SecAggProtocol(), CompressionSpec.parse("int8"))
+    p = secure.SecAggProtocol()
     assert compose_with_secure(p, CompressionSpec()) is p
     assert isinstance(compose_with_secure(p, CompressionSpec.parse("shared:0.1+int8")), SharedSubsetProtocol)

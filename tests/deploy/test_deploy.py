@@ -29,18 +29,25 @@ from insitu.net.pki import CertificateAuthority, Credentials, Role
 pytestmark = pytest.mark.slow
 
 HEART = {"name": "heart-1", "dataset": "heart", "rounds": 3, "seed": 0, "min_sites": 4, "round_timeout": 60.0}
+SECAGG = {**HEART, "name": "heart-secagg", "secure_aggregation": True}
+PAILLIER = {**HEART, "name": "heart-paillier", "homomorphic": "paillier"}
 # rounds long enough (~0.5 s on an idle 2-core machine, longer under load) that a kill lands mid-round
-SLOW = {"dataset": "heart", "seed": 1, "round_timeout": 120.0, "task": {"local_steps": 3000, "lr": 0.001}}
+SLOW = {"dataset": "heart", "seed": 1, "round_timeout": 120.0, "local_steps": 3000, "lr": 0.001}
+RESUME = {**SLOW, "name": "resume", "rounds": 3, "min_sites": 4}
+KILL_SITE = {**SLOW, "name": "kill-site", "rounds": 3, "min_sites": 3, "wait_for_sites": 2.0, "sites": list(sandbox.SITES)}
+#: the sites' secrets, written into their site.toml (insecure_fixed_secret) and handed to the simulations
+#: the deployment is compared with exactly; a real site draws its secret from the OS
+SECRETS = {s: bytes([i + 1]) * 32 for i, s in enumerate(sandbox.SITES)}
 
 
 def task_hash(job: dict) -> str:
-    return JobSpec.from_dict(job).task.content_hash()
+    return JobSpec.from_dict(job).plan.content_hash()
 
 
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory):
     root = tmp_path_factory.mktemp("consortium")
-    sb = sandbox.create(root, approved=[task_hash(HEART), task_hash({"name": "x", **SLOW})])
+    sb = sandbox.create(root, approved=[task_hash(j) for j in (HEART, SECAGG, PAILLIER, RESUME, KILL_SITE)], fixed_secrets=SECRETS)
     try:
         sb.start_all()
         assert sb.wait_sites(4, timeout=90) == sorted(sb.sites)
@@ -82,44 +89,44 @@ def wait_round_started(dep, job: str, round_: int, timeout: float = 90.0) -> Non
 
 
 def test_heart_job_matches_simulation(dep):
-    from insitu.federation.simulation import simulate
+    from insitu.apps.simulate import simulate
 
     dep.operator("submit", {"job": HEART})
     st = dep.wait_job("heart-1", timeout=90)
     assert st["status"] == "done", st
     assert [r["status"] for r in st["rounds"]] == ["applied"] * 3, st["rounds"]
     assert all(sorted(r["participants"]) == sorted(dep.sites) for r in st["rounds"])
-    sim = simulate(dataset="heart", rounds=3, seed=0, write=False, baselines=False)
+    sim = simulate(dataset="heart", rounds=3, seed=0, write=False, baselines=False, site_secrets=SECRETS)
     assert st["final"]["site_accuracy"] == pytest.approx(sim["final"]["site_accuracy"], abs=1e-12)
     assert st["final"]["mean_site_accuracy"] == pytest.approx(sim["final"]["mean_site_accuracy"], abs=1e-12)
     assert st["final"]["mean_site_accuracy"] > 0.6
 
 
 def test_secure_aggregation_job_matches_simulation(dep):
-    from insitu.federation.simulation import simulate
+    from insitu.apps.simulate import simulate
 
-    dep.operator("submit", {"job": {**HEART, "name": "heart-secagg", "protocol": "secagg"}})
+    dep.operator("submit", {"job": SECAGG})
     st = dep.wait_job("heart-secagg", timeout=90)
     assert st["status"] == "done", st
-    sim = simulate(dataset="heart", rounds=3, seed=0, write=False, baselines=False, secure_aggregation=True)
+    sim = simulate(dataset="heart", rounds=3, seed=0, write=False, baselines=False, secure_aggregation=True, site_secrets=SECRETS)
     assert st["final"]["site_accuracy"] == pytest.approx(sim["final"]["site_accuracy"], abs=1e-12)
 
 
 def test_paillier_job_with_signed_key_dealing_matches_simulation(dep):
     """Sites sign the X25519 keys the shared Paillier key is dealt under; the job equals simulation."""
-    from insitu.federation.simulation import simulate
+    from insitu.apps.simulate import simulate
 
-    dep.operator("submit", {"job": {**HEART, "name": "heart-paillier", "protocol": "paillier"}})
+    dep.operator("submit", {"job": PAILLIER})
     st = dep.wait_job("heart-paillier", timeout=120)
     assert st["status"] == "done", st
-    sim = simulate(dataset="heart", rounds=3, seed=0, write=False, baselines=False, homomorphic="paillier")
+    sim = simulate(dataset="heart", rounds=3, seed=0, write=False, baselines=False, homomorphic="paillier", site_secrets=SECRETS)
     assert st["final"]["site_accuracy"] == pytest.approx(sim["final"]["site_accuracy"], abs=1e-12)
     log = (dep.root / "site-cleveland.log").read_text()
     assert "signature" not in log  # no refusal: every relayed key verified
 
 
 def test_unapproved_task_refused_and_reported_then_approved_by_range(dep):
-    job = {**HEART, "name": "unapproved", "task": {"lr": 0.07}, "max_aborted": 0, "wait_for_sites": 5.0}
+    job = {**HEART, "name": "unapproved", "lr": 0.07, "max_aborted": 0, "wait_for_sites": 5.0}
     dep.operator("submit", {"job": job})
     st = dep.wait_job("unapproved", timeout=60)
     assert st["status"] == "failed"
@@ -129,7 +136,7 @@ def test_unapproved_task_refused_and_reported_then_approved_by_range(dep):
     h = task_hash(job)
     site_state = dep.root / "sites" / "cleveland" / "state"
     assert h in json.loads((site_state / "pending.json").read_text())
-    assert any(json.loads(line)["task_hash"] == h for line in (site_state / "refusals.jsonl").read_text().splitlines())
+    assert any(json.loads(line).get("plan_hash") == h for line in (site_state / "refusals.jsonl").read_text().splitlines())
     # the admins approve the base heart task with an lr range, through the CLI; no restart needed
     from insitu.site.cli import app as site_app
 
@@ -139,17 +146,17 @@ def test_unapproved_task_refused_and_reported_then_approved_by_range(dep):
         res = runner.invoke(site_app, ["approve", task_hash(HEART), "--config", str(cfg), "--range", "lr=0.01:0.08",
                                        "--task", str(_write_task(dep.root, HEART))])
         assert res.exit_code == 0, res.output
-    dep.operator("submit", {"job": {**job, "name": "in-range", "rounds": 1}})
+    dep.operator("submit", {"job": {**job, "name": "in-range"}})  # rounds are part of the plan: same as approved
     assert dep.wait_job("in-range", timeout=60)["status"] == "done"
     # a value outside the approved range is still refused
-    dep.operator("submit", {"job": {**job, "name": "out-of-range", "task": {"lr": 0.2}}})
+    dep.operator("submit", {"job": {**job, "name": "out-of-range", "lr": 0.2}})
     st = dep.wait_job("out-of-range", timeout=60)
     assert st["status"] == "failed" and all("not approved" in w for w in st["rounds"][0]["dropped"].values())
 
 
 def _write_task(root: Path, job: dict) -> Path:
     p = root / "task.json"
-    p.write_text(json.dumps(JobSpec.from_dict(job).task.to_meta()))
+    p.write_text(json.dumps(JobSpec.from_dict(job).plan.to_meta()))
     return p
 
 
@@ -212,7 +219,7 @@ def test_site_certificate_cannot_submit(dep):
 
 
 def test_coordinator_killed_and_restarted_resumes_without_reapplying(dep):
-    dep.operator("submit", {"job": {**SLOW, "name": "resume", "rounds": 3, "min_sites": 4}})
+    dep.operator("submit", {"job": RESUME})
     wait_round_started(dep, "resume", 3)
     time.sleep(0.1)  # the sites are training round 3
     dep.kill("coordinator")
@@ -232,7 +239,7 @@ def test_coordinator_killed_and_restarted_resumes_without_reapplying(dep):
 
 
 def test_site_killed_mid_round_job_goes_on(dep):
-    dep.operator("submit", {"job": {**SLOW, "name": "kill-site", "rounds": 3, "min_sites": 3, "wait_for_sites": 2.0, "sites": list(sandbox.SITES)}})
+    dep.operator("submit", {"job": KILL_SITE})
     wait_round_started(dep, "kill-site", 2)
     time.sleep(0.1)  # the sites are training round 2
     dep.kill("site-switzerland")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 SITES = ("cleveland", "hungary", "va-long-beach")
 DP_JOB = {"name": "heart-dp", "dataset": "heart", "rounds": 4, "seed": 0, "min_sites": 2, "round_timeout": 60.0,
-          "dp": {"noise_multiplier": 1.5, "clip": 1.0}}
+          "dp": "record", "noise_multiplier": 1.5, "clip": 1.0, "batch_size": 4, "local_steps": 50, "lr": 0.01}
 PLAIN_JOB = {"name": "heart-plain", "dataset": "heart", "rounds": 1, "seed": 0, "min_sites": 2, "round_timeout": 60.0,
              "max_aborted": 0, "wait_for_sites": 5.0}
 # σ = 1.5, batch 4, 50 steps a round: va-long-beach (85 records, q = 0.047) spends ε 1.14, 1.57,
@@ -28,7 +28,7 @@ BUDGETS = {"cleveland": 3.0, "hungary": 3.0, "va-long-beach": 1.7}
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp-consortium")
-    approved = [JobSpec.from_dict(j).task.content_hash() for j in (DP_JOB, PLAIN_JOB)]
+    approved = [JobSpec.from_dict(j).plan.content_hash() for j in (DP_JOB, PLAIN_JOB)]
     sb = sandbox.create(root, SITES, approved=approved)
     for s in SITES:
         sb.write_site_config(s, approved=approved, policy={"epsilon_budget": BUDGETS[s], "delta": 1e-5})

@@ -6,13 +6,11 @@ import pytest
 
 from insitu.data.heart import load_heart
 from insitu.errors import ProtocolError, RoundAborted
-from insitu.federation.coordinator import Coordinator
+from insitu.builder import build_federation
+from insitu.federation.instructions import RoundInstructions
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.site import Site
-from insitu.federation.strategies import make_strategy
 from insitu.federation.task import TaskSpec
-from insitu.federation.transport import InProcessTransport
-from insitu.learn.models import build_model, get_flat
+from insitu.plan import LRSchedule, Plan, StrategySpec
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +22,19 @@ def _task(data):
     return TaskSpec("logreg", data.input_shape, 1, data.schema, lr=0.05, local_steps=5, batch_size=4)
 
 
-def _setup(heart, fail=None, min_sites=1, site_cls=Site, strategy="fedavg"):
-    task = _task(heart)
-    sites = {s.name: site_cls(s.name, s, task, seed=i) for i, s in enumerate(heart.sites)}
-    coord = Coordinator("job", task, get_flat(build_model("logreg", (13,), 1)), make_strategy(strategy),
-                        InProcessTransport(sites, fail=fail), min_sites=min_sites)
-    return coord, sites
+def _setup(heart, fail=None, min_sites=1, wrap=None, strategy="fedavg", **plan):
+    p = Plan(_task(heart), StrategySpec(strategy), min_sites=min_sites, **plan)
+    return build_federation(p, heart.sites, fail=fail, wrap=wrap)
+
+
+class Wrapped:
+    """A site handler around a built site: ``alter(site_id, request, reply)`` may change the reply."""
+
+    def __init__(self, site, alter):
+        self.site, self.site_id, self.alter = site, site.site_id, alter
+
+    def handle(self, msg):
+        return self.alter(self.site_id, msg, self.site.handle(msg))
 
 
 def test_round_uses_all_sites_and_changes_model(heart):
@@ -60,46 +65,42 @@ def test_too_few_sites_aborts_and_keeps_model(heart):
     assert not np.array_equal(before, coord.params)
 
 
-class NaNSite(Site):
-    def handle(self, msg):
-        reply = super().handle(msg)
-        if msg.kind is MessageKind.TRAIN and self.site_id == "switzerland":
-            bad = np.full_like(reply.tensors["update"], np.nan)
-            return Message(reply.kind, reply.round, reply.job, reply.meta, {"update": bad})
-        return reply
+def nan_site(sid, msg, reply):
+    if msg.kind is MessageKind.TRAIN and sid == "switzerland":
+        bad = np.full_like(reply.tensors["update"], np.nan)
+        return Message(reply.kind, reply.round, reply.job, reply.meta, {"update": bad})
+    return reply
 
 
 def test_nan_update_is_dropped_with_reason(heart):
-    coord, _ = _setup(heart, site_cls=NaNSite)
+    coord, _ = _setup(heart, wrap=lambda s: Wrapped(s, nan_site))
     rec = coord.run_round(1)
     assert "switzerland" not in rec.participants
     assert "NaN" in rec.dropped["switzerland"]
     assert np.all(np.isfinite(coord.params))
 
 
-class ShortSite(Site):
-    def handle(self, msg):
-        reply = super().handle(msg)
-        if msg.kind is MessageKind.TRAIN and self.site_id == "cleveland":
-            return Message(reply.kind, reply.round, reply.job, reply.meta, {"update": reply.tensors["update"][:3]})
-        return reply
+def short_site(sid, msg, reply):
+    if msg.kind is MessageKind.TRAIN and sid == "cleveland":
+        return Message(reply.kind, reply.round, reply.job, reply.meta, {"update": reply.tensors["update"][:3]})
+    return reply
 
 
 def test_wrong_shape_update_is_dropped(heart):
-    coord, _ = _setup(heart, site_cls=ShortSite)
+    coord, _ = _setup(heart, wrap=lambda s: Wrapped(s, short_site))
     rec = coord.run_round(1)
     assert "3 values" in rec.dropped["cleveland"] or "shape (3,)" in rec.dropped["cleveland"]
 
 
-class CrashSite(Site):
+class CrashSite(Wrapped):
     def handle(self, msg):
         if msg.kind is MessageKind.TRAIN and self.site_id == "va-long-beach":
             raise RuntimeError("disk full")
-        return super().handle(msg)
+        return self.site.handle(msg)
 
 
 def test_crashing_site_does_not_crash_coordinator(heart):
-    coord, _ = _setup(heart, site_cls=CrashSite)
+    coord, _ = _setup(heart, wrap=lambda s: CrashSite(s, None))
     rec = coord.run_round(1)
     assert "disk full" in rec.dropped["va-long-beach"]
 
@@ -107,17 +108,27 @@ def test_crashing_site_does_not_crash_coordinator(heart):
 def test_replayed_round_refused_by_site(heart):
     coord, sites = _setup(heart)
     coord.run_round(1)
-    plan = coord.plan(1)
+    plan = coord.round_plan(1)
     with pytest.raises(ProtocolError, match="replayed"):
         sites["cleveland"].handle(plan.train_request("cleveland"))
 
 
-def test_site_refuses_a_different_task(heart):
-    _, sites = _setup(heart)
-    other = TaskSpec("logreg", (13,), 1, heart.schema, lr=0.5, local_steps=5, batch_size=4)
-    msg = Message(MessageKind.TRAIN, 1, "job", {"task": other.to_meta()}, {"params": np.zeros(14, np.float32)})
-    with pytest.raises(ProtocolError, match="is not the task this site runs"):
+def test_site_refuses_a_different_plan_and_undeclared_fields(heart):
+    coord, sites = _setup(heart)
+    other = Plan(TaskSpec("logreg", (13,), 1, heart.schema, lr=0.5, local_steps=5, batch_size=4))
+    ins = RoundInstructions().to_meta()
+    msg = Message(MessageKind.TRAIN, 1, "job", {"plan": other.to_meta(), "instructions": ins}, {"params": np.zeros(14, np.float32)})
+    with pytest.raises(ProtocolError, match="is not the plan this site runs"):
         sites["cleveland"].handle(msg)
+    req = coord.round_plan(1).train_request("cleveland")
+    for extra in ({"prox_mu": 5.0}, {"seed": 0}, {"weighting": "uniform"}):
+        with pytest.raises(ProtocolError, match=f"undeclared field.*{next(iter(extra))}"):
+            sites["cleveland"].handle(Message(req.kind, req.round, req.job, {**req.meta, **extra}, req.tensors))
+    for bad, why in (({**ins, "mu": 1.0}, "unknown key"), ({k: v for k, v in ins.items() if k != "group"}, "lacks key"),
+                     ({**ins, "group": "4"}, "group"), ({**ins, "dp_clip": float("inf")}, "dp_clip")):
+        with pytest.raises(ProtocolError, match=why):
+            sites["cleveland"].handle(Message(req.kind, req.round, req.job, {**req.meta, "instructions": bad}, req.tensors))
+    assert sites["cleveland"].last_round == -1  # nothing trained
 
 
 def test_scaffold_round_runs_and_keeps_site_controls(heart):
@@ -128,13 +139,13 @@ def test_scaffold_round_runs_and_keeps_site_controls(heart):
 
 
 def test_lr_schedule_lowers_but_never_raises_site_lr(heart):
-    coord, sites = _setup(heart)
-    coord.lr_schedule = lambda r: 0.5
-    plan = coord.plan(1)
-    assert plan.train_meta["lr_scale"] == 0.5
+    coord, sites = _setup(heart, lr_schedule=LRSchedule.COSINE, rounds=3)
+    plan = coord.round_plan(3)
+    assert plan.instructions.lr_scale == pytest.approx(0.1)
     sites["cleveland"].handle(plan.train_request("cleveland"))
-    bad = plan.train_request("hungary", {"lr_scale": 3.0})
-    with pytest.raises(ProtocolError, match="lr_scale 3.0 must be in"):
+    req = plan.train_request("hungary")
+    bad = Message(req.kind, req.round, req.job, {**req.meta, "instructions": {**req.meta["instructions"], "lr_scale": 3.0}}, req.tensors)
+    with pytest.raises(ProtocolError, match="lr_scale = 3.0 must be in"):
         sites["hungary"].handle(bad)
 
 

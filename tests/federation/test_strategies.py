@@ -51,8 +51,8 @@ def test_fedyogi_and_fedadagrad_second_moment_by_hand():
 
 def test_scaffold_updates_control_by_fraction():
     s = make_strategy("scaffold")
-    meta, tensors = s.configure(1, np.zeros(2, np.float32))
-    assert meta == {"scaffold": True} and tensors["control"].shape == (2,)
+    tensors = s.configure(1, np.zeros(2, np.float32))
+    assert set(tensors) == {"control"} and tensors["control"].shape == (2,)
     out = s.apply(np.zeros(2, np.float32), np.array([1.0, 2.0, 4.0, 8.0]), fraction=0.5)
     np.testing.assert_allclose(out, [1.0, 2.0])
     np.testing.assert_allclose(s.control, [2.0, 4.0])

@@ -40,9 +40,9 @@ def test_ca_commands_issue_sign_revoke(tmp_path):
 
 def test_job_hash_matches_the_task_sites_approve(tmp_path):
     job = tmp_path / "job.toml"
-    job.write_text('name = "h"\ndataset = "heart"\nrounds = 2\n[task]\nlr = 0.02\n')
+    job.write_text('name = "h"\ndataset = "heart"\nrounds = 2\nlr = 0.02\n')
     out = ok(job_app, "hash", job)
-    assert out.strip() == JobSpec.from_dict({"name": "h", "dataset": "heart", "rounds": 2, "task": {"lr": 0.02}}).task.content_hash()
+    assert out.strip() == JobSpec.from_dict({"name": "h", "dataset": "heart", "rounds": 2, "lr": 0.02}).plan.content_hash()
 
 
 def test_coordinator_heart_schema_matches_the_loader():

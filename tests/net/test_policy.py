@@ -7,9 +7,10 @@ import pytest
 
 from insitu.errors import ConfigError, PolicyViolation, TaskNotApproved
 from insitu.federation.task import TaskSpec
+from insitu.plan import Plan, StrategySpec
 from insitu.site.policy import Approvals, Range, SitePolicy, check_group, check_ranges
 
-TASK = TaskSpec(model="logreg", input_shape=(13,), num_outputs=1, schema=tuple(f"f{i}" for i in range(13)), lr=0.05, local_steps=50, batch_size=4)
+TASK = Plan(TaskSpec(model="logreg", input_shape=(13,), num_outputs=1, schema=tuple(f"f{i}" for i in range(13)), lr=0.05, local_steps=50, batch_size=4))
 
 
 def test_exact_hash_approval(tmp_path):
@@ -20,24 +21,33 @@ def test_exact_hash_approval(tmp_path):
     ap.approve(TASK.content_hash())
     ap.check(TASK)
     with pytest.raises(TaskNotApproved):
-        ap.check(replace(TASK, lr=0.06))  # any change is a different task
+        ap.check(TASK.with_task(lr=0.06))  # any change is a different task
 
 
 def test_range_approval_accepts_only_hyper_parameters_within_range(tmp_path):
     ap = Approvals(tmp_path)
     ap.remember_refused(TASK, "x")  # the site has seen the spec; the admin approves it with a range
     ap.approve(TASK.content_hash(), {"lr": Range.parse("lr", "0.01:0.1"), "local_steps": Range.parse("local_steps", [10, 100])})
-    ap.check(replace(TASK, lr=0.09, local_steps=20))
+    ap.check(TASK.with_task(lr=0.09, local_steps=20))
     with pytest.raises(TaskNotApproved):
-        ap.check(replace(TASK, lr=0.2))
+        ap.check(TASK.with_task(lr=0.2))
     with pytest.raises(TaskNotApproved):
-        ap.check(replace(TASK, batch_size=8))  # not opened to a range
+        ap.check(TASK.with_task(batch_size=8))  # not opened to a range
     with pytest.raises(TaskNotApproved):
-        ap.check(replace(TASK, model="mlp"))  # model is never a range
+        ap.check(TASK.with_task(model="mlp"))  # model is never a range
+    with pytest.raises(TaskNotApproved):
+        ap.check(replace(TASK, rounds=31))  # nor is anything else of the plan
     with pytest.raises(ConfigError, match="no range can be set"):
         Range.parse("model", "0:1")
     with pytest.raises(ConfigError, match="not a task content hash"):
         ap.approve("abc")
+
+
+def test_fedprox_mu_may_be_opened_to_a_range():
+    prox = replace(TASK, strategy=StrategySpec("fedprox", mu=0.01))
+    check_ranges(prox, {"mu": Range(0.0, 0.1)})
+    with pytest.raises(TaskNotApproved, match="mu = 1.0 is outside"):
+        check_ranges(replace(prox, strategy=StrategySpec("fedprox", mu=1.0)), {"mu": Range(0.0, 0.1)})
 
 
 def test_site_limits_and_secure_aggregation_group():

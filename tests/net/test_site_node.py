@@ -8,14 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from insitu.errors import BudgetExceeded, PolicyViolation, TaskNotApproved
+from insitu.errors import BudgetExceeded, PolicyViolation, ProtocolError, TaskNotApproved
+from insitu.federation.instructions import EvalInstructions, RoundInstructions
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.task import TaskSpec
+from insitu.plan import DPSpec, Plan
 from insitu.site.node import SiteNode, load_site_data
 from insitu.site.policy import DataSource, SitePolicy
 
 FEATS = ("a", "b", "c")
-TASK = TaskSpec(model="logreg", input_shape=(3,), num_outputs=1, schema=FEATS, lr=0.1, local_steps=5, batch_size=4)
+TASK = Plan(TaskSpec(model="logreg", input_shape=(3,), num_outputs=1, schema=FEATS, lr=0.1, local_steps=5, batch_size=4), rounds=5)
 
 
 def node(tmp_path, **policy):
@@ -31,50 +33,52 @@ def node(tmp_path, **policy):
     return SiteNode(pol, "hospital-a", data, stream, schema=FEATS)
 
 
-def train(task=TASK, round_=1, **meta):
+def train(plan=TASK, round_=1, group=4):
     params = np.zeros(4, np.float32)
-    return Message(MessageKind.TRAIN, round_, "job-1", {"task": task.to_meta(), "seed": 0, **meta}, {"params": params})
+    meta = {"plan": plan.to_meta(), "instructions": RoundInstructions(group=group).to_meta()}
+    return Message(MessageKind.TRAIN, round_, "job-1", meta, {"params": params})
 
 
 def test_unapproved_task_refused_before_training_and_kept_for_review(tmp_path):
     n = node(tmp_path)
     with pytest.raises(TaskNotApproved, match="not approved"):
         n.handle(train())
-    site = n._sites["job-1"]
-    assert site.last_round == -1  # nothing trained
+    assert "job-1" not in n._sites  # refused before anything was built or trained
     entry = json.loads((tmp_path / "state" / "refusals.jsonl").read_text().splitlines()[0])
-    assert entry["task_hash"] == TASK.content_hash() and entry["error"] == "TaskNotApproved"
+    assert entry["plan_hash"] == TASK.content_hash() and entry["error"] == "TaskNotApproved"
     assert TASK.content_hash() in json.loads((tmp_path / "state" / "pending.json").read_text())
     n.approvals.approve(TASK.content_hash())
     reply = n.handle(train())
     assert reply.kind is MessageKind.TRAIN_REPLY and reply.meta["weight"] == 40.0
     with pytest.raises(TaskNotApproved):  # evaluation is an approved use only, too
-        n.handle(Message(MessageKind.EVALUATE, 2, "job-2", {"task": {**TASK.to_meta(), "lr": 0.2}}, {"params": np.zeros(4, np.float32)}))
+        other = TASK.with_task(lr=0.2)
+        n.handle(Message(MessageKind.EVALUATE, 2, "job-2", {"plan": other.to_meta(), "instructions": EvalInstructions().to_meta()},
+                         {"params": np.zeros(4, np.float32)}))
 
 
 def test_schema_mismatch_and_plain_round_under_a_group_minimum_refused(tmp_path):
     n = node(tmp_path, approved=(), min_secagg_group=3)
-    other = TaskSpec(model="logreg", input_shape=(3,), num_outputs=1, schema=("x", "y", "z"), lr=0.1, local_steps=5, batch_size=4)
+    other = replace(TASK, task=replace(TASK.task, schema=("x", "y", "z")))
     n.approvals.approve(other.content_hash())
     with pytest.raises(TaskNotApproved, match="schema"):
         n.handle(train(other))
     n.approvals.approve(TASK.content_hash())
     with pytest.raises(PolicyViolation, match="secure aggregation among at least 3"):
-        n.handle(train(protocol="plain", group=4))
+        n.handle(train(group=4))
 
 
-DP_TASK = replace(TASK, extra={"dp": "record", "noise_multiplier": 2.0, "clip": 1.0})
+DP_TASK = replace(TASK, dp=DPSpec("record", noise_multiplier=2.0, clip=1.0))
 
 
 def test_site_with_a_budget_runs_only_dp_tasks_and_charges_its_own_ledger_before_training(tmp_path):
+    from insitu.builder import site_dp
     from insitu.privacy import PrivacyLedger, epsilon_of
-    from insitu.federation.dp import TaskDP
 
     n = node(tmp_path, approved=(TASK.content_hash(), DP_TASK.content_hash()), epsilon_budget=1.0)
     with pytest.raises(BudgetExceeded, match="declares no differential privacy; this site has a privacy budget of ε=1"):
         n.handle(train(TASK))
     # the site's own figure: q = batch 4 / its 40 records, 5 steps per round, σ = 2
-    per_round = TaskDP.of(DP_TASK).events(DP_TASK, 40)
+    per_round = site_dp(DP_TASK, "hospital-a", 40, object(), bytes(32)).events
     rounds_allowed = 1
     while epsilon_of(per_round * (rounds_allowed + 1), 1e-5) <= 1.0:
         rounds_allowed += 1
@@ -102,7 +106,7 @@ def test_budget_survives_a_restart_and_dp_updates_are_noised(tmp_path):
     b = again.handle(train(DP_TASK, round_=2))
     assert b.meta["metrics"]["epsilon_total"] > spent  # the new process starts from what was spent
     c = node(tmp_path / "other", approved=(DP_TASK.content_hash(),), epsilon_budget=50.0).handle(train(DP_TASK, round_=1))
-    # same data, same seed, same first round: only DP-SGD's OS-seeded noise makes the updates differ
+    # same data, same plan, same first round: the sites' own secrets (sampling and noise) make the updates differ
     assert not np.allclose(a.tensors["update"], c.tensors["update"])
 
 
@@ -110,10 +114,12 @@ def test_dp_task_refused_without_a_budget_and_malformed_dp_refused(tmp_path):
     n = node(tmp_path, approved=(DP_TASK.content_hash(),))
     with pytest.raises(PolicyViolation, match="asks for record-level DP but this site has no privacy budget"):
         n.handle(train(DP_TASK))
-    bad = replace(TASK, extra={"dp": "record", "noise_multiplier": 0.0, "clip": 1.0})
-    n2 = node(tmp_path / "b", approved=(bad.content_hash(),), epsilon_budget=1.0)
-    with pytest.raises(PolicyViolation, match="needs a positive noise_multiplier, got 0.0"):
-        n2.handle(train(bad))
+    bad = DP_TASK.to_meta()
+    bad["dp"]["noise_multiplier"] = 0.0
+    n2 = node(tmp_path / "b", epsilon_budget=1.0)
+    msg = train(DP_TASK)
+    with pytest.raises(ProtocolError, match="noise_multiplier must be a positive number, got 0.0"):
+        n2.handle(Message(msg.kind, msg.round, msg.job, {**msg.meta, "plan": bad}, msg.tensors))
 
 
 def test_pending_tells_the_admin_what_a_dp_task_would_cost_here(tmp_path):
@@ -121,7 +127,7 @@ def test_pending_tells_the_admin_what_a_dp_task_would_cost_here(tmp_path):
 
     n = node(tmp_path, approved=(), epsilon_budget=1.0)
     cell = _privacy_cell(n.policy, DP_TASK.to_meta(), [])
-    assert cell == "DP-SGD σ=2, clip 1: first round ε=0.61 (q=0.1); spent 0 of 1"
+    assert cell == "record-level DP σ=2, clip 1: first round ε=0.61 (q=0.1); spent 0 of 1"
     assert _privacy_cell(n.policy, TASK.to_meta(), []) == "no DP (refused: this site has a budget)"
     plain = node(tmp_path / "p")
     assert _privacy_cell(plain.policy, DP_TASK.to_meta(), []).endswith("refused: no epsilon_budget here")

@@ -97,6 +97,7 @@ def _site_and_guard(tmp_path, budget_eps):
     from insitu.federation.dp import BudgetGuard
     from insitu.federation.site import Site
     from insitu.federation.task import TaskSpec
+    from insitu.plan import Plan
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(40, 5, generator=g)
@@ -111,16 +112,19 @@ def _site_and_guard(tmp_path, budget_eps):
         calls.append(request.round)
         return {}
 
-    guard = BudgetGuard(ledger, "a", lambda t: (PrivacyEvent(Mechanism.GAUSSIAN, 1.0, 0.2, t.local_steps),), job="job")
-    site = Site("a", data, task, guards=[guard], trainer=trainer)
-    return site, task, ledger, calls
+    guard = BudgetGuard(ledger, "a", (PrivacyEvent(Mechanism.GAUSSIAN, 1.0, 0.2, task.local_steps),), job="job")
+    plan = Plan(task)
+    site = Site("a", data, task, plan.content_hash(), task.train_config(), guards=[guard], trainer=trainer)
+    return site, plan, ledger, calls
 
 
-def _train_msg(site, task, rnd):
+def _train_msg(site, plan, rnd):
+    from insitu.federation.instructions import RoundInstructions
     from insitu.federation.messages import Message, MessageKind
     from insitu.learn.models import get_flat
 
-    return Message(MessageKind.TRAIN, rnd, "job", {"task": task.to_meta(), "weighting": "samples"}, {"params": get_flat(site.model)})
+    return Message(MessageKind.TRAIN, rnd, "job", {"plan": plan.to_meta(), "instructions": RoundInstructions().to_meta()},
+                   {"params": get_flat(site.model)})
 
 
 def test_budget_refusal_happens_before_any_training(tmp_path):
@@ -139,7 +143,7 @@ def test_budget_refusal_happens_before_any_training(tmp_path):
 
 @pytest.mark.slow
 def test_simulation_reports_which_site_refused_and_why(tmp_path):
-    from insitu.federation.simulation import simulate
+    from insitu.apps.simulate import simulate
 
     s = simulate(dataset="heart", dp="record", noise_multiplier=2.0, rounds=2, local_steps=2, batch_size=32, lr=0.1,
                  site_budget="switzerland=0.5,default=50", baselines=False, write=True, out=str(tmp_path / "run"))
@@ -160,13 +164,16 @@ def test_simulation_reports_which_site_refused_and_why(tmp_path):
 def test_site_refuses_a_round_announcing_fewer_noise_shares_than_it_sized_for(tmp_path):
     from insitu.errors import PolicyViolation
     from insitu.federation.dp import BudgetGuard
+    from insitu.federation.instructions import RoundInstructions
     from insitu.federation.messages import Message, MessageKind
 
     with PrivacyLedger(tmp_path / "l.sqlite") as led:
         led.set_budget("a", Budget(5.0))
-        guard = BudgetGuard(led, "a", lambda t: ROUND, job="job", min_shares=3)
+        guard = BudgetGuard(led, "a", tuple(ROUND), job="job", min_shares=3)
         with pytest.raises(PolicyViolation, match="sized for at least 3"):
-            guard(None, Message(MessageKind.TRAIN, 1, "job", {"dp_min_shares": 2}), None)
+            guard(None, Message(MessageKind.TRAIN, 1, "job"), RoundInstructions(dp_min_shares=2))
+        with pytest.raises(PolicyViolation, match="announces None"):
+            guard(None, Message(MessageKind.TRAIN, 1, "job"), RoundInstructions())
         assert led.records("a") == []  # nothing charged
-        guard(None, Message(MessageKind.TRAIN, 2, "job", {"dp_min_shares": 3}), None)
+        guard(None, Message(MessageKind.TRAIN, 2, "job"), RoundInstructions(dp_min_shares=3))
         assert [r.round for r in led.records("a")] == [2]

@@ -11,6 +11,8 @@ from hypothesis import given, settings, strategies as st
 from insitu.errors import ConfigError
 from insitu.federation.dp import CentralDPProtocol, ClipStage, DistributedDPProtocol, NoiseShareStage
 from insitu.federation.messages import Message, MessageKind
+from insitu.federation.instructions import RoundInstructions
+from insitu.federation.pipeline import RoundContext
 from insitu.federation.protocol import AggregateResult, RoundPlan
 from insitu.privacy.accounting import PLD_DISCRETIZATION
 from insitu.privacy import (
@@ -66,7 +68,7 @@ class _Zeros:
 
 
 def _plan(size: int) -> RoundPlan:
-    return RoundPlan("job", 1, ("s0",), size, 10.0, 1, {}, {})
+    return RoundPlan("job", 1, ("s0",), size, 10.0, 1, {}, RoundInstructions(), {})
 
 
 def test_central_noise_std_is_z_times_clip():
@@ -78,7 +80,7 @@ def test_central_noise_std_is_z_times_clip():
 
 def test_distributed_shares_sum_to_the_accounted_noise_even_at_the_minimum():
     z, c, m = 2.0, 0.5, 3
-    req = Message(MessageKind.TRAIN, 1, "job", {})
+    req = RoundContext("job", 1, RoundInstructions())
     total = np.zeros(N)
     for i in range(m):  # exactly the minimum number of sites finish
         info = {"dp_clip": c}
@@ -103,7 +105,7 @@ def test_clip_bounds_every_site_norm(values, c):
 
 
 def test_clip_stage_bounds_norm_and_reports_indicator():
-    req = Message(MessageKind.TRAIN, 1, "job", {"dp_clip": 0.25})
+    req = RoundContext("job", 1, RoundInstructions(dp_clip=0.25))
     info: dict = {}
     out = ClipStage(1.0, adaptive=True).apply(np.full(100, 1.0), req, info)
     assert np.linalg.norm(out) <= 0.25 + 1e-12 and info["dp_clip_bit"] == -0.5 and info["dp_update_norm"] == pytest.approx(10.0)

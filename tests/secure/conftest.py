@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from insitu.federation.messages import Message, MessageKind
+from insitu.federation.instructions import RoundInstructions
 from insitu.federation.protocol import RoundPlan
 from insitu.federation.transport import InProcessTransport
 
@@ -44,7 +45,7 @@ def make_group(protocol, n: int, size: int, seed: int = 0, fail=None, tamper: di
 
 
 def plan(sites, size: int, round_: int = 1, job: str = "job") -> RoundPlan:
-    return RoundPlan(job, round_, tuple(sorted(sites)), size, 60.0, 1, {}, {})
+    return RoundPlan(job, round_, tuple(sorted(sites)), size, 60.0, 1, {}, RoundInstructions(group=len(sites)), {})
 
 
 @pytest.fixture

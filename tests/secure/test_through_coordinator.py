@@ -7,17 +7,16 @@ import numpy as np
 import pytest
 
 from insitu.data.heart import load_heart
+from insitu.apps.simulate import SimulationConfig
+from insitu.builder import build_federation, build_protocol
 from insitu.errors import ConfigError, RoundAborted
-from insitu.federation.coordinator import Coordinator
 from insitu.federation.messages import MessageKind
-from insitu.federation.pipeline import SitePipeline
 from insitu.federation.protocol import PlainProtocol
-from insitu.federation.site import Site
-from insitu.federation.strategies import make_strategy
 from insitu.federation.task import TaskSpec
-from insitu.federation.transport import InProcessTransport
-from insitu.learn.models import build_model, get_flat
-from insitu.secure import HEConfig, HEProtocol, HEScheme, SecAggConfig, SecAggProtocol, secure_protocol
+from insitu.plan import Plan, Protection, ProtectionSpec
+from insitu.secure import HEConfig, HEProtocol, HEScheme, SecAggConfig, SecAggProtocol
+
+SECRETS = {s: bytes([i + 1]) * 32 for i, s in enumerate(("cleveland", "hungary", "switzerland", "va-long-beach"))}
 
 
 @pytest.fixture(scope="module")
@@ -25,27 +24,37 @@ def heart():
     return load_heart()
 
 
-class Faulty(Site):
-    """A site whose replies of one kind pass through ``self.fault`` (None: behave)."""
+class Faulty:
+    """A built site whose replies of one kind pass through ``self.fault`` (None: behave)."""
 
     fault = None
 
+    def __init__(self, site):
+        self.site, self.site_id = site, site.site_id
+
     def handle(self, msg):
-        reply = super().handle(msg)
+        reply = self.site.handle(msg)
         return self.fault(reply) if self.fault and reply.kind is not MessageKind.ERROR else reply
 
 
 def _setup(heart, protocol, fail=None):
     task = TaskSpec("logreg", heart.input_shape, 1, heart.schema, lr=0.05, local_steps=5, batch_size=4)
-    sites = {s.name: Faulty(s.name, s, task, pipeline=SitePipeline(protection=protocol.site_protection(s.name)), seed=i) for i, s in enumerate(heart.sites)}
-    coord = Coordinator("job", task, get_flat(build_model("logreg", (13,), 1)), make_strategy("fedavg"), InProcessTransport(sites, fail=fail), protocol=protocol, min_sites=3)
-    return coord, sites
+    kind = Protection.PLAIN if isinstance(protocol, PlainProtocol) else Protection.SECAGG if isinstance(protocol, SecAggProtocol) else Protection(protocol.config.scheme.value)
+    plan = Plan(task, protection=ProtectionSpec(kind), min_sites=3)
+    faulty: dict[str, Faulty] = {}
+
+    def wrap(site):
+        faulty[site.site_id] = Faulty(site)
+        return faulty[site.site_id]
+
+    coord, _ = build_federation(plan, heart.sites, fail=fail, wrap=wrap, protocol=protocol, secrets=SECRETS)
+    return coord, faulty
 
 
 @pytest.mark.parametrize("recovery", ["server", "survivors"])
 def test_secagg_round_matches_plain_round_within_fixed_point(heart, recovery):
     plain, _ = _setup(heart, PlainProtocol())
-    secure, _ = _setup(heart, secure_protocol(True, secagg_recovery=recovery))
+    secure, _ = _setup(heart, SecAggProtocol(SecAggConfig(recovery=recovery)))
     for r in (1, 2):
         plain.run_round(r)
         secure.run_round(r)
@@ -109,15 +118,19 @@ def test_homomorphic_round_matches_plain_and_bad_ciphertext_aborts(heart, scheme
 
 
 def test_cli_option_combinations():
-    assert secure_protocol() is None
-    assert isinstance(secure_protocol(secure_aggregation=True), SecAggProtocol)
-    assert secure_protocol(homomorphic="ckks").config.scheme is HEScheme.CKKS
+    def protocol(**kw):
+        cfg = SimulationConfig(**kw).resolved()
+        return build_protocol(cfg.plan_for((13,), 1, tuple("abcdefghijklm")))
+
+    assert isinstance(protocol(), PlainProtocol)
+    assert isinstance(protocol(secure_aggregation=True), SecAggProtocol)
+    assert protocol(homomorphic="ckks").config.scheme is HEScheme.CKKS
     with pytest.raises(ConfigError, match="choose one"):
-        secure_protocol(True, "paillier")
-    with pytest.raises(ConfigError, match="unknown --homomorphic"):
-        secure_protocol(False, "rsa")
-    assert secure_protocol(True, secagg_recovery="survivors").config.recovery.value == "survivors"
-    with pytest.raises(ConfigError, match="unknown --secagg-recovery 'peers'"):
-        secure_protocol(True, secagg_recovery="peers")
-    with pytest.raises(ConfigError, match="only applies with --secure-aggregation"):
-        secure_protocol(False, secagg_recovery="survivors")
+        protocol(secure_aggregation=True, homomorphic="paillier")
+    with pytest.raises(ConfigError, match="--homomorphic: unknown value 'rsa'"):
+        protocol(homomorphic="rsa")
+    assert protocol(secure_aggregation=True, secagg_recovery="survivors").config.recovery.value == "survivors"
+    with pytest.raises(ConfigError, match="secagg_recovery: unknown value 'peers'"):
+        protocol(secure_aggregation=True, secagg_recovery="peers")
+    with pytest.raises(ConfigError, match="only applies with secure aggregation"):
+        protocol(secagg_recovery="survivors")

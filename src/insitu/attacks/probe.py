@@ -10,7 +10,6 @@ attacker is given the benefit of choosing its best view after the fact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,44 +18,47 @@ from insitu.attacks.observer import ObservedRound, observe_round
 from insitu.attacks.reconstruction import MatchConfig, analytic_linear, reconstruct_image, score_images, score_tabular
 from insitu.data.dataset import SiteData
 from insitu.errors import ConfigError
-from insitu.federation.coordinator import Coordinator
-from insitu.federation.pipeline import SitePipeline
-from insitu.federation.protocol import AggregationProtocol
-from insitu.federation.site import Site
-from insitu.federation.strategies import Strategy
 from insitu.federation.task import TaskSpec
 from insitu.federation.transport import InProcessTransport
 from insitu.learn.models import build_model, set_flat
-
-#: builds the site for (site id, its data, task); a run passes its own to get its defences.
-SiteFactory = Callable[[str, SiteData, TaskSpec], Site]
+from insitu.plan import Plan
 
 
-def default_site_factory(protocol: AggregationProtocol) -> SiteFactory:
-    def make(site_id: str, data: SiteData, task: TaskSpec) -> Site:
-        return Site(site_id, data, task, pipeline=SitePipeline(protection=protocol.site_protection(site_id)))
+def probe_plan(plan: Plan, noise_multiplier: float | None = None) -> Plan:
+    """The worst case of ``plan`` for a site: one plain SGD step on one record, no augmentation.
 
-    return make
+    Record-level DP keeps the run's noise (``noise_multiplier``, as the run's sites trained with)
+    while the record is always in the batch (sampling rate 1); site-level DP and every other
+    defence are the run's own."""
+    out = plan.with_task(local_steps=1, batch_size=1, optimizer="sgd", augment_shift=0)
+    if noise_multiplier is not None and plan.dp.on:
+        from dataclasses import replace
+
+        out = replace(out, dp=replace(plan.dp, epsilon=None, noise_multiplier=float(noise_multiplier)))
+    return out
 
 
-def single_record_round(
-    task: TaskSpec,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    params: np.ndarray,
-    protocol: AggregationProtocol,
-    site_factory: SiteFactory | None = None,
-) -> ObservedRound:
-    """One round with ``len(X)`` sites, each holding one record, from global model ``params``."""
+def single_record_round(plan: Plan, X: torch.Tensor, y: torch.Tensor, params: np.ndarray) -> ObservedRound:
+    """One round of ``plan`` with ``len(X)`` sites, each holding one record, from global model ``params``.
+
+    The sites and the coordinator are built by :mod:`insitu.builder` from the plan, so every
+    defence (masking, encryption, clipping, noise, compression) is the one a run uses."""
+    from insitu.builder import build_coordinator, build_site
+
     if X.shape[0] < 1:
         raise ConfigError("the probe needs at least one record")
-    factory = site_factory or default_site_factory(protocol)
+    ledger = None
+    if plan.dp.on:
+        from insitu.privacy import Budget, PrivacyLedger
+
+        ledger = PrivacyLedger(":memory:")
     sites = {}
     for i in range(X.shape[0]):
         sid = f"probe-{i + 1}"
-        data = SiteData(sid, X[i : i + 1], y[i : i + 1], X[i : i + 1], y[i : i + 1])
-        sites[sid] = factory(sid, data, task)
-    coord = Coordinator(job="privacy-probe", task=task, params=params, strategy=Strategy(), transport=InProcessTransport(sites), protocol=protocol, timeout=600.0)
+        if ledger is not None:
+            ledger.set_budget(sid, Budget(1e9, plan.dp.delta, plan.dp.accountant))
+        sites[sid] = build_site(plan, sid, SiteData(sid, X[i : i + 1], y[i : i + 1], X[i : i + 1], y[i : i + 1]), ledger=ledger)
+    coord = build_coordinator(plan, "privacy-probe", InProcessTransport(sites), params=params)
     return observe_round(coord, 1)
 
 

@@ -25,17 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from insitu.compress.updates import CompressionSpec, UpdateCompressor
+from insitu.compress.updates import CompressionSpec
 from insitu.data.dataset import FederatedData, SiteData
 from insitu.errors import ConfigError, RoundAborted
-from insitu.federation.coordinator import Coordinator
-from insitu.federation.pipeline import SitePipeline
-from insitu.federation.protocol import PlainProtocol
-from insitu.federation.site import Site
-from insitu.federation.strategies import Strategy
 from insitu.federation.task import TaskSpec
 from insitu.federation.transport import InProcessTransport
-from insitu.learn.models import build_model, get_flat
 
 FEATURES = ("resting_hr", "hrv_rmssd", "spo2", "skin_temp", "resp_rate", "steps_k", "sleep_h", "age")
 
@@ -107,22 +101,22 @@ def cross_device(config: CrossDeviceConfig = CrossDeviceConfig(), data: Federate
     data = data if data is not None else wearable_population(cfg.devices, cfg.seed)
     if len(data.sites) < 2:
         raise ConfigError("cross-device mode needs at least 2 devices")
-    spec = CompressionSpec.parse(cfg.compress)
+    from insitu.builder import build_coordinator, build_site, initial_params
+    from insitu.plan import Plan, StrategySpec
+
     task = TaskSpec(model=cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs, schema=data.schema,
                     lr=cfg.lr, local_steps=cfg.local_steps, batch_size=cfg.batch_size)
-    protocol = PlainProtocol(spec)
+    plan = Plan(task, StrategySpec(server_lr=cfg.server_lr), compression=cfg.compress, rounds=cfg.rounds, min_sites=cfg.min_devices)
     t0 = time.perf_counter()
     sites = {}
     for i, sd in enumerate(data.sites):
-        stage = None if spec.is_identity else UpdateCompressor(spec, seed=cfg.seed * 1_000_003 + i)
-        sites[sd.name] = Site(sd.name, sd, task, pipeline=SitePipeline(compress=stage, protection=protocol.site_protection(sd.name)), seed=cfg.seed * 1_000_003 + i + 1)
+        sites[sd.name] = build_site(plan, sd.name, sd)
     setup_s = time.perf_counter() - t0
     names = sorted(sites)
     per_round = max(1, int(round(cfg.fraction * len(names))))
     rng = np.random.default_rng(cfg.seed)
-    coord = Coordinator(job=f"xdev-{cfg.seed}", task=task, params=get_flat(build_model(task.model, task.input_shape, task.num_outputs, seed=cfg.seed)),
-                        strategy=Strategy(server_lr=cfg.server_lr), transport=InProcessTransport(sites, fail=_offline(cfg.seed, cfg.offline)),
-                        protocol=protocol, min_sites=cfg.min_devices)
+    coord = build_coordinator(plan, f"xdev-{cfg.seed}", InProcessTransport(sites, fail=_offline(cfg.seed, cfg.offline)),
+                              params=initial_params(plan, cfg.seed))
     eval_set = tuple(sorted(rng.choice(names, size=min(cfg.eval_devices, len(names)), replace=False)))
     history = []
     for r in range(1, cfg.rounds + 1):

@@ -137,7 +137,7 @@ def load_run_data(run_dir: str | Path, data: str | None = None, site: str | None
     default the largest site), because in a deployment the export runs at one hospital that
     may only use its own data; the test records of all sites only measure accuracy.
     """
-    from insitu.federation.simulation import SimulationConfig, load_federated
+    from insitu.apps.simulate import SimulationConfig, load_federated
 
     summary = Path(run_dir) / "summary.json"
     if not summary.exists():

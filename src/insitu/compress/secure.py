@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from insitu.compress.updates import CompressionSpec, Quantizer, Sparsifier, shared_indices
+from insitu.compress.updates import CompressionSpec, Sparsifier, shared_indices
 from insitu.errors import ConfigError
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, AggregationProtocol, RoundPlan, SiteProtection
@@ -39,6 +39,10 @@ class _SubsetSite:
     def handlers(self) -> Mapping[MessageKind, Callable[[Message], Message]]:
         return self.inner.handlers()
 
+    @property
+    def request_keys(self) -> tuple[str, ...]:
+        return getattr(self.inner, "request_keys", ())
+
 
 class SharedSubsetProtocol:
     """``inner`` run on round ``r``'s shared index subset; same result as ``inner`` on the
@@ -51,7 +55,12 @@ class SharedSubsetProtocol:
         self.name = f"{inner.name}+{spec}"
 
     def site_protection(self, site_id: str) -> SiteProtection:
-        return _SubsetSite(self.inner.site_protection(site_id), self.spec)
+        return self.site_half(self.inner.site_protection(site_id), self.spec)
+
+    @staticmethod
+    def site_half(inner: SiteProtection, spec: CompressionSpec) -> SiteProtection:
+        """The site half: ``inner`` run on the round's shared subset of coordinates."""
+        return _SubsetSite(inner, spec)
 
     def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult:
         k = self.spec.k(plan.size)
@@ -65,18 +74,20 @@ class SharedSubsetProtocol:
         return getattr(self.inner, name)
 
 
-def compose_with_secure(protocol: AggregationProtocol, spec: CompressionSpec) -> AggregationProtocol:
-    """The secure ``protocol`` with ``spec`` applied, or a ConfigError naming what composes."""
-    if spec.is_identity:
-        return protocol
-    if spec.sparsify is Sparsifier.SHARED:
-        return SharedSubsetProtocol(protocol, spec)
+def check_composes(spec: CompressionSpec) -> None:
+    """Refuse, naming what composes, a compression that masks or ciphertexts cannot carry."""
+    if spec.is_identity or spec.sparsify is Sparsifier.SHARED:
+        return
     if spec.sparsify is Sparsifier.TOPK:
         raise ConfigError(f"--compress {spec} cannot be combined with secure aggregation: each site's top-k indices differ, "
                           f"and masks cancel only on aligned coordinates; use shared:{spec.fraction:g} instead")
-    assert spec.quantize is Quantizer.INT8
     raise ConfigError("--compress int8 saves nothing under secure aggregation (masked values fill the whole ring); "
                       "use shared:F to send fewer coordinates")
 
 
-__all__ = ["SharedSubsetProtocol", "compose_with_secure"]
+def compose_with_secure(protocol: AggregationProtocol, spec: CompressionSpec) -> AggregationProtocol:
+    """The secure ``protocol`` with ``spec`` applied, or a ConfigError naming what composes."""
+    check_composes(spec)
+    if spec.is_identity:
+        return protocol
+    return SharedSubsetProtocol(protocol, spec)

@@ -69,7 +69,7 @@ def task_hash(job_file: Path = typer.Argument(...)) -> None:
     from insitu.coordinator.jobs import JobSpec
 
     spec = JobSpec.from_dict(tomllib.loads(job_file.read_text()))
-    out.print(spec.task.content_hash())
+    out.print(spec.plan.content_hash())
 
 
 @job_app.command("status")

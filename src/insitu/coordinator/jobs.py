@@ -1,169 +1,175 @@
-"""A job: which task to train, with which strategy, for how many rounds, on which sites.
+"""A job: an ``insitu simulate`` configuration plus where and how long to run it.
 
-``job.toml`` uses the same names as ``insitu simulate`` so that a job tried in
-simulation is deployed unchanged::
+``job.toml`` uses exactly the option names of ``insitu simulate`` (``--secure-aggregation`` is
+``secure_aggregation = true``, ``--dp record`` is ``dp = "record"``), parsed into the same
+:class:`~insitu.plan.Plan` by the same code, so a plan tried in simulation is deployed
+unchanged and sites approve the same hash::
 
-    name = "heart-fedavg"        # job id (unique on the coordinator)
-    dataset = "heart"            # fills in the task from the dataset's schema and defaults
-    strategy = "fedavg"
+    name = "heart-fedprox"        # job id (free again once the job with this name ended)
+    dataset = "heart"             # fills in the task from the dataset's schema and defaults
+    strategy = "fedprox"
+    mu = 0.1
     rounds = 5
-    seed = 0
+    seed = 0                      # initial model (splits are each site's own)
     min_sites = 3
-    round_timeout = 60.0
+    secure_aggregation = true
+    compress = "shared:0.1"
+    dp = "site"                   # or "record"; with epsilon or noise_multiplier, clip, dp_placement, …
+    epsilon = 3.0
+    dp_placement = "distributed"
+    # deployment only
     sites = ["cleveland", "hungary", "switzerland", "va-long-beach"]   # optional
-    protocol = "plain"
+    round_timeout = 60.0
+    wait_for_sites = 60.0
 
-    [task]                       # optional; overrides (or, without `dataset`, defines) the task
-    lr = 0.05
-    local_steps = 50
+    [task]                        # needed for datasets other than heart: the data's shape
+    input_shape = [1, 28, 28]
+    num_outputs = 2
+    schema = ["image"]
 
-    [dp]                         # optional: record-level DP-SGD at every site
-    noise_multiplier = 1.1       # part of the task (and its hash): a site approves the noise
-    clip = 1.0                   # per-record L2 clip
-
-Each site computes its own ε from the noise multiplier and its own sampling rate and charges
-its own privacy ledger before training; sites with a budget refuse non-DP tasks and rounds that
-would pass their budget.
-
-The coordinator never sends code: the job names a model from the model
-registry and a data schema; each site checks the task's content hash
-against what its admin approved.
+Options that only make sense on one machine (``data``, ``partition``, ``dropout``,
+``site_budget``, …) are refused: in a deployment each site holds its own data and budget.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from insitu.errors import ConfigError
-from insitu.federation.strategies import Strategy, StrategyName, make_strategy
-from insitu.federation.task import TaskSpec
-from insitu.net.protocols import ProtocolName, make_protocol  # noqa: F401  (ProtocolName: the names a job may give)
+from insitu.plan import Plan
+
+#: fields of a job that are not part of the plan
+DEPLOYMENT_FIELDS = ("name", "sites", "round_timeout", "wait_for_sites", "max_aborted", "eval_every")
+#: simulate options that have no meaning in a deployment (the site owns them)
+SIMULATE_ONLY = ("data", "partition", "dropout", "site_budget", "privacy_ledger", "baselines", "out",
+                 "insecure_replayable_randomness")
+#: keys of the job format before the plan: what to write instead
+RENAMED = {
+    "protocol": 'secure_aggregation = true, or homomorphic = "paillier" / "ckks" (the names insitu simulate uses)',
+    "protocol_options": 'secagg_recovery = "server" or "survivors"',
+    "dp": None,  # a table in the old format; a string now
+}
+#: the heart task's feature names (FLamby order), as ``insitu.data.heart.FEATURES``.  Copied so that
+#: the coordinator, which holds no data, need not import the data loaders; a test keeps the two equal.
+HEART_SCHEMA = (
+    "age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak",
+    "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2",
+)
+MAX_TIMEOUT = 86_400.0
+
+
+def _seconds(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v <= MAX_TIMEOUT):
+        raise ConfigError(f"{name} must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {v!r}")
+    return float(v)
 
 
 @dataclass(frozen=True)
 class JobSpec:
+    """A parsed job: its plan (what sites approve), the initial-model seed and deployment fields."""
+
     name: str
-    task: TaskSpec
-    strategy: str = "fedavg"
-    server_lr: float | None = None
-    mu: float = 0.01
-    rounds: int = 5
-    seed: int = 0
-    min_sites: int = 1
-    round_timeout: float = 60.0
+    plan: Plan
+    seed: int
+    config: Mapping[str, Any]  # the job's plan options as given (what to_dict stores)
     sites: tuple[str, ...] | None = None
-    protocol: str = ProtocolName.PLAIN.value
-    protocol_options: Mapping[str, Any] = field(default_factory=dict)
+    round_timeout: float = 60.0
     wait_for_sites: float = 60.0  # how long a round waits for min_sites to be connected
     max_aborted: int | None = None  # give up after this many aborted rounds (default: rounds)
     eval_every: int = 1
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 64 or not all(c.isalnum() or c in "-_." for c in self.name):
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 64 or not all(c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"job name {self.name!r} must be 1-64 letters, digits, '-', '_' or '.'")
-        if self.rounds < 1:
-            raise ConfigError(f"rounds must be at least 1, got {self.rounds}")
-        if self.min_sites < 1:
-            raise ConfigError(f"min_sites must be at least 1, got {self.min_sites}")
-        if not self.round_timeout > 0:
-            raise ConfigError(f"round_timeout must be positive, got {self.round_timeout}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
-        make_protocol(self.protocol, self.protocol_options)
-        self.make_strategy()
-        from insitu.federation.dp import TaskDP
+        object.__setattr__(self, "round_timeout", _seconds("round_timeout", self.round_timeout))
+        object.__setattr__(self, "wait_for_sites", _seconds("wait_for_sites", self.wait_for_sites))
+        for k in ("max_aborted", "eval_every"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1_000_000):
+                raise ConfigError(f"{k} must be an integer from 0 to 1,000,000, got {v!r}")
+        if self.sites is not None:
+            if not self.sites or len(set(self.sites)) != len(self.sites) or not all(isinstance(s, str) and s for s in self.sites):
+                raise ConfigError(f"sites must be a list of distinct site names, got {list(self.sites)!r}")
+            if self.plan.min_sites > len(self.sites):
+                raise ConfigError(f"min_sites = {self.plan.min_sites} but the job names only {len(self.sites)} site(s)")
 
-        TaskDP.of(self.task)  # a malformed DP request fails at submission, not at every site
+    @property
+    def rounds(self) -> int:
+        return self.plan.rounds
 
-    def make_strategy(self) -> Strategy:
-        from insitu.federation.simulation import SERVER_LR
+    @property
+    def min_sites(self) -> int:
+        return self.plan.min_sites
 
-        try:
-            strat = StrategyName(self.strategy)
-        except ValueError:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {[s.value for s in StrategyName]}") from None
-        lr = self.server_lr if self.server_lr is not None else SERVER_LR.get(strat, 1.0)
-        return make_strategy(self.strategy, **({"mu": self.mu} if strat is StrategyName.FEDPROX else {}), server_lr=lr)
+    @property
+    def task(self):  # the model/data part of the plan
+        return self.plan.task
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["task"] = self.task.to_meta()
+        """The job description as given (re-parsed by :meth:`from_dict` when the job runs)."""
+        d: dict[str, Any] = {"name": self.name, **dict(self.config)}
         d["sites"] = list(self.sites) if self.sites is not None else None
-        d["protocol_options"] = dict(self.protocol_options)
+        for k in ("round_timeout", "wait_for_sites", "max_aborted", "eval_every"):
+            d[k] = getattr(self, k)
         return d
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "JobSpec":
         """Parse a job description (job.toml or its stored JSON); every field is checked."""
+        from insitu.apps.simulate import DatasetName, SimulationConfig
+        from insitu.errors import parse_choice
+
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"a job description is a table of options, got {type(raw).__name__}")
         raw = dict(raw)
-        known = {f.name for f in fields(cls)} | {"dataset", "dp"}
-        bad = set(raw) - known
-        if bad:
-            raise ConfigError(f"job description has unknown keys {sorted(bad)}; known keys are {sorted(known)}")
-        task_raw = raw.pop("task", None)
-        dataset = raw.pop("dataset", None)
-        dp_raw = raw.pop("dp", None)
-        task = _task(dataset, task_raw)
-        if dp_raw is not None:
-            task = _with_dp(task, dp_raw)
-        if "sites" in raw and raw["sites"] is not None:
-            raw["sites"] = tuple(str(s) for s in raw["sites"])
         if "name" not in raw:
             raise ConfigError("job description needs a name (e.g. name = \"heart-fedavg\")")
+        for old, new in RENAMED.items():
+            if old in raw and (old != "dp" or isinstance(raw[old], Mapping)):
+                hint = new or 'dp = "record" or "site" with noise_multiplier / epsilon and clip as top-level keys'
+                raise ConfigError(f"job key {old!r} is gone; write {hint}")
+        simulate_fields = {f.name for f in fields(SimulationConfig)}
+        plan_keys = simulate_fields - set(SIMULATE_ONLY) - {"sites", "round_timeout"}
+        known = plan_keys | set(DEPLOYMENT_FIELDS) | {"task"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            local = sorted(set(unknown) & set(SIMULATE_ONLY))
+            if local:
+                raise ConfigError(f"job keys {local} apply to insitu simulate only; in a deployment each site holds its own data and budget")
+            raise ConfigError(f"job description has unknown keys {unknown}; known keys are {sorted(known)}")
+        config = {k: raw[k] for k in sorted(plan_keys) if k in raw and raw[k] is not None}
+        task = raw.get("task")
+        if task is not None:
+            if not isinstance(task, Mapping) or set(task) - {"input_shape", "num_outputs", "schema"}:
+                raise ConfigError("[task] gives the data's shape only: input_shape, num_outputs, schema "
+                                  "(training options are top-level keys, named as in insitu simulate)")
+            config["task"] = dict(task)
+        seed = config.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ConfigError(f"seed must be an integer from 0 to 2^63-1, got {seed!r}")
+        names = raw.get("sites")
+        if names is not None and not isinstance(names, (list, tuple)):
+            raise ConfigError(f"sites must be a list of site names, got {names!r}")
+        sim = {k: v for k, v in config.items() if k != "task"}
+        dataset = parse_choice(DatasetName, sim.get("dataset", "heart"), "dataset")
         try:
-            return cls(task=task, **raw)
+            cfg = SimulationConfig(**sim, sites=len(names) if names else max(int(sim.get("min_sites", 1)), 4 if dataset is DatasetName.HEART else 1))
+            cfg = cfg.resolved(need_data=False)
         except TypeError as exc:
             raise ConfigError(f"invalid job description: {exc}") from None
+        if task is not None:
+            shape = (task.get("input_shape"), task.get("num_outputs"), task.get("schema"))
+        elif dataset is DatasetName.HEART:
+            shape = ((len(HEART_SCHEMA),), 1, HEART_SCHEMA)
+        else:
+            raise ConfigError(f"dataset {dataset.value}: give the data's shape in a [task] table (input_shape, num_outputs, schema)")
+        if not isinstance(shape[0], (list, tuple)) or not isinstance(shape[2], (list, tuple)):
+            raise ConfigError("[task] input_shape and schema must be lists")
+        plan = cfg.plan_for(tuple(shape[0]), shape[1], tuple(str(s) for s in shape[2]))
+        return cls(name=raw["name"], plan=plan, seed=seed, config=config,
+                   sites=tuple(str(s) for s in names) if names is not None else None,
+                   **{k: raw[k] for k in ("round_timeout", "wait_for_sites", "max_aborted", "eval_every") if k in raw})
 
 
-#: the heart task's feature names (FLamby order), as ``insitu.data.heart.FEATURES``.  Copied so that
-#: the coordinator, which holds no data, need not import the data loaders (pandas, scikit-learn);
-#: a test keeps the two equal.
-HEART_SCHEMA = (
-    "age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak",
-    "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2",
-)
-
-
-def _with_dp(task: TaskSpec, dp: Any) -> TaskSpec:
-    """Put a job's [dp] table into the task (so its content hash covers the noise) and check it."""
-    from dataclasses import replace
-
-    from insitu.federation.dp import TaskDP
-
-    if not isinstance(dp, Mapping):
-        raise ConfigError(f"[dp] must be a table (noise_multiplier, clip), got {dp!r}")
-    unknown = set(dp) - {"level", "noise_multiplier", "clip"}
-    if unknown:
-        raise ConfigError(f"[dp] has unknown keys {sorted(unknown)}; known: level, noise_multiplier, clip")
-    extra = {**dict(task.extra), "dp": dp.get("level", "record"), "noise_multiplier": dp.get("noise_multiplier"), "clip": dp.get("clip")}
-    out = replace(task, extra=extra)
-    TaskDP.of(out)
-    return out
-
-
-def _task(dataset: str | None, task_raw: Mapping[str, Any] | None) -> TaskSpec:
-    """The task from a dataset's defaults (``dataset = "heart"``) and/or an explicit [task] table."""
-    base: dict[str, Any] = {}
-    if dataset is not None:
-        from insitu.federation.simulation import DEFAULTS, DatasetName
-
-        try:
-            ds = DatasetName(dataset)
-        except ValueError:
-            raise ConfigError(f"unknown dataset {dataset!r}; choose one of {[d.value for d in DatasetName]}") from None
-        if ds is not DatasetName.HEART:
-            raise ConfigError(f"dataset {ds.value}: give the task explicitly in a [task] table (input_shape, num_outputs, schema)")
-        d = DEFAULTS[ds]
-        base = {"model": d.model, "input_shape": [len(HEART_SCHEMA)], "num_outputs": 1, "schema": list(HEART_SCHEMA),
-                "lr": d.lr, "local_steps": d.local_steps, "batch_size": d.batch_size, "optimizer": d.optimizer}
-    base.update(dict(task_raw or {}))
-    if not base:
-        raise ConfigError("job description needs `dataset = \"heart\"` or a [task] table")
-    try:
-        return TaskSpec(**base)
-    except TypeError as exc:
-        raise ConfigError(f"invalid [task] table: {exc}") from None
-
-
-__all__ = ["JobSpec", "HEART_SCHEMA"]
+__all__ = ["JobSpec", "HEART_SCHEMA", "DEPLOYMENT_FIELDS"]

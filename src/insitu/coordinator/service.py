@@ -27,26 +27,22 @@ import hashlib
 import logging
 import threading
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from insitu.builder import build_coordinator, build_protocol, initial_params
 from insitu.coordinator.jobs import JobSpec
-from insitu.net.protocols import make_protocol
 from insitu.coordinator.store import JobRow, JobStatus, JobStore, RoundStatus
 from insitu.errors import AuthError, ConfigError, InsituError, RoundAborted
 from insitu.federation.coordinator import Coordinator
 from insitu.federation.protocol import AggregateResult, AggregationProtocol, RoundPlan
-from insitu.learn.models import build_model, get_flat
 from insitu.net.pki import Credentials, Identity, Role
 from insitu.net.server import CoordinatorServer, NetConfig
 
 log = logging.getLogger("insitu.coordinator")
-
-#: strategy attributes that carry state between rounds (FedAdam's moments, Scaffold's control).
-STRATEGY_STATE = ("m", "v", "control")
 
 
 @dataclass(frozen=True)
@@ -89,21 +85,6 @@ class CoordinatorConfig:
         return Credentials(self.cert, self.key, self.ca)
 
 
-@dataclass
-class DeployedCoordinator(Coordinator):
-    """The round engine's coordinator, telling sites the job's seed and protection in each TRAIN.
-
-    Sites derive their training randomness from the seed exactly as simulation
-    does, and check the protocol and group size against their own policy."""
-
-    seed: int = 0
-    protocol_name: str = "plain"
-
-    def plan(self, round_: int) -> RoundPlan:
-        p = super().plan(round_)
-        return replace(p, train_meta={**p.train_meta, "seed": self.seed, "protocol": self.protocol_name, "group": len(p.sites)})
-
-
 class RecordingProtocol:
     """Wraps the job's aggregation protocol to keep the last round's result, so that an aborted
     round's per-site reasons (a site's refusal, a time-out) reach the job store and the operator."""
@@ -132,10 +113,6 @@ class OperatorOp(str, enum.Enum):
     STATUS = "status"
     LIST = "list"
     SITES = "sites"
-
-
-def strategy_state(strategy) -> dict[str, np.ndarray | None]:
-    return {k: getattr(strategy, k, None) for k in STRATEGY_STATE if getattr(strategy, k, None) is not None}
 
 
 def mean_accuracy(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -187,7 +164,7 @@ class CoordinatorService:
 
     def _submit(self, args: Mapping[str, Any], who: Identity) -> dict[str, Any]:
         spec = JobSpec.from_dict(args.get("job", {}))
-        row = self.store.add_job(spec.name, spec.to_dict(), spec.task.content_hash(), spec.rounds, who.name)
+        row = self.store.add_job(spec.name, spec.to_dict(), spec.plan.content_hash(), spec.rounds, who.name)
         return row.public()
 
     def _cancel(self, args, who):
@@ -231,26 +208,27 @@ class CoordinatorService:
             except InsituError as exc:
                 log.error("job %s failed: %s", job.id, exc)
                 self.store.set_status(job.id, JobStatus.FAILED, error=str(exc))
+            except Exception as exc:  # a bug, never a peer's message, must not end the coordinator
+                log.exception("job %s failed with an internal error", job.id)
+                self.store.set_status(job.id, JobStatus.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
 
     def run_job(self, job: JobRow) -> None:
         spec = JobSpec.from_dict(job.spec)
-        log.info("job %s: starting (%s, %s, %d rounds, min %d sites)", job.id, spec.strategy, spec.protocol, spec.rounds, spec.min_sites)
-        strategy = spec.make_strategy()
+        plan = spec.plan
+        log.info("job %s: starting (%s, %s, dp %s, %d rounds, min %d sites)", job.id, plan.strategy.name.value,
+                 plan.protection.kind.value, plan.dp.level.value, spec.rounds, spec.min_sites)
         latest = self.store.latest_model(job.id)
+        state: dict[str, np.ndarray] = {}
         if latest is None:
             version = 0
-            params = get_flat(build_model(spec.task.model, spec.task.input_shape, spec.task.num_outputs, seed=spec.seed))
+            params = initial_params(plan, spec.seed)
         else:
             version, last_round, params, state = latest
-            for k, v in state.items():
-                setattr(strategy, k, v.astype(np.float64))
             log.info("job %s: resuming from model version %d (round %d)", job.id, version, last_round)
-        protocol = RecordingProtocol(make_protocol(spec.protocol, spec.protocol_options))
-        coord = DeployedCoordinator(
-            job=job.id, task=spec.task, params=params, strategy=strategy, transport=self.server.transport,
-            protocol=protocol, min_sites=spec.min_sites,
-            timeout=spec.round_timeout, sites=spec.sites, seed=spec.seed, protocol_name=spec.protocol,
-        )
+        protocol = RecordingProtocol(build_protocol(plan))
+        coord = build_coordinator(plan, job.id, self.server.transport, params=params, timeout=spec.round_timeout,
+                                  sites=spec.sites, protocol=protocol, strategy_state=state)
+        strategy = coord.strategy
         self.store.set_status(job.id, JobStatus.RUNNING)
         aborted = sum(1 for r in self.store.rounds(job.id) if r["status"] in (RoundStatus.ABORTED.value, RoundStatus.INTERRUPTED.value))
         max_aborted = spec.max_aborted if spec.max_aborted is not None else spec.rounds
@@ -275,7 +253,7 @@ class CoordinatorService:
             if spec.eval_every and ((version + 1) % spec.eval_every == 0 or last):
                 evaluation = self._evaluate(coord, r)
             version = self.store.apply_round(
-                job.id, r, expected_version=version, params=coord.params, state=strategy_state(strategy),
+                job.id, r, expected_version=version, params=coord.params, state=strategy.state(),
                 participants=rec.participants, dropped=rec.dropped, metrics=rec.train, evaluation=evaluation, seconds=rec.seconds,
             )
             acc = (evaluation or {}).get("mean_site_accuracy")
@@ -320,4 +298,4 @@ def serve(config_path: str | Path) -> None:
         svc.store.close()  # every applied round is already committed
 
 
-__all__ = ["CoordinatorConfig", "CoordinatorService", "DeployedCoordinator", "OperatorOp", "serve", "mean_accuracy"]
+__all__ = ["CoordinatorConfig", "CoordinatorService", "OperatorOp", "serve", "mean_accuracy"]

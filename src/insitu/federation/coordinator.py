@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from insitu.errors import ConfigError, RoundAborted
+from insitu.federation.instructions import EvalInstructions, RoundInstructions, Split
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, AggregationProtocol, PlainProtocol, RoundPlan
 from insitu.federation.strategies import Strategy
-from insitu.federation.task import TaskSpec
 from insitu.federation.transport import Transport, check_reply
 
 
@@ -37,43 +37,40 @@ class RoundRecord:
 
 @dataclass
 class Coordinator:
+    """Runs rounds of one plan over a transport; made by :func:`insitu.builder.build_coordinator`."""
+
     job: str
-    task: TaskSpec
+    plan: Any  # insitu.plan.Plan: its to_meta() goes to the sites, its lr_scale(round) shapes the instructions
     params: np.ndarray
     strategy: Strategy
     transport: Transport
     protocol: AggregationProtocol = field(default_factory=PlainProtocol)
     min_sites: int = 1
     timeout: float = 600.0
-    weighting: str = "samples"
     sites: tuple[str, ...] | None = None
-    #: round → factor in (0, 1] on the sites' learning rate (e.g. cosine decay); None: constant
-    lr_schedule: Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
         self.params = np.asarray(self.params, dtype=np.float32)
         if self.min_sites < 1:
             raise ConfigError(f"--min-sites must be at least 1, got {self.min_sites}")
         self.rounds_done = 0
+        self._plan_meta = self.plan.to_meta()
 
     def _sites(self) -> tuple[str, ...]:
         return tuple(self.sites) if self.sites is not None else tuple(self.transport.sites())
 
-    def plan(self, round_: int) -> RoundPlan:
+    def round_plan(self, round_: int) -> RoundPlan:
         sites = self._sites()
         if len(sites) < self.min_sites:
             raise RoundAborted(f"round {round_}: only {len(sites)} site(s) connected, --min-sites is {self.min_sites}")
-        meta, tensors = self.strategy.configure(round_, self.params)
-        meta = {"task": self.task.to_meta(), "weighting": self.weighting, **meta}
-        if self.lr_schedule is not None:
-            meta["lr_scale"] = float(self.lr_schedule(round_))
-        tensors = {"params": self.params, **tensors}
+        tensors = {"params": self.params, **self.strategy.configure(round_, self.params)}
+        instructions = RoundInstructions(lr_scale=float(self.plan.lr_scale(round_)), group=len(sites))
         size = self.strategy.update_size(self.params.shape[0])
-        return RoundPlan(self.job, round_, sites, size, self.timeout, self.min_sites, meta, tensors)
+        return RoundPlan(self.job, round_, sites, size, self.timeout, self.min_sites, self._plan_meta, instructions, tensors)
 
     def run_round(self, round_: int) -> RoundRecord:
         start = time.perf_counter()
-        plan = self.plan(round_)
+        plan = self.round_plan(round_)
         result: AggregateResult = self.protocol.collect(plan, self.transport)
         if len(result.participants) < self.min_sites:
             why = "; ".join(f"{s}: {r}" for s, r in result.dropped.items()) or "none answered"
@@ -105,7 +102,8 @@ class Coordinator:
     def evaluate(self, round_: int, params: np.ndarray | None = None, split: str = "test") -> dict[str, dict[str, Any]]:
         """Federated evaluation: each site scores the global model on its own test (or validation) split."""
         params = self.params if params is None else np.asarray(params, dtype=np.float32)
-        req = Message(MessageKind.EVALUATE, round_, self.job, {"task": self.task.to_meta(), "split": split}, {"params": params})
+        ins = EvalInstructions(split=Split(split))
+        req = Message(MessageKind.EVALUATE, round_, self.job, {"plan": self._plan_meta, "instructions": ins.to_meta()}, {"params": params})
         ex = self.transport.exchange({s: req for s in self._sites()}, self.timeout)
         out: dict[str, dict[str, Any]] = {}
         for sid, rep in ex.replies.items():

@@ -25,8 +25,9 @@ import numpy as np
 from insitu.compress.codec import UpdateCodec, decode_update
 from insitu.compress.updates import CompressionSpec
 from insitu.errors import ProtocolError
+from insitu.federation.instructions import RoundInstructions
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.transport import Transport, check_reply, finite_vector
+from insitu.federation.transport import Transport, check_reply, finite_vector, reply_metrics
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,17 @@ class RoundPlan:
     size: int  # length of the update vector every site returns
     timeout: float
     min_sites: int
-    train_meta: Mapping[str, Any]
+    plan: Mapping[str, Any]  # the approved plan's to_meta(); sites check its hash
+    instructions: RoundInstructions
     train_tensors: Mapping[str, np.ndarray]
 
     def train_request(self, site: str, extra_meta: Mapping[str, Any] | None = None) -> Message:
-        meta = dict(self.train_meta)
-        if extra_meta:
-            meta.update(extra_meta)
+        """The TRAIN message for ``site``: the plan, the typed instructions and the protocol's own field."""
+        meta: dict[str, Any] = {"plan": self.plan, "instructions": self.instructions.to_meta()}
+        for k, v in (extra_meta or {}).items():
+            if k in meta:
+                raise ProtocolError(f"protocol field {k!r} would overwrite the plan or the instructions")
+            meta[k] = v
         return Message(MessageKind.TRAIN, self.round, self.job, meta, dict(self.train_tensors))
 
 
@@ -82,14 +87,6 @@ class AggregationProtocol(Protocol):
     def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult: ...
 
     def site_protection(self, site_id: str) -> SiteProtection: ...
-
-
-def _merge(*counts: Mapping[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 def train_replies(plan: RoundPlan, transport: Transport, sites: tuple[str, ...] | None = None, extra: Mapping[str, Mapping[str, Any]] | None = None):
@@ -181,12 +178,13 @@ class PlainProtocol:
                 w = rep.require("weight", (int, float))
                 if not np.isfinite(w) or w <= 0:
                     raise ProtocolError(f"weight {w!r} from {sid} is not a positive number")
+                m = reply_metrics(rep)
             except ProtocolError as exc:
                 dropped[sid] = f"bad update: {exc}"
                 continue
             total += vec
             weight += float(w)
-            metrics[sid] = dict(rep.meta.get("metrics", {}))
+            metrics[sid] = m
         return AggregateResult(total, weight, tuple(metrics), dropped, metrics, ex.bytes_received, ex.bytes_sent)
 
     def site_protection(self, site_id: str) -> SiteProtection:

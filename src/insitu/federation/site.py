@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,14 +17,19 @@ from insitu.data.dataset import SiteData
 from insitu.errors import ProtocolError
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.pipeline import SitePipeline
-from insitu.federation.task import TaskSpec
+from insitu.federation.instructions import EvalInstructions, RoundInstructions, Split
+from insitu.federation.task import TaskSpec, canonical_hash
 from insitu.learn.models import build_model, get_flat, num_params, set_flat
 from insitu.learn.train import TrainConfig, evaluate, train_local
 
-#: called with (site, request, task) before any training; raises to refuse the round.
-Guard = Callable[["Site", Message, TaskSpec], None]
-#: trains the model in place; returns metrics.  Replaced by DP-SGD when record-level DP is on.
+#: called with (site, request, instructions) before any training; raises to refuse the round.
+Guard = Callable[["Site", Message, RoundInstructions], None]
+#: trains the model in place; returns metrics.  DP-SGD when the plan asks for record-level DP.
 Trainer = Callable[["Site", torch.nn.Module, TrainConfig, Message], dict[str, Any]]
+
+#: keys a TRAIN / EVALUATE request may carry besides those the site's protection declares
+TRAIN_KEYS = frozenset({"plan", "instructions"})
+EVALUATE_KEYS = frozenset({"plan", "instructions"})
 
 
 def default_trainer(site: "Site", model: torch.nn.Module, cfg: TrainConfig, request: Message) -> dict[str, Any]:
@@ -34,22 +39,36 @@ def default_trainer(site: "Site", model: torch.nn.Module, cfg: TrainConfig, requ
 
 @dataclass
 class Site:
+    """One hospital in a job: parses each request strictly, trains, and sends only the pipeline's output.
+
+    Made by :func:`insitu.builder.build_site` from a plan; nothing is swapped after construction.
+    ``plan_hash`` is the approved plan's hash: a request naming any other plan is refused.
+    ``sampling_seed`` seeds minibatch sampling and comes from the site's secret, never from the
+    coordinator."""
+
     site_id: str
     data: SiteData
     task: TaskSpec
+    plan_hash: str
+    train_config: TrainConfig
+    scaffold: bool = False
+    weighting: str = "samples"
     pipeline: SitePipeline = field(default_factory=SitePipeline)
-    guards: list[Guard] = field(default_factory=list)
+    guards: tuple[Guard, ...] = ()
     trainer: Trainer = default_trainer
-    seed: int = 0
+    sampling_seed: int = 0
+    budget: Any = None  # the DP budget guard, when the plan asks for DP (its charges feed reports)
     handlers: dict[MessageKind, Callable[[Message], Message]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.model = build_model(self.task.model, self.task.input_shape, self.task.num_outputs, seed=self.seed)
+        self.model = build_model(self.task.model, self.task.input_shape, self.task.num_outputs, seed=0)
         self.size = num_params(self.model)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator().manual_seed(self.sampling_seed)
         self.control: np.ndarray | None = None  # Scaffold's cᵢ, kept between rounds
         self.last_round = -1
+        self.guards = tuple(self.guards)
         self.handlers.update(self.pipeline.protection.handlers())
+        self._request_keys = frozenset(getattr(self.pipeline.protection, "request_keys", ()))
 
     # -- dispatch ---------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
@@ -62,56 +81,58 @@ class Site:
             raise ProtocolError(f"site {self.site_id} does not answer {msg.kind.value} messages")
         return handler(msg)
 
-    def _task_of(self, msg: Message) -> TaskSpec:
-        task = TaskSpec.from_meta(msg.require("task", dict))
-        if task.content_hash() != self.task.content_hash():
-            raise ProtocolError(f"task {task.content_hash()[:12]} is not the task this site runs ({self.task.content_hash()[:12]})")
-        return task
+    def _check_plan(self, msg: Message, allowed: frozenset[str]) -> None:
+        unknown = sorted(set(msg.meta) - allowed)
+        if unknown:
+            raise ProtocolError(f"{msg.kind.value} request carries undeclared field(s) {unknown}; site {self.site_id} accepts {sorted(allowed)}")
+        h = canonical_hash(msg.require("plan", dict))
+        if h != self.plan_hash:
+            raise ProtocolError(f"plan {h[:12]} is not the plan this site runs ({self.plan_hash[:12]})")
 
     def _train(self, msg: Message) -> Message:
-        task = self._task_of(msg)
+        self._check_plan(msg, TRAIN_KEYS | self._request_keys)
+        ins = RoundInstructions.from_meta(msg.require("instructions", dict))
         if msg.round <= self.last_round:
             raise ProtocolError(f"round {msg.round} replayed: site {self.site_id} already trained round {self.last_round}")
         for guard in self.guards:
-            guard(self, msg, task)  # refusals happen here, before any training
+            guard(self, msg, ins)  # refusals happen here, before any training
         params = msg.tensor("params", shape=(self.size,), dtype="float32")
         if not np.all(np.isfinite(params)):
             raise ProtocolError("global parameters hold NaN or infinite values")
         set_flat(self.model, params)
-        cfg = task.train_config()
-        scale = msg.meta.get("lr_scale", 1.0)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 < scale <= 1.0:
-            raise ProtocolError(f"lr_scale {scale!r} must be in (0, 1]: a coordinator may lower, never raise, the approved learning rate")
-        if scale != 1.0:
-            cfg = dataclasses.replace(cfg, lr=cfg.lr * float(scale))
+        cfg = self.train_config
+        if ins.lr_scale != 1.0:
+            cfg = dataclasses.replace(cfg, lr=cfg.lr * ins.lr_scale)
         info: dict[str, Any] = dict(self.trainer(self, self.model, cfg, msg))
         delta = get_flat(self.model).astype(np.float64) - params.astype(np.float64)
         update = delta
-        if msg.meta.get("scaffold"):
+        if self.scaffold:
             update = np.concatenate([delta, self._scaffold_update(msg, delta, cfg)])
-        weight = float(self.data.n_train) if msg.meta.get("weighting", "samples") == "samples" else 1.0
-        meta, tensors = self.pipeline.run(msg, update, weight, info)
+        weight = float(self.data.n_train) if self.weighting == "samples" else 1.0
+        meta, tensors = self.pipeline.run(msg, ins, update, weight, info)
         self.last_round = msg.round
         meta["metrics"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
         return Message(MessageKind.TRAIN_REPLY, msg.round, msg.job, meta, tensors)
 
     def _evaluate(self, msg: Message) -> Message:
-        self._task_of(msg)
+        self._check_plan(msg, EVALUATE_KEYS)
+        ins = EvalInstructions.from_meta(msg.require("instructions", dict))
         params = msg.tensor("params", shape=(self.size,), dtype="float32")
+        if not np.all(np.isfinite(params)):
+            raise ProtocolError("parameters to evaluate hold NaN or infinite values")
         set_flat(self.model, params)
-        split = msg.meta.get("split", "test")
-        if split == "test":
+        if ins.split is Split.TEST:
             X, y = self.data.X_test, self.data.y_test
-        elif split == "val" and self.data.X_val is not None:
+        elif self.data.X_val is not None:
             X, y = self.data.X_val, self.data.y_val
         else:
-            raise ProtocolError(f"site {self.site_id} has no {split!r} split to evaluate on")
+            raise ProtocolError(f"site {self.site_id} has no {ins.split.value!r} split to evaluate on")
         res = evaluate(self.model, X, y, num_outputs=self.task.num_outputs)
         return Message(MessageKind.EVALUATE_REPLY, msg.round, msg.job, res)
 
     # -- Scaffold (Karimireddy et al. 2020, option II) ------------------------------------------
     def scaffold_correction(self, msg: Message, model: torch.nn.Module) -> list[torch.Tensor] | None:
-        if not msg.meta.get("scaffold"):
+        if not self.scaffold:
             return None
         c = msg.tensor("control", shape=(self.size,), dtype="float32").astype(np.float64)
         ci = self.control if self.control is not None else np.zeros(self.size)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, parse_choice
 
 
 class StrategyName(str, enum.Enum):
@@ -41,8 +41,21 @@ class Strategy:
     name = StrategyName.FEDAVG
     scaffold = False
 
-    def configure(self, round_: int, params: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return {}, {}
+    #: attributes that carry state between rounds (saved by a deployed coordinator, restored on restart)
+    STATE: ClassVar[tuple[str, ...]] = ()
+
+    def configure(self, round_: int, params: np.ndarray) -> dict[str, np.ndarray]:
+        """Tensors the sites need this round besides the global parameters (Scaffold's control)."""
+        return {}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The server state to persist between rounds (empty for stateless strategies)."""
+        return {k: np.asarray(getattr(self, k)) for k in self.STATE if getattr(self, k, None) is not None}
+
+    def load_state(self, key: str, value: np.ndarray) -> None:
+        if key not in self.STATE:
+            raise ConfigError(f"strategy {self.name.value} has no state {key!r}; it keeps {list(self.STATE)}")
+        setattr(self, key, np.asarray(value, dtype=np.float64))
 
     def update_size(self, n_params: int) -> int:
         return n_params
@@ -56,10 +69,7 @@ class FedProx(Strategy):
     """FedAvg on the server; sites add μ/2·‖w − w_global‖² to their loss (Li et al. 2020)."""
 
     mu: float = 0.01
-    name = StrategyName.FEDPROX
-
-    def configure(self, round_, params):
-        return {"prox_mu": self.mu}, {}
+    name = StrategyName.FEDPROX  # μ reaches the sites in the approved plan (StrategySpec.mu), not per round
 
 
 @dataclass
@@ -70,6 +80,7 @@ class _Adaptive(Strategy):
     tau: float = 1e-3
     m: np.ndarray | None = field(default=None, repr=False)
     v: np.ndarray | None = field(default=None, repr=False)
+    STATE = ("m", "v")
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -116,11 +127,12 @@ class Scaffold(Strategy):
     name = StrategyName.SCAFFOLD
     scaffold = True
     control: np.ndarray | None = field(default=None, repr=False)
+    STATE = ("control",)
 
     def configure(self, round_, params):
         if self.control is None:
             self.control = np.zeros(params.shape[0], dtype=np.float64)
-        return {"scaffold": True}, {"control": self.control.astype(np.float32)}
+        return {"control": self.control.astype(np.float32)}
 
     def update_size(self, n_params):
         return 2 * n_params
@@ -145,12 +157,8 @@ STRATEGIES: dict[StrategyName, type[Strategy]] = {
 
 
 def make_strategy(name: str, **options: Any) -> Strategy:
-    try:
-        key = StrategyName(name)
-    except ValueError:
-        raise ConfigError(f"unknown strategy {name!r}; choose one of {[s.value for s in StrategyName]}") from None
-    cls = STRATEGIES[key]
-    allowed = set(cls.__dataclass_fields__) - {"m", "v", "control"}
+    cls = STRATEGIES[parse_choice(StrategyName, name, "strategy")]
+    allowed = set(cls.__dataclass_fields__) - set(cls.STATE)
     bad = set(options) - allowed
     if bad:
         raise ConfigError(f"strategy {name} takes no option(s) {sorted(bad)}; it takes {sorted(allowed)}")

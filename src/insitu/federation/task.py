@@ -1,16 +1,16 @@
-"""A task: model + data schema + hyper-parameters, named by the hash of its content.
+"""A task: the model, the data's shape and schema, and the site's local-training hyper-parameters.
 
-Sites approve tasks by hash; the coordinator only ever names one.  The TRAIN
-message carries the spec, and a site re-hashes it before running anything.
+It is the model/data part of a :class:`~insitu.plan.Plan`; sites approve the plan's hash, which
+covers the task.  :func:`canonical_hash` is the one hash of both.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from insitu.errors import ConfigError, ProtocolError
+from insitu.errors import ConfigError, ProtocolError, parse_choice
 from insitu.learn.models import ModelName
 from insitu.learn.train import OptimizerName, TrainConfig
 
@@ -25,30 +25,38 @@ class TaskSpec:
     local_steps: int
     batch_size: int
     optimizer: str = OptimizerName.SGD.value
-    prox_mu: float = 0.0
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    augment_shift: int = 0  # images: random shifts of up to this many pixels during local training
 
     def __post_init__(self) -> None:
-        try:
-            ModelName(self.model)
-        except ValueError:
-            raise ConfigError(f"unknown model {self.model!r}") from None
+        parse_choice(ModelName, self.model, "model")
+        if not isinstance(self.input_shape, (list, tuple)) or not 1 <= len(self.input_shape) <= 4 or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1_000_000 for d in self.input_shape):
+            raise ConfigError(f"input_shape must be 1 to 4 positive integers (each at most 1,000,000), got {self.input_shape!r}")
+        if isinstance(self.num_outputs, bool) or not isinstance(self.num_outputs, int) or not 1 <= self.num_outputs <= 100_000:
+            raise ConfigError(f"num_outputs must be an integer from 1 to 100,000, got {self.num_outputs!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
+            raise ConfigError(f"lr must be a number, got {self.lr!r}")
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         object.__setattr__(self, "schema", tuple(str(s) for s in self.schema))
         self.train_config()  # validates hyper-parameters
 
-    def train_config(self) -> TrainConfig:
-        shift = self.extra.get("augment_shift", 0)
+    def train_config(self, prox_mu: float = 0.0) -> TrainConfig:
+        """The site's local-training settings (``prox_mu`` comes from the plan's strategy)."""
+        shift = self.augment_shift
         if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= 8:
             raise ConfigError(f"augment_shift must be an integer from 0 to 8, got {shift!r}")
-        return TrainConfig(lr=self.lr, steps=self.local_steps, batch_size=self.batch_size, optimizer=OptimizerName(self.optimizer),
-                           prox_mu=self.prox_mu, augment_shift=shift)
+        for k in ("local_steps", "batch_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10_000_000:
+                raise ConfigError(f"{k} must be an integer from 1 to 10,000,000, got {v!r}")
+        optimizer = parse_choice(OptimizerName, self.optimizer, "optimizer")
+        return TrainConfig(lr=self.lr, steps=self.local_steps, batch_size=self.batch_size, optimizer=optimizer,
+                           prox_mu=prox_mu, augment_shift=shift)
 
     def to_meta(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["schema"] = list(self.schema)
-        d["extra"] = dict(self.extra)
         return d
 
     @classmethod
@@ -65,6 +73,14 @@ class TaskSpec:
             raise ProtocolError(f"invalid task spec: {exc}") from None
 
     def content_hash(self) -> str:
-        """SHA-256 over the canonical JSON of the spec; what a site admin approves."""
-        blob = json.dumps(self.to_meta(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """SHA-256 over the canonical JSON of the spec."""
+        return canonical_hash(self.to_meta())
+
+
+def canonical_hash(meta: Any) -> str:
+    """SHA-256 over canonical JSON (sorted keys, no spaces, no NaN): the one hash of plans and tasks."""
+    try:
+        blob = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"cannot hash a value that is not plain JSON: {exc}") from None
+    return hashlib.sha256(blob).hexdigest()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -111,3 +111,23 @@ def finite_vector(arr: np.ndarray, size: int, what: str) -> np.ndarray:
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ProtocolError(f"{what} holds {bad} NaN or infinite values")
     return arr
+
+
+#: the most metrics one reply may carry, and the longest text value
+MAX_METRICS = 64
+MAX_METRIC_TEXT = 200
+
+
+def reply_metrics(rep: Message) -> dict[str, Any]:
+    """The ``metrics`` object of a site's reply, checked: a flat object of at most MAX_METRICS
+    numbers, booleans or short strings.  Anything else is a ProtocolError (the site is dropped)."""
+    m = rep.meta.get("metrics", {})
+    if not isinstance(m, dict) or len(m) > MAX_METRICS:
+        raise ProtocolError(f"{rep.kind.value} metrics must be an object of at most {MAX_METRICS} entries, got {type(m).__name__}")
+    for k, v in m.items():
+        if isinstance(v, str):
+            if len(v) > MAX_METRIC_TEXT:
+                raise ProtocolError(f"metric {k!r} is a string of {len(v)} characters (limit {MAX_METRIC_TEXT})")
+        elif not isinstance(v, (int, float, bool)) or isinstance(v, float) and not np.isfinite(v):
+            raise ProtocolError(f"metric {k!r} = {v!r} is not a finite number, boolean or short string")
+    return dict(m)

@@ -50,6 +50,8 @@ class Sandbox:
     dead_after: float = 15.0  # generous: a loaded CI machine can stall heart-beats for seconds
     backoff_max: float = 1.0
     operator_configs: set[str] = field(default_factory=set)
+    #: tests only: fixed site secrets, so a deployment can be compared exactly with a simulation
+    fixed_secrets: Mapping[str, bytes] = field(default_factory=dict)
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -79,7 +81,8 @@ class Sandbox:
             "backoff_max": self.backoff_max,
         })
         text += _table("data", {"source": "heart", "hospital": hospital or name})
-        text += _table("policy", {"approved": list(approved), **dict(policy or {})})
+        fixed = {"insecure_fixed_secret": self.fixed_secrets[name].hex()} if name in self.fixed_secrets else {}
+        text += _table("policy", {"approved": list(approved), **fixed, **dict(policy or {})})
         path.write_text(text)
         return path
 
@@ -201,8 +204,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def create(root: str | Path, sites: Iterable[str] = SITES, *, approved: Iterable[str] = (), operators: Iterable[str] = ("ops",)) -> Sandbox:
-    """Write CA, certificates and configs for a coordinator, operators and heart sites under ``root``."""
+def create(root: str | Path, sites: Iterable[str] = SITES, *, approved: Iterable[str] = (), operators: Iterable[str] = ("ops",),
+           fixed_secrets: Mapping[str, bytes] | None = None) -> Sandbox:
+    """Write CA, certificates and configs for a coordinator, operators and heart sites under ``root``.
+
+    ``fixed_secrets`` (tests only) gives sites a fixed secret instead of OS randomness."""
     root = Path(root)
     sites = tuple(sites)
     ca = CertificateAuthority.init(root / "ca")
@@ -211,7 +217,7 @@ def create(root: str | Path, sites: Iterable[str] = SITES, *, approved: Iterable
         ca.issue(op, Role.OPERATOR, root / "pki" / op)
     for s in sites:
         ca.issue(s, Role.SITE, root / "pki" / s)
-    sb = Sandbox(root, sites)
+    sb = Sandbox(root, sites, fixed_secrets=dict(fixed_secrets or {}))
     for s in sites:
         sb.write_site_config(s, approved=approved)
     for op in operators:

@@ -175,6 +175,14 @@ class PrivacyLedger:
 
             self.audit.append(AuditAction.BUDGET_CHANGE, site, {"epsilon": budget.epsilon, "delta": budget.delta, "accountant": budget.accountant.value})
 
+    def has_budget(self, site: str) -> bool:
+        """Whether a budget was ever set for ``site`` in this ledger."""
+        try:
+            self.budget(site)
+        except ConfigError:
+            return False
+        return True
+
     def budget(self, site: str) -> Budget:
         with self._lock:
             row = self._db.execute("SELECT epsilon, delta, accountant FROM budgets WHERE site=?", (site,)).fetchone()

@@ -38,7 +38,6 @@ from insitu.attacks.metrics import auc_interval
 from insitu.attacks.probe import ProbeResult, attack_images, attack_tabular, single_record_round
 from insitu.attacks.reconstruction import MatchConfig
 from insitu.errors import ConfigError, DataError
-from insitu.federation.site import Site
 from insitu.federation.task import TaskSpec
 from insitu.learn.models import ModelName, build_model, set_flat
 from insitu.learn.train import TrainConfig, single_thread, train_local  # noqa: F401  (single_thread: the CLI's)
@@ -117,7 +116,7 @@ class PrivacyReport:
 # reading a run
 # ---------------------------------------------------------------------------------------------
 def _load_run(run_dir: Path) -> tuple[dict[str, Any], Any, TaskSpec, np.ndarray]:
-    from insitu.federation.simulation import SimulationConfig
+    from insitu.apps.simulate import SimulationConfig
 
     summary_path = run_dir / "summary.json"
     model_path = run_dir / "model.npz"
@@ -254,47 +253,6 @@ def membership_attacks(
     return tuple(out), stats
 
 
-def _probe_defences(cfg: Any, summary: dict[str, Any], task: TaskSpec, X: torch.Tensor, y: torch.Tensor) -> tuple[Any, Callable]:
-    """The run's protocol and a factory for probe sites carrying the run's site pipeline and DP.
-
-    Record-level DP: the site trains with DP-SGD at the run's noise multiplier and clip, with the
-    record always in the batch (sampling rate 1: the worst case).  Site-level DP: the run's DP
-    settings are rebuilt for the probe (same ε, rounds, placement), on an in-memory ledger.
-    """
-    from insitu.data.dataset import FederatedData, SiteData
-    from insitu.federation import simulation
-
-    protocol = simulation.build_protocol(cfg)
-    level = _dp_level(cfg)
-    site_dp: Callable[[Site], None] = lambda site: None  # noqa: E731
-    if level == "record":
-        from insitu.federation.dp import dpsgd_trainer
-        from insitu.learn.dpsgd import DPSGDConfig
-
-        priv = _dp_privacy(summary)
-        sigma = max(float(v) for v in (priv.get("noise_multiplier") or {}).values())
-        dp = DPSGDConfig(sigma, float(priv["clip"]), 1.0)
-
-        def site_dp(site: Site) -> None:
-            site.trainer = dpsgd_trainer(dp)
-    elif level == "site":
-        from insitu.federation.dp import run_for_simulation
-
-        probe = FederatedData("probe", tuple(SiteData(f"probe-{i + 1}", X[i : i + 1], y[i : i + 1], X[i : i + 1], y[i : i + 1]) for i in range(X.shape[0])),
-                              task.input_shape, 2, task.schema)
-        quiet = dataclasses.replace(cfg, privacy_ledger=None) if hasattr(cfg, "privacy_ledger") else cfg
-        run = run_for_simulation(quiet, probe)
-        protocol = run.wrap_protocol(protocol)
-        site_dp = run.configure_site
-
-    def make(sid: str, data: Any, t: TaskSpec) -> Site:
-        site = Site(sid, data, t, pipeline=simulation.build_pipeline(cfg, protocol, sid))
-        site_dp(site)
-        return site
-
-    return protocol, make
-
-
 def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, params: np.ndarray, data: Any, *, records: int | None = None, iterations: int = 300, seed: int = 0) -> ReconstructionFigures:
     """The curious coordinator on probe rounds of single-record updates, with the run's defences.
 
@@ -312,15 +270,20 @@ def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, par
     # the worst case a site can be put in: one plain SGD step on one record, so the update is that
     # record's gradient (the classic DLG setting).  A run's Adam steps (≈ the gradient's sign) or
     # random shifts leak less per round; this figure does not credit them (an upper bound).
-    extra = {k: v for k, v in dict(task.extra).items() if k != "augment_shift"}
-    probe_task = dataclasses.replace(task, local_steps=1, batch_size=1, optimizer="sgd", extra=extra)
+    from insitu.attacks.probe import probe_plan
+    from insitu.plan import Plan
+
+    sigma = None
+    if _dp_level(cfg) == "record":
+        sigma = max(float(v) for v in (_dp_privacy(summary).get("noise_multiplier") or {}).values())
+    plan = probe_plan(Plan.from_meta(summary["plan"]), sigma)
+    probe_task = plan.task
     Xn, _ = data.pooled_test()
     guess = Xn.mean(0).numpy()  # what an attacker knows without the update: the population mean
     parts: list[ProbeResult] = []
     for start in range(0, len(chosen), per_round):
         idx = torch.from_numpy(np.sort(chosen[start : start + per_round]))
-        protocol, factory = _probe_defences(cfg, summary, probe_task, Xm[idx], ym[idx])
-        obs = single_record_round(probe_task, Xm[idx], ym[idx], params, protocol, factory)
+        obs = single_record_round(plan, Xm[idx], ym[idx], params)
         if cnn:
             lo, hi = float(Xn.min()), float(Xn.max())
             parts.append(attack_images(obs, probe_task, Xm[idx].numpy(), guess[None], MatchConfig(iterations=iterations, bounds=(lo, hi)), seed=seed + start))
@@ -402,7 +365,7 @@ def attack_run(
 ) -> PrivacyRow:
     """Attack one finished run; ``shadow_cache`` lets :func:`compare` reuse shadow models between
     runs that share a training recipe (the protocol does not change what a model learns)."""
-    from insitu.federation.simulation import load_federated
+    from insitu.apps.simulate import load_federated
 
     run_dir = Path(run_dir)
     summary, cfg, task, params = _load_run(run_dir)
@@ -497,7 +460,7 @@ def compare_configs(cc: CompareConfig, seed: int | None = None) -> list[tuple[st
 
 def compare(cc: CompareConfig, *, progress: Callable[[str], None] | None = None) -> PrivacyReport:
     """``insitu privacy compare``: run the task under each defence, attack every run, one table."""
-    from insitu.federation.simulation import SimulationConfig, simulate
+    from insitu.apps.simulate import SimulationConfig, simulate
 
     out = Path(cc.out)
     if out.exists() and any(out.iterdir()):

@@ -39,7 +39,7 @@ import numpy as np
 from insitu.errors import ConfigError, ProtocolError, RoundAborted
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan
-from insitu.federation.transport import Transport
+from insitu.federation.transport import Transport, reply_metrics
 from insitu.secure import ckks as _ckks
 from insitu.secure import paillier as _paillier
 from insitu.secure.attest import relayable
@@ -233,6 +233,9 @@ class _SiteKeys:
 class HESite:
     """The site half: joins key dealing, encrypts its update, decrypts only sums."""
 
+    #: the TRAIN meta key this protocol adds to the plan and round instructions
+    request_keys = ("he",)
+
     def __init__(self, site_id: str, config: HEConfig | None = None, attestation: Any = None):
         """``attestation`` (deployments): sign this site's dealing key with its certificate and
         accept only the dealer's / peers' keys signed with theirs."""
@@ -401,7 +404,7 @@ class HEProtocol:
             raise abort(site, str(exc)) from None
         t_add = time.perf_counter() - t_add
         participants = tuple(sorted(trn))
-        metrics = {sid: dict(trn[sid].meta.get("metrics", {})) for sid in participants}
+        metrics = {sid: reply_metrics(trn[sid]) for sid in participants}
         dmeta = {"count": len(participants), "size": size, "he": meta}
         # ask participants in turn (rotating with the round) until enough decrypted
         order = list(participants[plan.round % len(participants) :] + participants[: plan.round % len(participants)])

@@ -47,7 +47,7 @@ import numpy as np
 from insitu.errors import ConfigError, ProtocolError, RoundAborted
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan
-from insitu.federation.transport import Transport
+from insitu.federation.transport import Transport, reply_metrics
 from insitu.secure import shamir
 from insitu.secure.attest import relayable
 from insitu.secure._primitives import MaskExpander, agree, commitment, context, hkdf, open_sealed, private_key, seal, x25519_keypair, x25519_public
@@ -257,6 +257,9 @@ class SecAggSite:
     checks each request against what it already agreed to, so that a coordinator asking
     for both shares of one peer, or replaying an old phase, is refused.
     """
+
+    #: the TRAIN meta key this protocol adds to the plan and round instructions
+    request_keys = ("secagg",)
 
     def __init__(self, site_id: str, config: SecAggConfig | None = None, attestation: Any = None):
         """``attestation`` (an :class:`insitu.secure.attest.Attestation`, deployments): sign this
@@ -533,7 +536,7 @@ class SecAggProtocol:
             if fp.ring_bits not in (32, 64) and int(arr.max(initial=0)) > top:
                 raise _abort(plan, sid, f"masked vector holds values outside Z_2^{fp.ring_bits}")
             np.add(acc, arr, out=acc)
-            metrics[sid] = dict(rep.meta.get("metrics", {}))
+            metrics[sid] = reply_metrics(rep)
         u3 = frozenset(trn)
         enough(u3, "training")
         gone = u2 - u3

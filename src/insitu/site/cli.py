@@ -65,27 +65,28 @@ def pending(config: Path = CONFIG) -> None:
 
 
 def _privacy_cell(policy, spec: dict, n_train: list[int]) -> str:
-    """What a pending task would cost this site's privacy budget per round, by this site's own accountant."""
+    """What a pending plan would cost this site's privacy budget per round, by this site's own accountant."""
     from insitu.errors import InsituError
-    from insitu.federation.dp import TaskDP
-    from insitu.federation.task import TaskSpec
+    from insitu.plan import Plan
 
     try:
-        task = TaskSpec.from_meta(spec)
-        dp = TaskDP.of(task)
+        plan = Plan.from_meta(spec)
     except InsituError as exc:
         return f"malformed: {exc}"[:80]
-    if dp is None:
+    dp = plan.dp
+    if not dp.on:
         return "no DP" + (" (refused: this site has a budget)" if policy.epsilon_budget is not None else "")
-    head = f"DP-SGD σ={dp.noise_multiplier:g}, clip {dp.clip:g}"
+    noise = f"σ={dp.noise_multiplier:g}" if dp.noise_multiplier is not None else f"target ε={dp.epsilon:g}"
+    head = f"{dp.level.value}-level DP {noise}, clip {dp.clip:g}"
     if policy.epsilon_budget is None:
         return head + "; refused: no epsilon_budget here"
+    from insitu.builder import site_dp
     from insitu.privacy import Budget, PrivacyLedger, epsilon_of
     from insitu.site.node import load_site_data
 
     if not n_train:
         n_train.append(load_site_data(policy)[0].n_train)
-    events = dp.events(task, n_train[0])
+    events = site_dp(plan, "pending", n_train[0], object(), b"\0" * 32).events
     eps = epsilon_of(events, policy.delta)
     ledger = PrivacyLedger(Path(policy.state) / "privacy_ledger.sqlite")
     try:

@@ -35,12 +35,13 @@ import torch
 from insitu.data.dataset import SiteData
 from insitu.errors import BudgetExceeded, ConfigError, DataError, PolicyViolation, ProtocolError, TaskNotApproved
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.pipeline import SitePipeline
+from insitu.builder import build_site, protection_half
+from insitu.federation.instructions import RoundInstructions
 from insitu.federation.site import Site
-from insitu.federation.task import TaskSpec
 from insitu.net.client import DialConfig, SiteClient
 from insitu.net.pki import Credentials
-from insitu.net.protocols import ProtocolName, protocol_of, site_protection
+from insitu.net.protocols import protocol_of
+from insitu.plan import Plan, Protection
 from insitu.site.policy import Approvals, DataSource, SitePolicy, check_group, check_ranges
 
 log = logging.getLogger("insitu.site")
@@ -97,6 +98,10 @@ class SiteNode:
             self.ledger = PrivacyLedger(Path(policy.state) / "privacy_ledger.sqlite")
             self.ledger.set_budget(site_id, Budget(policy.epsilon_budget, policy.delta))
         self._sites: OrderedDict[str, Site] = OrderedDict()
+        self._plans: dict[str, Plan] = {}
+        if policy.insecure_fixed_secret is not None:
+            log.warning("site %s: insecure_fixed_secret is set: sampling and DP noise are replayable by whoever reads "
+                        "site.toml; use it for tests only", site_id)
         self._early: dict[str, Any] = {}  # job → protocol site half created by a phase before TRAIN
         self._lock = threading.Lock()
         self._attestation: Any = None
@@ -111,43 +116,42 @@ class SiteNode:
             self._attestation = Attestation.load(self.policy.cert, self.policy.key, self.policy.ca)
         return self._attestation
 
-    def _protection(self, protocol: str) -> Any:
-        """This site's half of ``protocol``; secure aggregation signs and checks keys (see attestation)."""
-        signed = protocol != ProtocolName.PLAIN.value  # secure aggregation and homomorphic key dealing
-        return site_protection(protocol, self.site_id, min_group=self.policy.min_secagg_group, attestation=self.attestation if signed else None)
+    def secret_for(self, job: str) -> bytes:
+        """This site's secret for ``job``: fresh OS randomness, kept only in memory (never derived from
+        anything the coordinator sends or knows), unless the admin set insecure_fixed_secret for a test."""
+        if self.policy.insecure_fixed_secret is not None:
+            return self.policy.insecure_fixed_secret
+        from insitu.builder import new_secret
 
-    # -- the guard the round engine calls before training ------------------------------------
-    def guard(self, site: Site, msg: Message, task: TaskSpec) -> None:
-        self.check_task(task)
-        check_group(str(msg.meta.get("protocol", "plain")), int(msg.meta.get("group", 1)), self.policy.min_secagg_group)
-        self.check_dp(task)
+        return new_secret()
 
-    def check_dp(self, task: TaskSpec) -> Any:
-        """The site's DP rule: with a budget only record-level DP tasks run (charged to its own
-        ledger before training); without one, no DP task runs (nothing could cap it)."""
-        from insitu.federation.dp import TaskDP
+    # -- the checks before a plan may run, and before every round --------------------------------
+    def guard(self, plan: Plan, ins: RoundInstructions) -> None:
+        self.check_task(plan)
+        check_group(plan.protection.kind.value, ins.group, self.policy.min_secagg_group)
 
-        try:
-            dp = TaskDP.of(task)
-        except ConfigError as exc:
-            raise PolicyViolation(f"task {task.content_hash()[:12]} refused: {exc}") from None
-        if self.ledger is not None and dp is None:
+    def check_dp(self, plan: Plan) -> None:
+        """The site's DP rule: with a budget only DP plans run (charged to its own ledger before
+        training); without one, no DP plan runs (nothing could cap it)."""
+        h = plan.content_hash()[:12]
+        if self.ledger is not None and not plan.dp.on:
             raise BudgetExceeded(
-                f"task {task.content_hash()[:12]} declares no differential privacy; this site has a privacy budget of "
-                f"ε={self.policy.epsilon_budget:g} and runs only record-level DP tasks (dp = \"record\", noise_multiplier, clip)")
-        if self.ledger is None and dp is not None:
+                f"plan {h} declares no differential privacy; this site has a privacy budget of "
+                f"ε={self.policy.epsilon_budget:g} and runs only DP plans (dp = \"record\" or \"site\", epsilon or noise_multiplier)")
+        if self.ledger is None and plan.dp.on:
             raise PolicyViolation(
-                f"task {task.content_hash()[:12]} asks for record-level DP but this site has no privacy budget to account it "
+                f"plan {h} asks for {plan.dp.level.value}-level DP but this site has no privacy budget to account it "
                 "against: set [policy] epsilon_budget (and delta) in site.toml")
-        return dp
 
-    def check_task(self, task: TaskSpec) -> None:
-        self.approvals.check(task)
-        check_ranges(task, self.policy.ranges)
+    def check_task(self, plan: Plan) -> None:
+        self.approvals.check(plan)
+        check_ranges(plan, self.policy.ranges)
+        task = plan.task
         if self.schema is not None and tuple(task.schema) != tuple(self.schema):
             raise TaskNotApproved(f"task schema {list(task.schema)} is not this site's data schema {list(self.schema)}")
         if tuple(task.input_shape) != tuple(self.data.X_train.shape[1:]):
             raise TaskNotApproved(f"task input shape {task.input_shape} does not match this site's records {tuple(self.data.X_train.shape[1:])}")
+        self.check_dp(plan)
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
@@ -157,7 +161,7 @@ class SiteNode:
         try:
             site = self._site_for(msg)
             if msg.kind is MessageKind.EVALUATE:
-                self.check_task(site.task)  # scoring a model on local test data is also an approved use only
+                self.check_task(self._plans[msg.job])  # scoring a model on local test data is also an approved use only
             reply = site.handle(msg)
         except PolicyViolation as exc:
             self._refused(msg, exc)
@@ -177,7 +181,7 @@ class SiteNode:
                 return None
             prot = self._early.get(msg.job)
             if prot is None:
-                prot = self._protection(proto.value)
+                prot = protection_half(proto, self.site_id, attestation=self.attestation, min_group=self.policy.min_secagg_group)
                 self._early[msg.job] = prot
                 while len(self._early) > MAX_JOBS:
                     self._early.pop(next(iter(self._early)))
@@ -190,57 +194,51 @@ class SiteNode:
         with self._lock:
             site = self._sites.get(msg.job)
             if msg.kind in (MessageKind.TRAIN, MessageKind.EVALUATE):
-                task = TaskSpec.from_meta(msg.require("task", dict))
-                seed = msg.meta.get("seed")
-                if isinstance(seed, bool) or (seed is not None and not isinstance(seed, int)):
-                    raise ProtocolError(f"seed {seed!r} is not an integer")
-                protocol = str(msg.meta.get("protocol", "plain"))
-                rebuild = (
-                    site is None or site.task.content_hash() != task.content_hash()
-                    or (msg.kind is MessageKind.TRAIN and site.last_round < 0 and seed is not None and site.seed != self._seed(seed))
-                    or getattr(site, "protocol_name", "plain") != protocol and msg.kind is MessageKind.TRAIN
-                )
-                if rebuild:
-                    if site is not None and getattr(site, "protocol_name", "plain") == protocol:
-                        self._early.setdefault(msg.job, site.pipeline.protection)  # keep key-agreement state
-                    site = self._build(msg.job, task, self._seed(seed or 0), protocol)
+                try:
+                    plan = Plan.from_meta(msg.require("plan", dict))
+                except ConfigError as exc:
+                    raise ProtocolError(f"{msg.kind.value} for job {msg.job!r}: {exc}") from None
+                if site is None or site.plan_hash != plan.content_hash():
+                    self._plans[msg.job] = plan
+                    site = self._build(msg.job, plan)
             if site is None:
                 raise ProtocolError(f"{msg.kind.value} for job {msg.job!r} before any train or evaluate request")
             self._sites.move_to_end(msg.job)
             return site
 
-    def _seed(self, job_seed: int) -> int:
-        return job_seed * 1000 + self.stream  # as simulation seeds its i-th site: seed·1000 + i + 1
-
-    def _build(self, job: str, task: TaskSpec, seed: int, protocol: str) -> Site:
-        prot = self._early.pop(job, None) or self._protection(protocol)
-        site = Site(self.site_id, self.data, task, pipeline=SitePipeline(protection=prot),
-                    guards=[self.guard], seed=seed)
-        site.protocol_name = protocol  # type: ignore[attr-defined]
-        if self.ledger is not None:
-            from insitu.federation.dp import TaskDP
-
-            try:
-                dp = TaskDP.of(task)
-            except ConfigError:
-                dp = None  # self.guard refuses the task before any training
-            if dp is not None:
-                dp.install(site, self.ledger)  # after self.guard: approval is checked before anything is charged
+    def _build(self, job: str, plan: Plan) -> Site:
+        try:
+            self.check_task(plan)  # before anything is built or charged
+        except PolicyViolation as exc:
+            self._refused_plan(job, plan, exc)
+            raise
+        early = self._early.pop(job, None)
+        if early is not None and plan.protection.kind is Protection.PLAIN:
+            raise ProtocolError(f"job {job!r} ran a key agreement but its plan {plan.content_hash()[:12]} is not protected")
+        site = build_site(plan, self.site_id, self.data, secret=self.secret_for(job), ledger=self.ledger,
+                          guards=[lambda _site, _msg, ins: self.guard(plan, ins)],
+                          attestation=self.attestation if plan.protection.secure else None,
+                          min_group=self.policy.min_secagg_group, protection=early, job=job)
         self._sites[job] = site
         while len(self._sites) > MAX_JOBS:
-            self._sites.popitem(last=False)
+            old, _ = self._sites.popitem(last=False)
+            self._plans.pop(old, None)
         return site
+
+    def _refused_plan(self, job: str, plan: Plan, exc: Exception) -> None:
+        if isinstance(exc, TaskNotApproved):
+            self.approvals.remember_refused(plan, str(exc))
 
     def _refused(self, msg: Message, exc: Exception) -> None:
         log.warning("refused %s for job %s round %d: %s", msg.kind.value, msg.job, msg.round, exc)
         entry: dict[str, Any] = {"at": time.time(), "job": msg.job, "round": msg.round, "kind": msg.kind.value,
                                  "error": type(exc).__name__, "reason": str(exc)}
         try:
-            task = TaskSpec.from_meta(msg.meta.get("task"))
-            entry["task_hash"] = task.content_hash()
+            plan = Plan.from_meta(msg.meta.get("plan"))
+            entry["plan_hash"] = plan.content_hash()
             if isinstance(exc, TaskNotApproved):
-                self.approvals.remember_refused(task, str(exc))
-        except ProtocolError:
+                self.approvals.remember_refused(plan, str(exc))
+        except ConfigError:
             pass
         with (self.policy.state / "refusals.jsonl").open("a") as fh:
             fh.write(json.dumps(entry) + "\n")

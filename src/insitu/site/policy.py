@@ -42,10 +42,22 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from insitu.errors import ConfigError, PolicyViolation, TaskNotApproved
-from insitu.federation.task import TaskSpec
+from insitu.plan import Plan
 
-#: task fields an approval may open to a range; everything else must match the approved task exactly.
-HYPER_PARAMETERS = ("lr", "local_steps", "batch_size", "prox_mu")
+#: plan fields an approval may open to a range (name → where it sits in the plan); everything else
+#: must match the approved plan exactly.
+HYPER_PARAMETERS = {"lr": ("task", "lr"), "local_steps": ("task", "local_steps"), "batch_size": ("task", "batch_size"),
+                    "mu": ("strategy", "mu")}
+
+
+def _flat(meta: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in meta.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
 
 
 class DataSource(str, enum.Enum):
@@ -94,6 +106,10 @@ class SitePolicy:
     heartbeat: float = 2.0
     dead_after: float = 10.0
     backoff_max: float = 15.0
+    #: tests only: a fixed site secret (hex) instead of OS randomness, so that a deployment can be
+    #: compared exactly with a simulation given the same secret.  Makes sampling and DP noise
+    #: replayable by whoever reads this file; logged as unsafe at start.
+    insecure_fixed_secret: bytes | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "SitePolicy":
@@ -123,6 +139,14 @@ class SitePolicy:
         delta = pol.get("delta", 1e-5)
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ConfigError(f"{path}: delta must be in (0, 1), got {delta!r}")
+        fixed = pol.get("insecure_fixed_secret")
+        if fixed is not None:
+            try:
+                fixed = bytes.fromhex(str(fixed))
+            except ValueError:
+                raise ConfigError(f"{path}: insecure_fixed_secret must be hex, got {str(fixed)[:8]}…") from None
+            if len(fixed) < 16:
+                raise ConfigError(f"{path}: insecure_fixed_secret must be at least 16 bytes (32 hex digits)")
         group = int(pol.get("min_secagg_group", 0))
         if group < 0:
             raise ConfigError(f"{path}: min_secagg_group must be >= 0, got {group}")
@@ -133,7 +157,7 @@ class SitePolicy:
             ranges={k: Range.parse(k, v) for k, v in pol.get("ranges", {}).items()},
             epsilon_budget=float(budget) if budget is not None else None, delta=float(delta), min_secagg_group=group,
             heartbeat=float(site.get("heartbeat", 2.0)), dead_after=float(site.get("dead_after", 10.0)),
-            backoff_max=float(site.get("backoff_max", 15.0)),
+            backoff_max=float(site.get("backoff_max", 15.0)), insecure_fixed_secret=fixed,
         )
 
 
@@ -162,31 +186,33 @@ class Approvals:
             spec = self.pending().get(task_hash, {}).get("spec")
         if ranges and spec is None:
             raise ConfigError(f"task {task_hash[:12]}: ranges need the task's spec; this site has not seen it yet (or pass --task task.json)")
-        if spec is not None and TaskSpec.from_meta(dict(spec)).content_hash() != task_hash:
-            raise ConfigError(f"the given task spec hashes to {TaskSpec.from_meta(dict(spec)).content_hash()[:12]}, not {task_hash[:12]}")
+        if spec is not None and Plan.from_meta(dict(spec)).content_hash() != task_hash:
+            raise ConfigError(f"the given plan hashes to {Plan.from_meta(dict(spec)).content_hash()[:12]}, not {task_hash[:12]}")
         entries = json.loads(self.path.read_text()) if self.path.exists() else {}
         entries[task_hash] = {"spec": dict(spec) if spec is not None else None,
                               "ranges": {k: [r.low, r.high] for k, r in (ranges or {}).items()}, "approved_at": time.time()}
         _atomic_json(self.path, entries)
         return entries[task_hash]
 
-    def check(self, task: TaskSpec) -> None:
-        """Raise :class:`TaskNotApproved` unless ``task`` is approved (exactly, or within an approval's ranges)."""
-        h = task.content_hash()
+    def check(self, plan: Plan) -> None:
+        """Raise :class:`TaskNotApproved` unless ``plan`` is approved (exactly, or within an approval's ranges)."""
+        h = plan.content_hash()
         entries = self.entries()
         if h in entries:
             return
-        mine = task.to_meta()
+        mine = _flat(plan.to_meta())
         for approved_hash, e in entries.items():
             if not e.get("spec") or not e.get("ranges"):
                 continue
-            spec = dict(e["spec"])
+            spec = _flat(dict(e["spec"]))
             differs = {k for k in set(spec) | set(mine) if spec.get(k) != mine.get(k)}
-            ranges = {k: Range.parse(k, v) for k, v in e["ranges"].items()}
+            ranges = {HYPER_PARAMETERS[k]: Range.parse(k, v) for k, v in e["ranges"].items() if k in HYPER_PARAMETERS}
             if differs and differs <= set(ranges) and all(float(mine[k]) in ranges[k] for k in differs):
                 return
+        t = plan.task
         raise TaskNotApproved(
-            f"task {h[:12]} ({task.model}, lr={task.lr}, local_steps={task.local_steps}) is not approved at this site; "
+            f"plan {h[:12]} ({t.model}, {plan.strategy.name.value}, lr={t.lr}, local_steps={t.local_steps}, "
+            f"protection {plan.protection.kind.value}, dp {plan.dp.level.value}) is not approved at this site; "
             f"the site admin can review it with `insitu site pending` and run `insitu site approve {h}`"
         )
 
@@ -194,21 +220,23 @@ class Approvals:
         p = self.state / "pending.json"
         return json.loads(p.read_text()) if p.exists() else {}
 
-    def remember_refused(self, task: TaskSpec, reason: str) -> None:
+    def remember_refused(self, plan: Plan, reason: str) -> None:
         p = self.state / "pending.json"
         pend = self.pending()
-        h = task.content_hash()
-        entry = pend.setdefault(h, {"spec": task.to_meta(), "first_seen": time.time(), "count": 0})
+        h = plan.content_hash()
+        entry = pend.setdefault(h, {"spec": plan.to_meta(), "first_seen": time.time(), "count": 0})
         entry["count"] += 1
         entry["last_reason"] = reason
         _atomic_json(p, pend)
 
 
-def check_ranges(task: TaskSpec, ranges: Mapping[str, Range]) -> None:
+def check_ranges(plan: Plan, ranges: Mapping[str, Range]) -> None:
+    """This site's own limits on hyper-parameters ([policy.ranges]), whatever the approvals say."""
+    mine = _flat(plan.to_meta())
     for name, rng in ranges.items():
-        v = float(getattr(task, name))
+        v = float(mine[HYPER_PARAMETERS[name]])
         if v not in rng:
-            raise TaskNotApproved(f"task {task.content_hash()[:12]}: {name} = {v} is outside this site's allowed range [{rng.low}, {rng.high}]")
+            raise TaskNotApproved(f"plan {plan.content_hash()[:12]}: {name} = {v} is outside this site's allowed range [{rng.low}, {rng.high}]")
 
 
 def check_group(protocol: str, group: int, minimum: int) -> None:

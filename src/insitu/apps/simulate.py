@@ -11,29 +11,29 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import shutil
+import uuid
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from insitu.compress import CompressionSpec, UpdateCompressor
 from insitu.data.dataset import FederatedData
 from insitu.data.partition import Partition, PartitionKind
-from insitu.errors import ConfigError, RoundAborted
+from insitu.errors import ConfigError, RoundAborted, parse_choice
 from insitu.federation.coordinator import Coordinator, RoundRecord
-from insitu.federation.pipeline import SitePipeline
-from insitu.federation.protocol import AggregationProtocol, PlainProtocol
-from insitu.federation.site import Site
-from insitu.federation.strategies import StrategyName, make_strategy
+from insitu.federation.strategies import StrategyName
 from insitu.federation.task import TaskSpec
 from insitu.federation.transport import InProcessTransport
-from insitu.learn.baselines import local_only, pooled
-from insitu.learn.models import build_model, get_flat
+from insitu.plan import DEFAULT_MU, DPSpec, Plan, Protection, ProtectionSpec, StrategySpec
+
+
+log = logging.getLogger("insitu.simulate")
 
 
 class DatasetName(str, enum.Enum):
@@ -63,23 +63,6 @@ DEFAULTS: dict[DatasetName, Defaults] = {
     DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "constant", "last", 2),
 }
 
-#: server learning rates that work for the adaptive optimizers (Reddi et al. tune η on a grid).
-SERVER_LR = {StrategyName.FEDADAM: 0.03, StrategyName.FEDYOGI: 0.03, StrategyName.FEDADAGRAD: 0.03}
-
-
-def _cosine(rounds: int, floor: float = 0.1) -> Callable[[int], float]:
-    """Site learning rate from 100% in round 1 down to ``floor`` in the last round."""
-    import math
-
-    return lambda r: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (r - 1) / max(1, rounds - 1)))
-
-
-LR_SCHEDULES: dict[str, Callable[[int], Callable[[int], float] | None]] = {
-    "constant": lambda rounds: None,
-    "cosine": _cosine,
-}
-
-
 @dataclass(frozen=True)
 class SimulationConfig:
     dataset: str = "heart"
@@ -93,7 +76,7 @@ class SimulationConfig:
     batch_size: int | None = None
     optimizer: str | None = None
     model: str | None = None
-    mu: float = 0.01
+    mu: float = DEFAULT_MU  # FedProx's proximal weight (fedprox only)
     server_lr: float | None = None
     seed: int = 0
     min_sites: int = 1
@@ -120,22 +103,18 @@ class SimulationConfig:
     normalize: str = "site"  # heart: z-score per site (FLamby) or with federated moments
     baselines: bool = True
     out: str | None = None
+    #: derive every site's secret (sampling, DP noise, rounding) from --seed: replayable, NOT private
+    insecure_replayable_randomness: bool = False
 
-    def resolved(self) -> "SimulationConfig":
-        """The config with dataset defaults filled in and every value checked."""
-        try:
-            ds = DatasetName(self.dataset)
-        except ValueError:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {[d.value for d in DatasetName]}") from None
+    def resolved(self, *, need_data: bool = True) -> "SimulationConfig":
+        """The config with dataset defaults filled in and every value checked (``need_data``: a
+        deployed job's coordinator holds no data, so it resolves without --data)."""
+        ds = parse_choice(DatasetName, self.dataset, "--dataset")
         d = DEFAULTS[ds]
         if self.dp != "off":
             from insitu.federation.dp import dp_defaults
 
             d = dp_defaults(ds.value, self.dp, d)  # DP-friendly batch/steps where the user set none
-        try:
-            strat = StrategyName(self.strategy)
-        except ValueError:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {[s.value for s in StrategyName]}") from None
         cfg = replace(
             self,
             sites=self.sites if self.sites is not None else d.sites,
@@ -149,31 +128,43 @@ class SimulationConfig:
             lr_schedule=self.lr_schedule or d.lr_schedule,
             select=self.select or d.select,
             augment=self.augment if self.augment is not None else d.augment,
-            server_lr=self.server_lr if self.server_lr is not None else SERVER_LR.get(strat, 1.0),
         )
         Partition.parse(cfg.partition)
-        if cfg.select not in ("last", "best-val"):
-            raise ConfigError(f"unknown --select {cfg.select!r}; choose last or best-val")
-        if cfg.select == "best-val" and ds is DatasetName.HEART:
+        plan = cfg.plan_for((1,), 1, ("x",))  # validates every plan field (strategy, protection, DP, compression, …)
+        if plan.select.value == "best-val" and ds is DatasetName.HEART:
             raise ConfigError("--select best-val needs validation splits; the heart data has none (FLamby's splits are train/test)")
-        if cfg.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"unknown --lr-schedule {cfg.lr_schedule!r}; choose one of {sorted(LR_SCHEDULES)}")
-        CompressionSpec.parse(cfg.compress)
-        from insitu.secure import secure_protocol
+        from insitu.federation.dp import parse_budgets
 
-        secure_protocol(cfg.secure_aggregation, cfg.homomorphic, cfg.secagg_recovery)  # validates the combination
-        from insitu.federation.dp import settings_from
-
-        settings_from(cfg)  # validates the DP options
-        if cfg.rounds < 1:
-            raise ConfigError(f"--rounds must be at least 1, got {cfg.rounds}")
+        parse_budgets(cfg.site_budget)
         if not 0.0 <= cfg.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
         if cfg.min_sites < 1 or cfg.min_sites > cfg.sites:
             raise ConfigError(f"--min-sites {cfg.min_sites} must be between 1 and the number of sites ({cfg.sites})")
-        if ds is not DatasetName.HEART and not cfg.data:
+        if need_data and ds is not DatasetName.HEART and not cfg.data:
             raise ConfigError(f"dataset {ds.value} needs --data PATH to a MedMNIST .npz file")
         return cfg
+
+    def plan_for(self, input_shape: tuple[int, ...], num_outputs: int, schema: tuple[str, ...]) -> Plan:
+        """The plan of this (resolved) configuration for data of the given shape: what every site runs."""
+        strategy = parse_choice(StrategyName, self.strategy, "--strategy")
+        he = parse_choice(Protection, (self.homomorphic or "none").lower().replace("none", "plain"), "--homomorphic")
+        if he is Protection.SECAGG:
+            raise ConfigError("--homomorphic takes paillier or ckks; secure aggregation is --secure-aggregation")
+        if self.secure_aggregation and he is not Protection.PLAIN:
+            raise ConfigError("--secure-aggregation and --homomorphic both protect the sum; choose one")
+        kind = Protection.SECAGG if self.secure_aggregation else he
+        task = TaskSpec(model=self.model, input_shape=tuple(input_shape), num_outputs=num_outputs, schema=tuple(schema),
+                        lr=self.lr, local_steps=self.local_steps, batch_size=self.batch_size, optimizer=self.optimizer,
+                        augment_shift=self.augment or 0)
+        return Plan(
+            task=task,
+            strategy=StrategySpec(strategy, self.server_lr, self.mu if strategy is StrategyName.FEDPROX else 0.0),
+            protection=ProtectionSpec(kind, self.secagg_recovery),
+            compression=self.compress,
+            dp=DPSpec(level=self.dp, epsilon=self.epsilon, noise_multiplier=self.noise_multiplier, delta=self.delta, clip=self.clip,
+                      placement=self.dp_placement, adaptive_clip=self.adaptive_clip, accountant=self.accountant),
+            rounds=self.rounds, min_sites=self.min_sites, lr_schedule=self.lr_schedule, select=self.select, normalize=self.normalize,
+        )
 
 
 def load_federated(cfg: SimulationConfig) -> FederatedData:
@@ -192,33 +183,6 @@ def load_federated(cfg: SimulationConfig) -> FederatedData:
         parts = split_indices(df["label"].to_numpy(), cfg.sites, part, np.random.default_rng(cfg.seed), min_per_site=4)
         return heart_sites_from_indices(df, parts, [f"hospital-{i + 1}" for i in range(cfg.sites)], cfg.normalize)
     return load_medmnist(cfg.data, cfg.sites, part, seed=cfg.seed, name=ds.value)
-
-
-def make_task(cfg: SimulationConfig, data: FederatedData) -> TaskSpec:
-    return TaskSpec(
-        model=cfg.model, input_shape=data.input_shape, num_outputs=data.num_outputs, schema=data.schema,
-        lr=cfg.lr, local_steps=cfg.local_steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
-        extra={"augment_shift": cfg.augment} if cfg.augment else {},
-    )
-
-
-def build_protocol(cfg: SimulationConfig) -> AggregationProtocol:
-    """The aggregation protocol asked for (plain unless a secure option is given)."""
-    from insitu.secure import secure_protocol
-
-    secure = secure_protocol(cfg.secure_aggregation, cfg.homomorphic, cfg.secagg_recovery)
-    spec = CompressionSpec.parse(cfg.compress)
-    if secure is not None:
-        from insitu.compress.secure import compose_with_secure
-
-        return compose_with_secure(secure, spec)  # shared:F masks only the shared subset; others refused
-    return PlainProtocol(spec)
-
-
-def build_pipeline(cfg: SimulationConfig, protocol: AggregationProtocol, site_id: str) -> SitePipeline:
-    spec = CompressionSpec.parse(cfg.compress)
-    stage = None if spec.is_identity else UpdateCompressor(spec, seed=int(_stable_uniform(cfg.seed, site_id, -1) * 2**32))
-    return SitePipeline(compress=stage, protection=protocol.site_protection(site_id))
 
 
 def _dropout_plan(cfg: SimulationConfig) -> Callable | None:
@@ -293,11 +257,32 @@ def default_out(cfg: SimulationConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.dataset}-{cfg.strategy}-s{cfg.seed}"
 
 
-def simulate(config: SimulationConfig | None = None, *, progress: bool = False, write: bool = True, **options: Any) -> dict[str, Any]:
+def secrets_for(cfg: SimulationConfig, names: list[str], given: Mapping[str, bytes] | None = None) -> dict[str, bytes]:
+    """Each simulated site's secret: given explicitly (tests), derived from --seed when the run asked
+    for replayable randomness by name (not private), else fresh from the OS."""
+    from insitu.builder import new_secret
+
+    if given is not None:
+        missing = sorted(set(names) - set(given))
+        if missing:
+            raise ConfigError(f"site_secrets lacks site(s) {missing}")
+        return {n: bytes(given[n]) for n in names}
+    if cfg.insecure_replayable_randomness:
+        import hashlib
+
+        return {n: hashlib.sha256(f"insitu/insecure-replay/{cfg.seed}/{n}".encode()).digest() for n in names}
+    return {n: new_secret() for n in names}
+
+
+def simulate(config: SimulationConfig | None = None, *, progress: bool = False, write: bool = True,
+             site_secrets: Mapping[str, bytes] | None = None, **options: Any) -> dict[str, Any]:
     """Run a federated simulation and return its summary (also written to ``summary.json``).
 
     ``simulate(dataset="heart", strategy="fedyogi", rounds=30)`` is the Python face of
-    ``insitu simulate``; options are the fields of :class:`SimulationConfig`.
+    ``insitu simulate``; options are the fields of :class:`SimulationConfig`.  ``--seed`` fixes
+    the splits and the initial model; each site's sampling, DP noise and rounding come from its
+    own secret (OS randomness), unless ``site_secrets`` (site → bytes) are given, as tests that
+    compare two code paths exactly do.
     """
     if config is None:
         config = SimulationConfig(**options)
@@ -307,30 +292,36 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if write and out.exists():
         raise ConfigError(f"output directory {str(out)!r} already exists; choose another --out")
+    if cfg.insecure_replayable_randomness and site_secrets is None:
+        log.warning("--insecure-replayable-randomness: site sampling and DP noise are derived from --seed %d; anyone who "
+                    "knows the seed can replay them, so this run is NOT private", cfg.seed)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     data = load_federated(cfg)
     if cfg.select == "best-val" and any(s.X_val is None or s.X_val.shape[0] == 0 for s in data.sites):
         raise ConfigError(f"--select best-val needs validation splits, and {cfg.data!r} has no val_images/val_labels; use --select last")
-    task = make_task(cfg, data)
-    protocol = build_protocol(cfg)
-    from insitu.federation.dp import run_for_simulation
+    plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+    task = plan.task
+    secrets = secrets_for(cfg, [s.name for s in data.sites], site_secrets)
+    ledger = report = None
+    from insitu.builder import build_coordinator, build_site, initial_params
 
-    dp = run_for_simulation(cfg, data)  # None unless --dp record|site
-    if dp:
-        protocol = dp.wrap_protocol(protocol)
-    sites = {}
-    for i, sd in enumerate(data.sites):
-        sites[sd.name] = Site(sd.name, sd, task, pipeline=build_pipeline(cfg, protocol, sd.name), seed=cfg.seed * 1000 + i + 1)
-        if dp:
-            dp.configure_site(sites[sd.name])
+    if plan.dp.on:
+        from insitu.federation.dp import FALLBACK_BUDGET, DPReport, parse_budgets
+        from insitu.privacy import Budget, PrivacyLedger
+
+        ledger = PrivacyLedger(cfg.privacy_ledger or ":memory:")
+        per, default = parse_budgets(cfg.site_budget)
+        for s in data.sites:  # a persisted ledger keeps a site's budget across runs unless one is given
+            if s.name in per or default is not None or not ledger.has_budget(s.name):
+                eps = per.get(s.name, default if default is not None else (plan.dp.epsilon or FALLBACK_BUDGET))
+                ledger.set_budget(s.name, Budget(eps, plan.dp.delta, plan.dp.accountant))
+    run_id = f"run-{uuid.uuid4().hex[:12]}"
+    sites = {sd.name: build_site(plan, sd.name, sd, secret=secrets[sd.name], ledger=ledger, job=run_id) for sd in data.sites}
+    if plan.dp.on:
+        report = DPReport(plan, {n: s.budget for n, s in sites.items()}, ledger, run_id)
     transport = InProcessTransport(sites, fail=_dropout_plan(cfg))
-    strategy = make_strategy(cfg.strategy, **({"mu": cfg.mu} if cfg.strategy == "fedprox" else {}), server_lr=cfg.server_lr)
-    init = get_flat(build_model(task.model, task.input_shape, task.num_outputs, seed=cfg.seed))
-    coord = Coordinator(job=f"sim-{cfg.seed}", task=task, params=init, strategy=strategy, transport=transport,
-                        protocol=protocol, min_sites=cfg.min_sites, timeout=cfg.round_timeout,
-                        lr_schedule=LR_SCHEDULES[cfg.lr_schedule](cfg.rounds),
-                        weighting=dp.weighting if dp else "samples")
+    coord = build_coordinator(plan, f"sim-{cfg.seed}", transport, params=initial_params(plan, cfg.seed), timeout=cfg.round_timeout)
     writer = RunWriter(out) if write else None
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -346,8 +337,8 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
                     rec["val_accuracy"] = val_acc
                     if best is None or val_acc > best[0]:
                         best = (val_acc, r, coord.params.copy())
-                if dp:
-                    rec.update(dp.round_summary(r))
+                if report:
+                    rec.update(report.round_summary(r))
                 history.append(rec)
                 if writer:
                     writer.round(rec)
@@ -360,8 +351,10 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
         mean_acc, pooled_acc = _site_accuracy(final_eval)
         summary: dict[str, Any] = {
             "config": asdict(cfg),
+            "plan": plan.to_meta(),
+            "plan_hash": plan.content_hash(),
             "task": task.to_meta(),
-            "task_hash": task.content_hash(),
+            "private_randomness": site_secrets is None and not cfg.insecure_replayable_randomness,
             "sites": {s.name: {"n_train": s.n_train, "n_test": s.n_test} for s in data.sites},
             "final": {
                 "mean_site_accuracy": mean_acc,
@@ -379,22 +372,25 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
             },
         }
         if cfg.baselines:
+            from insitu.learn.baselines import local_only, pooled
+
             # same compute as the federation: each site its own steps, pooled all sites' steps
             site_steps = cfg.rounds * cfg.local_steps
             summary["baselines"] = {
                 "local_only": local_only(data, task, site_steps, seed=cfg.seed),
                 "pooled": pooled(data, task, site_steps * len(data.sites), seed=cfg.seed),
             }
-        if dp:
-            summary["final"].update(dp.final())
+        if report:
+            summary["final"].update(report.final())
             if writer and not cfg.privacy_ledger:
-                dp.ledger.export(writer.tmp / "privacy_ledger.sqlite")
+                ledger.export(writer.tmp / "privacy_ledger.sqlite")
         summary["wall_seconds"] = time.perf_counter() - t0
         if writer:
             from insitu.report.plots import accuracy_plot
 
             np.savez(writer.tmp / "model.npz", params=coord.params)
             (writer.tmp / "task.json").write_text(json.dumps(task.to_meta(), indent=2))
+            (writer.tmp / "plan.json").write_text(json.dumps(plan.to_meta(), indent=2))
             accuracy_plot(history, writer.tmp / "accuracy.png", title=f"{cfg.dataset} · {cfg.strategy}")
             summary["run_dir"] = str(out)
             (writer.tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
