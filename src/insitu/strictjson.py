@@ -78,8 +78,13 @@ def loads(
     limits: JSONLimits = DEFAULT_LIMITS,
     error: type[InsituError] = DataError,
     what: str = "JSON document",
+    allow_nan: bool = False,
 ) -> Any:
-    """Parse ``data`` (UTF-8 if bytes) within ``limits``; every refusal is an ``error(...)`` naming ``what``."""
+    """Parse ``data`` (UTF-8 if bytes) within ``limits``; every refusal is an ``error(...)`` naming ``what``.
+
+    ``allow_nan=True`` lets ``NaN``, ``Infinity`` and out-of-range numbers through as floats, for a
+    caller whose schema refuses them with the field's name (the gateway's pydantic models).
+    """
     if isinstance(data, str):
         text = data
     else:
@@ -89,7 +94,10 @@ def loads(
         except UnicodeDecodeError as exc:
             raise error(f"{what} is not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}") from None
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_finite_float, parse_constant=_no_constant)
+        if allow_nan:
+            value = json.loads(text, object_pairs_hook=_no_duplicates)
+        else:
+            value = json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_finite_float, parse_constant=_no_constant)
     except _Refused as exc:
         raise error(f"{what} refused: {exc}") from None
     except RecursionError:
