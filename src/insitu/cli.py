@@ -58,11 +58,44 @@ from insitu.privacy.cli import app as privacy_app  # noqa: E402
 app.add_typer(privacy_app, name="privacy")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: InsituError becomes a one-line message and exit code 2, never a traceback."""
-    try:
-        app(args=argv)
-    except InsituError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr, never markup-interpreted (a ``[task]`` in a message stays), then exit."""
+    from rich.text import Text
 
+    line = " ".join(str(message).split())
+    err.print(Text.assemble(("error: ", "bold red"), line), soft_wrap=True, highlight=False)
+    sys.exit(code)
+
+
+def _os_message(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}:{where}" if exc.strerror else str(exc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every user error is one line on stderr and exit code 2, never a traceback.
+
+    That covers insitu's own errors (:class:`InsituError`), usage errors (an unknown option, a
+    value of the wrong type: the line names the option and the command's ``--help``) and errors
+    of the operating system (a path that cannot be read or written, a refused connection).
+    """
+    import typer.main
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="insitu", standalone_mode=False)
+    except typer.TyperException as exc:  # typer's (vendored click's) usage errors, all subclasses of this
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `insitu` or `insitu ca` alone: the help, as before
+            print(exc.format_message())
+            sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _fail(f"{exc.format_message()}{hint}")
+    except typer.Abort:
+        _fail("interrupted", code=130)
+    except InsituError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(_os_message(exc))
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)

@@ -54,6 +54,12 @@ def simulate_command(
     Switzerland, VA Long Beach), logistic regression, FedAvg. Writes summary.json, rounds.jsonl,
     accuracy.png and the final model to the run directory.
     """
+    _check_dp_options(dp, epsilon=epsilon, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement,
+                      adaptive_clip=adaptive_clip, site_budget=site_budget)
+    if out_dir is not None:
+        from insitu.clitools import check_writable
+
+        check_writable(out_dir, "--out", directory=True)
     from insitu.apps.simulate import SimulationConfig, simulate  # torch loads here, not for `insitu --help`
     from insitu.report.tables import summary_table
 
@@ -81,3 +87,16 @@ def simulate_command(
     if aborted:
         out.print(f"[yellow]{aborted} round(s) aborted; see rounds.jsonl for why.[/]")
     out.print(f"run directory: [bold]{summary['run_dir']}[/] ({summary['wall_seconds']:.1f} s)")
+
+
+def _check_dp_options(dp: str, **given: object) -> None:
+    """A DP option without ``--dp record|site`` would run without DP while the user believes otherwise."""
+    if dp != "off":
+        return
+    defaults = {"dp_placement": "central", "adaptive_clip": False}
+    named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None and v != defaults.get(k, None)]
+    if named:
+        from insitu.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(named)} given without --dp: the run would have no differential privacy; "
+                          "add --dp record (per patient record) or --dp site (per hospital)")

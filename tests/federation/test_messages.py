@@ -37,7 +37,7 @@ def _frame(header: dict, body: bytes = b"") -> bytes:
         (_frame({"kind": "run_code", "round": 0, "job": "", "meta": {}, "tensors": []}), "unknown message kind 'run_code'"),
         (_frame({"kind": "train", "round": -1, "job": "", "meta": {}, "tensors": []}), "round -1"),
         (_frame({"kind": "train", "round": 0, "job": "", "meta": {}, "tensors": [{"name": "x", "dtype": "|O", "shape": [1], "nbytes": 8}]}), "dtype '|O'"),
-        (_frame({"kind": "train", "round": 0, "job": "", "meta": {}, "tensors": [{"name": "x", "dtype": "<f4", "shape": [4], "nbytes": 16}]}, b"\0" * 8), "runs past the end"),
+        (_frame({"kind": "train", "round": 0, "job": "", "meta": {}, "tensors": [{"name": "x", "dtype": "<f4", "shape": [4], "nbytes": 16}]}, b"\0" * 8), r"tensors\[0\] \('x'\)\.shape' = \[4\] needs 16 bytes, but only 8 remain"),
         (_frame({"kind": "train", "round": 0, "job": "", "meta": {}, "tensors": [{"name": "x", "dtype": "<f4", "shape": [4], "nbytes": 12}]}, b"\0" * 16), "declares 12 bytes"),
         (_frame({"kind": "train", "round": 0, "job": "", "meta": {}, "tensors": []}, b"junk"), "trailing"),
     ],

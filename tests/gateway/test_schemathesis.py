@@ -1,4 +1,6 @@
-"""Schemathesis against the served OpenAPI spec, in-process (ASGI): no request may produce a 5xx.
+"""Schemathesis against the served OpenAPI spec, in-process (ASGI): no request may produce a 5xx,
+and the spec tells the truth: every status, content type and response body is documented, data the
+schema forbids (``0`` for a boolean, ``true`` for a number) is refused and data it allows is accepted.
 
 Bounded on purpose (a dozen examples per operation and generation mode) to fit the suite's time
 budget.  Each example is sent with the token of a role drawn by Hypothesis (or none), in positive
@@ -14,12 +16,18 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance, negative_data_rejection, positive_data_acceptance, response_headers_conformance,
+    response_schema_conformance, status_code_conformance,
+)
 from schemathesis.generation.modes import GenerationMode
 
 from .support import Harness, make_harness
 
 MAX_EXAMPLES = int(os.environ.get("INSITU_FUZZ_EXAMPLES", "12"))  # raise for a longer run
 ROLES = ("doctor", "nurse", "ai-model", None)
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+          response_headers_conformance, negative_data_rejection, positive_data_acceptance]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +52,7 @@ def test_no_server_error(fuzz, mode):
         def run(case, role):
             # a schema-generated Authorization header must not replace the role's token
             case.headers = {**(case.headers or {}), **tokens[role]}
-            statuses.append(case.call_and_validate(checks=[not_a_server_error]).status_code)
+            statuses.append(case.call_and_validate(checks=CHECKS).status_code)
 
         try:
             run()

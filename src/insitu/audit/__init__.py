@@ -9,6 +9,6 @@
 
 See ``insitu.audit.log`` for what the chain and the signatures do and do not protect against.
 """
-from insitu.audit.log import AuditAction, AuditEntry, AuditHead, AuditLog, VerifyReport
+from insitu.audit.log import AuditAction, AuditEntry, AuditHead, AuditLog, Genesis, VerifyReport
 
-__all__ = ["AuditAction", "AuditEntry", "AuditHead", "AuditLog", "VerifyReport"]
+__all__ = ["AuditAction", "AuditEntry", "AuditHead", "AuditLog", "Genesis", "VerifyReport"]

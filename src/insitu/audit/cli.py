@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from insitu.audit.keys import fingerprint, load_public_keys, write_keypair
+from insitu.audit.keys import fingerprint, load_public_key, load_public_keys, write_keypair
 from insitu.audit.log import AuditHead, AuditLog, _redact
 from insitu.errors import ConfigError, SecurityError
 
@@ -35,7 +35,9 @@ def verify_command(
     expect_head: Optional[str] = typer.Option(None, help="A head published earlier, SEQ:HASH (from `insitu audit head`): "
                                                           "detects truncation and wholesale replacement."),
 ) -> None:
-    """Check every entry's hash link and signature; names the first bad entry and why (exit code 2)."""
+    """Check the signed genesis (the log's writer manifest), every entry's hash link and signature, and the
+    signed head; names the first bad entry and why (exit code 2).  Only keys the manifest pins are used: the
+    owner's .pub must be in --keys; a .pub of a writer the manifest does not pin is ignored."""
     public = load_public_keys(_keys_dir(log, keys))
     anchor = None
     if expect_head:
@@ -49,7 +51,12 @@ def verify_command(
         raise SecurityError(f"audit log NOT intact: entry #{report.first_bad_seq}: {report.reason} "
                             f"({report.entries_checked} entries before it verified)")
     out.print(f"[green]intact[/]: {report.entries_checked} entries, writers {list(report.writers)}, "
-              f"head #{report.head.seq if report.head else 0} {report.head.entry_hash[:16] if report.head else ''}")
+              f"head #{report.head.seq if report.head else 0} {report.head.entry_hash[:16] if report.head else ''}",
+              highlight=False, markup=True)
+    out.print(f"owner {report.owner}, pinned writers {list(report.pinned)}", highlight=False, markup=False)
+    if report.ignored_keys:
+        out.print(f"ignored (not pinned by the log's signed manifest): {list(report.ignored_keys)}",
+                  highlight=False, markup=False)
 
 
 @app.command("show")
@@ -79,6 +86,22 @@ def head_command(log: str = typer.Option(..., help=_LOG_HELP)) -> None:
     with AuditLog.read(log) as audit:
         h = audit.head()
     print(f"{h.seq}:{h.entry_hash}")
+
+
+@app.command("add-writer")
+def add_writer_command(
+    log: str = typer.Option(..., help=_LOG_HELP),
+    key: Path = typer.Option(..., help="The log owner's private key (the writer that created the log)."),
+    owner: str = typer.Option(..., help="The owner's writer name."),
+    writer: str = typer.Option(..., help="Writer to pin, e.g. gateway."),
+    pub: Optional[Path] = typer.Option(None, help="Its public key. Default: <writer>.pub beside --key."),
+) -> None:
+    """Pin another writer's public key in the log's signed manifest (owner only); only pinned writers may write."""
+    pub = pub if pub is not None else key.parent / f"{writer}.pub"
+    public = load_public_key(pub)
+    with AuditLog.open(log, key, owner) as audit:
+        entry = audit.add_writer(writer, public)
+    out.print(f"pinned writer {writer} (key {fingerprint(public)}) in entry #{entry.seq}", highlight=False, markup=False)
 
 
 @app.command("keygen")

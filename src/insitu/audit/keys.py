@@ -8,9 +8,11 @@ keys.  A key directory holds ``<writer>.key`` (PKCS#8 PEM, mode 0600) and ``<wri
 Private keys are refused when the file is readable by group or others: a signing key anyone on the
 host can read makes every signature in the log meaningless.
 
-Rotating a writer's key: create a key under a new writer name (``site-a-2027``), have the old
-writer append an ``AuditAction.KEY_ROTATION`` entry naming the new writer and its fingerprint,
-then switch.  Keep the old ``.pub`` in the verifier's directory: old entries still verify with it.
+A log trusts only the keys pinned in its signed genesis (and in the owner's ``audit.writers``
+entries): a ``.pub`` dropped into the verifier's directory is ignored unless the log pins it, and
+the verifier must hold the owner's ``.pub``.  Rotating a writer's key: create a key under a new
+writer name (``site-a-2027``), have the log's owner pin it (``insitu audit add-writer``), then
+switch.  Old entries still verify with the old pinned key.
 """
 from __future__ import annotations
 

@@ -7,6 +7,21 @@ cannot sign as the writer.  Either alone is not enough: a chain without signatur
 wholesale by anyone with write access to the database, and signatures without a chain do not show
 that an entry was removed.
 
+The genesis record, written and signed by the log's creator (its *owner*) in the same
+transaction that creates the tables, is the signed manifest of the log: its id, its owner and the
+writer set, each writer's Ed25519 public key pinned by value.  The chain starts from the
+genesis's hash, and a signed head record at #0 exists from the start, so a log emptied of its
+entries (or of entries and head) no longer verifies.  ``verify`` trusts only pinned keys: the
+verifier must hold the owner's key (which must equal the pinned one), an entry by a writer the
+manifest does not pin fails even when a ``.pub`` for it sits in the keys folder, and a key in the
+folder that differs from the pinned one fails.  The owner adds writers with :meth:`AuditLog.add_writer`,
+itself a signed entry (``audit.writers``) that only the owner may write.
+
+Details are canonical JSON (sorted keys, no whitespace, no NaN, at most 32 levels), checked when
+written and again when verified: a stored entry whose text is not the canonical form of what was
+signed (for instance a key given twice, of which SQLite's JSON functions read one value and
+Python's ``json`` the other) fails verification.
+
 What it does not protect against, stated plainly:
 
 * Truncation of the newest entries together with the signed head record, by someone holding an
@@ -15,6 +30,10 @@ What it does not protect against, stated plainly:
   somewhere the site cannot rewrite (the coordinator's round record, a ticket) and pass it back to
   ``verify(expect_head=...)``.
 * A writer whose private key is stolen: such entries verify.  Rotate the key and record it.
+  A stolen owner key can also add writers.
+* Wholesale replacement of the database *and* of the owner's public key the verifier holds: the
+  verifier's copy of the owner key is the root of trust; keep it, with a published head, outside
+  the site.
 
 Storage: SQLite by default (a path), PostgreSQL when given a ``postgresql://`` URL, both through
 SQLAlchemy.  Appends are serialized: SQLite with ``BEGIN IMMEDIATE`` (one writer holds the
@@ -29,7 +48,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -40,13 +59,19 @@ import sqlalchemy as sa
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from insitu.audit.keys import check_writer_name, load_private_key
+from cryptography.hazmat.primitives import serialization
+
+from insitu import strictjson
+from insitu.audit.keys import check_writer_name, fingerprint, load_private_key
 from insitu.errors import ConfigError, SecurityError
 
-FORMAT = "insitu-audit-v1"
-_ENTRY_DOMAIN = b"insitu-audit-entry-v1\x00"
-_HEAD_DOMAIN = b"insitu-audit-head-v1\x00"
+FORMAT = "insitu-audit-v2"
+_ENTRY_DOMAIN = b"insitu-audit-entry-v2\x00"
+_HEAD_DOMAIN = b"insitu-audit-head-v2\x00"
+_GENESIS_DOMAIN = b"insitu-audit-genesis-v2\x00"
 MAX_DETAILS_BYTES = 64 * 1024
+#: details nest at most this deep; far above what any component writes
+DETAILS_LIMITS = strictjson.JSONLimits(max_depth=32, max_items=20_000)
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,30}$")
 
 
@@ -64,6 +89,7 @@ class AuditAction(StrEnum):
     MODEL_RELEASE = "model.release"              # coordinator published a model
     GATEWAY_DECISION = "gateway.decision"        # gateway allowed/denied a request
     CERTIFICATE = "pki.certificate"              # certificate issued, renewed or revoked
+    WRITERS = "audit.writers"                    # the owner changed the pinned writer set (add_writer only)
 
     @classmethod
     def parse(cls, value: "AuditAction | str") -> "AuditAction":
@@ -101,12 +127,20 @@ class AuditHead:
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """The outcome of :meth:`AuditLog.verify`: the first bad entry and why, or how much verified.
+
+    ``pinned`` are the writers the log's signed manifest names; ``ignored_keys`` are keys the
+    verifier offered that the manifest does not pin (never used to check anything)."""
+
     ok: bool
     entries_checked: int
     first_bad_seq: int | None = None
     reason: str | None = None
     head: AuditHead | None = None
     writers: tuple[str, ...] = field(default_factory=tuple)
+    owner: str | None = None
+    pinned: tuple[str, ...] = field(default_factory=tuple)
+    ignored_keys: tuple[str, ...] = field(default_factory=tuple)
 
     def raise_if_bad(self) -> "VerifyReport":
         if not self.ok:
@@ -119,8 +153,85 @@ def _canonical(obj: Any) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
-def _genesis(log_id: str) -> str:
-    return hashlib.sha256(f"{FORMAT}:{log_id}".encode()).hexdigest()
+def _parse_canonical(text: str, what: str) -> Any:
+    """Strictly parse stored JSON and require it to be exactly the canonical form of its value."""
+    value = strictjson.loads(text, limits=DETAILS_LIMITS, error=SecurityError, what=what)
+    if _canonical(value).decode() != text:
+        raise SecurityError(f"{what} is not in canonical form: it was not written by insitu")
+    return value
+
+
+def _raw_key(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def _key_from_hex(text: Any, what: str) -> Ed25519PublicKey:
+    try:
+        raw = bytes.fromhex(text) if isinstance(text, str) else b""
+        if len(raw) != 32:
+            raise ValueError("not 32 bytes")
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise SecurityError(f"{what} is not an Ed25519 public key ({exc})") from None
+
+
+def _writer_set(value: Any, what: str) -> dict[str, Ed25519PublicKey]:
+    if not isinstance(value, dict) or not value:
+        raise SecurityError(f"{what} must name at least one writer")
+    out = {}
+    for name, key in value.items():
+        try:
+            check_writer_name(name)
+        except ConfigError as exc:
+            raise SecurityError(f"{what}: {exc}") from None
+        out[name] = _key_from_hex(key, f"{what}: key of {name!r}")
+    return out
+
+
+def _same_key(a: Ed25519PublicKey, b: Ed25519PublicKey) -> bool:
+    return _raw_key(a) == _raw_key(b)
+
+
+@dataclass(frozen=True)
+class Genesis:
+    """The log's signed manifest: its id, owner and pinned writer keys.  Its hash starts the chain."""
+
+    log_id: str
+    created: str
+    owner: str
+    writers: dict[str, Ed25519PublicKey]
+    text: str
+    signature: str
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(_GENESIS_DOMAIN + self.text.encode()).hexdigest()
+
+    @staticmethod
+    def make(log_id: str, owner: str, signer: Ed25519PrivateKey, writers: Mapping[str, Ed25519PublicKey]) -> "Genesis":
+        pinned = {owner: signer.public_key(), **writers}
+        if not _same_key(pinned[owner], signer.public_key()):
+            raise ConfigError(f"writers[{owner!r}] differs from the owner's own signing key")
+        created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        body = {"format": FORMAT, "log": log_id, "created": created, "owner": owner,
+                "writers": {n: _raw_key(k) for n, k in sorted(pinned.items())}}
+        text = _canonical(body).decode()
+        return Genesis(log_id, created, owner, dict(pinned), text, signer.sign(_GENESIS_DOMAIN + text.encode()).hex())
+
+    @staticmethod
+    def parse(log_id: str, text: str, signature: str) -> "Genesis":
+        """Parse a stored genesis (its signature is checked by :meth:`AuditLog.verify`, not here)."""
+        body = _parse_canonical(text, "genesis record")
+        if not isinstance(body, dict) or set(body) != {"format", "log", "created", "owner", "writers"}:
+            raise SecurityError("genesis record does not have the fields format, log, created, owner, writers")
+        if body["format"] != FORMAT:
+            raise SecurityError(f"genesis record is of format {body['format']!r}, this build reads {FORMAT!r}")
+        if body["log"] != log_id:
+            raise SecurityError(f"genesis record belongs to log {body['log']!r}, not {log_id!r}")
+        writers = _writer_set(body["writers"], "genesis record")
+        if body["owner"] not in writers:
+            raise SecurityError(f"genesis owner {body['owner']!r} is not among its writers")
+        return Genesis(log_id, str(body["created"]), body["owner"], writers, text, signature)
 
 
 def _entry_bytes(log_id: str, seq: int, ts: str, writer: str, action: str, subject: str,
@@ -134,14 +245,19 @@ def _head_bytes(log_id: str, seq: int, entry_hash: str) -> bytes:
 
 
 def _check_details(details: Mapping[str, Any]) -> str:
+    """The canonical JSON text of ``details``, refused unless it parses back strictly to itself."""
     if not isinstance(details, Mapping) or not all(isinstance(k, str) for k in details):
         raise ConfigError("audit details must be a mapping with string keys")
     try:
         text = _canonical(dict(details)).decode()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ConfigError(f"audit details must be JSON (str, int, finite float, bool, None, list, dict): {exc}") from None
     if len(text.encode()) > MAX_DETAILS_BYTES:
         raise ConfigError(f"audit details are {len(text.encode())} bytes; the limit is {MAX_DETAILS_BYTES}")
+    try:
+        _parse_canonical(text, "audit details")  # duplicate keys (from a mapping with equal str keys), depth
+    except SecurityError as exc:
+        raise ConfigError(str(exc)) from None
     return text
 
 
@@ -177,23 +293,35 @@ class AuditLog:
     @classmethod
     def open(cls, url_or_path: str | os.PathLike[str],
              signer: Ed25519PrivateKey | str | os.PathLike[str], writer: str, *,
-             table_prefix: str = "audit") -> "AuditLog":
+             table_prefix: str = "audit", writers: Mapping[str, Ed25519PublicKey] | None = None) -> "AuditLog":
         """Open (creating if needed) a log to append to as ``writer``, signing with ``signer``.
 
-        ``signer`` is an Ed25519 private key or the path of its PEM file (mode 0600).
+        ``signer`` is an Ed25519 private key or the path of its PEM file (mode 0600).  Creating
+        the log makes ``writer`` its owner and pins ``writer`` plus ``writers`` (name -> public
+        key) in the signed genesis.  Opening an existing log as a writer it does not pin, or with
+        another key than the pinned one, is refused.
         """
         check_writer_name(writer)
         if isinstance(signer, (str, os.PathLike)):
             signer = load_private_key(signer)
         if not isinstance(signer, Ed25519PrivateKey):
             raise ConfigError(f"signer must be an Ed25519 private key or key file, got {type(signer).__name__}")
+        for name in writers or {}:
+            check_writer_name(name)
         url = database_url(url_or_path)
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         engine = _make_engine(url)
         tables = _Tables(table_prefix)
-        log_id = tables.create(engine)
-        return cls(engine, log_id=log_id, tables=tables, signer=signer, writer=writer, url=url)
+        log_id, created = tables.create(engine, lambda log_id: _start(log_id, writer, signer, writers or {}))
+        log = cls(engine, log_id=log_id, tables=tables, signer=signer, writer=writer, url=url)
+        if not created:
+            try:
+                log._check_may_write(writers or {})
+            except Exception:
+                engine.dispose()
+                raise
+        return log
 
     @classmethod
     def read(cls, url_or_path: str | os.PathLike[str], *, table_prefix: str = "audit") -> "AuditLog":
@@ -229,6 +357,69 @@ class AuditLog:
     def __repr__(self) -> str:
         return f"AuditLog({_redact(self._url)!r}, writer={self._writer!r})"
 
+    # -- the manifest ----------------------------------------------------------------------
+    def genesis(self, conn: sa.Connection | None = None) -> Genesis:
+        """The stored genesis record, parsed (not verified); SecurityError if it is missing or malformed."""
+        if conn is None:
+            with self._engine.connect() as c:
+                return self.genesis(c)
+        t = self._t.info
+        rows = dict(conn.execute(sa.select(t.c.key, t.c.value).where(t.c.key.in_(("genesis", "genesis_signature")))).all())
+        if "genesis" not in rows or "genesis_signature" not in rows:
+            raise SecurityError("the log has no signed genesis record: it was emptied or replaced, or was written "
+                                f"by an insitu older than {FORMAT}")
+        return Genesis.parse(self._log_id, rows["genesis"], rows["genesis_signature"])
+
+    def writers(self) -> dict[str, Ed25519PublicKey]:
+        """The writer set pinned now (genesis plus the owner's ``audit.writers`` entries), as stored."""
+        with self._engine.connect() as conn:
+            return self._pinned(conn)
+
+    def _pinned(self, conn: sa.Connection) -> dict[str, Ed25519PublicKey]:
+        pinned = dict(self.genesis(conn).writers)
+        t = self._t.entries
+        last = conn.execute(sa.select(t.c.details).where(t.c.action == AuditAction.WRITERS.value)
+                            .order_by(t.c.seq.desc()).limit(1)).scalar_one_or_none()
+        if last is not None:
+            pinned = _writer_set(_parse_canonical(last, "writer-set entry").get("writers"), "writer-set entry")
+        return pinned
+
+    def _check_may_write(self, extra: Mapping[str, Ed25519PublicKey], conn: sa.Connection | None = None) -> None:
+        if conn is None:
+            with self._engine.connect() as c:
+                return self._check_may_write(extra, c)
+        assert self._signer is not None and self._writer is not None
+        pinned = self._pinned(conn)
+        mine = pinned.get(self._writer)
+        if mine is None:
+            owner = self.genesis(conn).owner
+            raise SecurityError(
+                f"writer {self._writer!r} is not pinned in this audit log's signed manifest (pinned: {sorted(pinned)}); "
+                f"the owner {owner!r} adds it: `insitu audit add-writer --writer {self._writer} ...`")
+        if not _same_key(mine, self._signer.public_key()):
+            raise SecurityError(
+                f"writer {self._writer!r} signs with key {fingerprint(self._signer.public_key())}, but the log pins "
+                f"{fingerprint(mine)}: wrong key file, or a rotated key the owner has not pinned")
+        unknown = sorted(n for n, k in extra.items() if n not in pinned or not _same_key(pinned[n], k))
+        if unknown:
+            raise ConfigError(f"the log exists; writers {unknown} are pinned only by its owner with add_writer")
+
+    def add_writer(self, name: str, public_key: Ed25519PublicKey) -> AuditEntry:
+        """Pin ``name`` -> ``public_key`` (owner only); the new set is a signed ``audit.writers`` entry."""
+        check_writer_name(name)
+        if not isinstance(public_key, Ed25519PublicKey):
+            raise ConfigError(f"public_key must be an Ed25519 public key, got {type(public_key).__name__}")
+        owner = self.genesis().owner
+        if self._writer != owner:
+            raise SecurityError(f"only the log's owner {owner!r} may change its writers (this is {self._writer!r})")
+        pinned = self.writers()
+        if name in pinned and not _same_key(pinned[name], public_key):
+            raise ConfigError(f"writer {name!r} is already pinned with another key; pin a rotated key under a new name")
+        pinned[name] = public_key
+        details = {"writers": {n: _raw_key(k) for n, k in sorted(pinned.items())}, "added": name,
+                   "fingerprint": fingerprint(public_key)}
+        return self._append([(AuditAction.WRITERS, name, _check_details(details))])[0]
+
     # -- writing ---------------------------------------------------------------------------
     def append(self, action: AuditAction | str, subject: str, details: Mapping[str, Any] | None = None) -> AuditEntry:
         """Append one entry in its own transaction (durable when this returns)."""
@@ -242,19 +433,31 @@ class AuditLog:
         for action, subject, details in items:
             if not isinstance(subject, str):
                 raise ConfigError(f"audit subject must be a string, got {type(subject).__name__}")
-            prepared.append((AuditAction.parse(action), subject, _check_details(details)))
+            parsed = AuditAction.parse(action)
+            if parsed is AuditAction.WRITERS:
+                raise ConfigError("audit.writers entries are written by AuditLog.add_writer only")
+            prepared.append((parsed, subject, _check_details(details)))
+        return self._append(prepared)
+
+    def _append(self, prepared: list[tuple[AuditAction, str, str]]) -> list[AuditEntry]:
+        assert self._signer is not None and self._writer is not None
         if not prepared:
             return []
         t = self._t
         out: list[AuditEntry] = []
         with self._engine.connect().execution_options(insitu_write=True) as conn, conn.begin():
             t.lock(conn)
+            genesis = self.genesis(conn)
+            self._check_may_write({}, conn)
             head = conn.execute(sa.select(t.head.c.seq, t.head.c.entry_hash)
                                 .where(t.head.c.id == 1)).one_or_none()
+            if head is None:
+                raise SecurityError("the audit log has no signed head record: it was emptied or altered; "
+                                    "run `insitu audit verify` before appending")
             last = conn.execute(sa.select(t.entries.c.seq, t.entries.c.entry_hash)
                                 .order_by(t.entries.c.seq.desc()).limit(1)).one_or_none()
-            seq, prev = (0, _genesis(self._log_id)) if head is None else (head.seq, head.entry_hash)
-            last_pair = (0, _genesis(self._log_id)) if last is None else (last.seq, last.entry_hash)
+            seq, prev = head.seq, head.entry_hash
+            last_pair = (0, genesis.hash) if last is None else (last.seq, last.entry_hash)
             if (seq, prev) != last_pair:
                 raise SecurityError(
                     f"audit log head (#{seq}) does not match its newest entry (#{last_pair[0]}): the log was "
@@ -274,19 +477,18 @@ class AuditLog:
                 out.append(AuditEntry(seq, ts, self._writer, action, subject, details, prev, entry_hash, signature))
                 prev = entry_hash
             conn.execute(t.entries.insert(), rows)
-            head_row = {"seq": seq, "entry_hash": prev, "writer": self._writer,
-                        "signature": self._signer.sign(_head_bytes(self._log_id, seq, prev)).hex()}
-            if head is None:
-                conn.execute(t.head.insert().values(id=1, **head_row))
-            else:
-                conn.execute(t.head.update().where(t.head.c.id == 1).values(**head_row))
+            conn.execute(t.head.update().where(t.head.c.id == 1).values(
+                seq=seq, entry_hash=prev, writer=self._writer,
+                signature=self._signer.sign(_head_bytes(self._log_id, seq, prev)).hex()))
         return out
 
     # -- reading ---------------------------------------------------------------------------
     def head(self) -> AuditHead:
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(self._t.head.c.seq, self._t.head.c.entry_hash)).one_or_none()
-        return AuditHead(0, _genesis(self._log_id)) if row is None else AuditHead(row.seq, row.entry_hash)
+        if row is None:
+            raise SecurityError("the audit log has no signed head record: it was emptied or altered")
+        return AuditHead(row.seq, row.entry_hash)
 
     def entries(self, *, start: int = 1, limit: int | None = None,
                 action: AuditAction | str | None = None) -> Iterator[AuditEntry]:
@@ -304,21 +506,49 @@ class AuditLog:
 
     def verify(self, public_keys: Mapping[str, Ed25519PublicKey], *,
                expect_head: AuditHead | None = None) -> VerifyReport:
-        """Walk the whole chain; the report names the first bad entry and why.
+        """Walk the genesis, the whole chain and the head; the report names the first bad entry and why.
 
-        ``expect_head`` is a head published earlier outside the site; the log must still contain
-        that exact entry, which makes truncation and wholesale replacement detectable.
+        ``public_keys`` must hold the owner's key (the root of trust: it must equal the key the
+        genesis pins); every other writer's key comes from the signed manifest, and a key given
+        here for a pinned writer must equal the pinned one.  Keys of writers the manifest does not
+        pin are ignored (listed in ``ignored_keys``).  ``expect_head`` is a head published earlier
+        outside the site; the log must still contain that exact entry, which makes truncation and
+        wholesale replacement detectable.
         """
         t = self._t.entries
-        expected_seq, prev = 1, _genesis(self._log_id)
         seen_writers: set[str] = set()
         checked = 0
-        last: AuditHead = AuditHead(0, prev)
+        owner: str | None = None
+        pinned: dict[str, Ed25519PublicKey] = {}
+        last = AuditHead(0, "")
 
         def bad(seq: int | None, reason: str) -> VerifyReport:
-            return VerifyReport(False, checked, seq, reason, last, tuple(sorted(seen_writers)))
+            return VerifyReport(False, checked, seq, reason, last, tuple(sorted(seen_writers)), owner,
+                                tuple(sorted(pinned)), tuple(sorted(set(public_keys) - set(pinned))))
 
         with self._engine.connect() as conn:
+            try:
+                genesis = self.genesis(conn)
+            except SecurityError as exc:
+                return bad(0, str(exc))
+            owner, pinned = genesis.owner, dict(genesis.writers)
+            held = public_keys.get(owner)
+            if held is None:
+                return bad(0, f"the verifier holds no key for the log's owner {owner!r}; without it the signed "
+                              "manifest cannot be trusted (give the owner's .pub)")
+            if not _same_key(held, genesis.writers[owner]):
+                return bad(0, f"the genesis pins owner {owner!r} with key {fingerprint(genesis.writers[owner])}, "
+                              f"but the verifier's key for {owner!r} is {fingerprint(held)}: the log or the key was replaced")
+            try:
+                held.verify(bytes.fromhex(genesis.signature), _GENESIS_DOMAIN + genesis.text.encode())
+            except (InvalidSignature, ValueError):
+                return bad(0, f"genesis signature is not the owner {owner!r}'s: the manifest was forged")
+            for name, key in public_keys.items():
+                if name in pinned and not _same_key(key, pinned[name]):
+                    return bad(0, f"the verifier's key for {name!r} ({fingerprint(key)}) is not the one the signed "
+                                  f"manifest pins ({fingerprint(pinned[name])}): a key file was replaced")
+            expected_seq, prev = 1, genesis.hash
+            last = AuditHead(0, prev)
             rows = conn.execution_options(yield_per=5000).execute(sa.select(t).order_by(t.c.seq))
             for row in rows:
                 if row.seq != expected_seq:
@@ -329,21 +559,36 @@ class AuditLog:
                     return bad(row.seq, f"does not link to entry #{row.seq - 1}: its previous-hash differs "
                                         "(an entry was deleted, inserted or reordered here)")
                 try:
-                    details = json.loads(row.details)
+                    details = _parse_canonical(row.details, "details")
                     body = _entry_bytes(self._log_id, row.seq, row.ts, row.writer, row.action, row.subject,
                                         details, row.prev_hash)
-                except (TypeError, ValueError) as exc:
+                except (TypeError, ValueError, SecurityError) as exc:
                     return bad(row.seq, f"unreadable entry ({exc}): edited")
                 if hashlib.sha256(body).hexdigest() != row.entry_hash:
                     return bad(row.seq, "content does not match its hash: the entry was edited")
-                key = public_keys.get(row.writer)
+                key = pinned.get(row.writer)
                 if key is None:
-                    return bad(row.seq, f"writer {row.writer!r} has no public key in the given key set")
+                    why = (f"; a key for it in the key set is not enough" if row.writer in public_keys else "")
+                    return bad(row.seq, f"writer {row.writer!r} is not pinned in the log's signed manifest "
+                                        f"(pinned: {sorted(pinned)}){why}")
                 try:
                     key.verify(bytes.fromhex(row.signature), _ENTRY_DOMAIN + body)
                 except (InvalidSignature, ValueError):
                     return bad(row.seq, f"signature is not {row.writer!r}'s: the entry was re-signed or forged "
                                         "with another key")
+                if row.action == AuditAction.WRITERS.value:
+                    if row.writer != owner:
+                        return bad(row.seq, f"writer set changed by {row.writer!r}, not by the owner {owner!r}")
+                    try:
+                        pinned = _writer_set(details.get("writers") if isinstance(details, dict) else None,
+                                             f"writer-set entry #{row.seq}")
+                    except SecurityError as exc:
+                        return bad(row.seq, str(exc))
+                    if owner not in pinned or not _same_key(pinned[owner], genesis.writers[owner]):
+                        return bad(row.seq, "a writer-set entry may not drop or replace the owner")
+                    clash = [n for n, k in public_keys.items() if n in pinned and not _same_key(k, pinned[n])]
+                    if clash:
+                        return bad(row.seq, f"the verifier's key for {clash[0]!r} is not the one entry #{row.seq} pins")
                 seen_writers.add(row.writer)
                 checked += 1
                 prev = row.entry_hash
@@ -351,28 +596,34 @@ class AuditLog:
                 expected_seq += 1
             head = conn.execute(sa.select(self._t.head)).one_or_none()
         if head is None:
-            if checked:
-                return bad(last.seq, "the signed head record is missing: the log was altered")
-        else:
-            if (head.seq, head.entry_hash) != (last.seq, last.entry_hash):
-                return bad(min(head.seq, last.seq) + 1 if head.seq > last.seq else last.seq,
-                           f"signed head names entry #{head.seq} but the log ends at #{last.seq}: "
-                           + ("entries were deleted from the end" if head.seq > last.seq else
-                              "entries were appended without the writer's key"))
-            key = public_keys.get(head.writer)
-            try:
-                if key is None:
-                    raise InvalidSignature
-                key.verify(bytes.fromhex(head.signature), _head_bytes(self._log_id, head.seq, head.entry_hash))
-            except (InvalidSignature, ValueError):
-                return bad(head.seq, f"head signature is not {head.writer!r}'s: the head record was forged")
+            return bad(last.seq, "the signed head record is missing: the log was emptied or altered")
+        if (head.seq, head.entry_hash) != (last.seq, last.entry_hash):
+            return bad(min(head.seq, last.seq) + 1 if head.seq > last.seq else last.seq,
+                       f"signed head names entry #{head.seq} but the log ends at #{last.seq}: "
+                       + ("entries were deleted from the end" if head.seq > last.seq else
+                          "entries were appended without the writer's key"))
+        key = pinned.get(head.writer)
+        try:
+            if key is None:
+                raise InvalidSignature
+            key.verify(bytes.fromhex(head.signature), _head_bytes(self._log_id, head.seq, head.entry_hash))
+        except (InvalidSignature, ValueError):
+            return bad(head.seq, f"head signature is not {head.writer!r}'s: the head record was forged")
         if expect_head is not None and expect_head.seq > 0:
             with self._engine.connect() as conn:
                 h = conn.execute(sa.select(t.c.entry_hash).where(t.c.seq == expect_head.seq)).scalar_one_or_none()
             if h != expect_head.entry_hash:
                 return bad(expect_head.seq, f"published checkpoint #{expect_head.seq} "
                                             f"({expect_head.entry_hash[:12]}…) is not in this log: truncated or replaced")
-        return VerifyReport(True, checked, None, None, last, tuple(sorted(seen_writers)))
+        return VerifyReport(True, checked, None, None, last, tuple(sorted(seen_writers)), owner,
+                            tuple(sorted(pinned)), tuple(sorted(set(public_keys) - set(pinned))))
+
+
+def _start(log_id: str, owner: str, signer: Ed25519PrivateKey,
+           writers: Mapping[str, Ed25519PublicKey]) -> tuple[Genesis, str]:
+    """A new log's signed genesis and its signed head #0 (which names the genesis)."""
+    genesis = Genesis.make(log_id, owner, signer, writers)
+    return genesis, signer.sign(_head_bytes(log_id, 0, genesis.hash)).hex()
 
 
 def _action_or_raw(value: str) -> AuditAction | str:
@@ -420,22 +671,29 @@ class _Tables:
         with engine.connect() as conn:
             return conn.execute(sa.select(self.info.c.value).where(self.info.c.key == "log_id")).scalar_one_or_none()
 
-    def create(self, engine: sa.Engine) -> str:
+    def create(self, engine: sa.Engine, start: "Callable[[str], tuple[Genesis, str]]") -> tuple[str, bool]:
+        """The log id, and whether this call created the log (tables, genesis and head #0 in one transaction)."""
         existing = self.existing_log_id(engine)
         if existing is not None:
-            return existing
+            return existing, False
         with engine.connect().execution_options(insitu_write=True) as conn, conn.begin():
             if conn.dialect.name == "postgresql":
                 # serialize concurrent first opens of the same database
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%(n)s))", {"n": f"insitu:{self.prefix}"})
             self.meta.create_all(conn)
             log_id = conn.execute(sa.select(self.info.c.value).where(self.info.c.key == "log_id")).scalar_one_or_none()
-            if log_id is None:
+            created = log_id is None
+            if created:
                 log_id = secrets.token_hex(16)
+                genesis, head_signature = start(log_id)
                 conn.execute(self.info.insert(), [{"key": "log_id", "value": log_id},
-                                                  {"key": "format", "value": FORMAT}])
+                                                  {"key": "format", "value": FORMAT},
+                                                  {"key": "genesis", "value": genesis.text},
+                                                  {"key": "genesis_signature", "value": genesis.signature}])
+                conn.execute(self.head.insert().values(id=1, seq=0, entry_hash=genesis.hash, writer=genesis.owner,
+                                                       signature=head_signature))
             self._append_only_triggers(conn)
-        return log_id
+        return log_id, created
 
     def _append_only_triggers(self, conn: sa.Connection) -> None:
         e = f"{self.prefix}_entries"

@@ -45,11 +45,17 @@ def _call(config: Path, op: str, args: dict[str, Any] | None = None) -> dict[str
     try:
         raw = tomllib.loads(config.read_text())["operator"]
         base = config.resolve().parent
-        host, _, port = raw["coordinator"].rpartition(":")
+        host, _, port_text = str(raw["coordinator"]).rpartition(":")
+        port = int(port_text)
         creds = Credentials(base / raw["cert"], base / raw["key"], base / raw["ca"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read operator config {config}: {exc} (needs [operator] coordinator, cert, key, ca)") from None
-    return operator_call(host, int(port), creds, op, args)
+    except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read operator config {config}: {exc} "
+                          "(needs [operator] coordinator = HOST:PORT, cert, key, ca)") from None
+    try:
+        return operator_call(host, port, creds, op, args)
+    except OSError as exc:  # refused, unreachable, TLS handshake refused
+        raise ConfigError(f"cannot reach the coordinator at {host}:{port}: {getattr(exc, 'strerror', None) or exc}; "
+                          f"is `insitu coordinator serve` running there? ([operator] coordinator in {config})") from None
 
 
 @job_app.command("submit")
@@ -57,7 +63,7 @@ def submit(job_file: Path = typer.Argument(..., help="job.toml (same names as `i
     """Queue a job; prints its task hash, which each site must have approved."""
     try:
         job = tomllib.loads(job_file.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read job file {job_file}: {exc}") from None
     res = _call(config, "submit", {"job": job})
     out.print(f"job {res['id']} {res['status']}; task hash {res['task_hash']}")
@@ -68,7 +74,11 @@ def task_hash(job_file: Path = typer.Argument(...)) -> None:
     """Print the content hash of a job's task (what site admins approve), without contacting anyone."""
     from insitu.coordinator.jobs import JobSpec
 
-    spec = JobSpec.from_dict(tomllib.loads(job_file.read_text()))
+    try:
+        job = tomllib.loads(job_file.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read job file {job_file}: {exc}") from None
+    spec = JobSpec.from_dict(job)
     out.print(spec.plan.content_hash())
 
 

@@ -92,6 +92,12 @@ def apply_command(
     """
     if "://" not in out_path and Path(out_path).exists() and not overwrite:
         raise DataError(f"{out_path} already exists; pass --overwrite to replace it")
+    from insitu.clitools import check_writable
+
+    if "://" not in out_path:  # refuse an output that cannot be written before reading a record
+        check_writable(out_path, "--out")
+    if report is not None:
+        check_writable(report, "--report")
     sch = _schema(schema, policy)
     pol = DeidPolicy.from_toml(policy)
     ring = FieldKeyring.load(keyring) if keyring is not None else None

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from insitu import strictjson
 from insitu.errors import ProtocolError
 
 MAGIC = b"INSU"
@@ -28,6 +29,11 @@ WIRE_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 MAX_TENSORS = 1024
+MAX_NDIM = 32  # numpy's own limit is 64; no insitu tensor has more than 4
+MAX_ROUND = 2**63 - 1
+#: depth and element count of a header (meta included); far above what insitu writes
+HEADER_LIMITS = strictjson.JSONLimits(max_depth=32, max_items=100_000)
+_HEADER_FIELDS = frozenset({"kind", "round", "job", "meta", "tensors"})
 
 _PREFIX = struct.Struct("<4sBI")
 
@@ -135,7 +141,13 @@ def encode(msg: Message, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
 
 
 def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
-    """Parse and validate one message; every failure is a :class:`ProtocolError`."""
+    """Parse and validate one message; every failure is a :class:`ProtocolError` naming the field.
+
+    The header is strict JSON (:mod:`insitu.strictjson`): at most
+    :data:`HEADER_LIMITS` deep and large, no duplicate keys, no NaN; tensor
+    shapes are checked with exact integer arithmetic against the bytes that
+    remain before numpy sees them.
+    """
     buf = memoryview(data)
     if len(buf) > max_bytes:
         raise ProtocolError(f"message is {len(buf)} bytes, over the limit of {max_bytes}")
@@ -148,47 +160,57 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX
         raise ProtocolError(f"wire version {version} is not supported (this build speaks {WIRE_VERSION})")
     if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(buf):
         raise ProtocolError(f"header length {hlen} does not fit a {len(buf)}-byte message")
-    try:
-        header = json.loads(bytes(buf[_PREFIX.size : _PREFIX.size + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"message header is not valid JSON: {exc}") from None
+    header = strictjson.loads(buf[_PREFIX.size : _PREFIX.size + hlen], limits=HEADER_LIMITS, error=ProtocolError, what="message header")
     if not isinstance(header, dict):
-        raise ProtocolError("message header is not a JSON object")
+        raise ProtocolError(f"message header is a JSON {type(header).__name__}, not an object")
+    unknown = sorted(set(header) - _HEADER_FIELDS)
+    if unknown:
+        raise ProtocolError(f"message header has unknown field(s) {unknown} (allowed: {sorted(_HEADER_FIELDS)})")
+    kind_value = header.get("kind")
     try:
-        kind = MessageKind(header.get("kind"))
-    except ValueError:
-        raise ProtocolError(f"unknown message kind {header.get('kind')!r}") from None
+        kind = MessageKind(kind_value)
+    except (ValueError, TypeError):
+        raise ProtocolError(f"header field 'kind': unknown message kind {_short(kind_value)}") from None
     rnd, job, meta, specs = header.get("round"), header.get("job"), header.get("meta"), header.get("tensors")
-    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
-        raise ProtocolError(f"round {rnd!r} is not a non-negative integer")
-    if not isinstance(job, str) or not isinstance(meta, dict) or not isinstance(specs, list):
-        raise ProtocolError("message header lacks job, meta or tensors of the right type")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd <= MAX_ROUND:
+        raise ProtocolError(f"header field 'round': round {_short(rnd)} is not an integer in [0, {MAX_ROUND}]")
+    if not isinstance(job, str):
+        raise ProtocolError(f"header field 'job' = {_short(job)} is not a string")
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"header field 'meta' = {_short(meta)} is not an object")
+    if not isinstance(specs, list):
+        raise ProtocolError(f"header field 'tensors' = {_short(specs)} is not a list")
     if len(specs) > MAX_TENSORS:
-        raise ProtocolError(f"message carries {len(specs)} tensors, over the limit of {MAX_TENSORS}")
+        raise ProtocolError(f"header field 'tensors' lists {len(specs)} tensors, over the limit of {MAX_TENSORS}")
     offset = _PREFIX.size + hlen
     tensors: dict[str, np.ndarray] = {}
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        where = f"tensors[{i}]"
         if not isinstance(spec, dict):
-            raise ProtocolError("tensor description is not an object")
+            raise ProtocolError(f"header field '{where}' is not an object")
         name, code, shape, nbytes = spec.get("name"), spec.get("dtype"), spec.get("shape"), spec.get("nbytes")
         if not isinstance(name, str) or name in tensors:
-            raise ProtocolError(f"tensor name {name!r} is missing or repeated")
-        if code not in ALLOWED_DTYPES:
-            raise ProtocolError(f"tensor {name!r} has dtype {code!r}, not one of {sorted(ALLOWED_DTYPES)}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ProtocolError(f"tensor {name!r} has invalid shape {shape!r}")
+            raise ProtocolError(f"header field '{where}.name' = {_short(name)} is missing, not a string or repeated")
+        where = f"tensors[{i}] ({name!r})"
+        if not isinstance(code, str) or code not in ALLOWED_DTYPES:
+            raise ProtocolError(f"header field '{where}.dtype' = {_short(code)} is not one of {sorted(ALLOWED_DTYPES)}")
         dt = ALLOWED_DTYPES[code]
-        expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        if nbytes != expected:
-            raise ProtocolError(f"tensor {name!r} declares {nbytes} bytes, but shape {shape} of {code} needs {expected}")
-        if offset + expected > len(buf):
-            raise ProtocolError(f"tensor {name!r} runs past the end of the message ({offset + expected} > {len(buf)})")
-        arr = np.frombuffer(buf[offset : offset + expected], dtype=dt).reshape(shape).copy()
+        dims, expected = strictjson.check_shape(
+            shape, dt.itemsize, len(buf) - offset, limit=max_bytes, max_ndim=MAX_NDIM, error=ProtocolError, field=f"header field '{where}.shape'"
+        )
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes != expected:
+            raise ProtocolError(f"header field '{where}.nbytes' declares {_short(nbytes)} bytes, but shape {list(dims)} of {code} needs {expected}")
+        arr = np.frombuffer(buf[offset : offset + expected], dtype=dt).reshape(dims).copy()
         tensors[name] = arr
         offset += expected
     if offset != len(buf):
         raise ProtocolError(f"message has {len(buf) - offset} trailing bytes after its tensors")
     return Message(kind=kind, round=rnd, job=job, meta=meta, tensors=tensors)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def error_reply(request: Message, reason: str, *, code: str = "error") -> Message:

@@ -1,11 +1,18 @@
 """The gateway's HTTP API: authenticate, ask the one policy decision point, audit, answer.
 
 Order of checks for every protected endpoint, fixed here so that no endpoint
-can skip one: credentials (401) → policy decision, written to the audit log
-whether it permits or denies (403 names the rule) → input validation (422
-names the field) → the work.  Authorization runs as a FastAPI dependency so it
-happens before the request body is even parsed: a role that may not write
-learns nothing from the validator about what a valid write would look like.
+can skip one: body size (413, before the body is read) → credentials (401) →
+policy decision, written to the audit log whether it permits or denies (403
+names the rule) → the body, read and parsed only now (415/400/422 name the
+problem and the field, see :mod:`._intake`) → the work.  Routes declare no
+pydantic body parameter, because FastAPI parses those before any dependency
+runs: a caller without credentials, or a role that may not write, learns
+nothing from the parser about what a valid write would look like.  Types are
+strict: ``true`` is not a number, ``0`` is not a boolean.
+
+Every request that is refused leaves an audit entry (401 and 403 as
+``authn``/``authz`` decisions; 413, 415, 400, 422, 404, 405 and 5xx as an
+``outcome`` entry written by :class:`._intake.AuditEveryRequest`).
 
 Nothing here decides access by itself: :meth:`Gateway.enforce` is the only
 caller of :meth:`PolicyDecisionPoint.decide`.
@@ -20,11 +27,17 @@ from cryptography.x509.oid import NameOID
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from insitu.audit import AuditAction
 from insitu.errors import AuthError, DataError, SecurityError
+from insitu.gateway._intake import (
+    BODY_LIMITS, MAX_BODY_BYTES, AuditEveryRequest, BodyLimit, BodyRefused, ledger_of, note_refusal, parse_body,
+)
 from insitu.gateway.config import MtlsClient
 from insitu.gateway.model import ServedModel
 from insitu.gateway.policy import AccessRequest, Action, Decision, PolicyDecisionPoint, ResourceType, Role
@@ -93,14 +106,19 @@ class Gateway:
     revocation: RevocationCheck | None = None
 
     # -- audit -------------------------------------------------------------------------------------
-    def record(self, stage: str, subject: str, details: Mapping[str, Any]) -> None:
+    def record(self, stage: str, subject: str, details: Mapping[str, Any], request: Request | None = None) -> None:
         """Append a ``gateway.decision`` entry; if that fails the request fails (no unaudited access).
 
-        ``stage`` is authn (credentials refused), authz (a policy decision) or write (a record changed)."""
+        ``stage`` is authn (credentials refused), authz (a policy decision), write (a record changed)
+        or outcome (a refusal no decision explains: 413, 400, 422, 404, ...)."""
         try:
             self.audit.append(AuditAction.GATEWAY_DECISION, subject, {"stage": stage, **details})
         except Exception as exc:  # noqa: BLE001 - any failure to audit must refuse service
             raise _AuditUnavailable(str(exc)) from exc
+        ledger = ledger_of(request) if request is not None else None
+        if ledger is not None:
+            ledger.entries += 1
+            ledger.refused = ledger.refused or details.get("decision") == "deny"
 
     # -- authentication ----------------------------------------------------------------------------
     def authenticate(self, request: Request, bearer: HTTPAuthorizationCredentials | None) -> Principal:
@@ -110,7 +128,7 @@ class Gateway:
             self.record("authn", "anonymous", {
                 "decision": "deny", "reason": str(exc), "method": request.method, "path": request.url.path,
                 "client": request.client.host if request.client else None,
-            })
+            }, request)
             raise _Unauthenticated(str(exc)) from None
 
     def _authenticate(self, request: Request, bearer: HTTPAuthorizationCredentials | None) -> Principal:
@@ -165,7 +183,7 @@ class Gateway:
             **decision.as_dict(), "role": who.role.value, "auth": who.method, "action": action.value,
             "resource": rtype.value, **{k: v for k, v in resource.items() if v is not None},
             "method": request.method, "path": request.url.path,
-        })
+        }, request)
         if not decision.allowed:
             raise _Denied(decision)
         return decision
@@ -209,10 +227,24 @@ class ValidationBody(BaseModel):
     errors: list[dict[str, Any]]
 
 
+_LIMITS = (f"Limits: a request body of at most {MAX_BODY_BYTES} bytes (413 beyond, refused before it is read), "
+           f"UTF-8 JSON nested at most {BODY_LIMITS.max_depth} levels with at most {BODY_LIMITS.max_items} elements "
+           f"and no key given twice (400 otherwise); strict types: `true` is not a number, `0`/`false` is not a "
+           f"string or boolean (422).")
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "no, expired or forged credentials"},
-    403: {"model": DeniedBody, "description": "the policy denies this; the body names the rule"},
-    422: {"model": ValidationBody, "description": "malformed input; the body names the field"},
+    401: {"model": Problem, "description": "no, expired or forged credentials (audited)"},
+    403: {"model": DeniedBody, "description": "the policy denies this; the body names the rule (audited)"},
+    413: {"model": Problem, "description": f"request body over {MAX_BODY_BYTES} bytes, refused before it is read (audited)"},
+    422: {"model": ValidationBody, "description": "malformed input; the body names the field (audited)"},
+    503: {"model": Problem, "description": "the audit log cannot take the entry, so the request is refused"},
+}
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    400: {"model": ValidationBody, "description": f"the body is not UTF-8 JSON, gives a key twice, nests deeper than "
+                                                  f"{BODY_LIMITS.max_depth} levels or has more than "
+                                                  f"{BODY_LIMITS.max_items} elements; the detail says which (audited)"},
+    415: {"model": ValidationBody, "description": "the body is not `application/json` (audited)"},
 }
 
 
@@ -223,53 +255,6 @@ def _features_model(model: ServedModel | None) -> type[BaseModel]:
     return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"), features=(feats, ...))
 
 
-MAX_BODY_BYTES = 64 * 1024
-
-
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413 before the app reads them into memory."""
-
-    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None:  # the HTTP layer delivers exactly this many bytes
-            if not length.isdigit() or int(length) > self.limit:
-                return await self._too_large(send)
-            return await self.app(scope, receive, send)
-        # chunked or no body: read at most `limit` bytes here, then replay them to the app
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # client went away
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await self._too_large(send)
-            if not msg.get("more_body", False):
-                break
-        body, sent = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, send: Callable) -> None:
-        body = ('{"detail":"request body larger than %d bytes"}' % self.limit).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
 def create_app(gw: Gateway) -> FastAPI:
     """The FastAPI application over a :class:`Gateway`; serve it with :func:`insitu.gateway.tls.serve`."""
     app = FastAPI(
@@ -277,9 +262,12 @@ def create_app(gw: Gateway) -> FastAPI:
         version="1",
         description="Role-based access to a site's records and to the federated model. "
                     "Doctors read and update records; nurses read the de-identified nursing view; "
-                    "AI agents run inference on anonymized feature vectors and never see a record.",
+                    "AI agents run inference on anonymized feature vectors and never see a record. "
+                    "Every refused request is audited. " + _LIMITS,
     )
     app.add_middleware(BodyLimit)
+    # outermost: sees every response, writes an `outcome` entry for a refusal nothing else audited
+    app.add_middleware(AuditEveryRequest, record=lambda subject, details: gw.record("outcome", subject, details))
     bearer_scheme = HTTPBearer(auto_error=False, description="token from `insitu gateway token`")
 
     @app.exception_handler(_Unauthenticated)
@@ -295,17 +283,37 @@ def create_app(gw: Gateway) -> FastAPI:
     async def _503(_r: Request, exc: _AuditUnavailable) -> JSONResponse:
         return JSONResponse({"detail": f"audit log unavailable, request refused: {exc}"}, status_code=503)
 
+    @app.exception_handler(BodyRefused)
+    async def _body(request: Request, exc: BodyRefused) -> JSONResponse:
+        note_refusal(request, str(exc), exc.field)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of every route on this path, not only the first route's
+            allowed = sorted({m for r in app.router.routes if r.matches(request.scope)[0] is not Match.NONE
+                              for m in getattr(r, "methods", None) or ()})
+            headers["Allow"] = ", ".join(allowed)
+        note_refusal(request, str(exc.detail))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
     @app.exception_handler(RequestValidationError)
-    async def _422(_r: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _422(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")} for e in exc.errors()]
         first = errors[0] if errors else {"field": "body", "message": "invalid"}
+        note_refusal(request, f"invalid {first['field']}: {first['message']}", first["field"])
         return JSONResponse(
             {"detail": f"invalid {first['field']}: {first['message']}", "field": first["field"], "errors": errors},
             status_code=422,
         )
 
     def principal(request: Request, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> Principal:
-        return gw.authenticate(request, bearer)
+        who = gw.authenticate(request, bearer)
+        ledger = ledger_of(request)
+        if ledger is not None:
+            ledger.subject = who.subject
+        return who
 
     Who = Annotated[Principal, Depends(principal)]
     PseudonymPath = Annotated[str, Path(pattern=PSEUDONYM_PATTERN, description="the patient's pseudonym at this site")]
@@ -321,6 +329,20 @@ def create_app(gw: Gateway) -> FastAPI:
             gw.enforce(request, who, action, ResourceType.MODEL, {"model": gw.model.card.task_hash if gw.model else None})
             return who
         return guard
+
+    def json_body(model: type[BaseModel], guard: Callable[..., Principal]) -> Callable[..., Any]:
+        """The body as ``model``, read only once ``guard`` (authentication, then the policy) has let the caller in."""
+        async def body(request: Request, who: Annotated[Principal, Depends(guard)]) -> BaseModel:
+            return await parse_body(request, model)
+        return body
+
+    def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+        """OpenAPI for a body the route reads itself (FastAPI documents only declared body parameters)."""
+        bodies[model.__name__] = model
+        return {"requestBody": {"required": True, "description": _LIMITS, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+    bodies: dict[str, type[BaseModel]] = {}
 
     def need(pseudonym: str) -> Record:
         rec = gw.store.get(pseudonym)
@@ -344,29 +366,32 @@ def create_app(gw: Gateway) -> FastAPI:
         """The full medical record (doctors)."""
         return need(pseudonym)
 
-    @app.put("/records/{pseudonym}", response_model=Record, tags=["records"], responses=_ERRORS)
-    def replace_record(request: Request, pseudonym: PseudonymPath, body: RecordBody,
-                       who: Annotated[Principal, Depends(record_guard(Action.UPDATE, ResourceType.RECORD))]) -> Record:
+    update_guard = record_guard(Action.UPDATE, ResourceType.RECORD)
+
+    @app.put("/records/{pseudonym}", response_model=Record, tags=["records"], responses=_BODY_ERRORS,
+             openapi_extra=body_doc(RecordBody))
+    def replace_record(request: Request, pseudonym: PseudonymPath, who: Annotated[Principal, Depends(update_guard)],
+                       body: Annotated[RecordBody, Depends(json_body(RecordBody, update_guard))]) -> Record:
         """Create or replace a record (doctors)."""
         rec = gw.store.put(pseudonym, body, gw.clock())
-        gw.record("write", who.subject, {"pseudonym": pseudonym, "version": rec.version, "fields": sorted(RecordBody.model_fields)})
+        gw.record("write", who.subject, {"pseudonym": pseudonym, "version": rec.version, "fields": sorted(RecordBody.model_fields)}, request)
         return rec
 
     @app.patch("/records/{pseudonym}", response_model=Record, tags=["records"],
-               responses={**_ERRORS, 404: {"model": Problem}, 409: {"model": Problem}})
-    def update_record(pseudonym: PseudonymPath, body: RecordPatch,
-                      who: Annotated[Principal, Depends(record_guard(Action.UPDATE, ResourceType.RECORD))]) -> Record:
+               responses={**_BODY_ERRORS, 404: {"model": Problem}, 409: {"model": Problem}}, openapi_extra=body_doc(RecordPatch))
+    def update_record(request: Request, pseudonym: PseudonymPath, who: Annotated[Principal, Depends(update_guard)],
+                      body: Annotated[RecordPatch, Depends(json_body(RecordPatch, update_guard))]) -> Record:
         """Change some fields of a record (doctors)."""
         changes = body.changes()
         if not changes:
-            raise RequestValidationError([{"loc": ("body",), "msg": "a PATCH must change at least one field", "type": "value_error"}])
+            raise BodyRefused(422, "body", "a PATCH must change at least one field")
         try:
             rec = gw.store.patch(pseudonym, body, gw.clock())
         except DataError as exc:
             raise HTTPException(409, str(exc)) from None
         if rec is None:
             raise HTTPException(404, f"no record with pseudonym {pseudonym}")
-        gw.record("write", who.subject, {"pseudonym": pseudonym, "version": rec.version, "fields": sorted(changes)})
+        gw.record("write", who.subject, {"pseudonym": pseudonym, "version": rec.version, "fields": sorted(changes)}, request)
         return rec
 
     @app.get("/nursing/{pseudonym}", response_model=NursingView, tags=["records"],
@@ -377,8 +402,12 @@ def create_app(gw: Gateway) -> FastAPI:
 
     PredictRequest = _features_model(gw.model)
 
-    @app.post("/predict", response_model=Prediction, tags=["model"], responses={**_ERRORS, 503: {"model": Problem}})
-    def predict(body: PredictRequest, who: Annotated[Principal, Depends(model_guard(Action.INFER))]) -> Prediction:  # type: ignore[valid-type]
+    infer_guard = model_guard(Action.INFER)
+
+    @app.post("/predict", response_model=Prediction, tags=["model"], responses={**_BODY_ERRORS, 503: {"model": Problem}},
+              openapi_extra=body_doc(PredictRequest))
+    def predict(who: Annotated[Principal, Depends(infer_guard)],
+                body: Annotated[BaseModel, Depends(json_body(PredictRequest, infer_guard))]) -> Prediction:
         """Risk score from the federated model for one anonymized, standardized feature vector (AI agents)."""
         m = served()
         x = m.vector(body.features.model_dump())  # type: ignore[attr-defined]
@@ -390,6 +419,20 @@ def create_app(gw: Gateway) -> FastAPI:
         """The model card: training sites, rounds, ε and δ, the feature schema /predict expects."""
         return ModelInfo(**served().card.as_dict())
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            for name, model in bodies.items():
+                doc = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="validation")
+                schemas.update(doc.pop("$defs", {}))
+                schemas[name] = doc
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -19,7 +19,7 @@ import threading
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from insitu.data.sources import redact_url
 from insitu.errors import ConfigError, DataError
@@ -30,6 +30,31 @@ Ward = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,3
 ShortText = Annotated[str, StringConstraints(max_length=200)]
 LongText = Annotated[str, StringConstraints(max_length=4000)]
 Items = Annotated[list[ShortText], Field(max_length=50)]
+
+#: a calendar date from 1900-01-01 to 2099-12-31, leap days included, as the OpenAPI spec states it
+DATE_PATTERN = (
+    r"^(?:(?:19|20)\d\d-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
+    r"|02-(?:0[1-9]|1\d|2[0-8]))|(?:19(?:0[48]|[2468][048]|[13579][26])|20(?:[02468][048]|[13579][26]))-02-29)$"
+)
+_DATE_RE = re.compile(DATE_PATTERN)
+
+
+def _birth_date(value: Any) -> Any:
+    if not isinstance(value, (str, dt.date)) or isinstance(value, str) and not _DATE_RE.match(value):
+        raise ValueError(f"a date YYYY-MM-DD from 1900-01-01 to 2099-12-31 is required, got {str(value)[:40]!r}")
+    return dt.date.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema counts 138.0 as an integer; strict mode would not. true/false stay refused.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+BirthDate = Annotated[
+    dt.date, BeforeValidator(_birth_date), Field(ge=dt.date(1900, 1, 1), le=dt.date(2099, 12, 31)),
+    WithJsonSchema({"type": "string", "pattern": DATE_PATTERN, "description": "YYYY-MM-DD, 1900-01-01 to 2099-12-31"}),
+]
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class Sex(str, enum.Enum):
@@ -63,7 +88,7 @@ class RecordBody(BaseModel):
 
     ward: Ward
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    birth_date: dt.date = Field(ge=dt.date(1900, 1, 1), le=dt.date(2100, 1, 1))
+    birth_date: BirthDate
     sex: Sex
     diagnosis: ShortText = ""
     physician_notes: LongText = ""
@@ -71,9 +96,9 @@ class RecordBody(BaseModel):
     allergies: Items = []
     care_notes: LongText = ""
     mobility: Mobility = Mobility.INDEPENDENT
-    resting_bp: int = Field(ge=40, le=300, description="resting systolic blood pressure, mmHg")
-    cholesterol: int = Field(ge=0, le=1000, description="serum cholesterol, mg/dl")
-    max_heart_rate: int = Field(ge=30, le=250, description="maximum heart rate achieved, bpm")
+    resting_bp: Int = Field(ge=40, le=300, description="resting systolic blood pressure, mmHg")
+    cholesterol: Int = Field(ge=0, le=1000, description="serum cholesterol, mg/dl")
+    max_heart_rate: Int = Field(ge=30, le=250, description="maximum heart rate achieved, bpm")
     fasting_blood_sugar_high: bool = False
     exercise_angina: bool = False
     st_depression: float = Field(ge=-5.0, le=10.0, allow_inf_nan=False)
@@ -82,13 +107,13 @@ class RecordBody(BaseModel):
 
 
 class RecordPatch(BaseModel):
-    """PATCH body: any subset of the record's fields (``null`` is not a value here)."""
+    """PATCH body: any non-empty subset of the record's fields (``null`` is not a value here)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
     ward: Ward = None  # type: ignore[assignment]
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)] = None  # type: ignore[assignment]
-    birth_date: dt.date = Field(None, ge=dt.date(1900, 1, 1), le=dt.date(2100, 1, 1))  # type: ignore[assignment]
+    birth_date: BirthDate = None  # type: ignore[assignment]
     sex: Sex = None  # type: ignore[assignment]
     diagnosis: ShortText = None  # type: ignore[assignment]
     physician_notes: LongText = None  # type: ignore[assignment]
@@ -96,9 +121,9 @@ class RecordPatch(BaseModel):
     allergies: Items = None  # type: ignore[assignment]
     care_notes: LongText = None  # type: ignore[assignment]
     mobility: Mobility = None  # type: ignore[assignment]
-    resting_bp: int = Field(None, ge=40, le=300)  # type: ignore[assignment]
-    cholesterol: int = Field(None, ge=0, le=1000)  # type: ignore[assignment]
-    max_heart_rate: int = Field(None, ge=30, le=250)  # type: ignore[assignment]
+    resting_bp: Int = Field(None, ge=40, le=300)  # type: ignore[assignment]
+    cholesterol: Int = Field(None, ge=0, le=1000)  # type: ignore[assignment]
+    max_heart_rate: Int = Field(None, ge=30, le=250)  # type: ignore[assignment]
     fasting_blood_sugar_high: bool = None  # type: ignore[assignment]
     exercise_angina: bool = None  # type: ignore[assignment]
     st_depression: float = Field(None, ge=-5.0, le=10.0, allow_inf_nan=False)  # type: ignore[assignment]

@@ -37,7 +37,7 @@ def issue(name: str = typer.Option(..., help="Party name, becomes the certificat
 
 @app.command("csr")
 def csr(name: str = typer.Option(..., help="Party name (CN)."), out_dir: Path = typer.Option(..., "--out")) -> None:
-    """Make a key and a certificate signing request; the key never leaves this machine."""
+    """Make a key and a certificate signing request; the key never leaves this machine. Refuses to overwrite an existing key."""
     req, key = pki.create_csr(name, out_dir)
     out.print(f"CSR {req} (key {key}); send the CSR to the CA: insitu ca sign {req} --role ROLE")
 

@@ -95,9 +95,13 @@ def _role(role: str | Role) -> Role:
         raise ConfigError(f"unknown role {role!r}; choose one of {[r.value for r in Role]}") from None
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; refusing to overwrite a private key "
+                          "(move it away, or choose another --out)") from None
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
     os.chmod(path, 0o600)
@@ -300,9 +304,10 @@ def create_csr(name: str, out: str | Path) -> tuple[Path, Path]:
     """A party's half of enrolment: a fresh key (stays here) and a CSR to hand to the CA."""
     key = ec.generate_private_key(ec.SECP256R1())
     out = Path(out)
-    _write_private(out / f"{name}.key", _key_pem(key))
+    request = make_csr(name, key).public_bytes(serialization.Encoding.PEM)  # a bad name fails before any file
+    _write_private(out / f"{name}.key", _key_pem(key), exclusive=True)  # never replaces an existing key
     csr_path = out / f"{name}.csr"
-    csr_path.write_bytes(make_csr(name, key).public_bytes(serialization.Encoding.PEM))
+    csr_path.write_bytes(request)
     return csr_path, out / f"{name}.key"
 
 

@@ -227,7 +227,7 @@ class CoordinatorServer:
     def _serve(self, raw: socket.socket, addr) -> None:
         try:
             channel, ident = self.tls.accept(raw, self.config.hello_timeout)
-        except (ssl.SSLError, OSError, SecurityError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a handshake raises refuses this connection only
             log.warning("refused connection from %s:%s: %s", addr[0], addr[1], exc)
             try:
                 raw.close()
@@ -243,8 +243,13 @@ class CoordinatorServer:
                 self._serve_operator(channel, ident)
             else:
                 log.warning("refused %s: role %s may not connect to the coordinator", ident.name, ident.role.value)
-        except (ConnectionError, OSError, ProtocolError, ssl.SSLError) as exc:
+        except ProtocolError as exc:
+            log.warning("channel from %s closed: malformed message: %s", ident.name, exc)
+        except (ConnectionError, OSError, ssl.SSLError) as exc:
             log.info("channel from %s closed: %s", ident.name, exc)
+        except Exception as exc:  # noqa: BLE001 - a peer must never end the process through this thread
+            log.error("channel from %s closed after an unexpected %s: %s", ident.name, type(exc).__name__, exc)
+            log.debug("unexpected error on the channel from %s", ident.name, exc_info=True)
         finally:
             channel.close()
 
@@ -277,11 +282,13 @@ class CoordinatorServer:
                     channel.send(_refusal(msg, f"certificate {ident.name} has role site; only an operator certificate may {msg.meta.get('op', '?')} jobs"), seq)
                     continue
                 conn.resolve(seq, msg, size)
-        except (ConnectionError, OSError, ssl.SSLError, ProtocolError) as exc:
+        except ProtocolError as exc:
+            why = f"malformed message: {exc}"
+        except (ConnectionError, OSError, ssl.SSLError) as exc:
             why = f"channel lost: {exc}"
         finally:
             self.transport.detach(conn, why)
-            log.info("site %s detached: %s", ident.name, why)
+            (log.warning if why.startswith("malformed") else log.info)("site %s detached: %s", ident.name, why)
 
     def _serve_operator(self, channel: Channel, ident: Identity) -> None:
         channel.sock.settimeout(self.config.dead_after * 6)
