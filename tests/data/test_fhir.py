@@ -300,3 +300,32 @@ def test_server_error_and_unreachable_server(cohort):
         port = server.httpd.server_address[1]
     with pytest.raises(DataError, match="cannot reach FHIR server"):
         read_dataset(FhirServerSource(f"http://127.0.0.1:{port}/fhir", timeout=2), SCHEMA)
+
+
+def test_records_to_site_data_encoding_and_missing_values(export):
+    from insitu.data.features import Impute, encoding, site_data
+    from insitu.data.sources import Records
+
+    enc = encoding(SCHEMA)
+    assert enc.features == ("age", "cholesterol", "systolic_bp", "diabetes", "admissions") and enc.num_classes == 2
+    rec = read_dataset(export, SCHEMA)
+    sd = site_data(rec, SCHEMA, "h", test_fraction=0.25)
+    assert sd.X_train.shape[1] == 5 and sd.n_train + sd.n_test == N and 2 <= sd.n_test <= 4
+    np.testing.assert_allclose(sd.X_train.mean(0).numpy(), 0, atol=1e-5)  # z-scored with the site's own train stats
+    frame = rec.frame.copy()
+    frame.loc[4, "cholesterol"] = None
+    with pytest.raises(DataError, match=r"feature\(s\) \['cholesterol'\] have empty values"):
+        site_data(Records(frame), SCHEMA, "h")
+    filled = site_data(Records(frame), SCHEMA, "h", impute=Impute.MEAN, standardize=False)
+    assert not torch_isnan(filled.X_train) and not torch_isnan(filled.X_test)
+    onehot = RecordSchema.from_dict({"columns": {
+        "pid": {"role": "direct_identifier", "type": "string", "fhir": "Patient.id"},
+        "sex": {"role": "feature", "type": "string", "levels": ["female", "male"], "fhir": "Patient.gender"},
+        "chd": {"role": "label", "type": "boolean", "fhir": {"resource": "Condition", "system": "icd10", "code": "I25*"}}}})
+    assert encoding(onehot).features == ("sex=female", "sex=male")
+    sd = site_data(read_dataset(export, onehot), onehot, "h", standardize=False)
+    assert set(sd.X_train.sum(1).tolist()) == {1.0}
+
+
+def torch_isnan(t) -> bool:
+    return bool(t.isnan().any())

@@ -294,7 +294,7 @@ class DicomSource:
                 if isinstance(b, FileBinding):
                     row[name] = path.parent.name if b.field is FileField.FOLDER else path.name
                 else:
-                    row[name] = _tag_value(ds.get(b.keyword) if b.keyword in ds else None, b.vr)
+                    row[name] = _tag_value(ds.data_element(b.keyword) if b.keyword in ds else None, b.vr)
             rows.append(row)
         return Records(pd.DataFrame(rows, columns=[n for n, _ in cols], dtype=object), pixels)
 
