@@ -329,3 +329,17 @@ def test_records_to_site_data_encoding_and_missing_values(export):
 
 def torch_isnan(t) -> bool:
     return bool(t.isnan().any())
+
+
+def test_fhir_records_go_through_deidentification(export):
+    """The FHIR frame is an ordinary typed record frame: the de-identification engine pseudonymizes
+    the Patient id (a direct identifier) and leaves features alone."""
+    from insitu.deid import DeidPolicy, deidentify
+
+    frame = read_records(export, SCHEMA)
+    policy = DeidPolicy.from_dict({"deid": {"k": 1, "patient_id": "patient_id"},
+                                   "identifiers": {"patient_id": "pseudonymize"},
+                                   "generalize": {"sex": {"hierarchy": "category"}}})
+    out = deidentify(frame, SCHEMA, policy, b"s" * 32).frame
+    assert not set(out["patient_id"]) & set(frame["patient_id"]) and out["patient_id"].nunique() == N
+    np.testing.assert_array_equal(out["cholesterol"].to_numpy(float), frame["cholesterol"].to_numpy(float))
