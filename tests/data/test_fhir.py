@@ -129,6 +129,23 @@ def test_dangling_patient_reference_and_wrong_unit_refused(export):
         read_records(export, SCHEMA)
 
 
+def test_resources_no_column_reads_are_not_parsed(export, cohort):
+    """An unrelated lab (even a malformed one) and an ambulatory visit are never validated or read."""
+    noise = [{"resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p0000"},
+              "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+              "valueQuantity": {"value": "not-a-number"}},
+             {"resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/nobody"},
+              "code": {"coding": [{"system": "http://snomed.info/sct", "code": "2093-3"}]}}]  # right code, wrong system
+    with (export / "Observation.ndjson").open("a") as fh:
+        fh.write("\n".join(json.dumps(n) for n in noise) + "\n")
+    _check(read_records(export, SCHEMA), cohort)
+    # ... but a malformed resource that a column might read is still refused
+    with (export / "Observation.ndjson").open("a") as fh:
+        fh.write(json.dumps({**noise[0], "code": {"coding": [{"system": "http://loinc.org", "code": "2093-3"}]}}) + "\n")
+    with pytest.raises(DataError, match="valueQuantity.value"):
+        read_records(export, SCHEMA)
+
+
 def test_not_json_and_not_a_resource(export):
     (export / "Broken.ndjson").write_text('{"resourceType": "Patient", "id": \n')
     with pytest.raises(DataError, match=r"Broken.ndjson line 1: not JSON"):

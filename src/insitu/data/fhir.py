@@ -317,8 +317,8 @@ class _Collector:
             kind = FhirResource(raw["resourceType"])
         except ValueError:
             return  # a resource type no column reads
-        if kind not in self.wanted:
-            return
+        if kind not in self.wanted or not self._may_match(kind, raw):
+            return  # data minimization: a resource no column reads is not parsed further
         from pydantic import ValidationError
 
         try:
@@ -329,6 +329,35 @@ class _Collector:
             self._patient(res, where)
         else:
             self._clinical(kind, res, where)
+
+    def _may_match(self, kind: FhirResource, raw: Mapping[str, Any]) -> bool:
+        """Whether some column could read this resource, judged from its raw codes alone.  Anything
+        malformed counts as a possible match, so that validation reports it."""
+        if kind is FhirResource.PATIENT:
+            return True
+        try:
+            if kind is FhirResource.ENCOUNTER:
+                klass = (raw.get("class") or {}).get("code")
+                codings = [c for t in raw.get("type") or () for c in t.get("coding") or ()]
+            else:
+                klass = None
+                codings = list((raw.get("code") or {}).get("coding") or ())
+                codings += [c for comp in raw.get("component") or () for c in (comp.get("code") or {}).get("coding") or ()]
+            pairs = [(c.get("system"), c.get("code")) for c in codings]
+        except (AttributeError, TypeError):
+            return True
+        for _, b in self.columns:
+            if b.resource is not kind:
+                continue
+            if b.encounter_class and klass != b.encounter_class:
+                continue
+            if not b.codes:
+                return True
+            for system, code in pairs:
+                if system == b.system and isinstance(code, str) and any(
+                        code == want or (want.endswith("*") and code.startswith(want[:-1])) for want in b.codes):
+                    return True
+        return False
 
     def _patient(self, res: Any, where: str) -> None:
         if not res.id:
