@@ -109,7 +109,9 @@ DICOM_SCHEMA = RecordSchema.from_dict({
 def study(tmp_path, pneumonia):
     images, labels = pneumonia
     for i in range(8):
-        _dicom(tmp_path / "study" / CLASSES[int(labels[i * 4])] / f"{i:02d}", images[i * 4], view="AP" if i % 2 else "PA")
+        # class folder / patient folder / file, as PACS exports nest them: the class is the first level
+        _dicom(tmp_path / "study" / CLASSES[int(labels[i * 4])] / f"pt{i:02d}" / "IM0001", images[i * 4],
+               view="AP" if i % 2 else "PA")
     return tmp_path / "study", images[::4][:8], labels[::4][:8]
 
 
@@ -121,7 +123,8 @@ def test_dicom_pixels_and_declared_tags_only(study, monkeypatch):
     src = open_source(root)
     assert src.kind is SourceKind.DICOM
     rec = read_dataset(src, DICOM_SCHEMA)
-    order = np.argsort([f"{CLASSES[int(v)]}/{i:02d}" for i, v in enumerate(labels)], kind="stable")
+    order = np.argsort([f"{CLASSES[int(v)]}/pt{i:02d}" for i, v in enumerate(labels)], kind="stable")
+    assert rec.frame["label"].tolist() == [CLASSES[int(v)] for v in labels[order]]
     np.testing.assert_array_equal(rec.pixels, _to_tensor(images[order]).numpy())
     assert rec.frame["view"].tolist() == ["AP" if i % 2 else "PA" for i in order]
     assert set(rec.frame["modality"]) == {"CR"}

@@ -66,8 +66,15 @@ _PIXEL_KEYWORDS = ("PixelData", "Rows", "Columns", "SamplesPerPixel", "BitsAlloc
 
 
 class FileField(StrEnum):
-    FOLDER = "folder"  # the name of the folder that holds the file (a class)
+    FOLDER = "folder"  # the first-level folder under the source's root that holds the file (a class)
     NAME = "name"  # the file's own name
+
+
+def _file_field(root: Path, path: Path, fld: FileField) -> str | None:
+    if fld is FileField.NAME:
+        return path.name
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None  # a file at the root has no class folder
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ class ImageFolderSource:
                                 f"declares {spec.height}×{spec.width} (resize the images before, the same at every site)")
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             pixels[i] = scale_pixels(arr, 255.0)
-            rows.append({name: (path.parent.name if b.field is FileField.FOLDER else path.name) for name, b in cols})
+            rows.append({name: _file_field(root, path, b.field) for name, b in cols})
         return Records(pd.DataFrame(rows, columns=[n for n, _ in cols], dtype=object), pixels)
 
 
@@ -292,7 +299,7 @@ class DicomSource:
             row = {}
             for name, b in cols:
                 if isinstance(b, FileBinding):
-                    row[name] = path.parent.name if b.field is FileField.FOLDER else path.name
+                    row[name] = _file_field(root, path, b.field)
                 else:
                     row[name] = _tag_value(ds.data_element(b.keyword) if b.keyword in ds else None, b.vr)
             rows.append(row)
