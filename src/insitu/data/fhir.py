@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import pandas as pd
@@ -500,7 +500,7 @@ class FhirNdjsonSource:
     """
 
     location: str
-    kind: SourceKind = SourceKind.FHIR_NDJSON
+    kind: ClassVar[SourceKind] = SourceKind.FHIR_NDJSON
 
     @property
     def display(self) -> str:
@@ -544,7 +544,7 @@ class FhirServerSource:
     max_pages: int = 10_000
     timeout: float = 30.0
     verify: bool | str = True
-    kind: SourceKind = SourceKind.FHIR_SERVER
+    kind: ClassVar[SourceKind] = SourceKind.FHIR_SERVER
 
     @property
     def display(self) -> str:

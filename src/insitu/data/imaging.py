@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -167,7 +167,7 @@ class ImageFolderSource:
     """
 
     location: str
-    kind: SourceKind = SourceKind.IMAGE_FOLDER
+    kind: ClassVar[SourceKind] = SourceKind.IMAGE_FOLDER
 
     @property
     def display(self) -> str:
@@ -270,7 +270,7 @@ class DicomSource:
     """A folder tree of DICOM files, one image per file (single frame), in path order."""
 
     location: str
-    kind: SourceKind = SourceKind.DICOM
+    kind: ClassVar[SourceKind] = SourceKind.DICOM
 
     @property
     def display(self) -> str:
