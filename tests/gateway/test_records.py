@@ -105,6 +105,10 @@ def test_import_refuses_bad_rows_naming_rows_and_fields_not_values(tmp_path):
     msg = str(e.value)
     assert "row 2: invalid field(s) ['resting_bp']" in msg and "row 3" in msg and "nothing was imported" in msg
     assert "999" not in msg and "Secret" not in msg
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "Patient.ndjson").write_text('{"resourceType": "Patient", "id": "x"}\n')
+    with pytest.raises(DataError, match="is a fhir-ndjson source; gateway imports read a table"):
+        bodies_from_source(str(tmp_path / "export"))
 
 
 def test_import_records_command_fills_the_store_and_audits(tmp_path):

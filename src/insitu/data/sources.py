@@ -22,6 +22,16 @@ Schema file (TOML)::
     type = "integer"
     feature = "age_years"               # optional: name of the feature in the output
 
+Where records are not a table, a column says where its value comes from: ``fhir = {...}`` for a FHIR
+export or server (``insitu.data.fhir``), ``dicom = "Keyword"`` or ``file = "folder"`` for DICOM studies
+and image folders (``insitu.data.imaging``, which also reads a top-level ``[pixels]`` table).  A string
+column may declare its ``levels`` (allowed values, in order: a label's classes, a category's one-hot
+order); any other value is refused.
+
+Every source, whatever its kind, answers one call, ``fetch(schema) -> Records``: the declared columns,
+untyped or typed, plus pixel arrays for image sources.  ``read_records`` and ``read_dataset`` then check
+every value against the schema the same way for all of them.
+
 Error messages name columns and row numbers, never values: a value in a medical record may itself
 be the secret.
 """
@@ -34,7 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -63,19 +73,74 @@ class ColumnType(StrEnum):
 
 @dataclass(frozen=True)
 class ColumnSpec:
+    """One declared column: its name, role and type, and where a non-table source finds it.
+
+    ``levels`` lists the allowed values of a string column, in order; ``binding`` is the parsed
+    ``fhir``/``dicom``/``file`` declaration of a source that is not a table (None for tables).
+    """
+
     name: str
     role: Role
     type: ColumnType
     feature: str
     nullable: bool = True
+    levels: tuple[str, ...] | None = None
+    binding: Any = None
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """The images an image source must hold: every one ``channels × height × width`` after reading.
+
+    ``channels`` is 1 (grayscale) or 3 (RGB); an image of another size is refused, never resized
+    silently (a resize changes what the model sees at one site and not at another).
+    """
+
+    height: int
+    width: int
+    channels: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, origin: str) -> "PixelSpec":
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{origin}: [pixels] must be a table with height, width and channels")
+        bad = set(raw) - {"height", "width", "channels"}
+        if bad:
+            raise ConfigError(f"{origin}: [pixels] has unknown key(s) {sorted(bad)}; allowed: height, width, channels")
+        vals = {}
+        for key, lo, hi in (("height", 1, 4096), ("width", 1, 4096), ("channels", 1, 3)):
+            v = raw.get(key, 1 if key == "channels" else None)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ConfigError(f"{origin}: [pixels] {key} must be an integer from {lo} to {hi}, got {v!r}")
+            vals[key] = v
+        if vals["channels"] == 2:
+            raise ConfigError(f"{origin}: [pixels] channels must be 1 (grayscale) or 3 (RGB), got 2")
+        return cls(**vals)
+
+
+# Per-column keys that say where a non-table source finds the value; each names the module that
+# parses it (a fixed table: nothing read from a file picks code).
+_BINDING_KEYS = {"fhir": "insitu.data.fhir", "dicom": "insitu.data.imaging", "file": "insitu.data.imaging"}
+
+
+def _parse_binding(key: str, value: Any, column: str, role: Role, ctype: ColumnType, origin: str) -> Any:
+    import importlib
+
+    module = importlib.import_module(_BINDING_KEYS[key])
+    return module.parse_binding(key, value, column=column, role=role, ctype=ctype, origin=origin)
 
 
 @dataclass(frozen=True)
 class RecordSchema:
-    """The declared columns of one record table, in declaration order."""
+    """The declared columns of one record table, in declaration order (plus pixels for images)."""
 
     columns: tuple[ColumnSpec, ...]
     table: str | None = None
+    pixels: PixelSpec | None = None
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RecordSchema":
@@ -90,9 +155,9 @@ class RecordSchema:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, origin: str = "schema") -> "RecordSchema":
-        unknown = set(raw) - {"table", "columns"}
+        unknown = set(raw) - {"table", "columns", "pixels"}
         if unknown:
-            raise ConfigError(f"{origin}: unknown top-level key(s) {sorted(unknown)}; allowed: table, columns")
+            raise ConfigError(f"{origin}: unknown top-level key(s) {sorted(unknown)}; allowed: table, columns, pixels")
         cols_raw = raw.get("columns")
         if not isinstance(cols_raw, Mapping) or not cols_raw:
             raise ConfigError(f"{origin}: declare at least one [columns.<name>] table")
@@ -100,16 +165,29 @@ class RecordSchema:
         for name, spec in cols_raw.items():
             if not isinstance(spec, Mapping):
                 raise ConfigError(f"{origin}: [columns.{name}] must be a table with role and type")
-            bad = set(spec) - {"role", "type", "feature", "nullable"}
+            bad = set(spec) - {"role", "type", "feature", "nullable", "levels", *_BINDING_KEYS}
             if bad:
                 raise ConfigError(f"{origin}: column {name!r} has unknown key(s) {sorted(bad)}; "
-                                  "allowed: role, type, feature, nullable")
+                                  f"allowed: role, type, feature, nullable, levels, {', '.join(_BINDING_KEYS)}")
             role = _enum(Role, spec.get("role"), f"{origin}: column {name!r} role")
             ctype = _enum(ColumnType, spec.get("type"), f"{origin}: column {name!r} type")
             feature = spec.get("feature", name)
             if not isinstance(feature, str) or not feature:
                 raise ConfigError(f"{origin}: column {name!r} feature must be a non-empty string")
-            cols.append(ColumnSpec(name, role, ctype, feature, bool(spec.get("nullable", True))))
+            levels = spec.get("levels")
+            if levels is not None:
+                if ctype is not ColumnType.STRING:
+                    raise ConfigError(f"{origin}: column {name!r} declares levels, which only a string column may")
+                if (not isinstance(levels, list) or len(levels) < 2 or len(set(levels)) != len(levels)
+                        or not all(isinstance(v, str) and v for v in levels)):
+                    raise ConfigError(f"{origin}: column {name!r} levels must be a list of at least two "
+                                      "distinct non-empty strings")
+                levels = tuple(levels)
+            keys = [k for k in _BINDING_KEYS if k in spec]
+            if len(keys) > 1:
+                raise ConfigError(f"{origin}: column {name!r} declares {keys}; a column comes from one place")
+            binding = _parse_binding(keys[0], spec[keys[0]], name, role, ctype, origin) if keys else None
+            cols.append(ColumnSpec(name, role, ctype, feature, bool(spec.get("nullable", True)), levels, binding))
         features = [c.feature for c in cols]
         dupes = sorted({f for f in features if features.count(f) > 1})
         if dupes:
@@ -120,7 +198,8 @@ class RecordSchema:
         table = raw.get("table")
         if table is not None and not isinstance(table, str):
             raise ConfigError(f"{origin}: table must be a string")
-        return cls(tuple(cols), table)
+        pixels = PixelSpec.from_dict(raw["pixels"], origin=origin) if "pixels" in raw else None
+        return cls(tuple(cols), table, pixels)
 
     @property
     def names(self) -> list[str]:
@@ -148,6 +227,32 @@ class SourceKind(StrEnum):
     CSV = "csv"
     SQLITE = "sqlite"
     POSTGRESQL = "postgresql"
+    FHIR_NDJSON = "fhir-ndjson"  # a FHIR Bulk Data export: a folder of NDJSON files (insitu.data.fhir)
+    FHIR_SERVER = "fhir-server"  # a FHIR server's search API, page by page (insitu.data.fhir)
+    IMAGE_FOLDER = "image-folder"  # one folder per class of PNG/JPEG images (insitu.data.imaging)
+    DICOM = "dicom"  # a folder tree of DICOM files (insitu.data.imaging)
+
+
+@dataclass(frozen=True)
+class Records:
+    """What a source yields for a schema: one row per record, and for image sources one pixel array
+    per row (``pixels[i]`` belongs to ``frame.iloc[i]``, shape ``(N, channels, height, width)``)."""
+
+    frame: pd.DataFrame
+    pixels: np.ndarray | None = None
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Anything records are read from.  ``fetch`` returns the schema's columns (raw or typed: the
+    caller type-checks them) and raises ``DataError`` naming what is missing, never a value."""
+
+    kind: SourceKind
+
+    @property
+    def display(self) -> str: ...
+
+    def fetch(self, schema: RecordSchema) -> Records: ...
 
 
 def redact_url(url: str) -> str:
@@ -174,10 +279,25 @@ class RecordSource:
     def read(self, columns: Sequence[str]) -> pd.DataFrame:
         return _READERS[self.kind].read(self, list(columns))
 
+    def fetch(self, schema: RecordSchema) -> Records:
+        available = self.columns()
+        missing = [c for c in schema.names if c not in available]
+        if missing:
+            raise DataError(f"{self.display} lacks column(s) {missing} declared in the schema; it has: {available}")
+        return Records(self.read(schema.names))
 
-def open_source(spec: str | os.PathLike[str], table: str | None = None) -> RecordSource:
-    """Recognize a source: ``postgresql://`` URL, ``sqlite:///`` URL or SQLite file, or a CSV file."""
+
+def open_source(spec: str | os.PathLike[str], table: str | None = None) -> Source:
+    """Recognize a source: ``postgresql://`` URL, ``sqlite:///`` URL or SQLite file, a CSV file, an
+    ``http(s)://`` FHIR server base URL, or a folder (a FHIR NDJSON export, DICOM files, or one
+    sub-folder of images per class)."""
     text = os.fspath(spec)
+    if text.startswith(("http://", "https://")):
+        from insitu.data.fhir import FhirServerSource
+
+        return FhirServerSource(text)
+    if "://" not in text and Path(text).is_dir():
+        return _open_folder(Path(text))
     if text.startswith(("postgresql://", "postgres://", "postgresql+")):
         if not table:
             raise ConfigError(f"source {redact_url(text)} is a database: name the table (--table)")
@@ -191,7 +311,8 @@ def open_source(spec: str | os.PathLike[str], table: str | None = None) -> Recor
             raise ConfigError(f"source {text} is a SQLite database: name the table (--table)")
         return RecordSource(SourceKind.SQLITE, str(Path(text).resolve()), table)
     if "://" in text:
-        raise ConfigError(f"source {redact_url(text)!r}: use a CSV path, a SQLite file or a postgresql:// URL")
+        raise ConfigError(f"source {redact_url(text)!r}: use a CSV path, a SQLite file, a postgresql:// URL, "
+                          "an http(s):// FHIR server or a folder")
     path = Path(text)
     if not path.is_file():
         raise DataError(f"source {path} does not exist")
@@ -202,6 +323,20 @@ def open_source(spec: str | os.PathLike[str], table: str | None = None) -> Recor
             raise ConfigError(f"source {path} is a SQLite database: name the table (--table)")
         return RecordSource(SourceKind.SQLITE, str(path.resolve()), table)
     return RecordSource(SourceKind.CSV, str(path.resolve()), None)
+
+
+def _open_folder(path: Path) -> Source:
+    """A FHIR export (``*.ndjson``), DICOM files (``*.dcm`` or the DICM preamble) or class folders."""
+    from insitu.data import imaging
+    from insitu.data.fhir import FhirNdjsonSource
+
+    if any(path.glob("*.ndjson")):
+        return FhirNdjsonSource(str(path.resolve()))
+    if imaging.looks_like_dicom(path):
+        return imaging.DicomSource(str(path.resolve()))
+    if any(p.is_dir() for p in path.iterdir()):
+        return imaging.ImageFolderSource(str(path.resolve()))
+    raise DataError(f"folder {path} holds no *.ndjson FHIR export, no DICOM files and no class sub-folders")
 
 
 class _CsvReader:
@@ -343,7 +478,8 @@ _COERCE: dict[ColumnType, Callable[[pd.Series], pd.Series]] = {
 
 
 def conform(frame: pd.DataFrame, schema: RecordSchema, *, origin: str = "records") -> pd.DataFrame:
-    """Check that ``frame`` holds every declared column with values of the declared type.
+    """Check that ``frame`` holds every declared column with values of the declared type (and, for
+    a column with ``levels``, one of them).
 
     Every problem is collected first and reported together, naming columns and row numbers.
     """
@@ -364,26 +500,38 @@ def conform(frame: pd.DataFrame, schema: RecordSchema, *, origin: str = "records
         if not spec.nullable and out[spec.name].isna().any():
             problems.append(f"column {spec.name!r} is declared nullable = false but has "
                             f"{_bad_rows(out[spec.name].isna().to_numpy())} empty")
+        if spec.levels is not None:
+            col = out[spec.name]
+            outside = (col.notna() & ~col.isin(spec.levels)).to_numpy(bool)
+            if outside.any():
+                problems.append(f"column {spec.name!r} has {_bad_rows(outside)} outside its declared levels "
+                                f"{list(spec.levels)}")
     if problems:
         raise DataError(f"{origin} does not match its schema: " + "; ".join(problems))
     return pd.DataFrame(out, index=pd.RangeIndex(len(frame)))
 
 
-def read_records(source: RecordSource | str | os.PathLike[str], schema: RecordSchema, *,
-                 table: str | None = None, audit: Any = None) -> pd.DataFrame:
-    """Read the schema's columns from ``source`` and type-check them; ``audit`` (an AuditLog) records the access."""
-    src = source if isinstance(source, RecordSource) else open_source(source, table or schema.table)
-    available = src.columns()
-    missing = [c for c in schema.names if c not in available]
-    if missing:
-        raise DataError(f"{src.display} lacks column(s) {missing} declared in the schema; it has: {available}")
-    frame = conform(src.read(schema.names), schema, origin=src.display)
+def read_dataset(source: Source | str | os.PathLike[str], schema: RecordSchema, *,
+                 table: str | None = None, audit: Any = None) -> Records:
+    """Read the schema's columns (and pixels, for image sources) from ``source`` and type-check them;
+    ``audit`` (an AuditLog) records the access."""
+    src = source if isinstance(source, Source) else open_source(source, table or schema.table)
+    fetched = src.fetch(schema)
+    frame = conform(fetched.frame, schema, origin=src.display)
+    if fetched.pixels is not None and len(fetched.pixels) != len(frame):
+        raise DataError(f"{src.display}: {len(fetched.pixels)} images for {len(frame)} records")
     if audit is not None:
         from insitu.audit import AuditAction
 
         audit.append(AuditAction.DATA_ACCESS, src.display,
                      {"kind": src.kind.value, "columns": schema.names, "rows": len(frame)})
-    return frame
+    return Records(frame, fetched.pixels)
+
+
+def read_records(source: Source | str | os.PathLike[str], schema: RecordSchema, *,
+                 table: str | None = None, audit: Any = None) -> pd.DataFrame:
+    """Read the schema's columns from ``source`` and type-check them; ``audit`` (an AuditLog) records the access."""
+    return read_dataset(source, schema, table=table, audit=audit).frame
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -431,12 +579,16 @@ def write_table(frame: pd.DataFrame, target: str | os.PathLike[str], *, table: s
 __all__ = [
     "ColumnSpec",
     "ColumnType",
+    "PixelSpec",
     "RecordSchema",
     "RecordSource",
+    "Records",
     "Role",
+    "Source",
     "SourceKind",
     "conform",
     "open_source",
+    "read_dataset",
     "read_records",
     "redact_url",
     "write_table",

@@ -276,9 +276,12 @@ def bodies_from_source(source: str, table: str | None = None) -> list[tuple[str,
     """
     import pandas as pd
 
-    from insitu.data.sources import open_source
+    from insitu.data.sources import RecordSource, open_source
 
     src = open_source(source, table)
+    if not isinstance(src, RecordSource):
+        raise DataError(f"{src.display} is a {src.kind.value} source; gateway imports read a table "
+                        "(CSV, SQLite or PostgreSQL)")
     available = src.columns()
     wanted = ["pseudonym", *RecordBody.model_fields]
     required = ["pseudonym", *(n for n, f in RecordBody.model_fields.items() if f.is_required())]
