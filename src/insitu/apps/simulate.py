@@ -275,14 +275,15 @@ def secrets_for(cfg: SimulationConfig, names: list[str], given: Mapping[str, byt
 
 
 def simulate(config: SimulationConfig | None = None, *, progress: bool = False, write: bool = True,
-             site_secrets: Mapping[str, bytes] | None = None, **options: Any) -> dict[str, Any]:
+             site_secrets: Mapping[str, bytes] | None = None, coordinator_secret: bytes | None = None,
+             **options: Any) -> dict[str, Any]:
     """Run a federated simulation and return its summary (also written to ``summary.json``).
 
     ``simulate(dataset="heart", strategy="fedyogi", rounds=30)`` is the Python face of
     ``insitu simulate``; options are the fields of :class:`SimulationConfig`.  ``--seed`` fixes
     the splits and the initial model; each site's sampling, DP noise and rounding come from its
     own secret (OS randomness), unless ``site_secrets`` (site → bytes) are given, as tests that
-    compare two code paths exactly do.
+    compare two code paths exactly do (``coordinator_secret`` likewise seeds central DP noise).
     """
     if config is None:
         config = SimulationConfig(**options)
@@ -321,7 +322,17 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
     if plan.dp.on:
         report = DPReport(plan, {n: s.budget for n, s in sites.items()}, ledger, run_id)
     transport = InProcessTransport(sites, fail=_dropout_plan(cfg))
-    coord = build_coordinator(plan, f"sim-{cfg.seed}", transport, params=initial_params(plan, cfg.seed), timeout=cfg.round_timeout)
+    rng = None
+    if coordinator_secret is not None:
+        from insitu.builder import derive_seed
+
+        rng = np.random.default_rng(derive_seed(coordinator_secret, "central-dp"))
+    elif cfg.insecure_replayable_randomness:
+        rng = np.random.default_rng(cfg.seed + 7919)
+    from insitu.builder import build_protocol
+
+    coord = build_coordinator(plan, f"sim-{cfg.seed}", transport, params=initial_params(plan, cfg.seed), timeout=cfg.round_timeout,
+                              protocol=build_protocol(plan, rng=rng))
     writer = RunWriter(out) if write else None
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -354,7 +365,7 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
             "plan": plan.to_meta(),
             "plan_hash": plan.content_hash(),
             "task": task.to_meta(),
-            "private_randomness": site_secrets is None and not cfg.insecure_replayable_randomness,
+            "private_randomness": site_secrets is None and coordinator_secret is None and not cfg.insecure_replayable_randomness,
             "sites": {s.name: {"n_train": s.n_train, "n_test": s.n_test} for s in data.sites},
             "final": {
                 "mean_site_accuracy": mean_acc,

@@ -217,17 +217,9 @@ class CoordinatorService:
         plan = spec.plan
         log.info("job %s: starting (%s, %s, dp %s, %d rounds, min %d sites)", job.id, plan.strategy.name.value,
                  plan.protection.kind.value, plan.dp.level.value, spec.rounds, spec.min_sites)
-        latest = self.store.latest_model(job.id)
-        state: dict[str, np.ndarray] = {}
-        if latest is None:
-            version = 0
-            params = initial_params(plan, spec.seed)
-        else:
-            version, last_round, params, state = latest
-            log.info("job %s: resuming from model version %d (round %d)", job.id, version, last_round)
-        protocol = RecordingProtocol(build_protocol(plan))
-        coord = build_coordinator(plan, job.id, self.server.transport, params=params, timeout=spec.round_timeout,
-                                  sites=spec.sites, protocol=protocol, strategy_state=state)
+        coord, protocol, version = job_coordinator(spec, job.id, self.server.transport, self.store.latest_model(job.id))
+        if version:
+            log.info("job %s: resuming from model version %d", job.id, version)
         strategy = coord.strategy
         self.store.set_status(job.id, JobStatus.RUNNING)
         aborted = sum(1 for r in self.store.rounds(job.id) if r["status"] in (RoundStatus.ABORTED.value, RoundStatus.INTERRUPTED.value))
@@ -273,6 +265,29 @@ class CoordinatorService:
         return {**mean_accuracy(evals), "sites": {k: dict(v) for k, v in evals.items()}}
 
 
+def job_coordinator(spec: JobSpec, job_id: str, transport: Any, latest: Any = None, *,
+                    coordinator_secret: bytes | None = None) -> tuple[Any, "RecordingProtocol", int]:
+    """The deployed job's coordinator over ``transport``, resumed from ``latest`` (version, round,
+    params, strategy state) if given: the builder's coordinator, as ``insitu simulate`` makes it.
+
+    ``coordinator_secret`` seeds central DP noise (tests comparing with a simulation); the OS otherwise."""
+    plan = spec.plan
+    state: dict[str, np.ndarray] = {}
+    if latest is None:
+        version, params = 0, initial_params(plan, spec.seed)
+    else:
+        version, _, params, state = latest
+    rng = None
+    if coordinator_secret is not None:
+        from insitu.builder import derive_seed
+
+        rng = np.random.default_rng(derive_seed(coordinator_secret, "central-dp"))
+    protocol = RecordingProtocol(build_protocol(plan, rng=rng))
+    coord = build_coordinator(plan, job_id, transport, params=params, timeout=spec.round_timeout,
+                              sites=spec.sites, protocol=protocol, strategy_state=state)
+    return coord, protocol, version
+
+
 def _preload() -> None:
     import importlib
 
@@ -298,4 +313,4 @@ def serve(config_path: str | Path) -> None:
         svc.store.close()  # every applied round is already committed
 
 
-__all__ = ["CoordinatorConfig", "CoordinatorService", "OperatorOp", "serve", "mean_accuracy"]
+__all__ = ["CoordinatorConfig", "CoordinatorService", "OperatorOp", "serve", "mean_accuracy", "job_coordinator"]
