@@ -88,7 +88,9 @@ def build_protocol(plan: Plan, *, rng: np.random.Generator | None = None) -> Agg
     kind = plan.protection.kind
     proto: AggregationProtocol
     if kind is Protection.PLAIN:
-        proto = PlainProtocol(spec)
+        from insitu.compress.codec import UpdateCodec, decode_update
+
+        proto = PlainProtocol(decode_update, UpdateCodec(spec))
     else:
         if kind is Protection.SECAGG:
             from insitu.secure import SecAggConfig, SecAggProtocol

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = [
-    "insitu.net.pki", "insitu.net.channel", "insitu.net.client", "insitu.net.server", "insitu.net.protocols",
+    "insitu.net.pki", "insitu.net.channel", "insitu.net.client", "insitu.net.server",
     "insitu.net.sandbox", "insitu.coordinator.store", "insitu.coordinator.jobs", "insitu.coordinator.service",
     "insitu.site.policy", "insitu.site.node",
 ]

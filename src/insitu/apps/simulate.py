@@ -383,7 +383,7 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
             },
         }
         if cfg.baselines:
-            from insitu.learn.baselines import local_only, pooled
+            from insitu.apps.baselines import local_only, pooled
 
             # same compute as the federation: each site its own steps, pooled all sites' steps
             site_steps = cfg.rounds * cfg.local_steps

@@ -22,8 +22,6 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from insitu.compress.codec import UpdateCodec, decode_update
-from insitu.compress.updates import CompressionSpec
 from insitu.errors import ProtocolError
 from insitu.federation.instructions import RoundInstructions
 from insitu.federation.messages import Message, MessageKind
@@ -140,11 +138,38 @@ class PhaseRunner:
         return dict(ex.replies)
 
 
+class UpdateCodec(Protocol):
+    """A wire format for the update a site sends in the clear (compression plugs in here)."""
+
+    def encode(self, vec: np.ndarray, job: str, round_: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
+
+
+#: the inverse of an :class:`UpdateCodec`: (meta, tensors, size, job, round) → dense float64 vector
+UpdateDecoder = Callable[[Mapping[str, Any], Mapping[str, np.ndarray], int, str, int], np.ndarray]
+
+
+class DenseCodec:
+    """The plain wire format: one float32 tensor ``update``."""
+
+    def encode(self, vec: np.ndarray, job: str, round_: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {}, {"update": np.asarray(vec, dtype=np.float64).reshape(-1).astype(np.float32)}
+
+
+def decode_dense(meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray], size: int, job: str, round_: int) -> np.ndarray:
+    """The dense update of a reply; a reply in any other encoding is refused."""
+    if meta.get("encoding") not in (None, "dense_f32"):
+        raise ProtocolError(f"update encoding {meta.get('encoding')!r} is not what this round's plan sends (dense float32)")
+    arr = tensors.get("update")
+    if arr is None or arr.dtype != np.dtype("<f4") or arr.shape != (size,):
+        raise ProtocolError(f"update must be a float32 vector of {size} values, got {None if arr is None else (arr.dtype, arr.shape)}")
+    return arr.astype(np.float64)
+
+
 class PlainSiteProtection:
     """Sends wᵢ·uᵢ in the clear, in ``codec``'s wire format (dense float32 unless compressed)."""
 
     def __init__(self, codec: UpdateCodec | None = None):
-        self.codec = codec or UpdateCodec()
+        self.codec = codec or DenseCodec()
 
     def protect(self, request, weighted, weight):
         meta, tensors = self.codec.encode(weighted, request.job, request.round)
@@ -157,15 +182,15 @@ class PlainSiteProtection:
 class PlainProtocol:
     """No protection: the coordinator sees each site's weighted update.
 
-    ``compression`` picks the wire format sites encode their (already compressed, see
-    :class:`insitu.compress.UpdateCompressor`) update in; replies name their format, so the
-    coordinator decodes any of them.
+    ``decode`` reads the wire format sites encode their update in (dense float32 by default;
+    :func:`insitu.compress.codec.decode_update` for compressed plans, chosen by the builder).
     """
 
     name = "plain"
 
-    def __init__(self, compression: CompressionSpec | None = None):
-        self.compression = compression or CompressionSpec()
+    def __init__(self, decode: UpdateDecoder | None = None, codec: UpdateCodec | None = None):
+        self.decode = decode or decode_dense
+        self.codec = codec or DenseCodec()
 
     def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult:
         ex, replies, dropped = train_replies(plan, transport)
@@ -174,7 +199,7 @@ class PlainProtocol:
         metrics: dict[str, Mapping[str, Any]] = {}
         for sid, rep in replies.items():
             try:
-                vec = finite_vector(decode_update(rep.meta, rep.tensors, plan.size, plan.job, plan.round), plan.size, f"update from {sid}")
+                vec = finite_vector(self.decode(rep.meta, rep.tensors, plan.size, plan.job, plan.round), plan.size, f"update from {sid}")
                 w = rep.require("weight", (int, float))
                 if not np.isfinite(w) or w <= 0:
                     raise ProtocolError(f"weight {w!r} from {sid} is not a positive number")
@@ -188,4 +213,4 @@ class PlainProtocol:
         return AggregateResult(total, weight, tuple(metrics), dropped, metrics, ex.bytes_received, ex.bytes_sent)
 
     def site_protection(self, site_id: str) -> SiteProtection:
-        return PlainSiteProtection(UpdateCodec(self.compression))
+        return PlainSiteProtection(self.codec)

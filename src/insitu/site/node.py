@@ -40,12 +40,27 @@ from insitu.federation.instructions import RoundInstructions
 from insitu.federation.site import Site
 from insitu.net.client import DialConfig, SiteClient
 from insitu.net.pki import Credentials
-from insitu.net.protocols import protocol_of
 from insitu.plan import Plan, Protection
 from insitu.site.policy import Approvals, DataSource, SitePolicy, check_group, check_ranges
 
 log = logging.getLogger("insitu.site")
 MAX_JOBS = 8  # Site objects kept (one per recent job)
+
+
+def protocol_of(msg: Message) -> Protection | None:
+    """The protection a message that opens a job (before its first TRAIN) belongs to, or None.
+
+    Secure aggregation's key agreement and homomorphic key dealing reach a site before the plan
+    does; the message kind says which protection it belongs to (its scheme checked against the
+    closed :class:`~insitu.plan.Protection` list), so nothing on the wire picks code."""
+    if msg.kind in (MessageKind.SECAGG_ADVERTISE, MessageKind.SECAGG_SHARE, MessageKind.SECAGG_UNMASK):
+        return Protection.SECAGG
+    if msg.kind in (MessageKind.HE_KEYS, MessageKind.HE_DECRYPT):
+        scheme = msg.meta.get("scheme")
+        if scheme not in (Protection.PAILLIER.value, Protection.CKKS.value):
+            raise ProtocolError(f"{msg.kind.value} names scheme {scheme!r}, not one of ['paillier', 'ckks']")
+        return Protection(scheme)
+    return None
 
 
 def load_site_data(policy: SitePolicy) -> tuple[SiteData, int]:
