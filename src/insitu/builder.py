@@ -111,10 +111,35 @@ def build_protocol(plan: Plan, *, rng: np.random.Generator | None = None) -> Agg
         if dp.placement is Placement.CENTRAL:
             sb = dp.count_stddev(plan.rounds)
             adaptive = AdaptiveClip(clip=dp.clip, target_quantile=dp.target_quantile, count_stddev=sb) if sb else None
-            proto = CentralDPProtocol(proto, dp.site_noise(plan.rounds), dp.clip, adaptive, rng or secure_rng())
+            proto = CentralDPProtocol(proto, dp.site_noise(plan.rounds), dp.clip, adaptive, rng or secure_rng(),
+                                      sensitivity=dp.sensitivity_factor)
         else:
             proto = DistributedDPProtocol(proto, plan.min_sites)
     return proto
+
+
+# -- the border -------------------------------------------------------------------------------------
+def site_egress(plan: Plan, protection: SiteProtection) -> "Egress":
+    """Everything a site running ``plan`` may send, each field with its protection.
+
+    Training metrics: with ``protection = plain`` and no DP the update itself leaves in the clear, so
+    its loss and step count may too (public by the plan).  Under secure or homomorphic aggregation,
+    or any DP, no exact training metric leaves: a loss is an exact function of the records (the audit
+    recovered single records from released losses alone).  A DP site reports the ε it spent (a
+    function of the public plan and of the record count it announced) and, with adaptive clipping,
+    its clipping indicator, a release the plan's count event accounts for."""
+    from insitu.federation.egress import EVALUATE_REPLY, Egress, Release
+    from insitu.federation.messages import MessageKind
+
+    replies = {**protection.egress(), MessageKind.EVALUATE_REPLY: EVALUATE_REPLY}
+    metrics: dict[str, Release] = {}
+    if plan.dp.on:
+        metrics.update({"epsilon_round": Release.PUBLIC, "epsilon_total": Release.PUBLIC})
+        if plan.dp.adaptive_clip:
+            metrics["dp_clip_bit"] = Release.DP
+    elif plan.protection.kind is Protection.PLAIN:
+        metrics.update({"train_loss": Release.PUBLIC, "num_samples": Release.PUBLIC, "steps": Release.PUBLIC})
+    return Egress(replies, metrics)
 
 
 # -- sites --------------------------------------------------------------------------------------
@@ -175,18 +200,19 @@ def build_site(
     elif budget is not None:
         clip = ClipStage(dp.clip, adaptive=dp.adaptive_clip)
         if dp.placement is Placement.DISTRIBUTED:
-            noise = NoiseShareStage(budget.noise_multiplier, plan.min_sites, np.random.default_rng(derive_seed(secret, "dp-noise")))
+            noise = NoiseShareStage(budget.noise_multiplier, plan.min_sites, np.random.default_rng(derive_seed(secret, "dp-noise")),
+                                    sensitivity=dp.sensitivity_factor)
     if budget is not None:
         trainer = with_epsilon(trainer, budget)
     spec = CompressionSpec.parse(plan.compression)
     compress = None if spec.is_identity else UpdateCompressor(spec, seed=derive_seed(secret, "compress"))
-    pipeline = SitePipeline(clip=clip, noise=noise, compress=compress,
-                            protection=site_protection(plan, site_id, attestation=attestation, min_group=min_group, inner=protection))
+    protect = site_protection(plan, site_id, attestation=attestation, min_group=min_group, inner=protection)
+    pipeline = SitePipeline(clip=clip, noise=noise, compress=compress, protection=protect)
     all_guards = tuple(guards) + ((budget,) if budget is not None else ())
     return Site(
         site_id, data, plan.task, plan_hash=plan.content_hash(), train_config=plan.task.train_config(plan.strategy.mu),
         scaffold=plan.strategy.scaffold, weighting=plan.weighting, pipeline=pipeline, guards=all_guards, trainer=trainer,
-        sampling_seed=derive_seed(secret, "sampling"), budget=budget,
+        sampling_seed=derive_seed(secret, "sampling"), budget=budget, egress=site_egress(plan, protect),
     )
 
 
@@ -229,5 +255,5 @@ def build_federation(plan: Plan, sites: Iterable[SiteData], *, seed: int = 0, jo
     return coord, built
 
 
-__all__ = ["build_site", "build_federation", "build_protocol", "build_coordinator", "site_protection", "protection_half", "site_dp",
+__all__ = ["build_site", "build_federation", "site_egress", "build_protocol", "build_coordinator", "site_protection", "protection_half", "site_dp",
            "initial_params", "new_secret", "derive_seed"]

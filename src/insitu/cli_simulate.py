@@ -40,6 +40,7 @@ def simulate_command(
     noise_multiplier: Optional[float] = typer.Option(None, help="Noise as a multiple of the clip norm, instead of --epsilon; ε spent is then reported."),
     clip: Optional[float] = typer.Option(None, help="L2 clip norm: per record gradient (--dp record, default 1.0) or per site update (--dp site, default 0.5)."),
     dp_placement: str = typer.Option("central", help="Site-level noise: central (the coordinator adds it) or distributed (each site adds a share sized for --min-sites, so dropouts cannot lower it; use with --secure-aggregation)."),
+    dp_adjacency: str = typer.Option("replace", help="Site-level DP: replace (default; one hospital's data swapped for other data, sensitivity 2C: what holds when the participants are known) or add-remove (sensitivity C; only if taking part is itself secret)."),
     adaptive_clip: bool = typer.Option(False, "--adaptive-clip", help="Site level, central: track the median update norm (Andrew et al. 2021); its count query is accounted."),
     site_budget: Optional[str] = typer.Option(None, help="Each site's ε limit: '3' for all, or 'cleveland=1,hungary=0.5,default=3'. Default: the target ε. A site refuses, before training, any round that would cross it."),
     accountant: str = typer.Option("pld", help="pld (tight, default) or rdp."),
@@ -67,7 +68,7 @@ def simulate_command(
         dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, rounds=rounds,
         local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, mu=mu, server_lr=server_lr,
         min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, compress=compress, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
-        dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement,
+        dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement, dp_adjacency=dp_adjacency,
         adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,
         insecure_replayable_randomness=insecure_replayable_randomness,
     )

@@ -42,6 +42,13 @@ class Recovery(str, enum.Enum):
     SURVIVORS = "survivors"
 
 
+class Adjacency(str, enum.Enum):
+    """Which neighbouring datasets site-level DP protects against telling apart."""
+
+    REPLACE = "replace"  # one site's data swapped for any other: sensitivity 2C (holds when participants are known)
+    ADD_REMOVE = "add-remove"  # one site present or absent: sensitivity C (only if participation itself is secret)
+
+
 class LRSchedule(str, enum.Enum):
     CONSTANT = "constant"
     COSINE = "cosine"  # site lr decays from 100 % to 10 % over the rounds
@@ -154,9 +161,11 @@ class DPSpec:
     adaptive_clip: bool = False
     target_quantile: float = 0.5
     accountant: AccountantKind = AccountantKind.PLD
+    adjacency: Adjacency = Adjacency.REPLACE
 
     def __post_init__(self) -> None:
         level = parse_choice(DPLevel, self.level, "dp")
+        object.__setattr__(self, "adjacency", parse_choice(Adjacency, self.adjacency, "dp_adjacency"))
         object.__setattr__(self, "level", level)
         object.__setattr__(self, "placement", parse_choice(Placement, self.placement, "dp_placement"))
         object.__setattr__(self, "accountant", parse_choice(AccountantKind, self.accountant, "accountant"))
@@ -190,6 +199,13 @@ class DPSpec:
     def on(self) -> bool:
         return self.level is not DPLevel.OFF
 
+    @property
+    def sensitivity_factor(self) -> float:
+        """Site level: the L2 sensitivity of the sum in units of the clip norm C (2 under replace
+        adjacency, 1 under add/remove); noise is z times this times C.  Record level (DP-SGD with
+        Poisson sampling) is accounted under add/remove of one record, its standard setting."""
+        return 2.0 if self.level is DPLevel.SITE and self.adjacency is Adjacency.REPLACE else 1.0
+
     # -- noise, calibrated once per (plan, sampling rate); pure functions of public values ----------
     def record_noise(self, rounds: int, sampling_rate: float, steps: int) -> float:
         """Record level: the noise multiplier of a site whose Poisson sampling rate is ``sampling_rate``."""
@@ -219,7 +235,7 @@ class DPSpec:
         return {"level": self.level.value, "epsilon": self.epsilon, "noise_multiplier": self.noise_multiplier,
                 "delta": self.delta, "clip": self.clip, "placement": self.placement.value,
                 "adaptive_clip": self.adaptive_clip, "target_quantile": self.target_quantile,
-                "accountant": self.accountant.value}
+                "accountant": self.accountant.value, "adjacency": self.adjacency.value}
 
 
 @functools.lru_cache(maxsize=256)
@@ -308,5 +324,5 @@ class Plan:
         return replace(self, task=replace(self.task, **changes))
 
 
-__all__ = ["Plan", "StrategySpec", "ProtectionSpec", "DPSpec", "Protection", "Recovery", "LRSchedule", "Selection",
+__all__ = ["Plan", "StrategySpec", "ProtectionSpec", "DPSpec", "Protection", "Recovery", "Adjacency", "LRSchedule", "Selection",
            "Normalize", "SERVER_LR", "DEFAULT_MU"]

@@ -93,6 +93,7 @@ class SimulationConfig:
     noise_multiplier: float | None = None  # instead of --epsilon
     clip: float | None = None
     dp_placement: str = "central"  # site-level noise: central or distributed
+    dp_adjacency: str = "replace"  # site level: replace (sensitivity 2C, participants known) or add-remove
     adaptive_clip: bool = False
     site_budget: str | None = None  # "3" or "cleveland=1,default=3"; default: the target ε
     accountant: str = "pld"
@@ -162,7 +163,8 @@ class SimulationConfig:
             protection=ProtectionSpec(kind, self.secagg_recovery),
             compression=self.compress,
             dp=DPSpec(level=self.dp, epsilon=self.epsilon, noise_multiplier=self.noise_multiplier, delta=self.delta, clip=self.clip,
-                      placement=self.dp_placement, adaptive_clip=self.adaptive_clip, accountant=self.accountant),
+                      placement=self.dp_placement, adaptive_clip=self.adaptive_clip, accountant=self.accountant,
+                      adjacency=self.dp_adjacency),
             rounds=self.rounds, min_sites=self.min_sites, lr_schedule=self.lr_schedule, select=self.select, normalize=self.normalize,
         )
 

@@ -38,11 +38,13 @@ def probe_plan(plan: Plan, noise_multiplier: float | None = None) -> Plan:
     return out
 
 
-def single_record_round(plan: Plan, X: torch.Tensor, y: torch.Tensor, params: np.ndarray) -> ObservedRound:
+def single_record_round(plan: Plan, X: torch.Tensor, y: torch.Tensor, params: np.ndarray, *,
+                        secrets: dict[str, bytes] | None = None) -> ObservedRound:
     """One round of ``plan`` with ``len(X)`` sites, each holding one record, from global model ``params``.
 
     The sites and the coordinator are built by :mod:`insitu.builder` from the plan, so every
-    defence (masking, encryption, clipping, noise, compression) is the one a run uses."""
+    defence (masking, encryption, clipping, noise, compression) is the one a run uses.  Site
+    ``probe-i``'s secret is ``secrets[probe-i]`` if given (repeatable tests), OS randomness otherwise."""
     from insitu.builder import build_coordinator, build_site
 
     if X.shape[0] < 1:
@@ -57,7 +59,8 @@ def single_record_round(plan: Plan, X: torch.Tensor, y: torch.Tensor, params: np
         sid = f"probe-{i + 1}"
         if ledger is not None:
             ledger.set_budget(sid, Budget(1e9, plan.dp.delta, plan.dp.accountant))
-        sites[sid] = build_site(plan, sid, SiteData(sid, X[i : i + 1], y[i : i + 1], X[i : i + 1], y[i : i + 1]), ledger=ledger)
+        sites[sid] = build_site(plan, sid, SiteData(sid, X[i : i + 1], y[i : i + 1], X[i : i + 1], y[i : i + 1]), ledger=ledger,
+                                secret=(secrets or {}).get(sid))
     coord = build_coordinator(plan, "privacy-probe", InProcessTransport(sites), params=params)
     return observe_round(coord, 1)
 

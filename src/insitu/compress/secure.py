@@ -43,6 +43,9 @@ class _SubsetSite:
     def request_keys(self) -> tuple[str, ...]:
         return getattr(self.inner, "request_keys", ())
 
+    def egress(self) -> dict:
+        return self.inner.egress()
+
 
 class SharedSubsetProtocol:
     """``inner`` run on round ``r``'s shared index subset; same result as ``inner`` on the

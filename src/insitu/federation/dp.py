@@ -7,8 +7,10 @@ Two levels (``DPLevel``):
   rate q = batch / n_train, and its ledger composes its own rounds.  The run's ε is the
   largest over sites (sites hold disjoint records: parallel composition).
 * **site** — DP-FedAvg (McMahan et al. 2018): each site's whole update is clipped to L2 norm
-  C, updates are weighted uniformly, and Gaussian noise of std z·C is added to the sum; the
-  unit protected is a whole hospital's contribution (add/remove-one-site adjacency).
+  C, updates are weighted uniformly, and Gaussian noise of std z·Δ is added to the sum; the
+  unit protected is a whole hospital's contribution.  By default Δ = 2C: with the participants
+  known, the meaningful neighbour replaces one site's data by other data (``replace``
+  adjacency); ``add-remove`` (Δ = C) holds only where participation itself is secret.
 
 Two placements of the site-level noise (``Placement``):
 
@@ -149,12 +151,13 @@ class NoiseShareStage:
     noise_multiplier: float
     shares: int
     rng: np.random.Generator = field(default_factory=secure_rng)
+    sensitivity: float = 1.0  # in units of the clip norm (2 under replace adjacency)
 
     def apply(self, vec: np.ndarray, ctx: RoundContext, info: dict[str, Any]) -> np.ndarray:
         c = info.get("dp_clip")
         if c is None:
             raise ConfigError("the noise stage needs the clip stage before it (the pipeline fixes that order)")
-        std = self.noise_multiplier * c / math.sqrt(self.shares)
+        std = self.noise_multiplier * self.sensitivity * c / math.sqrt(self.shares)
         info["dp_noise_share_std"] = std
         return vec + self.rng.normal(0.0, std, size=vec.shape)
 
@@ -211,6 +214,7 @@ class CentralDPProtocol:
     adaptive: AdaptiveClip | None = None
     rng: np.random.Generator = field(default_factory=secure_rng)
     clips: list[float] = field(default_factory=list)
+    sensitivity: float = 1.0  # in units of the clip norm (2 under replace adjacency)
 
     @property
     def name(self) -> str:
@@ -224,7 +228,7 @@ class CentralDPProtocol:
         if not result.participants:
             return result
         _uniform(result, plan.round)
-        noisy = result.total + self.rng.normal(0.0, self.noise_multiplier * c, size=result.total.shape)
+        noisy = result.total + self.rng.normal(0.0, self.noise_multiplier * self.sensitivity * c, size=result.total.shape)
         self.clips.append(c)
         if self.adaptive:
             bits = [m.get("dp_clip_bit") for m in result.site_metrics.values()]
@@ -308,6 +312,7 @@ class DPReport:
                 "noise_multiplier": {sid: g.noise_multiplier for sid, g in self.guards.items()},
                 "sampling_rate": {sid: g.sampling_rate for sid, g in self.guards.items()} if record else None,
                 "clip": dp.clip,
+                "adjacency": dp.adjacency.value if dp.level is DPLevel.SITE else "add-remove (one record)",
                 "adaptive_clip": dp.adaptive_clip,
                 "count_noise_stddev": dp.count_stddev(self.plan.rounds),
                 "noise_shares": self.plan.min_sites if distributed else None,

@@ -178,6 +178,15 @@ class PlainSiteProtection:
     def handlers(self):
         return {}
 
+    @staticmethod
+    def egress() -> dict:
+        """Under protection = plain the update leaves in the clear: public because the approved plan says so."""
+        from insitu.federation.egress import Declared, Release
+
+        pub = Release.PUBLIC
+        return {MessageKind.TRAIN_REPLY: Declared({k: pub for k in ("weight", "encoding", "block", "k", "metrics")},
+                                                  {k: pub for k in ("update", "q", "scale", "gaps", "values")})}
+
 
 class PlainProtocol:
     """No protection: the coordinator sees each site's weighted update.

@@ -17,6 +17,7 @@ from insitu.data.dataset import SiteData
 from insitu.errors import ProtocolError
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.pipeline import SitePipeline
+from insitu.federation.egress import Egress
 from insitu.federation.instructions import EvalInstructions, RoundInstructions, Split
 from insitu.federation.task import TaskSpec, canonical_hash
 from insitu.learn.models import build_model, get_flat, num_params, set_flat
@@ -58,6 +59,9 @@ class Site:
     trainer: Trainer = default_trainer
     sampling_seed: int = 0
     budget: Any = None  # the DP budget guard, when the plan asks for DP (its charges feed reports)
+    egress: Egress | None = None  # what this site may send; None: nothing is checked (engine unit tests only)
+    #: models a site scores without having received them for training (the final model, a round it missed)
+    max_unverified_evaluations: int = 2
     handlers: dict[MessageKind, Callable[[Message], Message]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,17 +73,21 @@ class Site:
         self.guards = tuple(self.guards)
         self.handlers.update(self.pipeline.protection.handlers())
         self._request_keys = frozenset(getattr(self.pipeline.protection, "request_keys", ()))
+        self._received: set[str] = set()  # hashes of the global models this site was sent for training
+        self._unverified: list[str] = []  # models scored before (or without) being sent for training
 
     # -- dispatch ---------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
         if msg.kind is MessageKind.TRAIN:
-            return self._train(msg)
-        if msg.kind is MessageKind.EVALUATE:
-            return self._evaluate(msg)
-        handler = self.handlers.get(msg.kind)
-        if handler is None:
-            raise ProtocolError(f"site {self.site_id} does not answer {msg.kind.value} messages")
-        return handler(msg)
+            reply = self._train(msg)
+        elif msg.kind is MessageKind.EVALUATE:
+            reply = self._evaluate(msg)
+        else:
+            handler = self.handlers.get(msg.kind)
+            if handler is None:
+                raise ProtocolError(f"site {self.site_id} does not answer {msg.kind.value} messages")
+            reply = handler(msg)
+        return self.egress.check(reply) if self.egress is not None else reply
 
     def _check_plan(self, msg: Message, allowed: frozenset[str]) -> None:
         unknown = sorted(set(msg.meta) - allowed)
@@ -99,6 +107,7 @@ class Site:
         params = msg.tensor("params", shape=(self.size,), dtype="float32")
         if not np.all(np.isfinite(params)):
             raise ProtocolError("global parameters hold NaN or infinite values")
+        self._received.add(_model_hash(params))
         set_flat(self.model, params)
         cfg = self.train_config
         if ins.lr_scale != 1.0:
@@ -111,7 +120,10 @@ class Site:
         weight = float(self.data.n_train) if self.weighting == "samples" else 1.0
         meta, tensors = self.pipeline.run(msg, ins, update, weight, info)
         self.last_round = msg.round
-        meta["metrics"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
+        if self.egress is not None:
+            meta["metrics"] = self.egress.allowed_metrics(info)
+        else:
+            meta["metrics"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
         return Message(MessageKind.TRAIN_REPLY, msg.round, msg.job, meta, tensors)
 
     def _evaluate(self, msg: Message) -> Message:
@@ -120,6 +132,7 @@ class Site:
         params = msg.tensor("params", shape=(self.size,), dtype="float32")
         if not np.all(np.isfinite(params)):
             raise ProtocolError("parameters to evaluate hold NaN or infinite values")
+        self._verify_for_evaluation(_model_hash(params), msg)
         set_flat(self.model, params)
         if ins.split is Split.TEST:
             X, y = self.data.X_test, self.data.y_test
@@ -129,6 +142,20 @@ class Site:
             raise ProtocolError(f"site {self.site_id} has no {ins.split.value!r} split to evaluate on")
         res = evaluate(self.model, X, y, num_outputs=self.task.num_outputs)
         return Message(MessageKind.EVALUATE_REPLY, msg.round, msg.job, res)
+
+    def _verify_for_evaluation(self, h: str, msg: Message) -> None:
+        """Evaluation is a release: a site scores only global models of this job — one it was sent for
+        training, or one of at most ``max_unverified_evaluations`` others (the final model; the model
+        of a round it missed).  Arbitrary parameters, the evaluation oracle, are refused."""
+        if h in self._received or h in self._unverified:
+            return  # the same question twice gets the same answer: nothing new leaves
+        pending = [x for x in self._unverified if x not in self._received]
+        if len(pending) >= self.max_unverified_evaluations:
+            raise ProtocolError(
+                f"site {self.site_id} refuses to evaluate model {h[:12]}: it was never sent to this site for training, and "
+                f"{len(pending)} such model(s) were already scored for job {msg.job!r} (limit {self.max_unverified_evaluations}); "
+                "a site scores only global models of its job")
+        self._unverified.append(h)
 
     # -- Scaffold (Karimireddy et al. 2020, option II) ------------------------------------------
     def scaffold_correction(self, msg: Message, model: torch.nn.Module) -> list[torch.Tensor] | None:
@@ -150,3 +177,9 @@ class Site:
         dc = ci_new - ci
         self.control = ci_new
         return dc
+
+
+def _model_hash(params: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(params, dtype="<f4").tobytes()).hexdigest()

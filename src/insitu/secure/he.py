@@ -236,6 +236,19 @@ class HESite:
     #: the TRAIN meta key this protocol adds to the plan and round instructions
     request_keys = ("he",)
 
+    @staticmethod
+    def egress() -> dict:
+        """What this site half sends, field by field (see insitu.federation.egress)."""
+        from insitu.federation.egress import Declared, Release
+
+        pub, prot = Release.PUBLIC, Release.PROTECTED
+        return {
+            MessageKind.HE_KEYS_REPLY: Declared({"x_pk": pub, "cert": pub, "sig": pub, "fingerprint": pub},
+                                                {"public": pub, "to:*": prot}),  # the private key sealed to each peer
+            MessageKind.TRAIN_REPLY: Declared({"he": pub, "metrics": pub}, {"ct": prot, "ct_len": prot}),
+            MessageKind.HE_DECRYPT_REPLY: Declared({}, {"sum": pub}),  # only sums of at least min_group sites
+        }
+
     def __init__(self, site_id: str, config: HEConfig | None = None, attestation: Any = None):
         """``attestation`` (deployments): sign this site's dealing key with its certificate and
         accept only the dealer's / peers' keys signed with theirs."""

@@ -261,6 +261,20 @@ class SecAggSite:
     #: the TRAIN meta key this protocol adds to the plan and round instructions
     request_keys = ("secagg",)
 
+    @staticmethod
+    def egress() -> dict:
+        """What this site half sends, field by field (see insitu.federation.egress)."""
+        from insitu.federation.egress import Declared, Release
+
+        pub, prot = Release.PUBLIC, Release.PROTECTED
+        return {
+            MessageKind.SECAGG_ADVERTISE_REPLY: Declared({"c_pk": pub, "s_pk": pub, "cert": pub, "sig": pub}),
+            MessageKind.SECAGG_SHARE_REPLY: Declared({"shares": prot, "commit": pub}),  # shares sealed to each neighbour
+            MessageKind.TRAIN_REPLY: Declared({"secagg": pub, "metrics": pub}, {"masked": prot}),
+            # the protocol's unmasking: a survivor's self-mask share or a dropped site's key share, never both
+            MessageKind.SECAGG_UNMASK_REPLY: Declared({"b": pub, "s": pub}, {"b_shares": pub, "s_shares": pub, "correction": pub}),
+        }
+
     def __init__(self, site_id: str, config: SecAggConfig | None = None, attestation: Any = None):
         """``attestation`` (an :class:`insitu.secure.attest.Attestation`, deployments): sign this
         site's keys with its certificate and accept only peers' keys signed with theirs."""

@@ -203,7 +203,9 @@ class SiteNode:
         handler = prot.handlers().get(msg.kind)
         if handler is None:
             raise ProtocolError(f"{msg.kind.value} for job {msg.job!r} before key agreement")
-        return handler(msg)
+        from insitu.federation.egress import Egress
+
+        return Egress(prot.egress()).check(handler(msg))  # the border holds before the plan arrives too
 
     def _site_for(self, msg: Message) -> Site:
         with self._lock:
