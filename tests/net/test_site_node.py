@@ -131,3 +131,67 @@ def test_pending_tells_the_admin_what_a_dp_task_would_cost_here(tmp_path):
     assert _privacy_cell(n.policy, TASK.to_meta(), []) == "no DP (refused: this site has a budget)"
     plain = node(tmp_path / "p")
     assert _privacy_cell(plain.policy, DP_TASK.to_meta(), []).endswith("refused: no epsilon_budget here")
+
+
+SCHEMA_TOML = """table = "visits"
+[columns.mrn]
+role = "direct_identifier"
+type = "string"
+[columns.name]
+role = "direct_identifier"
+type = "string"
+[columns.sex]
+role = "quasi_identifier"
+type = "string"
+[columns.chol]
+role = "feature"
+type = "float"
+[columns.bp]
+role = "feature"
+type = "float"
+[columns.sick]
+role = "label"
+type = "boolean"
+"""
+DEID_TOML = """[deid]
+k = 2
+l = 1
+max_suppression = 0.2
+patient_id = "mrn"
+[identifiers]
+mrn = "pseudonymize"
+name = "drop"
+[generalize.sex]
+hierarchy = "category"
+"""
+
+
+def test_a_deployed_site_reads_its_records_through_a_schema_and_deidentifies_them_first(tmp_path):
+    """[data] source = "records": insitu.data.sources + the consortium's schema + the site's de-identification
+    policy, then the same round engine; identifiers never reach the model, and a plan for another schema is refused."""
+    from insitu.deid.pseudonym import generate_site_secret
+    from insitu.site.node import load_records
+
+    rng = np.random.default_rng(0)
+    n = 80
+    pd.DataFrame({"mrn": [str(100 + i) for i in range(n)], "name": [f"P{i}" for i in range(n)], "sex": rng.choice(["F", "M"], n),
+                  "chol": rng.normal(200, 30, n).round(1), "bp": rng.normal(120, 10, n).round(1),
+                  "sick": rng.choice(["true", "false"], n)}).to_csv(tmp_path / "visits.csv", index=False)
+    (tmp_path / "schema.toml").write_text(SCHEMA_TOML)
+    (tmp_path / "deid.toml").write_text(DEID_TOML)
+    generate_site_secret(tmp_path / "site.secret")
+    pol = SitePolicy(coordinator=("127.0.0.1", 1), cert=tmp_path / "c", key=tmp_path / "k", ca=tmp_path / "ca", state=tmp_path / "state",
+                     source=DataSource.RECORDS, data={"uri": str(tmp_path / "visits.csv"), "schema": str(tmp_path / "schema.toml"),
+                                                      "deid": str(tmp_path / "deid.toml"), "deid_secret": str(tmp_path / "site.secret")})
+    data, schema = load_records(pol, "hospital-r")
+    assert schema == ("chol", "bp") and data.X_train.shape[1] == 2 and data.n_train + data.n_test <= n
+    plan = Plan(TaskSpec(model="logreg", input_shape=(2,), num_outputs=1, schema=schema, lr=0.1, local_steps=5, batch_size=4), rounds=5)
+    node = SiteNode(pol, "hospital-r", data, 1, schema=schema)
+    node.approvals.approve(plan.content_hash())
+    msg = Message(MessageKind.TRAIN, 1, "job-r", {"plan": plan.to_meta(), "instructions": RoundInstructions(group=4).to_meta()},
+                  {"params": np.zeros(3, np.float32)})
+    assert node.handle(msg).kind is MessageKind.TRAIN_REPLY
+    other = plan.with_task(schema=("chol", "ldl"))
+    node.approvals.approve(other.content_hash())
+    with pytest.raises(TaskNotApproved, match="schema"):
+        node.handle(Message(MessageKind.TRAIN, 1, "job-s", {**msg.meta, "plan": other.to_meta()}, msg.tensors))

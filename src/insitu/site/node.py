@@ -63,6 +63,40 @@ def protocol_of(msg: Message) -> Protection | None:
     return None
 
 
+def load_records(policy: SitePolicy, name: str = "site") -> tuple[SiteData, tuple[str, ...]]:
+    """``[data] source = "records"``: this site's records read through ``insitu.data.sources`` and its
+    schema, de-identified by its policy first when ``deid`` is set, then split and encoded.
+
+    ``uri`` (a CSV/SQLite path, a PostgreSQL URL, a FHIR export folder or server, an image or DICOM
+    folder), ``schema`` (the schema TOML every site of the consortium shares), optional ``table``,
+    ``deid`` (a de-identification policy TOML) with ``deid_secret`` (the site secret file of
+    ``insitu deid keygen``), ``test_fraction`` (default 0.3), ``split_seed`` (default 0)."""
+    from insitu.data.features import encoding, site_data
+    from insitu.data.sources import RecordSchema, read_dataset
+
+    d = policy.data
+    for k in ("uri", "schema"):
+        if k not in d:
+            raise ConfigError(f"[data] source = \"records\" needs {k} = ...")
+    schema = RecordSchema.from_toml(d["schema"])
+    records = read_dataset(str(d["uri"]), schema, table=d.get("table"))
+    if d.get("deid"):
+        if records.pixels is not None:
+            raise ConfigError("[data] deid applies to tabular records; de-identify image metadata at the source (DICOM: declare no identifying tags)")
+        from insitu.deid.engine import deidentify
+        from insitu.deid.policy import DeidPolicy
+        from insitu.deid.pseudonym import load_site_secret
+
+        if "deid_secret" not in d:
+            raise ConfigError("[data] deid needs deid_secret = PATH (the site secret of `insitu deid keygen`)")
+        result = deidentify(records.frame, schema, DeidPolicy.from_toml(d["deid"]), load_site_secret(Path(d["deid_secret"])), encrypt=False)
+        log.info("site %s: de-identified %d records before training (%d suppressed, k=%d)", name,
+                 result.report.rows_in, result.report.suppressed, result.report.k)
+        records = type(records)(result.frame.reset_index(drop=True), None)
+    data = site_data(records, schema, name, test_fraction=float(d.get("test_fraction", 0.3)), seed=int(d.get("split_seed", 0)))
+    return data, tuple(encoding(schema).features)
+
+
 def load_site_data(policy: SitePolicy) -> tuple[SiteData, int]:
     """This site's records and its seed stream (the index simulation would give it, plus one)."""
     if policy.source is DataSource.HEART:
@@ -272,9 +306,13 @@ def site_identity(cert: Path) -> str:
 
 def build_node(config: str | Path) -> tuple[SiteNode, SiteClient]:
     policy = SitePolicy.load(config)
-    data, stream = load_site_data(policy)
     policy.state.mkdir(parents=True, exist_ok=True)
     schema = None
+    if policy.source is DataSource.RECORDS:
+        data, schema = load_records(policy, site_identity(policy.cert))
+        stream = 1
+    else:
+        data, stream = load_site_data(policy)
     if policy.source is DataSource.HEART:
         from insitu.data.heart import FEATURES
 

@@ -61,8 +61,9 @@ def _flat(meta: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[s
 
 
 class DataSource(str, enum.Enum):
-    HEART = "heart"
-    CSV = "csv"
+    HEART = "heart"  # one of the embedded UCI heart hospitals (demos, tests)
+    CSV = "csv"  # train/test CSV files of numeric features and a label (no schema)
+    RECORDS = "records"  # any insitu.data.sources source (CSV, SQLite, PostgreSQL, FHIR, images, DICOM) read through a schema
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,11 @@ class SitePolicy:
             source = DataSource(data.pop("source", "heart"))
         except ValueError:
             raise ConfigError(f"{path}: [data] source must be one of {[s.value for s in DataSource]}") from None
-        for k in ("train", "test"):
+        for k in ("train", "test", "schema", "deid", "deid_secret"):
             if k in data:
                 data[k] = str(base / data[k])
+        if source is DataSource.RECORDS and "uri" in data and "://" not in str(data["uri"]):
+            data["uri"] = str(base / data["uri"])
         budget = pol.get("epsilon_budget")
         if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
             raise ConfigError(f"{path}: epsilon_budget must be a positive number, got {budget!r}")
