@@ -39,7 +39,11 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="coordinator.t
 
 
 def _call(config: Path, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    from insitu.net.client import operator_call
+    return _request(config, op, args)[0]
+
+
+def _request(config: Path, op: str, args: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    from insitu.net.client import operator_request
     from insitu.net.pki import Credentials
 
     try:
@@ -52,7 +56,7 @@ def _call(config: Path, op: str, args: dict[str, Any] | None = None) -> dict[str
         raise ConfigError(f"cannot read operator config {config}: {exc} "
                           "(needs [operator] coordinator = HOST:PORT, cert, key, ca)") from None
     try:
-        return operator_call(host, port, creds, op, args)
+        return operator_request(host, port, creds, op, args)
     except OSError as exc:  # refused, unreachable, TLS handshake refused
         raise ConfigError(f"cannot reach the coordinator at {host}:{port}: {getattr(exc, 'strerror', None) or exc}; "
                           f"is `insitu coordinator serve` running there? ([operator] coordinator in {config})") from None
@@ -110,6 +114,22 @@ def list_(config: Path = OPERATOR_CONFIG) -> None:
     for j in _call(config, "list")["jobs"]:
         t.add_row(j["id"], j["status"], f"{j['rounds_applied']}/{j['rounds_target']}", j["task_hash"][:12], j["submitted_by"])
     out.print(t)
+
+
+@job_app.command("model")
+def model(job: str = typer.Argument(..., help="The job's name (see `insitu job list`)."),
+          out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to write (must not exist)."),
+          config: Path = OPERATOR_CONFIG) -> None:
+    """Download a job's newest model as a run directory (model.npz, task.json, summary.json, rounds.jsonl)
+    that `insitu export DIR` and `insitu gateway serve` ([model] run_dir = DIR) take as is."""
+    from insitu.coordinator.publish import write_run_dir
+
+    result, tensors = _request(config, "model", {"job": job})
+    path = write_run_dir(out_dir, result, tensors)
+    s = result["summary"]
+    acc = s["final"].get("mean_site_accuracy")
+    out.print(f"job {s['job']} ({s['job_status']}): model version {s['model_version']} written to {path}"
+              + (f"; mean site accuracy {acc:.4f}" if acc is not None else ""))
 
 
 @job_app.command("cancel")

@@ -113,6 +113,7 @@ class OperatorOp(str, enum.Enum):
     STATUS = "status"
     LIST = "list"
     SITES = "sites"
+    MODEL = "model"  # the newest model and its summary (insitu.coordinator.publish)
 
 
 def mean_accuracy(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -145,6 +146,7 @@ class CoordinatorService:
             OperatorOp.STATUS: self._status,
             OperatorOp.LIST: self._list,
             OperatorOp.SITES: self._sites,
+            OperatorOp.MODEL: self._model,
         }
 
     @property
@@ -179,6 +181,11 @@ class CoordinatorService:
 
     def _sites(self, args, who):
         return {"sites": self.server.transport.sites()}
+
+    def _model(self, args, who):
+        from insitu.coordinator.publish import model_reply
+
+        return model_reply(self.store, str(args.get("job", "")), {c.ident.name: c.info for c in self.server.transport.connections()})
 
     # -- running -------------------------------------------------------------------------------
     def start(self) -> "CoordinatorService":

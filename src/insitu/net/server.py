@@ -34,8 +34,17 @@ from insitu.net.pki import Credentials, Identity, Role
 
 log = logging.getLogger("insitu.coordinator.net")
 
-#: handles one operator request (op name, args, who asked) and returns a JSON-able reply.
-OperatorHandler = Callable[[str, Mapping[str, Any], Identity], Mapping[str, Any]]
+@dataclass(frozen=True)
+class OperatorReply:
+    """An operator answer that carries arrays (e.g. a trained model) beside its JSON result."""
+
+    result: Mapping[str, Any]
+    tensors: Mapping[str, Any]
+
+
+#: handles one operator request (op name, args, who asked) and returns a JSON-able reply
+#: (or an :class:`OperatorReply` when arrays travel with it).
+OperatorHandler = Callable[[str, Mapping[str, Any], Identity], "Mapping[str, Any] | OperatorReply"]
 
 
 @dataclass(frozen=True)
@@ -304,8 +313,10 @@ class CoordinatorServer:
             try:
                 if not isinstance(op, str) or not isinstance(args, dict):
                     raise ProtocolError("operator request needs an 'op' string and an 'args' object")
-                result = dict(self.on_operator(op, args, ident))
-                reply = Message(MessageKind.OPERATOR_REPLY, meta={"op": op, "result": result})
+                answer = self.on_operator(op, args, ident)
+                tensors = dict(answer.tensors) if isinstance(answer, OperatorReply) else {}
+                result = dict(answer.result if isinstance(answer, OperatorReply) else answer)
+                reply = Message(MessageKind.OPERATOR_REPLY, meta={"op": op, "result": result}, tensors=tensors)
             except InsituError as exc:
                 reply = _refusal(msg, str(exc), code=type(exc).__name__)
             channel.send(reply, seq)
@@ -338,4 +349,4 @@ def _refusal(msg: Message, reason: str, *, code: str = "AuthError") -> Message:
     return Message(MessageKind.ERROR, msg.round, msg.job, {"reason": reason, "code": code, "to": msg.kind.value})
 
 
-__all__ = ["CoordinatorServer", "NetworkTransport", "NetConfig", "SiteConnection"]
+__all__ = ["CoordinatorServer", "NetworkTransport", "NetConfig", "SiteConnection", "OperatorReply"]

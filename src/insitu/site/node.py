@@ -323,9 +323,14 @@ def build_node(config: str | Path) -> tuple[SiteNode, SiteClient]:
         Credentials(policy.cert, policy.key, policy.ca),
         DialConfig(policy.coordinator[0], policy.coordinator[1], heartbeat=policy.heartbeat, dead_after=policy.dead_after,
                    backoff_max=policy.backoff_max),
-        node.handle, hello={"n_train": data.n_train, "n_test": data.n_test},
+        node.handle, hello={"n_train": data.n_train, "n_test": data.n_test, **_budget_hello(policy)},
     )
     return node, client
+
+
+def _budget_hello(policy: SitePolicy) -> dict[str, float]:
+    """The privacy limit this site declares to the coordinator, so that operators see each site's ε against it."""
+    return {"epsilon_budget": policy.epsilon_budget, "delta": policy.delta} if policy.epsilon_budget is not None else {}
 
 
 def serve(config: str | Path) -> None:

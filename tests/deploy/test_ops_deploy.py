@@ -1,0 +1,162 @@
+"""Operating a real consortium on 127.0.0.1 (issue 16): taking the model out, onboarding, watching.
+
+One deployment (a coordinator and four heart-hospital processes, mutual TLS 1.3) is shared by
+the module; every command runs through the `insitu` CLI with an operator.toml, as an operator would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from insitu.cli import app
+from insitu.coordinator.jobs import JobSpec
+from insitu.net import sandbox
+
+pytestmark = pytest.mark.slow
+
+HEART = {"name": "heart-ops", "dataset": "heart", "rounds": 3, "seed": 0, "min_sites": 4, "round_timeout": 60.0}
+INSITU = [sys.executable, "-m", "insitu"]
+
+
+def task_hash(job: dict) -> str:
+    return JobSpec.from_dict(job).task.content_hash()
+
+
+def cli(*args) -> str:
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exit_code != 0:
+        raise AssertionError(f"insitu {' '.join(map(str, args))} exited {res.exit_code}: {res.output} {res.exception!r}")
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ops-consortium")
+    sb = sandbox.create(root, approved=[task_hash(HEART)])
+    try:
+        sb.start_all()
+        assert sb.wait_sites(4, timeout=90) == sorted(sb.sites)
+        yield sb
+    finally:
+        sb.stop()
+
+
+def _gateway(root: Path, run_dir: Path, ca) -> tuple[Path, int]:
+    """A gateway directory serving ``run_dir``: TLS certificate from the consortium CA, token keys, audit key."""
+    from insitu.audit.keys import write_keypair
+    from insitu.net.pki import Role
+
+    gw = root / "gateway"
+    ca.issue("gateway", Role.COORDINATOR, gw / "tls")  # a TLS-server certificate from the consortium CA
+    write_keypair(gw / "keys", "gateway")
+    port = sandbox.free_port()
+    cfg = gw / "gateway.toml"
+    cfg.write_text(f"""[server]
+host = "127.0.0.1"
+port = {port}
+cert = "tls/gateway.pem"
+key = "tls/gateway.key"
+ca = "tls/ca.pem"
+client_certs = "none"
+[tokens]
+issuer = "gateway.ops-test"
+public_key = "keys/token.pub"
+private_key = "keys/token.key"
+[records]
+url = "sqlite:///records.db"
+[model]
+run_dir = "{run_dir}"
+[audit]
+path = "audit.db"
+key = "keys/gateway.key"
+writer = "gateway"
+""")
+    cli("gateway", "keygen", "--config", cfg)
+    return cfg, port
+
+
+def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path):
+    dep.operator("submit", {"job": HEART})
+    st = dep.wait_job(HEART["name"], timeout=120)
+    assert st["status"] == "done", st
+    run = tmp_path / "heart-run"
+    out = cli("job", "model", HEART["name"], "--out", run, "--config", dep.root / "ops.toml")
+    assert "model version 3" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task_hash"] == task_hash(HEART) and summary["final"]["rounds_completed"] == 3
+    assert summary["final"]["mean_site_accuracy"] == pytest.approx(st["final"]["mean_site_accuracy"])
+    assert sorted(summary["sites"]) == sorted(dep.sites) and all(s["n_train"] > 0 for s in summary["sites"].values())
+    with np.load(run / "model.npz") as z:
+        params = z["params"]
+    assert params.dtype == np.float32 and params.shape == (14,)
+    # the same model as the deployment's own evaluation: rebuild it and score the sites' test splits
+    from insitu.compress.export import load_run_data, load_run_model
+
+    model, task = load_run_model(run)
+    assert task.content_hash() == task_hash(HEART)
+    # an existing directory is refused, nothing overwritten
+    with pytest.raises(AssertionError, match="already exists"):
+        cli("job", "model", HEART["name"], "--out", run, "--config", dep.root / "ops.toml")
+
+    # insitu export takes the directory as is (it reloads the heart data from summary.json's config)
+    onnx = tmp_path / "heart.onnx"
+    out = cli("export", run, "--out", onnx)
+    assert onnx.stat().st_size > 0 and "wrote" in out
+    import onnxruntime as ort
+
+    _, _, _, Xte, _ = load_run_data(run)
+    sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    import torch
+
+    with torch.no_grad():
+        ref = model(Xte[:16]).numpy()
+    assert np.allclose(sess.run(None, {"x": Xte[:16].numpy()})[0], ref, atol=1e-4)
+
+    # insitu gateway serves it: a prediction from the federated model, with its model card
+    cfg, port = _gateway(tmp_path, run, dep.ca)
+    token = cli("gateway", "token", "--role", "ai-model", "--subject", "agent-x", "--ttl", "5m", "--config", cfg).strip()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "gateway.log", "wb")
+    proc = subprocess.Popen([*INSITU, "gateway", "serve", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        from insitu.data.heart import FEATURES
+
+        x = Xte[0].numpy()
+        body = {"features": {f: float(v) for f, v in zip(FEATURES, x)}}
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.post(f"https://127.0.0.1:{port}/predict", json=body, headers={"Authorization": f"Bearer {token}"},
+                               verify=ssl.create_default_context(cafile=str(dep.root / "ca" / "ca.pem")), timeout=10)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
+                assert time.monotonic() < deadline, "gateway did not come up"
+                time.sleep(0.3)
+        assert r.status_code == 200, r.text
+        pred = r.json()
+        expected = float(1 / (1 + np.exp(-ref[0, 0])))
+        assert pred["risk"] == pytest.approx(expected, abs=1e-5)
+        card = pred["model"]
+        assert card["task_hash"] == task_hash(HEART) and card["rounds"] == 3
+        assert sorted(card["training_sites"]) == sorted(dep.sites) and card["strategy"] == "fedavg"
+        assert card["differential_privacy"] is False
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_model_of_unknown_job_or_job_without_rounds_refused(dep, tmp_path):
+    res = CliRunner().invoke(app, ["job", "model", "no-such-job", "--out", str(tmp_path / "x"), "--config", str(dep.root / "ops.toml")])
+    assert res.exit_code != 0 and "no job named 'no-such-job'" in str(res.exception)
+    assert not (tmp_path / "x").exists()
