@@ -54,6 +54,9 @@ app.command("export")(export_command)
 app.command("cross-device")(crossdevice_command)
 
 from insitu.privacy.cli import app as privacy_app  # noqa: E402
+from insitu.kit_cli import kit_command  # noqa: E402
+
+app.command("kit")(kit_command)
 
 app.add_typer(privacy_app, name="privacy")
 

@@ -94,6 +94,12 @@ def status(job: str = typer.Argument(...), config: Path = OPERATOR_CONFIG, as_js
         out.print_json(json.dumps(res))
         return
     out.print(f"job {res['id']}: {res['status']}, {res['rounds_applied']}/{res['rounds_target']} rounds applied")
+    if res.get("approval"):
+        ap = res["approval"]
+        out.print(f"waiting for the sites to approve task {res['task_hash'][:12]} (up to {ap['timeout']:g} s); approved: "
+                  f"{', '.join(ap['approved']) or 'none'}", highlight=False)
+        for s, why in sorted({**ap["waiting"], **ap["unreachable"]}.items()):
+            out.print(f"  waiting for {s}: {why}", highlight=False, soft_wrap=True)
     dp = any(r.get("epsilon") for r in res["rounds"])
     t = Table("round", "status", "sites", "dropped / reason", "mean acc", "s", *(["ε spent per site"] if dp else []))
     for r in res["rounds"]:

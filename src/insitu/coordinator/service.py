@@ -26,6 +26,7 @@ import enum
 import hashlib
 import logging
 import threading
+import time
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -140,6 +141,7 @@ class CoordinatorService:
             NetConfig(host=config.host, port=config.port, heartbeat=config.heartbeat, dead_after=config.dead_after),
         )
         self._stop = threading.Event()
+        self.approvals: dict[str, dict[str, Any]] = {}  # job → sites it waits for (status "waiting")
         self._ops: dict[OperatorOp, Callable[[Mapping[str, Any], Identity], dict[str, Any]]] = {
             OperatorOp.SUBMIT: self._submit,
             OperatorOp.CANCEL: self._cancel,
@@ -174,7 +176,7 @@ class CoordinatorService:
 
     def _status(self, args, who):
         row = self.store.job(str(args.get("job", "")))
-        return {**row.public(), "rounds": self.store.rounds(row.id)}
+        return {**row.public(), "rounds": self.store.rounds(row.id), **({"approval": self.approvals[row.id]} if row.id in self.approvals else {})}
 
     def _list(self, args, who):
         return {"jobs": [j.public() for j in self.store.jobs()]}
@@ -228,6 +230,8 @@ class CoordinatorService:
         if version:
             log.info("job %s: resuming from model version %d", job.id, version)
         strategy = coord.strategy
+        if latest is None and spec.approval_timeout > 0 and not self._await_approvals(job, spec):
+            return
         self.store.set_status(job.id, JobStatus.RUNNING)
         aborted = sum(1 for r in self.store.rounds(job.id) if r["status"] in (RoundStatus.ABORTED.value, RoundStatus.INTERRUPTED.value))
         max_aborted = spec.max_aborted if spec.max_aborted is not None else spec.rounds
@@ -263,6 +267,25 @@ class CoordinatorService:
                       "params_sha256": hashlib.sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
         self.store.set_status(job.id, JobStatus.DONE, final=final)
         log.info("job %s done: %s", job.id, final)
+
+    def _await_approvals(self, job: JobRow, spec: JobSpec) -> bool:
+        """Status ``waiting`` until the sites approved the task (insitu.coordinator.onboarding); False if stopped."""
+        from insitu.coordinator.onboarding import await_approvals
+
+        self.store.set_status(job.id, JobStatus.WAITING)
+        since = time.time()
+
+        def report(check) -> None:
+            if check is None:
+                self.approvals.pop(job.id, None)
+            else:
+                self.approvals[job.id] = {**check.public(), "since": since, "timeout": spec.approval_timeout}
+
+        def stopped() -> bool:
+            return self._stop.is_set() or self.store.job(job.id).status is JobStatus.CANCELLED
+
+        return await_approvals(self.server.transport, job.id, spec.task, sites=spec.sites, min_sites=spec.min_sites,
+                               timeout=spec.approval_timeout, stopped=stopped, report=report, wake=self._stop) is not None
 
     def _evaluate(self, coord: Coordinator, round_: int) -> dict[str, Any]:
         try:

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS models (
 
 class JobStatus(str, enum.Enum):
     QUEUED = "queued"
+    WAITING = "waiting"  # for the sites to approve its task (insitu.coordinator.onboarding)
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
@@ -65,7 +66,7 @@ class RoundStatus(str, enum.Enum):
     INTERRUPTED = "interrupted"  # the coordinator stopped mid-round; never applied
 
 
-ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.WAITING.value, JobStatus.RUNNING.value)
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,16 @@ class JobStore:
     # -- jobs ----------------------------------------------------------------------------------
     def add_job(self, job_id: str, spec: Mapping[str, Any], task_hash: str, rounds: int, by: str) -> JobRow:
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone():
-                raise ConfigError(f"a job named {job_id!r} already exists; choose another name")
+            old = db.execute("SELECT status, next_round FROM jobs WHERE id=?", (job_id,)).fetchone()
+            first_round = 1
+            if old is not None:
+                if old[0] in ACTIVE:
+                    raise ConfigError(f"a job named {job_id!r} is {old[0]}; choose another name, or cancel it first")
+                first_round = old[1]  # round numbers go on, so sites never see a number of this name twice
+                _archive(db, job_id)
             db.execute(
-                "INSERT INTO jobs (id, spec, task_hash, status, submitted_by, created, rounds_target) VALUES (?,?,?,?,?,?,?)",
-                (job_id, json.dumps(dict(spec)), task_hash, JobStatus.QUEUED.value, by, time.time(), rounds),
+                "INSERT INTO jobs (id, spec, task_hash, status, submitted_by, created, rounds_target, next_round) VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, json.dumps(dict(spec)), task_hash, JobStatus.QUEUED.value, by, time.time(), rounds, first_round),
             )
         return self.job(job_id)
 
@@ -145,7 +151,7 @@ class JobStore:
     def next_active(self) -> JobRow | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM jobs WHERE status IN (?,?) ORDER BY created LIMIT 1", ACTIVE
+                f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(ACTIVE))}) ORDER BY created LIMIT 1", ACTIVE
             ).fetchone()
         return _job(row) if row else None
 
@@ -159,7 +165,7 @@ class JobStore:
     def cancel(self, job_id: str) -> JobRow:
         job = self.job(job_id)
         if job.status.value not in ACTIVE:
-            raise ConfigError(f"job {job_id!r} is {job.status.value}; only queued or running jobs can be cancelled")
+            raise ConfigError(f"job {job_id!r} is {job.status.value}; only queued, waiting or running jobs can be cancelled")
         self.set_status(job_id, JobStatus.CANCELLED)
         return self.job(job_id)
 
@@ -268,6 +274,18 @@ class _Tx:
             self.db.execute("COMMIT" if et is None else "ROLLBACK")
         finally:
             self.lock.release()
+
+
+def _archive(db: sqlite3.Connection, job_id: str) -> str:
+    """Free an ended job's name: its job, rounds and models move to ``NAME~K`` (K = 1, 2, ...; '~' is
+    never part of a job name), where ``insitu job status NAME~K`` still finds them."""
+    k = 1
+    while db.execute("SELECT 1 FROM jobs WHERE id=?", (f"{job_id}~{k}",)).fetchone():
+        k += 1
+    new = f"{job_id}~{k}"
+    for table in ("jobs", "rounds", "round_sites", "models"):
+        db.execute(f"UPDATE {table} SET {'id' if table == 'jobs' else 'job'}=? WHERE {'id' if table == 'jobs' else 'job'}=?", (new, job_id))
+    return new
 
 
 def _job(row) -> JobRow:

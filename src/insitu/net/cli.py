@@ -26,10 +26,10 @@ def init(out_dir: Path = typer.Option(..., "--out", help="Directory for the new 
 
 @app.command("issue")
 def issue(name: str = typer.Option(..., help="Party name, becomes the certificate CN (e.g. hospital-a)."),
-          role: pki.Role = typer.Option(..., help="site, operator or coordinator."),
+          role: pki.Role = typer.Option(..., help="site, operator, coordinator or gateway."),
           out_dir: Path = typer.Option(..., "--out", help="Where to write NAME.key, NAME.pem and ca.pem."),
           ca_dir: Path = CA_DIR, days: int = typer.Option(365, help="Validity in days."),
-          host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator only: DNS names / IPs sites dial (repeat).")) -> None:
+          host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator and gateway only: DNS names / IPs clients dial (repeat).")) -> None:
     """Issue a key and certificate in one step (for parties that let the CA make their key)."""
     creds = pki.CertificateAuthority(ca_dir).issue(name, role, out_dir, days=days, hosts=tuple(host))
     out.print(f"{role.value} certificate for {name}: {creds.cert} (key {creds.key})")
@@ -47,7 +47,7 @@ def sign(csr_path: Path = typer.Argument(..., help="The party's .csr file."),
          role: pki.Role = typer.Option(..., help="Role the CA grants (the CSR cannot choose it)."),
          out_path: Path = typer.Option(None, "--out", help="Certificate file (default: NAME.pem beside the CSR)."),
          ca_dir: Path = CA_DIR, days: int = typer.Option(365),
-         host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator only: DNS names / IPs sites dial (repeat).")) -> None:
+         host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator and gateway only: DNS names / IPs clients dial (repeat).")) -> None:
     """Sign a certificate signing request for a role."""
     ca = pki.CertificateAuthority(ca_dir)
     cert = ca.sign(pki.load_csr(csr_path), role, days=days, hosts=tuple(host))

@@ -29,7 +29,8 @@ def serve(config: Path = CONFIG) -> None:
 
 
 @app.command("approve")
-def approve(task_hash: str = typer.Argument(..., help="The task's content hash (see `insitu site pending` or `insitu job hash`)."),
+def approve(task_hash: str = typer.Argument(..., help="The task's id from `insitu site pending` (a unique prefix of at least 6 hex digits), "
+                                                     "or its full content hash (`insitu job hash job.toml`)."),
             config: Path = CONFIG,
             ranges: list[str] = typer.Option([], "--range", help="NAME=LOW:HIGH, e.g. lr=0.01:0.1; also accept variants of the task within it."),
             task: Path = typer.Option(None, help="The task's JSON spec, if this site has not seen it (needed for --range).")) -> None:
@@ -44,23 +45,54 @@ def approve(task_hash: str = typer.Argument(..., help="The task's content hash (
             raise ConfigError(f"--range {r!r} must be NAME=LOW:HIGH")
         parsed[name] = Range.parse(name, val)
     spec = json.loads(task.read_text()) if task else None
-    Approvals(policy.state, policy.approved).approve(task_hash, parsed, spec)
-    out.print(f"approved task {task_hash[:12]}" + (f" with ranges {ranges}" if ranges else ""))
+    approvals = Approvals(policy.state, policy.approved)
+    full = approvals.resolve(task_hash)
+    approvals.approve(full, parsed, spec)
+    out.print(f"approved task {full}" + (f" with ranges {ranges}" if ranges else ""))
+
+
+#: below this terminal width `site pending` prints one line per field instead of a table.
+NARROW = 110
 
 
 @app.command("pending")
-def pending(config: Path = CONFIG) -> None:
-    """Tasks this site refused because they were not approved, for the admin to review."""
+def pending(config: Path = CONFIG,
+            wide: bool = typer.Option(False, "--wide", "-w", help="Show each task's full 64-digit hash (default: a 12-digit id that `approve` accepts)."),
+            as_json: bool = typer.Option(False, "--json", help="Print the pending tasks as JSON (full hashes and specs).")) -> None:
+    """Tasks waiting for this site's approval: seen in a job's onboarding check or refused in a round.
+    Approve one with `insitu site approve ID`."""
     from insitu.site.policy import Approvals, SitePolicy
 
     policy = SitePolicy.load(config)
-    t = Table("model", "lr", "local steps", "privacy at this site", "refused", "last reason")
-    t.add_column("task hash (approve this)", overflow="fold", min_width=64)
+    waiting = Approvals(policy.state, policy.approved).waiting()
+    if as_json:
+        out.print_json(json.dumps(waiting))
+        return
+    if not waiting:
+        out.print("no task is waiting for approval")
+        return
     n_train: list[int] = []  # loaded once, only if a DP task is pending
-    for h, e in Approvals(policy.state, policy.approved).pending().items():
+    rows = []
+    for h, e in sorted(waiting.items(), key=lambda kv: -kv[1].get("first_seen", 0)):
         s = e["spec"]
-        t.add_row(s["model"], str(s["lr"]), str(s["local_steps"]), _privacy_cell(policy, s, n_train), str(e["count"]),
-                  e.get("last_reason", "")[:80], h)
+        rows.append({"id": h if wide else h[:12], "job": e.get("job", ""), "model": s.get("model", "?"),
+                     "lr": str(s.get("lr")), "local steps": str(s.get("local_steps")), "batch": str(s.get("batch_size")),
+                     "privacy at this site": _privacy_cell(policy, s, n_train), "rounds refused": str(e.get("count", 0)),
+                     "reason": e.get("last_reason", "")})
+    if out.width < NARROW:  # a line per field: nothing is cut on a narrow terminal
+        for row in rows:
+            out.print(f"[bold]task {row['id']}[/]", highlight=False)
+            for k, v in row.items():
+                if k != "id":
+                    out.print(f"  {k + ':':22}{v}", highlight=False, soft_wrap=True)
+        out.print(f"approve with: insitu site approve ID --config {config}", highlight=False)
+        return
+    t = Table(title="tasks waiting for approval (insitu site approve ID)", title_justify="left")
+    t.add_column("id (approve this)", no_wrap=True)
+    for col in list(rows[0])[1:]:
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        t.add_row(*row.values())
     out.print(t)
 
 

@@ -204,6 +204,10 @@ class SiteNode:
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
+        if msg.kind is MessageKind.TASK_CHECK:  # onboarding: approved here?  (insitu.site.onboarding)
+            from insitu.site.onboarding import answer_task_check
+
+            return answer_task_check(self, msg)
         early = self._early_phase(msg)
         if early is not None:
             return early
@@ -278,7 +282,7 @@ class SiteNode:
 
     def _refused_plan(self, job: str, plan: Plan, exc: Exception) -> None:
         if isinstance(exc, TaskNotApproved):
-            self.approvals.remember_refused(plan, str(exc))
+            self.approvals.remember_refused(plan, str(exc), job=job)
 
     def _refused(self, msg: Message, exc: Exception) -> None:
         log.warning("refused %s for job %s round %d: %s", msg.kind.value, msg.job, msg.round, exc)
@@ -288,7 +292,7 @@ class SiteNode:
             plan = Plan.from_meta(msg.meta.get("plan"))
             entry["plan_hash"] = plan.content_hash()
             if isinstance(exc, TaskNotApproved):
-                self.approvals.remember_refused(plan, str(exc))
+                self.approvals.remember_refused(plan, str(exc), job=msg.job)
         except ConfigError:
             pass
         with (self.policy.state / "refusals.jsonl").open("a") as fh:

@@ -223,14 +223,49 @@ class Approvals:
         p = self.state / "pending.json"
         return json.loads(p.read_text()) if p.exists() else {}
 
-    def remember_refused(self, plan: Plan, reason: str) -> None:
+    def remember_refused(self, plan: Plan, reason: str, *, count: bool = True, job: str | None = None) -> None:
+        """Keep ``plan`` in ``pending.json`` for the admin; ``count`` a refused round (an onboarding
+        check, which trains nothing, only lists the plan)."""
         p = self.state / "pending.json"
         pend = self.pending()
         h = plan.content_hash()
         entry = pend.setdefault(h, {"spec": plan.to_meta(), "first_seen": time.time(), "count": 0})
-        entry["count"] += 1
+        before = dict(entry)
+        entry["count"] += int(count)
         entry["last_reason"] = reason
-        _atomic_json(p, pend)
+        if job:
+            entry["job"] = job
+        if entry != before:
+            _atomic_json(p, pend)
+
+    def waiting(self) -> dict[str, dict[str, Any]]:
+        """Pending tasks that no approval covers yet (approved ones drop out of the list)."""
+        out = {}
+        for h, e in self.pending().items():
+            try:
+                self.check(Plan.from_meta(dict(e["spec"])))
+            except TaskNotApproved:
+                out[h] = e
+            except (ConfigError, KeyError, TypeError, ValueError):
+                out[h] = e  # a malformed spec stays listed, for the admin to see
+        return out
+
+    def resolve(self, prefix: str) -> str:
+        """The full task hash that ``prefix`` (at least 6 hex digits) names among the tasks this site
+        has seen (pending or approved); a full 64-digit hash is returned as is."""
+        p = prefix.strip().lower()
+        if len(p) == 64:
+            return p
+        if len(p) < 6 or any(c not in "0123456789abcdef" for c in p):
+            raise ConfigError(f"{prefix!r} is neither a task hash (64 hex digits) nor a prefix of at least 6 hex digits; "
+                              "`insitu site pending` lists the tasks")
+        hits = sorted({h for h in (*self.pending(), *self.entries()) if h.startswith(p)})
+        if not hits:
+            raise ConfigError(f"no task this site has seen starts with {prefix!r}; `insitu site pending` lists them "
+                              "(a task the site never saw needs its full hash, see `insitu job hash job.toml`)")
+        if len(hits) > 1:
+            raise ConfigError(f"{prefix!r} matches {len(hits)} tasks ({', '.join(h[:16] for h in hits)}); give more digits")
+        return hits[0]
 
 
 def check_ranges(plan: Plan, ranges: Mapping[str, Range]) -> None:

@@ -1,0 +1,42 @@
+"""The site's answer to an onboarding check: may this task run here?  Nothing is trained or charged.
+
+A coordinator asks every site before a job's first round (:class:`MessageKind.TASK_CHECK`
+carrying the task).  The site answers from its admin's approvals and its own rules:
+
+* ``approved = false`` with the reason when the task's content hash is not approved (or lies
+  outside an approval's ranges or this site's limits); the task is listed in ``pending.json``
+  at once, so the admin finds it in ``insitu site pending`` and the site console before any
+  round was refused;
+* ``approved = true`` and ``refusal`` when the task is approved but a rule would still refuse
+  its rounds (no DP under a privacy budget, a DP task without one): no approval can change
+  that, so the coordinator does not wait for it;
+* ``approved = true`` otherwise.
+
+The answer reveals nothing the site's refusal of a round would not reveal.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from insitu.errors import PolicyViolation, TaskNotApproved
+from insitu.federation.messages import Message, MessageKind
+from insitu.federation.task import TaskSpec
+
+
+def answer_task_check(node: Any, msg: Message) -> Message:
+    """Answer a TASK_CHECK for ``node`` (a :class:`~insitu.site.node.SiteNode`)."""
+    task = TaskSpec.from_meta(msg.require("task", dict))
+    meta: dict[str, Any] = {"task_hash": task.content_hash()}
+    try:
+        node.check_task(task)
+    except TaskNotApproved as exc:
+        node.approvals.remember_refused(task, str(exc), count=False, job=msg.job)
+        return Message(MessageKind.TASK_CHECK_REPLY, 0, msg.job, {**meta, "approved": False, "reason": str(exc)})
+    try:
+        node.check_dp(task)
+    except PolicyViolation as exc:
+        meta["refusal"] = str(exc)
+    return Message(MessageKind.TASK_CHECK_REPLY, 0, msg.job, {**meta, "approved": True})
+
+
+__all__ = ["answer_task_check"]
