@@ -8,18 +8,31 @@ from rich.console import Console
 
 from insitu.errors import InsituError
 
+#: every command and group answers -h as well as --help (sub-commands inherit it from the root context)
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="insitu",
     help="Privacy-preserving federated learning between hospitals: patient data never leaves the site.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=CONTEXT,
 )
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from insitu import __version__
+
+        typer.echo(f"insitu {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     """Privacy-preserving federated learning between hospitals: patient data never leaves the site."""
 
 
@@ -54,6 +67,9 @@ app.command("export")(export_command)
 app.command("cross-device")(crossdevice_command)
 
 from insitu.privacy.cli import app as privacy_app  # noqa: E402
+from insitu.kit_cli import kit_command  # noqa: E402
+
+app.command("kit")(kit_command)
 from insitu.kit_cli import kit_command  # noqa: E402
 
 app.command("kit")(kit_command)

@@ -27,7 +27,7 @@ def _group() -> None:
 
 
 @app.command("serve")
-def serve(config: Path = typer.Option(..., "--config", "-c", help="coordinator.toml")) -> None:
+def serve(config: Path = typer.Option(Path("coordinator.toml"), "--config", "-c", help="coordinator.toml (paths in it are relative to its directory).")) -> None:
     """Listen for sites and operators; run queued jobs; resume after a restart."""
     from insitu.coordinator.service import serve as _serve
 
