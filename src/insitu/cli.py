@@ -47,12 +47,13 @@ from insitu.gateway.cli import app as gateway_app  # noqa: E402
 app.add_typer(gateway_app, name="gateway")
 
 from insitu.net.cli import app as ca_app  # noqa: E402
-from insitu.coordinator.cli import app as coordinator_app, job_app  # noqa: E402
+from insitu.coordinator.cli import app as coordinator_app, job_app, sites_command  # noqa: E402
 from insitu.site.cli import app as site_app  # noqa: E402
 
 app.add_typer(ca_app, name="ca")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(job_app, name="job")
+app.command("sites")(sites_command)
 app.add_typer(site_app, name="site")
 
 from insitu.deid.cli import app as deid_app  # noqa: E402

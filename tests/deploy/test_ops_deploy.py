@@ -25,6 +25,8 @@ from insitu.net import sandbox
 pytestmark = pytest.mark.slow
 
 HEART = {"name": "heart-ops", "dataset": "heart", "rounds": 3, "seed": 0, "min_sites": 4, "round_timeout": 60.0}
+# rounds long enough (~0.3 s) that the status is seen mid-job
+WATCHED = {**HEART, "name": "watched", "rounds": 6, "task": {"local_steps": 1500, "lr": 0.001}}
 INSITU = [sys.executable, "-m", "insitu"]
 
 
@@ -42,7 +44,7 @@ def cli(*args) -> str:
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory):
     root = tmp_path_factory.mktemp("ops-consortium")
-    sb = sandbox.create(root, approved=[task_hash(HEART)])
+    sb = sandbox.create(root, approved=[task_hash(HEART), task_hash(WATCHED)])
     try:
         sb.start_all()
         assert sb.wait_sites(4, timeout=90) == sorted(sb.sites)
@@ -160,3 +162,61 @@ def test_model_of_unknown_job_or_job_without_rounds_refused(dep, tmp_path):
     res = CliRunner().invoke(app, ["job", "model", "no-such-job", "--out", str(tmp_path / "x"), "--config", str(dep.root / "ops.toml")])
     assert res.exit_code != 0 and "no job named 'no-such-job'" in str(res.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_status_shows_eta_per_site_metrics_and_watch_follows_to_the_end(dep):
+    dep.operator("submit", {"job": WATCHED})
+    st = dep.wait_job("watched", rounds=2, timeout=120)
+    if st["status"] == "running":
+        assert st["progress"]["seconds_per_round"] > 0 and st["progress"]["eta_seconds"] is not None
+        assert 0 <= st["progress"]["eta_seconds"] < 60 * st["progress"]["seconds_per_round"]
+    rows = {r["site"]: r for r in st["sites"]}
+    assert sorted(rows) == sorted(dep.sites) and all(r["online"] for r in rows.values())
+    assert all(0 <= rows[s]["accuracy"] <= 1 and rows[s]["loss"] > 0 and rows[s]["train_loss"] > 0 for s in dep.sites)
+    assert all(r["cert_not_after"] > time.time() + 300 * 86400 and time.time() - r["last_seen"] < 30 for r in rows.values())
+    from rich.console import Console
+
+    from insitu.coordinator.views import job_view
+
+    con = Console(width=200, record=True)
+    con.print(job_view(st))
+    text = con.export_text()
+    assert "sites (4 of 4 online)" in text and "test acc" in text and ("ETA" in text or st["status"] == "done")
+    # --watch refreshes until the job ends, then leaves the final view on screen
+    out = cli("job", "status", "watched", "--watch", "--interval", "0.3", "--config", dep.root / "ops.toml")
+    assert "job watched: done, 6/6 rounds applied" in out and "final mean site accuracy" in out
+
+
+def test_job_logs_tell_the_jobs_story(dep):
+    out = cli("job", "logs", "watched", "--config", dep.root / "ops.toml")
+    lines = out.splitlines()
+    assert "submitted by ops" in lines[0]
+    assert "task approved by cleveland, hungary, switzerland, va-long-beach" in out
+    assert sum("applied as version" in ln for ln in lines) == 6 and "watched done" in lines[-1]
+    res = json.loads(cli("job", "logs", "watched", "--json", "--config", dep.root / "ops.toml"))
+    assert [e["at"] for e in res] == sorted(e["at"] for e in res)
+
+
+def test_killed_site_shows_offline_with_its_reason(dep):
+    """Destructive: the last test of the module."""
+    before = cli("sites", "--config", dep.root / "ops.toml")
+    assert "sites (4 of 4 online)" in before
+    dep.kill("site-switzerland")
+    deadline = time.monotonic() + 60
+    while True:
+        rows = {r["site"]: r for r in dep.operator("sites")["detail"]}
+        if not rows["switzerland"]["online"]:
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+    assert rows["switzerland"]["offline_reason"] and "channel lost" in rows["switzerland"]["offline_reason"]
+    out = cli("sites", "--config", dep.root / "ops.toml")
+    assert "sites (3 of 4 online)" in out and "offline" in out and "lost" in out
+    listed = {r["site"]: r for r in json.loads(cli("sites", "--json", "--config", dep.root / "ops.toml"))}
+    assert listed["switzerland"]["online"] is False and "channel lost" in listed["switzerland"]["offline_reason"]
+    # a job run now names the missing site in its status, with the reason, instead of three sites and nothing else
+    dep.operator("submit", {"job": {**HEART, "name": "three-left", "rounds": 1, "min_sites": 3, "approval_timeout": 5.0}})
+    st = dep.wait_job("three-left", timeout=90)
+    assert st["status"] == "done" and sorted(st["rounds"][0]["participants"]) == ["cleveland", "hungary", "va-long-beach"]
+    sw = next(r for r in st["sites"] if r["site"] == "switzerland")
+    assert sw["online"] is False and "channel lost" in sw["offline_reason"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -87,30 +88,74 @@ def task_hash(job_file: Path = typer.Argument(...)) -> None:
 
 
 @job_app.command("status")
-def status(job: str = typer.Argument(...), config: Path = OPERATOR_CONFIG, as_json: bool = typer.Option(False, "--json")) -> None:
-    """A job's rounds: who joined, who dropped and why (site refusals included), accuracy."""
+def status(job: str = typer.Argument(..., help="The job's name (see `insitu job list`)."), config: Path = OPERATOR_CONFIG,
+           as_json: bool = typer.Option(False, "--json", help="Print the full status as JSON."),
+           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh live until the job ends (Ctrl-C to stop watching)."),
+           interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch."),
+           last: int = typer.Option(0, "--last", help="Show only the last N rounds (0: all; --watch shows the last 15).")) -> None:
+    """A job's rounds (who joined, who dropped and why, accuracy, ε), its ETA and its sites
+    (online or offline with the reason, last heart-beat, certificate expiry, accuracy and loss)."""
+    from insitu.coordinator.views import job_view
+
+    if interval <= 0:
+        raise ConfigError(f"--interval must be positive, got {interval}")
     res = _call(config, "status", {"job": job})
     if as_json:
         out.print_json(json.dumps(res))
         return
-    out.print(f"job {res['id']}: {res['status']}, {res['rounds_applied']}/{res['rounds_target']} rounds applied")
-    if res.get("approval"):
-        ap = res["approval"]
-        out.print(f"waiting for the sites to approve task {res['task_hash'][:12]} (up to {ap['timeout']:g} s); approved: "
-                  f"{', '.join(ap['approved']) or 'none'}", highlight=False)
-        for s, why in sorted({**ap["waiting"], **ap["unreachable"]}.items()):
-            out.print(f"  waiting for {s}: {why}", highlight=False, soft_wrap=True)
-    dp = any(r.get("epsilon") for r in res["rounds"])
-    t = Table("round", "status", "sites", "dropped / reason", "mean acc", "s", *(["ε spent per site"] if dp else []))
-    for r in res["rounds"]:
-        acc = (r.get("evaluation") or {}).get("mean_site_accuracy")
-        why = "; ".join(f"{k}: {v}" for k, v in r["dropped"].items()) or (r["reason"] or "")
-        eps = [", ".join(f"{s} {e:.2f}" for s, e in sorted((r.get("epsilon") or {}).items()))] if dp else []
-        t.add_row(str(r["round"]), r["status"], ",".join(r["participants"]), why[:240], f"{acc:.4f}" if acc is not None else "",
-                  f"{r['seconds']:.2f}" if r["seconds"] else "", *eps)
-    out.print(t)
-    if res.get("final"):
-        out.print(f"final mean site accuracy {res['final'].get('mean_site_accuracy')}")
+    if not watch:
+        out.print(job_view(res, last=last or None))
+        return
+    from rich.live import Live
+
+    with Live(job_view(res, last=last or 15), console=out, refresh_per_second=4, transient=False) as live:
+        while res["status"] not in ("done", "failed", "cancelled"):
+            time.sleep(interval)
+            res = _call(config, "status", {"job": job})
+            live.update(job_view(res, last=last or 15))
+
+
+@job_app.command("logs")
+def logs(job: str = typer.Argument(..., help="The job's name (an ended job's earlier runs are NAME~1, NAME~2, ...)."),
+         config: Path = OPERATOR_CONFIG,
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines until the job ends."),
+         interval: float = typer.Option(1.0, "--interval", help="Seconds between polls with --follow."),
+         as_json: bool = typer.Option(False, "--json", help="Print the log lines as JSON.")) -> None:
+    """What the coordinator logged about a job (submitted, waiting for approvals, rounds applied or
+    aborted, each site's drop-out and its reason, done), oldest first."""
+    from insitu.coordinator.views import log_lines
+
+    res = _call(config, "logs", {"job": job})
+    if as_json:
+        out.print_json(json.dumps(res["events"]))
+        return
+    seen: set[tuple[float, str]] = set()
+    while True:
+        new = [e for e in res["events"] if (e["at"], e["message"]) not in seen]
+        for line in log_lines(new):
+            out.print(line, highlight=False, soft_wrap=True)
+        seen.update((e["at"], e["message"]) for e in new)
+        if not follow or res["status"] in ("done", "failed", "cancelled"):
+            return
+        time.sleep(interval)
+        res = _call(config, "logs", {"job": job})
+
+
+def sites_command(config: Path = OPERATOR_CONFIG,
+                  as_json: bool = typer.Option(False, "--json", help="Print the sites as JSON.")) -> None:
+    """The consortium's sites as the coordinator sees them: online or offline (since when, and why),
+    last heart-beat, certificate expiry, records, declared privacy budget."""
+    from insitu.coordinator.views import sites_table
+
+    res = _call(config, "sites")
+    if as_json:
+        out.print_json(json.dumps(res["detail"]))
+        return
+    rows = res["detail"]
+    if not rows:
+        out.print("no site has connected since the coordinator started")
+        return
+    out.print(sites_table(rows, title=f"sites ({sum(1 for r in rows if r.get('online'))} of {len(rows)} online)"))
 
 
 @job_app.command("list")

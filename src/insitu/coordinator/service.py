@@ -115,6 +115,7 @@ class OperatorOp(str, enum.Enum):
     LIST = "list"
     SITES = "sites"
     MODEL = "model"  # the newest model and its summary (insitu.coordinator.publish)
+    LOGS = "logs"  # what the coordinator logged about a job (insitu.coordinator.monitor)
 
 
 def mean_accuracy(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -149,7 +150,11 @@ class CoordinatorService:
             OperatorOp.LIST: self._list,
             OperatorOp.SITES: self._sites,
             OperatorOp.MODEL: self._model,
+            OperatorOp.LOGS: self._logs,
         }
+        from insitu.coordinator import monitor
+
+        self._log_handler = monitor.install(self.store)
 
     @property
     def port(self) -> int:
@@ -169,6 +174,7 @@ class CoordinatorService:
     def _submit(self, args: Mapping[str, Any], who: Identity) -> dict[str, Any]:
         spec = JobSpec.from_dict(args.get("job", {}))
         row = self.store.add_job(spec.name, spec.to_dict(), spec.plan.content_hash(), spec.rounds, who.name)
+        log.info("job %s: submitted by %s (plan %s, %d rounds)", row.id, who.name, row.task_hash[:12], spec.rounds)
         return row.public()
 
     def _cancel(self, args, who):
@@ -176,13 +182,29 @@ class CoordinatorService:
 
     def _status(self, args, who):
         row = self.store.job(str(args.get("job", "")))
-        return {**row.public(), "rounds": self.store.rounds(row.id), **({"approval": self.approvals[row.id]} if row.id in self.approvals else {})}
+        from insitu.coordinator.monitor import progress, site_rows
+
+        rounds = self.store.rounds(row.id)
+        return {**row.public(), "rounds": rounds, **({"approval": self.approvals[row.id]} if row.id in self.approvals else {}),
+                "progress": progress(row.public(), rounds), "sites": site_rows(self.server.transport.site_status(), rounds)}
 
     def _list(self, args, who):
         return {"jobs": [j.public() for j in self.store.jobs()]}
 
     def _sites(self, args, who):
-        return {"sites": self.server.transport.sites()}
+        from insitu.coordinator.monitor import site_rows
+
+        return {"sites": self.server.transport.sites(), "detail": site_rows(self.server.transport.site_status())}
+
+    def _logs(self, args, who):
+        row = self.store.job(str(args.get("job", "")))
+        events = self.store.events(row.id)
+        for r in self.store.rounds(row.id):  # why each site dropped out, beside the coordinator's own lines
+            for site, why in (r.get("dropped") or {}).items():
+                events.append({"seq": None, "at": r.get("ended") or r["started"], "level": "warning",
+                               "message": f"job {row.id} round {r['round']}: {site} dropped: {why}"})
+        events.sort(key=lambda e: (e["at"], e["seq"] or 0))
+        return {"id": row.id, "status": row.status.value, "events": events}
 
     def _model(self, args, who):
         from insitu.coordinator.publish import model_reply
@@ -202,6 +224,7 @@ class CoordinatorService:
         return self
 
     def stop(self) -> None:
+        logging.getLogger("insitu.coordinator").removeHandler(self._log_handler)
         self._stop.set()
         self.server.stop()
 
@@ -278,8 +301,16 @@ class CoordinatorService:
         def report(check) -> None:
             if check is None:
                 self.approvals.pop(job.id, None)
-            else:
-                self.approvals[job.id] = {**check.public(), "since": since, "timeout": spec.approval_timeout}
+                return
+            before = self.approvals.get(job.id, {})
+            self.approvals[job.id] = {**check.public(), "since": since, "timeout": spec.approval_timeout}
+            holding = {**check.waiting, **check.unreachable}
+            if holding != {**before.get("waiting", {}), **before.get("unreachable", {})}:
+                if holding and not check.ready(spec.min_sites):
+                    log.info("job %s: waiting for approval of task %s by %s", job.id, spec.task.content_hash()[:12],
+                             "; ".join(f"{s} ({why})" for s, why in sorted(holding.items())))
+            if check.ready(spec.min_sites):
+                log.info("job %s: task approved by %s", job.id, ", ".join(check.approved))
 
         def stopped() -> bool:
             return self._stop.is_set() or self.store.job(job.id).status is JobStatus.CANCELLED

@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS models (
     job TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL, params BLOB NOT NULL,
     state BLOB NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (job, version), UNIQUE (job, round));
+CREATE TABLE IF NOT EXISTS job_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL, at REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS job_log_job ON job_log (job, seq);
 """
 
 
@@ -228,10 +231,10 @@ class JobStore:
     def rounds(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT round, status, participants, dropped, evaluation, seconds, reason, metrics FROM rounds WHERE job=? ORDER BY round", (job_id,)
+                "SELECT round, status, participants, dropped, evaluation, seconds, reason, metrics, started, ended FROM rounds WHERE job=? ORDER BY round", (job_id,)
             ).fetchall()
         out = []
-        for r, status, parts, dropped, ev, secs, reason, metrics in rows:
+        for r, status, parts, dropped, ev, secs, reason, metrics, started, ended in rows:
             m = json.loads(metrics) if metrics else {}
             # ε each site says it has spent in total after this round (its own ledger; DP jobs only)
             eps = {s: v["epsilon_total"] for s, v in m.items() if isinstance(v, dict) and isinstance(v.get("epsilon_total"), (int, float))}
@@ -239,8 +242,23 @@ class JobStore:
                 "round": r, "status": status, "participants": json.loads(parts) if parts else [],
                 "dropped": json.loads(dropped) if dropped else {}, "evaluation": json.loads(ev) if ev else None,
                 "seconds": secs, "reason": reason, **({"epsilon": eps} if eps else {}),
+                "started": started, "ended": ended,
+                # each site's own training loss, as it reported it (a public metric of the round)
+                "train_loss": {s: v["train_loss"] for s, v in m.items() if isinstance(v, dict) and isinstance(v.get("train_loss"), (int, float))},
             })
         return out
+
+    # -- the job's log (what the coordinator logged about it; `insitu job logs`) -----------------
+    def log_event(self, job_id: str, level: str, message: str, at: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO job_log (job, at, level, message) VALUES (?,?,?,?)", (job_id, at or time.time(), level, message))
+
+    def events(self, job_id: str, after: int = 0, limit: int = 10000) -> list[dict[str, Any]]:
+        """The job's log lines with sequence number > ``after`` (oldest first)."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, at, level, message FROM job_log WHERE job=? AND seq>? ORDER BY seq LIMIT ?",
+                                    (job_id, after, limit)).fetchall()
+        return [{"seq": q, "at": a, "level": lv, "message": m} for q, a, lv, m in rows]
 
     def latest_model(self, job_id: str) -> tuple[int, int, np.ndarray, dict[str, np.ndarray]] | None:
         """(version, round, params, strategy state) of the newest model, or None before round one."""
@@ -283,7 +301,7 @@ def _archive(db: sqlite3.Connection, job_id: str) -> str:
     while db.execute("SELECT 1 FROM jobs WHERE id=?", (f"{job_id}~{k}",)).fetchone():
         k += 1
     new = f"{job_id}~{k}"
-    for table in ("jobs", "rounds", "round_sites", "models"):
+    for table in ("jobs", "rounds", "round_sites", "models", "job_log"):
         db.execute(f"UPDATE {table} SET {'id' if table == 'jobs' else 'job'}=? WHERE {'id' if table == 'jobs' else 'job'}=?", (new, job_id))
     return new
 
