@@ -36,6 +36,10 @@ def test_kit_configs_load_and_certificates_carry_their_roles(tmp_path):
     co = CoordinatorConfig.load(root / "coordinator" / "coordinator.toml")
     assert co.port == 9443 and co.host == "0.0.0.0" and co.cert.exists() and co.crl.exists()
     assert _role(co.cert) is Role.COORDINATOR
+    from insitu.coordinator.dashboard import DashboardConfig
+
+    dash = DashboardConfig.load(root / "coordinator" / "coordinator.toml")
+    assert dash.port == 8445 and dash.audit_key.exists() and dash.audit_key.with_suffix(".pub").exists()
     op = tomllib.loads((root / "operator" / "operator.toml").read_text())["operator"]
     assert op["coordinator"] == "coord.example.org:9443" and _role(root / "operator" / op["cert"]) is Role.OPERATOR
     assert (root / "operator" / op["key"]).stat().st_mode & 0o077 == 0  # private keys are 0600

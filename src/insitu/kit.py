@@ -5,7 +5,7 @@ be copied to the machine that runs it (every path in a config is relative to the
 
     DIR/README.txt                      what goes where, and the commands to start everything
     DIR/ca/                             the root CA: ca.key stays with the consortium admin, offline
-    DIR/coordinator/coordinator.toml    + pki/ (coordinator certificate and key, ca.pem, crl.pem)
+    DIR/coordinator/coordinator.toml    + pki/ (coordinator certificate and key, ca.pem, crl.pem), keys/ (audit key)
     DIR/operator/operator.toml          + pki/ (operator certificate and key, ca.pem)
     DIR/operator/job.toml               an example heart job over the kit's hospitals
     DIR/sites/NAME/site.toml            + pki/ (the hospital's certificate and key, ca.pem)
@@ -52,7 +52,8 @@ def _host_port(coordinator: str) -> tuple[str, int]:
 
 
 def write_kit(out: str | Path, sites: list[str] | tuple[str, ...], *, coordinator: str = "127.0.0.1:8443", operator: str = "ops",
-              gateway: str = "gateway", gateway_host: str = "127.0.0.1", gateway_port: int = 8444, days: int = 365) -> Kit:
+              gateway: str = "gateway", gateway_host: str = "127.0.0.1", gateway_port: int = 8444, dashboard_port: int = 8445,
+              days: int = 365) -> Kit:
     """Write the kit for ``sites`` under ``out`` (which must not exist or be empty)."""
     root = Path(out)
     sites = tuple(sites)
@@ -72,7 +73,10 @@ def write_kit(out: str | Path, sites: list[str] | tuple[str, ...], *, coordinato
     ca.issue("coordinator", Role.COORDINATOR, co / "pki", days=days, hosts=hosts)
     shutil.copy(root / "ca" / "crl.pem", co / "pki" / "crl.pem")
     listen = "127.0.0.1" if host in ("127.0.0.1", "localhost", "::1") else "0.0.0.0"
-    (co / "coordinator.toml").write_text(COORDINATOR_TOML.format(port=port, listen=listen))
+    (co / "coordinator.toml").write_text(COORDINATOR_TOML.format(port=port, listen=listen, host=host, dashboard_port=dashboard_port))
+    from insitu.audit.keys import write_keypair
+
+    write_keypair(co / "keys", "coordinator")
     op = root / "operator"
     ca.issue(operator, Role.OPERATOR, op / "pki", days=days)
     (op / "operator.toml").write_text(OPERATOR_TOML.format(coordinator=f"{host}:{port}", name=operator))
@@ -87,7 +91,6 @@ def write_kit(out: str | Path, sites: list[str] | tuple[str, ...], *, coordinato
     gw = root / "gateway"
     gw_hosts = tuple(dict.fromkeys((gateway_host, "localhost", "127.0.0.1")))
     ca.issue(gateway, Role.GATEWAY, gw / "tls", days=days, hosts=gw_hosts)
-    from insitu.audit.keys import write_keypair
     from insitu.gateway.tokens import generate_keypair
 
     write_keypair(gw / "keys", gateway)
@@ -114,6 +117,15 @@ crl = "pki/crl.pem"                    # revocation list: copy the CA's crl.pem 
 db = "coordinator.db"                  # jobs, rounds and model versions (SQLite); a restart resumes from it
 heartbeat = 2.0                        # seconds between heart-beats on an idle site channel
 dead_after = 10.0                      # a site silent this long is dropped (it reconnects on its own)
+
+[dashboard]                            # the operators' web page (TLS 1.3, its own port); delete the table to turn it off
+host = "{listen}"
+port = {dashboard_port}
+# public_url = "https://{host}:{dashboard_port}"   # what `insitu coordinator login` links point at
+login_ttl = 120                        # seconds a login link stays valid (it works once)
+session_ttl = 28800                    # seconds a browser session lasts
+audit_log = "audit.db"                 # the coordinator's audit chain: every model release, signed
+audit_key = "keys/coordinator.key"     # its Ed25519 key (coordinator.pub beside it verifies the chain)
 """
 
 OPERATOR_TOML = """\
@@ -239,6 +251,7 @@ Copy each directory to the machine that runs it; paths inside are relative to ea
 
   ca/            the root CA.  ca.key signs every certificate: keep it offline, with the admin.
   coordinator/   insitu coordinator serve --config coordinator/coordinator.toml
+                 (its dashboard: `insitu coordinator login --config operator/operator.toml` prints a login link)
   operator/      insitu job submit operator/job.toml --config operator/operator.toml
                  insitu job status heart-fedavg --watch --config operator/operator.toml
                  insitu job model heart-fedavg --out model --config operator/operator.toml

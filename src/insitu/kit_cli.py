@@ -17,6 +17,7 @@ def kit_command(
     gateway: str = typer.Option("gateway", help="The gateway certificate's name."),
     gateway_host: str = typer.Option("127.0.0.1", help="Host name clients dial for the gateway (goes into its certificate)."),
     gateway_port: int = typer.Option(8444, help="The gateway's HTTPS port."),
+    dashboard_port: int = typer.Option(8445, help="The coordinator's dashboard port (HTTPS, operators only)."),
     days: int = typer.Option(365, help="Validity of the issued certificates in days."),
 ) -> None:
     """Write a whole consortium's start-up kit: root CA; coordinator, operator, site and gateway
@@ -24,6 +25,6 @@ def kit_command(
     from insitu.kit import write_kit
 
     kit = write_kit(out_dir, sites, coordinator=coordinator, operator=operator, gateway=gateway,
-                    gateway_host=gateway_host, gateway_port=gateway_port, days=days)
+                    gateway_host=gateway_host, gateway_port=gateway_port, dashboard_port=dashboard_port, days=days)
     out.print(f"consortium kit for {', '.join(kit.sites)} written to {kit.root} (start with {kit.root / 'README.txt'})")
     out.print(f"  keep {kit.ca / 'ca.key'} offline; copy coordinator/, operator/, sites/NAME/ and gateway/ to their machines")

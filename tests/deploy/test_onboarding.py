@@ -68,7 +68,7 @@ class Running:
 def kit(tmp_path_factory):
     root = tmp_path_factory.mktemp("kit")
     port = sandbox.free_port()
-    kit = write_kit(root / "kit", SITES, coordinator=f"127.0.0.1:{port}")
+    kit = write_kit(root / "kit", SITES, coordinator=f"127.0.0.1:{port}", dashboard_port=sandbox.free_port())
     job = kit.job.read_text().replace("rounds = 20", "rounds = 3")
     kit.job.write_text(job)
     procs = Processes(root)

@@ -39,6 +39,22 @@ def serve(config: Path = typer.Option(Path("coordinator.toml"), "--config", "-c"
     fast_exit()  # skip the interpreter's slow teardown so a restart is quick
 
 
+@app.command("login")
+def login(config: Path = OPERATOR_CONFIG,
+          open_browser: bool = typer.Option(False, "--open", help="Also open the link in this machine's web browser.")) -> None:
+    """Print a one-time link that logs a browser into the coordinator's dashboard as this operator
+    (asked for with the operator certificate; valid once, for the dashboard's login_ttl)."""
+    res = _call(config, "login")
+    err = Console(stderr=True)
+    err.print(f"dashboard login for operator {res['operator']}: open this link within {res['expires_in']:g} s (it works once)",
+              highlight=False)
+    print(res["url"])
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(res["url"])
+
+
 def _call(config: Path, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
     return _request(config, op, args)[0]
 

@@ -116,6 +116,7 @@ class OperatorOp(str, enum.Enum):
     SITES = "sites"
     MODEL = "model"  # the newest model and its summary (insitu.coordinator.publish)
     LOGS = "logs"  # what the coordinator logged about a job (insitu.coordinator.monitor)
+    LOGIN = "login"  # a one-time dashboard login link (insitu.coordinator.dashboard)
 
 
 def mean_accuracy(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -151,6 +152,7 @@ class CoordinatorService:
             OperatorOp.SITES: self._sites,
             OperatorOp.MODEL: self._model,
             OperatorOp.LOGS: self._logs,
+            OperatorOp.LOGIN: _no_dashboard,
         }
         from insitu.coordinator import monitor
 
@@ -349,6 +351,10 @@ def job_coordinator(spec: JobSpec, job_id: str, transport: Any, latest: Any = No
     return coord, protocol, version
 
 
+def _no_dashboard(args, who):
+    raise ConfigError("this coordinator serves no dashboard; add a [dashboard] table to coordinator.toml (see insitu.coordinator.dashboard)")
+
+
 def _preload() -> None:
     import importlib
 
@@ -360,6 +366,9 @@ def serve(config_path: str | Path) -> None:
     import signal
 
     svc = CoordinatorService(CoordinatorConfig.load(config_path)).start()
+    from insitu.coordinator import dashboard
+
+    web = dashboard.start(svc, config_path)  # None without a [dashboard] table
     def _term(signum, frame) -> None:
         # a round in flight is left 'started' and marked interrupted (never applied) at the next start
         raise SystemExit(0)
@@ -370,6 +379,8 @@ def serve(config_path: str | Path) -> None:
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        if web is not None:
+            web[1].stop()
         svc.stop()
         svc.store.close()  # every applied round is already committed
 
