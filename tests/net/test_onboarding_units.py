@@ -88,3 +88,22 @@ def test_job_name_free_again_once_ended_and_round_numbers_go_on(tmp_path):
     store.cancel("h")
     store.add_job("h", {"x": 3}, "v" * 64, 1, "ops")
     assert store.job("h~2").spec == {"x": 2} and store.job("h").next_round == 4
+
+
+def test_site_refuse_takes_a_task_off_the_list_with_its_reason(tmp_path):
+    from insitu.cli import app
+    from insitu.errors import TaskNotApproved
+    from insitu.site.policy import SitePolicy
+
+    cfg = _site_config(tmp_path)
+    ap = Approvals(SitePolicy.load(cfg).state)
+    ap.remember_refused(TASK, "not approved", count=False, job="j")
+    h = TASK.content_hash()
+    res = CliRunner().invoke(app, ["site", "refuse", h[:8], "--reason", "schema not reviewed", "--config", str(cfg)])
+    assert res.exit_code == 0 and h in res.output
+    assert ap.waiting() == {} and ap.refused()[h]["reason"] == "schema not reviewed"
+    with pytest.raises(TaskNotApproved, match="refused by this site's admin: schema not reviewed"):
+        ap.check(TASK)
+    ap.approve(h)  # approving undoes the refusal
+    ap.check(TASK)
+    assert ap.refused() == {}

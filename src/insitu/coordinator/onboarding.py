@@ -7,8 +7,8 @@ trained or charged; the site lists the task for its admin at once) and repeats e
 ``interval`` seconds.  The job's status is ``waiting`` and names the sites it waits for and why.
 
 The job starts as soon as at least ``min_sites`` sites approved and no connected site it asked
-still answers "not approved" (sites that are not connected do not hold it back: rounds drop
-them, as they would anyway).  After ``approval_timeout`` seconds it starts if ``min_sites``
+still answers "not approved" (sites that are not connected, and sites whose admin refused the
+task on purpose, do not hold it back: rounds drop them, as they would anyway).  After ``approval_timeout`` seconds it starts if ``min_sites``
 sites approved, and fails otherwise, naming the sites it waited for.  A site whose rules refuse
 the task whatever its admin approves (e.g. no DP under a privacy budget) is not waited for; its
 rounds report the refusal as before.
@@ -34,7 +34,7 @@ class ApprovalCheck:
     approved: tuple[str, ...]
     waiting: Mapping[str, str]  # connected sites that answered "not approved", with their reason
     unreachable: Mapping[str, str] = field(default_factory=dict)  # not connected, no answer, or an error
-    refusing: Mapping[str, str] = field(default_factory=dict)  # approved, but a site rule refuses the rounds
+    refusing: Mapping[str, str] = field(default_factory=dict)  # refused by the site's admin, or approved but a rule refuses the rounds
 
     def ready(self, min_sites: int) -> bool:
         return len(self.approved) >= min_sites and not self.waiting
@@ -62,6 +62,8 @@ def check_approvals(transport: Any, job: str, task: TaskSpec, sites: tuple[str, 
                 approved.append(s)
                 if reply.meta.get("refusal"):
                     refusing[s] = str(reply.meta["refusal"])
+            elif reply.meta.get("refused") is True:  # the site's admin refused the task: nothing to wait for
+                refusing[s] = str(reply.meta.get("reason", "refused by the site's admin"))
             else:
                 waiting[s] = str(reply.meta.get("reason", "not approved"))
     return ApprovalCheck(tuple(sorted(approved)), waiting, unreachable, refusing)

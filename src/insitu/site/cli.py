@@ -51,6 +51,36 @@ def approve(task_hash: str = typer.Argument(..., help="The task's id from `insit
     out.print(f"approved task {full}" + (f" with ranges {ranges}" if ranges else ""))
 
 
+@app.command("refuse")
+def refuse(task_hash: str = typer.Argument(..., help="The task's id from `insitu site pending` (a unique prefix of >= 6 hex digits) or full hash."),
+           config: Path = CONFIG,
+           reason: str = typer.Option("", "--reason", "-r", help="Why; the coordinator's operator sees it.")) -> None:
+    """Refuse a task on purpose: it leaves the pending list, its rounds are refused with your reason,
+    and a job waiting for approvals stops waiting for this site.  `approve` undoes it."""
+    from insitu.site.policy import Approvals, SitePolicy
+
+    policy = SitePolicy.load(config)
+    approvals = Approvals(policy.state, policy.approved)
+    full = approvals.resolve(task_hash)
+    if full in policy.approved:
+        raise ConfigError(f"task {full[:12]} is approved in {config} ([policy] approved); remove it there first")
+    approvals.refuse(full, reason)
+    out.print(f"refused task {full}" + (f": {reason}" if reason else ""), highlight=False)
+
+
+@app.command("console")
+def console(config: Path = CONFIG,
+            port: int = typer.Option(8470, "--port", "-p", help="Port on 127.0.0.1 (0: any free port)."),
+            open_browser: bool = typer.Option(False, "--open", help="Also open the console in this machine's browser.")) -> None:
+    """The data officer's web console on 127.0.0.1 only: pending tasks with their full spec and the ε a
+    round would cost here, approve (with ranges) or refuse, the rounds this site trained, its ledger and
+    its refusals.  Prints a one-time login link (also kept, readable by this user only, in state/console.url)."""
+    from insitu.site.console import serve_console
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve_console(config, port=port, open_browser=open_browser)
+
+
 #: below this terminal width `site pending` prints one line per field instead of a table.
 NARROW = 110
 
@@ -97,33 +127,6 @@ def pending(config: Path = CONFIG,
 
 
 def _privacy_cell(policy, spec: dict, n_train: list[int]) -> str:
-    """What a pending plan would cost this site's privacy budget per round, by this site's own accountant."""
-    from insitu.errors import InsituError
-    from insitu.plan import Plan
+    from insitu.site.review import privacy_cost
 
-    try:
-        plan = Plan.from_meta(spec)
-    except InsituError as exc:
-        return f"malformed: {exc}"[:80]
-    dp = plan.dp
-    if not dp.on:
-        return "no DP" + (" (refused: this site has a budget)" if policy.epsilon_budget is not None else "")
-    noise = f"σ={dp.noise_multiplier:g}" if dp.noise_multiplier is not None else f"target ε={dp.epsilon:g}"
-    head = f"{dp.level.value}-level DP {noise}, clip {dp.clip:g}"
-    if policy.epsilon_budget is None:
-        return head + "; refused: no epsilon_budget here"
-    from insitu.builder import site_dp
-    from insitu.privacy import Budget, PrivacyLedger, epsilon_of
-    from insitu.site.node import load_site_data
-
-    if not n_train:
-        n_train.append(load_site_data(policy)[0].n_train)
-    events = site_dp(plan, "pending", n_train[0], object(), b"\0" * 32).events
-    eps = epsilon_of(events, policy.delta)
-    ledger = PrivacyLedger(Path(policy.state) / "privacy_ledger.sqlite")
-    try:
-        site = ledger.sites()[0] if ledger.sites() else None
-        spent = ledger.spent(site, Budget(policy.epsilon_budget, policy.delta)) if site else 0.0
-    finally:
-        ledger.close()
-    return f"{head}: first round ε={eps:.3g} (q={events[0].sampling_rate:.3g}); spent {spent:.3g} of {policy.epsilon_budget:g}"
+    return privacy_cost(policy, spec, n_train)

@@ -219,6 +219,10 @@ class SiteNode:
         except PolicyViolation as exc:
             self._refused(msg, exc)
             raise
+        if msg.kind is MessageKind.TRAIN:  # the site's own log of the rounds it trained (insitu.site.journal)
+            from insitu.site.journal import record_round
+
+            record_round(self.policy.state, self.site_id, msg, reply, site.task.content_hash())
         return reply
 
     def _early_phase(self, msg: Message) -> Message | None:

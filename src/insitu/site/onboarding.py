@@ -7,6 +7,8 @@ carrying the task).  The site answers from its admin's approvals and its own rul
   outside an approval's ranges or this site's limits); the task is listed in ``pending.json``
   at once, so the admin finds it in ``insitu site pending`` and the site console before any
   round was refused;
+* ``approved = false, refused = true`` when the admin refused the task on purpose
+  (``insitu site refuse``): the coordinator does not wait for this site;
 * ``approved = true`` and ``refusal`` when the task is approved but a rule would still refuse
   its rounds (no DP under a privacy budget, a DP task without one): no approval can change
   that, so the coordinator does not wait for it;
@@ -30,6 +32,8 @@ def answer_task_check(node: Any, msg: Message) -> Message:
     try:
         node.check_task(task)
     except TaskNotApproved as exc:
+        if task.content_hash() in node.approvals.refused():  # refused on purpose: do not wait for this site
+            return Message(MessageKind.TASK_CHECK_REPLY, 0, msg.job, {**meta, "approved": False, "refused": True, "reason": str(exc)})
         node.approvals.remember_refused(task, str(exc), count=False, job=msg.job)
         return Message(MessageKind.TASK_CHECK_REPLY, 0, msg.job, {**meta, "approved": False, "reason": str(exc)})
     try:
