@@ -90,7 +90,7 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path, capsys):
 
 def test_markup_in_messages_is_printed_as_is(tmp_path, capsys):
     job = tmp_path / "job.toml"
-    job.write_text('name = "x"\ndataset = "heart"\n[dp]\nnoise = 1\n')
+    job.write_text('name = "x"\ndataset = "heart"\n[task]\nlr = 1\n')
     with pytest.raises(SystemExit):
         main(["job", "hash", str(job)])
-    assert "[dp] has unknown keys" in capsys.readouterr().err
+    assert "[task] gives the data's shape only" in capsys.readouterr().err

@@ -140,27 +140,29 @@ ca = "pki/ca.pem"                      # trust only the consortium CA
 
 JOB_TOML = """\
 # job.toml: `insitu job submit job.toml --config operator.toml`
-# Names are those of `insitu simulate`.  The task (model, schema, hyper-parameters, DP noise)
-# has a content hash (`insitu job hash job.toml`) that each site's admin approves; the job
-# waits for their approvals up to approval_timeout, naming the sites it waits for.
+# The options are those of `insitu simulate` (`--secure-aggregation` is secure_aggregation = true),
+# parsed into the same plan.  The plan (model, schema, hyper-parameters, strategy, protection, DP)
+# has a content hash (`insitu job hash job.toml`) that each site's admin approves; the job waits for
+# their approvals up to approval_timeout, naming the sites it waits for.
 name = "heart-fedavg"                  # job name; free again once the job has ended
 dataset = "heart"                      # the task from the embedded heart dataset's schema and defaults
 strategy = "fedavg"                    # fedavg | fedprox | fedadam | fedyogi | fedadagrad | scaffold
 rounds = 20
-seed = 0
+seed = 0                               # the initial model
 min_sites = {min_sites}                # a round needs this many sites; fewer and it is aborted
-round_timeout = 60.0                   # seconds a round waits for the sites' updates
-approval_timeout = 1800.0              # seconds to wait for approvals before round one (0: do not wait)
-sites = [{sites}]                      # optional: only these sites (default: every connected site)
-protocol = "plain"                     # plain | secagg (pairwise masks) | paillier | ckks (homomorphic sum)
-
-# [task]                               # optional overrides of the dataset's task
-# lr = 0.05
+# lr = 0.05                            # the sites' learning rate (default: the dataset's)
 # local_steps = 50
-
-# [dp]                                 # optional: record-level DP-SGD at every site (part of the task hash);
-# noise_multiplier = 1.5               #   each site computes its own ε and refuses a round past its budget
+secure_aggregation = false             # true: pairwise masks, the coordinator learns only the sum
+# homomorphic = "paillier"             # or "ckks": a homomorphic sum instead
+# dp = "record"                        # DP-SGD at every site (part of the plan and its hash); each site
+# noise_multiplier = 1.5               #   computes its own ε and refuses a round past its budget
 # clip = 1.0
+
+# deployment only
+sites = [{sites}]                      # optional: only these sites (default: every connected site)
+round_timeout = 60.0                   # seconds a round waits for the sites' updates
+wait_for_sites = 60.0                  # seconds a round waits for min_sites to be connected
+approval_timeout = 1800.0              # seconds to wait for approvals before round one (0: do not wait)
 """
 
 HEART_DATA = """\

@@ -17,7 +17,7 @@ JOB = {"name": "h", "dataset": "heart", "rounds": 2}
 def _answer(tmp_path):
     spec = JobSpec.from_dict(JOB)
     store = JobStore(tmp_path / "c.db")
-    store.add_job("h", spec.to_dict(), spec.task.content_hash(), 2, "ops")
+    store.add_job("h", spec.to_dict(), spec.plan.content_hash(), 2, "ops")
     params = np.arange(14, dtype=np.float32) / 10
     r = store.begin_round("h")
     ev = {"mean_site_accuracy": 0.7, "pooled_accuracy": 0.71, "site_accuracy": {"a": 0.6, "b": 0.8}}
@@ -40,12 +40,15 @@ def test_summary_of_a_running_job_uses_its_newest_scored_round(tmp_path):
 def test_written_directory_is_what_simulate_writes(tmp_path):
     result, tensors = _answer(tmp_path)
     out = write_run_dir(tmp_path / "run", result, tensors)
-    assert sorted(p.name for p in out.iterdir()) == ["model.npz", "rounds.jsonl", "summary.json", "task.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.npz", "plan.json", "rounds.jsonl", "summary.json", "task.json"]
     with np.load(out / "model.npz") as z:
         assert np.array_equal(z["params"], tensors["params"])
     from insitu.federation.task import TaskSpec
+    from insitu.plan import Plan
 
-    assert TaskSpec.from_meta(json.loads((out / "task.json").read_text())).content_hash() == result["summary"]["task_hash"]
+    plan = Plan.from_meta(json.loads((out / "plan.json").read_text()))
+    assert plan.content_hash() == result["summary"]["plan_hash"] == JobSpec.from_dict(JOB).plan.content_hash()
+    assert TaskSpec.from_meta(json.loads((out / "task.json").read_text())) == plan.task
     with pytest.raises(ConfigError, match="already exists"):
         write_run_dir(out, result, tensors)
 
@@ -56,8 +59,12 @@ def test_tampered_parameters_or_task_refused_and_nothing_written(tmp_path):
     with pytest.raises(ProtocolError, match="SHA-256"):
         write_run_dir(tmp_path / "run", result, bad)
     other = json.loads(json.dumps(result))
-    other["summary"]["task"]["lr"] = 0.5
+    other["summary"]["plan"]["task"]["lr"] = 0.5
     with pytest.raises(ProtocolError, match="hashes to"):
+        write_run_dir(tmp_path / "run", other, tensors)
+    other = json.loads(json.dumps(result))
+    other["summary"]["task"]["lr"] = 0.5  # task.json would not be the approved plan's task
+    with pytest.raises(ProtocolError, match="not its plan's task"):
         write_run_dir(tmp_path / "run", other, tensors)
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
     assert params_digest(tensors["params"]) == result["summary"]["params_sha256"]

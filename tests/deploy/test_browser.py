@@ -41,7 +41,6 @@ seed = 0
 min_sites = 3
 round_timeout = 60.0
 approval_timeout = 300.0
-[task]
 local_steps = 1500
 lr = 0.001
 """
@@ -60,7 +59,7 @@ def dep(tmp_path_factory):
     from insitu.audit.keys import write_keypair
 
     root = tmp_path_factory.mktemp("browser-consortium")
-    h = JobSpec.from_dict(_job()).task.content_hash()
+    h = JobSpec.from_dict(_job()).plan.content_hash()
     sb = sandbox.create(root, SITES)
     for s in SITES:
         sb.write_site_config(s, approved=[] if s == NEEDS_APPROVAL else [h])
@@ -144,10 +143,10 @@ def test_operator_flow_with_site_console_approval_live_rounds_killed_site_and_do
     try:
         officer = pinned.new_page(viewport={"width": 1300, "height": 1000})
         officer.goto(url)
-        card = f"article[data-task='{JobSpec.from_dict(_job()).task.content_hash()}']"
+        card = f"article[data-task='{JobSpec.from_dict(_job()).plan.content_hash()}']"
         officer.wait_for_selector(card, timeout=30_000)
         text = officer.inner_text(card)
-        assert "heart-browser" in text and "local_steps" in text and "1500" in text and "no DP" in text
+        assert "heart-browser" in text and "task.local_steps" in text and "1500" in text and "no DP" in text
         officer.screenshot(path=str(shots / "site-console-pending.png"), full_page=True)
         officer.click(f"{card} button[data-action=approve]")
         officer.wait_for_selector(f"#decided tr[data-state=approved]", timeout=30_000)
@@ -181,11 +180,11 @@ def test_operator_flow_with_site_console_approval_live_rounds_killed_site_and_do
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             names = sorted(n.split("/", 1)[1] for n in z.namelist())
             z.extractall(tmp_path)
-        assert names == ["model.npz", "rounds.jsonl", "summary.json", "task.json"]
+        assert names == ["model.npz", "plan.json", "rounds.jsonl", "summary.json", "task.json"]
         from insitu.compress.export import load_run_model
 
         _, task = load_run_model(tmp_path / "heart-browser-v10")
-        assert task.content_hash() == JobSpec.from_dict(_job()).task.content_hash()
+        assert task == JobSpec.from_dict(_job()).task
         page.wait_for_selector("#audit[data-ok=true]", timeout=30_000)
         _wait(lambda: "1 entries verified" in page.inner_text("#audit"), 30, "the model release in the audit chain")
 

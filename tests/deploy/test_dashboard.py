@@ -32,7 +32,7 @@ def dep(tmp_path_factory):
     from insitu.audit.keys import write_keypair
 
     root = tmp_path_factory.mktemp("dash-consortium")
-    sb = sandbox.create(root, SITES, approved=[JobSpec.from_dict(HEART).task.content_hash()])
+    sb = sandbox.create(root, SITES, approved=[JobSpec.from_dict(HEART).plan.content_hash()])
     write_keypair(root / "keys", "coordinator")
     sb.dashboard = {"port": 0, "port_file": "dashboard.port", "audit_log": "audit.db", "audit_key": "keys/coordinator.key"}
     try:
@@ -155,11 +155,11 @@ def test_model_download_is_a_run_directory_signed_into_the_audit_chain(dep, tmp_
         with zipfile.ZipFile(io.BytesIO(r.content)) as z:
             z.extractall(tmp_path)
         run = tmp_path / "dash-heart-v3"
-        assert sorted(p.name for p in run.iterdir()) == ["model.npz", "rounds.jsonl", "summary.json", "task.json"]
+        assert sorted(p.name for p in run.iterdir()) == ["model.npz", "plan.json", "rounds.jsonl", "summary.json", "task.json"]
         from insitu.compress.export import load_run_model
 
         model, task = load_run_model(run)
-        assert task.content_hash() == JobSpec.from_dict(HEART).task.content_hash()
+        assert task == JobSpec.from_dict(HEART).task
         with np.load(run / "model.npz") as z:
             assert z["params"].shape == (14,)
         # the release is in the coordinator's audit chain, which verifies; the page shows its state
@@ -180,7 +180,7 @@ def test_model_download_is_a_run_directory_signed_into_the_audit_chain(dep, tmp_
 def test_cancel_a_waiting_job(dep):
     c = login(dep)
     csrf = c.get("/api/session").json()["csrf"]
-    toml = 'name = "never"\ndataset = "heart"\nrounds = 2\nmin_sites = 3\n[task]\nlr = 0.0777\n'  # no site approved this task
+    toml = 'name = "never"\ndataset = "heart"\nrounds = 2\nmin_sites = 3\nlr = 0.0777\n'  # no site approved this plan
     assert c.post("/api/jobs", json={"toml": toml}, headers={"X-Insitu-CSRF": csrf}).status_code == 201
     dep.wait_job("never", until=("waiting",), timeout=60)
     job = c.get("/api/jobs/never").json()

@@ -2,7 +2,7 @@
 
 The kit's own configuration files run a coordinator and two heart hospitals.  The operator
 submits the kit's job before any site approved it: the job waits (its status names the sites
-it waits for), each admin finds the task in `insitu site pending` and approves it by the short
+it waits for), each admin finds the plan in `insitu site pending` and approves it by the short
 id shown there, and the job runs.  Once it has ended, its name can be used again.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_job_waits_for_approval_naming_the_sites_then_runs(kit):
     for s in SITES:
         listing = cli("site", "pending", "--config", kit.sites[s])
         assert "heart-fedavg" in listing
-        ids[s] = re.search(r"task ([0-9a-f]{12})", listing).group(1)
+        ids[s] = re.search(r"plan ([0-9a-f]{12})", listing).group(1)
     assert len(set(ids.values())) == 1
     cli("site", "approve", ids["cleveland"], "--config", kit.sites["cleveland"])
     st = _wait(kit, "heart-fedavg", lambda s: list(s.get("approval", {}).get("waiting", {})) == ["hungary"])
@@ -142,7 +142,7 @@ def test_job_name_is_free_again_once_the_job_ended(kit):
 def test_job_fails_after_its_approval_timeout_naming_the_sites(kit, tmp_path):
     job = tmp_path / "job.toml"
     job.write_text(kit.job.read_text().replace('name = "heart-fedavg"', 'name = "never-approved"')
-                   .replace("approval_timeout = 1800.0", "approval_timeout = 1.5") + "[task]\nlr = 0.0123\n")
+                   .replace("approval_timeout = 1800.0", "approval_timeout = 1.5").replace("# lr = 0.05", "lr = 0.0123"))
     cli("job", "submit", job, "--config", kit.operator)
     st = _wait(kit, "never-approved", lambda s: s["status"] in ("done", "failed"), timeout=60)
     assert st["status"] == "failed" and st["rounds"] == []

@@ -26,12 +26,14 @@ pytestmark = pytest.mark.slow
 
 HEART = {"name": "heart-ops", "dataset": "heart", "rounds": 3, "seed": 0, "min_sites": 4, "round_timeout": 60.0}
 # rounds long enough (~0.3 s) that the status is seen mid-job
-WATCHED = {**HEART, "name": "watched", "rounds": 6, "task": {"local_steps": 1500, "lr": 0.001}}
+WATCHED = {**HEART, "name": "watched", "rounds": 6, "local_steps": 1500, "lr": 0.001}
+THREE = {**HEART, "name": "three-left", "rounds": 1, "min_sites": 3, "approval_timeout": 5.0}  # min_sites and rounds are part of the plan
 INSITU = [sys.executable, "-m", "insitu"]
 
 
 def task_hash(job: dict) -> str:
-    return JobSpec.from_dict(job).task.content_hash()
+    """The hash the sites approve: the job's plan's."""
+    return JobSpec.from_dict(job).plan.content_hash()
 
 
 def cli(*args) -> str:
@@ -44,7 +46,7 @@ def cli(*args) -> str:
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory):
     root = tmp_path_factory.mktemp("ops-consortium")
-    sb = sandbox.create(root, approved=[task_hash(HEART), task_hash(WATCHED)])
+    sb = sandbox.create(root, approved=[task_hash(HEART), task_hash(WATCHED), task_hash(THREE)])
     try:
         sb.start_all()
         assert sb.wait_sites(4, timeout=90) == sorted(sb.sites)
@@ -95,7 +97,7 @@ def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path):
     out = cli("job", "model", HEART["name"], "--out", run, "--config", dep.root / "ops.toml")
     assert "model version 3" in out
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["task_hash"] == task_hash(HEART) and summary["final"]["rounds_completed"] == 3
+    assert summary["plan_hash"] == task_hash(HEART) and summary["final"]["rounds_completed"] == 3
     assert summary["final"]["mean_site_accuracy"] == pytest.approx(st["final"]["mean_site_accuracy"])
     assert sorted(summary["sites"]) == sorted(dep.sites) and all(s["n_train"] > 0 for s in summary["sites"].values())
     with np.load(run / "model.npz") as z:
@@ -105,7 +107,7 @@ def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path):
     from insitu.compress.export import load_run_data, load_run_model
 
     model, task = load_run_model(run)
-    assert task.content_hash() == task_hash(HEART)
+    assert task == JobSpec.from_dict(HEART).task
     # an existing directory is refused, nothing overwritten
     with pytest.raises(AssertionError, match="already exists"):
         cli("job", "model", HEART["name"], "--out", run, "--config", dep.root / "ops.toml")
@@ -150,7 +152,7 @@ def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path):
         expected = float(1 / (1 + np.exp(-ref[0, 0])))
         assert pred["risk"] == pytest.approx(expected, abs=1e-5)
         card = pred["model"]
-        assert card["task_hash"] == task_hash(HEART) and card["rounds"] == 3
+        assert card["task_hash"] == JobSpec.from_dict(HEART).task.content_hash() and card["rounds"] == 3
         assert sorted(card["training_sites"]) == sorted(dep.sites) and card["strategy"] == "fedavg"
         assert card["differential_privacy"] is False
     finally:
@@ -191,7 +193,7 @@ def test_job_logs_tell_the_jobs_story(dep):
     out = cli("job", "logs", "watched", "--config", dep.root / "ops.toml")
     lines = out.splitlines()
     assert "submitted by ops" in lines[0]
-    assert "task approved by cleveland, hungary, switzerland, va-long-beach" in out
+    assert "plan approved by cleveland, hungary, switzerland, va-long-beach" in out
     assert sum("applied as version" in ln for ln in lines) == 6 and "watched done" in lines[-1]
     res = json.loads(cli("job", "logs", "watched", "--json", "--config", dep.root / "ops.toml"))
     assert [e["at"] for e in res] == sorted(e["at"] for e in res)
@@ -215,7 +217,7 @@ def test_killed_site_shows_offline_with_its_reason(dep):
     listed = {r["site"]: r for r in json.loads(cli("sites", "--json", "--config", dep.root / "ops.toml"))}
     assert listed["switzerland"]["online"] is False and "channel lost" in listed["switzerland"]["offline_reason"]
     # a job run now names the missing site in its status, with the reason, instead of three sites and nothing else
-    dep.operator("submit", {"job": {**HEART, "name": "three-left", "rounds": 1, "min_sites": 3, "approval_timeout": 5.0}})
+    dep.operator("submit", {"job": THREE})
     st = dep.wait_job("three-left", timeout=90)
     assert st["status"] == "done" and sorted(st["rounds"][0]["participants"]) == ["cleveland", "hungary", "va-long-beach"]
     sw = next(r for r in st["sites"] if r["site"] == "switzerland")

@@ -2,23 +2,27 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from insitu.coordinator.jobs import JobSpec
 from insitu.coordinator.store import JobStatus, JobStore
 from insitu.errors import ConfigError
-from insitu.federation.task import TaskSpec
 from insitu.site.policy import Approvals
 
-TASK = TaskSpec(model="logreg", input_shape=(13,), num_outputs=1, schema=tuple(f"f{i}" for i in range(13)), lr=0.05, local_steps=50, batch_size=4)
+
+def plan(**kw):
+    return JobSpec.from_dict({"name": "p", "dataset": "heart", "lr": 0.05, **kw}).plan
+
+
+TASK = plan()
 
 
 def test_prefix_resolves_only_when_unambiguous(tmp_path):
     ap = Approvals(tmp_path)
-    a, b = TASK, replace(TASK, lr=0.06)
+    a, b = TASK, plan(lr=0.06)
     ap.remember_refused(a, "not approved", count=False, job="j1")
     ap.remember_refused(b, "not approved")
     ha, hb = a.content_hash(), b.content_hash()
@@ -56,8 +60,9 @@ def test_site_pending_and_approve_by_the_id_it_shows(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["site", "pending", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
-    assert f"task {h[:12]}" in res.output and h not in res.output  # a narrow terminal: a line per field, nothing cut
+    assert f"plan {h[:12]}" in res.output and h not in res.output  # a narrow terminal: a line per field, nothing cut
     assert "job:" in res.output and "heart-x" in res.output and "task not approved at this site" in res.output
+    assert "fedavg" in res.output and "plain" in res.output  # the plan's strategy and protection are shown
     wide = runner.invoke(app, ["site", "pending", "--config", str(cfg), "--wide"])
     assert h in wide.output
     js = runner.invoke(app, ["site", "pending", "--config", str(cfg), "--json"])
@@ -65,7 +70,7 @@ def test_site_pending_and_approve_by_the_id_it_shows(tmp_path):
     res = runner.invoke(app, ["site", "approve", h[:12], "--config", str(cfg)])
     assert res.exit_code == 0 and h in res.output
     ap.check(TASK)
-    assert "no task is waiting" in runner.invoke(app, ["site", "pending", "--config", str(cfg)]).output
+    assert "no plan is waiting" in runner.invoke(app, ["site", "pending", "--config", str(cfg)]).output
 
 
 def test_job_name_free_again_once_ended_and_round_numbers_go_on(tmp_path):

@@ -7,16 +7,19 @@ import stat
 import httpx
 import pytest
 
+from insitu.coordinator.jobs import HEART_SCHEMA as HEART, JobSpec
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.task import TaskSpec
 from insitu.kit import write_kit
 from insitu.site.console import start_console
 from insitu.site.policy import Approvals, SitePolicy
 
-HEART = tuple(["age", "sex", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak", "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2"])
-TASK = TaskSpec(model="logreg", input_shape=(13,), num_outputs=1, schema=HEART, lr=0.05, local_steps=50, batch_size=4)
-DP_TASK = TaskSpec(model="logreg", input_shape=(13,), num_outputs=1, schema=HEART, lr=0.05, local_steps=50, batch_size=4,
-                   extra={"dp": "record", "noise_multiplier": 1.5, "clip": 1.0})
+
+def plan(**kw):
+    return JobSpec.from_dict({"name": "p", "dataset": "heart", "lr": 0.05, **kw}).plan
+
+
+TASK = plan()
+DP_TASK = plan(dp="record", noise_multiplier=1.5, clip=1.0)
 
 
 @pytest.fixture
@@ -65,7 +68,9 @@ def test_pending_task_with_its_cost_then_approved_and_another_refused(console):
     st = c.get("/api/state").json()
     assert st["site"] == "hungary" and st["policy"]["epsilon_budget"] == 3.0
     by_job = {t["job"]: t for t in st["pending"]}
-    assert by_job["heart-dp"]["spec"]["extra"]["noise_multiplier"] == 1.5 and by_job["heart-dp"]["spec"]["schema"] == list(HEART)
+    fields = by_job["heart-dp"]["fields"]
+    assert fields["dp.noise_multiplier"] == 1.5 and fields["dp.level"] == "record" and fields["task.schema"] == list(HEART)
+    assert st["rangeable"] == ["lr", "local_steps", "batch_size", "mu"]
     cost = by_job["heart-dp"]["privacy"]
     assert "σ=1.5" in cost and "first round ε=" in cost and "spent 0 of 3" in cost  # this site's own accountant, its own record count
     assert "refused: this site has a budget" in by_job["heart-plain"]["privacy"]
@@ -75,9 +80,7 @@ def test_pending_task_with_its_cost_then_approved_and_another_refused(console):
     r = c.post(f"/api/tasks/{h}/approve", json={"ranges": {"lr": [0.01, 0.1]}}, headers={"X-Insitu-CSRF": csrf})
     assert r.status_code == 200 and r.json()["ranges"] == {"lr": [0.01, 0.1]}
     ap.check(DP_TASK)
-    from dataclasses import replace
-
-    ap.check(replace(DP_TASK, lr=0.08))  # within the approved range
+    ap.check(plan(dp="record", noise_multiplier=1.5, clip=1.0, lr=0.08))  # within the approved range
     r = c.post(f"/api/tasks/{TASK.content_hash()}/refuse", json={"reason": "no DP, no deal"}, headers={"X-Insitu-CSRF": csrf})
     assert r.status_code == 200
     st = c.get("/api/state").json()
@@ -88,16 +91,13 @@ def test_pending_task_with_its_cost_then_approved_and_another_refused(console):
     # the onboarding check tells the coordinator not to wait for this site
     from insitu.site.onboarding import answer_task_check
 
-    class Node:  # the two checks SiteNode runs, with this site's approvals
+    class Node:  # the check SiteNode runs, with this site's approvals
         approvals = ap
 
-        def check_task(self, task):
-            ap.check(task)
+        def check_task(self, p):
+            ap.check(p)
 
-        def check_dp(self, task):
-            return None
-
-    reply = answer_task_check(Node(), Message(MessageKind.TASK_CHECK, 0, "heart-plain", {"task": TASK.to_meta()}))
+    reply = answer_task_check(Node(), Message(MessageKind.TASK_CHECK, 0, "heart-plain", {"plan": TASK.to_meta()}))
     assert reply.meta["approved"] is False and reply.meta["refused"] is True and "no DP, no deal" in reply.meta["reason"]
     bad = c.post(f"/api/tasks/{'0' * 64}/approve", json={"ranges": {"model": [0, 1]}}, headers={"X-Insitu-CSRF": csrf})
     assert bad.status_code == 400 and "no range can be set" in bad.json()["error"]
@@ -108,9 +108,9 @@ def test_rounds_journal_and_refusals_are_shown(console):
     from insitu.site.journal import record_round
 
     policy = SitePolicy.load(cfg)
-    msg = Message(MessageKind.TRAIN, 4, "heart-1", {"protocol": "secagg"})
+    msg = Message(MessageKind.TRAIN, 4, "heart-1", {})
     reply = Message(MessageKind.TRAIN_REPLY, 4, "heart-1", {"metrics": {"train_loss": 0.5, "num_samples": 172, "epsilon_round": 0.2, "epsilon_total": 0.9}})
-    record_round(policy.state, "hungary", msg, reply, TASK.content_hash())
+    record_round(policy.state, "hungary", msg, reply, TASK.content_hash(), "secagg")
     (policy.state / "refusals.jsonl").write_text(json.dumps({"at": 1.0, "job": "j", "round": 2, "kind": "train", "reason": "would pass budget"}) + "\n")
     c, _ = _login(server, url)
     st = c.get("/api/state").json()

@@ -316,7 +316,7 @@ class Dashboard(WebApp):
         if self.audit:
             s = result["summary"]
             self.audit.record("model.release", s["job"], {"operator": who, "model_version": s["model_version"],
-                                                          "params_sha256": s["params_sha256"], "task_hash": s["task_hash"]})
+                                                          "params_sha256": s["params_sha256"], "plan_hash": s["plan_hash"]})
 
 
 def _refused(why: str) -> str:

@@ -1,16 +1,16 @@
-"""Before a job's first round: wait until the sites approved its task, instead of failing.
+"""Before a job's first round: wait until the sites approved its plan, instead of failing.
 
-A job submitted before the hospitals' admins approved its task used to burn its rounds in a
+A job submitted before the hospitals' admins approved its plan used to burn its rounds in a
 fraction of a second, every site refusing.  Now the coordinator first asks each site whether it
-may run the task (``task_check``: answered from the site's approvals and rules, nothing is
-trained or charged; the site lists the task for its admin at once) and repeats every
+may run the plan (``task_check``: answered from the site's approvals and rules, nothing is
+trained or charged; the site lists the plan for its admin at once) and repeats every
 ``interval`` seconds.  The job's status is ``waiting`` and names the sites it waits for and why.
 
 The job starts as soon as at least ``min_sites`` sites approved and no connected site it asked
 still answers "not approved" (sites that are not connected, and sites whose admin refused the
 task on purpose, do not hold it back: rounds drop them, as they would anyway).  After ``approval_timeout`` seconds it starts if ``min_sites``
 sites approved, and fails otherwise, naming the sites it waited for.  A site whose rules refuse
-the task whatever its admin approves (e.g. no DP under a privacy budget) is not waited for; its
+the plan whatever its admin approves (e.g. no DP under a privacy budget) is not waited for; its
 rounds report the refusal as before.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 from insitu.errors import RoundAborted
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.task import TaskSpec
+from insitu.plan import Plan
 
 NOT_CONNECTED = "not connected"
 
@@ -44,11 +44,11 @@ class ApprovalCheck:
                 "refusing": dict(self.refusing)}
 
 
-def check_approvals(transport: Any, job: str, task: TaskSpec, sites: tuple[str, ...] | None, timeout: float = 10.0) -> ApprovalCheck:
-    """Ask every wanted (or every connected) site whether it may run ``task``."""
+def check_approvals(transport: Any, job: str, plan: Plan, sites: tuple[str, ...] | None, timeout: float = 10.0) -> ApprovalCheck:
+    """Ask every wanted (or every connected) site whether it may run ``plan``."""
     connected = set(transport.sites())
     targets = sorted(sites) if sites else sorted(connected)
-    meta = {"task": task.to_meta()}
+    meta = {"plan": plan.to_meta()}
     requests = {s: Message(MessageKind.TASK_CHECK, 0, job, meta) for s in targets if s in connected}
     unreachable = {s: NOT_CONNECTED for s in targets if s not in connected}
     ex = transport.exchange(requests, timeout) if requests else None
@@ -69,7 +69,7 @@ def check_approvals(transport: Any, job: str, task: TaskSpec, sites: tuple[str, 
     return ApprovalCheck(tuple(sorted(approved)), waiting, unreachable, refusing)
 
 
-def await_approvals(transport: Any, job: str, task: TaskSpec, *, sites: tuple[str, ...] | None, min_sites: int, timeout: float,
+def await_approvals(transport: Any, job: str, plan: Plan, *, sites: tuple[str, ...] | None, min_sites: int, timeout: float,
                     stopped: Callable[[], bool], report: Callable[[ApprovalCheck | None], None], interval: float = 2.0,
                     wake: threading.Event | None = None) -> ApprovalCheck | None:
     """Ask until the job may start (returns the last check), ``stopped()`` (returns None) or the
@@ -78,7 +78,7 @@ def await_approvals(transport: Any, job: str, task: TaskSpec, *, sites: tuple[st
     wake = wake or threading.Event()
     try:
         while True:
-            check = check_approvals(transport, job, task, sites)
+            check = check_approvals(transport, job, plan, sites)
             report(check)
             if check.ready(min_sites):
                 return check
@@ -90,8 +90,8 @@ def await_approvals(transport: Any, job: str, task: TaskSpec, *, sites: tuple[st
                     return check  # go on with the sites that approved; the others drop out of rounds
                 holding = {**check.waiting, **check.unreachable}
                 who = "; ".join(f"{s}: {why}" for s, why in sorted(holding.items())) or "no site connected"
-                raise RoundAborted(f"job {job}: waited {timeout:g} s for {min_sites} site(s) to approve task "
-                                   f"{task.content_hash()[:12]}, {len(check.approved)} did ({', '.join(check.approved) or 'none'}); "
+                raise RoundAborted(f"job {job}: waited {timeout:g} s for {min_sites} site(s) to approve plan "
+                                   f"{plan.content_hash()[:12]}, {len(check.approved)} did ({', '.join(check.approved) or 'none'}); "
                                    f"waiting for {who}")
             wake.wait(min(interval, left))
     finally:

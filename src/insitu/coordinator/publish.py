@@ -6,13 +6,14 @@ operator channel) and a summary in the format ``insitu simulate`` writes, and
 :func:`write_run_dir` lays the answer out as a run directory::
 
     DIR/model.npz      params: the flat float32 parameter vector
-    DIR/task.json      the task (its content hash is what the sites approved)
+    DIR/task.json      the model and data part of the plan (what export and the gateway rebuild)
+    DIR/plan.json      the whole plan (its content hash is what the sites approved)
     DIR/summary.json   config, sites, final accuracy, rounds, ε per site (DP jobs), provenance
     DIR/rounds.jsonl   one line per round attempt, as the coordinator recorded it
 
 so that ``insitu export DIR`` and ``insitu gateway serve`` (``[model] run_dir = DIR``) take it
-unchanged.  The writer checks the task against its hash and the parameters against the
-coordinator's SHA-256 before anything is renamed into place.
+unchanged.  The writer checks the plan against the job's hash, the task against the plan and the
+parameters against the coordinator's SHA-256 before anything is renamed into place.
 """
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def model_summary(job: Mapping[str, Any], spec: Mapping[str, Any], rounds: list[
 
     ``job`` is the job row (``JobRow.public()``), ``spec`` its stored job description, ``rounds``
     the store's round records and ``site_info`` what each connected site said in its hello."""
-    from insitu.coordinator.jobs import HEART_SCHEMA
+    from insitu.coordinator.jobs import DEPLOYMENT_FIELDS, JobSpec
 
-    task = dict(spec["task"])
+    plan = JobSpec.from_dict(spec).plan
     applied = [r for r in rounds if r["status"] == "applied"]
     joined: dict[str, int] = {}
     for r in applied:
@@ -69,10 +70,10 @@ def model_summary(job: Mapping[str, Any], spec: Mapping[str, Any], rounds: list[
     if eps:  # each site's own ε (its own accountant, its own ledger); the card shows the largest
         deltas = [float(i["delta"]) for s, i in site_info.items() if s in eps and isinstance(i.get("delta"), (int, float))]
         final.update({"epsilon": max(eps.values()), "delta": max(deltas) if deltas else None, "epsilon_per_site": eps})
-    config: dict[str, Any] = {"strategy": spec.get("strategy"), "rounds": spec.get("rounds"), "seed": spec.get("seed", 0),
-                              "min_sites": spec.get("min_sites"), "protocol": spec.get("protocol")}
-    if tuple(task.get("schema") or ()) == HEART_SCHEMA:
-        config["dataset"] = "heart"  # `insitu export` reloads the embedded heart data for its accuracy check
+    # the job's plan options, named as `insitu simulate` names them: `insitu export` rebuilds the
+    # embedded heart data (or takes --data) for its accuracy check from these
+    config: dict[str, Any] = {"dataset": "heart", "strategy": plan.strategy.name.value,
+                              **{k: v for k, v in spec.items() if k not in DEPLOYMENT_FIELDS and k != "task"}}
     return {
         "source": SOURCE,
         "job": job["id"],
@@ -80,8 +81,9 @@ def model_summary(job: Mapping[str, Any], spec: Mapping[str, Any], rounds: list[
         "submitted_by": job.get("submitted_by"),
         "model_version": version,
         "config": config,
-        "task": task,
-        "task_hash": job["task_hash"],
+        "plan": plan.to_meta(),
+        "plan_hash": job["task_hash"],  # the job store keeps the approved plan's hash in this column
+        "task": plan.task.to_meta(),
         "params_sha256": params_digest(params),
         "sites": sites,
         "final": final,
@@ -107,7 +109,7 @@ def write_run_dir(out: str | Path, result: Mapping[str, Any], tensors: Mapping[s
 
     Refuses an existing ``out``, a task that does not hash to the job's task hash and parameters
     whose SHA-256 differs from the coordinator's."""
-    from insitu.federation.task import TaskSpec
+    from insitu.plan import Plan
 
     out = Path(out)
     if out.exists():
@@ -115,11 +117,14 @@ def write_run_dir(out: str | Path, result: Mapping[str, Any], tensors: Mapping[s
     try:
         summary = dict(result["summary"])
         params = np.asarray(tensors["params"], dtype=np.float32)
-        task = TaskSpec.from_meta(dict(summary["task"]))
-    except (KeyError, TypeError) as exc:
-        raise ProtocolError(f"the coordinator's model answer lacks {exc}") from None
-    if task.content_hash() != summary.get("task_hash"):
-        raise ProtocolError(f"the model's task hashes to {task.content_hash()[:12]}, not the job's {str(summary.get('task_hash'))[:12]}")
+        plan = Plan.from_meta(dict(summary["plan"]))
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ProtocolError(f"the coordinator's model answer lacks or garbles {exc}") from None
+    task = plan.task
+    if plan.content_hash() != summary.get("plan_hash"):
+        raise ProtocolError(f"the model's plan hashes to {plan.content_hash()[:12]}, not the job's {str(summary.get('plan_hash'))[:12]}")
+    if summary.get("task") != task.to_meta():
+        raise ProtocolError("the model's task is not its plan's task; nothing written")
     if params.ndim != 1 or params_digest(params) != summary.get("params_sha256"):
         raise ProtocolError("the model parameters received do not match the coordinator's SHA-256; nothing written")
     tmp = out.with_name(out.name + ".partial")
@@ -129,6 +134,7 @@ def write_run_dir(out: str | Path, result: Mapping[str, Any], tensors: Mapping[s
     try:
         np.savez(tmp / "model.npz", params=params)
         (tmp / "task.json").write_text(json.dumps(task.to_meta(), indent=2))
+        (tmp / "plan.json").write_text(json.dumps(plan.to_meta(), indent=2))
         summary["run_dir"] = str(out)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         with (tmp / "rounds.jsonl").open("w") as fh:

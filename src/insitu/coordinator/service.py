@@ -255,7 +255,7 @@ class CoordinatorService:
         if version:
             log.info("job %s: resuming from model version %d", job.id, version)
         strategy = coord.strategy
-        if latest is None and spec.approval_timeout > 0 and not self._await_approvals(job, spec):
+        if version == 0 and spec.approval_timeout > 0 and not self._await_approvals(job, spec):
             return
         self.store.set_status(job.id, JobStatus.RUNNING)
         aborted = sum(1 for r in self.store.rounds(job.id) if r["status"] in (RoundStatus.ABORTED.value, RoundStatus.INTERRUPTED.value))
@@ -294,7 +294,7 @@ class CoordinatorService:
         log.info("job %s done: %s", job.id, final)
 
     def _await_approvals(self, job: JobRow, spec: JobSpec) -> bool:
-        """Status ``waiting`` until the sites approved the task (insitu.coordinator.onboarding); False if stopped."""
+        """Status ``waiting`` until the sites approved the plan (insitu.coordinator.onboarding); False if stopped."""
         from insitu.coordinator.onboarding import await_approvals
 
         self.store.set_status(job.id, JobStatus.WAITING)
@@ -309,15 +309,15 @@ class CoordinatorService:
             holding = {**check.waiting, **check.unreachable}
             if holding != {**before.get("waiting", {}), **before.get("unreachable", {})}:
                 if holding and not check.ready(spec.min_sites):
-                    log.info("job %s: waiting for approval of task %s by %s", job.id, spec.task.content_hash()[:12],
+                    log.info("job %s: waiting for approval of plan %s by %s", job.id, spec.plan.content_hash()[:12],
                              "; ".join(f"{s} ({why})" for s, why in sorted(holding.items())))
             if check.ready(spec.min_sites):
-                log.info("job %s: task approved by %s", job.id, ", ".join(check.approved))
+                log.info("job %s: plan approved by %s", job.id, ", ".join(check.approved))
 
         def stopped() -> bool:
             return self._stop.is_set() or self.store.job(job.id).status is JobStatus.CANCELLED
 
-        return await_approvals(self.server.transport, job.id, spec.task, sites=spec.sites, min_sites=spec.min_sites,
+        return await_approvals(self.server.transport, job.id, spec.plan, sites=spec.sites, min_sites=spec.min_sites,
                                timeout=spec.approval_timeout, stopped=stopped, report=report, wake=self._stop) is not None
 
     def _evaluate(self, coord: Coordinator, round_: int) -> dict[str, Any]:

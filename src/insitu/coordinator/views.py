@@ -93,7 +93,7 @@ def job_view(res: Mapping[str, Any], *, last: int | None = None, now: float | No
         parts.append(Text(f"error: {res['error']}", style="red"))
     ap = res.get("approval")
     if ap:
-        parts.append(Text(f"waiting for the sites to approve task {res['task_hash'][:12]} (up to {ap['timeout']:g} s); "
+        parts.append(Text(f"waiting for the sites to approve plan {res['task_hash'][:12]} (up to {ap['timeout']:g} s); "
                           f"approved: {', '.join(ap['approved']) or 'none'}"))
         for s, why in sorted({**ap["waiting"], **ap["unreachable"]}.items()):
             parts.append(Text(f"  waiting for {s}: {why}"))

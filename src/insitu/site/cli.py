@@ -92,6 +92,7 @@ def pending(config: Path = CONFIG,
     """Tasks waiting for this site's approval: seen in a job's onboarding check or refused in a round.
     Approve one with `insitu site approve ID`."""
     from insitu.site.policy import Approvals, SitePolicy
+    from insitu.site.review import plan_row
 
     policy = SitePolicy.load(config)
     waiting = Approvals(policy.state, policy.approved).waiting()
@@ -99,25 +100,24 @@ def pending(config: Path = CONFIG,
         out.print_json(json.dumps(waiting))
         return
     if not waiting:
-        out.print("no task is waiting for approval")
+        out.print("no plan is waiting for approval")
         return
     n_train: list[int] = []  # loaded once, only if a DP task is pending
     rows = []
     for h, e in sorted(waiting.items(), key=lambda kv: -kv[1].get("first_seen", 0)):
         s = e["spec"]
-        rows.append({"id": h if wide else h[:12], "job": e.get("job", ""), "model": s.get("model", "?"),
-                     "lr": str(s.get("lr")), "local steps": str(s.get("local_steps")), "batch": str(s.get("batch_size")),
+        rows.append({"id": h if wide else h[:12], "job": e.get("job", ""), **plan_row(s),
                      "privacy at this site": _privacy_cell(policy, s, n_train), "rounds refused": str(e.get("count", 0)),
                      "reason": e.get("last_reason", "")})
     if out.width < NARROW:  # a line per field: nothing is cut on a narrow terminal
         for row in rows:
-            out.print(f"[bold]task {row['id']}[/]", highlight=False)
+            out.print(f"[bold]plan {row['id']}[/]", highlight=False)
             for k, v in row.items():
                 if k != "id":
                     out.print(f"  {k + ':':22}{v}", highlight=False, soft_wrap=True)
         out.print(f"approve with: insitu site approve ID --config {config}", highlight=False)
         return
-    t = Table(title="tasks waiting for approval (insitu site approve ID)", title_justify="left")
+    t = Table(title="plans waiting for approval (insitu site approve ID)", title_justify="left")
     t.add_column("id (approve this)", no_wrap=True)
     for col in list(rows[0])[1:]:
         t.add_column(col, overflow="fold")

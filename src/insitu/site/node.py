@@ -222,7 +222,7 @@ class SiteNode:
         if msg.kind is MessageKind.TRAIN:  # the site's own log of the rounds it trained (insitu.site.journal)
             from insitu.site.journal import record_round
 
-            record_round(self.policy.state, self.site_id, msg, reply, site.task.content_hash())
+            record_round(self.policy.state, self.site_id, msg, reply, site.plan_hash, self._plans[msg.job].protection.kind.value)
         return reply
 
     def _early_phase(self, msg: Message) -> Message | None:

@@ -1,7 +1,7 @@
-"""The site's answer to an onboarding check: may this task run here?  Nothing is trained or charged.
+"""The site's answer to an onboarding check: may this plan run here?  Nothing is trained or charged.
 
 A coordinator asks every site before a job's first round (:class:`MessageKind.TASK_CHECK`
-carrying the task).  The site answers from its admin's approvals and its own rules:
+carrying the plan).  The site answers from its admin's approvals and its own rules:
 
 * ``approved = false`` with the reason when the task's content hash is not approved (or lies
   outside an approval's ranges or this site's limits); the task is listed in ``pending.json``
@@ -20,25 +20,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from insitu.errors import PolicyViolation, TaskNotApproved
+from insitu.errors import ConfigError, PolicyViolation, ProtocolError, TaskNotApproved
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.task import TaskSpec
+from insitu.plan import Plan
 
 
 def answer_task_check(node: Any, msg: Message) -> Message:
     """Answer a TASK_CHECK for ``node`` (a :class:`~insitu.site.node.SiteNode`)."""
-    task = TaskSpec.from_meta(msg.require("task", dict))
-    meta: dict[str, Any] = {"task_hash": task.content_hash()}
     try:
-        node.check_task(task)
+        plan = Plan.from_meta(msg.require("plan", dict))
+    except ConfigError as exc:
+        raise ProtocolError(f"task_check for job {msg.job!r}: {exc}") from None
+    h = plan.content_hash()
+    meta: dict[str, Any] = {"plan_hash": h}
+    try:
+        node.check_task(plan)  # approval, ranges, schema, then the site's DP rule
     except TaskNotApproved as exc:
-        if task.content_hash() in node.approvals.refused():  # refused on purpose: do not wait for this site
+        if h in node.approvals.refused():  # refused on purpose: do not wait for this site
             return Message(MessageKind.TASK_CHECK_REPLY, 0, msg.job, {**meta, "approved": False, "refused": True, "reason": str(exc)})
-        node.approvals.remember_refused(task, str(exc), count=False, job=msg.job)
+        node.approvals.remember_refused(plan, str(exc), count=False, job=msg.job)
         return Message(MessageKind.TASK_CHECK_REPLY, 0, msg.job, {**meta, "approved": False, "reason": str(exc)})
-    try:
-        node.check_dp(task)
-    except PolicyViolation as exc:
+    except PolicyViolation as exc:  # approved, but a rule of this site refuses it whatever is approved
         meta["refusal"] = str(exc)
     return Message(MessageKind.TASK_CHECK_REPLY, 0, msg.job, {**meta, "approved": True})
 

@@ -44,6 +44,33 @@ def privacy_cost(policy: SitePolicy, spec: Mapping[str, Any], n_train: list[int]
     return f"{head}: first round ε={eps:.3g} (q={events[0].sampling_rate:.3g}); spent {spent:.3g} of {policy.epsilon_budget:g}"
 
 
+def plan_fields(spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A plan's description flattened to ``task.lr``-style names, for a page or a table."""
+    out: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+
+    walk(spec or {}, "")
+    return out
+
+
+def plan_row(spec: Mapping[str, Any] | None) -> dict[str, str]:
+    """The few fields of a plan an admin looks at first (``insitu site pending``)."""
+    f = plan_fields(spec)
+    dp = f.get("dp.level", "off")
+    if dp != "off":
+        dp += f" σ={f['dp.noise_multiplier']:g}" if isinstance(f.get("dp.noise_multiplier"), (int, float)) else \
+            (f" ε={f['dp.epsilon']:g}" if isinstance(f.get("dp.epsilon"), (int, float)) else "")
+    return {"model": str(f.get("task.model", "?")), "strategy": str(f.get("strategy.name", "?")), "lr": str(f.get("task.lr")),
+            "local steps": str(f.get("task.local_steps")), "batch": str(f.get("task.batch_size")),
+            "rounds": str(f.get("rounds")), "protection": str(f.get("protection.kind", "?")), "dp": dp}
+
+
 def ledger_state(policy: SitePolicy) -> dict[str, Any]:
     """The site's privacy ledger: budget, ε spent so far, one row per DP round charged."""
     path = Path(policy.state) / "privacy_ledger.sqlite"
@@ -70,14 +97,18 @@ def site_state(policy: SitePolicy, n_train: list[int], *, limit: int = 200) -> d
     ap = Approvals(policy.state, policy.approved)
     pending = []
     for h, e in sorted(ap.waiting().items(), key=lambda kv: -kv[1].get("first_seen", 0)):
-        pending.append({"hash": h, "id": h[:12], "job": e.get("job"), "spec": e.get("spec"), "first_seen": e.get("first_seen"),
+        pending.append({"hash": h, "id": h[:12], "job": e.get("job"), "spec": e.get("spec"), "fields": plan_fields(e.get("spec")),
+                        "first_seen": e.get("first_seen"),
                         "rounds_refused": e.get("count", 0), "reason": e.get("last_reason", ""),
                         "privacy": privacy_cost(policy, e.get("spec") or {}, n_train)})
     approved = [{"hash": h, "ranges": e.get("ranges") or {}, "approved_at": e.get("approved_at"), "spec": e.get("spec")}
                 for h, e in ap.entries().items()]
     refused = [{"hash": h, **e} for h, e in ap.refused().items()]
     state = Path(policy.state)
+    from insitu.site.policy import HYPER_PARAMETERS
+
     return {
+        "rangeable": list(HYPER_PARAMETERS),
         "pending": pending,
         "approved": sorted(approved, key=lambda e: -(e["approved_at"] or 0)),
         "refused_tasks": sorted(refused, key=lambda e: -(e.get("refused_at") or 0)),
@@ -90,4 +121,4 @@ def site_state(policy: SitePolicy, n_train: list[int], *, limit: int = 200) -> d
     }
 
 
-__all__ = ["privacy_cost", "ledger_state", "site_state"]
+__all__ = ["privacy_cost", "ledger_state", "site_state", "plan_fields", "plan_row"]

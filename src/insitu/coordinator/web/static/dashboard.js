@@ -33,7 +33,7 @@
   }
 
   function jobsTable(jobs) {
-    const head = el("tr", {}, ["job", "status", "rounds", "ETA", "submitted by", "task", ""].map((h) => el("th", {}, h)));
+    const head = el("tr", {}, ["job", "status", "rounds", "ETA", "submitted by", "plan", ""].map((h) => el("th", {}, h)));
     const rows = jobs.map((j) => {
       const pr = j.progress || {};
       const waiting = j.approval ? Object.keys({...j.approval.waiting, ...j.approval.unreachable}) : [];
@@ -63,10 +63,10 @@
       pr.seconds_per_round ? ` · ${duration(pr.seconds_per_round)} per round` : "",
       pr.eta_seconds !== null && pr.eta_seconds !== undefined ? ` · ETA ${duration(pr.eta_seconds)}` : "",
       pr.elapsed_seconds ? ` · elapsed ${duration(pr.elapsed_seconds)}` : "",
-      ` · task `, el("span", {class: "hash"}, job.task_hash))];
+      ` · plan `, el("span", {class: "hash"}, job.task_hash))];
     if (job.approval) {
       const w = {...job.approval.waiting, ...job.approval.unreachable};
-      head.push(el("div", {id: "approval"}, el("p", {}, `Waiting for the sites to approve the task (up to ${job.approval.timeout} s); approved: ${job.approval.approved.join(", ") || "none"}`),
+      head.push(el("div", {id: "approval"}, el("p", {}, `Waiting for the sites to approve the plan (up to ${job.approval.timeout} s); approved: ${job.approval.approved.join(", ") || "none"}`),
         el("ul", {}, Object.entries(w).map(([s, why]) => el("li", {"data-waiting": s}, `${s}: ${why}`)))));
     }
     if (job.error) head.push(el("p", {class: "reason"}, job.error));
@@ -135,7 +135,7 @@
     try {
       const res = await api("/api/jobs", {method: "POST", body: {toml: document.getElementById("job-toml").value}});
       msg.className = "msg ok";
-      msg.textContent = `job ${res.id} ${res.status}; task ${res.task_hash.slice(0, 12)}`;
+      msg.textContent = `job ${res.id} ${res.status}; plan ${res.task_hash.slice(0, 12)}`;
       select(res.id);
     } catch (e) {
       msg.className = "msg error";

@@ -3,21 +3,21 @@
 
 (() => {
   const {el, replace, api, session, ago, fmt, budgetBars} = insitu;
-  const RANGED = ["lr", "local_steps", "batch_size", "prox_mu"];
+  let RANGED = [];
   let busy = false;
 
   function when(t) { return t ? `${new Date(t * 1000).toLocaleString()} (${ago(t)})` : ""; }
 
-  function specList(spec) {
-    return el("dl", {class: "spec"}, Object.entries(spec || {}).flatMap(([k, v]) =>
-      [el("dt", {}, k), el("dd", {class: k === "schema" ? "hash" : null}, Array.isArray(v) ? v.join(", ") : typeof v === "object" && v !== null ? JSON.stringify(v) : String(v))]));
+  function specList(fields) {
+    return el("dl", {class: "spec"}, Object.entries(fields || {}).flatMap(([k, v]) =>
+      [el("dt", {}, k), el("dd", {class: k.endsWith("schema") ? "hash" : null}, Array.isArray(v) ? v.join(", ") : v === null ? "–" : String(v))]));
   }
 
   function pendingCard(t) {
     const msg = el("div", {class: "msg"});
     const inputs = {};
     const ranges = el("div", {class: "ranges"}, el("span", {class: "muted"}, "Also accept, within these ranges (optional): "),
-      RANGED.filter((k) => t.spec && k in t.spec).map((k) => {
+      RANGED.map((k) => {
         inputs[k] = [el("input", {size: 6, "data-range": `${k}-low`, placeholder: "low", "aria-label": `${k} low`}),
                      el("input", {size: 6, "data-range": `${k}-high`, placeholder: "high", "aria-label": `${k} high`})];
         return el("label", {}, ` ${k} `, inputs[k][0], "–", inputs[k][1]);
@@ -44,17 +44,18 @@
       } finally { busy = false; }
     }
     return el("article", {class: "task", "data-task": t.hash},
-      el("h3", {}, "task ", el("span", {class: "hash"}, t.id), t.job ? ` · job ${t.job}` : "", ` · first seen ${when(t.first_seen)}`),
+      el("h3", {}, "plan ", el("span", {class: "hash"}, t.id), t.job ? ` · job ${t.job}` : "", ` · first seen ${when(t.first_seen)}`),
       el("p", {class: "hash"}, t.hash),
       el("p", {"data-field": "privacy"}, el("strong", {}, "Privacy at this site: "), t.privacy),
       t.rounds_refused ? el("p", {class: "reason"}, `${t.rounds_refused} round(s) refused so far: ${t.reason}`) : el("p", {class: "muted"}, t.reason),
-      specList(t.spec), ranges,
+      specList(t.fields), ranges,
       el("p", {}, el("button", {type: "button", class: "primary", "data-action": "approve", onclick: () => act("approve")}, "Approve"), " ",
          reason, " ", el("button", {type: "button", class: "danger", "data-action": "refuse", onclick: () => act("refuse")}, "Refuse")),
       msg);
   }
 
   function render(st) {
+    RANGED = st.rangeable || [];
     document.getElementById("title").textContent = `insitu site console · ${st.site}`;
     const p = st.policy;
     document.getElementById("policy").textContent = `coordinator ${p.coordinator} · data ${p.source}` +
@@ -62,9 +63,9 @@
       (p.min_secagg_group ? ` · secure aggregation among ≥ ${p.min_secagg_group}` : "");
     replace("pending", el("div", {"data-count": st.pending.length}, st.pending.length ? st.pending.map(pendingCard) : el("p", {class: "muted"}, "Nothing is waiting for approval.")));
     replace("rounds", el("table", {"data-count": st.rounds.length},
-      el("tr", {}, ["when", "job", "round", "task", "protection", "records", "train loss", "ε this round", "ε total"].map((h) => el("th", {}, h))),
+      el("tr", {}, ["when", "job", "round", "plan", "protection", "records", "train loss", "ε this round", "ε total"].map((h) => el("th", {}, h))),
       st.rounds.length ? st.rounds.map((r) => el("tr", {"data-job": r.job, "data-round": r.round},
-        el("td", {}, when(r.at)), el("td", {}, r.job), el("td", {class: "num"}, String(r.round)), el("td", {class: "hash"}, r.task_hash.slice(0, 12)),
+        el("td", {}, when(r.at)), el("td", {}, r.job), el("td", {class: "num"}, String(r.round)), el("td", {class: "hash"}, (r.plan_hash || "").slice(0, 12)),
         el("td", {}, r.protocol), el("td", {class: "num"}, String(r.metrics.num_samples ?? "")), el("td", {class: "num"}, fmt(r.metrics.train_loss, 4)),
         el("td", {class: "num"}, fmt(r.metrics.epsilon_round)), el("td", {class: "num"}, fmt(r.metrics.epsilon_total))))
       : el("tr", {}, el("td", {colspan: 9, class: "muted"}, "No round trained yet."))));
