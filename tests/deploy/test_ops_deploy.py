@@ -192,7 +192,7 @@ def test_status_shows_eta_per_site_metrics_and_watch_follows_to_the_end(dep):
 def test_job_logs_tell_the_jobs_story(dep):
     out = cli("job", "logs", "watched", "--config", dep.root / "ops.toml")
     lines = out.splitlines()
-    assert "submitted by ops" in lines[0]
+    assert any("submitted by ops" in ln for ln in lines[:2])  # the job may start in the same millisecond
     assert "plan approved by cleveland, hungary, switzerland, va-long-beach" in out
     assert sum("applied as version" in ln for ln in lines) == 6 and "watched done" in lines[-1]
     res = json.loads(cli("job", "logs", "watched", "--json", "--config", dep.root / "ops.toml"))
