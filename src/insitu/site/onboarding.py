@@ -21,12 +21,22 @@ from __future__ import annotations
 from typing import Any
 
 from insitu.errors import ConfigError, PolicyViolation, ProtocolError, TaskNotApproved
+from insitu.federation.egress import Declared, Egress, Release
 from insitu.federation.messages import Message, MessageKind
 from insitu.plan import Plan
+
+#: what a check reply may carry, all public: the plan's hash, the decision and the reason a refused
+#: round would carry anyway (checked like every other reply before it leaves, see insitu.federation.egress)
+TASK_CHECK_EGRESS = Egress({MessageKind.TASK_CHECK_REPLY: Declared(
+    {k: Release.PUBLIC for k in ("plan_hash", "approved", "refused", "reason", "refusal")})})
 
 
 def answer_task_check(node: Any, msg: Message) -> Message:
     """Answer a TASK_CHECK for ``node`` (a :class:`~insitu.site.node.SiteNode`)."""
+    return TASK_CHECK_EGRESS.check(_answer(node, msg))
+
+
+def _answer(node: Any, msg: Message) -> Message:
     try:
         plan = Plan.from_meta(msg.require("plan", dict))
     except ConfigError as exc:
@@ -45,4 +55,4 @@ def answer_task_check(node: Any, msg: Message) -> Message:
     return Message(MessageKind.TASK_CHECK_REPLY, 0, msg.job, {**meta, "approved": True})
 
 
-__all__ = ["answer_task_check"]
+__all__ = ["answer_task_check", "TASK_CHECK_EGRESS"]
