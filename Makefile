@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # the CPU build of torch 2.13.0 lies on local disk on our machines; elsewhere pip finds it on PyPI
 PIP_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test docs bench clean
 
 $(BIN)/insitu: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,5 +23,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site   # broken links and anchors fail the build
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

@@ -2,6 +2,9 @@
 # Services the test-suite needs (started fresh on every CI machine).
 set -euo pipefail
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
+# Chromium from the OS packages for the browser tests (driven by Playwright with executable_path=/usr/bin/chromium;
+# Playwright's own browser download is never used)
+command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # --- PostgreSQL 15 on 127.0.0.1 for the PostgreSQL paths of record sources and the audit log
 # (issue 6).  Idempotent: installs only when missing, starts only when down, creates the role and

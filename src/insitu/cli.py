@@ -8,18 +8,31 @@ from rich.console import Console
 
 from insitu.errors import InsituError
 
+#: every command and group answers -h as well as --help (sub-commands inherit it from the root context)
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="insitu",
     help="Privacy-preserving federated learning between hospitals: patient data never leaves the site.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=CONTEXT,
 )
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from insitu import __version__
+
+        typer.echo(f"insitu {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     """Privacy-preserving federated learning between hospitals: patient data never leaves the site."""
 
 
@@ -34,12 +47,13 @@ from insitu.gateway.cli import app as gateway_app  # noqa: E402
 app.add_typer(gateway_app, name="gateway")
 
 from insitu.net.cli import app as ca_app  # noqa: E402
-from insitu.coordinator.cli import app as coordinator_app, job_app  # noqa: E402
+from insitu.coordinator.cli import app as coordinator_app, job_app, sites_command  # noqa: E402
 from insitu.site.cli import app as site_app  # noqa: E402
 
 app.add_typer(ca_app, name="ca")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(job_app, name="job")
+app.command("sites")(sites_command)
 app.add_typer(site_app, name="site")
 
 from insitu.deid.cli import app as deid_app  # noqa: E402
@@ -54,6 +68,12 @@ app.command("export")(export_command)
 app.command("cross-device")(crossdevice_command)
 
 from insitu.privacy.cli import app as privacy_app  # noqa: E402
+from insitu.kit_cli import kit_command  # noqa: E402
+
+app.command("kit")(kit_command)
+from insitu.kit_cli import kit_command  # noqa: E402
+
+app.command("kit")(kit_command)
 
 app.add_typer(privacy_app, name="privacy")
 

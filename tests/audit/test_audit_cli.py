@@ -14,7 +14,7 @@ runner = CliRunner()
 
 def test_keygen_verify_show_and_tamper(tmp_path):
     keys = tmp_path / "keys"
-    assert runner.invoke(app, ["keygen", "--writer", "site-a", "--dir", str(keys)]).exit_code == 0
+    assert runner.invoke(app, ["keygen", "--writer", "site-a", "--out", str(keys)]).exit_code == 0
     db = tmp_path / "audit.db"
     log = AuditLog.open(db, keys / "site-a.key", "site-a")
     for i in range(3):

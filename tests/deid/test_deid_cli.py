@@ -53,7 +53,7 @@ def test_apply_writes_output_and_audits(tmp_path):
     run = list(log.entries(action="deid.run"))[0].details
     assert run == json.loads((tmp_path / "rep.json").read_text())
     # rotation then a second apply with the same secret gives the same pseudonyms
-    r = runner.invoke(app, ["rotate", "--data", str(out), "--keyring", str(tmp_path / "fields.keyring"),
+    r = runner.invoke(app, ["rotate", "--target", str(out), "--keyring", str(tmp_path / "fields.keyring"),
                             "--new-key-id", "k2", "--id-column", "mrn"])
     assert r.exit_code == 0, r.output
     rotated = pd.read_csv(out, dtype=str)

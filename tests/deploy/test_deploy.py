@@ -126,7 +126,7 @@ def test_paillier_job_with_signed_key_dealing_matches_simulation(dep):
 
 
 def test_unapproved_task_refused_and_reported_then_approved_by_range(dep):
-    job = {**HEART, "name": "unapproved", "lr": 0.07, "max_aborted": 0, "wait_for_sites": 5.0}
+    job = {**HEART, "name": "unapproved", "lr": 0.07, "max_aborted": 0, "wait_for_sites": 5.0, "approval_timeout": 0}
     dep.operator("submit", {"job": job})
     st = dep.wait_job("unapproved", timeout=60)
     assert st["status"] == "failed"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -11,6 +11,7 @@ from rich.table import Table
 
 from insitu.audit.keys import fingerprint, load_public_key, load_public_keys, write_keypair
 from insitu.audit.log import AuditHead, AuditLog, _redact
+from insitu.cliopts import renamed
 from insitu.errors import ConfigError, SecurityError
 
 app = typer.Typer(help="Tamper-evident audit log: verify the chain and signatures, list entries, create writer keys.",
@@ -107,7 +108,8 @@ def add_writer_command(
 @app.command("keygen")
 def keygen_command(
     writer: str = typer.Option(..., help="Writer name, e.g. site-a, gateway, coordinator."),
-    dir: Path = typer.Option(Path("keys"), "--dir", help="Key directory (<writer>.key mode 0600, <writer>.pub)."),
+    dir: Path = typer.Option(Path("keys"), "--out", "-o", help="Key directory to write (<writer>.key mode 0600, <writer>.pub)."),
+    _old_dir: Any = renamed("--dir", "--out"),
 ) -> None:
     """Create an Ed25519 signing key for one audit writer; give only the .pub to verifiers."""
     key_path, pub_path = write_keypair(dir, writer)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from insitu.cliopts import renamed
 
 
 out = Console()
@@ -28,7 +30,7 @@ def export_command(
     quantize: str = typer.Option("none", help="none; int8 (int8 weights, activations quantized at run time: no data needed); or int8-static (activations too, calibrated on one site's training records)."),
     distill: bool = typer.Option(False, "--distill/--no-distill", help="First distil the model into a ~40x smaller student (images: TinyCNN)."),
     format: str = typer.Option("onnx", "--format", help="Output format (onnx)."),
-    out_path: Path = typer.Option(Path("model.onnx"), "--out", help="Where to write the model."),
+    out_path: Path = typer.Option(Path("model.onnx"), "--out", "-o", help="Where to write the model."),
     data: Optional[str] = typer.Option(None, help="Path to the run's data if it moved (calibration, fine-tuning, accuracy)."),
     site: Optional[str] = typer.Option(None, help="Whose training records distillation, fine-tuning and calibration may use (default: the largest site)."),
     distill_steps: int = typer.Option(1500, help="Student training steps."),
@@ -67,7 +69,8 @@ def crossdevice_command(
     offline: float = typer.Option(0.1, help="Probability that a sampled device does not answer."),
     local_steps: int = typer.Option(10, help="Minibatch steps per device per round."),
     seed: int = typer.Option(0, help="Seed for data, sampling and models."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary (with per-round records) here."),
+    json_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the summary (JSON, with per-round records) to this file."),
+    _old_json: Any = renamed("--json", "--out"),
 ) -> None:
     """Cross-device federation in one process: the same coordinator and site code as `simulate`,
     with a new sample of devices each round and bytes counted per device."""

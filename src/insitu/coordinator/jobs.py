@@ -21,6 +21,7 @@ unchanged and sites approve the same hash::
     sites = ["cleveland", "hungary", "switzerland", "va-long-beach"]   # optional
     round_timeout = 60.0
     wait_for_sites = 60.0
+    approval_timeout = 1800.0     # before round one, wait this long for the sites to approve the plan (0: do not wait)
 
     [task]                        # needed for datasets other than heart: the data's shape
     input_shape = [1, 28, 28]
@@ -40,7 +41,7 @@ from insitu.errors import ConfigError
 from insitu.plan import Plan
 
 #: fields of a job that are not part of the plan
-DEPLOYMENT_FIELDS = ("name", "sites", "round_timeout", "wait_for_sites", "max_aborted", "eval_every")
+DEPLOYMENT_FIELDS = ("name", "sites", "round_timeout", "wait_for_sites", "max_aborted", "eval_every", "approval_timeout")
 #: simulate options that have no meaning in a deployment (the site owns them)
 SIMULATE_ONLY = ("data", "partition", "dropout", "site_budget", "privacy_ledger", "baselines", "out",
                  "insecure_replayable_randomness")
@@ -78,12 +79,15 @@ class JobSpec:
     wait_for_sites: float = 60.0  # how long a round waits for min_sites to be connected
     max_aborted: int | None = None  # give up after this many aborted rounds (default: rounds)
     eval_every: int = 1
+    approval_timeout: float = 1800.0  # before round one, wait for the sites' approvals (insitu.coordinator.onboarding)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or len(self.name) > 64 or not all(c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"job name {self.name!r} must be 1-64 letters, digits, '-', '_' or '.'")
         object.__setattr__(self, "round_timeout", _seconds("round_timeout", self.round_timeout))
         object.__setattr__(self, "wait_for_sites", _seconds("wait_for_sites", self.wait_for_sites))
+        if self.approval_timeout != 0:  # 0: do not wait for approvals
+            object.__setattr__(self, "approval_timeout", _seconds("approval_timeout", self.approval_timeout))
         for k in ("max_aborted", "eval_every"):
             v = getattr(self, k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1_000_000):
@@ -110,7 +114,7 @@ class JobSpec:
         """The job description as given (re-parsed by :meth:`from_dict` when the job runs)."""
         d: dict[str, Any] = {"name": self.name, **dict(self.config)}
         d["sites"] = list(self.sites) if self.sites is not None else None
-        for k in ("round_timeout", "wait_for_sites", "max_aborted", "eval_every"):
+        for k in ("round_timeout", "wait_for_sites", "max_aborted", "eval_every", "approval_timeout"):
             d[k] = getattr(self, k)
         return d
 
@@ -169,7 +173,7 @@ class JobSpec:
         plan = cfg.plan_for(tuple(shape[0]), shape[1], tuple(str(s) for s in shape[2]))
         return cls(name=raw["name"], plan=plan, seed=seed, config=config,
                    sites=tuple(str(s) for s in names) if names is not None else None,
-                   **{k: raw[k] for k in ("round_timeout", "wait_for_sites", "max_aborted", "eval_every") if k in raw})
+                   **{k: raw[k] for k in ("round_timeout", "wait_for_sites", "max_aborted", "eval_every", "approval_timeout") if k in raw})
 
 
 __all__ = ["JobSpec", "HEART_SCHEMA", "DEPLOYMENT_FIELDS"]

@@ -26,6 +26,7 @@ import enum
 import hashlib
 import logging
 import threading
+import time
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -113,6 +114,9 @@ class OperatorOp(str, enum.Enum):
     STATUS = "status"
     LIST = "list"
     SITES = "sites"
+    MODEL = "model"  # the newest model and its summary (insitu.coordinator.publish)
+    LOGS = "logs"  # what the coordinator logged about a job (insitu.coordinator.monitor)
+    LOGIN = "login"  # a one-time dashboard login link (insitu.coordinator.dashboard)
 
 
 def mean_accuracy(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -139,13 +143,20 @@ class CoordinatorService:
             NetConfig(host=config.host, port=config.port, heartbeat=config.heartbeat, dead_after=config.dead_after),
         )
         self._stop = threading.Event()
+        self.approvals: dict[str, dict[str, Any]] = {}  # job → sites it waits for (status "waiting")
         self._ops: dict[OperatorOp, Callable[[Mapping[str, Any], Identity], dict[str, Any]]] = {
             OperatorOp.SUBMIT: self._submit,
             OperatorOp.CANCEL: self._cancel,
             OperatorOp.STATUS: self._status,
             OperatorOp.LIST: self._list,
             OperatorOp.SITES: self._sites,
+            OperatorOp.MODEL: self._model,
+            OperatorOp.LOGS: self._logs,
+            OperatorOp.LOGIN: _no_dashboard,
         }
+        from insitu.coordinator import monitor
+
+        self._log_handler = monitor.install(self.store)
 
     @property
     def port(self) -> int:
@@ -165,6 +176,7 @@ class CoordinatorService:
     def _submit(self, args: Mapping[str, Any], who: Identity) -> dict[str, Any]:
         spec = JobSpec.from_dict(args.get("job", {}))
         row = self.store.add_job(spec.name, spec.to_dict(), spec.plan.content_hash(), spec.rounds, who.name)
+        log.info("job %s: submitted by %s (plan %s, %d rounds)", row.id, who.name, row.task_hash[:12], spec.rounds)
         return row.public()
 
     def _cancel(self, args, who):
@@ -172,13 +184,34 @@ class CoordinatorService:
 
     def _status(self, args, who):
         row = self.store.job(str(args.get("job", "")))
-        return {**row.public(), "rounds": self.store.rounds(row.id)}
+        from insitu.coordinator.monitor import progress, site_rows
+
+        rounds = self.store.rounds(row.id)
+        return {**row.public(), "rounds": rounds, **({"approval": self.approvals[row.id]} if row.id in self.approvals else {}),
+                "progress": progress(row.public(), rounds), "sites": site_rows(self.server.transport.site_status(), rounds)}
 
     def _list(self, args, who):
         return {"jobs": [j.public() for j in self.store.jobs()]}
 
     def _sites(self, args, who):
-        return {"sites": self.server.transport.sites()}
+        from insitu.coordinator.monitor import site_rows
+
+        return {"sites": self.server.transport.sites(), "detail": site_rows(self.server.transport.site_status())}
+
+    def _logs(self, args, who):
+        row = self.store.job(str(args.get("job", "")))
+        events = self.store.events(row.id)
+        for r in self.store.rounds(row.id):  # why each site dropped out, beside the coordinator's own lines
+            for site, why in (r.get("dropped") or {}).items():
+                events.append({"seq": None, "at": r.get("ended") or r["started"], "level": "warning",
+                               "message": f"job {row.id} round {r['round']}: {site} dropped: {why}"})
+        events.sort(key=lambda e: (e["at"], e["seq"] or 0))
+        return {"id": row.id, "status": row.status.value, "events": events}
+
+    def _model(self, args, who):
+        from insitu.coordinator.publish import model_reply
+
+        return model_reply(self.store, str(args.get("job", "")), {c.ident.name: c.info for c in self.server.transport.connections()})
 
     # -- running -------------------------------------------------------------------------------
     def start(self) -> "CoordinatorService":
@@ -193,6 +226,7 @@ class CoordinatorService:
         return self
 
     def stop(self) -> None:
+        logging.getLogger("insitu.coordinator").removeHandler(self._log_handler)
         self._stop.set()
         self.server.stop()
 
@@ -221,6 +255,8 @@ class CoordinatorService:
         if version:
             log.info("job %s: resuming from model version %d", job.id, version)
         strategy = coord.strategy
+        if version == 0 and spec.approval_timeout > 0 and not self._await_approvals(job, spec):
+            return
         self.store.set_status(job.id, JobStatus.RUNNING)
         aborted = sum(1 for r in self.store.rounds(job.id) if r["status"] in (RoundStatus.ABORTED.value, RoundStatus.INTERRUPTED.value))
         max_aborted = spec.max_aborted if spec.max_aborted is not None else spec.rounds
@@ -257,6 +293,33 @@ class CoordinatorService:
         self.store.set_status(job.id, JobStatus.DONE, final=final)
         log.info("job %s done: %s", job.id, final)
 
+    def _await_approvals(self, job: JobRow, spec: JobSpec) -> bool:
+        """Status ``waiting`` until the sites approved the plan (insitu.coordinator.onboarding); False if stopped."""
+        from insitu.coordinator.onboarding import await_approvals
+
+        self.store.set_status(job.id, JobStatus.WAITING)
+        since = time.time()
+
+        def report(check) -> None:
+            if check is None:
+                self.approvals.pop(job.id, None)
+                return
+            before = self.approvals.get(job.id, {})
+            self.approvals[job.id] = {**check.public(), "since": since, "timeout": spec.approval_timeout}
+            holding = {**check.waiting, **check.unreachable}
+            if holding != {**before.get("waiting", {}), **before.get("unreachable", {})}:
+                if holding and not check.ready(spec.min_sites):
+                    log.info("job %s: waiting for approval of plan %s by %s", job.id, spec.plan.content_hash()[:12],
+                             "; ".join(f"{s} ({why})" for s, why in sorted(holding.items())))
+            if check.ready(spec.min_sites):
+                log.info("job %s: plan approved by %s", job.id, ", ".join(check.approved))
+
+        def stopped() -> bool:
+            return self._stop.is_set() or self.store.job(job.id).status is JobStatus.CANCELLED
+
+        return await_approvals(self.server.transport, job.id, spec.plan, sites=spec.sites, min_sites=spec.min_sites,
+                               timeout=spec.approval_timeout, stopped=stopped, report=report, wake=self._stop) is not None
+
     def _evaluate(self, coord: Coordinator, round_: int) -> dict[str, Any]:
         try:
             evals = coord.evaluate(round_)
@@ -288,6 +351,10 @@ def job_coordinator(spec: JobSpec, job_id: str, transport: Any, latest: Any = No
     return coord, protocol, version
 
 
+def _no_dashboard(args, who):
+    raise ConfigError("this coordinator serves no dashboard; add a [dashboard] table to coordinator.toml (see insitu.coordinator.dashboard)")
+
+
 def _preload() -> None:
     import importlib
 
@@ -299,6 +366,9 @@ def serve(config_path: str | Path) -> None:
     import signal
 
     svc = CoordinatorService(CoordinatorConfig.load(config_path)).start()
+    from insitu.coordinator import dashboard
+
+    web = dashboard.start(svc, config_path)  # None without a [dashboard] table
     def _term(signum, frame) -> None:
         # a round in flight is left 'started' and marked interrupted (never applied) at the next start
         raise SystemExit(0)
@@ -309,6 +379,8 @@ def serve(config_path: str | Path) -> None:
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        if web is not None:
+            web[1].stop()
         svc.stop()
         svc.store.close()  # every applied round is already committed
 

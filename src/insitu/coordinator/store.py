@@ -47,11 +47,15 @@ CREATE TABLE IF NOT EXISTS models (
     job TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL, params BLOB NOT NULL,
     state BLOB NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (job, version), UNIQUE (job, round));
+CREATE TABLE IF NOT EXISTS job_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL, at REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS job_log_job ON job_log (job, seq);
 """
 
 
 class JobStatus(str, enum.Enum):
     QUEUED = "queued"
+    WAITING = "waiting"  # for the sites to approve its task (insitu.coordinator.onboarding)
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
@@ -65,7 +69,7 @@ class RoundStatus(str, enum.Enum):
     INTERRUPTED = "interrupted"  # the coordinator stopped mid-round; never applied
 
 
-ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.WAITING.value, JobStatus.RUNNING.value)
 
 
 @dataclass(frozen=True)
@@ -122,11 +126,16 @@ class JobStore:
     # -- jobs ----------------------------------------------------------------------------------
     def add_job(self, job_id: str, spec: Mapping[str, Any], task_hash: str, rounds: int, by: str) -> JobRow:
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone():
-                raise ConfigError(f"a job named {job_id!r} already exists; choose another name")
+            old = db.execute("SELECT status, next_round FROM jobs WHERE id=?", (job_id,)).fetchone()
+            first_round = 1
+            if old is not None:
+                if old[0] in ACTIVE:
+                    raise ConfigError(f"a job named {job_id!r} is {old[0]}; choose another name, or cancel it first")
+                first_round = old[1]  # round numbers go on, so sites never see a number of this name twice
+                _archive(db, job_id)
             db.execute(
-                "INSERT INTO jobs (id, spec, task_hash, status, submitted_by, created, rounds_target) VALUES (?,?,?,?,?,?,?)",
-                (job_id, json.dumps(dict(spec)), task_hash, JobStatus.QUEUED.value, by, time.time(), rounds),
+                "INSERT INTO jobs (id, spec, task_hash, status, submitted_by, created, rounds_target, next_round) VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, json.dumps(dict(spec)), task_hash, JobStatus.QUEUED.value, by, time.time(), rounds, first_round),
             )
         return self.job(job_id)
 
@@ -145,7 +154,7 @@ class JobStore:
     def next_active(self) -> JobRow | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM jobs WHERE status IN (?,?) ORDER BY created LIMIT 1", ACTIVE
+                f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(ACTIVE))}) ORDER BY created LIMIT 1", ACTIVE
             ).fetchone()
         return _job(row) if row else None
 
@@ -159,7 +168,7 @@ class JobStore:
     def cancel(self, job_id: str) -> JobRow:
         job = self.job(job_id)
         if job.status.value not in ACTIVE:
-            raise ConfigError(f"job {job_id!r} is {job.status.value}; only queued or running jobs can be cancelled")
+            raise ConfigError(f"job {job_id!r} is {job.status.value}; only queued, waiting or running jobs can be cancelled")
         self.set_status(job_id, JobStatus.CANCELLED)
         return self.job(job_id)
 
@@ -222,10 +231,10 @@ class JobStore:
     def rounds(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT round, status, participants, dropped, evaluation, seconds, reason, metrics FROM rounds WHERE job=? ORDER BY round", (job_id,)
+                "SELECT round, status, participants, dropped, evaluation, seconds, reason, metrics, started, ended FROM rounds WHERE job=? ORDER BY round", (job_id,)
             ).fetchall()
         out = []
-        for r, status, parts, dropped, ev, secs, reason, metrics in rows:
+        for r, status, parts, dropped, ev, secs, reason, metrics, started, ended in rows:
             m = json.loads(metrics) if metrics else {}
             # ε each site says it has spent in total after this round (its own ledger; DP jobs only)
             eps = {s: v["epsilon_total"] for s, v in m.items() if isinstance(v, dict) and isinstance(v.get("epsilon_total"), (int, float))}
@@ -233,8 +242,23 @@ class JobStore:
                 "round": r, "status": status, "participants": json.loads(parts) if parts else [],
                 "dropped": json.loads(dropped) if dropped else {}, "evaluation": json.loads(ev) if ev else None,
                 "seconds": secs, "reason": reason, **({"epsilon": eps} if eps else {}),
+                "started": started, "ended": ended,
+                # each site's own training loss, as it reported it (a public metric of the round)
+                "train_loss": {s: v["train_loss"] for s, v in m.items() if isinstance(v, dict) and isinstance(v.get("train_loss"), (int, float))},
             })
         return out
+
+    # -- the job's log (what the coordinator logged about it; `insitu job logs`) -----------------
+    def log_event(self, job_id: str, level: str, message: str, at: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO job_log (job, at, level, message) VALUES (?,?,?,?)", (job_id, at or time.time(), level, message))
+
+    def events(self, job_id: str, after: int = 0, limit: int = 10000) -> list[dict[str, Any]]:
+        """The job's log lines with sequence number > ``after`` (oldest first)."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, at, level, message FROM job_log WHERE job=? AND seq>? ORDER BY seq LIMIT ?",
+                                    (job_id, after, limit)).fetchall()
+        return [{"seq": q, "at": a, "level": lv, "message": m} for q, a, lv, m in rows]
 
     def latest_model(self, job_id: str) -> tuple[int, int, np.ndarray, dict[str, np.ndarray]] | None:
         """(version, round, params, strategy state) of the newest model, or None before round one."""
@@ -268,6 +292,18 @@ class _Tx:
             self.db.execute("COMMIT" if et is None else "ROLLBACK")
         finally:
             self.lock.release()
+
+
+def _archive(db: sqlite3.Connection, job_id: str) -> str:
+    """Free an ended job's name: its job, rounds and models move to ``NAME~K`` (K = 1, 2, ...; '~' is
+    never part of a job name), where ``insitu job status NAME~K`` still finds them."""
+    k = 1
+    while db.execute("SELECT 1 FROM jobs WHERE id=?", (f"{job_id}~{k}",)).fetchone():
+        k += 1
+    new = f"{job_id}~{k}"
+    for table in ("jobs", "rounds", "round_sites", "models", "job_log"):
+        db.execute(f"UPDATE {table} SET {'id' if table == 'jobs' else 'job'}=? WHERE {'id' if table == 'jobs' else 'job'}=?", (new, job_id))
+    return new
 
 
 def _job(row) -> JobRow:

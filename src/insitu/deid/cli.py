@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pandas as pd
 import typer
@@ -16,6 +16,7 @@ from insitu.deid.engine import DeidReport, assess, deidentify
 from insitu.deid.fieldcrypt import FieldKeyring, encrypted_columns, rotate_frame
 from insitu.deid.policy import DeidPolicy
 from insitu.deid.pseudonym import generate_site_secret, load_site_secret
+from insitu.cliopts import renamed
 from insitu.errors import ConfigError, DataError, PolicyViolation
 
 app = typer.Typer(help="De-identify site records (pseudonyms, k-anonymity, l-diversity, field encryption).",
@@ -73,7 +74,7 @@ def _summary(r: DeidReport) -> None:
 def apply_command(
     policy: Path = typer.Option(..., help="De-identification policy (TOML)."),
     source: str = typer.Option(..., help=_SOURCE_HELP),
-    out_path: str = typer.Option(..., "--out", help="Where to write: .csv, .db/.sqlite (SQLite) or postgresql:// URL."),
+    out_path: str = typer.Option(..., "--out", "-o", help="Where to write: .csv, .db/.sqlite (SQLite) or postgresql:// URL."),
     table: Optional[str] = typer.Option(None, help="Table to read from a SQLite/PostgreSQL source (default: the schema's)."),
     out_table: str = typer.Option("deidentified", help="Table name for SQLite/PostgreSQL output."),
     schema: Optional[Path] = typer.Option(None, help=_SCHEMA_HELP),
@@ -155,7 +156,8 @@ def keygen_command(
 
 @app.command("rotate")
 def rotate_command(
-    data: Path = typer.Option(..., help="De-identified output to re-encrypt (.csv or SQLite file)."),
+    data: Path = typer.Option(..., "--target", help="The de-identified file to re-encrypt in place (.csv or SQLite), as `deid apply --out` wrote it."),
+    _old_data: Any = renamed("--data", "--target (--data always names an input data set)"),
     keyring: Path = typer.Option(..., help="Keyring; a new key is added and made active."),
     new_key_id: str = typer.Option(..., help="Id of the new key, e.g. k2."),
     id_column: str = typer.Option(..., help="Pseudonym column the tokens are bound to (the policy's patient_id feature)."),

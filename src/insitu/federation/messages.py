@@ -69,6 +69,9 @@ class MessageKind(str, enum.Enum):
     HELLO_REPLY = "hello_reply"
     HEARTBEAT = "heartbeat"
     BYE = "bye"
+    # onboarding: may this site run the task?  Answered from its approvals and rules, without training
+    TASK_CHECK = "task_check"
+    TASK_CHECK_REPLY = "task_check_reply"
     # operator control (job submit / cancel / status / list); only operator certificates
     OPERATOR = "operator"
     OPERATOR_REPLY = "operator_reply"

@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 out = Console()
 
-ConfigOpt = typer.Option(..., "--config", "-c", help="gateway.toml (paths in it are relative to its directory)")
+ConfigOpt = typer.Option(Path("gateway.toml"), "--config", "-c", help="gateway.toml (paths in it are relative to its directory)")
 
 
 @app.command("serve")

@@ -16,7 +16,7 @@ CA_DIR = typer.Option(Path("ca"), "--ca", help="CA directory (holds ca.pem, ca.k
 
 
 @app.command("init")
-def init(out_dir: Path = typer.Option(..., "--out", help="Directory for the new CA; refuses to overwrite an existing key."),
+def init(out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for the new CA; refuses to overwrite an existing key."),
          name: str = typer.Option("insitu consortium root", help="The CA's common name."),
          days: int = typer.Option(3650, help="Validity of the root certificate in days.")) -> None:
     """Create the consortium root CA and publish an empty revocation list."""
@@ -26,17 +26,17 @@ def init(out_dir: Path = typer.Option(..., "--out", help="Directory for the new 
 
 @app.command("issue")
 def issue(name: str = typer.Option(..., help="Party name, becomes the certificate CN (e.g. hospital-a)."),
-          role: pki.Role = typer.Option(..., help="site, operator or coordinator."),
-          out_dir: Path = typer.Option(..., "--out", help="Where to write NAME.key, NAME.pem and ca.pem."),
+          role: pki.Role = typer.Option(..., help="site, operator, coordinator or gateway."),
+          out_dir: Path = typer.Option(..., "--out", "-o", help="Where to write NAME.key, NAME.pem and ca.pem."),
           ca_dir: Path = CA_DIR, days: int = typer.Option(365, help="Validity in days."),
-          host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator only: DNS names / IPs sites dial (repeat).")) -> None:
+          host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator and gateway only: DNS names / IPs clients dial (repeat).")) -> None:
     """Issue a key and certificate in one step (for parties that let the CA make their key)."""
     creds = pki.CertificateAuthority(ca_dir).issue(name, role, out_dir, days=days, hosts=tuple(host))
     out.print(f"{role.value} certificate for {name}: {creds.cert} (key {creds.key})")
 
 
 @app.command("csr")
-def csr(name: str = typer.Option(..., help="Party name (CN)."), out_dir: Path = typer.Option(..., "--out")) -> None:
+def csr(name: str = typer.Option(..., help="Party name (CN)."), out_dir: Path = typer.Option(..., "--out", "-o")) -> None:
     """Make a key and a certificate signing request; the key never leaves this machine. Refuses to overwrite an existing key."""
     req, key = pki.create_csr(name, out_dir)
     out.print(f"CSR {req} (key {key}); send the CSR to the CA: insitu ca sign {req} --role ROLE")
@@ -45,9 +45,9 @@ def csr(name: str = typer.Option(..., help="Party name (CN)."), out_dir: Path = 
 @app.command("sign")
 def sign(csr_path: Path = typer.Argument(..., help="The party's .csr file."),
          role: pki.Role = typer.Option(..., help="Role the CA grants (the CSR cannot choose it)."),
-         out_path: Path = typer.Option(None, "--out", help="Certificate file (default: NAME.pem beside the CSR)."),
+         out_path: Path = typer.Option(None, "--out", "-o", help="Certificate file (default: NAME.pem beside the CSR)."),
          ca_dir: Path = CA_DIR, days: int = typer.Option(365),
-         host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator only: DNS names / IPs sites dial (repeat).")) -> None:
+         host: list[str] = typer.Option(["localhost", "127.0.0.1"], help="Coordinator and gateway only: DNS names / IPs clients dial (repeat).")) -> None:
     """Sign a certificate signing request for a role."""
     ca = pki.CertificateAuthority(ca_dir)
     cert = ca.sign(pki.load_csr(csr_path), role, days=days, hosts=tuple(host))

@@ -142,6 +142,12 @@ class SiteClient:
 
 def operator_call(host: str, port: int, creds: Credentials, op: str, args: Mapping[str, Any] | None = None, *, timeout: float = 30.0) -> dict[str, Any]:
     """One operator request (submit, cancel, status, list) over its own short channel."""
+    return operator_request(host, port, creds, op, args, timeout=timeout)[0]
+
+
+def operator_request(host: str, port: int, creds: Credentials, op: str, args: Mapping[str, Any] | None = None, *,
+                     timeout: float = 30.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One operator request; returns its JSON result and the arrays that came with it (a model)."""
     channel, _ = dial(host, port, creds, timeout=timeout)
     try:
         channel.sock.settimeout(timeout)
@@ -162,9 +168,9 @@ def operator_call(host: str, port: int, creds: Credentials, op: str, args: Mappi
             channel.send(Message(MessageKind.BYE), 2)
         except OSError:
             pass
-        return dict(reply.meta.get("result", {}))
+        return dict(reply.meta.get("result", {})), dict(reply.tensors)
     finally:
         channel.close()
 
 
-__all__ = ["SiteClient", "DialConfig", "operator_call"]
+__all__ = ["SiteClient", "DialConfig", "operator_call", "operator_request"]

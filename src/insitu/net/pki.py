@@ -8,8 +8,10 @@ follows from its certificate alone, never from what it says in a message:
 * the **role** is written twice, as the subject organizational unit and in a
   dedicated extension under :data:`ROLE_OID`; both must agree, so a
   certificate from some other hierarchy with a look-alike OU does not pass;
-* the **extended key usage** matches the role: the coordinator is a TLS
-  server, sites and operators are TLS clients.
+* the **extended key usage** matches the role: the coordinator and the
+  gateway are TLS servers, sites and operators are TLS clients.  A site
+  dials only a ``coordinator`` certificate, so a gateway's cannot stand in
+  for the coordinator.
 
 Revocation is a CRL signed by the CA (``crl.pem`` in the CA directory); the
 coordinator reloads it when the file changes and refuses revoked peers at
@@ -51,13 +53,17 @@ class Role(str, enum.Enum):
     SITE = "site"  # a hospital node: answers rounds, may not run jobs
     OPERATOR = "operator"  # submits, cancels and watches jobs
     COORDINATOR = "coordinator"  # the TLS server the others dial
+    GATEWAY = "gateway"  # the medical-agent gateway's HTTPS server; sites do not accept it as a coordinator
 
 
 _EKU = {
     Role.SITE: [ExtendedKeyUsageOID.CLIENT_AUTH],
     Role.OPERATOR: [ExtendedKeyUsageOID.CLIENT_AUTH],
     Role.COORDINATOR: [ExtendedKeyUsageOID.SERVER_AUTH],
+    Role.GATEWAY: [ExtendedKeyUsageOID.SERVER_AUTH],
 }
+#: roles whose certificate is a TLS server's, with the host names clients dial in its SAN.
+SERVER_ROLES = (Role.COORDINATOR, Role.GATEWAY)
 
 
 @dataclass(frozen=True)
@@ -226,7 +232,7 @@ class CertificateAuthority:
             .add_extension(x509.UnrecognizedExtension(ROLE_OID, role.value.encode()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
-        if role is Role.COORDINATOR:
+        if role in SERVER_ROLES:
             sans: list[x509.GeneralName] = []
             for h in hosts:
                 try:

@@ -52,6 +52,7 @@ class Sandbox:
     operator_configs: set[str] = field(default_factory=set)
     #: tests only: fixed site secrets, so a deployment can be compared exactly with a simulation
     fixed_secrets: Mapping[str, bytes] = field(default_factory=dict)
+    dashboard: Mapping[str, Any] | None = None  # a [dashboard] table for coordinator.toml (insitu.coordinator.dashboard)
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -68,8 +69,18 @@ class Sandbox:
             "cert": "pki/coordinator/coordinator.pem", "key": "pki/coordinator/coordinator.key",
             "ca": "ca/ca.pem", "crl": "ca/crl.pem", "db": "coordinator.db",
             "heartbeat": self.heartbeat, "dead_after": self.dead_after,
-        }))
+        }) + (_table("dashboard", self.dashboard) if self.dashboard is not None else ""))
         return path
+
+    def dashboard_port(self, timeout: float = 60.0) -> int:
+        """The dashboard's port, once it listens (needs ``dashboard = {"port": 0, "port_file": "dashboard.port"}``)."""
+        pf = self.root / "dashboard.port"
+        deadline = time.monotonic() + timeout
+        while not pf.exists():
+            if time.monotonic() > deadline:
+                raise ConfigError(f"the dashboard did not start within {timeout} s; see {self.root / 'coordinator.log'}")
+            time.sleep(0.05)
+        return int(pf.read_text())
 
     def write_site_config(self, name: str, *, approved: Iterable[str] = (), policy: Mapping[str, Any] | None = None, hospital: str | None = None) -> Path:
         path = self.root / "sites" / name / "site.toml"

@@ -34,8 +34,17 @@ from insitu.net.pki import Credentials, Identity, Role
 
 log = logging.getLogger("insitu.coordinator.net")
 
-#: handles one operator request (op name, args, who asked) and returns a JSON-able reply.
-OperatorHandler = Callable[[str, Mapping[str, Any], Identity], Mapping[str, Any]]
+@dataclass(frozen=True)
+class OperatorReply:
+    """An operator answer that carries arrays (e.g. a trained model) beside its JSON result."""
+
+    result: Mapping[str, Any]
+    tensors: Mapping[str, Any]
+
+
+#: handles one operator request (op name, args, who asked) and returns a JSON-able reply
+#: (or an :class:`OperatorReply` when arrays travel with it).
+OperatorHandler = Callable[[str, Mapping[str, Any], Identity], "Mapping[str, Any] | OperatorReply"]
 
 
 @dataclass(frozen=True)
@@ -104,12 +113,15 @@ class NetworkTransport:
         self._conns: dict[str, SiteConnection] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._seen: dict[str, dict[str, Any]] = {}  # every site that connected since start: when, and why it left
 
     # -- registry ------------------------------------------------------------------------------
     def attach(self, conn: SiteConnection) -> None:
         with self._lock:
             old = self._conns.get(conn.ident.name)
             self._conns[conn.ident.name] = conn
+            self._seen[conn.ident.name] = {"connected_at": time.time(), "cert_not_after": _not_after(conn.channel),
+                                           "connects": self._seen.get(conn.ident.name, {}).get("connects", 0) + 1}
             self._changed.notify_all()
         if old is not None:
             old.fail("replaced by a newer connection from the same site")
@@ -118,8 +130,28 @@ class NetworkTransport:
         with self._lock:
             if self._conns.get(conn.ident.name) is conn:
                 del self._conns[conn.ident.name]
+                self._seen.setdefault(conn.ident.name, {}).update(
+                    {"offline_since": time.time(), "offline_reason": why, "last_seen": _wall(conn.last_seen)})
                 self._changed.notify_all()
         conn.fail(why)
+
+    def site_status(self) -> list[dict[str, Any]]:
+        """Every site seen since the coordinator started: online or not (and why it left), its last
+        heart-beat (wall-clock time), when its certificate expires, and what it said in its hello."""
+        with self._lock:
+            conns, seen = dict(self._conns), {k: dict(v) for k, v in self._seen.items()}
+        out = []
+        for name in sorted(seen):
+            entry, conn = seen[name], conns.get(name)
+            row = {"site": name, "online": conn is not None, "connected_at": entry.get("connected_at"),
+                   "connects": entry.get("connects", 0), "cert_not_after": entry.get("cert_not_after")}
+            if conn is not None:
+                row["last_seen"] = _wall(conn.last_seen)
+                row["info"] = dict(conn.info)
+            else:
+                row.update({k: entry.get(k) for k in ("last_seen", "offline_since", "offline_reason")})
+            out.append(row)
+        return out
 
     def connections(self) -> list[SiteConnection]:
         with self._lock:
@@ -181,6 +213,22 @@ class NetworkTransport:
                 replies[sid] = reply
         ordered = {sid: replies[sid] for sid in requests if sid in replies}
         return Exchange(ordered, dropped, sent, recv)
+
+
+def _wall(monotonic: float) -> float:
+    """A ``time.monotonic()`` reading as wall-clock seconds since the epoch."""
+    return time.time() - (time.monotonic() - monotonic)
+
+
+def _not_after(channel: Channel) -> float | None:
+    """When the peer's (already verified) certificate expires, as epoch seconds."""
+    try:
+        from cryptography import x509
+
+        der = channel.sock.getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp() if der else None
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class CoordinatorServer:
@@ -304,8 +352,10 @@ class CoordinatorServer:
             try:
                 if not isinstance(op, str) or not isinstance(args, dict):
                     raise ProtocolError("operator request needs an 'op' string and an 'args' object")
-                result = dict(self.on_operator(op, args, ident))
-                reply = Message(MessageKind.OPERATOR_REPLY, meta={"op": op, "result": result})
+                answer = self.on_operator(op, args, ident)
+                tensors = dict(answer.tensors) if isinstance(answer, OperatorReply) else {}
+                result = dict(answer.result if isinstance(answer, OperatorReply) else answer)
+                reply = Message(MessageKind.OPERATOR_REPLY, meta={"op": op, "result": result}, tensors=tensors)
             except InsituError as exc:
                 reply = _refusal(msg, str(exc), code=type(exc).__name__)
             channel.send(reply, seq)
@@ -338,4 +388,4 @@ def _refusal(msg: Message, reason: str, *, code: str = "AuthError") -> Message:
     return Message(MessageKind.ERROR, msg.round, msg.job, {"reason": reason, "code": code, "to": msg.kind.value})
 
 
-__all__ = ["CoordinatorServer", "NetworkTransport", "NetConfig", "SiteConnection"]
+__all__ = ["CoordinatorServer", "NetworkTransport", "NetConfig", "SiteConnection", "OperatorReply"]

@@ -64,7 +64,7 @@ def compare_command(
     iterations: int = typer.Option(300, help="Gradient-matching iterations per image (CNN)."),
     seed: int = typer.Option(0, help="Seed of every run and attack."),
     seeds: int = typer.Option(1, help="Repeat every run with seeds SEED … SEED+N−1 and report means with a 95% interval (one run's MIA AUC on a few hundred records moves by about ±0.04 from training noise alone)."),
-    out: Path = typer.Option(Path("runs/privacy-compare"), help="Directory for the runs, privacy.html and privacy.json."),
+    out: Path = typer.Option(Path("runs/privacy-compare"), "--out", "-o", help="Directory for the runs, privacy.html and privacy.json."),
 ) -> None:
     """Run one task under each defence and attack every run: what each defence buys.
 

@@ -204,6 +204,10 @@ class SiteNode:
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
+        if msg.kind is MessageKind.TASK_CHECK:  # onboarding: approved here?  (insitu.site.onboarding)
+            from insitu.site.onboarding import answer_task_check
+
+            return answer_task_check(self, msg)
         early = self._early_phase(msg)
         if early is not None:
             return early
@@ -215,6 +219,10 @@ class SiteNode:
         except PolicyViolation as exc:
             self._refused(msg, exc)
             raise
+        if msg.kind is MessageKind.TRAIN:  # the site's own log of the rounds it trained (insitu.site.journal)
+            from insitu.site.journal import record_round
+
+            record_round(self.policy.state, self.site_id, msg, reply, site.plan_hash, self._plans[msg.job].protection.kind.value)
         return reply
 
     def _early_phase(self, msg: Message) -> Message | None:
@@ -278,7 +286,7 @@ class SiteNode:
 
     def _refused_plan(self, job: str, plan: Plan, exc: Exception) -> None:
         if isinstance(exc, TaskNotApproved):
-            self.approvals.remember_refused(plan, str(exc))
+            self.approvals.remember_refused(plan, str(exc), job=job)
 
     def _refused(self, msg: Message, exc: Exception) -> None:
         log.warning("refused %s for job %s round %d: %s", msg.kind.value, msg.job, msg.round, exc)
@@ -288,7 +296,7 @@ class SiteNode:
             plan = Plan.from_meta(msg.meta.get("plan"))
             entry["plan_hash"] = plan.content_hash()
             if isinstance(exc, TaskNotApproved):
-                self.approvals.remember_refused(plan, str(exc))
+                self.approvals.remember_refused(plan, str(exc), job=msg.job)
         except ConfigError:
             pass
         with (self.policy.state / "refusals.jsonl").open("a") as fh:
@@ -323,9 +331,14 @@ def build_node(config: str | Path) -> tuple[SiteNode, SiteClient]:
         Credentials(policy.cert, policy.key, policy.ca),
         DialConfig(policy.coordinator[0], policy.coordinator[1], heartbeat=policy.heartbeat, dead_after=policy.dead_after,
                    backoff_max=policy.backoff_max),
-        node.handle, hello={"n_train": data.n_train, "n_test": data.n_test},
+        node.handle, hello={"n_train": data.n_train, "n_test": data.n_test, **_budget_hello(policy)},
     )
     return node, client
+
+
+def _budget_hello(policy: SitePolicy) -> dict[str, float]:
+    """The privacy limit this site declares to the coordinator, so that operators see each site's ε against it."""
+    return {"epsilon_budget": policy.epsilon_budget, "delta": policy.delta} if policy.epsilon_budget is not None else {}
 
 
 def serve(config: str | Path) -> None:

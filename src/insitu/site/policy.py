@@ -191,6 +191,9 @@ class Approvals:
             raise ConfigError(f"task {task_hash[:12]}: ranges need the task's spec; this site has not seen it yet (or pass --task task.json)")
         if spec is not None and Plan.from_meta(dict(spec)).content_hash() != task_hash:
             raise ConfigError(f"the given plan hashes to {Plan.from_meta(dict(spec)).content_hash()[:12]}, not {task_hash[:12]}")
+        refused = self.refused()
+        if refused.pop(task_hash, None) is not None:  # approving undoes an earlier refusal
+            _atomic_json(self.state / "refused_tasks.json", refused)
         entries = json.loads(self.path.read_text()) if self.path.exists() else {}
         entries[task_hash] = {"spec": dict(spec) if spec is not None else None,
                               "ranges": {k: [r.low, r.high] for k, r in (ranges or {}).items()}, "approved_at": time.time()}
@@ -212,6 +215,9 @@ class Approvals:
             ranges = {HYPER_PARAMETERS[k]: Range.parse(k, v) for k, v in e["ranges"].items() if k in HYPER_PARAMETERS}
             if differs and differs <= set(ranges) and all(float(mine[k]) in ranges[k] for k in differs):
                 return
+        refused = self.refused().get(h)
+        if refused is not None:
+            raise TaskNotApproved(f"plan {h[:12]} was refused by this site's admin: {refused.get('reason') or 'no reason given'}")
         t = plan.task
         raise TaskNotApproved(
             f"plan {h[:12]} ({t.model}, {plan.strategy.name.value}, lr={t.lr}, local_steps={t.local_steps}, "
@@ -219,18 +225,76 @@ class Approvals:
             f"the site admin can review it with `insitu site pending` and run `insitu site approve {h}`"
         )
 
+    def refuse(self, task_hash: str, reason: str = "") -> dict[str, Any]:
+        """Refuse a task on purpose: it leaves the pending list, its rounds stay refused, and a coordinator
+        waiting for approvals stops waiting for this site.  Withdraws an approval of the same hash."""
+        if len(task_hash) != 64 or any(c not in "0123456789abcdef" for c in task_hash):
+            raise ConfigError(f"{task_hash!r} is not a task content hash (64 hex digits)")
+        path = self.state / "refused_tasks.json"
+        refused = self.refused()
+        refused[task_hash] = {"spec": self.pending().get(task_hash, {}).get("spec"), "reason": reason, "refused_at": time.time()}
+        if self.path.exists():
+            entries = json.loads(self.path.read_text())
+            if entries.pop(task_hash, None) is not None:
+                _atomic_json(self.path, entries)
+        _atomic_json(path, refused)
+        return refused[task_hash]
+
+    def refused(self) -> dict[str, dict[str, Any]]:
+        """Tasks the admin refused (``insitu site refuse``), with the reason."""
+        p = self.state / "refused_tasks.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
     def pending(self) -> dict[str, dict[str, Any]]:
         p = self.state / "pending.json"
         return json.loads(p.read_text()) if p.exists() else {}
 
-    def remember_refused(self, plan: Plan, reason: str) -> None:
+    def remember_refused(self, plan: Plan, reason: str, *, count: bool = True, job: str | None = None) -> None:
+        """Keep ``plan`` in ``pending.json`` for the admin; ``count`` a refused round (an onboarding
+        check, which trains nothing, only lists the plan)."""
         p = self.state / "pending.json"
         pend = self.pending()
         h = plan.content_hash()
         entry = pend.setdefault(h, {"spec": plan.to_meta(), "first_seen": time.time(), "count": 0})
-        entry["count"] += 1
+        before = dict(entry)
+        entry["count"] += int(count)
         entry["last_reason"] = reason
-        _atomic_json(p, pend)
+        if job:
+            entry["job"] = job
+        if entry != before:
+            _atomic_json(p, pend)
+
+    def waiting(self) -> dict[str, dict[str, Any]]:
+        """Pending tasks that no approval covers yet (approved ones drop out of the list)."""
+        out = {}
+        refused = self.refused()
+        for h, e in self.pending().items():
+            if h in refused:
+                continue
+            try:
+                self.check(Plan.from_meta(dict(e["spec"])))
+            except TaskNotApproved:
+                out[h] = e
+            except (ConfigError, KeyError, TypeError, ValueError):
+                out[h] = e  # a malformed spec stays listed, for the admin to see
+        return out
+
+    def resolve(self, prefix: str) -> str:
+        """The full task hash that ``prefix`` (at least 6 hex digits) names among the tasks this site
+        has seen (pending or approved); a full 64-digit hash is returned as is."""
+        p = prefix.strip().lower()
+        if len(p) == 64:
+            return p
+        if len(p) < 6 or any(c not in "0123456789abcdef" for c in p):
+            raise ConfigError(f"{prefix!r} is neither a task hash (64 hex digits) nor a prefix of at least 6 hex digits; "
+                              "`insitu site pending` lists the tasks")
+        hits = sorted({h for h in (*self.pending(), *self.entries(), *self.refused()) if h.startswith(p)})
+        if not hits:
+            raise ConfigError(f"no task this site has seen starts with {prefix!r}; `insitu site pending` lists them "
+                              "(a task the site never saw needs its full hash, see `insitu job hash job.toml`)")
+        if len(hits) > 1:
+            raise ConfigError(f"{prefix!r} matches {len(hits)} tasks ({', '.join(h[:16] for h in hits)}); give more digits")
+        return hits[0]
 
 
 def check_ranges(plan: Plan, ranges: Mapping[str, Range]) -> None:
