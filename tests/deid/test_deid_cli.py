@@ -44,7 +44,12 @@ def test_apply_writes_output_and_audits(tmp_path):
     assert "prosecutor risk" in r.output
     frame = pd.read_csv(out, dtype=str)
     assert "name" not in frame.columns and "target" in frame.columns
-    assert frame["diagnosis"].str.startswith("gcm1.k1.").all()
+    assert frame["diagnosis"].str.startswith("gcm2.k1.").all()
+    assert frame["diagnosis"].str.len().nunique() == 1  # padded: one token length per column
+    assert "padded to 64 bytes" in r.output and "row order: keyed random" in r.output
+    report = json.loads((tmp_path / "rep.json").read_text())
+    assert report["tokens"]["diagnosis"] == {"max_bytes": 64, "token_chars": len(frame["diagnosis"][0])}
+    assert set(report["intervals"]["singling_out"]) == {"none", "week", "month", "quarter", "year"}
     assert not set(frame["mrn"]) & set(visits(300, seed=5)["mrn"])
     log = AuditLog.read(tmp_path / "audit.db")
     assert log.verify(load_public_keys(tmp_path / "keys")).ok
@@ -57,7 +62,8 @@ def test_apply_writes_output_and_audits(tmp_path):
                             "--new-key-id", "k2", "--id-column", "mrn"])
     assert r.exit_code == 0, r.output
     rotated = pd.read_csv(out, dtype=str)
-    assert rotated["diagnosis"].str.startswith("gcm1.k2.").all()
+    assert rotated["diagnosis"].str.startswith("gcm2.k2.").all()
+    assert set(rotated["diagnosis"].str.len()) == set(frame["diagnosis"].str.len())  # same padding, same length
     assert _apply(tmp_path, tmp_path / "again.db").exit_code == 0
     import sqlite3
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from insitu.data.sources import RecordSchema, read_records, write_table
 from insitu.deid.engine import DeidReport, assess, deidentify
-from insitu.deid.fieldcrypt import FieldKeyring, encrypted_columns, rotate_frame
+from insitu.deid.fieldcrypt import FieldKeyring, encrypted_columns, rotate_frame, token_lengths
 from insitu.deid.policy import DeidPolicy
 from insitu.deid.pseudonym import generate_site_secret, load_site_secret
 from insitu.cliopts import renamed
@@ -68,6 +68,16 @@ def _summary(r: DeidReport) -> None:
               f"allowed {r.max_suppression:.0%})")
     out.print(f"pseudonymized: {r.pseudonymized or '-'}  dropped: {r.dropped or '-'}  "
               f"encrypted: {r.encrypted or '-'}" + (f" (key {r.key_id})" if r.key_id else ""))
+    for col, t in r.tokens.items():
+        out.print(f"tokens of {col}: padded to {t['max_bytes']} bytes, every token {t['token_chars']} characters")
+    out.print(f"row order: keyed random (nonce {r.row_order_nonce})")
+    iv = r.intervals
+    if iv and iv.get("multi_visit_patients"):
+        rates = "  ".join(f"{u}={v:.1%}" + ("*" if u == iv["applied"] else "")
+                          for u, v in iv["singling_out"].items() if v is not None)
+        out.print(f"dates shifted ±{r.date_shift_days} days, coarsened to {r.date_coarsening}; share of the "
+                  f"{iv['multi_visit_patients']} multi-visit patients singled out by their intervals: {rates} "
+                  "(* = this release; set [deid] date_coarsening to lower it)")
 
 
 @app.command("apply")
@@ -89,7 +99,9 @@ def apply_command(
     """Apply a policy: pseudonymize or drop identifiers, generalize to k-anonymity/l-diversity, encrypt sensitive columns.
 
     Everything is checked in memory first: if the policy cannot be met (e.g. k needs more
-    suppression than allowed) nothing is written.
+    suppression than allowed, or a sensitive value is longer than its column's max_bytes) nothing
+    is written.  Tokens of a column all have one length, rows come out in a keyed random order,
+    and the report gives the share of patients their visit intervals single out.
     """
     if "://" not in out_path and Path(out_path).exists() and not overwrite:
         raise DataError(f"{out_path} already exists; pass --overwrite to replace it")
@@ -163,7 +175,11 @@ def rotate_command(
     id_column: str = typer.Option(..., help="Pseudonym column the tokens are bound to (the policy's patient_id feature)."),
     table: str = typer.Option("deidentified", help="Table, for a SQLite file."),
 ) -> None:
-    """Rotate the field-encryption key: re-encrypt every token in DATA to a new key id (all verified first)."""
+    """Rotate the field-encryption key: re-encrypt every token in DATA to a new key id (all verified first).
+
+    Each column keeps its padded token length; tokens of the old unpadded format come out padded
+    to the column's longest value.
+    """
     ring = FieldKeyring.load(keyring)
     is_sqlite = data.suffix.lower() in (".db", ".sqlite", ".sqlite3")
     if is_sqlite:
@@ -184,5 +200,6 @@ def rotate_command(
     rotated = rotate_frame(frame, cols, id_column, new_ring)
     new_ring.save(keyring, overwrite=True)
     write_table(rotated, data, table=table, overwrite=True)
-    out.print(f"re-encrypted {len(cols)} column(s) {cols} of {len(frame)} records to key {new_key_id}; "
-              f"old keys kept in {keyring} until retired")
+    lengths = ", ".join(f"{c}: {'/'.join(map(str, n))} characters" for c, n in token_lengths(rotated, cols).items())
+    out.print(f"re-encrypted {len(cols)} column(s) {cols} of {len(frame)} records to key {new_key_id} "
+              f"(token length {lengths}); old keys kept in {keyring} until retired")

@@ -6,6 +6,7 @@
     max_suppression = 0.05       # at most 5% of records may be removed; more is an error
     patient_id = "mrn"           # keys the pseudonym, the date shift and the encryption binding
     date_shift_days = 365        # every date of a patient moves by the same keyed offset (0 = off)
+    date_coarsening = "week"     # then round dates down: week | month | quarter | year ("none": exact intervals)
 
     [identifiers]                # direct identifiers: "pseudonymize" or "drop" (unlisted: dropped)
     mrn = "pseudonymize"
@@ -19,13 +20,17 @@
     [sensitive.diagnosis]        # unlisted sensitive columns: encrypt = true, diversity = true
     encrypt = true
     diversity = true
+    max_bytes = 16               # every token is padded to this (UTF-8 bytes); longer values are refused
 
 Secure defaults: unlisted direct identifiers are dropped, unlisted sensitive columns are encrypted
 and count for l-diversity, dates are shifted.  A policy naming columns the schema does not have, or
 acting on a column in a way its role does not allow, is refused before any record is read.
+Released rows are always in a keyed random order (``insitu.deid.release``), and every encrypted
+column's tokens have one length (default ``max_bytes`` 64).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tomllib
 from collections.abc import Mapping
@@ -35,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from insitu.data.sources import ColumnType, RecordSchema, Role
+from insitu.deid.fieldcrypt import DEFAULT_MAX_BYTES, check_max_bytes
 from insitu.deid.hierarchy import Hierarchy, HierarchyKind, build_hierarchy
+from insitu.deid.release import DateCoarsening
 from insitu.errors import ConfigError
 
 
@@ -55,6 +62,7 @@ class SensitiveRule:
     column: str
     encrypt: bool = True
     diversity: bool = True
+    max_bytes: int = DEFAULT_MAX_BYTES  # tokens of this column are padded to it
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class DeidPolicy:
     quasi: tuple[QuasiRule, ...]
     sensitive: tuple[SensitiveRule, ...]
     sha256: str = ""
+    date_coarsening: DateCoarsening = DateCoarsening.NONE
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "DeidPolicy":
@@ -87,7 +96,7 @@ class DeidPolicy:
         if extra:
             raise ConfigError(f"{origin}: unknown section(s) {sorted(extra)}; allowed: deid, identifiers, generalize, sensitive")
         d = dict(raw.get("deid", {}))
-        extra = set(d) - {"k", "l", "max_suppression", "patient_id", "date_shift_days"}
+        extra = set(d) - {"k", "l", "max_suppression", "patient_id", "date_shift_days", "date_coarsening"}
         if extra:
             raise ConfigError(f"{origin}: unknown key(s) in [deid]: {sorted(extra)}")
         k, l_ = d.get("k", 5), d.get("l", 1)
@@ -101,6 +110,11 @@ class DeidPolicy:
         shift = d.get("date_shift_days", 365)
         if not isinstance(shift, int) or shift < 0:
             raise ConfigError(f"{origin}: date_shift_days must be an integer >= 0, got {shift!r}")
+        try:
+            coarsening = DateCoarsening(d.get("date_coarsening", DateCoarsening.NONE.value))
+        except ValueError:
+            raise ConfigError(f"{origin}: date_coarsening {d.get('date_coarsening')!r} is unknown; use "
+                              f"{[c.value for c in DateCoarsening]}") from None
         pid = d.get("patient_id")
         if pid is not None and not isinstance(pid, str):
             raise ConfigError(f"{origin}: patient_id must be a column name")
@@ -126,11 +140,13 @@ class DeidPolicy:
         sens = []
         for col, spec in dict(raw.get("sensitive", {})).items():
             spec = dict(spec) if isinstance(spec, Mapping) else {}
-            extra = set(spec) - {"encrypt", "diversity"}
+            extra = set(spec) - {"encrypt", "diversity", "max_bytes"}
             if extra:
-                raise ConfigError(f"{origin}: [sensitive.{col}] unknown key(s) {sorted(extra)}; allowed: encrypt, diversity")
-            sens.append(SensitiveRule(col, bool(spec.get("encrypt", True)), bool(spec.get("diversity", True))))
-        return cls(k, l_, float(ms), pid, shift, idents, tuple(quasi), tuple(sens), sha256)
+                raise ConfigError(f"{origin}: [sensitive.{col}] unknown key(s) {sorted(extra)}; "
+                                  "allowed: encrypt, diversity, max_bytes")
+            sens.append(SensitiveRule(col, bool(spec.get("encrypt", True)), bool(spec.get("diversity", True)),
+                                      check_max_bytes(spec.get("max_bytes", DEFAULT_MAX_BYTES), col)))
+        return cls(k, l_, float(ms), pid, shift, idents, tuple(quasi), tuple(sens), sha256, coarsening)
 
     def resolve(self, schema: RecordSchema) -> "DeidPolicy":
         """Check the policy against a schema and fill the secure defaults; raises naming every problem."""
@@ -181,8 +197,7 @@ class DeidPolicy:
             raise ConfigError("policy does not fit the schema: " + "; ".join(problems))
         order = {c.name: i for i, c in enumerate(schema.columns)}
         quasi = tuple(sorted(self.quasi, key=lambda q: order[q.column]))
-        return DeidPolicy(self.k, self.l, self.max_suppression, self.patient_id, self.date_shift_days,
-                          idents, quasi, sens, self.sha256)
+        return dataclasses.replace(self, identifiers=idents, quasi=quasi, sensitive=sens)
 
 
 __all__ = ["DeidPolicy", "IdentifierAction", "QuasiRule", "SensitiveRule"]
