@@ -90,3 +90,14 @@ def test_schema_not_matching_source_writes_nothing(tmp_path):
     r = _apply(tmp_path, out)
     assert isinstance(r.exception, DataError) and "['zip', 'sex']" in str(r.exception)
     assert not out.exists()
+
+
+def test_value_longer_than_max_bytes_writes_nothing(tmp_path):
+    short = {**POLICY, "sensitive": {"diagnosis": {"encrypt": True, "diversity": True, "max_bytes": 2}}}
+    _setup(tmp_path, short)
+    out = tmp_path / "out.csv"
+    r = _apply(tmp_path, out)
+    assert isinstance(r.exception, DataError)
+    assert "'diagnosis'" in str(r.exception) and "max_bytes to at least 3" in str(r.exception)
+    assert not any(code in str(r.exception) for code in ("I10", "E11", "J45", "C50", "F32"))
+    assert not out.exists()

@@ -10,12 +10,19 @@ Released values may be generalised or suppressed by a de-identification policy, 
 means: the auxiliary value falls in the released interval (``pd.Interval``, ``"40-49"``,
 ``"[40, 50)"``), matches a masked prefix (``"021**"``), or the released value is suppressed
 (``None``, NaN, ``"*"``); otherwise the values must be equal.
+
+A release also leaks around its cells; three attacks measure that, each scored against truth only
+the evaluator holds: :func:`token_length_attack` (a sensitive value guessed from its encrypted
+token's length), :func:`row_position_attack` (a hidden date read off the row position of a release
+that kept a date-sorted source's order, and the date shift with it) and
+:func:`interval_linkage_attack` (a patient found by the intervals between their visits, which a
+per-patient date shift keeps).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -170,3 +177,147 @@ def reidentification_before_after(
     # suppressed records are not released: count them as not re-identified over the original rows
     after = LinkageResult(before.n_released, after.n_unique, after.n_correct, after.expected_rate * after.n_released / max(1, before.n_released), after.quasi_identifiers)
     return ReidentificationRisk(before, after, res.report.suppressed, res.report.k)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a release gives away beyond its cells: token lengths, row order, date intervals.
+# Each attack succeeds on a release without the matching defence of ``insitu.deid`` (unpadded
+# tokens, source order, exact intervals) and is scored against the truth only the evaluator holds.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenLengthResult:
+    """Accuracy of guessing a sensitive value from its token's length alone, beside the best guess
+    that ignores the token (always the commonest value): ``majority_rate``."""
+
+    n_test: int
+    distinct_lengths: int
+    accuracy: float
+    majority_rate: float
+
+    @property
+    def advantage(self) -> float:
+        return self.accuracy - self.majority_rate
+
+
+def token_length_attack(tokens: Sequence[str], values: Sequence[Hashable], *, train_share: float = 0.5,
+                        seed: int = 0) -> TokenLengthResult:
+    """Learn on a labelled share of the rows (e.g. patients whose diagnosis the attacker knows) the
+    commonest value per token length; predict the rest; unseen lengths get the overall commonest."""
+    tokens, values = list(tokens), list(values)
+    if len(tokens) != len(values) or len(tokens) < 2:
+        raise DataError(f"{len(tokens)} tokens for {len(values)} values; give one value per token (two or more)")
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(tokens))
+    n_train = min(max(1, int(round(train_share * len(tokens)))), len(tokens) - 1)
+    train, test = idx[:n_train], idx[n_train:]
+    frame = pd.DataFrame({"length": [len(t) for t in tokens], "value": pd.Series(values, dtype=object).astype(str)})
+    tr = frame.iloc[train]
+    overall = tr["value"].value_counts().idxmax()
+    per_length = tr.groupby("length")["value"].agg(lambda s: s.value_counts().idxmax())
+    te = frame.iloc[test]
+    guess = te["length"].map(per_length).fillna(overall)
+    return TokenLengthResult(len(te), int(frame["length"].nunique()), float((guess == te["value"]).mean()),
+                             float(te["value"].value_counts(normalize=True).iloc[0]))
+
+
+@dataclass(frozen=True)
+class RowOrderResult:
+    """How well row position predicts a date the release does not show (``spearman`` between
+    position and the true date; ``median_error_days`` of the estimate), and, given a shifted date of
+    the same rows, how well it gives the date shift back."""
+
+    n_rows: int
+    spearman: float
+    median_error_days: float
+    shift_median_error_days: float | None
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def row_position_attack(true_dates: Sequence[Any], *, span: tuple[Any, Any] | None = None,
+                        shifted: Sequence[Any] | None = None, true_shift_days: Sequence[int] | None = None
+                        ) -> RowOrderResult:
+    """Assume the release kept the order of a date-sorted source: row ``i`` of ``n`` happened at
+    ``lo + (hi - lo) · i/(n-1)``, with ``span = (lo, hi)`` the period the release covers (public; default
+    the truth's range).  ``true_dates`` are the hidden dates of the released rows, in release order
+    (the evaluator's truth).  With ``shifted`` (a date of the same rows the release shows, shifted per
+    patient) and ``true_shift_days``, the shift is estimated as ``shifted - estimate``."""
+    truth = pd.to_datetime(pd.Series(list(true_dates)))
+    n = len(truth)
+    if n < 2:
+        raise DataError("a row-position attack needs at least two rows")
+    lo, hi = (truth.min(), truth.max()) if span is None else (pd.Timestamp(span[0]), pd.Timestamp(span[1]))
+    estimate = lo + (hi - lo) * (np.arange(n) / (n - 1))
+    err = (truth - pd.Series(estimate)).dt.days.abs()
+    shift_err = None
+    if shifted is not None:
+        if true_shift_days is None:
+            raise DataError("scoring the recovered date shift needs true_shift_days")
+        est_shift = (pd.to_datetime(pd.Series(list(shifted))) - pd.Series(estimate)).dt.days
+        shift_err = float((est_shift - np.asarray(true_shift_days)).abs().median())
+    return RowOrderResult(n, _spearman(np.arange(n), truth.to_numpy().astype("datetime64[ns]").astype(np.int64)),
+                          float(err.median()), shift_err)
+
+
+@dataclass(frozen=True)
+class IntervalLinkageResult:
+    """Targets (multi-visit patients whose true dates the attacker holds) pinned to exactly one
+    released patient, and to the right one."""
+
+    targets: int
+    unique: int
+    correct: int
+
+    @property
+    def rate(self) -> float:
+        return self.correct / self.targets if self.targets else 0.0
+
+
+def interval_linkage_attack(release_patients: Sequence[Hashable], release_dates: Sequence[Sequence[Any]],
+                            aux_patients: Sequence[Hashable], aux_dates: Sequence[Sequence[Any]], *,
+                            truth: Mapping[Hashable, Hashable], coarsening: Any = "none",
+                            max_shift_days: int = 0) -> IntervalLinkageResult:
+    """Find each target in a date-shifted release by the intervals between its visits.
+
+    The attacker holds the true dates of some patients (``aux_patients``/``aux_dates``: one row per
+    visit, the same date columns as ``release_dates``), knows the policy (``coarsening``, the shift
+    bound ``max_shift_days``) but not the keyed shifts.  Exact intervals survive any per-patient
+    shift, so one signature per target suffices; after coarsening the attacker tries every shift in
+    ``±max_shift_days``, rounds as the site would, and collects every released patient matching any of
+    them.  ``truth`` maps a target to its released pseudonym, for scoring only.
+    """
+    from insitu.deid.release import DateCoarsening, coarsen_days, signature_keys as keys, to_days
+
+    try:
+        unit = DateCoarsening(coarsening)
+    except ValueError:
+        raise DataError(f"coarsening {coarsening!r} is unknown; use {[c.value for c in DateCoarsening]}") from None
+    if len(release_dates) != len(aux_dates) or not release_dates:
+        raise DataError("give the same date columns (one or more) for the release and the auxiliary table")
+
+    r_codes, r_ids = pd.factorize(pd.Series(list(release_patients), dtype=object))
+    r_pairs = [to_days(pd.Series(list(d))) for d in release_dates]
+    r_counts, r_keys = keys(r_codes, [p[0] for p in r_pairs], [p[1] for p in r_pairs])
+    by_key: dict[int, list[Hashable]] = {}
+    for pid, cnt, key in zip(r_ids, r_counts, r_keys.tolist()):
+        if cnt >= 2:
+            by_key.setdefault(key, []).append(pid)
+
+    a_codes, a_ids = pd.factorize(pd.Series(list(aux_patients), dtype=object))
+    a_pairs = [to_days(pd.Series(list(d))) for d in aux_dates]
+    a_counts = np.bincount(a_codes, minlength=len(a_ids))
+    candidates: list[set] = [set() for _ in a_ids]
+    shifts = [0] if unit is DateCoarsening.NONE else range(-max_shift_days, max_shift_days + 1)
+    for o in shifts:
+        _, k = keys(a_codes, [coarsen_days(d + o, unit) for d, _ in a_pairs], [m for _, m in a_pairs])
+        for t, key in enumerate(k.tolist()):
+            candidates[t].update(by_key.get(key, ()))
+    targets = [t for t in range(len(a_ids)) if a_counts[t] >= 2]
+    unique = [t for t in targets if len(candidates[t]) == 1]
+    correct = sum(1 for t in unique if truth.get(a_ids[t]) in candidates[t])
+    return IntervalLinkageResult(len(targets), len(unique), correct)

@@ -60,7 +60,7 @@ def release_order(secret: bytes, nonce: bytes, n: int) -> np.ndarray:
 
 
 # -- date coarsening ----------------------------------------------------------------------------
-def _to_days(dates: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def to_days(dates: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Days since 1970-01-01 (int64) and a missing mask."""
     d = pd.to_datetime(pd.Series(dates), errors="coerce")
     missing = d.isna().to_numpy()
@@ -87,7 +87,7 @@ def coarsen(dates: pd.Series, unit: DateCoarsening) -> pd.Series:
     """``dates`` (datetime-like, missing kept) rounded down to ``unit``."""
     if unit is DateCoarsening.NONE:
         return dates
-    days, missing = _to_days(dates)
+    days, missing = to_days(dates)
     out = pd.Series(coarsen_days(days, unit).astype("datetime64[D]"), index=dates.index).astype("datetime64[ns]")
     out[missing] = pd.NaT
     return out
@@ -124,6 +124,14 @@ def interval_signatures(patients: np.ndarray, days: Sequence[np.ndarray], missin
     return np.bincount(patients, minlength=n_pat), acc
 
 
+def signature_keys(patients: np.ndarray, days: Sequence[np.ndarray], missing: Sequence[np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per patient code: its row count and one 64-bit key for (row count, interval signature)."""
+    counts, sig = interval_signatures(patients, days, missing)
+    with np.errstate(over="ignore"):
+        return counts, _mix(sig ^ _mix(counts.astype(np.uint64)))
+
+
 @dataclass(frozen=True)
 class SinglingOut:
     """Multi-visit patients of a release, and how many of them no other patient shares an interval
@@ -143,14 +151,12 @@ def singling_out(patients: pd.Series | np.ndarray, dates: Sequence[pd.Series]) -
     codes, _ = pd.factorize(pd.Series(patients), use_na_sentinel=False)
     if not dates or len(codes) == 0:
         return SinglingOut(0, 0)
-    pairs = [_to_days(d.reset_index(drop=True)) for d in dates]
-    counts, sig = interval_signatures(codes, [p[0] for p in pairs], [p[1] for p in pairs])
+    pairs = [to_days(d.reset_index(drop=True)) for d in dates]
+    counts, key = signature_keys(codes, [p[0] for p in pairs], [p[1] for p in pairs])
     multi = counts >= 2
-    with np.errstate(over="ignore"):
-        key = _mix(sig[multi] ^ _mix(counts[multi].astype(np.uint64)))
-    _, inverse, freq = np.unique(key, return_inverse=True, return_counts=True)
+    _, inverse, freq = np.unique(key[multi], return_inverse=True, return_counts=True)
     return SinglingOut(int(multi.sum()), int((freq[inverse] == 1).sum()))
 
 
 __all__ = ["DateCoarsening", "SinglingOut", "coarsen", "coarsen_days", "interval_signatures", "release_order",
-           "singling_out"]
+           "signature_keys", "singling_out", "to_days"]
