@@ -14,6 +14,11 @@
 4. audit appends per second (SQLite file, durable commits): batched ``append_many`` vs one
    transaction per ``append`` (the baseline), and plain SQLite INSERTs without chain or signature
    (the price of tamper evidence); on PostgreSQL too with ``--pg URL`` or $INSITU_TEST_PG_URL.
+5. what a release leaks around its cells, attacked without and with each defence (same run, same
+   records: a visit export sorted by date, ICD-10 codes of different lengths): token length ->
+   diagnosis (unpadded vs padded tokens), row position -> hidden visit date and date shift (source
+   order vs keyed order), visit intervals -> patient (exact vs coarsened dates); then what the
+   defences cost (token size, time, date precision).  ``--release-rows`` sets its size.
 """
 from __future__ import annotations
 
@@ -34,7 +39,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from insitu.audit import AuditAction, AuditLog
 from insitu.data.sources import RecordSchema
-from insitu.deid import DeidPolicy, Pseudonymizer, deidentify
+from insitu.attacks.linkage import interval_linkage_attack, row_position_attack, token_length_attack
+from insitu.deid import DeidPolicy, FieldKeyring, Pseudonymizer, deidentify
+from insitu.deid.fieldcrypt import encrypt_values, token_chars, unpadded_tokens
+from insitu.deid.release import DateCoarsening, coarsen, release_order
 from insitu.deid.hierarchy import HIPAA_RESTRICTED_ZIP3, HierarchyKind, build_hierarchy
 from insitu.deid.kanon import failing
 
@@ -115,6 +123,117 @@ POLICY = DeidPolicy.from_dict({
 })
 
 
+#: ICD-10 codes of different lengths, unevenly common (the commonest is 22 %)
+ICD = ["I10", "E11.9", "J45.909", "C50.911", "F32.A", "Z00.00", "M54.5", "K21.9", "E78.5", "N39.0"]
+ICD_P = np.array([22, 14, 12, 10, 10, 9, 8, 7, 5, 3], float) / 100
+
+
+def release_schema() -> RecordSchema:
+    """SCHEMA's columns plus a released (shifted, not generalized) admission date."""
+    cols = {c.name: {"role": c.role.value, "type": c.type.value} for c in SCHEMA.columns}
+    cols["admitted"] = {"role": "feature", "type": "date"}
+    return RecordSchema.from_dict({"columns": cols})
+
+
+def release_policy(coarsening: str) -> DeidPolicy:
+    return DeidPolicy.from_dict({
+        "deid": {"k": K, "l": 2, "max_suppression": 0.02, "patient_id": "mrn", "date_shift_days": SHIFT_DAYS,
+                 "date_coarsening": coarsening},
+        "identifiers": {"mrn": "pseudonymize"},
+        "generalize": {"age": {"hierarchy": "age_band", "levels": [5, 10, 20, "*"]},
+                       "zip": {"hierarchy": "zip_prefix", "levels": [3, 2, 1, "*"]},
+                       "sex": {"hierarchy": "category"},
+                       "visit_date": {"hierarchy": "date", "levels": ["month", "year", "*"]}},
+        "sensitive": {"diagnosis": {"encrypt": True, "diversity": True, "max_bytes": 16}},
+    })
+
+
+def synth_release(n: int, seed: int = 1) -> pd.DataFrame:
+    """Visits as an export sorted by visit date: ~3 per patient, admission 0-9 days before the visit."""
+    df = synth(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    df["diagnosis"] = pd.Series(rng.choice(ICD, size=n, p=ICD_P), dtype="string")
+    df["admitted"] = df["visit_date"] - pd.to_timedelta(rng.integers(0, 10, size=n), unit="D")
+    return df.sort_values("visit_date", kind="stable").reset_index(drop=True)
+
+
+def release_bench(n: int, targets: int, seed: int = 1) -> None:
+    df = synth_release(n, seed)
+    secret, ring, schema = os.urandom(32), FieldKeyring.generate(), release_schema()
+    t_on, on = timed(lambda: deidentify(df, schema, release_policy("month"), secret, keyring=ring))
+    t_off, off = timed(lambda: deidentify(df, schema, release_policy("none"), secret, keyring=ring))
+    src = df.iloc[on.source_rows].reset_index(drop=True)  # the evaluator's truth, in release order
+    back = np.argsort(on.source_rows)                       # the same release in source order
+
+    # token length -> diagnosis
+    rids = on.frame["mrn"].astype(str).tolist()
+    t_unpad, unpadded = timed(lambda: unpadded_tokens(src["diagnosis"].tolist(), "diagnosis", rids, ring))
+    t_pad, _ = timed(lambda: encrypt_values(src["diagnosis"].tolist(), "diagnosis", rids, ring, max_bytes=16))
+    tl_off = token_length_attack(unpadded, src["diagnosis"])
+    tl_on = token_length_attack(on.frame["diagnosis"], src["diagnosis"])
+    # row position -> hidden visit date, and the date shift (from the shifted, released admission date)
+    true_shift = Pseudonymizer(secret).date_offsets(df["mrn"], SHIFT_DAYS)[on.source_rows]
+    ro_off = row_position_attack(src["visit_date"].iloc[back], shifted=on.frame["admitted"].iloc[back],
+                                 true_shift_days=true_shift[back])
+    ro_on = row_position_attack(src["visit_date"], shifted=on.frame["admitted"], true_shift_days=true_shift)
+    # visit intervals -> patient: an attacker holding some patients' true admission dates
+    truth = dict(zip(df["mrn"], Pseudonymizer(secret).pseudonyms(df["mrn"])))
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(df["mrn"].unique(), size=min(targets, df["mrn"].nunique()), replace=False))
+    aux = df[df["mrn"].isin(chosen)]
+    il_off = interval_linkage_attack(off.frame["mrn"], [off.frame["admitted"]], aux["mrn"], [aux["admitted"]],
+                                     truth=truth, coarsening="none", max_shift_days=SHIFT_DAYS)
+    t_il, il_on = timed(lambda: interval_linkage_attack(on.frame["mrn"], [on.frame["admitted"]], aux["mrn"],
+                                                        [aux["admitted"]], truth=truth, coarsening="month",
+                                                        max_shift_days=SHIFT_DAYS))
+    so = on.report.intervals["singling_out"]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.3f}" if b else "-"
+
+    print(f"\n5. what a release leaks around its cells ({len(on.frame):,} released visits of a date-sorted export, "
+          f"{on.report.intervals['multi_visit_patients']:,} multi-visit patients; same run, same records)")
+    rows = [
+        ("token length -> diagnosis", "accuracy", "unpadded", tl_off.accuracy, "padded to 16 B", tl_on.accuracy,
+         f"majority {tl_on.majority_rate:.3f}"),
+        ("row position -> visit date", "Spearman", "source order", ro_off.spearman, "keyed order", ro_on.spearman,
+         "0"),
+        ("", "median error, days", "", ro_off.median_error_days, "", ro_on.median_error_days,
+         f"mid-span guess {ro_on.baseline_error_days:.0f}"),
+        ("  ... -> date shift", "median error, days", "", ro_off.shift_median_error_days, "",
+         ro_on.shift_median_error_days, f"guess 0: {ro_on.shift_baseline_error_days:.0f}"),
+        ("intervals -> patient: unique", "share of patients", "exact", so["none"], "week", so["week"], "-"),
+        ("  (report, all released dates)", "", "exact", so["none"], "month", so["month"], "-"),
+        ("", "", "exact", so["none"], "quarter", so["quarter"], "-"),
+        ("intervals -> patient: linkage", "re-identified", "exact", il_off.rate, "month", il_on.rate, "-"),
+        (f"  ({len(chosen):,} patients' admissions known)", "", "", np.nan, "", np.nan, ""),
+    ]
+    head = f"   {'attack':<34}{'measure':<22}{'without':>16}{'':>8}{'with':>18}{'':>8}{'with/without':>14}  baseline"
+    print(head)
+    for attack, measure, wo_name, wo, w_name, w, base in rows:
+        if np.isnan(wo):
+            print(f"   {attack}")
+            continue
+        print(f"   {attack:<34}{measure:<22}{wo_name:>16}{wo:>8.3f}{w_name:>18}{w:>8.3f}{ratio(w, wo):>14}  {base}")
+    m = len(on.frame)
+    t_order, _ = timed(lambda: release_order(secret, os.urandom(16), m))
+    exact_days = src["admitted"]
+    week = (exact_days - coarsen(exact_days, DateCoarsening.WEEK)).dt.days.mean()
+    month = (exact_days - coarsen(exact_days, DateCoarsening.MONTH)).dt.days.mean()
+    unpadded_len = np.mean([len(t) for t in unpadded])
+    print("   costs:")
+    print(f"   token size            {token_chars(16, ring.active):>8} chars padded (max_bytes 16)   vs "
+          f"{unpadded_len:.1f} mean unpadded   ratio {token_chars(16, ring.active) / unpadded_len:.2f} x")
+    print(f"   encryption            {m / t_pad:>12,.0f} rows/s padded   vs {m / t_unpad:>10,.0f} unpadded   "
+          f"ratio {(m / t_pad) / (m / t_unpad):.2f} x")
+    print(f"   keyed row order       {m / t_order:>12,.0f} rows/s ({t_order * 1e3:.0f} ms for the release)")
+    print(f"   full deidentify       {t_on:>12.2f} s with month coarsening vs {t_off:.2f} s without "
+          f"(both padded, keyed order, interval report)")
+    print(f"   date precision        rounding moves a date by {week:.1f} days on average to weeks, {month:.1f} to months "
+          f"(after the ±{SHIFT_DAYS}-day shift, which already moves it {np.abs(true_shift).mean():.0f})")
+    print(f"   interval attack time  {t_il:.1f} s for {len(chosen):,} targets x {2 * SHIFT_DAYS + 1} candidate shifts")
+
+
 def timed(fn, *a):
     t = time.perf_counter()
     out = fn(*a)
@@ -188,6 +307,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100,000 rows and fewer audit appends")
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--baseline-rows", type=int, default=None, help="rows for the per-row baseline (default min(rows, 200,000))")
+    ap.add_argument("--release-rows", type=int, default=None,
+                    help="rows of the release-leak section 5 (default min(rows, 200,000))")
     ap.add_argument("--pg", default=os.environ.get("INSITU_TEST_PG_URL"),
                     help="also measure audit appends on this PostgreSQL URL (default: $INSITU_TEST_PG_URL)")
     args = ap.parse_args()
@@ -233,6 +354,8 @@ def main() -> None:
         print("   PostgreSQL (same machine, 127.0.0.1):")
         print(f"   batched append_many(100)          {p['batched']:>10,.0f} appends/s")
         print(f"   baseline: one commit per append   {p['single']:>10,.0f} appends/s   ratio {p['batched'] / p['single']:.1f} x")
+
+    release_bench(args.release_rows or min(n, 200_000), 500 if args.quick else 2000)
 
 
 if __name__ == "__main__":

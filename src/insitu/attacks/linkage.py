@@ -224,12 +224,15 @@ def token_length_attack(tokens: Sequence[str], values: Sequence[Hashable], *, tr
 class RowOrderResult:
     """How well row position predicts a date the release does not show (``spearman`` between
     position and the true date; ``median_error_days`` of the estimate), and, given a shifted date of
-    the same rows, how well it gives the date shift back."""
+    the same rows, how well it gives the date shift back.  The baselines are what a guess without the
+    order gets: the middle of the span for the date, no shift (0) for the shift."""
 
     n_rows: int
     spearman: float
     median_error_days: float
     shift_median_error_days: float | None
+    baseline_error_days: float
+    shift_baseline_error_days: float | None
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -254,14 +257,16 @@ def row_position_attack(true_dates: Sequence[Any], *, span: tuple[Any, Any] | No
     lo, hi = (truth.min(), truth.max()) if span is None else (pd.Timestamp(span[0]), pd.Timestamp(span[1]))
     estimate = lo + (hi - lo) * (np.arange(n) / (n - 1))
     err = (truth - pd.Series(estimate)).dt.days.abs()
-    shift_err = None
+    shift_err = shift_base = None
     if shifted is not None:
         if true_shift_days is None:
             raise DataError("scoring the recovered date shift needs true_shift_days")
         est_shift = (pd.to_datetime(pd.Series(list(shifted))) - pd.Series(estimate)).dt.days
         shift_err = float((est_shift - np.asarray(true_shift_days)).abs().median())
+        shift_base = float(np.median(np.abs(np.asarray(true_shift_days))))
+    base = float((truth - (lo + (hi - lo) / 2)).dt.days.abs().median())
     return RowOrderResult(n, _spearman(np.arange(n), truth.to_numpy().astype("datetime64[ns]").astype(np.int64)),
-                          float(err.median()), shift_err)
+                          float(err.median()), shift_err, base, shift_base)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from insitu.deid.hierarchy import TOP
 from insitu.deid.kanon import RiskReport, enforce, risk
 from insitu.deid.policy import DeidPolicy, IdentifierAction
 from insitu.deid.pseudonym import Pseudonymizer
-from insitu.deid.release import ORDER_NONCE_BYTES, DateCoarsening, coarsen, release_order, singling_out
+from insitu.deid.release import ORDER_NONCE_BYTES, DateCoarsening, as_datetime, coarsen, release_order, singling_out
 from insitu.errors import ConfigError, DataError, PolicyViolation
 
 
@@ -114,7 +114,7 @@ def _coarsen_dates(frame: pd.DataFrame, schema: RecordSchema, unit: DateCoarseni
         return frame
     out = frame.copy()
     for c in dates:
-        out[c] = coarsen(pd.to_datetime(frame[c]), unit)
+        out[c] = coarsen(as_datetime(frame[c]), unit)
     return out
 
 
@@ -136,7 +136,7 @@ def _interval_report(shifted: pd.DataFrame, keep: np.ndarray, people: np.ndarray
             level = levels.get(c)
             if level == TOP:
                 continue
-            v = coarsen(pd.to_datetime(kept[c]), unit)
+            v = coarsen(as_datetime(kept[c]), unit)
             if level is not None:
                 v = coarsen(v, _LEVEL_UNIT[level])
             series.append(v)

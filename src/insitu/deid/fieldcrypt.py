@@ -127,6 +127,8 @@ _NULL, _TEXT, _JSON = b"n", b"s", b"j"
 
 
 def _normalize(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
     if value is None or (not isinstance(value, (str, bytes)) and pd.isna(value)):
         return None
     if isinstance(value, np.generic):
@@ -200,11 +202,19 @@ def encrypt_values(values: Iterable[Any], column: str, row_ids: Sequence[str], k
     check_max_bytes(max_bytes, column)
     bodies = [_body(v) for v in values]
     _refuse_long([len(b) for _, b in bodies], column, max_bytes)
+    return _encrypt_bodies(bodies, column, row_ids, keyring, max_bytes)
+
+
+def _encrypt_bodies(bodies: list[tuple[bytes, bytes]], column: str, row_ids: Sequence[str], keyring: FieldKeyring,
+                    max_bytes: int) -> list[str]:
     kid = keyring.active
     aead = AESGCM(keyring.keys[kid])
+    if len(bodies) != len(row_ids):
+        raise ValueError(f"{len(bodies)} values for {len(row_ids)} row ids")
+    nonces = secrets.token_bytes(_NONCE * len(bodies))  # one read of the OS CSPRNG, not one per value
     out = []
-    for (kind, body), rid in zip(bodies, row_ids, strict=True):
-        nonce = secrets.token_bytes(_NONCE)
+    for i, ((kind, body), rid) in enumerate(zip(bodies, row_ids)):
+        nonce = nonces[i * _NONCE:(i + 1) * _NONCE]
         ct = aead.encrypt(nonce, _pad(kind, body, max_bytes), _aad(column, rid, kid))
         out.append(f"{TOKEN_PREFIX}.{kid}.{base64.urlsafe_b64encode(nonce + ct).decode()}")
     return out
@@ -261,13 +271,13 @@ def encrypt_frame(frame: pd.DataFrame, columns: Sequence[str], id_column: str, k
     """Encrypt ``columns``, each padded to ``max_bytes[column]`` (default 64); every column is
     checked before any is encrypted."""
     sizes = {c: check_max_bytes((max_bytes or {}).get(c, DEFAULT_MAX_BYTES), c) for c in columns}
+    bodies = {c: [_body(v) for v in frame[c].tolist()] for c in columns}
     for c in columns:
-        check_lengths(frame[c].tolist(), c, sizes[c])
+        _refuse_long([len(b) for _, b in bodies[c]], c, sizes[c])
     out = frame.copy()
     rids = frame[id_column].astype(str).tolist()
     for c in columns:
-        out[c] = pd.Series(encrypt_values(frame[c].tolist(), c, rids, keyring, max_bytes=sizes[c]),
-                           index=frame.index, dtype=object)
+        out[c] = pd.Series(_encrypt_bodies(bodies[c], c, rids, keyring, sizes[c]), index=frame.index, dtype=object)
     return out
 
 

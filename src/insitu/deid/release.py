@@ -60,9 +60,17 @@ def release_order(secret: bytes, nonce: bytes, n: int) -> np.ndarray:
 
 
 # -- date coarsening ----------------------------------------------------------------------------
+def as_datetime(dates: pd.Series) -> pd.Series:
+    """``dates`` as datetime64 (unparseable -> NaT); already-typed columns pass through untouched."""
+    dates = pd.Series(dates)
+    if pd.api.types.is_datetime64_any_dtype(dates):
+        return dates
+    return pd.to_datetime(dates, errors="coerce")
+
+
 def to_days(dates: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Days since 1970-01-01 (int64) and a missing mask."""
-    d = pd.to_datetime(pd.Series(dates), errors="coerce")
+    d = as_datetime(dates)
     missing = d.isna().to_numpy()
     days = d.to_numpy(dtype="datetime64[ns]").astype("datetime64[D]").astype(np.int64)
     return np.where(missing, 0, days), missing
@@ -88,9 +96,9 @@ def coarsen(dates: pd.Series, unit: DateCoarsening) -> pd.Series:
     if unit is DateCoarsening.NONE:
         return dates
     days, missing = to_days(dates)
-    out = pd.Series(coarsen_days(days, unit).astype("datetime64[D]"), index=dates.index).astype("datetime64[ns]")
-    out[missing] = pd.NaT
-    return out
+    out = coarsen_days(days, unit).astype("datetime64[D]").astype("datetime64[ns]")
+    out[missing] = np.datetime64("NaT")
+    return pd.Series(out, index=dates.index, name=dates.name)
 
 
 # -- singling out by intervals ------------------------------------------------------------------
@@ -158,5 +166,5 @@ def singling_out(patients: pd.Series | np.ndarray, dates: Sequence[pd.Series]) -
     return SinglingOut(int(multi.sum()), int((freq[inverse] == 1).sum()))
 
 
-__all__ = ["DateCoarsening", "SinglingOut", "coarsen", "coarsen_days", "interval_signatures", "release_order",
+__all__ = ["DateCoarsening", "SinglingOut", "as_datetime", "coarsen", "coarsen_days", "interval_signatures", "release_order",
            "signature_keys", "singling_out", "to_days"]
