@@ -225,9 +225,11 @@ def unpadded_tokens(values: Iterable[Any], column: str, row_ids: Sequence[str], 
     the token-length attack it allows.  Never used by ``deidentify``."""
     kid = keyring.active
     aead = AESGCM(keyring.keys[kid])
+    values = list(values)
+    nonces = secrets.token_bytes(_NONCE * len(values))
     out = []
-    for value, rid in zip(values, row_ids, strict=True):
-        nonce = secrets.token_bytes(_NONCE)
+    for i, (value, rid) in enumerate(zip(values, row_ids, strict=True)):
+        nonce = nonces[i * _NONCE:(i + 1) * _NONCE]
         plain = json.dumps(_normalize(value), ensure_ascii=False, allow_nan=False).encode()
         ct = aead.encrypt(nonce, plain, _aad(column, rid, kid, LEGACY_PREFIX))
         out.append(f"{LEGACY_PREFIX}.{kid}.{base64.urlsafe_b64encode(nonce + ct).decode()}")
