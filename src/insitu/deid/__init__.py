@@ -1,5 +1,6 @@
 """De-identification of site records before training: keyed pseudonyms, generalization to
-k-anonymity and l-diversity, per-patient date shifts, and AES-GCM field encryption at rest.
+k-anonymity and l-diversity, per-patient date shifts (optionally coarsened), AES-GCM field
+encryption at rest with fixed-length tokens, and releases in a keyed random row order.
 
     from insitu.data.sources import RecordSchema, read_records
     from insitu.deid import DeidPolicy, deidentify, FieldKeyring, load_site_secret
@@ -13,8 +14,10 @@ from insitu.deid.fieldcrypt import FieldKeyring, decrypt_frame, rotate_frame
 from insitu.deid.kanon import RiskReport
 from insitu.deid.policy import DeidPolicy, IdentifierAction
 from insitu.deid.pseudonym import Pseudonymizer, generate_site_secret, load_site_secret
+from insitu.deid.release import DateCoarsening
 
 __all__ = [
+    "DateCoarsening",
     "DeidPolicy",
     "DeidReport",
     "DeidResult",
