@@ -77,7 +77,7 @@ def _summary(r: DeidReport) -> None:
                           for u, v in iv["singling_out"].items() if v is not None)
         out.print(f"dates shifted ±{r.date_shift_days} days, coarsened to {r.date_coarsening}; share of the "
                   f"{iv['multi_visit_patients']} multi-visit patients singled out by their intervals: {rates} "
-                  "(* = this release; set [deid] date_coarsening to lower it)")
+                  "(* = this release; set \\[deid] date_coarsening to lower it)")
 
 
 @app.command("apply")
