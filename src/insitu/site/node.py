@@ -29,6 +29,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -92,7 +93,10 @@ def load_records(policy: SitePolicy, name: str = "site") -> tuple[SiteData, tupl
         result = deidentify(records.frame, schema, DeidPolicy.from_toml(d["deid"]), load_site_secret(Path(d["deid_secret"])), encrypt=False)
         log.info("site %s: de-identified %d records before training (%d suppressed, k=%d)", name,
                  result.report.rows_in, result.report.suppressed, result.report.k)
-        records = type(records)(result.frame.reset_index(drop=True), None)
+        # a release is shuffled by a fresh key each time; training wants the same split on every start,
+        # so put the rows back in source order (this frame never leaves the site)
+        order = np.argsort(np.asarray(result.source_rows))
+        records = type(records)(result.frame.iloc[order].reset_index(drop=True), None)
     data = site_data(records, schema, name, test_fraction=float(d.get("test_fraction", 0.3)), seed=int(d.get("split_seed", 0)))
     return data, tuple(encoding(schema).features)
 
