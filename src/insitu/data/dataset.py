@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 
@@ -25,12 +24,6 @@ class SiteData:
     @property
     def n_test(self) -> int:
         return int(self.X_test.shape[0])
-
-    def label_counts(self) -> dict[str, list[int]]:
-        def counts(y: torch.Tensor) -> list[int]:
-            return np.bincount(y.numpy().astype(int), minlength=2).tolist()
-
-        return {"train": counts(self.y_train), "test": counts(self.y_test)}
 
 
 @dataclass(frozen=True)

@@ -96,17 +96,13 @@ class Pseudonymizer:
         """One HMAC per distinct ID, broadcast to rows; missing IDs stay missing."""
         return self.pseudonyms_and_offsets(ids, 0)[0]
 
-    def date_offsets(self, ids: pd.Series, max_days: int) -> np.ndarray:
-        """A keyed offset in ±[1, max_days] days per patient (0 for missing IDs).
-
-        Every date of one patient moves by the same offset, so intervals between that patient's
-        events are exact; across patients the offsets are unrelated without the key.
-        """
-        return self.pseudonyms_and_offsets(ids, max_days, pseudonyms=False)[1]
-
-    def pseudonyms_and_offsets(self, ids: pd.Series, max_days: int, *,
-                               pseudonyms: bool = True) -> tuple[pd.Series | None, np.ndarray]:
+    def pseudonyms_and_offsets(self, ids: pd.Series, max_days: int) -> tuple[pd.Series, np.ndarray]:
         """Both from one HMAC per distinct ID: bytes 0-15 are the pseudonym, bytes 24-31 the offset.
+
+        The offset is a keyed shift in ±[1, max_days] days per patient (0 for missing IDs, and for
+        everyone when ``max_days`` < 1).  Every date of one patient moves by the same offset, so
+        intervals between that patient's events are exact; across patients the offsets are
+        unrelated without the key.
 
         HMAC-SHA256 is a PRF, so disjoint parts of its output are independent: a pseudonym (which
         leaves the site) says nothing about that patient's date offset.
@@ -115,10 +111,8 @@ class Pseudonymizer:
         key = self._k_pseudo
         texts = pd.Index(uniques, dtype=object).astype(str).str.strip().tolist()  # same as _id_bytes, vectorized
         macs = [hmac.digest(key, t.encode("utf-8"), "sha256") for t in texts]
-        series = None
-        if pseudonyms:
-            table = np.array([m[:PSEUDONYM_HEX // 2].hex() for m in macs] + [None], dtype=object)
-            series = pd.Series(table[codes], index=ids.index, dtype="string")  # code -1 -> None
+        table = np.array([m[:PSEUDONYM_HEX // 2].hex() for m in macs] + [None], dtype=object)
+        series = pd.Series(table[codes], index=ids.index, dtype="string")  # code -1 -> None
         if max_days < 1:
             return series, np.zeros(len(ids), dtype=np.int64)
         raw = np.frombuffer(b"".join(m[24:32] for m in macs), dtype=">u8").astype(np.uint64)

@@ -23,6 +23,7 @@ import torch
 from insitu.errors import ConfigError, DataError
 from insitu.federation.task import TaskSpec
 from insitu.learn.models import build_model, set_flat
+from insitu.learn.train import predict_scores
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,8 @@ class ServedModel:
         return x
 
     def risk(self, x: np.ndarray) -> float:
-        with self._lock, torch.inference_mode():
-            logit = self.net(torch.from_numpy(x).reshape(1, -1))
-        return float(torch.sigmoid(logit).reshape(-1)[0])
+        with self._lock:
+            return float(predict_scores(self.net, torch.from_numpy(x).reshape(1, -1), num_outputs=1)[0])
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "ServedModel":
