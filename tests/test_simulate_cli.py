@@ -27,7 +27,7 @@ def test_help_lists_simulate(capsys):
     [
         (["--dataset", "mnist"], "--dataset: unknown value 'mnist'"),
         (["--strategy", "fedmagic"], "--strategy: unknown value 'fedmagic'"),
-        (["--partition", "zipf"], "unknown partition 'zipf'"),
+        (["--partition", "zipf"], "partition 'zipf': unknown value 'zipf'"),
         (["--sites", "500", "--partition", "iid"], "--sites 500 is more than"),
         (["--dataset", "pneumoniamnist"], "needs --data PATH"),
         (["--data", "/nonexistent.csv"], "does not exist"),

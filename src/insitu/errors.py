@@ -69,16 +69,23 @@ __all__ = [
     "RoundAborted",
     "SecurityError",
     "AuthError",
+    "parse_choice",
 ]
 
 
-def parse_choice(cls, value, what: str, error: type[InsituError] = ConfigError):
+def parse_choice(cls, value, what: str, error: type[InsituError] = ConfigError, *, choices: str | None = None):
     """``cls(value)`` for an enum ``cls``, or ``error`` naming ``what``, the value and the choices.
 
-    The one place where a name given by a user or a peer becomes a member of a closed set."""
+    The one place where a name given by a user or a peer becomes a member of a closed set.
+    ``choices`` words the alternatives where the members alone say too little (``dirichlet:ALPHA``);
+    a value from a peer is shown shortened, so a hostile one cannot flood a log."""
     if isinstance(value, cls):
         return value
     try:
         return cls(value)
     except ValueError:
-        raise error(f"{what}: unknown value {value!r}; choose one of {[m.value for m in cls]}") from None
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        alternatives = choices if choices is not None else [m.value for m in cls]
+        raise error(f"{what}: unknown value {shown}; choose one of {alternatives}") from None

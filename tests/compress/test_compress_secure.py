@@ -8,7 +8,9 @@ import pytest
 from insitu.builder import build_federation
 from insitu.compress import CompressionSpec
 from insitu.compress.secure import SharedSubsetProtocol, compose_with_secure
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, ProtocolError
+from insitu.federation.messages import Message, MessageKind
+from insitu.federation.protocol import PlainSiteProtection
 from insitu.federation.task import TaskSpec
 from insitu.plan import Plan, ProtectionSpec
 
@@ -46,3 +48,11 @@ def test_what_does_not_compose_is_refused():
     p = secure.SecAggProtocol()
     assert compose_with_secure(p, CompressionSpec()) is p
     assert isinstance(compose_with_secure(p, CompressionSpec.parse("shared:0.1+int8")), SharedSubsetProtocol)
+
+
+def test_a_dense_update_under_a_shared_subset_is_a_protocol_fault():
+    """At run time, an update with values outside the round's shared set is refused (fail closed, never
+    silently dropped) as a ProtocolError: the site's reply becomes an error, the round goes on without it."""
+    half = SharedSubsetProtocol.site_half(PlainSiteProtection(), CompressionSpec.parse("shared:0.1"))
+    with pytest.raises(ProtocolError, match="outside round 3's shared index set"):
+        half.protect(Message(MessageKind.TRAIN, 3, "job"), np.ones(100), 1.0)

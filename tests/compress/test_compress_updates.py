@@ -142,7 +142,7 @@ def test_codec_is_exact_on_compressor_output_after_weighting(text):
 
 def test_shared_codec_refuses_values_outside_the_set():
     spec = CompressionSpec.parse("shared:0.01")
-    with pytest.raises(ConfigError, match="outside"):
+    with pytest.raises(ProtocolError, match="outside"):
         UpdateCodec(spec).encode(np.ones(1000), "j", 1)
 
 
@@ -155,7 +155,7 @@ def test_decoder_refuses_malformed():
     bad = dict(t, gaps=np.concatenate([t["gaps"][:1], np.zeros(1, t["gaps"].dtype), t["gaps"][2:]]))
     with pytest.raises(ProtocolError, match="repeat"):
         decode_update(meta, bad, 100, "job", 1)
-    with pytest.raises(ProtocolError, match="unknown update encoding"):
+    with pytest.raises(ProtocolError, match="update encoding: unknown value"):
         decode_update({"encoding": "pickle"}, t, 100, "job", 1)
     qm, qt = UpdateCodec(CompressionSpec.parse("int8")).encode(np.ones(10), "job", 1)
     with pytest.raises(ProtocolError, match="scale"):

@@ -181,7 +181,7 @@ def test_refuted_conditions_and_entered_in_error_observations_do_not_count(expor
     ({"type": "float", "fhir": {"resource": "Observation", "system": "loinc", "code": "2093*"}},
      "a prefix (code ending in *) is for Condition and Encounter codes"),
     ({"type": "boolean", "fhir": {"resource": "Procedure", "system": "snomed", "code": "1"}},
-     "resource is 'Procedure'"),
+     "fhir resource: unknown value 'Procedure'"),
     ({"type": "date", "fhir": {"resource": "Condition", "system": "icd10", "code": "I10", "pick": "mean"}},
      "pick = 'mean' needs values; a Condition has none"),
     ({"type": "integer", "fhir": {"resource": "Patient", "field": "age"}}, "an age needs on = \"YYYY-MM-DD\""),

@@ -52,7 +52,7 @@ def test_heart_csv_non_numeric_value(tmp_path):
 
 
 def test_partition_parse_errors():
-    with pytest.raises(ConfigError, match="unknown partition 'zipf'"):
+    with pytest.raises(ConfigError, match="partition 'zipf': unknown value 'zipf'; choose one of iid, dirichlet:ALPHA"):
         Partition.parse("zipf")
     with pytest.raises(ConfigError, match="needs a number"):
         Partition.parse("dirichlet:x")
@@ -119,7 +119,7 @@ def test_federated_normalization_equals_pooled_statistics():
     d = load_heart(normalize="federated")
     X = np.concatenate([s.X_train.numpy() for s in d.sites])
     np.testing.assert_allclose(X.mean(0), 0, atol=1e-5)
-    with pytest.raises(DataError, match="unknown normalization 'global'"):
+    with pytest.raises(ConfigError, match="normalize: unknown value 'global'"):
         load_heart(normalize="global")
 
 

@@ -46,7 +46,7 @@ def test_canonical_json_fills_defaults_and_ignores_key_order():
 
 
 @pytest.mark.parametrize("layers, problem", [
-    ([{"type": "conv3d", "out_channels": 3}], "layer 0: unknown type 'conv3d'"),
+    ([{"type": "conv3d", "out_channels": 3}], "layer 0: type: unknown value 'conv3d'"),
     ([{"type": "flatten"}, {"type": "linear", "out_features": 0}], "layer 1 (linear): out_features must be an integer from 1"),
     ([{"type": "flatten"}, {"type": "linear", "out_features": "outputs", "activation": "relu"}],
      "layer 1 (linear): unknown key(s) ['activation']"),

@@ -38,7 +38,7 @@ def test_csr_flow_role_is_chosen_by_the_ca(ca, tmp_path):
     cert = ca.sign(load_csr(csr_path), "operator")
     ident = identity_of(cert.public_bytes(serialization.Encoding.DER))
     assert (ident.name, ident.role) == ("ops-1", Role.OPERATOR)
-    with pytest.raises(ConfigError, match="unknown role"):
+    with pytest.raises(ConfigError, match="role: unknown value"):
         ca.sign(load_csr(csr_path), "admin")
 
 

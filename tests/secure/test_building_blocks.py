@@ -66,9 +66,9 @@ def test_fixed_point_refuses_overflow_and_out_of_bound_values():
     with pytest.raises(ConfigError, match="fraction bits"):
         FixedPoint.fit(32, 2.0**16, 100)
     fp = FixedPoint.fit(64, 10.0, 4)
-    with pytest.raises(ConfigError, match="above the fixed-point bound"):
+    with pytest.raises(ProtocolError, match="above the fixed-point bound"):
         fp.encode(np.array([0.0, 11.0]))
-    with pytest.raises(ConfigError, match="NaN"):
+    with pytest.raises(ProtocolError, match="NaN"):
         fp.encode(np.array([np.nan]))
 
 

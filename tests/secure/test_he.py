@@ -33,7 +33,7 @@ def test_packing_sums_without_carries_between_slots(size, n, frac, seed):
 def test_packing_refuses_values_beyond_bound_and_layouts_without_room():
     lay = PackedLayout(2048, 20, 1.0, 4)
     assert lay.slots >= 50
-    with pytest.raises(ConfigError, match="above the packing bound"):
+    with pytest.raises(ProtocolError, match="above the packing bound"):
         lay.encode(np.array([1.5]))
     with pytest.raises(ConfigError, match="> 64"):
         PackedLayout(2048, 40, 2.0**30, 100)
@@ -92,7 +92,7 @@ def test_site_decrypts_once_per_round_and_only_sums_of_its_minimum():
     with pytest.raises(ProtocolError, match="already decrypted"):
         decryptor.handlers[MessageKind.HE_DECRYPT](req)
     lone = replace(req, round=2, meta={**req.meta, "count": 1})
-    with pytest.raises(ConfigError, match="refuses to decrypt a sum of 1"):
+    with pytest.raises(ProtocolError, match="refuses to decrypt a sum of 1"):
         decryptor.handlers[MessageKind.HE_DECRYPT](lone)
 
 

@@ -43,7 +43,7 @@ from insitu.compress.updates import (
     quantize_int8,
     shared_indices,
 )
-from insitu.errors import ConfigError, ProtocolError
+from insitu.errors import ProtocolError, parse_choice
 
 
 class Encoding(str, enum.Enum):
@@ -107,7 +107,7 @@ class UpdateCodec:
         outside = np.count_nonzero(x) - np.count_nonzero(x[idx])
         if outside:
             # the pipeline's compress stage must have used the same shared set; fail closed rather than drop signal
-            raise ConfigError(
+            raise ProtocolError(
                 f"update has {outside} nonzero values outside round {round_}'s shared index set; "
                 "the site pipeline needs the matching shared:F compress stage"
             )
@@ -167,10 +167,7 @@ def decode_update(meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray], si
     name = meta.get("encoding")
     if name is None:
         return _tensor(tensors, "update", ("<f4",), size).astype(np.float64)
-    try:
-        enc = Encoding(name)
-    except ValueError:
-        raise ProtocolError(f"unknown update encoding {name!r}; this build reads {[e.value for e in Encoding]}") from None
+    enc = parse_choice(Encoding, name, "update encoding", ProtocolError)
     out = np.zeros(size, dtype=np.float64)
     if enc is Encoding.DENSE_F32:
         return _tensor(tensors, "update", ("<f4",), size).astype(np.float64)

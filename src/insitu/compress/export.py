@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from insitu.compress.model import DistillConfig, count_params, distill, prune, sparsity
-from insitu.errors import ConfigError, DataError
+from insitu.errors import ConfigError, DataError, parse_choice
 from insitu.federation.task import TaskSpec
 from insitu.learn.models import build_model, set_flat
 
@@ -69,11 +69,8 @@ class ExportOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "quantize", Quantization(self.quantize))
-            object.__setattr__(self, "format", ExportFormat(self.format))
-        except ValueError as exc:
-            raise ConfigError(f"{exc}; --quantize takes none, int8 or int8-static, --format takes onnx") from None
+        object.__setattr__(self, "quantize", parse_choice(Quantization, self.quantize, "--quantize"))
+        object.__setattr__(self, "format", parse_choice(ExportFormat, self.format, "--format"))
         if not 0.0 <= self.prune < 1.0:
             raise ConfigError(f"--prune must be a fraction in [0, 1), got {self.prune}")
 

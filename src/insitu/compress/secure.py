@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from insitu.compress.updates import CompressionSpec, Sparsifier, shared_indices
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, ProtocolError
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, AggregationProtocol, RoundPlan, SiteProtection
 from insitu.federation.transport import Transport
@@ -32,7 +32,7 @@ class _SubsetSite:
         idx = shared_indices(request.job, request.round, x.shape[0], self.spec.k(x.shape[0]))
         outside = np.count_nonzero(x) - np.count_nonzero(x[idx])
         if outside:
-            raise ConfigError(f"update has {outside} nonzero values outside round {request.round}'s shared index set; "
+            raise ProtocolError(f"update has {outside} nonzero values outside round {request.round}'s shared index set; "
                               "the site pipeline needs the matching shared:F compress stage")
         return self.inner.protect(request, x[idx], weight)
 

@@ -56,7 +56,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import pandas as pd
 
 from insitu.data.sources import ColumnType, RecordSchema, Records, Role, SourceKind
-from insitu.errors import ConfigError, DataError
+from insitu.errors import ConfigError, DataError, parse_choice
 
 
 class FhirResource(StrEnum):
@@ -142,11 +142,7 @@ def parse_binding(key: str, value: Any, *, column: str, role: Role, ctype: Colum
         value = {"resource": "Patient", "field": fld}
     if not isinstance(value, Mapping):
         raise ConfigError(f"{what} must be a string (Patient.<field>) or a table")
-    try:
-        resource = FhirResource(value.get("resource"))
-    except ValueError:
-        raise ConfigError(f"{what}: resource is {value.get('resource')!r}; use one of "
-                          f"{[r.value for r in FhirResource]}") from None
+    resource = parse_choice(FhirResource, value.get("resource"), f"{what} resource")
     allowed = {FhirResource.PATIENT: {"resource", "field", "on"},
                FhirResource.OBSERVATION: {"resource", "system", "code", "pick", "unit"},
                FhirResource.CONDITION: {"resource", "system", "code", "pick"},
@@ -168,10 +164,7 @@ def parse_binding(key: str, value: Any, *, column: str, role: Role, ctype: Colum
                               "not Observations; list the LOINC codes")
     default = {FhirResource.OBSERVATION: Pick.LATEST, FhirResource.CONDITION: Pick.ANY,
                FhirResource.ENCOUNTER: Pick.COUNT}[resource]
-    try:
-        pick = Pick(value.get("pick", default))
-    except ValueError:
-        raise ConfigError(f"{what}: pick is {value.get('pick')!r}; use one of {[p.value for p in Pick]}") from None
+    pick = parse_choice(Pick, value.get("pick", default), f"{what} pick")
     if pick is Pick.COUNT:
         fits = _NUMBER
     elif pick is Pick.ANY:
@@ -196,11 +189,7 @@ def parse_binding(key: str, value: Any, *, column: str, role: Role, ctype: Colum
 
 
 def _patient_binding(value: Mapping[str, Any], ctype: ColumnType, what: str) -> FhirBinding:
-    try:
-        fld = PatientField(value.get("field"))
-    except ValueError:
-        raise ConfigError(f"{what}: Patient field is {value.get('field')!r}; use one of "
-                          f"{[f.value for f in PatientField]}") from None
+    fld = parse_choice(PatientField, value.get("field"), f"{what} Patient field")
     if ctype not in _PATIENT_TYPES[fld]:
         raise ConfigError(f"{what}: Patient.{fld.value} gives "
                           f"{' or '.join(sorted(t.value for t in _PATIENT_TYPES[fld]))}, "

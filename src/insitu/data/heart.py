@@ -23,7 +23,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from insitu.data.dataset import FederatedData, SiteData
-from insitu.errors import DataError
+from insitu.errors import DataError, parse_choice
 
 HOSPITALS = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 SITE_NAMES = ("cleveland", "hungary", "switzerland", "va-long-beach")
@@ -150,10 +150,7 @@ def _site(name: str, tr: pd.DataFrame, te: pd.DataFrame, moments: tuple[np.ndarr
 
 
 def _build(df: pd.DataFrame, splits: list[tuple[str, pd.DataFrame, pd.DataFrame]], normalize: str | Normalize, info: dict) -> FederatedData:
-    try:
-        norm = Normalize(normalize)
-    except ValueError:
-        raise DataError(f"unknown normalization {normalize!r}; use site or federated") from None
+    norm = parse_choice(Normalize, normalize, "normalize")
     moments = federated_moments([tr[list(FEATURES)].to_numpy(float) for _, tr, _ in splits]) if norm is Normalize.FEDERATED else None
     sites = tuple(_site(name, tr, te, moments) for name, tr, te in splits)
     return FederatedData("heart", sites, (len(FEATURES),), 2, FEATURES, {**info, "records": len(df), "normalize": norm.value})

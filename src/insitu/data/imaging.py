@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from insitu.data.sources import ColumnType, PixelSpec, RecordSchema, Records, Role, SourceKind
-from insitu.errors import ConfigError, DataError
+from insitu.errors import ConfigError, DataError, parse_choice
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -103,10 +103,7 @@ def parse_binding(key: str, value: Any, *, column: str, role: Role, ctype: Colum
     """Parse a column's ``file`` or ``dicom`` declaration."""
     what = f"{origin}: column {column!r} {key}"
     if key == "file":
-        try:
-            fld = FileField(value)
-        except ValueError:
-            raise ConfigError(f"{what} is {value!r}; use one of {[f.value for f in FileField]}") from None
+        fld = parse_choice(FileField, value, what)
         if ctype is not ColumnType.STRING:
             raise ConfigError(f"{what} = {fld.value!r} is text: declare the column type = \"string\"")
         return FileBinding(fld)

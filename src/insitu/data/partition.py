@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, parse_choice
 
 
 class PartitionKind(str, enum.Enum):
@@ -32,10 +32,8 @@ class Partition:
     @classmethod
     def parse(cls, text: str) -> "Partition":
         name, _, arg = text.partition(":")
-        try:
-            kind = PartitionKind(name.strip().lower())
-        except ValueError:
-            raise ConfigError(f"unknown partition {text!r}; use iid, dirichlet:ALPHA (e.g. dirichlet:0.5) or natural") from None
+        kind = parse_choice(PartitionKind, name.strip().lower(), f"partition {text!r}",
+                            choices="iid, dirichlet:ALPHA (e.g. dirichlet:0.5) or natural")
         if kind is PartitionKind.DIRICHLET:
             try:
                 alpha = float(arg)

@@ -52,7 +52,7 @@ import pandas as pd
 if TYPE_CHECKING:  # SQLAlchemy (~0.6 s to import) loads only for SQLite / PostgreSQL sources
     import sqlalchemy as sa
 
-from insitu.errors import ConfigError, DataError
+from insitu.errors import ConfigError, DataError, parse_choice
 
 
 class Role(StrEnum):
@@ -169,8 +169,8 @@ class RecordSchema:
             if bad:
                 raise ConfigError(f"{origin}: column {name!r} has unknown key(s) {sorted(bad)}; "
                                   f"allowed: role, type, feature, nullable, levels, {', '.join(_BINDING_KEYS)}")
-            role = _enum(Role, spec.get("role"), f"{origin}: column {name!r} role")
-            ctype = _enum(ColumnType, spec.get("type"), f"{origin}: column {name!r} type")
+            role = parse_choice(Role, spec.get("role"), f"{origin}: column {name!r} role")
+            ctype = parse_choice(ColumnType, spec.get("type"), f"{origin}: column {name!r} type")
             feature = spec.get("feature", name)
             if not isinstance(feature, str) or not feature:
                 raise ConfigError(f"{origin}: column {name!r} feature must be a non-empty string")
@@ -213,13 +213,6 @@ class RecordSchema:
 
     def with_role(self, role: Role) -> list[ColumnSpec]:
         return [c for c in self.columns if c.role is role]
-
-
-def _enum(kind: type[StrEnum], value: Any, what: str) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        raise ConfigError(f"{what} is {value!r}; use one of {[m.value for m in kind]}") from None
 
 
 # -- sources ------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from insitu.data.sources import ColumnType, RecordSchema, Role
 from insitu.deid.fieldcrypt import DEFAULT_MAX_BYTES, check_max_bytes
 from insitu.deid.hierarchy import Hierarchy, HierarchyKind, build_hierarchy
 from insitu.deid.release import DateCoarsening
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, parse_choice
 
 
 class IdentifierAction(StrEnum):
@@ -110,31 +110,19 @@ class DeidPolicy:
         shift = d.get("date_shift_days", 365)
         if not isinstance(shift, int) or shift < 0:
             raise ConfigError(f"{origin}: date_shift_days must be an integer >= 0, got {shift!r}")
-        try:
-            coarsening = DateCoarsening(d.get("date_coarsening", DateCoarsening.NONE.value))
-        except ValueError:
-            raise ConfigError(f"{origin}: date_coarsening {d.get('date_coarsening')!r} is unknown; use "
-                              f"{[c.value for c in DateCoarsening]}") from None
+        coarsening = parse_choice(DateCoarsening, d.get("date_coarsening", DateCoarsening.NONE.value), f"{origin}: date_coarsening")
         pid = d.get("patient_id")
         if pid is not None and not isinstance(pid, str):
             raise ConfigError(f"{origin}: patient_id must be a column name")
         idents = {}
         for col, action in dict(raw.get("identifiers", {})).items():
-            try:
-                idents[col] = IdentifierAction(action)
-            except ValueError:
-                raise ConfigError(f"{origin}: [identifiers] {col} = {action!r}; use "
-                                  f"{[a.value for a in IdentifierAction]}") from None
+            idents[col] = parse_choice(IdentifierAction, action, f"{origin}: [identifiers] {col}")
         quasi = []
         for col, spec in dict(raw.get("generalize", {})).items():
             if not isinstance(spec, Mapping) or "hierarchy" not in spec:
                 raise ConfigError(f"{origin}: [generalize.{col}] needs hierarchy = one of "
                                   f"{[h.value for h in HierarchyKind]}")
-            try:
-                kind = HierarchyKind(spec["hierarchy"])
-            except ValueError:
-                raise ConfigError(f"{origin}: [generalize.{col}] hierarchy {spec['hierarchy']!r} is unknown; use "
-                                  f"{[h.value for h in HierarchyKind]}") from None
+            kind = parse_choice(HierarchyKind, spec["hierarchy"], f"{origin}: [generalize.{col}] hierarchy")
             options = {key: v for key, v in spec.items() if key not in ("hierarchy", "levels")}
             quasi.append(QuasiRule(col, build_hierarchy(kind, spec.get("levels"), options, column=col)))
         sens = []

@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from insitu.errors import ProtocolError
+from insitu.errors import ProtocolError, parse_choice
 
 #: the largest clip norm a coordinator may announce (adaptive clipping); beyond it C means nothing
 MAX_CLIP = 1e4
@@ -105,10 +105,7 @@ class EvalInstructions:
     split: Split = Split.TEST
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "split", Split(self.split))
-        except ValueError:
-            raise ProtocolError(f"evaluation split {self.split!r} is not one of {[s.value for s in Split]}") from None
+        object.__setattr__(self, "split", parse_choice(Split, self.split, "evaluation split", ProtocolError))
 
     def to_meta(self) -> dict[str, Any]:
         return {"split": self.split.value}

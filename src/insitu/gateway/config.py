@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, parse_choice
 from insitu.gateway.policy import Role, Rule, rule_from_dict
 from insitu.gateway.tokens import parse_ttl, validate_identity
 
@@ -121,10 +121,7 @@ class GatewayConfig:
             q = Path(str(v))
             return q if q.is_absolute() else base / q
 
-        try:
-            mode = ClientCertMode(srv.get("client_certs", "optional"))
-        except ValueError:
-            raise ConfigError(f"server.client_certs must be one of {[m.value for m in ClientCertMode]}") from None
+        mode = parse_choice(ClientCertMode, srv.get("client_certs", "optional"), "server.client_certs")
         try:
             tz = zoneinfo.ZoneInfo(pol.get("timezone", "UTC"))
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, parse_choice
 
 
 class Role(str, enum.Enum):
@@ -244,13 +244,7 @@ def _enums(values: Any, kind: type[enum.Enum], rule: str, key: str) -> frozenset
         return frozenset()
     if isinstance(values, str):
         values = [values]
-    out = set()
-    for v in values:
-        try:
-            out.add(kind(v))
-        except ValueError:
-            raise ConfigError(f"rule {rule!r}: {key} {v!r} unknown; choose from {[k.value for k in kind]}") from None
-    return frozenset(out)
+    return frozenset(parse_choice(kind, v, f"rule {rule!r}: {key}") for v in values)
 
 
 def rule_from_dict(d: Mapping[str, Any]) -> Rule:
@@ -262,18 +256,12 @@ def rule_from_dict(d: Mapping[str, Any]) -> Rule:
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"rule {name!r}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
-    try:
-        effect = Effect(d.get("effect"))
-    except ValueError:
-        raise ConfigError(f"rule {name!r}: effect must be 'permit' or 'deny', got {d.get('effect')!r}") from None
+    effect = parse_choice(Effect, d.get("effect"), f"rule {name!r}: effect")
     conds = []
     for c in d.get("conditions", []):
         if not isinstance(c, Mapping) or set(c) - {"op", "left", "right", "value"}:
             raise ConfigError(f"rule {name!r}: a condition is a table with op, left and right (attribute) or value (literal)")
-        try:
-            op = Op(c.get("op"))
-        except ValueError:
-            raise ConfigError(f"rule {name!r}: op {c.get('op')!r} unknown; choose from {[o.value for o in Op]}") from None
+        op = parse_choice(Op, c.get("op"), f"rule {name!r}: op")
         if ("right" in c) == ("value" in c):
             raise ConfigError(f"rule {name!r}: a condition needs exactly one of right (an attribute) or value (a literal)")
         right = _check_path(c["right"], name) if "right" in c else None

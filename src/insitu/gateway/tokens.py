@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from insitu.errors import AuthError, ConfigError
+from insitu.errors import AuthError, ConfigError, parse_choice
 from insitu.gateway.policy import Role, parse_shift
 
 PREFIX = "insitu1"
@@ -65,10 +65,7 @@ class Claims:
 def validate_identity(subject: str, role: str | Role, ward: str | None, shift: str | None) -> Role:
     if not SUBJECT_RE.match(subject or ""):
         raise ConfigError(f"subject {subject!r} must be 1-64 letters, digits or . _ @ -")
-    try:
-        r = Role(role)
-    except ValueError:
-        raise ConfigError(f"role {role!r} unknown; choose one of {[x.value for x in Role]}") from None
+    r = parse_choice(Role, role, "role")
     if ward is not None and not WARD_RE.match(ward):
         raise ConfigError(f"ward {ward!r} must be 1-32 letters, digits or . _ -")
     if shift is not None:

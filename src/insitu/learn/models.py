@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, parse_choice
 
 
 class ModelName(str, enum.Enum):
@@ -53,10 +53,7 @@ MODELS: dict[ModelName, Callable[[tuple[int, ...], int], nn.Module]] = {
 
 
 def build_model(name: str | ModelName, input_shape: tuple[int, ...], num_outputs: int, seed: int = 0) -> nn.Module:
-    try:
-        key = ModelName(name)
-    except ValueError:
-        raise ConfigError(f"unknown model {name!r}; choose one of {[m.value for m in ModelName]}") from None
+    key = parse_choice(ModelName, name, "model")
     torch.manual_seed(seed)
     return MODELS[key](tuple(input_shape), num_outputs)
 

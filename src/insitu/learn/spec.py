@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from insitu.errors import ConfigError, PolicyViolation
+from insitu.errors import ConfigError, PolicyViolation, parse_choice
 
 OUTPUTS = "outputs"  # the size placeholder for the task's number of outputs
 MAX_LAYERS = 64
@@ -117,10 +117,7 @@ def _check_value(kind: str, value: Any, where: str, key: str) -> Any:
             raise bad("a number in [0, 1)")
         return float(value)
     elif kind == "output":
-        try:
-            return RecurrentOutput(value).value
-        except ValueError:
-            raise bad(f"one of {[o.value for o in RecurrentOutput]}") from None
+        return parse_choice(RecurrentOutput, value, f"{where}: {key}").value
     return value
 
 
@@ -145,11 +142,7 @@ def validate_spec(spec: Any) -> dict[str, Any]:
     for i, layer in enumerate(layers):
         if not isinstance(layer, Mapping):
             raise ConfigError(f"model spec layer {i}: must be an object with a 'type', got {type(layer).__name__}")
-        try:
-            kind = LayerType(layer.get("type"))
-        except ValueError:
-            raise ConfigError(f"model spec layer {i}: unknown type {layer.get('type')!r}; the vocabulary is "
-                              f"{[t.value for t in LayerType]}") from None
+        kind = parse_choice(LayerType, layer.get("type"), f"model spec layer {i}: type")
         where = f"model spec layer {i} ({kind.value})"
         keys = _KEYS[kind]
         extra = set(layer) - {"type"} - set(keys)

@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from insitu.errors import ProtocolError, SecurityError
+from insitu.errors import ProtocolError, SecurityError, parse_choice
 from insitu.federation.messages import Message, decode, encode
 from insitu.net.pki import Credentials, Identity, RevocationList, Role, identity_of
 
@@ -165,10 +165,7 @@ class Channel:
         seq0: int | None = None
         while True:
             kind, seq, length = _FRAME.unpack(self._read_exact(_FRAME.size))
-            try:
-                kind = FrameKind(kind)
-            except ValueError:
-                raise ProtocolError(f"unknown frame kind {kind}") from None
+            kind = parse_choice(FrameKind, kind, "frame kind", ProtocolError)
             if length > CHUNK_BYTES:
                 raise ProtocolError(f"frame of {length} bytes exceeds the {CHUNK_BYTES}-byte frame limit")
             if seq0 is not None and seq != seq0:

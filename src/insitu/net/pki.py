@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from insitu.errors import ConfigError, SecurityError
+from insitu.errors import ConfigError, SecurityError, parse_choice
 
 #: private-enterprise-style arc for insitu; ``.1`` holds the role as a UTF-8 string.
 ROLE_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59999.1.1")
@@ -95,10 +95,7 @@ def _check_name(name: str) -> str:
 
 
 def _role(role: str | Role) -> Role:
-    try:
-        return Role(role)
-    except ValueError:
-        raise ConfigError(f"unknown role {role!r}; choose one of {[r.value for r in Role]}") from None
+    return parse_choice(Role, role, "role")
 
 
 def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
@@ -340,10 +337,7 @@ def identity_of(der: bytes | None, *, expect: set[Role] | None = None) -> Identi
         raise SecurityError("peer certificate carries no insitu role extension") from None
     if len(cns) != 1 or len(ous) != 1 or ous[0].value != ext_role:
         raise SecurityError("peer certificate's name or role is missing or inconsistent")
-    try:
-        role = Role(ext_role)
-    except ValueError:
-        raise SecurityError(f"peer certificate names unknown role {ext_role!r}") from None
+    role = parse_choice(Role, ext_role, "peer certificate role", SecurityError)
     if expect is not None and role not in expect:
         raise SecurityError(f"{cns[0].value}: role {role.value} may not do this (needs {sorted(r.value for r in expect)})")
     return Identity(str(cns[0].value), role, cert.serial_number)

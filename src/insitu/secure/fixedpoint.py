@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, ProtocolError
 
 MIN_FRAC_BITS = 10
 
@@ -77,10 +77,10 @@ class FixedPoint:
         """round(v·2^f) mod 2^k; a value beyond ``bound`` (or NaN) is refused, never clipped silently."""
         v = np.asarray(vec, dtype=np.float64)
         if not np.all(np.isfinite(v)):
-            raise ConfigError(f"{what} holds NaN or infinite values; it cannot be encoded")
+            raise ProtocolError(f"{what} holds NaN or infinite values; it cannot be encoded")
         peak = float(np.max(np.abs(v))) if v.size else 0.0
         if peak > self.bound:
-            raise ConfigError(
+            raise ProtocolError(
                 f"{what} has a coordinate of magnitude {peak:.4g} above the fixed-point bound {self.bound:g}; "
                 "clip updates (client-level DP clipping) or raise the bound"
             )

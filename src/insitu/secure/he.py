@@ -177,10 +177,10 @@ class _CKKSBackend:
     def encrypt(self, secret: Any, vec: np.ndarray, meta: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
         v = np.asarray(vec, dtype=np.float64)
         if not np.all(np.isfinite(v)):
-            raise ConfigError(f"{what} holds NaN or infinite values")
+            raise ProtocolError(f"{what} holds NaN or infinite values")
         bound = float(meta.get("bound", 2.0**16))
         if v.size and float(np.max(np.abs(v))) > bound:
-            raise ConfigError(f"{what} has a coordinate of magnitude {float(np.max(np.abs(v))):.4g} above the bound {bound:g}")
+            raise ProtocolError(f"{what} has a coordinate of magnitude {float(np.max(np.abs(v))):.4g} above the bound {bound:g}")
         data, lengths = _ckks.encrypt(secret, v, self._chunk(meta))
         return {"ct": data, "ct_len": lengths}
 
@@ -275,7 +275,7 @@ class HESite:
     def _keys(self, msg: Message) -> Message:
         scheme = msg.require("scheme", str)
         if scheme != self.config.scheme.value:
-            raise ConfigError(f"site {self.site_id} is configured for {self.config.scheme.value}, the coordinator asked for {scheme!r}")
+            raise ProtocolError(f"site {self.site_id} is configured for {self.config.scheme.value}, the coordinator asked for {scheme!r}")
         stage = msg.require("stage", str)
         st = self._jobs.setdefault(msg.job, _SiteKeys())
         if stage == "hello":
@@ -348,7 +348,7 @@ class HESite:
         if msg.round in st.decrypted_rounds:
             raise ProtocolError(f"site {self.site_id} already decrypted a sum for round {msg.round}; refusing a second (replay or decryption-oracle abuse)")
         if count < self.config.min_group:
-            raise ConfigError(f"site {self.site_id} refuses to decrypt a sum of {count} sites; its minimum is {self.config.min_group}")
+            raise ProtocolError(f"site {self.site_id} refuses to decrypt a sum of {count} sites; its minimum is {self.config.min_group}")
         st.decrypted_rounds.add(msg.round)
         out = self.backend.decrypt(st.secret, msg.tensors, msg.require("he", dict), size, count)
         return Message(MessageKind.HE_DECRYPT_REPLY, msg.round, msg.job, {}, {"sum": out})

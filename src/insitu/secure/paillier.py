@@ -73,10 +73,10 @@ class PackedLayout:
         """Packed plaintext integers; refuses values beyond ``bound`` instead of clipping them."""
         v = np.asarray(vec, dtype=np.float64)
         if not np.all(np.isfinite(v)):
-            raise ConfigError(f"{what} holds NaN or infinite values")
+            raise ProtocolError(f"{what} holds NaN or infinite values")
         peak = float(np.max(np.abs(v))) if v.size else 0.0
         if peak > self.bound:
-            raise ConfigError(f"{what} has a coordinate of magnitude {peak:.4g} above the packing bound {self.bound:g}; clip updates or raise the bound")
+            raise ProtocolError(f"{what} has a coordinate of magnitude {peak:.4g} above the packing bound {self.bound:g}; clip updates or raise the bound")
         m, sb = self.slots, self.slot_bytes
         ints = np.rint(v * 2.0**self.frac_bits).astype(np.int64) + self.offset
         ints = np.concatenate([ints, np.full((-len(ints)) % m, self.offset, dtype=np.int64)]).astype(">u8")

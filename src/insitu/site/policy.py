@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from insitu.errors import ConfigError, PolicyViolation, TaskNotApproved
+from insitu.errors import ConfigError, PolicyViolation, TaskNotApproved, parse_choice
 from insitu.plan import Plan
 
 #: plan fields an approval may open to a range (name → where it sits in the plan); everything else
@@ -127,10 +127,7 @@ class SitePolicy:
         host, _, port = str(site["coordinator"]).rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"{path}: coordinator must be HOST:PORT, got {site['coordinator']!r}")
-        try:
-            source = DataSource(data.pop("source", "heart"))
-        except ValueError:
-            raise ConfigError(f"{path}: [data] source must be one of {[s.value for s in DataSource]}") from None
+        source = parse_choice(DataSource, data.pop("source", "heart"), f"{path}: [data] source")
         for k in ("train", "test", "schema", "deid", "deid_secret"):
             if k in data:
                 data[k] = str(base / data[k])
