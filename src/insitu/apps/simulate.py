@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import shutil
 import uuid
 import time
@@ -25,7 +26,7 @@ import torch
 
 from insitu.data.dataset import FederatedData
 from insitu.data.partition import Partition, PartitionKind
-from insitu.errors import ConfigError, RoundAborted, parse_choice
+from insitu.errors import ConfigError, DataError, RoundAborted, parse_choice
 from insitu.federation.coordinator import Coordinator, RoundRecord
 from insitu.federation.strategies import StrategyName
 from insitu.federation.task import TaskSpec
@@ -65,6 +66,15 @@ DEFAULTS: dict[DatasetName, Defaults] = {
 
 @dataclass(frozen=True)
 class SimulationConfig:
+    """Every option of ``insitu simulate``, by the same names (a deployed ``job.toml`` uses them too).
+
+    Fields left ``None`` take the dataset's defaults (:data:`DEFAULTS`) in :meth:`resolved`, which
+    also checks every value; :meth:`plan_for` turns the result into the :class:`~insitu.plan.Plan`
+    every site runs.  ``dataset`` names a built-in dataset (``heart``, ``pneumoniamnist``,
+    ``medmnist`` with ``data`` a path); a run on one's own :class:`~insitu.data.dataset.FederatedData`
+    passes it to :func:`simulate` as ``data`` and records its name here.
+    """
+
     dataset: str = "heart"
     data: str | None = None
     sites: int | None = None
@@ -107,10 +117,12 @@ class SimulationConfig:
     #: derive every site's secret (sampling, DP noise, rounding) from --seed: replayable, NOT private
     insecure_replayable_randomness: bool = False
 
-    def resolved(self, *, need_data: bool = True) -> "SimulationConfig":
+    def resolved(self, *, need_data: bool = True, own: FederatedData | None = None) -> "SimulationConfig":
         """The config with dataset defaults filled in and every value checked (``need_data``: a
-        deployed job's coordinator holds no data, so it resolves without --data)."""
-        ds = parse_choice(DatasetName, self.dataset, "--dataset")
+        deployed job's coordinator holds no data, so it resolves without --data).  With ``own``
+        data, the defaults are those of the built-in dataset of the same kind (tabular: heart,
+        images: MedMNIST) and the sites are the data's."""
+        ds = parse_choice(DatasetName, self.dataset, "--dataset") if own is None else own_kind(own)
         d = DEFAULTS[ds]
         if self.dp != "off":
             from insitu.federation.dp import dp_defaults
@@ -118,8 +130,8 @@ class SimulationConfig:
             d = dp_defaults(ds.value, self.dp, d)  # DP-friendly batch/steps where the user set none
         cfg = replace(
             self,
-            sites=self.sites if self.sites is not None else d.sites,
-            partition=self.partition or d.partition,
+            sites=self.sites if self.sites is not None else (len(own.sites) if own is not None else d.sites),
+            partition=self.partition or ("natural" if own is not None else d.partition),
             rounds=self.rounds if self.rounds is not None else d.rounds,
             local_steps=self.local_steps if self.local_steps is not None else d.local_steps,
             lr=self.lr if self.lr is not None else d.lr,
@@ -132,7 +144,7 @@ class SimulationConfig:
         )
         Partition.parse(cfg.partition)
         plan = cfg.plan_for((1,), 1, ("x",))  # validates every plan field (strategy, protection, DP, compression, …)
-        if plan.select.value == "best-val" and ds is DatasetName.HEART:
+        if plan.select.value == "best-val" and ds is DatasetName.HEART and own is None:
             raise ConfigError("--select best-val needs validation splits; the heart data has none (FLamby's splits are train/test)")
         from insitu.federation.dp import parse_budgets
 
@@ -141,7 +153,7 @@ class SimulationConfig:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
         if cfg.min_sites < 1 or cfg.min_sites > cfg.sites:
             raise ConfigError(f"--min-sites {cfg.min_sites} must be between 1 and the number of sites ({cfg.sites})")
-        if need_data and ds is not DatasetName.HEART and not cfg.data:
+        if need_data and own is None and ds is not DatasetName.HEART and not cfg.data:
             raise ConfigError(f"dataset {ds.value} needs --data PATH to a MedMNIST .npz file")
         return cfg
 
@@ -167,6 +179,44 @@ class SimulationConfig:
                       adjacency=self.dp_adjacency),
             rounds=self.rounds, min_sites=self.min_sites, lr_schedule=self.lr_schedule, select=self.select, normalize=self.normalize,
         )
+
+
+def own_kind(data: FederatedData) -> DatasetName:
+    """The built-in dataset whose defaults suit ``data``: heart for tabular records, MedMNIST for images."""
+    return DatasetName.HEART if len(data.input_shape) == 1 else DatasetName.MEDMNIST
+
+
+def check_own(data: Any) -> FederatedData:
+    """Refuse, naming the site and the problem, federated data the round engine cannot train on."""
+    if not isinstance(data, FederatedData):
+        raise ConfigError(f"data must be a path (str) or an insitu.FederatedData, got {type(data).__name__}")
+    if not data.sites:
+        raise DataError(f"federated data {data.name!r} has no sites")
+    names = [s.name for s in data.sites]
+    if len(set(names)) != len(names):
+        raise DataError(f"federated data {data.name!r} names a site twice: {names}")
+    if isinstance(data.num_classes, bool) or not isinstance(data.num_classes, int) or data.num_classes < 2:
+        raise DataError(f"federated data {data.name!r}: num_classes must be an integer >= 2, got {data.num_classes!r}")
+    for s in data.sites:
+        for split in ("train", "test", "val"):
+            X, y = getattr(s, f"X_{split}"), getattr(s, f"y_{split}")
+            if X is None and y is None and split == "val":
+                continue
+            if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise DataError(f"site {s.name!r}: X_{split} and y_{split} must be torch tensors")
+            if tuple(X.shape[1:]) != tuple(data.input_shape):
+                raise DataError(f"site {s.name!r}: X_{split} has records of shape {tuple(X.shape[1:])}, the data declares {tuple(data.input_shape)}")
+            if y.ndim != 1 or y.shape[0] != X.shape[0]:
+                raise DataError(f"site {s.name!r}: y_{split} must hold one label per record ({X.shape[0]}), got shape {tuple(y.shape)}")
+            if X.dtype != torch.float32:
+                raise DataError(f"site {s.name!r}: X_{split} must be float32, got {X.dtype}")
+            if y.numel() and (bool(((y != y.round()) | (y < 0) | (y >= data.num_classes)).any())):
+                raise DataError(f"site {s.name!r}: y_{split} must hold class indices 0..{data.num_classes - 1}")
+            if not bool(torch.isfinite(X).all()):
+                raise DataError(f"site {s.name!r}: X_{split} holds NaN or infinite values")
+        if s.n_train == 0:
+            raise DataError(f"site {s.name!r} has no training records")
+    return data
 
 
 def load_federated(cfg: SimulationConfig) -> FederatedData:
@@ -282,16 +332,26 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
     """Run a federated simulation and return its summary (also written to ``summary.json``).
 
     ``simulate(dataset="heart", strategy="fedyogi", rounds=30)`` is the Python face of
-    ``insitu simulate``; options are the fields of :class:`SimulationConfig`.  ``--seed`` fixes
-    the splits and the initial model; each site's sampling, DP noise and rounding come from its
-    own secret (OS randomness), unless ``site_secrets`` (site → bytes) are given, as tests that
-    compare two code paths exactly do (``coordinator_secret`` likewise seeds central DP noise).
+    ``insitu simulate``; options are the fields of :class:`SimulationConfig`.  ``data`` is a path
+    (MedMNIST ``.npz``, heart CSV) or one's own :class:`~insitu.data.dataset.FederatedData`, whose
+    sites are the hospitals (its name becomes ``dataset``; ``sites`` and ``partition`` do not
+    apply).  ``--seed`` fixes the splits and the initial model; each site's sampling, DP noise
+    and rounding come from its own secret (OS randomness), unless ``site_secrets`` (site → bytes)
+    are given, as tests that compare two code paths exactly do (``coordinator_secret`` likewise
+    seeds central DP noise).
     """
+    own = options.pop("data") if "data" in options and not isinstance(options["data"], (str, os.PathLike, type(None))) else None
     if config is None:
         config = SimulationConfig(**options)
     elif options:
         config = replace(config, **options)
-    cfg = config.resolved()
+    if own is not None:
+        own = check_own(own)
+        given = [k for k in ("sites", "partition", "data") if getattr(config, k) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot be combined with your own FederatedData: its sites are the hospitals")
+        config = replace(config, dataset=own.name)
+    cfg = config.resolved(own=own)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if write and out.exists():
         raise ConfigError(f"output directory {str(out)!r} already exists; choose another --out")
@@ -300,9 +360,10 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
                     "knows the seed can replay them, so this run is NOT private", cfg.seed)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    data = load_federated(cfg)
+    data = own if own is not None else load_federated(cfg)
     if cfg.select == "best-val" and any(s.X_val is None or s.X_val.shape[0] == 0 for s in data.sites):
-        raise ConfigError(f"--select best-val needs validation splits, and {cfg.data!r} has no val_images/val_labels; use --select last")
+        lacks = "a site without X_val/y_val" if own is not None else f"{cfg.data!r} has no val_images/val_labels"
+        raise ConfigError(f"--select best-val needs validation splits, and {lacks}; use --select last")
     plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
     task = plan.task
     secrets = secrets_for(cfg, [s.name for s in data.sites], site_secrets)

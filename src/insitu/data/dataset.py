@@ -9,6 +9,11 @@ import torch
 
 @dataclass(frozen=True)
 class SiteData:
+    """One hospital's records as tensors: ``X_*`` float32 of shape (records, *input_shape), ``y_*`` one
+    class index per record (0/1 for a binary task).  ``name`` is the site's identity in every
+    message, ledger and report.  The test split is scored each round; the optional validation
+    split serves ``--select best-val``."""
+
     name: str
     X_train: torch.Tensor
     y_train: torch.Tensor

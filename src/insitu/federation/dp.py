@@ -47,12 +47,19 @@ from insitu.privacy import AdaptiveClip, LedgerRecord, PrivacyEvent, PrivacyLedg
 
 
 class DPLevel(str, enum.Enum):
+    """Who differential privacy protects: nobody (off), each record (DP-SGD at every site) or each
+    whole site (DP-FedAvg: clipped site updates plus Gaussian noise on their sum)."""
+
     OFF = "off"
     RECORD = "record"
     SITE = "site"
 
 
 class Placement(str, enum.Enum):
+    """Where site-level DP noise is added: by the coordinator to the sum (central), or in shares by
+    the sites themselves, so that under secure aggregation no party ever sees the un-noised sum
+    (distributed)."""
+
     CENTRAL = "central"
     DISTRIBUTED = "distributed"
 

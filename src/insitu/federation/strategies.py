@@ -24,6 +24,9 @@ from insitu.errors import ConfigError, parse_choice
 
 
 class StrategyName(str, enum.Enum):
+    """The server strategies: FedAvg, FedProx (proximal local loss, weight μ), the adaptive server
+    optimisers of Reddi et al. (FedAdam, FedYogi, FedAdagrad) and Scaffold (control variates)."""
+
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
     FEDADAM = "fedadam"

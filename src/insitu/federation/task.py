@@ -17,6 +17,10 @@ from insitu.learn.train import OptimizerName, TrainConfig
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """What a site trains: a registered model (``logreg``, ``mlp``, ``cnn``), the input shape,
+    outputs (1 for a binary task) and feature schema it expects, and the site's local optimiser
+    and hyper-parameters.  Checked on construction; part of the plan hash sites approve."""
+
     model: str
     input_shape: tuple[int, ...]
     num_outputs: int
