@@ -154,7 +154,7 @@ def test_coarsening_rounds_down_after_the_shift():
     assert coarsen(d, DateCoarsening.QUARTER).iloc[4] == pd.Timestamp("2024-10-01")
     assert coarsen(d, DateCoarsening.YEAR).iloc[4] == pd.Timestamp("2024-01-01")
     assert pd.isna(coarsen(d, DateCoarsening.MONTH).iloc[3])
-    with pytest.raises(ConfigError, match="date_coarsening 'fortnight' is unknown"):
+    with pytest.raises(ConfigError, match="date_coarsening: unknown value 'fortnight'"):
         _policy("fortnight")
 
 

@@ -27,7 +27,7 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from insitu.errors import DataError
+from insitu.errors import DataError, parse_choice
 
 _RANGE = re.compile(r"^\s*([\[(]?)\s*(-?\d+(?:\.\d+)?)\s*(?:-|–|,|\.\.)\s*(-?\d+(?:\.\d+)?)\s*([\])]?)\s*$")
 _TOP_CODED = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*\+\s*$")
@@ -298,10 +298,7 @@ def interval_linkage_attack(release_patients: Sequence[Hashable], release_dates:
     """
     from insitu.deid.release import DateCoarsening, coarsen_days, signature_keys as keys, to_days
 
-    try:
-        unit = DateCoarsening(coarsening)
-    except ValueError:
-        raise DataError(f"coarsening {coarsening!r} is unknown; use {[c.value for c in DateCoarsening]}") from None
+    unit = parse_choice(DateCoarsening, coarsening, "coarsening")
     if len(release_dates) != len(aux_dates) or not release_dates:
         raise DataError("give the same date columns (one or more) for the release and the auxiliary table")
 
