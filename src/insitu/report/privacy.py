@@ -9,8 +9,17 @@ For a run directory written by ``insitu simulate`` the report plays three attack
   every site's update comes from a single record (the worst case for a site), keeps everything
   that reaches it, and tries to reconstruct the records: analytic recovery through a first linear
   layer (tabular models) or gradient matching (CNN).
+* the same coordinator attacks what travels **around** the vectors
+  (:mod:`insitu.attacks.side_channels`): the training losses sites report (the loss-equation attack
+  on single-record sites, with parameters it chose), the answers to EVALUATE messages carrying
+  crafted models (the evaluation oracle, once against the run's sites and once against sites that
+  score anything, the behaviour before the evaluation contract), and, for record-level DP, the ε
+  that holds when it knows each site's sampling (replayable runs) beside the declared ε.
 * a **linkage attacker** joins the site's records, before and after the de-identification policy,
   to an auxiliary table with identities (heart only: X-ray images carry no quasi-identifiers here).
+
+Each run's report ends with one verdict per thing that left the hospitals: what it was, the attack
+that used it, how that attack fares without the defence and in this run, in one plain sentence.
 
 :func:`compare` runs the same task with no defence, record-level DP at several ε, secure
 aggregation and homomorphic aggregation, attacks each run, and fills one table.
@@ -37,6 +46,7 @@ from insitu.attacks.membership import MembershipAttack, MembershipResult, Shadow
 from insitu.attacks.metrics import auc_interval
 from insitu.attacks.probe import ProbeResult, attack_images, attack_tabular, single_record_round
 from insitu.attacks.reconstruction import MatchConfig
+from insitu.attacks.side_channels import LossEquationResult, OracleResult, SamplingFigures
 from insitu.errors import ConfigError, DataError
 from insitu.federation.task import TaskSpec
 from insitu.learn.models import ModelName, build_model, set_flat
@@ -83,8 +93,60 @@ class ReconstructionFigures:
 
 
 @dataclass(frozen=True)
+class LossEquationFigures:
+    """The loss-equation attack on single-record sites of the run's plan, and on the same sites
+    without secure aggregation, HE or DP (``undefended_success_rate``: what the defences stop)."""
+
+    records: int
+    success_rate: float  # records recovered exactly (every feature within 1e-3 z and the label)
+    label_rate: float  # labels right
+    rms_error: float  # mean RMS error of the estimates, z-units
+    guess_rms_error: float  # the same for the population-mean guess
+    losses_received: int  # training losses that reached the coordinator
+    rounds: int
+    undefended_success_rate: float | None = None
+    applicable: bool = True  # False: not a logistic regression (the attack was not run)
+    losses_left: bool | None = None  # did any training loss reach the coordinator (measured)
+
+    @classmethod
+    def of(cls, r: LossEquationResult, undefended: LossEquationResult | None) -> "LossEquationFigures":
+        return cls(r.records, r.success_rate, float(np.mean(r.label_correct)), float(np.mean(r.rms_error)), float(np.mean(r.guess_rms_error)),
+                   r.losses_received, r.rounds, None if undefended is None else undefended.success_rate, True, r.losses_received > 0)
+
+
+@dataclass(frozen=True)
+class OracleFigures:
+    """The evaluation oracle on every site's test split, against the run's sites (under the
+    evaluation contract) and against sites that score any parameters (the pre-contract site)."""
+
+    feature: str
+    pairs: int  # (feature value, label) pairs over the sites' test splits
+    recovered: int
+    queries_sent: int
+    queries_answered: int
+    refused: bool  # some site refused a crafted model
+    pre_contract_recovered: int
+    pre_contract_queries: int
+    applicable: bool = True
+
+    @property
+    def rate(self) -> float:
+        return self.recovered / self.pairs if self.pairs else 0.0
+
+    @property
+    def pre_contract_rate(self) -> float:
+        return self.pre_contract_recovered / self.pairs if self.pairs else 0.0
+
+    @classmethod
+    def of(cls, runs: Sequence[OracleResult], pre: Sequence[OracleResult]) -> "OracleFigures":
+        return cls(runs[0].feature, sum(r.pairs for r in runs), sum(r.recovered for r in runs), sum(r.queries_sent for r in runs),
+                   sum(r.queries_answered for r in runs), any(r.refusal for r in runs), sum(r.recovered for r in pre),
+                   sum(r.queries_answered for r in pre))
+
+
+@dataclass(frozen=True)
 class PrivacyRow:
-    """One line of the report: one run, attacked three ways."""
+    """One line of the report: one run, attacked by every attacker."""
 
     run_dir: str
     dataset: str
@@ -97,6 +159,10 @@ class PrivacyRow:
     reid_after: float | None
     accuracy_cost: float | None = None  # no-defence accuracy − this run's accuracy (compare only)
     seeds: int = 1  # >1: every figure is the mean over this many independently trained runs
+    loss_equation: LossEquationFigures | None = None
+    oracle: OracleFigures | None = None
+    sampling: SamplingFigures | None = None  # record- or site-level DP runs only
+    undefended_reconstruction: float | None = None  # the vector attack's success without protection or DP
 
     @property
     def strongest(self) -> MembershipFigures:
@@ -165,7 +231,10 @@ def describe_defence(cfg: Any, summary: dict[str, Any]) -> tuple[str, float | No
         parts.append(Defence.HE_PAILLIER.value)
     elif he == "ckks":
         parts.append(Defence.HE_CKKS.value)
-    return (" + ".join(parts) or Defence.NONE.value), eps
+    label = " + ".join(parts) or Defence.NONE.value
+    if level != "off" and summary.get("private_randomness") is False:
+        label += " (replayable randomness: not private)"
+    return label, eps
 
 
 def _run_epsilon(cfg: Any, summary: dict[str, Any]) -> float | None:
@@ -253,30 +322,51 @@ def membership_attacks(
     return tuple(out), stats
 
 
-def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, params: np.ndarray, data: Any, *, records: int | None = None, iterations: int = 300, seed: int = 0) -> ReconstructionFigures:
-    """The curious coordinator on probe rounds of single-record updates, with the run's defences.
+def undefended(plan: Any) -> Any:
+    """``plan`` without secure aggregation, homomorphic encryption or differential privacy."""
+    from insitu.plan import DPSpec, ProtectionSpec
 
-    Each probe round has as many sites as the run (so secure aggregation sums as many updates as
-    it did in the run), and each probe site takes one SGD step on its one record with the run's
-    learning rate, clip and noise; ``records`` (default: 32 tabular, 4 images) are spread over
-    ⌈records / sites⌉ rounds, so that a figure is not one lucky draw.
-    """
-    Xm, ym = data.pooled_train()
-    cnn = ModelName(task.model) is ModelName.CNN
-    records = records or (4 if cnn else 32)
-    per_round = max(1, len(data.sites))
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(Xm.shape[0], size=min(records, Xm.shape[0]), replace=False)
-    # the worst case a site can be put in: one plain SGD step on one record, so the update is that
-    # record's gradient (the classic DLG setting).  A run's Adam steps (≈ the gradient's sign) or
-    # random shifts leak less per round; this figure does not credit them (an upper bound).
+    return dataclasses.replace(plan, protection=ProtectionSpec(), dp=DPSpec())
+
+
+def _probe_plan_of(cfg: Any, summary: dict[str, Any]) -> Any:
+    """The run's plan in its single-record worst case, with the run's record-level noise."""
     from insitu.attacks.probe import probe_plan
     from insitu.plan import Plan
 
     sigma = None
     if _dp_level(cfg) == "record":
         sigma = max(float(v) for v in (_dp_privacy(summary).get("noise_multiplier") or {}).values())
-    plan = probe_plan(Plan.from_meta(summary["plan"]), sigma)
+    return probe_plan(Plan.from_meta(summary["plan"]), sigma)
+
+
+def _probe_records(data: Any, records: int, seed: int) -> np.ndarray:
+    """The training records the coordinator's probes target (the same for every probe of a run)."""
+    n = data.pooled_train()[0].shape[0]
+    return np.random.default_rng(seed).choice(n, size=min(records, n), replace=False)
+
+
+def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, params: np.ndarray, data: Any, *, records: int | None = None, iterations: int = 300, seed: int = 0,
+                          without_defences: bool = False) -> ReconstructionFigures:
+    """The curious coordinator on probe rounds of single-record updates, with the run's defences.
+
+    Each probe round has as many sites as the run (so secure aggregation sums as many updates as
+    it did in the run), and each probe site takes one SGD step on its one record with the run's
+    learning rate, clip and noise; ``records`` (default: 32 tabular, 4 images) are spread over
+    ⌈records / sites⌉ rounds, so that a figure is not one lucky draw.  ``without_defences``
+    attacks the same probe rounds with secure aggregation, HE and DP taken away.
+    """
+    Xm, ym = data.pooled_train()
+    cnn = ModelName(task.model) is ModelName.CNN
+    records = records or (4 if cnn else 32)
+    per_round = max(1, len(data.sites))
+    chosen = _probe_records(data, records, seed)
+    # the worst case a site can be put in: one plain SGD step on one record, so the update is that
+    # record's gradient (the classic DLG setting).  A run's Adam steps (≈ the gradient's sign) or
+    # random shifts leak less per round; this figure does not credit them (an upper bound).
+    plan = _probe_plan_of(cfg, summary)
+    if without_defences:
+        plan = undefended(plan)
     probe_task = plan.task
     Xn, _ = data.pooled_test()
     guess = Xn.mean(0).numpy()  # what an attacker knows without the update: the population mean
@@ -292,6 +382,89 @@ def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, par
     merged = ProbeResult(parts[0].kind, sum((p.success for p in parts), ()), sum((p.quality for p in parts), ()),
                          sum((p.guess_quality for p in parts), ()), sum((p.psnr for p in parts), ()), sum(p.views for p in parts))
     return ReconstructionFigures.of(merged)
+
+
+def loss_equation_figures(cfg: Any, summary: dict[str, Any], params: np.ndarray, data: Any, *, records: int | None = None, seed: int = 0,
+                          undefended_cache: dict[Any, LossEquationResult] | None = None) -> LossEquationFigures:
+    """The loss-equation attack on the run's probe plan (single-record sites, parameters chosen by the
+    coordinator, features + 1 rounds), ``len(data.sites)`` sites at a time, on the same records as
+    the vector probe; and on the same plan without defences (cached per task in ``undefended_cache``)."""
+    from insitu.attacks.probe import single_record_round
+    from insitu.attacks.side_channels import LOSS_METRIC, loss_equation_attack
+
+    plan = _probe_plan_of(cfg, summary)
+    Xm, ym = data.pooled_train()
+    if ModelName(plan.task.model) is not ModelName.LOGREG or plan.task.num_outputs != 1:
+        # not a logistic regression: the equations do not apply; still measure whether losses leave
+        obs = single_record_round(plan, Xm[:1], ym[:1], params)
+        left = any(LOSS_METRIC in (m.meta.get("metrics") or {}) for m in obs.train_replies.values())
+        return LossEquationFigures(0, 0.0, 0.0, float("nan"), float("nan"), int(left), 1, applicable=False, losses_left=left)
+    Xn, yn = data.pooled_test()
+    guess, guess_label = Xn.mean(0).numpy(), int(yn.float().mean().item() > 0.5)
+    chosen = _probe_records(data, records or 32, seed)
+    per = max(1, len(data.sites))
+
+    def run(p: Any) -> LossEquationResult:
+        parts = []
+        for start in range(0, len(chosen), per):
+            idx = torch.from_numpy(np.sort(chosen[start : start + per]))
+            parts.append(loss_equation_attack(p, Xm[idx], ym[idx], guess=guess, guess_label=guess_label, seed=seed + start))
+        return LossEquationResult(parts[0].rounds, sum(r.losses_received for r in parts), sum((r.success for r in parts), ()),
+                                  sum((r.label_correct for r in parts), ()), sum((r.rms_error for r in parts), ()),
+                                  sum((r.guess_rms_error for r in parts), ()))
+
+    base = undefended(plan)
+    key = (base.content_hash(), cfg.dataset, cfg.partition, cfg.seed, cfg.normalize, cfg.data, len(chosen), seed)
+    bare = (undefended_cache or {}).get(key)
+    if bare is None:
+        bare = run(base)
+        if undefended_cache is not None:
+            undefended_cache[key] = bare
+    return LossEquationFigures.of(bare if base == plan else run(plan), bare)
+
+
+def oracle_figures(cfg: Any, summary: dict[str, Any], data: Any, *, feature: int | str = 0,
+                   pre_contract_cache: dict[Any, tuple[OracleResult, ...]] | None = None) -> OracleFigures | None:
+    """The evaluation oracle on every site's test split (``feature``: the task's first by default),
+    against sites built from the run's plan and against sites that score anything; None when the
+    task is not a logistic regression (threshold models need one)."""
+    from insitu.attacks.side_channels import evaluation_oracle
+    from insitu.plan import Plan
+
+    plan = Plan.from_meta(summary["plan"])
+    if ModelName(plan.task.model) is not ModelName.LOGREG or plan.task.num_outputs != 1:
+        return None
+    runs = tuple(evaluation_oracle(plan, sd, feature) for sd in data.sites)
+    key = (plan.task.model, plan.task.input_shape, cfg.dataset, cfg.partition, cfg.seed, cfg.normalize, cfg.data, str(feature))
+    pre = (pre_contract_cache or {}).get(key)
+    if pre is None:
+        pre = tuple(evaluation_oracle(plan, sd, feature, contract=False) for sd in data.sites)
+        if pre_contract_cache is not None:
+            pre_contract_cache[key] = pre
+    return OracleFigures.of(runs, pre)
+
+
+def sampling_of_run(run_dir: Path, cfg: Any, summary: dict[str, Any]) -> SamplingFigures | None:
+    """Declared ε and the ε that holds when the coordinator knows each site's sampling, from the
+    run's own ledger (its events, recomputed at sampling rate 1); None without DP."""
+    from insitu.attacks.side_channels import sampling_figures
+    from insitu.privacy import PrivacyLedger
+
+    if _dp_level(cfg) == "off":
+        return None
+    priv = _dp_privacy(summary)
+    path = Path(cfg.privacy_ledger) if getattr(cfg, "privacy_ledger", None) else run_dir / "privacy_ledger.sqlite"
+    if not path.exists():
+        raise DataError(f"the run's privacy ledger {str(path)!r} is missing; the known-sampling ε is computed from its events")
+    ledger = PrivacyLedger(path)
+    try:
+        job = priv.get("ledger_run_id")
+        events = {sid: [e for rec in ledger.records(sid, job) for e in rec.events] for sid in summary["sites"]}
+    finally:
+        ledger.close()
+    # runs written before randomness became private recorded no flag: their sampling was replayable
+    private = bool(summary.get("private_randomness", False))
+    return sampling_figures(events, float(summary["final"].get("delta", cfg.delta)), priv.get("accountant", cfg.accountant), private)
 
 
 #: quasi-identifiers of the heart records an outside table (a registry) could also hold.
@@ -362,9 +535,11 @@ def attack_run(
     seed: int = 0,
     reid: ReidentificationRisk | None = None,
     shadow_cache: dict[Any, ShadowStats] | None = None,
+    side_cache: dict[Any, Any] | None = None,
 ) -> PrivacyRow:
     """Attack one finished run; ``shadow_cache`` lets :func:`compare` reuse shadow models between
-    runs that share a training recipe (the protocol does not change what a model learns)."""
+    runs that share a training recipe (the protocol does not change what a model learns), and
+    ``side_cache`` the undefended reference figures (the same for every run of one task)."""
     from insitu.apps.simulate import load_federated
 
     run_dir = Path(run_dir)
@@ -386,12 +561,22 @@ def attack_run(
     if shadow_cache is not None and stats is not None:
         shadow_cache[key] = stats
     recon = reconstruction_attack(cfg, summary, task, params, data, records=probe_records, iterations=iterations, seed=seed)
+    caches = side_cache if side_cache is not None else {}
+    bare_recon = None  # the vector attack on the same probe with protection and DP taken away
+    if defence == Defence.NONE.value:
+        bare_recon = recon.success_rate
+    elif ModelName(task.model) is not ModelName.CNN:  # analytic and cheap; gradient matching is not re-run
+        bare_recon = reconstruction_attack(cfg, summary, task, params, data, records=probe_records, seed=seed, without_defences=True).success_rate
+    loss = loss_equation_figures(cfg, summary, params, data, records=probe_records, seed=seed, undefended_cache=caches.setdefault("loss", {}))
+    oracle = oracle_figures(cfg, summary, data, pre_contract_cache=caches.setdefault("oracle", {}))
+    sampling = sampling_of_run(run_dir, cfg, summary)
     if reid is None and cfg.dataset == "heart":
         reid = heart_reidentification(csv=cfg.data)
     return PrivacyRow(
         run_dir=str(run_dir), dataset=cfg.dataset, defence=defence, epsilon=eps,
         accuracy=float(summary["final"]["mean_site_accuracy"]), membership=mia, reconstruction=recon,
         reid_before=reid.before.rate if reid else None, reid_after=reid.after.rate if reid else None,
+        loss_equation=loss, oracle=oracle, sampling=sampling, undefended_reconstruction=bare_recon,
     )
 
 
@@ -414,6 +599,9 @@ def load_report(path: str | Path) -> PrivacyReport:
         r = dict(r)
         r["membership"] = tuple(MembershipFigures(**m) for m in r["membership"])
         r["reconstruction"] = ReconstructionFigures(**r["reconstruction"])
+        for name, cls in (("loss_equation", LossEquationFigures), ("oracle", OracleFigures), ("sampling", SamplingFigures)):
+            if r.get(name) is not None:
+                r[name] = cls(**r[name])
         rows.append(PrivacyRow(**r))
     return PrivacyReport(tuple(rows), tuple(d.get("notes", ())), d.get("html_path"), d.get("command", ""))
 
@@ -443,6 +631,10 @@ class CompareConfig:
     iterations: int = 300
     out: str = "runs/privacy-compare"
     extra: dict[str, Any] = field(default_factory=dict)  # further SimulationConfig options
+    #: ε of the secure aggregation + record-level DP row (None: no such row)
+    combined_epsilon: float | None = 1.0
+    #: add a record-level DP run at ``combined_epsilon`` with replayable randomness (not private), to show what secret sampling buys
+    replayable: bool = True
 
 
 def compare_configs(cc: CompareConfig, seed: int | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -455,6 +647,11 @@ def compare_configs(cc: CompareConfig, seed: int | None = None) -> list[tuple[st
         runs.append((f"dp-eps{eps:g}", {**base, "dp": "record", "epsilon": float(eps)}))
     runs.append(("secagg", {**base, "secure_aggregation": True}))
     runs.append((f"he-{he}", {**base, "homomorphic": he}))
+    if cc.combined_epsilon is not None:
+        eps = float(cc.combined_epsilon)
+        runs.append((f"secagg-dp-eps{eps:g}", {**base, "secure_aggregation": True, "dp": "record", "epsilon": eps}))
+        if cc.replayable:
+            runs.append((f"dp-eps{eps:g}-replayable", {**base, "dp": "record", "epsilon": eps, "insecure_replayable_randomness": True}))
     return runs
 
 
@@ -469,6 +666,7 @@ def compare(cc: CompareConfig, *, progress: Callable[[str], None] | None = None)
         raise ConfigError(f"--seeds must be at least 1, got {cc.seeds}")
     out.mkdir(parents=True, exist_ok=True)
     cache: dict[Any, ShadowStats] = {}
+    side: dict[Any, Any] = {}
     reid = heart_reidentification(csv=cc.data) if cc.dataset == "heart" else None
     notes: list[str] = []
     runs: list[list[PrivacyRow]] = []  # runs[seed][defence]
@@ -483,7 +681,8 @@ def compare(cc: CompareConfig, *, progress: Callable[[str], None] | None = None)
             simulate(SimulationConfig(**opts, out=str(where / name)))
             if progress:
                 progress(f"attacking: {tag}")
-            per_seed.append(attack_run(where / name, shadows=cc.shadows, probe_records=cc.probe_records, iterations=cc.iterations, seed=seed, reid=reid, shadow_cache=cache))
+            per_seed.append(attack_run(where / name, shadows=cc.shadows, probe_records=cc.probe_records, iterations=cc.iterations, seed=seed, reid=reid,
+                                       shadow_cache=cache, side_cache=side))
         runs.append(per_seed)
     rows = runs[0] if cc.seeds == 1 else [mean_row(list(same)) for same in zip(*runs)]
     if cc.seeds > 1:
@@ -495,7 +694,8 @@ def compare(cc: CompareConfig, *, progress: Callable[[str], None] | None = None)
     path = out / "privacy.html"
     write_html(report, path)
     (out / "privacy.json").write_text(json.dumps(dataclasses.asdict(report), indent=2, default=float))
-    (out / "privacy.md").write_text(f"`{report.command}`\n\n{markdown_table(report)}\n\n" + "\n".join(f"- {n}" for n in report.notes) + "\n")
+    (out / "privacy.md").write_text(f"`{report.command}`\n\n{markdown_table(report)}\n\n" + "\n".join(f"- {n}" for n in report.notes)
+                                    + f"\n\n## What left the hospitals, attacked\n\n{verdict_markdown(report)}\n")
     return dataclasses.replace(report, html_path=str(path))
 
 
@@ -539,11 +739,32 @@ def mean_row(rows: Sequence[PrivacyRow]) -> PrivacyRow:
         rc[0], records=sum(r.records for r in rc), success_rate=float(np.mean([r.success_rate for r in rc])),
         quality=float(np.mean([r.quality for r in rc])), guess_quality=float(np.mean([r.guess_quality for r in rc])),
         psnr=avg([r.psnr for r in rc]), views=sum(r.views for r in rc), better_than_guess=avg([r.better_than_guess for r in rc]))
+    loss = [r.loss_equation for r in rows if r.loss_equation is not None]
+    le = None
+    if loss:
+        le = dataclasses.replace(
+            loss[0], records=sum(x.records for x in loss), success_rate=float(np.mean([x.success_rate for x in loss])),
+            label_rate=float(np.mean([x.label_rate for x in loss])), rms_error=float(np.mean([x.rms_error for x in loss])),
+            guess_rms_error=float(np.mean([x.guess_rms_error for x in loss])), losses_received=sum(x.losses_received for x in loss),
+            undefended_success_rate=avg([x.undefended_success_rate for x in loss]), losses_left=any(bool(x.losses_left) for x in loss))
+    orc = [r.oracle for r in rows if r.oracle is not None]
+    oracle = None
+    if orc:
+        oracle = dataclasses.replace(
+            orc[0], pairs=sum(x.pairs for x in orc), recovered=sum(x.recovered for x in orc), queries_sent=sum(x.queries_sent for x in orc),
+            queries_answered=sum(x.queries_answered for x in orc), refused=any(x.refused for x in orc),
+            pre_contract_recovered=sum(x.pre_contract_recovered for x in orc), pre_contract_queries=sum(x.pre_contract_queries for x in orc))
+    smp = [r.sampling for r in rows if r.sampling is not None]
+    sampling = None
+    if smp:
+        sampling = SamplingFigures(float(np.mean([x.declared_epsilon for x in smp])), float(np.mean([x.known_sampling_epsilon for x in smp])),
+                                   all(x.private_randomness for x in smp), max((x.sampling_rate or 0.0) for x in smp))
     return dataclasses.replace(
         # the runs live in OUT/seed<k>/<defence>: name them all
         first, run_dir=str(Path(first.run_dir).parent.parent / "seed*" / Path(first.run_dir).name) if len(rows) > 1 else first.run_dir,
         epsilon=avg([r.epsilon for r in rows]), accuracy=float(np.mean([r.accuracy for r in rows])), membership=tuple(mia),
-        reconstruction=recon, seeds=len(rows))
+        reconstruction=recon, seeds=len(rows), loss_equation=le, oracle=oracle, sampling=sampling,
+        undefended_reconstruction=avg([r.undefended_reconstruction for r in rows]))
 
 
 def _compare_command(cc: CompareConfig) -> str:
@@ -557,6 +778,12 @@ def _compare_command(cc: CompareConfig) -> str:
     if cc.extra.get("partition"):
         parts.append(f"--partition {cc.extra['partition']}")
     parts.append("--epsilons " + ",".join(f"{e:g}" for e in cc.epsilons))
+    if cc.combined_epsilon is None:
+        parts.append("--no-combined")
+    elif cc.combined_epsilon != 1.0:
+        parts.append(f"--combined-epsilon {cc.combined_epsilon:g}")
+    if cc.combined_epsilon is not None and not cc.replayable:
+        parts.append("--no-replayable")
     if cc.seeds > 1:
         parts.append(f"--seed {cc.seed} --seeds {cc.seeds}")
     parts.append(f"--out {cc.out}")
@@ -565,6 +792,13 @@ def _compare_command(cc: CompareConfig) -> str:
 
 def _notes(rows: Sequence[PrivacyRow]) -> tuple[str, ...]:
     notes = [
+        "Loss-equation attack: one site per target record (the run's sites' records, as many per federation as the run has sites), "
+        "one SGD step on that record per round for features + 1 rounds, the coordinator choosing the parameters it sends; each training "
+        "loss a site reports is one equation in its record. Exact = every feature within 1e-3 z and the label right.",
+        "Evaluation oracle: the coordinator sends each site logistic regressions thresholding the task's first feature and reads the "
+        "loss and correct count of each answer; the pre-contract figure is the same attack on sites that score any parameters.",
+        "Known-sampling ε: the run's ledger events recomputed with sampling rate 1 (a record in every batch), the ε that holds when "
+        "the coordinator can know each site's batches; a record drawn into fewer batches loses less.",
         "MIA: members = the sites' training records (subsampled to the non-members' label mix), non-members = "
         "their test records; the strongest of "
         "loss-threshold / LiRA online / LiRA offline is shown (all three in the details), with its 95% bootstrap "
@@ -592,6 +826,37 @@ def _recon_cell(r: ReconstructionFigures, long: bool = False) -> str:
     return f"{_pct(r.success_rate)}, SSIM {r.quality:.2f}" + (f" vs guess {r.guess_quality:.2f}, n={r.records}" if long else "")
 
 
+def _loss_cell(le: LossEquationFigures | None, long: bool = False) -> str:
+    if le is None:
+        return "n/a"
+    if not le.applicable:
+        return "losses left (not a logreg: not run)" if le.losses_left else "no loss left"
+    cell = f"{_pct(le.success_rate)} exact"
+    if not le.losses_left:
+        cell += " (no loss left)"
+    if long:
+        cell += f" (RMS err {le.rms_error:.3g} vs guess {le.guess_rms_error:.3g}, n={le.records}, {le.losses_received} losses received)"
+    return cell
+
+
+def _oracle_cell(o: OracleFigures | None, long: bool = False) -> str:
+    if o is None:
+        return "n/a"
+    cell = f"{o.recovered}/{o.pairs} pairs"
+    if long:
+        cell += (f" ({o.queries_answered} of {o.queries_sent} queries answered; site that scores anything: "
+                 f"{o.pre_contract_recovered}/{o.pairs} in {o.pre_contract_queries} queries)")
+    return cell
+
+
+def _sampling_cell(sf: SamplingFigures | None, long: bool = False) -> str:
+    if sf is None:
+        return "no DP"
+    if sf.private_randomness:
+        return "amplification holds" + (f" (ε {sf.declared_epsilon:.2f}; {sf.known_sampling_epsilon:.2f} if the batches were known)" if long else "")
+    return f"ε {sf.known_sampling_epsilon:.2f}" + (f" (declared {sf.declared_epsilon:.2f}; sampling replayable)" if long else "")
+
+
 def table_rows(report: PrivacyReport, long: bool = False) -> list[list[str]]:
     out = []
     for r in report.rows:
@@ -604,14 +869,137 @@ def table_rows(report: PrivacyReport, long: bool = False) -> list[list[str]]:
             _pct(m.tpr_at_0_1pct),
             _pct(m.tpr_at_1pct),
             _recon_cell(r.reconstruction, long),
+            _loss_cell(r.loss_equation, long),
+            _oracle_cell(r.oracle, long),
+            _sampling_cell(r.sampling, long),
             reid,
             f"{r.accuracy:.3f}" + ("" if r.accuracy_cost is None else f" ({0.0 - r.accuracy_cost:+.3f})"),
         ])
     return out
 
 
-HEADERS = ["defence", "ε", "MIA AUC", "TPR@0.1%FPR", "TPR@1%FPR", "reconstruction from a site's update", "re-identification (raw → de-identified)", "accuracy (cost)"]
-SHORT_HEADERS = ["defence", "ε", "MIA AUC", "TPR@.1%", "TPR@1%", "recon.", "re-id", "accuracy"]
+HEADERS = ["defence", "ε", "MIA AUC", "TPR@0.1%FPR", "TPR@1%FPR", "reconstruction from a site's update", "loss-equation attack",
+           "evaluation oracle", "known-sampling ε", "re-identification (raw → de-identified)", "accuracy (cost)"]
+SHORT_HEADERS = ["defence", "ε", "MIA AUC", "TPR@.1%", "TPR@1%", "recon.", "loss eq.", "oracle", "sampling", "re-id", "accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# verdicts: one plain sentence per thing that left the hospitals
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """One channel out of the hospitals, the attack on it, and the defence that decides it."""
+
+    channel: str  # what left the hospitals
+    attack: str
+    defence: str  # the defence that makes the attack fail
+    without: str  # the attack's result without that defence ("" when not measured)
+    this_run: str  # the attack's result on this run
+    sentence: str  # for a data-protection officer
+
+
+def _how_updates_left(defence: str) -> str:
+    if Defence.SECAGG.value in defence:
+        how = "masked by secure aggregation"
+    elif "homomorphic" in defence:
+        how = "encrypted (homomorphic aggregation)"
+    else:
+        how = ""
+    if "DP" in defence:
+        how = f"{how} and noised by differential privacy" if how else "noised by differential privacy"
+    return how
+
+
+def verdicts(row: PrivacyRow, reference: PrivacyRow | None = None) -> tuple[Verdict, ...]:
+    """The verdicts of one row; ``reference`` (the no-defence row of a comparison) supplies the
+    membership figure without DP."""
+    out = []
+    rc = row.reconstruction
+    how = _how_updates_left(row.defence)
+    n = rc.records
+    got = rc.success_rate
+    without = "" if row.undefended_reconstruction is None else f"{_pct(row.undefended_reconstruction)} reconstructed"
+    if not how:
+        sentence = f"Model updates: sent in the clear; from single-record updates the coordinator reconstructed {_pct(got)} of {n} records."
+    elif got == 0:
+        sentence = (f"Model updates: {how}; from single-record updates the coordinator reconstructed no record"
+                    + (f" (without these defences: {_pct(row.undefended_reconstruction)} of {n})." if row.undefended_reconstruction else "."))
+    else:
+        sentence = f"Model updates: {how}, yet the coordinator reconstructed {_pct(got)} of {n} records from sums of single-record updates."
+    out.append(Verdict("model updates", f"reconstruction ({rc.attack})", "secure aggregation, homomorphic aggregation or DP", without,
+                       _recon_cell(rc), sentence))
+
+    le = row.loss_equation
+    if le is not None:
+        without = "" if le.undefended_success_rate is None else f"{_pct(le.undefended_success_rate)} exact"
+        if not le.losses_left:
+            sentence = ("Training losses: none left the hospitals; the loss-equation attack had nothing to work with"
+                        + (f" (no record recovered, against {_pct(le.undefended_success_rate)} when losses are public)." if le.applicable and le.undefended_success_rate else "."))
+        elif not le.applicable:
+            sentence = "Training losses: exact losses left the hospitals, as this plan allows; the loss-equation attack models logistic regression and was not run."
+        else:
+            sentence = (f"Training losses: each hospital's exact loss left beside its update, as this plan allows without secure aggregation or DP; "
+                        f"by choosing the model it sent, the coordinator solved them for {_pct(le.success_rate)} of {le.records} records exactly.")
+        out.append(Verdict("training losses", "loss equations (chosen parameters, single-record sites)",
+                           "no exact loss leaves beside a protected or noised update", without, _loss_cell(le), sentence))
+
+    o = row.oracle
+    if o is not None:
+        if o.recovered == 0 and o.refused:
+            sentence = (f"Evaluation answers: hospitals refused to score the coordinator's crafted models after two answers, so the evaluation oracle "
+                        f"recovered none of {o.pairs} ({o.feature}, outcome) pairs; a hospital that scored anything gave away {o.pre_contract_recovered} of {o.pairs}.")
+        else:
+            sentence = f"Evaluation answers: the coordinator's crafted models recovered {o.recovered} of {o.pairs} ({o.feature}, outcome) pairs of the hospitals' test records."
+        out.append(Verdict("evaluation answers", f"evaluation oracle (threshold models on {o.feature})",
+                           "sites score only models they were sent for training, plus two others",
+                           f"{o.pre_contract_recovered}/{o.pairs} pairs", _oracle_cell(o), sentence))
+
+    sf = row.sampling
+    if sf is None:
+        sentence = "Batch sampling: no differential privacy in this run, so there is no ε to lose."
+        out.append(Verdict("batch sampling", "known-sampling ε", "sampling from each site's own secret", "", "no DP", sentence))
+    else:
+        if abs(sf.known_sampling_epsilon - sf.declared_epsilon) < 1e-9:
+            sentence = f"Batch sampling: ε = {sf.declared_epsilon:.2f} does not rely on sampling, so it holds even against whoever knows the batches."
+        elif sf.private_randomness:
+            sentence = (f"Batch sampling: each hospital drew its batches from its own secret, so amplification by sampling holds against the "
+                        f"coordinator and the declared ε = {sf.declared_epsilon:.2f} stands ({sf.known_sampling_epsilon:.2f} if it knew the batches).")
+        else:
+            sentence = (f"Batch sampling: this run's batches can be replayed from its recorded seed, so amplification by sampling does not hold "
+                        f"against the coordinator: a record's ε is up to {sf.known_sampling_epsilon:.2f}, not the declared {sf.declared_epsilon:.2f}.")
+        out.append(Verdict("batch sampling", "known-sampling ε (accountant at sampling rate 1)", "sampling from each site's own secret",
+                           f"ε {sf.known_sampling_epsilon:.2f}", f"ε {sf.effective_epsilon:.2f}", sentence))
+
+    m = row.strongest
+    ref = reference.strongest.auc if reference is not None and reference is not row and reference.defence == Defence.NONE.value else None
+    sentence = f"Final model: the strongest membership-inference attack reaches AUC {m.auc:.3f} (0.5 is chance)"
+    if ref is not None and "DP" in row.defence:
+        sentence += f", against {ref:.3f} without DP"
+    out.append(Verdict("final model", f"membership inference ({m.attack})", "record-level DP", "" if ref is None else f"AUC {ref:.3f}",
+                       f"AUC {m.auc:.3f}", sentence + "."))
+
+    if row.reid_before is not None:
+        out.append(Verdict("released records", "linkage to a registry", "de-identification policy (5-anonymity)", _pct(row.reid_before), _pct(row.reid_after),
+                           f"Released records: linkage to a registry re-identifies {_pct(row.reid_before)} of patients in the raw records "
+                           f"and {_pct(row.reid_after)} after de-identification."))
+    return tuple(out)
+
+
+def _reference(report: PrivacyReport) -> PrivacyRow | None:
+    return next((r for r in report.rows if r.defence == Defence.NONE.value), None)
+
+
+def verdict_markdown(report: PrivacyReport) -> str:
+    """Per run: the verdict table (what left, the attack, without the defence, this run) and the sentences."""
+    ref = _reference(report)
+    parts = []
+    for r in report.rows:
+        parts.append(f"### {r.defence}" + ("" if r.epsilon is None else f" (ε = {r.epsilon:.3g})"))
+        parts.append("| what left the hospitals | attack | defence | without it | this run |\n| --- | --- | --- | --- | --- |")
+        vs = verdicts(r, ref)
+        parts[-1] += "\n" + "\n".join(f"| {v.channel} | {v.attack} | {v.defence} | {v.without or 'n/a'} | {v.this_run} |" for v in vs)
+        parts.append("\n".join(f"- {v.sentence}" for v in vs))
+    return "\n\n".join(parts)
 
 
 def rich_table(report: PrivacyReport):
@@ -671,6 +1059,35 @@ def _plots(report: PrivacyReport) -> list[tuple[str, str]]:
     ax.set_ylabel("records reconstructed")
     figs.append(("Share of single-record updates the coordinator reconstructed", _png(fig)))
 
+    if any(r.loss_equation is not None and r.loss_equation.applicable for r in rows):
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.4 * len(rows)), 3.2))
+        x = np.arange(len(rows))
+        le = [r.loss_equation for r in rows]
+        ax.bar(x - 0.2, [np.nan if v is None or v.undefended_success_rate is None else v.undefended_success_rate for v in le], 0.4,
+               color="tab:grey", label="without secure aggregation / DP")
+        ax.bar(x + 0.2, [np.nan if v is None else v.success_rate for v in le], 0.4, color="tab:red", label="this run")
+        ax.set_xticks(x, names, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("records recovered exactly")
+        ax.legend(fontsize=7)
+        ax2.bar(x - 0.2, [np.nan if v is None else v.rms_error for v in le], 0.4, color="tab:red", label="attack's estimate")
+        ax2.bar(x + 0.2, [np.nan if v is None else v.guess_rms_error for v in le], 0.4, color="tab:grey", label="population-mean guess")
+        ax2.set_xticks(x, names, fontsize=8)
+        ax2.set_ylabel("RMS error (z)")
+        ax2.legend(fontsize=7)
+        figs.append(("Loss-equation attack on single-record sites: records recovered, and error next to guessing the mean", _png(fig)))
+    if any(r.oracle is not None for r in rows):
+        fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.2))
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [np.nan if r.oracle is None else r.oracle.pre_contract_rate for r in rows], 0.4, color="tab:grey",
+               label="site that scores anything (before the contract)")
+        ax.bar(x + 0.2, [np.nan if r.oracle is None else r.oracle.rate for r in rows], 0.4, color="tab:red", label="this run's sites")
+        ax.set_xticks(x, names, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("test (value, label) pairs recovered")
+        ax.legend(fontsize=7)
+        figs.append(("Evaluation oracle: share of the sites' test (feature value, label) pairs recovered", _png(fig)))
+
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.2))
     ax.bar(range(len(rows)), [r.accuracy for r in rows], color="tab:green")
     ax.set_xticks(range(len(rows)), names, fontsize=8)
@@ -701,6 +1118,14 @@ def write_html(report: PrivacyReport, path: str | Path) -> Path:
             f"<p>reconstruction ({esc(rc.attack)}, {rc.records} single-record updates, {rc.views} vectors attacked): "
             f"success {_pct(rc.success_rate)}, quality {rc.quality:.3f} vs guess {rc.guess_quality:.3f}"
             + ("" if rc.psnr is None else f", PSNR {rc.psnr:.1f} dB") + "</p>")
+    ref = _reference(report)
+    verdict_html = []
+    for r in report.rows:
+        vs = verdicts(r, ref)
+        cells = "".join(f"<tr><td>{esc(v.channel)}</td><td>{esc(v.attack)}</td><td>{esc(v.defence)}</td><td>{esc(v.without or 'n/a')}</td>"
+                        f"<td>{esc(v.this_run)}</td><td>{esc(v.sentence)}</td></tr>" for v in vs)
+        verdict_html.append(f"<h3>{esc(r.defence)}{'' if r.epsilon is None else f' (ε = {r.epsilon:.3g})'}</h3><table><tr><th>what left the hospitals</th>"
+                            f"<th>attack</th><th>defence</th><th>without it</th><th>this run</th><th>verdict</th></tr>{cells}</table>")
     plots = "".join(f"<figure><img src='data:image/png;base64,{b}'/><figcaption>{esc(c)}</figcaption></figure>" for c, b in _plots(report))
     notes = "".join(f"<li>{esc(n)}</li>" for n in report.notes)
     page = (
@@ -708,7 +1133,8 @@ def write_html(report: PrivacyReport, path: str | Path) -> Path:
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}figure{display:inline-block;margin:1em}</style></head><body>"
         f"<h1>Privacy report</h1><p><code>{esc(report.command)}</code></p>"
-        f"<table><tr>{head}</tr>{body}</table><ul>{notes}</ul>{plots}<h2>Details</h2>{''.join(detail)}</body></html>"
+        f"<table><tr>{head}</tr>{body}</table><ul>{notes}</ul><h2>What left the hospitals, attacked</h2>{''.join(verdict_html)}"
+        f"{plots}<h2>Details</h2>{''.join(detail)}</body></html>"
     )
     path.write_text(page)
     return path

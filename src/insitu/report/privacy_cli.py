@@ -22,12 +22,16 @@ def _epsilons(text: str) -> tuple[float, ...]:
     return eps
 
 
-def _show(report) -> None:
-    from insitu.report.privacy import rich_table
+def _show(report, verdicts: bool = False) -> None:
+    from insitu.report.privacy import rich_table, verdicts as verdicts_of
 
     console.print(rich_table(report))
     for n in report.notes:
         console.print(f"[dim]· {n}[/]")
+    if verdicts:
+        for row in report.rows:
+            for v in verdicts_of(row):
+                console.print(f"· {v.sentence}")
     console.print(f"HTML report: [bold]{report.html_path}[/]")
 
 
@@ -41,14 +45,17 @@ def report_command(
 ) -> None:
     """Attack a finished run the way a curious coordinator or an outsider with the final model would.
 
-    Membership inference on the final model (loss threshold, LiRA), reconstruction of records
+    Membership inference on the final model (loss threshold, LiRA); reconstruction of records
     from single-record site updates as the coordinator receives them under the run's own
-    protocol and DP, and (heart) re-identification by linkage before and after de-identification.
+    protocol and DP; the loss-equation attack on the training losses sites report; the evaluation
+    oracle (crafted models sent to evaluate); the ε that holds if the coordinator knows the
+    sampling; and (heart) re-identification by linkage before and after de-identification.
+    Ends with one plain sentence per thing that left the hospitals.
     """
     from insitu.report.privacy import privacy_report, single_thread
 
     with single_thread():
-        _show(privacy_report(run_dir, html_out=html, shadows=shadows, probe_records=probe_records, iterations=iterations, seed=seed))
+        _show(privacy_report(run_dir, html_out=html, shadows=shadows, probe_records=probe_records, iterations=iterations, seed=seed), verdicts=True)
 
 
 def compare_command(
@@ -65,17 +72,27 @@ def compare_command(
     seed: int = typer.Option(0, help="Seed of every run and attack."),
     seeds: int = typer.Option(1, help="Repeat every run with seeds SEED … SEED+N−1 and report means with a 95% interval (one run's MIA AUC on a few hundred records moves by about ±0.04 from training noise alone)."),
     out: Path = typer.Option(Path("runs/privacy-compare"), "--out", "-o", help="Directory for the runs, privacy.html and privacy.json."),
+    combined_epsilon: float = typer.Option(1.0, help="ε of the run that combines secure aggregation with record-level DP."),
+    combined: bool = typer.Option(True, "--combined/--no-combined", help="Run secure aggregation + record-level DP at --combined-epsilon."),
+    replayable: bool = typer.Option(True, "--replayable/--no-replayable", help="Also run record-level DP at --combined-epsilon with replayable "
+                                    "randomness (NOT private), to show the ε that holds when the coordinator knows the sampling."),
 ) -> None:
     """Run one task under each defence and attack every run: what each defence buys.
 
-    Defences: none, record-level DP at each ε, secure aggregation, homomorphic aggregation.
-    Prints the table and writes privacy.html and privacy.json in --out.
+    Defences: none, record-level DP at each ε, secure aggregation, homomorphic aggregation, secure
+    aggregation + record-level DP, and (to show what secret sampling buys) record-level DP with
+    replayable randomness.  Every run is attacked through what the coordinator received: model
+    updates, training losses, evaluation answers, the sampling; and the final model by an outsider.
+    Prints the table and writes privacy.html, privacy.md and privacy.json in --out.
     """
     from insitu.report.privacy import CompareConfig, compare, single_thread
 
+    if not combined_epsilon > 0:
+        raise ConfigError(f"--combined-epsilon must be positive, got {combined_epsilon}")
     cc = CompareConfig(dataset=dataset, data=data, epsilons=_epsilons(epsilons), homomorphic=homomorphic, rounds=rounds,
                        seed=seed, seeds=seeds, shadows=shadows, probe_records=probe_records, iterations=iterations, out=str(out),
-                       extra={**({"model": model} if model else {}), **({"partition": partition} if partition else {})})
+                       extra={**({"model": model} if model else {}), **({"partition": partition} if partition else {})},
+                       combined_epsilon=combined_epsilon if combined else None, replayable=replayable)
     with single_thread():
         _show(compare(cc, progress=lambda msg: console.print(f"[dim]{msg}[/]")))
 
