@@ -26,6 +26,7 @@ transport, which encodes them as the wire does):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -65,24 +66,30 @@ def _require_logreg(task: TaskSpec, attack: str) -> int:
     return int(np.prod(task.input_shape))
 
 
+@functools.lru_cache(maxsize=16)
+def _check_layout(model: str, input_shape: tuple[int, ...], num_outputs: int) -> None:
+    """The flat vector of the registry's logistic regression is its weights, then its bias (checked once)."""
+    m = build_model(model, input_shape, num_outputs)
+    lin = [x for x in m.modules() if isinstance(x, torch.nn.Linear)][0]
+    d = lin.in_features
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(1, d + 1, dtype=torch.float32).view(1, d))
+        lin.bias.fill_(-1.0)
+    if not np.array_equal(get_flat(m), np.r_[np.arange(1, d + 1), -1.0].astype(np.float32)):
+        raise ConfigError(f"the {model} parameter layout is not (weights, bias); the side-channel attacks cannot build its parameters")
+
+
 def _logreg_params(task: TaskSpec, w: np.ndarray, b: float) -> np.ndarray:
     """The flat parameter vector of the task's logistic regression with weights ``w`` and bias ``b``."""
-    model = build_model(task.model, task.input_shape, task.num_outputs)
-    lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][0]
-    with torch.no_grad():
-        lin.weight.copy_(torch.as_tensor(np.asarray(w, dtype=np.float32).reshape(1, -1)))
-        lin.bias.fill_(float(b))
-    return get_flat(model)
+    _check_layout(task.model, tuple(task.input_shape), task.num_outputs)
+    return np.r_[np.asarray(w, dtype=np.float64).reshape(-1), float(b)].astype(np.float32)
 
 
 def _split_logreg(task: TaskSpec, params: np.ndarray) -> tuple[np.ndarray, float]:
     """(w, b) of a flat logistic-regression parameter vector, in float64 (exactly what was sent)."""
-    from insitu.learn.models import set_flat
-
-    model = build_model(task.model, task.input_shape, task.num_outputs)
-    set_flat(model, np.asarray(params, dtype=np.float32))
-    lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][0]
-    return lin.weight.detach().double().numpy().reshape(-1), float(lin.bias.detach().double().item())
+    _check_layout(task.model, tuple(task.input_shape), task.num_outputs)
+    p = np.asarray(params, dtype=np.float32).astype(np.float64)
+    return p[:-1], float(p[-1])
 
 
 # ---------------------------------------------------------------------------------------------
