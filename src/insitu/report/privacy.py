@@ -797,6 +797,12 @@ def _compare_command(cc: CompareConfig) -> str:
 
 def _notes(rows: Sequence[PrivacyRow]) -> tuple[str, ...]:
     notes = [
+        "MIA: members = the sites' training records (subsampled to the non-members' label mix), non-members = "
+        "their test records; the strongest of "
+        "loss-threshold / LiRA online / LiRA offline is shown (all three in the details), with its 95% bootstrap "
+        "interval in the HTML/markdown table: with a few hundred records, AUCs within about ±0.05 of 0.5 are chance.",
+        "Reconstruction: the coordinator's best over every vector it received in a probe round where each of "
+        "the sites' updates comes from one record (the worst case for a site), run through the run's own protocol.",
         "Loss-equation attack: one site per target record (the run's sites' records, as many per federation as the run has sites), "
         "one SGD step on that record per round for features + 1 rounds, the coordinator choosing the parameters it sends; each training "
         "loss a site reports is one equation in its record. Exact = every feature within 1e-3 z and the label right.",
@@ -804,12 +810,6 @@ def _notes(rows: Sequence[PrivacyRow]) -> tuple[str, ...]:
         "loss and correct count of each answer; the pre-contract figure is the same attack on sites that score any parameters.",
         "Known-sampling ε: the run's ledger events recomputed with sampling rate 1 (a record in every batch), the ε that holds when "
         "the coordinator can know each site's batches; a record drawn into fewer batches loses less.",
-        "MIA: members = the sites' training records (subsampled to the non-members' label mix), non-members = "
-        "their test records; the strongest of "
-        "loss-threshold / LiRA online / LiRA offline is shown (all three in the details), with its 95% bootstrap "
-        "interval in the HTML/markdown table: with a few hundred records, AUCs within about ±0.05 of 0.5 are chance.",
-        "Reconstruction: the coordinator's best over every vector it received in a probe round where each of "
-        "the sites' updates comes from one record (the worst case for a site), run through the run's own protocol.",
     ]
     n_non = min((m.n_nonmembers for r in rows for m in r.membership), default=0)
     if n_non and n_non < 1000:
@@ -949,7 +949,11 @@ def verdicts(row: PrivacyRow, reference: PrivacyRow | None = None) -> tuple[Verd
                            "no exact loss leaves beside a protected or noised update", without, _loss_cell(le), sentence))
 
     o = row.oracle
-    if o is not None:
+    if o is None:
+        out.append(Verdict("evaluation answers", "evaluation oracle", "sites score only models they were sent for training, plus two others", "",
+                           "not run", "Evaluation answers: hospitals score only models they were sent for training, plus two others; the "
+                           "threshold-model oracle needs a logistic regression and was not run on this model."))
+    else:
         if o.recovered == 0 and o.refused:
             sentence = (f"Evaluation answers: hospitals refused to score the coordinator's crafted models after two answers, so the evaluation oracle "
                         f"recovered none of {o.pairs} ({o.feature}, outcome) pairs; a hospital that scored anything gave away {o.pre_contract_recovered} of {o.pairs}.")
