@@ -1069,14 +1069,14 @@ def _plots(report: PrivacyReport) -> list[tuple[str, str]]:
     figs.append(("Share of single-record updates the coordinator reconstructed", _png(fig)))
 
     if any(r.loss_equation is not None and r.loss_equation.applicable for r in rows):
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.4 * len(rows)), 3.2))
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(5, 1.4 * len(rows)), 6.4), constrained_layout=True)
         x = np.arange(len(rows))
         le = [r.loss_equation for r in rows]
         ax.bar(x - 0.2, [np.nan if v is None or v.undefended_success_rate is None else v.undefended_success_rate for v in le], 0.4,
                color="tab:grey", label="without secure aggregation / DP")
         ax.bar(x + 0.2, [np.nan if v is None else v.success_rate for v in le], 0.4, color="tab:red", label="this run")
         ax.set_xticks(x, names, fontsize=8)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.3)
         ax.set_ylabel("records recovered exactly")
         ax.legend(fontsize=7)
         ax2.bar(x - 0.2, [np.nan if v is None else v.rms_error for v in le], 0.4, color="tab:red", label="attack's estimate")
@@ -1092,7 +1092,7 @@ def _plots(report: PrivacyReport) -> list[tuple[str, str]]:
                label="site that scores anything (before the contract)")
         ax.bar(x + 0.2, [np.nan if r.oracle is None else r.oracle.rate for r in rows], 0.4, color="tab:red", label="this run's sites")
         ax.set_xticks(x, names, fontsize=8)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.3)
         ax.set_ylabel("test (value, label) pairs recovered")
         ax.legend(fontsize=7)
         figs.append(("Evaluation oracle: share of the sites' test (feature value, label) pairs recovered", _png(fig)))
