@@ -10,14 +10,13 @@ where ``lo``/``hi`` are **public** per-feature bounds (constants of the task, no
 so every u lies in [−½, ½] and one record moves the released vector by at most
 
     Δ = max( √(1 + d·(¼ + 1/16)) ,  √d )
-          add/remove one record      replace one record (|u−u'| ≤ 1, |u²−u'²| ≤ ¼·… ≤ 1 jointly)
+          add/remove one record      replace one record: per feature (u−u')² + (u²−u'²)² ≤ 1
 
 (for ``d`` features; the larger of the two, so the release holds under either adjacency).
 The noise multiplier z is calibrated with the project's accountant for the plan's ε at δ, and
 the release is one :class:`PrivacyEvent` the site charges to its ledger before releasing.
 Combining the releases and turning them into a mean and standard deviation is post-processing
-(free); the variance is floored at a public fraction of the range, so noise cannot make a
-feature's scale collapse.
+(free): see :func:`combine_moments`.
 """
 from __future__ import annotations
 
@@ -31,6 +30,8 @@ from insitu.privacy.accounting import AccountantKind, Mechanism, PrivacyEvent, c
 
 #: the smallest standard deviation the combined moments may report, as a fraction of the range
 MIN_SD_FRACTION = 0.02
+#: the public prior of a feature's spread, as a fraction of its range (estimates are shrunk towards it)
+PRIOR_SD = 0.25
 
 
 @dataclass(frozen=True)
@@ -106,18 +107,29 @@ def release_moments(X: np.ndarray, bounds: FeatureBounds, noise_multiplier: floa
 def combine_moments(releases: list[MomentsRelease], bounds: FeatureBounds) -> tuple[np.ndarray, np.ndarray]:
     """Consortium mean and standard deviation, in the features' own units, from the sites' releases.
 
-    Post-processing only: the count is floored at 1, the mean of u kept in [−½, ½], the
-    variance of u in [MIN_SD_FRACTION², ¼]."""
+    Post-processing only (free of privacy cost).  The noise of the pooled estimates is public
+    (each release states its std), so each estimate is shrunk towards the public prior of the
+    bounds (mean of u 0, standard deviation of u ¼: the middle and a quarter of the range) in
+    proportion to its noise: with a small ε or few records the result tends to the public
+    constants (entirely so when the pooled count is within three noise stds of 0), with a large
+    one to the exact moments.  The variance of u is kept in
+    [MIN_SD_FRACTION², ¼]."""
     if not releases:
         raise DataError("no site released its moments")
     n = max(1.0, sum(r.count for r in releases))
-    m1 = np.clip(sum(r.sum for r in releases) / n, -0.5, 0.5)
+    total_std = math.sqrt(sum(r.noise_std ** 2 for r in releases))
+    noise = total_std / n  # std of Σ/n from the noise alone
+    prior = PRIOR_SD ** 2
+    # a count within 3 noise stds of 0 is no count at all: then only the public constants remain
+    keep = prior / (prior + noise * noise) if n > 3 * total_std else 0.0
+    m1 = keep * np.clip(sum(r.sum for r in releases) / n, -0.5, 0.5)
     m2 = sum(r.sum_sq for r in releases) / n
-    var = np.clip(m2 - m1 * m1, MIN_SD_FRACTION ** 2, 0.25)
+    var = prior + keep * (np.clip(m2 - m1 * m1, 0.0, 0.25) - prior)
+    var = np.clip(var, MIN_SD_FRACTION ** 2, 0.25)
     lo, hi = np.asarray(bounds.lower), np.asarray(bounds.upper)
     width = hi - lo
     return (lo + hi) / 2 + m1 * width, np.sqrt(var) * width
 
 
-__all__ = ["FeatureBounds", "MomentsRelease", "MIN_SD_FRACTION", "combine_moments", "moments_noise", "moments_sensitivity",
+__all__ = ["FeatureBounds", "MomentsRelease", "MIN_SD_FRACTION", "PRIOR_SD", "combine_moments", "moments_noise", "moments_sensitivity",
            "release_moments"]
