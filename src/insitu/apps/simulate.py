@@ -472,6 +472,8 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
             "task": task.to_meta(),
             "private_randomness": site_secrets is None and coordinator_secret is None and not cfg.insecure_replayable_randomness,
             "sites": {s.name: {"n_train": s.n_train, "n_test": s.n_test} for s in data.sites},
+            # accuracy of always answering the majority class of each site's test split (collapse warnings)
+            "majority_rate": {s.name: _majority_rate(s.y_test) for s in data.sites},
             "final": {
                 "mean_site_accuracy": mean_acc,
                 "pooled_accuracy": pooled_acc,
@@ -510,7 +512,7 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
             np.savez(writer.tmp / "model.npz", params=coord.params)
             (writer.tmp / "task.json").write_text(json.dumps(task.to_meta(), indent=2))
             (writer.tmp / "plan.json").write_text(json.dumps(plan.to_meta(), indent=2))
-            accuracy_plot(history, writer.tmp / "accuracy.png", title=f"{cfg.dataset} · {cfg.strategy}")
+            accuracy_plot(history, writer.tmp / "accuracy.png", title=plot_title(cfg, plan, summary), baselines=_plot_baselines(summary))
             summary["run_dir"] = str(out)
             (writer.tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
             writer.finish()
@@ -519,6 +521,39 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
         if writer:
             writer.abort()
         raise
+
+
+def _majority_rate(y: torch.Tensor) -> float:
+    y = y.reshape(-1).long()
+    return float(torch.bincount(y).max()) / len(y) if len(y) else float("nan")
+
+
+def protections(cfg: SimulationConfig, plan: Plan) -> str:
+    """The protections of a run in a few words (plot titles)."""
+    parts = [plan.protection.kind.value if plan.protection.kind is not Protection.PLAIN else "updates in clear"]
+    if plan.dp.on:
+        parts.append(f"{plan.dp.level.value}-level DP" + (f" ε={plan.dp.epsilon:g}" if plan.dp.epsilon else f" z={plan.dp.noise_multiplier:g}"))
+    else:
+        parts.append("no DP on updates")
+    if plan.compression != "none":
+        parts.append(f"compress {plan.compression}")
+    if cfg.dataset == DatasetName.HEART.value:
+        parts.append(f"z-scoring: DP moments ε={plan.normalize_epsilon:g}" if plan.normalize.value == "federated" else "z-scoring per site")
+    return " · ".join(parts)
+
+
+def plot_title(cfg: SimulationConfig, plan: Plan, summary: dict[str, Any]) -> str:
+    return f"{cfg.dataset} · {cfg.strategy} · {summary['final']['rounds_completed']} rounds\n{protections(cfg, plan)}"
+
+
+def _plot_baselines(summary: dict[str, Any]) -> dict[str, float]:
+    loc = summary.get("baselines", {}).get("local_only")
+    if not loc:
+        return {}
+    across = loc["mean_accuracy_across_sites"]
+    return {"own model, own split": loc["mean_site_accuracy"],
+            "local model, every site (mean)": float(np.mean(list(across.values()))),
+            "pooled": summary["baselines"]["pooled"]["mean_site_accuracy"]}
 
 
 def _one_round(coord: Coordinator, r: int) -> dict[str, Any]:
