@@ -143,8 +143,11 @@ class SimulationConfig:
         d = DEFAULTS[ds]
         if parse_choice(Recipe, self.recipe, "--recipe") is Recipe.FLAMBY:
             d = replace(d, strategy="fedavg", normalize="site")
-        if not need_data:  # a deployed site does not implement the moments release yet: per-site z-scoring
+        if not need_data or own is not None:  # deployed sites lack the moments release yet; own data comes scaled
             d = replace(d, normalize="site")
+        if own is not None and self.normalize == "federated":
+            raise ConfigError("--normalize federated scales the built-in heart records with public bounds; your own "
+                              "FederatedData comes as you scaled it (leave normalize unset)")
         if self.dp != "off":
             from insitu.federation.dp import dp_defaults
 
