@@ -29,7 +29,8 @@ from insitu.site.policy import SitePolicy
 SITES = sandbox.SITES
 SECRETS = {s: bytes([i + 1]) * 32 for i, s in enumerate(SITES)}
 COORDINATOR = b"c" * 32
-BASE = {"dataset": "heart", "rounds": 3, "local_steps": 10, "seed": 3, "min_sites": 3}
+#: normalize site: the DP moments release of ``--normalize federated`` (simulate's default) is simulate-only so far
+BASE = {"dataset": "heart", "rounds": 3, "local_steps": 10, "seed": 3, "min_sites": 3, "normalize": "site"}
 
 #: strategy × protection × DP × compression, every value of each axis at least once
 MATRIX = [
@@ -161,7 +162,7 @@ def test_plan_parses_strictly_and_job_and_simulate_share_one_vocabulary(heart):
     job = JobSpec.from_dict({"name": "j", "dataset": "heart", "strategy": "fedprox", "mu": 0.1, "secure_aggregation": True,
                              "compress": "shared:0.1", "dp": "site", "epsilon": 3.0, "dp_placement": "distributed", "min_sites": 3})
     sim = SimulationConfig(strategy="fedprox", mu=0.1, secure_aggregation=True, compress="shared:0.1", dp="site", epsilon=3.0,
-                           dp_placement="distributed", min_sites=3).resolved()
+                           dp_placement="distributed", min_sites=3, normalize="site").resolved()
     assert job.plan == sim.plan_for(heart.input_shape, heart.num_outputs, heart.schema)
     assert Plan.from_meta(job.plan.to_meta()) == job.plan
     meta = job.plan.to_meta()

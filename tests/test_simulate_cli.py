@@ -66,7 +66,7 @@ def test_end_to_end_default_heart_run(tmp_path):
     out = tmp_path / "run"
     r = run("simulate", "--rounds", "5", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "mean over sites" in r.stdout and "local only" in r.stdout
+    assert "mean over sites" in r.stdout and "own model, own split" in r.stdout and "local model, every site" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     fin = summary["final"]
     assert 0.55 < fin["mean_site_accuracy"] <= 1 and 0.55 < fin["pooled_accuracy"] <= 1

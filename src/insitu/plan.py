@@ -61,7 +61,11 @@ class Selection(str, enum.Enum):
 
 class Normalize(str, enum.Enum):
     SITE = "site"  # each site z-scores with its own training statistics (FLamby)
-    FEDERATED = "federated"  # consortium moments from per-site count, Σx, Σx² (simulate only)
+    FEDERATED = "federated"  # consortium moments from each site's DP release of count, Σx, Σx² (simulate only)
+
+
+#: ε each site spends on its DP release of the normalisation moments (``normalize = federated``)
+NORMALIZE_EPSILON = 0.1
 
 
 #: server learning rates that work for the adaptive optimisers (Reddi et al. tune η on a grid)
@@ -260,6 +264,7 @@ class Plan:
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
     select: Selection = Selection.LAST
     normalize: Normalize = Normalize.SITE
+    normalize_epsilon: float = NORMALIZE_EPSILON  # federated normalisation: ε of each site's moments release
 
     def __post_init__(self) -> None:
         from insitu.compress.updates import CompressionSpec
@@ -267,6 +272,7 @@ class Plan:
         object.__setattr__(self, "lr_schedule", parse_choice(LRSchedule, self.lr_schedule, "lr_schedule"))
         object.__setattr__(self, "select", parse_choice(Selection, self.select, "select"))
         object.__setattr__(self, "normalize", parse_choice(Normalize, self.normalize, "normalize"))
+        object.__setattr__(self, "normalize_epsilon", _finite_positive("normalize_epsilon", self.normalize_epsilon))
         spec = CompressionSpec.parse(self.compression)
         object.__setattr__(self, "compression", str(spec))
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= 1_000_000:
@@ -298,6 +304,7 @@ class Plan:
             "task": self.task.to_meta(), "strategy": self.strategy.to_meta(), "protection": self.protection.to_meta(),
             "compression": self.compression, "dp": self.dp.to_meta(), "rounds": self.rounds, "min_sites": self.min_sites,
             "lr_schedule": self.lr_schedule.value, "select": self.select.value, "normalize": self.normalize.value,
+            "normalize_epsilon": self.normalize_epsilon,
         }
 
     @classmethod
@@ -325,4 +332,4 @@ class Plan:
 
 
 __all__ = ["Plan", "StrategySpec", "ProtectionSpec", "DPSpec", "Protection", "Recovery", "Adjacency", "LRSchedule", "Selection",
-           "Normalize", "SERVER_LR", "DEFAULT_MU"]
+           "Normalize", "NORMALIZE_EPSILON", "SERVER_LR", "DEFAULT_MU"]

@@ -106,19 +106,17 @@ def test_npz_not_a_zip(tmp_path):
         load_medmnist(p, 2, Partition.parse("iid"))
 
 
-def test_federated_normalization_equals_pooled_statistics():
-    from insitu.data.heart import FEATURES, _split, federated_moments
-    from insitu.data.heart import HOSPITALS
+def test_raw_heart_features_are_the_records_and_site_scaling_uses_own_statistics():
+    """``raw`` hands the recorded values to a caller that scales them (the DP moments release);
+    ``site`` z-scores each site with its own train statistics."""
+    from insitu.data.heart import FEATURES, HOSPITALS, _split
 
     df = load_heart_frame()
-    trains = [_split(df[df["hospital"] == h])[0][list(FEATURES)].to_numpy(float) for h in HOSPITALS]
-    mu, sd = federated_moments(trains)
-    pooled = np.concatenate(trains)
-    np.testing.assert_allclose(mu, pooled.mean(0), atol=1e-9)
-    np.testing.assert_allclose(sd, pooled.std(0), atol=1e-9)
-    d = load_heart(normalize="federated")
-    X = np.concatenate([s.X_train.numpy() for s in d.sites])
-    np.testing.assert_allclose(X.mean(0), 0, atol=1e-5)
+    raw, site = load_heart(normalize="raw"), load_heart(normalize="site")
+    for h, r, s in zip(HOSPITALS, raw.sites, site.sites):
+        tr = _split(df[df["hospital"] == h])[0][list(FEATURES)].to_numpy(float)
+        np.testing.assert_allclose(r.X_train.numpy(), tr, rtol=1e-6)
+        assert abs(float(s.X_train.numpy().mean(0).max())) < 1e-4
     with pytest.raises(ConfigError, match="normalize: unknown value 'global'"):
         load_heart(normalize="global")
 

@@ -43,6 +43,19 @@ class DatasetName(str, enum.Enum):
     MEDMNIST = "medmnist"  # any MedMNIST-format .npz
 
 
+class Recipe(str, enum.Enum):
+    """Where the defaults of the strategy and the preprocessing come from (options given by name win).
+
+    ``default``: the recipe in which the federated model is worth having (heart: FedYogi with
+    consortium z-scoring from the sites' DP moments releases; chosen by the sweep in the README).
+    ``flamby``: FLamby's Fed-Heart-Disease recipe (FedAvg, each site z-scored with its own
+    statistics), what bench/heart_flamby.py compares against the published figures.
+    """
+
+    DEFAULT = "default"
+    FLAMBY = "flamby"
+
+
 @dataclass(frozen=True)
 class Defaults:
     model: str
@@ -56,10 +69,12 @@ class Defaults:
     lr_schedule: str = "constant"
     select: str = "last"
     augment: int = 0
+    strategy: str = "fedavg"
+    normalize: str = "site"
 
 
 DEFAULTS: dict[DatasetName, Defaults] = {
-    DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4),
+    DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4, strategy="fedyogi", normalize="federated"),
     DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "constant", "last", 2),
     DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "constant", "last", 2),
 }
@@ -79,7 +94,8 @@ class SimulationConfig:
     data: str | None = None
     sites: int | None = None
     partition: str | None = None
-    strategy: str = "fedavg"
+    strategy: str | None = None  # default: the recipe's
+    recipe: str = "default"  # default (federation worth having) or flamby (FLamby's Fed-Heart-Disease recipe)
     rounds: int | None = None
     local_steps: int | None = None
     lr: float | None = None
@@ -111,7 +127,8 @@ class SimulationConfig:
     augment: int | None = None  # images: random shifts of up to N pixels during local training
     select: str | None = None  # final model: the last round's, or the best on the sites' validation splits
     lr_schedule: str | None = None  # constant or cosine (site lr decays to 10% over the rounds)
-    normalize: str = "site"  # heart: z-score per site (FLamby) or with federated moments
+    normalize: str | None = None  # heart: z-score per site (FLamby) or federated (sites' DP moments); default: the recipe's
+    normalize_epsilon: float = 0.1  # --normalize federated: ε each site spends on its moments release
     baselines: bool = True
     out: str | None = None
     #: derive every site's secret (sampling, DP noise, rounding) from --seed: replayable, NOT private
@@ -124,6 +141,13 @@ class SimulationConfig:
         images: MedMNIST) and the sites are the data's."""
         ds = parse_choice(DatasetName, self.dataset, "--dataset") if own is None else own_kind(own)
         d = DEFAULTS[ds]
+        if parse_choice(Recipe, self.recipe, "--recipe") is Recipe.FLAMBY:
+            d = replace(d, strategy="fedavg", normalize="site")
+        if not need_data or own is not None:  # deployed sites lack the moments release yet; own data comes scaled
+            d = replace(d, normalize="site")
+        if own is not None and self.normalize == "federated":
+            raise ConfigError("--normalize federated scales the built-in heart records with public bounds; your own "
+                              "FederatedData comes as you scaled it (leave normalize unset)")
         if self.dp != "off":
             from insitu.federation.dp import dp_defaults
 
@@ -141,7 +165,11 @@ class SimulationConfig:
             lr_schedule=self.lr_schedule or d.lr_schedule,
             select=self.select or d.select,
             augment=self.augment if self.augment is not None else d.augment,
+            strategy=self.strategy or d.strategy,
+            normalize=self.normalize or d.normalize,
         )
+        if cfg.normalize == "federated" and ds is not DatasetName.HEART:
+            raise ConfigError(f"--normalize federated needs public per-feature bounds; the heart task states them, {ds.value} has none (use --normalize site)")
         Partition.parse(cfg.partition)
         plan = cfg.plan_for((1,), 1, ("x",))  # validates every plan field (strategy, protection, DP, compression, …)
         if plan.select.value == "best-val" and ds is DatasetName.HEART and own is None:
@@ -178,6 +206,7 @@ class SimulationConfig:
                       placement=self.dp_placement, adaptive_clip=self.adaptive_clip, accountant=self.accountant,
                       adjacency=self.dp_adjacency),
             rounds=self.rounds, min_sites=self.min_sites, lr_schedule=self.lr_schedule, select=self.select, normalize=self.normalize,
+            normalize_epsilon=self.normalize_epsilon,
         )
 
 
@@ -230,11 +259,16 @@ def load_federated(cfg: SimulationConfig) -> FederatedData:
         if part.kind is PartitionKind.NATURAL:
             if cfg.sites != 4:
                 raise ConfigError(f"the natural heart partition has 4 hospitals; --sites {cfg.sites} needs --partition iid or dirichlet:ALPHA")
-            return load_heart(cfg.data, cfg.normalize)
+            return load_heart(cfg.data, _heart_scaling(cfg))
         df = load_heart_frame(cfg.data)
         parts = split_indices(df["label"].to_numpy(), cfg.sites, part, np.random.default_rng(cfg.seed), min_per_site=4)
-        return heart_sites_from_indices(df, parts, [f"hospital-{i + 1}" for i in range(cfg.sites)], cfg.normalize)
+        return heart_sites_from_indices(df, parts, [f"hospital-{i + 1}" for i in range(cfg.sites)], _heart_scaling(cfg))
     return load_medmnist(cfg.data, cfg.sites, part, seed=cfg.seed, name=ds.value)
+
+
+def _heart_scaling(cfg: SimulationConfig) -> str:
+    """federated: load raw features; the sites' DP moments release scales them (insitu.apps.normalize)."""
+    return "raw" if cfg.normalize == "federated" else cfg.normalize
 
 
 def _dropout_plan(cfg: SimulationConfig) -> Callable | None:
@@ -370,17 +404,28 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
     ledger = report = None
     from insitu.builder import build_coordinator, build_site, initial_params
 
-    if plan.dp.on:
+    federated_norm = plan.normalize.value == "federated"
+    if plan.dp.on or federated_norm:
         from insitu.federation.dp import FALLBACK_BUDGET, DPReport, parse_budgets
         from insitu.privacy import Budget, PrivacyLedger
 
         ledger = PrivacyLedger(cfg.privacy_ledger or ":memory:")
         per, default = parse_budgets(cfg.site_budget)
+        # default limit: the training's target ε plus the moments release (basic composition bounds both)
+        norm_eps = plan.normalize_epsilon if federated_norm else 0.0
+        train_eps = (plan.dp.epsilon or FALLBACK_BUDGET) if plan.dp.on else 0.0
         for s in data.sites:  # a persisted ledger keeps a site's budget across runs unless one is given
             if s.name in per or default is not None or not ledger.has_budget(s.name):
-                eps = per.get(s.name, default if default is not None else (plan.dp.epsilon or FALLBACK_BUDGET))
+                eps = per.get(s.name, default if default is not None else train_eps + norm_eps)
                 ledger.set_budget(s.name, Budget(eps, plan.dp.delta, plan.dp.accountant))
     run_id = f"run-{uuid.uuid4().hex[:12]}"
+    normalization = None
+    if federated_norm:
+        from insitu.apps.normalize import federated_normalization
+        from insitu.data.heart import BOUNDS
+
+        data, normalization = federated_normalization(data, BOUNDS, epsilon=plan.normalize_epsilon, delta=plan.dp.delta,
+                                                      accountant=plan.dp.accountant, secrets=secrets, ledger=ledger, job=run_id)
     sites = {sd.name: build_site(plan, sd.name, sd, secret=secrets[sd.name], ledger=ledger, job=run_id) for sd in data.sites}
     if plan.dp.on:
         report = DPReport(plan, {n: s.budget for n, s in sites.items()}, ledger, run_id)
@@ -430,6 +475,8 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
             "task": task.to_meta(),
             "private_randomness": site_secrets is None and coordinator_secret is None and not cfg.insecure_replayable_randomness,
             "sites": {s.name: {"n_train": s.n_train, "n_test": s.n_test} for s in data.sites},
+            # accuracy of always answering the majority class of each site's test split (collapse warnings)
+            "majority_rate": {s.name: _majority_rate(s.y_test) for s in data.sites},
             "final": {
                 "mean_site_accuracy": mean_acc,
                 "pooled_accuracy": pooled_acc,
@@ -454,10 +501,13 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
                 "local_only": local_only(data, task, site_steps, seed=cfg.seed),
                 "pooled": pooled(data, task, site_steps * len(data.sites), seed=cfg.seed),
             }
+        if normalization is not None:
+            summary["normalization"] = {**normalization.to_summary(), "ledger_run_id": run_id,
+                                        "epsilon_spent": {n: ledger.spent(n) for n in secrets}}
         if report:
             summary["final"].update(report.final())
-            if writer and not cfg.privacy_ledger:
-                ledger.export(writer.tmp / "privacy_ledger.sqlite")
+        if ledger is not None and writer and not cfg.privacy_ledger:
+            ledger.export(writer.tmp / "privacy_ledger.sqlite")
         summary["wall_seconds"] = time.perf_counter() - t0
         if writer:
             from insitu.report.plots import accuracy_plot
@@ -465,7 +515,7 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
             np.savez(writer.tmp / "model.npz", params=coord.params)
             (writer.tmp / "task.json").write_text(json.dumps(task.to_meta(), indent=2))
             (writer.tmp / "plan.json").write_text(json.dumps(plan.to_meta(), indent=2))
-            accuracy_plot(history, writer.tmp / "accuracy.png", title=f"{cfg.dataset} · {cfg.strategy}")
+            accuracy_plot(history, writer.tmp / "accuracy.png", title=plot_title(cfg, plan, summary), baselines=_plot_baselines(summary))
             summary["run_dir"] = str(out)
             (writer.tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
             writer.finish()
@@ -474,6 +524,39 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
         if writer:
             writer.abort()
         raise
+
+
+def _majority_rate(y: torch.Tensor) -> float:
+    y = y.reshape(-1).long()
+    return float(torch.bincount(y).max()) / len(y) if len(y) else float("nan")
+
+
+def protections(cfg: SimulationConfig, plan: Plan) -> str:
+    """The protections of a run in a few words (plot titles)."""
+    parts = [plan.protection.kind.value if plan.protection.kind is not Protection.PLAIN else "updates in clear"]
+    if plan.dp.on:
+        parts.append(f"{plan.dp.level.value}-level DP" + (f" ε={plan.dp.epsilon:g}" if plan.dp.epsilon else f" z={plan.dp.noise_multiplier:g}"))
+    else:
+        parts.append("no DP on updates")
+    if plan.compression != "none":
+        parts.append(f"compress {plan.compression}")
+    if cfg.dataset == DatasetName.HEART.value:
+        parts.append(f"z-scoring: DP moments ε={plan.normalize_epsilon:g}" if plan.normalize.value == "federated" else "z-scoring per site")
+    return " · ".join(parts)
+
+
+def plot_title(cfg: SimulationConfig, plan: Plan, summary: dict[str, Any]) -> str:
+    return f"{cfg.dataset} · {cfg.strategy} · {summary['final']['rounds_completed']} rounds\n{protections(cfg, plan)}"
+
+
+def _plot_baselines(summary: dict[str, Any]) -> dict[str, float]:
+    loc = summary.get("baselines", {}).get("local_only")
+    if not loc:
+        return {}
+    across = loc["mean_accuracy_across_sites"]
+    return {"own model, own split": loc["mean_site_accuracy"],
+            "local model, every site (mean)": float(np.mean(list(across.values()))),
+            "pooled": summary["baselines"]["pooled"]["mean_site_accuracy"]}
 
 
 def _one_round(coord: Coordinator, r: int) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from sklearn.model_selection import train_test_split
 
 from insitu.data.dataset import FederatedData, SiteData
 from insitu.errors import DataError, parse_choice
+from insitu.privacy.moments import FeatureBounds
 
 HOSPITALS = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 SITE_NAMES = ("cleveland", "hungary", "switzerland", "va-long-beach")
@@ -110,28 +111,30 @@ def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 class Normalize(str, enum.Enum):
-    """How features are z-scored.
+    """How features are scaled here.
 
-    ``site``: each site with its own train statistics (FLamby's recipe).  It also removes the
-    between-hospital shifts in feature means, which carry signal here (e.g. Switzerland records
-    cholesterol as 0).  ``federated``: one mean and standard deviation for the consortium,
-    computed from per-site aggregates only (count, Σx, Σx² of the training splits — three
-    vectors per site, no record), the way a pooled analysis would standardize.
+    ``site``: each site z-scores with its own train statistics (FLamby's recipe).  It also removes
+    the between-hospital shifts in feature means, which carry signal here (e.g. Switzerland records
+    cholesterol as 0).  ``raw``: features as recorded, for a caller that scales them with
+    consortium statistics, e.g. ``insitu simulate --normalize federated``, whose sites release
+    their moments with differential privacy (:mod:`insitu.privacy.moments`, clipped to
+    :data:`BOUNDS`).
     """
 
     SITE = "site"
-    FEDERATED = "federated"
+    RAW = "raw"
 
 
-def federated_moments(train_parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Consortium mean and std from each site's (n, Σx, Σx²): the only things that leave a site."""
-    n = sum(len(x) for x in train_parts)
-    s1 = sum(x.sum(0) for x in train_parts)
-    s2 = sum((x * x).sum(0) for x in train_parts)
-    mu = s1 / n
-    sd = np.sqrt(np.maximum(s2 / n - mu * mu, 0.0))
-    sd[sd < 1e-8] = 1.0
-    return mu, sd
+#: Public clipping range of each feature for the DP moments release: clinical plausibility limits
+#: stated here, never computed from the records.  Age in years; resting blood pressure (trestbps)
+#: and maximum heart rate (thalch) as physiologically plausible ranges; serum cholesterol (chol) in
+#: mg/dl from 0, because the UCI files code "not measured" as 0 (most of Switzerland); ST depression
+#: (oldpeak, mm) may be negative.  Binary and one-hot columns are 0/1.
+BOUNDS = FeatureBounds(
+    FEATURES,
+    (18.0, 0.0, 50.0, 0.0, 0.0, 50.0, 0.0, -3.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    (100.0, 1.0, 250.0, 700.0, 1.0, 250.0, 1.0, 7.0, 1.0, 1.0, 1.0, 1.0, 1.0),
+)
 
 
 def _site(name: str, tr: pd.DataFrame, te: pd.DataFrame, moments: tuple[np.ndarray, np.ndarray] | None = None) -> SiteData:
@@ -151,7 +154,7 @@ def _site(name: str, tr: pd.DataFrame, te: pd.DataFrame, moments: tuple[np.ndarr
 
 def _build(df: pd.DataFrame, splits: list[tuple[str, pd.DataFrame, pd.DataFrame]], normalize: str | Normalize, info: dict) -> FederatedData:
     norm = parse_choice(Normalize, normalize, "normalize")
-    moments = federated_moments([tr[list(FEATURES)].to_numpy(float) for _, tr, _ in splits]) if norm is Normalize.FEDERATED else None
+    moments = (np.zeros(len(FEATURES)), np.ones(len(FEATURES))) if norm is Normalize.RAW else None
     sites = tuple(_site(name, tr, te, moments) for name, tr, te in splits)
     return FederatedData("heart", sites, (len(FEATURES),), 2, FEATURES, {**info, "records": len(df), "normalize": norm.value})
 

@@ -10,8 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def accuracy_plot(history: list[dict[str, Any]], path: Path, *, title: str) -> None:
-    """Test accuracy per round: the global model on each site's test split, their mean and the union."""
+def accuracy_plot(history: list[dict[str, Any]], path: Path, *, title: str, baselines: dict[str, float] | None = None) -> None:
+    """Test accuracy per round: the global model on each site's test split, their mean and the union;
+    ``baselines`` (label → mean accuracy over sites) are drawn as horizontal lines."""
     ok = [h for h in history if h["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if ok:
@@ -21,9 +22,12 @@ def accuracy_plot(history: list[dict[str, Any]], path: Path, *, title: str) -> N
             ax.plot(rounds, [h["sites"].get(s, {}).get("test_accuracy", float("nan")) for h in ok], lw=1, alpha=0.6, label=s)
         ax.plot(rounds, [h["mean_site_accuracy"] for h in ok], lw=2.5, color="black", label="mean over sites")
         ax.plot(rounds, [h["pooled_accuracy"] for h in ok], lw=2, ls="--", color="grey", label="all test records")
+    for (label, value), style in zip((baselines or {}).items(), (":", "-.", (0, (5, 1)))):
+        ax.axhline(value, ls=style, lw=1.5, color="tab:red" if "own" in label else "tab:purple" if "every" in label else "tab:green",
+                   label=f"{label} ({value:.3f})")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

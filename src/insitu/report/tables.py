@@ -29,14 +29,41 @@ def summary_table(summary: dict[str, Any]) -> Table:
     t.add_column("train", justify="right")
     t.add_column("test", justify="right")
     t.add_column("federated", justify="right", style="bold")
-    t.add_column("local only", justify="right")
+    t.add_column("own model, own split", justify="right")
+    t.add_column("local model, every site", justify="right")
     t.add_column("pooled", justify="right")
     per_site = fin.get("bytes_up_per_round_per_site", {})
     t.add_column("bytes up/round", justify="right")
+    across = loc.get("mean_accuracy_across_sites", {})
     for name, sizes in summary["sites"].items():
         t.add_row(name, str(sizes["n_train"]), str(sizes["n_test"]), _fmt(fin["site_accuracy"].get(name)),
-                  _fmt(loc.get("site_accuracy", {}).get(name)), _fmt(poo.get("site_accuracy", {}).get(name)), _bytes(per_site.get(name)))
+                  _fmt(loc.get("site_accuracy", {}).get(name)), _fmt(across.get(name)), _fmt(poo.get("site_accuracy", {}).get(name)),
+                  _bytes(per_site.get(name)))
     t.add_section()
-    t.add_row("mean over sites", "", "", _fmt(fin["mean_site_accuracy"]), _fmt(loc.get("mean_site_accuracy")), _fmt(poo.get("mean_site_accuracy")), _bytes(sum(per_site.values()) / len(per_site) if per_site else None))
-    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), _fmt(loc.get("pooled_accuracy")), _fmt(poo.get("pooled_accuracy")), "")
+    t.add_row("mean over sites", "", "", _fmt(fin["mean_site_accuracy"]), _fmt(loc.get("mean_site_accuracy")),
+              _fmt(float(sum(across.values()) / len(across)) if across else None), _fmt(poo.get("mean_site_accuracy")),
+              _bytes(sum(per_site.values()) / len(per_site) if per_site else None))
+    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), _fmt(loc.get("pooled_accuracy")), "", _fmt(poo.get("pooled_accuracy")), "")
+    t.caption = ("own model, own split: each site trains alone and is scored on its own test split.  local model, every site "
+                 "(FLamby's local baseline): that site's model scored on every site's test split, mean over sites.  "
+                 "pooled: one model on all records together (data leaving the hospitals).")
+    t.caption_justify = "left"
     return t
+
+
+def collapse_warnings(summary: dict[str, Any]) -> list[str]:
+    """Sites where the federated model does no better than always answering the majority class of
+    that site's test split, and a model that is worse than its baselines by a wide margin."""
+    fin = summary["final"]
+    out = []
+    for name, rate in summary.get("majority_rate", {}).items():
+        acc = fin["site_accuracy"].get(name)
+        if acc is not None and acc <= rate:
+            out.append(f"site {name}: federated accuracy {acc:.3f} is no better than always answering its test split's "
+                       f"majority class ({rate:.3f}); the model has collapsed there")
+    loc = summary.get("baselines", {}).get("local_only", {})
+    own = loc.get("mean_site_accuracy")
+    if own is not None and fin["mean_site_accuracy"] < own - 0.1:
+        out.append(f"the federated model (mean {fin['mean_site_accuracy']:.3f}) is more than 0.1 below each site training alone "
+                   f"({own:.3f}): a setting of this run (DP noise, compression, server optimiser or learning rate) ruins it")
+    return out
