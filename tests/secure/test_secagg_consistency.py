@@ -69,7 +69,7 @@ def test_coordinator_changing_a_reveal_after_the_commitments_is_refused_by_every
         if msg.kind is MessageKind.SECAGG_SHARE:
             reveals = msg.tensors["reveals"].copy()
             reveals[3] ^= 0xFF  # the coordinator's colluder "reveals" a value chosen after seeing the others
-            return replace(msg, tensors={"reveals": reveals})
+            return replace(msg, tensors={**msg.tensors, "reveals": reveals})
         return msg
 
     relay = Relay(sites, steer)
@@ -111,9 +111,12 @@ def _show_victim_dropped(targets, victim, relay_ref, with_mismatched=True):
     def rewrite(sid, msg):
         if sid not in targets:
             return msg
-        if msg.kind is MessageKind.SECAGG_CHECK:
-            surv = [s for s in msg.meta["survivors"] if s != victim]
-            return replace(msg, meta={"survivors": surv, "dropped": sorted(msg.meta["dropped"] + [victim])})
+        if msg.kind is MessageKind.SECAGG_CHECK:  # bitmaps over the sorted group
+            surv, gone = msg.tensors["survivors"].copy(), msg.tensors["dropped"].copy()
+            i = int(victim[-2:])  # site00 … site04: the group's sorted order
+            surv[i // 8] &= ~np.uint8(0x80 >> (i % 8))
+            gone[i // 8] |= np.uint8(0x80 >> (i % 8))
+            return replace(msg, tensors={"survivors": surv, "dropped": gone})
         if msg.kind is MessageKind.SECAGG_UNMASK:
             relay = relay_ref[0]
             sigs = {}

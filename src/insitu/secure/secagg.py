@@ -79,7 +79,7 @@ from insitu.secure import shamir
 from insitu.secure.attest import relayable
 from insitu.secure._primitives import MaskExpander, agree, commitment, context, hkdf, open_sealed, private_key, seal, x25519_keypair, x25519_public
 from insitu.secure.fixedpoint import FixedPoint
-from insitu.secure.graph import neighbours, required_degree
+from insitu.secure.graph import neighbour_map, required_degree
 
 KEY_BYTES = 32
 SEED_BYTES = 16
@@ -320,7 +320,11 @@ def _verifies(key: ec.EllipticCurvePublicKey, sig: bytes, message: bytes) -> boo
 
 
 def _name_list(value: Any, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value) or len(set(value)) != len(value):
+    try:
+        ok = isinstance(value, list) and isinstance("".join(value), str) and len(set(value)) == len(value)
+    except TypeError:  # a non-string element
+        ok = False
+    if not ok:
         raise ProtocolError(f"{what} must be a list of distinct site names")
     return value
 
@@ -363,8 +367,24 @@ class _Setup:
         """SHA-256 of the setup as announced (what a signed key advertisement binds to)."""
         return hashlib.sha256(json.dumps(self.to_meta(), sort_keys=True).encode()).digest()
 
-    def graph(self, seed: bytes) -> dict[str, frozenset[str]]:
-        return neighbours(self.group, self.degree, seed)
+    def graph(self, seed: bytes) -> Mapping[str, frozenset[str]]:
+        return neighbour_map(self.group, self.degree, seed)
+
+    def bits(self, names: Iterable[str]) -> np.ndarray:
+        """A subset of the group as a bitmap over its sorted order (n/8 bytes instead of n names)."""
+        idx = self.index
+        mask = np.zeros(len(self.group), dtype=bool)
+        mask[[idx[s] - 1 for s in names]] = True
+        return np.packbits(mask)
+
+    def subset(self, msg: Message, name: str) -> list[str]:
+        """The names of a bitmap sent by :meth:`bits`, in sorted order; a malformed bitmap is refused."""
+        n = len(self.group)
+        bits = msg.tensor(name, shape=((n + 7) // 8,), dtype="uint8")
+        mask = np.unpackbits(bits)
+        if mask[n:].any():
+            raise ProtocolError(f"{msg.kind.value} bitmap {name!r} marks sites beyond the group of {n}")
+        return [self.group[i] for i in np.flatnonzero(mask[:n])]
 
 
 # -- site half --------------------------------------------------------------------------------------
@@ -377,6 +397,7 @@ class _SiteRound:
     s_pk: bytes
     reveal: bytes
     commitments: bytes = b""  # digest of every commitment, fixed by the coordinator before the reveal
+    u1: dict[str, bytes] = field(default_factory=dict)  # sites that advertised keys → their graph-seed share
     seed: bytes = b""
     graph: Mapping[str, frozenset[str]] = field(default_factory=dict)
     nbrs: frozenset[str] = frozenset()
@@ -497,16 +518,15 @@ class SecAggSite:
 
     def _seed_from(self, msg: Message, st: _SiteRound) -> bytes:
         """The graph seed, after checking the reveals against the commitments fixed before this site revealed."""
-        u1 = _name_list(msg.require("u1", list), "secagg u1")
-        if not st.setup.members.issuperset(u1) or self.site_id not in u1:
-            raise ProtocolError(f"site {self.site_id}: the sites that advertised keys must be group members and include this site")
-        reveals = msg.tensor("reveals", shape=(len(u1), REVEAL_BYTES), dtype="uint8")
-        order = sorted(range(len(u1)), key=u1.__getitem__)
-        names = [u1[i] for i in order]
-        rows = [reveals[i].tobytes() for i in order]
+        names = st.setup.subset(msg, "u1")
+        if self.site_id not in names:
+            raise ProtocolError(f"site {self.site_id}: the sites that advertised keys must include this site")
+        reveals = msg.tensor("reveals", shape=(len(names), REVEAL_BYTES), dtype="uint8")
+        rows = [r.tobytes() for r in reveals]
         if rows[names.index(self.site_id)] != st.reveal:
             raise ProtocolError(f"site {self.site_id}: the coordinator relayed another graph-seed share for this site")
-        if _commitments_digest(msg.job, msg.round, names, (_reveal_commitment(r) for r in rows)) != st.commitments:
+        st.u1 = dict(zip(names, rows))
+        if _commitments_digest(msg.job, msg.round, names, map(_reveal_commitment, rows)) != st.commitments:
             raise ProtocolError(f"site {self.site_id}: the graph-seed reveals relayed do not match the commitments this site was shown "
                                 "(a reveal or the set of sites was changed after the commitments were fixed)")
         return _graph_seed(reveals)
@@ -516,7 +536,7 @@ class SecAggSite:
         st.seed = self._seed_from(msg, st)
         st.graph = st.setup.graph(st.seed)
         st.nbrs = st.graph[self.site_id]
-        u1 = frozenset(msg.meta["u1"])
+        u1 = st.u1.keys()
         raw = msg.require("keys", dict)
         expected = (st.nbrs & u1) | {self.site_id}
         if set(raw) != expected:
@@ -524,14 +544,12 @@ class SecAggSite:
         keys: dict[str, tuple[bytes, bytes]] = {}
         if self.attestation is not None:
             from insitu.secure.attest import transcript
-
-            reveals = dict(zip(msg.meta["u1"], (r.tobytes() for r in msg.tensors["reveals"])))
         for sid, pair in raw.items():
             if not isinstance(pair, list) or len(pair) not in (2, 4):
                 raise ProtocolError(f"site {self.site_id}: bad key entry for {sid!r}")
             keys[sid] = (_unb64(pair[0], KEY_BYTES, f"c key of {sid}"), _unb64(pair[1], KEY_BYTES, f"s key of {sid}"))
             if self.attestation is not None and sid != self.site_id:
-                message = transcript(msg.job, msg.round, sid, st.setup.digest, *keys[sid], _reveal_commitment(reveals[sid]))
+                message = transcript(msg.job, msg.round, sid, st.setup.digest, *keys[sid], _reveal_commitment(st.u1[sid]))
                 self.attestation.check_relayed(pair[2:], sid, message)
         if keys.get(self.site_id) != (st.c_pk, st.s_pk):
             raise ProtocolError(f"site {self.site_id}: the coordinator relayed wrong public keys for this site")
@@ -594,13 +612,12 @@ class SecAggSite:
             seed = st.mask_seeds[v] = _mask_seed(agree(s_key, st.keys[v][1]), request.job, request.round, self.site_id, v)
             exp.add(enc, seed, +1 if self.site_id < v else -1)
         st.u2, st.u2_size = u2s, total
+        st.u1 = {}
         st.size = enc.shape[0]
         st.stage = "sent"
         return {"secagg": 1}, {"masked": fp.reduce(enc)}
 
-    def _partition(self, msg: Message, st: _SiteRound) -> tuple[frozenset[str], frozenset[str]]:
-        s3 = frozenset(_name_list(msg.require("survivors", list), "survivors"))
-        d = frozenset(_name_list(msg.require("dropped", list), "dropped"))
+    def _partition(self, st: _SiteRound, s3: frozenset[str], d: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
         mine = st.nbrs | {self.site_id}
         if s3 & d or (s3 | d) & mine != st.u2 or self.site_id not in s3:
             raise ProtocolError(f"site {self.site_id}: survivors and dropped sites do not partition the {len(st.u2)} sites of its share group that sent shares")
@@ -608,7 +625,7 @@ class SecAggSite:
 
     def _check(self, msg: Message) -> Message:
         st = self._state(msg, "sent")
-        s3, d = self._partition(msg, st)
+        s3, d = self._partition(st, frozenset(st.setup.subset(msg, "survivors")), frozenset(st.setup.subset(msg, "dropped")))
         if len(s3) + len(d) != st.u2_size:
             raise ProtocolError(f"site {self.site_id}: survivors and dropped sites number {len(s3) + len(d)}, but {st.u2_size} sites shared keys")
         t = st.setup.threshold
@@ -662,7 +679,9 @@ class SecAggSite:
 
     def _unmask(self, msg: Message) -> Message:
         st = self._state(msg, "signed")
-        s3, d = self._partition(msg, st)
+        s3 = frozenset(_name_list(msg.require("survivors", list), "survivors"))
+        d = frozenset(_name_list(msg.require("dropped", list), "dropped"))
+        s3, d = self._partition(st, s3, d)
         mine = st.nbrs | {self.site_id}
         if (s3, d) != (st.view[0] & mine, st.view[1] & mine):
             raise ProtocolError(f"site {self.site_id}: the unmask request shows another survivor set than the one this site signed")
@@ -787,10 +806,11 @@ class SecAggProtocol:
         graph = setup.graph(seed)
 
         # 3. share keys: each site gets its neighbours' keys only
+        u1_bits = setup.bits(u1_list)
         shr_reqs = {}
         for s in u1_list:
             keys = {v: adverts[v].relay for v in sorted((graph[s] & u1) | {s})}
-            shr_reqs[s] = Message(MessageKind.SECAGG_SHARE, plan.round, plan.job, {"keys": keys, "u1": u1_list}, {"reveals": reveals})
+            shr_reqs[s] = Message(MessageKind.SECAGG_SHARE, plan.round, plan.job, {"keys": keys}, {"reveals": reveals, "u1": u1_bits})
         shr = phase(shr_reqs, MessageKind.SECAGG_SHARE_REPLY, "share")
         del shr_reqs
         sealed: dict[str, dict[str, str]] = {}  # sender → recipient → blob
@@ -846,8 +866,8 @@ class SecAggProtocol:
         surv_list, gone_list = sorted(u3), sorted(gone)
 
         # 5. consistency check: every survivor signs the survivor set it is shown
-        chk_meta = {"survivors": surv_list, "dropped": gone_list}
-        chk = phase({s: Message(MessageKind.SECAGG_CHECK, plan.round, plan.job, chk_meta) for s in surv_list}, MessageKind.SECAGG_CHECK_REPLY, "consistency check")
+        chk_bits = {"survivors": setup.bits(surv_list), "dropped": setup.bits(gone_list)}
+        chk = phase({s: Message(MessageKind.SECAGG_CHECK, plan.round, plan.job, {}, chk_bits) for s in surv_list}, MessageKind.SECAGG_CHECK_REPLY, "consistency check")
         statement = _statement(plan.job, plan.round, seed, surv_list, gone_list)
         sig_entries: dict[str, list[str]] = {}
         for sid in sorted(chk):
