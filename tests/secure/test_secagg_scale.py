@@ -7,7 +7,6 @@ import pytest
 from insitu.errors import ConfigError
 from insitu.federation.messages import MessageKind
 from insitu.federation.transport import InProcessTransport
-from insitu.secure import secure_protocol
 from insitu.secure.secagg import UNBOUNDED, Recovery, SecAggConfig, SecAggProtocol, value_bound
 
 from .conftest import make_group, plan
@@ -81,7 +80,6 @@ def test_fast_configuration_is_the_default_where_a_bound_is_declared():
     assert SecAggConfig().fixed_point(100).ring_bits == 64 and SecAggConfig().fixed_point(100).bound == UNBOUNDED
     # a bound the 32-bit ring cannot hold at this resolution falls back to 64 bits
     assert SecAggConfig(bound=2.0**12).fixed_point(1000).ring_bits == 64
-    assert secure_protocol(True).config.recovery is Recovery.SURVIVORS
 
 
 def test_fast_configuration_refused_with_the_reason_where_it_cannot_hold():
