@@ -38,6 +38,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from insitu.federation.instructions import RoundInstructions
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import PlainProtocol, RoundPlan
 from insitu.federation.transport import InProcessTransport
@@ -92,7 +93,7 @@ def run(protocol, n: int, size: int, drop: float, seed: int = 0) -> dict:
     gone = set(np.random.default_rng(seed + 1).choice(ids, int(round(drop * n)), replace=False).tolist())
     sites = {s: BenchSite(s, protocol.site_protection(s), size, seed * 100_000 + i) for i, s in enumerate(ids)}
     transport = TimedTransport(InProcessTransport(sites, fail=lambda s, r, k: s in gone and k is MessageKind.TRAIN))
-    plan = RoundPlan("bench", 1, tuple(ids), size, 3600.0, 1, {}, {})
+    plan = RoundPlan("bench", 1, tuple(ids), size, 3600.0, 1, {}, RoundInstructions(group=n), {})
     gc.collect()
     t0, c0 = time.perf_counter(), time.process_time()
     res = protocol.collect(plan, transport)
