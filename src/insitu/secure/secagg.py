@@ -433,9 +433,12 @@ class SecAggSite:
 
         pub, prot = Release.PUBLIC, Release.PROTECTED
         return {
-            MessageKind.SECAGG_ADVERTISE_REPLY: Declared({"c_pk": pub, "s_pk": pub, "cert": pub, "sig": pub}),
+            # fresh keys, the commitment to a graph-seed share, the key consistency statements are signed with
+            MessageKind.SECAGG_ADVERTISE_REPLY: Declared({"c_pk": pub, "s_pk": pub, "commit": pub, "v_pk": pub, "cert": pub, "sig": pub}),
+            MessageKind.SECAGG_REVEAL_REPLY: Declared({"reveal": pub}),  # the graph-seed share, random and fresh
             MessageKind.SECAGG_SHARE_REPLY: Declared({"shares": prot, "commit": pub}),  # shares sealed to each neighbour
             MessageKind.TRAIN_REPLY: Declared({"secagg": pub, "metrics": pub}, {"masked": prot}),
+            MessageKind.SECAGG_CHECK_REPLY: Declared({"sig": pub}),  # a signature on the survivor set it was shown
             # the protocol's unmasking: a survivor's self-mask share or a dropped site's key share, never both
             MessageKind.SECAGG_UNMASK_REPLY: Declared({"b": pub, "s": pub}, {"b_shares": pub, "s_shares": pub, "correction": pub}),
         }
