@@ -30,3 +30,26 @@ def test_cross_device_learns():
     s = cross_device(CrossDeviceConfig(devices=120, fraction=0.25, rounds=8, local_steps=10, lr=0.1, offline=0.0, eval_devices=60, seed=0))
     majority = 1 - np.mean([float(d.y_test.mean()) for d in wearable_population(120, seed=0).sites])
     assert s["final"]["accuracy"] > majority + 0.05, (s["final"]["accuracy"], majority)
+
+
+def test_devices_are_made_only_when_asked_and_drawn_alike_alone_or_all_at_once():
+    from insitu.compress.crossdevice import WearablePopulation
+
+    pop, eager = WearablePopulation(60, seed=2), wearable_population(60, seed=2)
+    for d in (0, 17, 59):
+        a, b = pop[d], eager.sites[d]
+        assert a.name == b.name and np.array_equal(a.X_train.numpy(), b.X_train.numpy()) and np.array_equal(a.y_test.numpy(), b.y_test.numpy())
+    # a population far larger than the run asks for: only sampled and evaluated devices ever exist
+    s = cross_device(CrossDeviceConfig(devices=200_000, fraction=0.0002, rounds=3, local_steps=2, offline=0.0, eval_devices=15, seed=1))
+    assert s["devices_per_round"] == 40 and s["data"]["devices"] == 200_000
+    assert s["final"]["devices_made"] == 3 * 40 + 15
+    assert s["final"]["setup_seconds"] < 5.0  # nothing per device before the first round
+
+
+def test_given_data_and_drawn_population_run_the_same_federation():
+    """Same devices, same samples, same offline devices; training differs only by each device's own secret."""
+    cfg = CrossDeviceConfig(devices=50, fraction=0.2, rounds=3, local_steps=2, offline=0.2, eval_devices=20, seed=4, compress="topk:0.2")
+    a = cross_device(cfg)
+    b = cross_device(cfg, data=wearable_population(50, seed=4))
+    assert [(r["completed"], r["offline"]) for r in a["rounds"]] == [(r["completed"], r["offline"]) for r in b["rounds"]]
+    assert a["final"]["eval_records"] == b["final"]["eval_records"] and a["final"]["devices_made"] == b["final"]["devices_made"] == 3 * 10 + 20

@@ -182,9 +182,15 @@ def test_forged_unmask_share_aborts_naming_the_forger():
         rows[:, -1] ^= 1  # every share of a self-mask seed this site returns is off by one bit
         return replace(msg, tensors={**msg.tensors, "b_shares": rows})
 
-    proto = SecAggProtocol()
+    proto = SecAggProtocol(SecAggConfig(recovery=Recovery.SERVER))  # the server rebuilds every self-mask seed
     sites, transport, _, _ = make_group(proto, 5, 10, 0, tamper={"site03": forge})
     with pytest.raises(RoundAborted, match="forged or inconsistent share.*site03"):
+        proto.collect(plan(sites, 10), transport)
+    # survivors' recovery uses the shares only for a survivor silent in the unmask phase: caught there
+    proto = SecAggProtocol(SecAggConfig(recovery=Recovery.SURVIVORS))
+    sites, transport, _, _ = make_group(proto, 7, 10, 0, tamper={"site03": forge},
+                                        fail=lambda s, r, k: s == "site05" and k is MessageKind.SECAGG_UNMASK)
+    with pytest.raises(RoundAborted, match="self-mask seed of site site05: forged or inconsistent share.*site03"):
         proto.collect(plan(sites, 10), transport)
 
 

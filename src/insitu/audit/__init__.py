@@ -9,6 +9,18 @@
 
 See ``insitu.audit.log`` for what the chain and the signatures do and do not protect against.
 """
-from insitu.audit.log import AuditAction, AuditEntry, AuditHead, AuditLog, Genesis, VerifyReport
+from __future__ import annotations
 
 __all__ = ["AuditAction", "AuditEntry", "AuditHead", "AuditLog", "Genesis", "VerifyReport"]
+
+
+def __getattr__(name: str) -> object:  # SQLAlchemy loads on first use, not with the CLI or insitu.audit.keys
+    if name in __all__:
+        from insitu.audit import log
+
+        return getattr(log, name)
+    raise AttributeError(f"module 'insitu.audit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

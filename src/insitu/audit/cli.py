@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from insitu.audit.keys import fingerprint, load_public_key, load_public_keys, write_keypair
-from insitu.audit.log import AuditHead, AuditLog, _redact
 from insitu.cliopts import renamed
 from insitu.errors import ConfigError, SecurityError
 
@@ -39,6 +38,8 @@ def verify_command(
     """Check the signed genesis (the log's writer manifest), every entry's hash link and signature, and the
     signed head; names the first bad entry and why (exit code 2).  Only keys the manifest pins are used: the
     owner's .pub must be in --keys; a .pub of a writer the manifest does not pin is ignored."""
+    from insitu.audit.log import AuditHead, AuditLog  # SQLAlchemy loads here, not with the CLI
+
     public = load_public_keys(_keys_dir(log, keys))
     anchor = None
     if expect_head:
@@ -69,6 +70,8 @@ def show_command(
     details: bool = typer.Option(False, help="Show the details JSON."),
 ) -> None:
     """List entries as stored (run `verify` to know they are genuine)."""
+    from insitu.audit.log import AuditLog, _redact  # SQLAlchemy loads here, not with the CLI
+
     t = Table(title=f"audit log {_redact(log)}")
     for c in ("#", "time (UTC)", "writer", "action", "subject") + (("details",) if details else ()):
         t.add_column(c)
@@ -84,6 +87,8 @@ def show_command(
 @app.command("head")
 def head_command(log: str = typer.Option(..., help=_LOG_HELP)) -> None:
     """Print the newest entry as SEQ:HASH; publish it outside the site and pass it to `verify --expect-head`."""
+    from insitu.audit.log import AuditLog  # SQLAlchemy loads here, not with the CLI
+
     with AuditLog.read(log) as audit:
         h = audit.head()
     print(f"{h.seq}:{h.entry_hash}")
@@ -98,6 +103,8 @@ def add_writer_command(
     pub: Optional[Path] = typer.Option(None, help="Its public key. Default: <writer>.pub beside --key."),
 ) -> None:
     """Pin another writer's public key in the log's signed manifest (owner only); only pinned writers may write."""
+    from insitu.audit.log import AuditLog  # SQLAlchemy loads here, not with the CLI
+
     pub = pub if pub is not None else key.parent / f"{writer}.pub"
     public = load_public_key(pub)
     with AuditLog.open(log, key, owner) as audit:

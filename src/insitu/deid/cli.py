@@ -6,17 +6,19 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from insitu.data.sources import RecordSchema, read_records, write_table
-from insitu.deid.engine import DeidReport, assess, deidentify
-from insitu.deid.fieldcrypt import FieldKeyring, encrypted_columns, rotate_frame, token_lengths
-from insitu.deid.policy import DeidPolicy
-from insitu.deid.pseudonym import generate_site_secret, load_site_secret
 from insitu.cliopts import renamed
+
+if TYPE_CHECKING:
+    from insitu.data.sources import RecordSchema
+    from insitu.deid.engine import DeidReport
+
+# The de-identification library (pandas) loads when a deid command runs, not with the CLI.
 from insitu.errors import ConfigError, DataError, PolicyViolation
 
 app = typer.Typer(help="De-identify site records (pseudonyms, k-anonymity, l-diversity, field encryption).",
@@ -28,6 +30,8 @@ _SOURCE_HELP = "Records: a CSV file, a SQLite file, or a postgresql://user:pass@
 
 
 def _schema(schema: Optional[Path], policy: Path) -> RecordSchema:
+    from insitu.data.sources import RecordSchema
+
     return RecordSchema.from_toml(schema if schema is not None else policy.parent / "schema.toml")
 
 
@@ -103,6 +107,9 @@ def apply_command(
     is written.  Tokens of a column all have one length, rows come out in a keyed random order,
     and the report gives the share of patients their visit intervals single out.
     """
+    from insitu.data.sources import read_records, write_table
+    from insitu.deid import DeidPolicy, FieldKeyring, deidentify, load_site_secret
+
     if "://" not in out_path and Path(out_path).exists() and not overwrite:
         raise DataError(f"{out_path} already exists; pass --overwrite to replace it")
     from insitu.clitools import check_writable
@@ -139,6 +146,9 @@ def check_command(
     secret: Optional[Path] = typer.Option(None, help="Site secret (for the exact date shifts of `apply`); default: a throw-away one."),
 ) -> None:
     """Report k, l, uniqueness and prosecutor risk of the records before and after the policy; writes nothing."""
+    from insitu.data.sources import read_records
+    from insitu.deid import DeidPolicy, assess, deidentify, load_site_secret
+
     sch = _schema(schema, policy)
     pol = DeidPolicy.from_toml(policy)
     records = read_records(source, sch, table=table)
@@ -158,6 +168,8 @@ def keygen_command(
     key_id: str = typer.Option("k1", help="Id of the keyring's first key."),
 ) -> None:
     """Create the site secret (pseudonyms, date shifts) and/or the AES-256-GCM keyring. Never overwrites."""
+    from insitu.deid import FieldKeyring, generate_site_secret
+
     if secret is None and keyring is None:
         raise ConfigError("pass --secret PATH and/or --keyring PATH")
     if secret is not None:
@@ -180,6 +192,12 @@ def rotate_command(
     Each column keeps its padded token length; tokens of the old unpadded format come out padded
     to the column's longest value.
     """
+    import pandas as pd
+    
+    from insitu.data.sources import write_table
+    from insitu.deid import FieldKeyring, rotate_frame
+    from insitu.deid.fieldcrypt import encrypted_columns, token_lengths
+
     ring = FieldKeyring.load(keyring)
     is_sqlite = data.suffix.lower() in (".db", ".sqlite", ".sqlite3")
     if is_sqlite:

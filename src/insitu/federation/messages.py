@@ -55,8 +55,12 @@ class MessageKind(str, enum.Enum):
     # secure aggregation phases (Bonawitz et al. 2017 / SecAgg+)
     SECAGG_ADVERTISE = "secagg_advertise"
     SECAGG_ADVERTISE_REPLY = "secagg_advertise_reply"
+    SECAGG_REVEAL = "secagg_reveal"  # graph-seed shares, revealed once all are committed
+    SECAGG_REVEAL_REPLY = "secagg_reveal_reply"
     SECAGG_SHARE = "secagg_share"
     SECAGG_SHARE_REPLY = "secagg_share_reply"
+    SECAGG_CHECK = "secagg_check"  # consistency check: survivors sign the survivor set
+    SECAGG_CHECK_REPLY = "secagg_check_reply"
     SECAGG_UNMASK = "secagg_unmask"
     SECAGG_UNMASK_REPLY = "secagg_unmask_reply"
     # homomorphic aggregation: the coordinator returns the encrypted sum to the sites

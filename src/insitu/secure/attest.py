@@ -6,7 +6,7 @@ coordinator.  If the public keys a site advertises are not authenticated, a coor
 that deviates can hand each site its own keys instead of its peers' ("man in the middle"),
 open every sealed share and so rebuild every mask.  With a consortium PKI the fix is the
 malicious-server variant of the paper: each site signs its two fresh X25519 keys, together
-with the job, the round and the round's setup (group, graph seed, degree, threshold), with
+with the job, the round and the round's setup (group, degree, threshold, fixed point) and its commitment to a graph-seed share, with
 the private key of its TLS certificate, and sends the certificate along; every receiving
 site checks
 
@@ -19,9 +19,12 @@ site checks
 and refuses the round otherwise, naming the site whose advertisement failed.  The
 coordinator cannot forge a signature without a site's private key.
 
+The same certificate key signs secure aggregation's consistency statements (the survivor set
+each survivor was shown, see :mod:`insitu.secure.secagg`), so a coordinator cannot forge a
+site's agreement to a survivor set either.
+
 Not covered: revocation (sites do not hold the CRL; the coordinator checks it at the TLS
-handshake), and a coordinator that sends different groups to different sites (the setup is
-signed, so sites that compare transcripts would notice, but no consistency round is run).
+handshake).
 """
 from __future__ import annotations
 
@@ -46,9 +49,10 @@ MAX_CERT_BYTES = 8192
 MAX_SIG_CHARS = 128  # base64 of a DER ECDSA P-256 signature is 96-100 characters
 
 
-def transcript(job: str, round_: int, site: str, setup_digest: bytes, c_pk: bytes, s_pk: bytes) -> bytes:
-    """What a site signs: its keys bound to the job, round, its name and the round's setup."""
-    return context(LABEL, job, round_, site, setup_digest, c_pk, s_pk)
+def transcript(job: str, round_: int, site: str, setup_digest: bytes, c_pk: bytes, s_pk: bytes, *extra: bytes) -> bytes:
+    """What a site signs: its keys bound to the job, round, its name and the round's setup, and
+    ``extra`` advertised values (secure aggregation: the commitment to its graph-seed share)."""
+    return context(LABEL, job, round_, site, setup_digest, c_pk, s_pk, *extra)
 
 
 def he_transcript(job: str, round_: int, site: str, scheme: str, x_pk: bytes) -> bytes:

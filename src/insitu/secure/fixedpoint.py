@@ -76,19 +76,25 @@ class FixedPoint:
     def encode(self, vec: np.ndarray, what: str = "update") -> np.ndarray:
         """round(v·2^f) mod 2^k; a value beyond ``bound`` (or NaN) is refused, never clipped silently."""
         v = np.asarray(vec, dtype=np.float64)
-        if not np.all(np.isfinite(v)):
+        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ProtocolError(f"{what} holds NaN or infinite values; it cannot be encoded")
-        peak = float(np.max(np.abs(v))) if v.size else 0.0
+        peak = max(-lo, hi)
         if peak > self.bound:
             raise ProtocolError(
                 f"{what} has a coordinate of magnitude {peak:.4g} above the fixed-point bound {self.bound:g}; "
                 "clip updates (client-level DP clipping) or raise the bound"
             )
-        ints = np.rint(v * 2.0 ** self.frac_bits).astype(np.int64)
-        out = ints.view(np.uint64)
-        if self.ring_bits < 64:
-            out = out & np.uint64(self.mask)
-        return out.astype(self.dtype)
+        x = v * 2.0**self.frac_bits
+        np.rint(x, out=x)
+        # |x| < 2^(k-1) by the headroom check, so the signed cast is exact; its two's complement is x mod 2^k
+        if self.ring_bits <= 32:
+            out = x.astype(np.int32).view(np.uint32)
+        else:
+            out = x.astype(np.int64).view(np.uint64)
+        if self.ring_bits not in (32, 64):
+            out = out & self.dtype.type(self.mask)
+        return out
 
     def decode(self, ring: np.ndarray) -> np.ndarray:
         """Ring elements back to reals (two's complement in k bits)."""

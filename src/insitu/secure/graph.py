@@ -23,6 +23,8 @@ import functools
 import hashlib
 import math
 import random
+from types import MappingProxyType
+from typing import Mapping
 
 from insitu.errors import ConfigError
 
@@ -42,12 +44,16 @@ def required_degree(n: int, security_bits: int, bad_fraction: float) -> int:
 
 def neighbours(sites: tuple[str, ...] | list[str], degree: int, seed: bytes) -> dict[str, frozenset[str]]:
     """The Harary graph over ``sites`` in the order drawn from ``seed``; complete when degree ≥ n − 1."""
-    return dict(_neighbours(tuple(sorted(sites)), int(degree), bytes(seed)))
+    return dict(neighbour_map(tuple(sorted(sites)), int(degree), bytes(seed)))
 
 
 @functools.lru_cache(maxsize=64)
-def _neighbours(ordered: tuple[str, ...], degree: int, seed: bytes) -> tuple[tuple[str, frozenset[str]], ...]:
-    return tuple(_build(list(ordered), degree, seed).items())
+def neighbour_map(ordered: tuple[str, ...], degree: int, seed: bytes) -> Mapping[str, frozenset[str]]:
+    """:func:`neighbours` for sites already in sorted order, read-only and cached: every party of a
+    round (in one process, all of them) derives the same graph once."""
+    if list(ordered) != sorted(ordered):
+        raise ConfigError("neighbour_map needs the sites in sorted order")
+    return MappingProxyType(_build(list(ordered), degree, seed))
 
 
 def _build(ordered: list[str], degree: int, seed: bytes) -> dict[str, frozenset[str]]:

@@ -1,50 +1,77 @@
 """Secure aggregation that survives drop-outs: Bonawitz et al. 2017 on the sparse graph of SecAgg+.
 
 The coordinator learns Σ wᵢ·uᵢ and Σ wᵢ over the sites that finished, never one
-site's vector.  One round runs four exchanges, all through ``Transport.exchange``:
+site's vector.  One round runs six exchanges, all through ``Transport.exchange``:
 
-1. SECAGG_ADVERTISE → each site makes two fresh X25519 pairs: ``c`` (to encrypt
-   shares to peers) and ``s`` (to agree pairwise mask seeds).          U1 = answered
-2. SECAGG_SHARE (all U1 public keys) → each site draws a self-mask seed bᵤ and
-   Shamir-shares bᵤ and its private ``s`` key among itself and its graph
-   neighbours, each share AES-GCM-sealed under the pairwise ``c`` key: the
-   coordinator relays the shares but cannot read them.  It also commits to bᵤ.   U2
-3. TRAIN (carrying each site's inbox of shares) → the site trains and returns
+1. SECAGG_ADVERTISE (group, degree, threshold, fixed point) → each site makes two
+   fresh X25519 pairs, ``c`` (to encrypt shares to peers) and ``s`` (to agree
+   pairwise mask seeds), draws a 32-byte graph-seed share rᵤ and commits to it
+   with H(rᵤ).                                                                    U1 = answered
+2. SECAGG_REVEAL (a digest of U1's commitments) → each site reveals rᵤ.  It does
+   so only after the coordinator has fixed every commitment, so no one (the
+   coordinator and its colluders included) can choose the graph: its seed is
+   H(sorted reveals).  A committed site that does not reveal, or reveals a value
+   that does not match its commitment, aborts the round, named.
+3. SECAGG_SHARE (its neighbours' public keys, all reveals) → each site checks the
+   reveals against the digest it was shown, derives the graph, draws a self-mask
+   seed bᵤ and Shamir-shares bᵤ and its private ``s`` key among itself and its
+   graph neighbours, each share AES-GCM-sealed under the pairwise ``c`` key: the
+   coordinator relays the shares but cannot read them.  It also commits to bᵤ.  U2
+4. TRAIN (carrying each site's inbox of shares) → the site trains and returns
        yᵤ = encode(wᵤ·uᵤ ‖ wᵤ) + PRG(bᵤ) + Σ_{v∈N(u)∩U2} ±PRG(s_uv)   in Z_2^k   U3
    (the sign is + when u < v: pairwise masks cancel in the sum).
-4. SECAGG_UNMASK (who survived, who dropped) → each site returns, per neighbour,
-   the share of bᵥ if v survived, or of v's ``s`` key if v dropped — never both.
-   The coordinator rebuilds the secrets from ≥ t shares (checking every share
+5. SECAGG_CHECK (who survived, who dropped) → each survivor signs that survivor
+   set (consistency check, Bonawitz et al. §4).                                 U4
+6. SECAGG_UNMASK (the signatures it needs) → before revealing anything that is only
+   safe if a neighbour v dropped out (a share of v's ``s`` key, or its mask with v),
+   a site checks that at least t members of v's share group signed the very set it
+   signed; a signature on another set aborts, naming the signer.  Then it returns,
+   per neighbour, the share of bᵥ if v survived or of v's ``s`` key if v dropped —
+   never both — and, in survivors' recovery, one correction vector.  The
+   coordinator rebuilds what it must from ≥ t shares (checking every share
    against the commitment or the advertised public key, naming forgers),
-   subtracts the survivors' self-masks and the masks that dropped sites shared
-   with survivors, and decodes the fixed-point sum.
+   subtracts the self-masks and the masks that dropped sites shared with
+   survivors, and decodes the fixed-point sum.
+
+Every site receives only its neighbours' keys, shares and signatures, so its work
+grows with the graph degree k = O(log n), not with n; the lists of the group,
+the committed sites and the survivor set are the only O(n) items (names, once).
 
 Silence is a drop-out; a lie aborts.  A site that times out or refuses is dropped
 and recovered from; a reply that is replayed, misdirected, of the wrong length,
 out of the ring, or carries forged shares aborts the round with
 :class:`RoundAborted` naming the site, and the global model stays unchanged.
 
-Trust model: honest-but-curious coordinator (it follows the protocol but may
-read everything it relays) colluding with fewer than t sites of any
-neighbourhood.  Public keys are not signed here, so an actively malicious
-coordinator could substitute keys; the deployment's mTLS channel authenticates
-each site to the coordinator but not to its peers (see README).
+Trust model: a coordinator colluding with fewer than t sites of any share group.
+Against an *active* coordinator: it cannot choose the graph (commit-and-reveal) nor
+learn a site's input by showing different survivor sets to different sites (two
+holders of one site's shares that were shown different sets would need 2t > k + 1
+signers of that share group between them, so one honest signer would have signed
+both; this tolerates no colluder inside the share group beyond that margin).
+Public keys are authenticated only in deployments (``attestation``): there every
+advertisement is signed with the site's certificate key, and so are the
+consistency signatures; in simulation the same signatures are made with a key the
+site draws itself and advertises, through the same code.
 """
 from __future__ import annotations
 
 import base64
 import enum
+import functools
 import hashlib
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from insitu.errors import ConfigError, ProtocolError, RoundAborted
+from insitu.errors import ConfigError, ProtocolError, RoundAborted, SecurityError
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan
 from insitu.federation.transport import Transport, reply_metrics
@@ -52,29 +79,54 @@ from insitu.secure import shamir
 from insitu.secure.attest import relayable
 from insitu.secure._primitives import MaskExpander, agree, commitment, context, hkdf, open_sealed, private_key, seal, x25519_keypair, x25519_public
 from insitu.secure.fixedpoint import FixedPoint
-from insitu.secure.graph import neighbours, required_degree
+from insitu.secure.graph import neighbour_map, required_degree
 
 KEY_BYTES = 32
 SEED_BYTES = 16
+REVEAL_BYTES = 32
+POINT_BYTES = 33  # compressed P-256 point: a site's consistency-signing key
+MAX_SIGNATURE_BYTES = 80  # DER ECDSA P-256 signatures are 70-72 bytes
+#: the bound assumed when none is declared: raw sample-count weights times unclipped updates.
+UNBOUNDED = 2.0**20
+#: the automatic ring choice takes 32 bits only when the sum keeps at least this many fraction bits.
+AUTO_MIN_FRAC_BITS = 16
+#: how many standard deviations of a site's own noise share a declared bound leaves room for.
+NOISE_TAILS = 12.0
 
 
 class Recovery(str, enum.Enum):
     """Who removes the self-masks, and the masks that dropped sites shared with survivors.
 
-    SERVER (Bonawitz et al.): the coordinator rebuilds every survivor's self-mask seed and each
-    dropped site's key from shares, and expands one mask per survivor plus one per edge between
-    a dropped site and a survivor; no extra upload.  SURVIVORS: in the unmask phase each
-    survivor also returns one correction vector, its own self-mask plus its masks with dropped
-    neighbours.  The coordinator learns nothing it would not learn from the seeds and keys in
-    SERVER mode (a survivor's self-mask seed is revealed to it there too, and a dropped site's
-    key gives every mask of that site); it only subtracts the corrections, falling back to
-    SERVER for a survivor that stays silent (its self-mask seed and its dropped neighbours'
-    keys are rebuilt from the shares every survivor sends anyway).  It trades one extra upload
-    of the vector per survivor for a coordinator that expands no mask at all.
+    SURVIVORS (the default): in the unmask phase each survivor also returns one correction
+    vector, its own self-mask plus its masks with dropped neighbours, and the coordinator only
+    subtracts them, expanding no mask at all; it falls back to SERVER for a survivor that stays
+    silent (its self-mask seed and its dropped neighbours' keys are rebuilt from the shares every
+    survivor sends anyway).  It learns nothing it would not learn from the seeds and keys in
+    SERVER mode (a survivor's self-mask seed is revealed to it there too, and a dropped site's key
+    gives every mask of that site).  It trades one extra upload of the vector per survivor for a
+    coordinator whose work is a sum.  SERVER (Bonawitz et al.): the coordinator rebuilds every
+    survivor's self-mask seed and each dropped site's key from shares, and expands one mask per
+    survivor plus one per edge between a dropped site and a survivor; no extra upload.
     """
 
     SERVER = "server"
     SURVIVORS = "survivors"
+
+
+def value_bound(clip: float, *, weight: float = 1.0, noise_std: float = 0.0) -> float:
+    """The bound to declare in :class:`SecAggConfig` for updates clipped to L2 norm ``clip``.
+
+    A clipped vector has no coordinate above ``clip``; a site that adds its own Gaussian noise
+    share of standard deviation ``noise_std`` (distributed DP) gets ``NOISE_TAILS`` of them of
+    room (a coordinate beyond is refused at encoding, never wrapped: odds below 1e-30 each);
+    ``weight`` multiplies both, and is itself a coordinate of the protected vector.
+    """
+    for name, v in (("clip", clip), ("weight", weight)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"secure-aggregation value bound needs a positive finite {name}, got {v!r}")
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ConfigError(f"noise standard deviation {noise_std!r} must be ≥ 0")
+    return max(weight * (clip + NOISE_TAILS * noise_std), weight)
 
 
 @dataclass(frozen=True)
@@ -82,25 +134,36 @@ class SecAggConfig:
     """Secure-aggregation parameters.  The defaults are the safe recipe; every field is validated.
 
     ``bound`` is the largest |wᵢ·uᵢ| coordinate (and weight) a site may send; with the number of
-    sites it fixes the fixed-point resolution.  ``bad_fraction`` is the share of sites (corrupted
-    plus dropped out) the graph must withstand at ``security_bits``.  ``threshold`` is the fraction
-    of a share group needed to rebuild a secret (default: the smallest strict majority).
-    ``min_group`` is the fewest sites this party agrees to be aggregated with.
+    sites it fixes the fixed-point resolution.  Leave it unset when nothing bounds the updates
+    (2^20 is then assumed); declare it from the clip norm with :func:`value_bound` when updates
+    are clipped.  ``ring_bits`` None picks the fast 32-bit ring whenever a declared bound leaves
+    the sum at least ``AUTO_MIN_FRAC_BITS`` fraction bits, the 64-bit ring otherwise; asking for a
+    32-bit ring where it cannot hold the sum is refused with the reason.  ``bad_fraction`` is the
+    share of sites (corrupted plus dropped out) the graph must withstand at ``security_bits``.
+    ``threshold`` is the fraction of a share group needed to rebuild a secret (default: the
+    smallest strict majority).  ``min_group`` is the fewest sites this party agrees to be
+    aggregated with.  ``recovery``: see :class:`Recovery` (survivors' by default).
     """
 
-    ring_bits: int = 64
-    bound: float = 2.0**20
+    ring_bits: int | None = None
+    bound: float | None = None
     frac_bits: int | None = None
     security_bits: int = 40
     bad_fraction: float = 0.2
     degree: int | None = None
     threshold: float | None = None
     min_group: int = 3
-    recovery: Recovery = Recovery.SERVER
+    recovery: Recovery = Recovery.SURVIVORS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recovery", Recovery(self.recovery))
-        FixedPoint(self.ring_bits, self.frac_bits or 0, self.bound)  # validates ring size and bound
+        FixedPoint(self.ring_bits or 64, self.frac_bits or 0, self.bound if self.bound is not None else UNBOUNDED)  # validates ring size and bound
+        if self.ring_bits is not None and self.ring_bits <= 32 and self.bound is None:
+            raise ConfigError(
+                f"a {self.ring_bits}-bit secure-aggregation ring needs a declared bound on every update coordinate "
+                f"(e.g. value_bound(clip) for clipped updates); without one, coordinates up to {UNBOUNDED:g} are allowed "
+                "and their sum would not fit: leave ring_bits unset (64-bit for unbounded updates) or declare the bound"
+            )
         if self.threshold is not None and not 0.5 < self.threshold <= 1.0:
             raise ConfigError(
                 f"secure-aggregation threshold {self.threshold} is not a majority: it must be in (0.5, 1], otherwise "
@@ -134,7 +197,18 @@ class SecAggConfig:
         return t
 
     def fixed_point(self, n: int) -> FixedPoint:
-        return FixedPoint.fit(self.ring_bits, self.bound, n, self.frac_bits)
+        """The encoding for ``n`` sites: the ring asked for, or the fastest one the bound allows."""
+        bound = self.bound if self.bound is not None else UNBOUNDED
+        if self.ring_bits is not None:
+            return FixedPoint.fit(self.ring_bits, bound, n, self.frac_bits)
+        if self.bound is not None:
+            try:
+                fast = FixedPoint.fit(32, bound, n, self.frac_bits)
+            except ConfigError:
+                fast = None
+            if fast is not None and fast.frac_bits >= AUTO_MIN_FRAC_BITS:
+                return fast
+        return FixedPoint.fit(64, bound, n, self.frac_bits)
 
 
 @dataclass(frozen=True)
@@ -149,6 +223,8 @@ class SecAggStats:
     frac_bits: int
     survivors: int
     dropped: int
+    ring_bits: int = 64
+    recovery: str = Recovery.SURVIVORS.value
 
 
 # -- wire helpers ---------------------------------------------------------------------------------
@@ -166,6 +242,10 @@ def _unb64(s: Any, size: int | None, what: str) -> bytes:
     if size is not None and len(b) != size:
         raise ProtocolError(f"{what} is {len(b)} bytes, expected {size}")
     return b
+
+
+def _b64_len(size: int) -> int:
+    return 4 * ((size + 2) // 3)
 
 
 def _mask_seed(secret: bytes, job: str, round_: int, a: str, b: str) -> bytes:
@@ -189,6 +269,66 @@ def _share_rows(values: list[int]) -> np.ndarray:
     return np.frombuffer(b"".join(shamir.to_bytes(v) for v in values), dtype=np.uint8).reshape(len(values), shamir.SHARE_BYTES)
 
 
+def _reveal_commitment(reveal: bytes) -> bytes:
+    return hashlib.sha256(b"insitu-secagg-seed-share" + reveal).digest()
+
+
+def _commitments_digest(job: str, round_: int, names: Iterable[str], commits: Iterable[bytes]) -> bytes:
+    """What the coordinator fixes before any site reveals: every (site, commitment), in name order."""
+    h = hashlib.sha256(context(b"insitu-secagg-seed-commitments", job, round_))
+    for name, c in zip(names, commits):
+        b = name.encode()
+        h.update(len(b).to_bytes(4, "big") + b + c)
+    return h.digest()
+
+
+def _graph_seed(reveals: np.ndarray) -> bytes:
+    """seed = H(sorted reveals): no party chose it, since all reveals follow all commitments."""
+    rows = sorted(bytes(r) for r in reveals)
+    return hashlib.sha256(b"insitu-secagg-graph-seed" + b"".join(rows)).digest()
+
+
+def _names_digest(names: Iterable[str]) -> bytes:
+    return hashlib.sha256("\n".join(names).encode()).digest()
+
+
+def _statement(job: str, round_: int, seed: bytes, survivors: list[str], dropped: list[str]) -> bytes:
+    """What each survivor signs in the consistency check: the set it was shown, in this round's graph."""
+    return context(b"insitu-secagg-consistency-v1", job, round_, seed, _names_digest(survivors), _names_digest(dropped))
+
+
+_ECDSA = ec.ECDSA(hashes.SHA256())
+
+
+def _point(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+
+
+def _load_point(raw: bytes, what: str) -> ec.EllipticCurvePublicKey:
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+    except ValueError:
+        raise ProtocolError(f"{what} is not a P-256 point") from None
+
+
+def _verifies(key: ec.EllipticCurvePublicKey, sig: bytes, message: bytes) -> bool:
+    try:
+        key.verify(sig, message, _ECDSA)
+        return True
+    except InvalidSignature:
+        return False
+
+
+def _name_list(value: Any, what: str) -> list[str]:
+    try:
+        ok = isinstance(value, list) and isinstance("".join(value), str) and len(set(value)) == len(value)
+    except TypeError:  # a non-string element
+        ok = False
+    if not ok:
+        raise ProtocolError(f"{what} must be a list of distinct site names")
+    return value
+
+
 @dataclass(frozen=True)
 class _Setup:
     """The round parameters announced in SECAGG_ADVERTISE, checked by both sides."""
@@ -196,7 +336,6 @@ class _Setup:
     group: tuple[str, ...]
     degree: int
     threshold: int
-    graph_seed: bytes
     fp: FixedPoint
 
     def to_meta(self) -> dict[str, Any]:
@@ -204,7 +343,6 @@ class _Setup:
             "group": list(self.group),
             "degree": self.degree,
             "threshold": self.threshold,
-            "graph_seed": self.graph_seed.hex(),
             "ring_bits": self.fp.ring_bits,
             "frac_bits": self.fp.frac_bits,
             "bound": self.fp.bound,
@@ -212,50 +350,77 @@ class _Setup:
 
     @classmethod
     def from_meta(cls, msg: Message) -> "_Setup":
-        group = msg.require("group", list)
-        if not all(isinstance(s, str) for s in group) or len(set(group)) != len(group):
-            raise ProtocolError("secagg group must be a list of distinct site names")
-        try:
-            seed = bytes.fromhex(msg.require("graph_seed", str))
-        except ValueError:
-            raise ProtocolError("secagg graph_seed is not hex") from None
+        group = _name_list(msg.require("group", list), "secagg group")
         fp = FixedPoint(msg.require("ring_bits", int), msg.require("frac_bits", int), float(msg.require("bound", (int, float))))
-        return cls(tuple(sorted(group)), msg.require("degree", int), msg.require("threshold", int), seed, fp)
+        return cls(tuple(sorted(group)), msg.require("degree", int), msg.require("threshold", int), fp)
 
+    @functools.cached_property
+    def members(self) -> frozenset[str]:
+        return frozenset(self.group)
+
+    @functools.cached_property
     def index(self) -> dict[str, int]:
         return {s: i + 1 for i, s in enumerate(self.group)}
 
+    @functools.cached_property
     def digest(self) -> bytes:
         """SHA-256 of the setup as announced (what a signed key advertisement binds to)."""
         return hashlib.sha256(json.dumps(self.to_meta(), sort_keys=True).encode()).digest()
 
-    def graph(self) -> dict[str, frozenset[str]]:
-        return neighbours(self.group, self.degree, self.graph_seed)
+    def graph(self, seed: bytes) -> Mapping[str, frozenset[str]]:
+        return neighbour_map(self.group, self.degree, seed)
+
+    def bits(self, names: Iterable[str]) -> np.ndarray:
+        """A subset of the group as a bitmap over its sorted order (n/8 bytes instead of n names)."""
+        idx = self.index
+        mask = np.zeros(len(self.group), dtype=bool)
+        mask[[idx[s] - 1 for s in names]] = True
+        return np.packbits(mask)
+
+    def subset(self, msg: Message, name: str) -> list[str]:
+        """The names of a bitmap sent by :meth:`bits`, in sorted order; a malformed bitmap is refused."""
+        n = len(self.group)
+        bits = msg.tensor(name, shape=((n + 7) // 8,), dtype="uint8")
+        mask = np.unpackbits(bits)
+        if mask[n:].any():
+            raise ProtocolError(f"{msg.kind.value} bitmap {name!r} marks sites beyond the group of {n}")
+        return [self.group[i] for i in np.flatnonzero(mask[:n])]
 
 
 # -- site half --------------------------------------------------------------------------------------
 @dataclass
 class _SiteRound:
     setup: _Setup
-    nbrs: frozenset[str]
     c_sk: Any  # X25519PrivateKey
     c_pk: bytes
     s_sk: bytes
     s_pk: bytes
-    keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # U1: site → (c_pk, s_pk)
+    reveal: bytes
+    commitments: bytes = b""  # digest of every commitment, fixed by the coordinator before the reveal
+    u1: dict[str, bytes] = field(default_factory=dict)  # sites that advertised keys → their graph-seed share
+    seed: bytes = b""
+    graph: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    nbrs: frozenset[str] = frozenset()
+    keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # neighbours and self → (c_pk, s_pk)
+    share_keys: dict[str, bytes] = field(default_factory=dict)  # neighbour → AES key of the shares between us
+    mask_seeds: dict[str, bytes] = field(default_factory=dict)  # neighbour → pairwise mask seed
     b_seed: bytes = b""
     held: dict[str, tuple[int, int]] = field(default_factory=dict)  # owner → (b share, s share) I hold
-    u2: frozenset[str] = frozenset()
+    u2: frozenset[str] = frozenset()  # this site and its neighbours that shared keys
+    u2_size: int = 0
+    view: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())  # survivors, dropped as signed
+    statement: bytes = b""
     size: int = 0
     stage: str = "advertised"
 
 
 class SecAggSite:
-    """The site half: answers ADVERTISE / SHARE / UNMASK and masks the TRAIN_REPLY.
+    """The site half: answers ADVERTISE / REVEAL / SHARE / CHECK / UNMASK and masks the TRAIN_REPLY.
 
     Holds every secret of the site (private keys, self-mask seed, shares of peers) and
     checks each request against what it already agreed to, so that a coordinator asking
-    for both shares of one peer, or replaying an old phase, is refused.
+    for both shares of one peer, replaying an old phase, steering the graph or showing
+    different survivor sets to different sites is refused.
     """
 
     #: the TRAIN meta key this protocol adds to the plan and round instructions
@@ -268,26 +433,35 @@ class SecAggSite:
 
         pub, prot = Release.PUBLIC, Release.PROTECTED
         return {
-            MessageKind.SECAGG_ADVERTISE_REPLY: Declared({"c_pk": pub, "s_pk": pub, "cert": pub, "sig": pub}),
+            # fresh keys, the commitment to a graph-seed share, the key consistency statements are signed with
+            MessageKind.SECAGG_ADVERTISE_REPLY: Declared({"c_pk": pub, "s_pk": pub, "commit": pub, "v_pk": pub, "cert": pub, "sig": pub}),
+            MessageKind.SECAGG_REVEAL_REPLY: Declared({"reveal": pub}),  # the graph-seed share, random and fresh
             MessageKind.SECAGG_SHARE_REPLY: Declared({"shares": prot, "commit": pub}),  # shares sealed to each neighbour
             MessageKind.TRAIN_REPLY: Declared({"secagg": pub, "metrics": pub}, {"masked": prot}),
+            MessageKind.SECAGG_CHECK_REPLY: Declared({"sig": pub}),  # a signature on the survivor set it was shown
             # the protocol's unmasking: a survivor's self-mask share or a dropped site's key share, never both
             MessageKind.SECAGG_UNMASK_REPLY: Declared({"b": pub, "s": pub}, {"b_shares": pub, "s_shares": pub, "correction": pub}),
         }
 
     def __init__(self, site_id: str, config: SecAggConfig | None = None, attestation: Any = None):
         """``attestation`` (an :class:`insitu.secure.attest.Attestation`, deployments): sign this
-        site's keys with its certificate and accept only peers' keys signed with theirs."""
+        site's keys and its consistency statements with its certificate key, and accept only
+        peers' keys and statements signed with theirs.  Without it (simulation) the statements
+        are signed with a P-256 key this site draws and advertises."""
         self.site_id = site_id
         self.config = config or SecAggConfig()
         self.attestation = attestation
+        self._signing = attestation.signer.key if attestation is not None else ec.generate_private_key(ec.SECP256R1())
+        self._signing_point = _point(self._signing.public_key())
         self._rounds: dict[str, tuple[int, _SiteRound]] = {}  # job → (round, state)
         self.seconds = 0.0  # time spent in this protocol (for benchmarks)
 
     def handlers(self) -> Mapping[MessageKind, Callable[[Message], Message]]:
         return {
             MessageKind.SECAGG_ADVERTISE: self._timed(self._advertise),
+            MessageKind.SECAGG_REVEAL: self._timed(self._reveal),
             MessageKind.SECAGG_SHARE: self._timed(self._share),
+            MessageKind.SECAGG_CHECK: self._timed(self._check),
             MessageKind.SECAGG_UNMASK: self._timed(self._unmask),
         }
 
@@ -314,9 +488,9 @@ class SecAggSite:
         cfg = self.config
         n = len(setup.group)
         cur = self._rounds.get(msg.job)
-        if cur is not None and (msg.round < cur[0] or (msg.round == cur[0] and cur[1].stage in ("sent", "unmasked"))):
+        if cur is not None and (msg.round < cur[0] or (msg.round == cur[0] and cur[1].stage in ("sent", "signed", "unmasked"))):
             raise ProtocolError(f"site {self.site_id}: secagg round {msg.round} replayed (this site is at round {cur[0]}, stage {cur[1].stage})")
-        if self.site_id not in setup.group:
+        if self.site_id not in setup.members:
             raise ProtocolError(f"site {self.site_id} is not in the announced group")
         if n < cfg.min_group:
             raise ConfigError(f"site {self.site_id} refuses secure aggregation in a group of {n}; its minimum is {cfg.min_group}")
@@ -329,36 +503,66 @@ class SecAggSite:
         setup.fp.check_headroom(n)
         c_sk, c_pk = x25519_keypair()
         s_sk, s_pk = x25519_keypair()
-        self._rounds[msg.job] = (msg.round, _SiteRound(setup, setup.graph()[self.site_id], private_key(c_sk), c_pk, s_sk, s_pk))
-        meta: dict[str, Any] = {"c_pk": _b64(c_pk), "s_pk": _b64(s_pk)}
+        reveal = os.urandom(REVEAL_BYTES)
+        commit = _reveal_commitment(reveal)
+        self._rounds[msg.job] = (msg.round, _SiteRound(setup, private_key(c_sk), c_pk, s_sk, s_pk, reveal))
+        meta: dict[str, Any] = {"c_pk": _b64(c_pk), "s_pk": _b64(s_pk), "commit": _b64(commit), "v_pk": _b64(self._signing_point)}
         if self.attestation is not None:
             from insitu.secure.attest import transcript
 
-            meta.update(self.attestation.sign_fields(transcript(msg.job, msg.round, self.site_id, setup.digest(), c_pk, s_pk)))
+            meta.update(self.attestation.sign_fields(transcript(msg.job, msg.round, self.site_id, setup.digest, c_pk, s_pk, commit)))
         return Message(MessageKind.SECAGG_ADVERTISE_REPLY, msg.round, msg.job, meta)
 
-    def _share(self, msg: Message) -> Message:
+    def _reveal(self, msg: Message) -> Message:
         st = self._state(msg, "advertised")
+        st.commitments = _unb64(msg.require("commitments", str), 32, "commitments digest")
+        st.stage = "revealed"
+        return Message(MessageKind.SECAGG_REVEAL_REPLY, msg.round, msg.job, {"reveal": _b64(st.reveal)})
+
+    def _seed_from(self, msg: Message, st: _SiteRound) -> bytes:
+        """The graph seed, after checking the reveals against the commitments fixed before this site revealed."""
+        names = st.setup.subset(msg, "u1")
+        if self.site_id not in names:
+            raise ProtocolError(f"site {self.site_id}: the sites that advertised keys must include this site")
+        reveals = msg.tensor("reveals", shape=(len(names), REVEAL_BYTES), dtype="uint8")
+        rows = [r.tobytes() for r in reveals]
+        if rows[names.index(self.site_id)] != st.reveal:
+            raise ProtocolError(f"site {self.site_id}: the coordinator relayed another graph-seed share for this site")
+        st.u1 = dict(zip(names, rows))
+        if _commitments_digest(msg.job, msg.round, names, map(_reveal_commitment, rows)) != st.commitments:
+            raise ProtocolError(f"site {self.site_id}: the graph-seed reveals relayed do not match the commitments this site was shown "
+                                "(a reveal or the set of sites was changed after the commitments were fixed)")
+        return _graph_seed(reveals)
+
+    def _share(self, msg: Message) -> Message:
+        st = self._state(msg, "revealed")
+        st.seed = self._seed_from(msg, st)
+        st.graph = st.setup.graph(st.seed)
+        st.nbrs = st.graph[self.site_id]
+        u1 = st.u1.keys()
         raw = msg.require("keys", dict)
+        expected = (st.nbrs & u1) | {self.site_id}
+        if set(raw) != expected:
+            raise ProtocolError(f"site {self.site_id}: keys relayed for {sorted(raw)[:8]}…, expected this site and its neighbours {sorted(expected)[:8]}…")
         keys: dict[str, tuple[bytes, bytes]] = {}
-        digest = st.setup.digest() if self.attestation is not None else b""
+        if self.attestation is not None:
+            from insitu.secure.attest import transcript
         for sid, pair in raw.items():
-            if sid not in st.setup.group or not isinstance(pair, list) or len(pair) not in (2, 4):
+            if not isinstance(pair, list) or len(pair) not in (2, 4):
                 raise ProtocolError(f"site {self.site_id}: bad key entry for {sid!r}")
             keys[sid] = (_unb64(pair[0], KEY_BYTES, f"c key of {sid}"), _unb64(pair[1], KEY_BYTES, f"s key of {sid}"))
             if self.attestation is not None and sid != self.site_id:
-                from insitu.secure.attest import transcript
-
-                self.attestation.check_relayed(pair[2:], sid, transcript(msg.job, msg.round, sid, digest, *keys[sid]))
+                message = transcript(msg.job, msg.round, sid, st.setup.digest, *keys[sid], _reveal_commitment(st.u1[sid]))
+                self.attestation.check_relayed(pair[2:], sid, message)
         if keys.get(self.site_id) != (st.c_pk, st.s_pk):
             raise ProtocolError(f"site {self.site_id}: the coordinator relayed wrong public keys for this site")
-        if len(keys) < self.config.min_group:
-            raise ConfigError(f"site {self.site_id} refuses: only {len(keys)} sites advertised keys, its minimum group is {self.config.min_group}")
-        holders = sorted((st.nbrs & keys.keys()) | {self.site_id})
+        if len(u1) < self.config.min_group:
+            raise ConfigError(f"site {self.site_id} refuses: only {len(u1)} sites advertised keys, its minimum group is {self.config.min_group}")
+        holders = sorted(expected)
         t = st.setup.threshold
         if len(holders) < t:
             raise RoundAborted(f"site {self.site_id}: only {len(holders)} of its share group are left, threshold is {t}")
-        idx = st.setup.index()
+        idx = st.setup.index
         st.b_seed = os.urandom(SEED_BYTES)
         b_sh = shamir.split(int.from_bytes(st.b_seed, "big"), t, [idx[h] for h in holders])
         s_sh = shamir.split(int.from_bytes(st.s_sk, "big"), t, [idx[h] for h in holders])
@@ -368,7 +572,7 @@ class SecAggSite:
             if h == self.site_id:
                 st.held[h] = pair
                 continue
-            key = _share_key(agree(st.c_sk, keys[h][0]), msg.job, msg.round, self.site_id, h)
+            key = st.share_keys[h] = _share_key(agree(st.c_sk, keys[h][0]), msg.job, msg.round, self.site_id, h)
             blob = seal(key, shamir.to_bytes(pair[0]) + shamir.to_bytes(pair[1]), _share_aad(msg.job, msg.round, self.site_id, h))
             out[h] = _b64(blob)
         st.keys = keys
@@ -386,22 +590,20 @@ class SecAggSite:
     def _protect(self, request: Message, weighted: np.ndarray, weight: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         st = self._state(request, "shared")
         sec = request.require("secagg", dict)
-        u2 = sec.get("u2")
-        inbox = sec.get("inbox")
-        if not isinstance(u2, list) or not isinstance(inbox, dict):
-            raise ProtocolError(f"site {self.site_id}: TRAIN lacks the secagg survivor list or share inbox")
+        u2, inbox, total = sec.get("u2"), sec.get("inbox"), sec.get("u2_size")
+        if not isinstance(u2, list) or not isinstance(inbox, dict) or not isinstance(total, int) or isinstance(total, bool):
+            raise ProtocolError(f"site {self.site_id}: TRAIN lacks the secagg survivor list, their number or the share inbox")
         u2s = frozenset(u2)
-        if not u2s <= st.keys.keys() or self.site_id not in u2s:
-            raise ProtocolError(f"site {self.site_id}: survivor list names sites that never advertised keys, or omits this site")
-        if len(u2s) < self.config.min_group:
-            raise ConfigError(f"site {self.site_id} refuses: only {len(u2s)} sites shared keys, its minimum group is {self.config.min_group}")
+        if not u2s <= st.keys.keys() or self.site_id not in u2s or total < len(u2s):
+            raise ProtocolError(f"site {self.site_id}: survivor list names sites that never advertised keys to it, or omits this site")
+        if total < self.config.min_group:
+            raise ConfigError(f"site {self.site_id} refuses: only {total} sites shared keys, its minimum group is {self.config.min_group}")
         peers = st.nbrs & u2s
         if set(inbox) != set(peers):
             raise ProtocolError(f"site {self.site_id}: share inbox is from {sorted(inbox)}, expected its neighbours {sorted(peers)}")
         for v in sorted(peers):
             blob = _unb64(inbox[v], SEALED_SHARE_BYTES, f"share from {v}")
-            key = _share_key(agree(st.c_sk, st.keys[v][0]), request.job, request.round, self.site_id, v)
-            plain = open_sealed(key, blob, _share_aad(request.job, request.round, v, self.site_id), f"share from {v} to {self.site_id}")
+            plain = open_sealed(st.share_keys[v], blob, _share_aad(request.job, request.round, v, self.site_id), f"share from {v} to {self.site_id}")
             st.held[v] = (shamir.from_bytes(plain[: shamir.SHARE_BYTES]), shamir.from_bytes(plain[shamir.SHARE_BYTES :]))
         fp = st.setup.fp
         vec = np.concatenate([np.asarray(weighted, dtype=np.float64).ravel(), [float(weight)]])
@@ -410,48 +612,122 @@ class SecAggSite:
         exp.add(enc, st.b_seed, +1)
         s_key = private_key(st.s_sk)
         for v in sorted(peers):
-            seed = _mask_seed(agree(s_key, st.keys[v][1]), request.job, request.round, self.site_id, v)
+            seed = st.mask_seeds[v] = _mask_seed(agree(s_key, st.keys[v][1]), request.job, request.round, self.site_id, v)
             exp.add(enc, seed, +1 if self.site_id < v else -1)
-        st.u2 = u2s
+        st.u2, st.u2_size = u2s, total
+        st.u1 = {}
         st.size = enc.shape[0]
         st.stage = "sent"
         return {"secagg": 1}, {"masked": fp.reduce(enc)}
 
-    def _unmask(self, msg: Message) -> Message:
+    def _partition(self, st: _SiteRound, s3: frozenset[str], d: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
+        mine = st.nbrs | {self.site_id}
+        if s3 & d or (s3 | d) & mine != st.u2 or self.site_id not in s3:
+            raise ProtocolError(f"site {self.site_id}: survivors and dropped sites do not partition the {len(st.u2)} sites of its share group that sent shares")
+        return s3, d
+
+    def _check(self, msg: Message) -> Message:
         st = self._state(msg, "sent")
-        surv = msg.require("survivors", list)
-        gone = msg.require("dropped", list)
-        s3, d = frozenset(surv), frozenset(gone)
-        if s3 & d or (s3 | d) != st.u2 or self.site_id not in s3:
-            raise ProtocolError(f"site {self.site_id}: survivors and dropped sites do not partition the {len(st.u2)} sites that sent shares")
+        s3, d = self._partition(st, frozenset(st.setup.subset(msg, "survivors")), frozenset(st.setup.subset(msg, "dropped")))
+        if len(s3) + len(d) != st.u2_size:
+            raise ProtocolError(f"site {self.site_id}: survivors and dropped sites number {len(s3) + len(d)}, but {st.u2_size} sites shared keys")
         t = st.setup.threshold
         if len(s3) < max(self.config.min_group, t):
             raise ConfigError(f"site {self.site_id} refuses to unmask a sum of {len(s3)} sites; needs ≥ {max(self.config.min_group, t)}")
+        st.view = (s3, d)
+        st.statement = _statement(msg.job, msg.round, st.seed, sorted(s3), sorted(d))
+        st.stage = "signed"
+        return Message(MessageKind.SECAGG_CHECK_REPLY, msg.round, msg.job, {"sig": _b64(self._signing.sign(st.statement, _ECDSA))})
+
+    def _signer_key(self, w: str, entry: list[Any]) -> ec.EllipticCurvePublicKey:
+        """The key ``w`` signs consistency statements with: its certificate's (deployments) or the one it advertised."""
+        if self.attestation is not None:
+            cert = entry[2] if len(entry) > 2 else None
+            if not isinstance(cert, str):
+                raise ProtocolError(f"the consistency signature relayed for site {w} carries no certificate; this site accepts only certified signatures")
+            return self.attestation.verifier.public_key(cert.encode(), w)
+        return _load_point(_unb64(entry[1], POINT_BYTES, f"signing key of {w}"), f"signing key of {w}")
+
+    def _confirm(self, msg: Message, st: _SiteRound, dropped_nbrs: list[str]) -> None:
+        """Before revealing what is only safe if ``v`` dropped out: ≥ t of v's share group signed this site's set."""
+        if not dropped_nbrs:
+            return
+        sigs = msg.require("signatures", dict)
+        t = st.setup.threshold
+        ok: dict[str, bool] = {self.site_id: True}
+        mine = st.nbrs | {self.site_id}
+        for v in dropped_nbrs:
+            group = st.graph[v] - {v}
+            # signers this site shares with v's group first: they count for several dropped neighbours
+            ordered = sorted((group & sigs.keys()) - {self.site_id}, key=lambda w: (w not in mine, w))
+            count = int(self.site_id in group)
+            for w in ordered:
+                if count >= t:
+                    break
+                if w not in ok:
+                    entry = sigs[w]
+                    if not isinstance(entry, list) or len(entry) < 2:
+                        raise ProtocolError(f"site {self.site_id}: malformed consistency signature entry for {w}")
+                    sig = _unb64(entry[0], None, f"consistency signature of {w}")
+                    if len(sig) > MAX_SIGNATURE_BYTES:
+                        raise ProtocolError(f"consistency signature of {w} has {len(sig)} bytes")
+                    ok[w] = _verifies(self._signer_key(w, entry), sig, st.statement)
+                    if not ok[w]:
+                        raise SecurityError(f"site {self.site_id} refuses to unmask: site {w} signed another survivor set than the one shown to "
+                                            "this site (the coordinator showed different sets to different sites)")
+                count += 1
+            if count < t:
+                raise SecurityError(f"site {self.site_id} refuses to unmask: only {count} of the share group of dropped site {v} confirmed the "
+                                    f"survivor set shown to this site, threshold {t} (different sets shown to different sites?)")
+
+    def _unmask(self, msg: Message) -> Message:
+        st = self._state(msg, "signed")
+        s3 = frozenset(_name_list(msg.require("survivors", list), "survivors"))
+        d = frozenset(_name_list(msg.require("dropped", list), "dropped"))
+        s3, d = self._partition(st, s3, d)
+        mine = st.nbrs | {self.site_id}
+        if (s3, d) != (st.view[0] & mine, st.view[1] & mine):
+            raise ProtocolError(f"site {self.site_id}: the unmask request shows another survivor set than the one this site signed")
+        lost = sorted(d & st.nbrs)
+        self._confirm(msg, st, lost)
         b = [v for v in sorted(s3) if v in st.held]
-        s = [v for v in sorted(d) if v in st.held]
+        s = [v for v in lost if v in st.held]
         tensors = {
             "b_shares": _share_rows([st.held[v][0] for v in b]),
             "s_shares": _share_rows([st.held[v][1] for v in s]),
         }
-        lost = sorted(d & st.nbrs)
         if msg.meta.get("recovery") == Recovery.SURVIVORS.value:
             # own self-mask + masks with dropped neighbours, exactly what SERVER recovery would rebuild
             fp = st.setup.fp
             exp = MaskExpander(st.size, fp.dtype)
             corr = exp.expand(st.b_seed).copy()
-            s_key = private_key(st.s_sk)
             for v in lost:
-                seed = _mask_seed(agree(s_key, st.keys[v][1]), msg.job, msg.round, self.site_id, v)
-                exp.add(corr, seed, +1 if self.site_id < v else -1)
+                exp.add(corr, st.mask_seeds[v], +1 if self.site_id < v else -1)
             tensors["correction"] = fp.reduce(corr)
         st.stage = "unmasked"
         st.held.clear()
+        st.mask_seeds.clear()
+        st.share_keys.clear()
         return Message(MessageKind.SECAGG_UNMASK_REPLY, msg.round, msg.job, {"b": b, "s": s}, tensors)
 
 
 # -- coordinator half ---------------------------------------------------------------------------------
 def _abort(plan: RoundPlan, site: str, cause: str) -> RoundAborted:
     return RoundAborted(f"round {plan.round}: secure aggregation aborted by site {site}: {cause}; the global model is unchanged")
+
+
+@dataclass(frozen=True)
+class _Advert:
+    """One site's key advertisement as the coordinator keeps it: raw keys for its own use, the
+    strings as received for relaying (each decoded once, never re-encoded)."""
+
+    c_pk: bytes
+    s_pk: bytes
+    commit: bytes
+    signing: ec.EllipticCurvePublicKey
+    relay: list[str]  # [c_pk, s_pk] (+ [cert, sig] in deployments)
+    v_pk: str
+    cert: str | None
 
 
 class SecAggProtocol:
@@ -466,6 +742,20 @@ class SecAggProtocol:
     def site_protection(self, site_id: str) -> SecAggSite:
         return SecAggSite(site_id, self.config)
 
+    #: checks a survivor's consistency signature, to name a site that signs what it was not shown
+    #: (the sites check each other's signatures themselves; this only names the culprit early).
+    _signed = staticmethod(_verifies)
+
+    @staticmethod
+    def _advert(rep: Message) -> _Advert:
+        meta = rep.meta
+        c, s, com, v = meta.get("c_pk"), meta.get("s_pk"), meta.get("commit"), meta.get("v_pk")
+        c_pk, s_pk = _unb64(c, KEY_BYTES, "c_pk"), _unb64(s, KEY_BYTES, "s_pk")
+        commit = _unb64(com, 32, "graph-seed commitment")
+        signing = _load_point(_unb64(v, POINT_BYTES, "signing key"), "signing key")
+        signed = relayable(meta)
+        return _Advert(c_pk, s_pk, commit, signing, [c, s, *signed], v, signed[0] if signed else None)
+
     def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult:
         t_start = time.perf_counter()
         cfg = self.config
@@ -474,53 +764,72 @@ class SecAggProtocol:
         if n < cfg.min_group:
             raise RoundAborted(f"round {plan.round}: secure aggregation needs at least {cfg.min_group} sites, {n} connected; the global model is unchanged")
         degree = cfg.degree_for(n)
-        setup = _Setup(group, degree, cfg.threshold_for(min(degree, n - 1) + 1), os.urandom(16), cfg.fixed_point(n))
-        graph = setup.graph()
-        idx = setup.index()
+        setup = _Setup(group, degree, cfg.threshold_for(min(degree, n - 1) + 1), cfg.fixed_point(n))
+        idx = setup.index
         t = setup.threshold
         need = max(plan.min_sites, cfg.min_group)
 
         phase = PhaseRunner(plan, transport, lambda site, cause: _abort(plan, site, cause))
         dropped, up, down = phase.dropped, phase.up, phase.down
 
-        def enough(alive: Mapping[str, Any], label: str) -> None:
+        def enough(alive: Mapping[str, Any] | frozenset[str], label: str) -> None:
             if len(alive) < need:
                 why = "; ".join(f"{s}: {r}" for s, r in dropped.items()) or "none answered"
                 raise RoundAborted(f"round {plan.round}: only {len(alive)} of {n} sites left after {label}, need {need} ({why}); the global model is unchanged")
 
-        # 1. advertise keys
-        adv = phase({s: Message(MessageKind.SECAGG_ADVERTISE, plan.round, plan.job, setup.to_meta()) for s in group}, MessageKind.SECAGG_ADVERTISE_REPLY, "advertise")
-        keys: dict[str, tuple[bytes, bytes]] = {}
-        signed: dict[str, list[str]] = {}  # site → [certificate PEM, signature], relayed for sites to check
-        for sid, rep in adv.items():
+        # 1. advertise keys and commit to graph-seed shares
+        adv_meta = setup.to_meta()
+        adv = phase({s: Message(MessageKind.SECAGG_ADVERTISE, plan.round, plan.job, adv_meta) for s in group}, MessageKind.SECAGG_ADVERTISE_REPLY, "advertise")
+        adverts: dict[str, _Advert] = {}
+        for sid in sorted(adv):
             try:
-                keys[sid] = (_unb64(rep.meta.get("c_pk"), KEY_BYTES, "c_pk"), _unb64(rep.meta.get("s_pk"), KEY_BYTES, "s_pk"))
+                adverts[sid] = self._advert(adv[sid])
             except ProtocolError as exc:
-                raise _abort(plan, sid, f"bad public key: {exc}") from None
+                raise _abort(plan, sid, f"bad key advertisement: {exc}") from None
+        enough(adverts, "key advertisement")
+        u1_list = sorted(adverts)
+        u1 = frozenset(u1_list)
+
+        # 2. reveal graph-seed shares, once every commitment is fixed
+        digest = _b64(_commitments_digest(plan.job, plan.round, u1_list, (adverts[s].commit for s in u1_list)))
+        rev = phase({s: Message(MessageKind.SECAGG_REVEAL, plan.round, plan.job, {"commitments": digest}) for s in u1_list}, MessageKind.SECAGG_REVEAL_REPLY, "reveal")
+        reveals = np.zeros((len(u1_list), REVEAL_BYTES), dtype=np.uint8)
+        for i, sid in enumerate(u1_list):
+            if sid not in rev:
+                raise RoundAborted(f"round {plan.round}: site {sid} committed to a graph-seed share and did not reveal it ({dropped.get(sid, 'no reply')}); "
+                                   "the graph cannot be drawn without it; the global model is unchanged")
             try:
-                signed[sid] = relayable(rep.meta)
+                r = _unb64(rev[sid].meta.get("reveal"), REVEAL_BYTES, "graph-seed share")
             except ProtocolError as exc:
                 raise _abort(plan, sid, str(exc)) from None
-        enough(keys, "key advertisement")
-        u1 = frozenset(keys)
+            if _reveal_commitment(r) != adverts[sid].commit:
+                raise _abort(plan, sid, "its graph-seed reveal does not match its commitment")
+            reveals[i] = np.frombuffer(r, dtype=np.uint8)
+        seed = _graph_seed(reveals)
+        graph = setup.graph(seed)
 
-        # 2. share keys
-        key_meta = {"keys": {s: [_b64(c), _b64(p), *signed[s]] for s, (c, p) in sorted(keys.items())}}
-        shr = phase({s: Message(MessageKind.SECAGG_SHARE, plan.round, plan.job, key_meta) for s in sorted(u1)}, MessageKind.SECAGG_SHARE_REPLY, "share")
+        # 3. share keys: each site gets its neighbours' keys only
+        u1_bits = setup.bits(u1_list)
+        shr_reqs = {}
+        for s in u1_list:
+            keys = {v: adverts[v].relay for v in sorted((graph[s] & u1) | {s})}
+            shr_reqs[s] = Message(MessageKind.SECAGG_SHARE, plan.round, plan.job, {"keys": keys}, {"reveals": reveals, "u1": u1_bits})
+        shr = phase(shr_reqs, MessageKind.SECAGG_SHARE_REPLY, "share")
+        del shr_reqs
         sealed: dict[str, dict[str, str]] = {}  # sender → recipient → blob
         commits: dict[str, str] = {}
-        for sid, rep in shr.items():
+        blob_len = _b64_len(SEALED_SHARE_BYTES)
+        for sid in sorted(shr):
+            rep = shr[sid]
             shares, com = rep.meta.get("shares"), rep.meta.get("commit")
             expected = (graph[sid] & u1) - {sid}
-            if not isinstance(shares, dict) or set(shares) != expected:
+            if not isinstance(shares, dict) or shares.keys() != expected:
                 raise _abort(plan, sid, f"sent shares for {sorted(shares) if isinstance(shares, dict) else shares!r}, expected its neighbours {sorted(expected)}")
             if not isinstance(com, str) or len(com) != 64:
                 raise _abort(plan, sid, "missing or malformed self-mask commitment")
             for r, blob in shares.items():
-                try:
-                    _unb64(blob, SEALED_SHARE_BYTES, f"share for {r}")
-                except ProtocolError as exc:
-                    raise _abort(plan, sid, str(exc)) from None
+                if not isinstance(blob, str) or len(blob) != blob_len:  # the recipient authenticates the content
+                    raise _abort(plan, sid, f"share for {r} is not a {blob_len}-character base64 string")
             sealed[sid], commits[sid] = shares, com
         u2 = frozenset(sealed)
         enough(u2, "secret sharing")
@@ -529,12 +838,14 @@ class SecAggProtocol:
             if len(alive) < t:
                 raise RoundAborted(f"round {plan.round}: too few survivors: site {u} has {len(alive)} of its share group left, threshold {t}; the global model is unchanged")
 
-        # 3. train and collect masked inputs
+        # 4. train and collect masked inputs
         reqs = {}
         for s in sorted(u2):
-            inbox = {v: sealed[v][s] for v in sorted(graph[s] & u2)}
-            reqs[s] = plan.train_request(s, {"secagg": {"u2": sorted(u2), "inbox": inbox}})
+            peers = graph[s] & u2
+            inbox = {v: sealed[v][s] for v in sorted(peers)}
+            reqs[s] = plan.train_request(s, {"secagg": {"u2": sorted(peers | {s}), "u2_size": len(u2), "inbox": inbox}})
         trn = phase(reqs, MessageKind.TRAIN_REPLY, "train")
+        del reqs
         fp = setup.fp
         size = plan.size + 1
         acc = np.zeros(size, dtype=fp.dtype)
@@ -551,33 +862,62 @@ class SecAggProtocol:
                 raise _abort(plan, sid, f"masked vector holds values outside Z_2^{fp.ring_bits}")
             np.add(acc, arr, out=acc)
             metrics[sid] = reply_metrics(rep)
-        u3 = frozenset(trn)
+        del trn
+        u3 = frozenset(metrics)
         enough(u3, "training")
         gone = u2 - u3
+        surv_list, gone_list = sorted(u3), sorted(gone)
 
-        # 4. unmask
-        umeta = {"survivors": sorted(u3), "dropped": sorted(gone), "recovery": cfg.recovery.value}
-        unm = phase({s: Message(MessageKind.SECAGG_UNMASK, plan.round, plan.job, umeta) for s in sorted(u3)}, MessageKind.SECAGG_UNMASK_REPLY, "unmask")
+        # 5. consistency check: every survivor signs the survivor set it is shown
+        chk_bits = {"survivors": setup.bits(surv_list), "dropped": setup.bits(gone_list)}
+        chk = phase({s: Message(MessageKind.SECAGG_CHECK, plan.round, plan.job, {}, chk_bits) for s in surv_list}, MessageKind.SECAGG_CHECK_REPLY, "consistency check")
+        statement = _statement(plan.job, plan.round, seed, surv_list, gone_list)
+        sig_entries: dict[str, list[str]] = {}
+        for sid in sorted(chk):
+            sig = chk[sid].meta.get("sig")
+            try:
+                raw = _unb64(sig, None, "consistency signature")
+            except ProtocolError as exc:
+                raise _abort(plan, sid, str(exc)) from None
+            if len(raw) > MAX_SIGNATURE_BYTES or not self._signed(adverts[sid].signing, raw, statement):
+                raise _abort(plan, sid, "its consistency signature does not verify on the survivor set it was shown")
+            a = adverts[sid]
+            sig_entries[sid] = [sig, a.v_pk] + ([a.cert] if a.cert is not None else [])
+        u4 = frozenset(sig_entries)
+
+        # 6. unmask
+        rec_value = cfg.recovery.value
+        unm_reqs = {}
+        for h in sorted(u4):
+            lost = graph[h] & gone
+            mine = graph[h] | {h}
+            meta: dict[str, Any] = {"survivors": sorted(u3 & mine), "dropped": sorted(lost), "recovery": rec_value}
+            if lost:
+                signers: set[str] = set()
+                for v in lost:
+                    signers |= graph[v]
+                meta["signatures"] = {w: sig_entries[w] for w in sorted((signers - gone) & u4)}
+            unm_reqs[h] = Message(MessageKind.SECAGG_UNMASK, plan.round, plan.job, meta)
+        unm = phase(unm_reqs, MessageKind.SECAGG_UNMASK_REPLY, "unmask")
+        del unm_reqs
         t_unmask = time.perf_counter()
         covered: set[tuple[str, str]] = set()  # (dropped, survivor) edges removed by a survivor's correction
         self_removed: set[str] = set()  # survivors whose correction removed their own self-mask
-        b_pts: dict[str, dict[int, int]] = {u: {} for u in u3}
-        s_pts: dict[str, dict[int, int]] = {v: {} for v in gone}
-        for h, rep in unm.items():
+        b_rows: dict[str, list[tuple[str, np.ndarray]]] = {}  # owner → [(holder, share row)], parsed only when needed
+        s_rows: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for h in sorted(unm):
+            rep = unm[h]
             b, s = rep.meta.get("b"), rep.meta.get("s")
-            want_b = sorted(u for u in u3 if u == h or u in graph[h])
-            want_s = sorted(v for v in gone if v in graph[h])
+            want_b = sorted((graph[h] | {h}) & u3)
+            want_s = sorted(graph[h] & gone)
             if b != want_b or s != want_s:
                 raise _abort(plan, h, f"unmask reply holds shares for {b!r} / {s!r}, expected {want_b} / {want_s}")
-            for name, owners, pts in (("b_shares", b, b_pts), ("s_shares", s, s_pts)):
+            for name, owners, rows_of in (("b_shares", b, b_rows), ("s_shares", s, s_rows)):
                 rows = rep.tensors.get(name)
                 if rows is None or rows.dtype != np.uint8 or rows.shape != (len(owners), shamir.SHARE_BYTES):
                     raise _abort(plan, h, f"unmask reply tensor {name} is missing or not ({len(owners)}, {shamir.SHARE_BYTES}) uint8")
-                try:
-                    for owner, row in zip(owners, rows):
-                        pts[owner][idx[h]] = shamir.from_bytes(row.tobytes())
-                except ProtocolError as exc:
-                    raise _abort(plan, h, str(exc)) from None
+                for owner, row in zip(owners, rows):
+                    rows_of.setdefault(owner, []).append((h, row))
             if cfg.recovery is Recovery.SURVIVORS:
                 corr = rep.tensors.get("correction")
                 if corr is None or corr.dtype != fp.dtype or corr.shape != (size,):
@@ -588,6 +928,16 @@ class SecAggProtocol:
                 self_removed.add(h)
                 covered.update((v, h) for v in want_s)
         names = {i: s for s, i in idx.items()}
+
+        def points(rows_of: dict[str, list[tuple[str, np.ndarray]]], owner: str) -> dict[int, int]:
+            pts: dict[int, int] = {}
+            for holder, row in rows_of.get(owner, ()):
+                try:
+                    pts[idx[holder]] = shamir.from_bytes(row.tobytes())
+                except ProtocolError as exc:
+                    raise _abort(plan, holder, str(exc)) from None
+            return pts
+
         exp = MaskExpander(size, fp.dtype)
         regenerated = 0
         for u in sorted(u3 - self_removed):
@@ -597,28 +947,32 @@ class SecAggProtocol:
                 return x < 1 << (8 * SEED_BYTES) and commitment("secagg-self-mask", plan.job, plan.round, u, x.to_bytes(SEED_BYTES, "big")) == com
 
             try:
-                seed = shamir.reconstruct(b_pts[u], t, check=ok_b, names=names, what=f"self-mask seed of site {u}").to_bytes(SEED_BYTES, "big")
+                seed_u = shamir.reconstruct(points(b_rows, u), t, check=ok_b, names=names, what=f"self-mask seed of site {u}").to_bytes(SEED_BYTES, "big")
+            except RoundAborted:
+                raise
             except ProtocolError as exc:
                 raise RoundAborted(f"round {plan.round}: secure aggregation aborted: {exc}; the global model is unchanged") from None
-            exp.add(acc, seed, -1)
+            exp.add(acc, seed_u, -1)
             regenerated += 1
-        for v in sorted(gone):
+        for v in gone_list:
             edges = [w for w in sorted(graph[v] & u3) if (v, w) not in covered]
             if not edges:
                 continue
-            s_pk = keys[v][1]
+            s_pk = adverts[v].s_pk
 
             def ok_s(x: int, s_pk: bytes = s_pk) -> bool:
                 return x < 1 << 256 and x25519_public(x.to_bytes(32, "big")) == s_pk
 
             try:
-                sk = shamir.reconstruct(s_pts[v], t, check=ok_s, names=names, what=f"mask key of dropped site {v}").to_bytes(32, "big")
+                sk = shamir.reconstruct(points(s_rows, v), t, check=ok_s, names=names, what=f"mask key of dropped site {v}").to_bytes(32, "big")
+            except RoundAborted:
+                raise
             except ProtocolError as exc:
                 raise RoundAborted(f"round {plan.round}: secure aggregation aborted: {exc}; the global model is unchanged") from None
             sk_v = private_key(sk)
             for w in edges:
-                seed = _mask_seed(agree(sk_v, keys[w][1]), plan.job, plan.round, v, w)
-                exp.add(acc, seed, -1 if w < v else +1)  # y_w holds +mask when w < v
+                mseed = _mask_seed(agree(sk_v, adverts[w].s_pk), plan.job, plan.round, v, w)
+                exp.add(acc, mseed, -1 if w < v else +1)  # y_w holds +mask when w < v
                 regenerated += 1
         total = fp.decode(fp.reduce(acc))
         now = time.perf_counter()
@@ -631,8 +985,10 @@ class SecAggProtocol:
             frac_bits=fp.frac_bits,
             survivors=len(u3),
             dropped=len(gone),
+            ring_bits=fp.ring_bits,
+            recovery=rec_value,
         )
-        return AggregateResult(total[:-1], float(total[-1]), tuple(sorted(u3)), dropped, metrics, up, down)
+        return AggregateResult(total[:-1], float(total[-1]), tuple(surv_list), dropped, metrics, up, down)
 
 
-__all__ = ["Recovery", "SecAggConfig", "SecAggProtocol", "SecAggSite", "SecAggStats"]
+__all__ = ["Recovery", "SecAggConfig", "SecAggProtocol", "SecAggSite", "SecAggStats", "value_bound"]

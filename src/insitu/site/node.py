@@ -54,7 +54,7 @@ def protocol_of(msg: Message) -> Protection | None:
     Secure aggregation's key agreement and homomorphic key dealing reach a site before the plan
     does; the message kind says which protection it belongs to (its scheme checked against the
     closed :class:`~insitu.plan.Protection` list), so nothing on the wire picks code."""
-    if msg.kind in (MessageKind.SECAGG_ADVERTISE, MessageKind.SECAGG_SHARE, MessageKind.SECAGG_UNMASK):
+    if msg.kind in (MessageKind.SECAGG_ADVERTISE, MessageKind.SECAGG_REVEAL, MessageKind.SECAGG_SHARE, MessageKind.SECAGG_CHECK, MessageKind.SECAGG_UNMASK):
         return Protection.SECAGG
     if msg.kind in (MessageKind.HE_KEYS, MessageKind.HE_DECRYPT):
         scheme = msg.meta.get("scheme")
