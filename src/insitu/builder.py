@@ -78,6 +78,21 @@ def site_protection(plan: Plan, site_id: str, *, attestation: Any = None, min_gr
     return SharedSubsetProtocol.site_half(inner, spec)
 
 
+def secagg_bound(plan: Plan) -> float | None:
+    """The largest coordinate a site's protected vector can hold, when the plan bounds it: site-level
+    DP clips every update to C with weight 1 (plus, distributed, the site's own noise share).  With a
+    bound secure aggregation takes the fast 32-bit ring where the sum fits; without one, 64 bits."""
+    dp = plan.dp
+    if dp.level is not DPLevel.SITE or dp.adaptive_clip:
+        return None
+    from insitu.secure.secagg import value_bound
+
+    share = 0.0
+    if dp.placement is Placement.DISTRIBUTED:
+        share = dp.site_noise(plan.rounds) * dp.sensitivity_factor * dp.clip / plan.min_sites ** 0.5
+    return value_bound(dp.clip, noise_std=share)
+
+
 def build_protocol(plan: Plan, *, rng: np.random.Generator | None = None) -> AggregationProtocol:
     """The coordinator half for ``plan``: protection, compression and site-level DP composed in one order.
 
@@ -95,7 +110,7 @@ def build_protocol(plan: Plan, *, rng: np.random.Generator | None = None) -> Agg
         if kind is Protection.SECAGG:
             from insitu.secure import SecAggConfig, SecAggProtocol
 
-            proto = SecAggProtocol(SecAggConfig(recovery=plan.protection.recovery.value))
+            proto = SecAggProtocol(SecAggConfig(recovery=plan.protection.recovery.value, bound=secagg_bound(plan)))
         else:
             from insitu.secure import HEConfig, HEProtocol
 

@@ -34,7 +34,7 @@ def simulate_command(
     seed: int = typer.Option(0, help="Seed for the splits and the initial model (public). Each site's sampling and DP noise come from its own secret (OS randomness), so two runs differ in those; see --insecure-replayable-randomness."),
     compress: str = typer.Option("none", help="Shrink each site's update on the wire: int8 (stochastic rounding, ~4x), topk:0.01 (largest 1 %, error feedback), shared:0.01 (1 % at seed-chosen coordinates every site shares; composes with secure aggregation), or topk:0.01+int8."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Mask each site's update so the coordinator learns only the sum, even when sites drop out (Bonawitz et al. / SecAgg+)."),
-    secagg_recovery: str = typer.Option("server", help="With --secure-aggregation: server (Bonawitz: the coordinator regenerates masks, no extra upload) or survivors (each survivor uploads one correction vector; the coordinator expands no mask: fastest for large groups)."),
+    secagg_recovery: Optional[str] = typer.Option(None, help="With --secure-aggregation: survivors (default: each survivor uploads one correction vector; the coordinator expands no mask, fastest for large groups) or server (Bonawitz: the coordinator regenerates masks, no extra upload)."),
     homomorphic: str = typer.Option("none", help="Encrypt updates instead: paillier (packed, exact) or ckks (TenSEAL, fast, approximate). Sites hold the key; the coordinator sums ciphertexts."),
     dp: str = typer.Option("off", help="Differential privacy: record (DP-SGD at each site: protects each patient record) or site (DP-FedAvg: protects each hospital's whole contribution)."),
     epsilon: Optional[float] = typer.Option(None, help="Target ε for the whole run; the noise is calibrated so that no site spends more."),
@@ -48,6 +48,7 @@ def simulate_command(
     accountant: str = typer.Option("pld", help="pld (tight, default) or rdp."),
     privacy_ledger: Optional[str] = typer.Option(None, help="SQLite privacy ledger kept across runs (budgets carry over); default: privacy_ledger.sqlite in the run directory."),
     baselines: bool = typer.Option(True, help="Also train local-only and pooled baselines for comparison."),
+    threads: int = typer.Option(1, help="Torch threads for training (1 is fastest for small models and many small steps; raise it for large CNNs on an idle machine)."),
     insecure_replayable_randomness: bool = typer.Option(False, "--insecure-replayable-randomness", help="Debugging only: derive every site's sampling, DP noise and rounding from --seed so a run can be replayed. Anyone who knows the seed can then subtract the noise: the run is marked NOT private."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory to create (default runs/<time>-<dataset>-<strategy>)."),
 ) -> None:
@@ -72,7 +73,7 @@ def simulate_command(
         min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, normalize_epsilon=normalize_epsilon, compress=compress, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
         dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement, dp_adjacency=dp_adjacency,
         adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,
-        insecure_replayable_randomness=insecure_replayable_randomness,
+        insecure_replayable_randomness=insecure_replayable_randomness, threads=threads,
     )
     summary = simulate(cfg, progress=True)
     out.print(summary_table(summary))

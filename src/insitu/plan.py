@@ -130,12 +130,16 @@ class ProtectionSpec:
     """What protects each site's update on its way to the sum."""
 
     kind: Protection = Protection.PLAIN
-    recovery: Recovery = Recovery.SERVER
+    recovery: Recovery | None = None  # secure aggregation: survivors (the default, fastest server) or server
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", parse_choice(Protection, self.kind, "protection"))
+        kind = parse_choice(Protection, self.kind, "protection")
+        object.__setattr__(self, "kind", kind)
+        if self.recovery is None:
+            object.__setattr__(self, "recovery", Recovery.SURVIVORS if kind is Protection.SECAGG else Recovery.SERVER)
+            return
         object.__setattr__(self, "recovery", parse_choice(Recovery, self.recovery, "secagg_recovery"))
-        if self.recovery is not Recovery.SERVER and self.kind is not Protection.SECAGG:
+        if self.recovery is not Recovery.SERVER and kind is not Protection.SECAGG:
             raise ConfigError("secagg_recovery only applies with secure aggregation")
 
     @property

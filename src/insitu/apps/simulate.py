@@ -112,7 +112,7 @@ class SimulationConfig:
     round_timeout: float = 600.0
     compress: str = "none"  # update compression: int8, topk:F, shared:F, topk:F+int8 (insitu.compress)
     secure_aggregation: bool = False  # pairwise-masked sums (insitu.secure.secagg)
-    secagg_recovery: str = "server"  # who removes masks: server (Bonawitz) or survivors (one more upload each)
+    secagg_recovery: str | None = None  # who removes masks: survivors (default: one more upload each, least server work) or server (Bonawitz)
     homomorphic: str = "none"  # none, paillier or ckks (insitu.secure.he)
     # differential privacy (insitu.federation.dp): off, record (DP-SGD) or site (DP-FedAvg)
     dp: str = "off"
@@ -133,6 +133,7 @@ class SimulationConfig:
     normalize_epsilon: float = 0.1  # --normalize federated: ε each site spends on its moments release
     baselines: bool = True
     out: str | None = None
+    threads: int = 1  # torch threads for training (1: tiny models and many small steps run fastest)
     #: derive every site's secret (sampling, DP noise, rounding) from --seed: replayable, NOT private
     insecure_replayable_randomness: bool = False
 
@@ -398,6 +399,14 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
     if cfg.insecure_replayable_randomness and site_secrets is None:
         log.warning("--insecure-replayable-randomness: site sampling and DP noise are derived from --seed %d; anyone who "
                     "knows the seed can replay them, so this run is NOT private", cfg.seed)
+    from insitu.learn.train import torch_threads
+
+    with torch_threads(cfg.threads):
+        return _simulate(cfg, out, write, progress, site_secrets, coordinator_secret, own)
+
+
+def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, site_secrets: Mapping[str, bytes] | None,
+              coordinator_secret: bytes | None, own: FederatedData | None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     data = own if own is not None else load_federated(cfg)

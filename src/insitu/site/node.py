@@ -354,8 +354,11 @@ def serve(config: str | Path) -> None:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     # load the secure-aggregation code while idle, not during the first secure round (~2 s)
     threading.Thread(target=_preload, daemon=True, name="preload").start()
+    from insitu.learn.train import torch_threads
+
     try:
-        client.run_forever()
+        with torch_threads(node.policy.threads):  # one training worker, one thread unless the admin says otherwise
+            client.run_forever()
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:

@@ -111,6 +111,7 @@ class SitePolicy:
     #: compared exactly with a simulation given the same secret.  Makes sampling and DP noise
     #: replayable by whoever reads this file; logged as unsafe at start.
     insecure_fixed_secret: bytes | None = None
+    threads: int = 1  # torch threads for training ([site] threads)
 
     @classmethod
     def load(cls, path: str | Path) -> "SitePolicy":
@@ -157,8 +158,14 @@ class SitePolicy:
             ranges={k: Range.parse(k, v) for k, v in pol.get("ranges", {}).items()},
             epsilon_budget=float(budget) if budget is not None else None, delta=float(delta), min_secagg_group=group,
             heartbeat=float(site.get("heartbeat", 2.0)), dead_after=float(site.get("dead_after", 10.0)),
-            backoff_max=float(site.get("backoff_max", 15.0)), insecure_fixed_secret=fixed,
+            backoff_max=float(site.get("backoff_max", 15.0)), insecure_fixed_secret=fixed, threads=_threads(site.get("threads", 1), path),
         )
+
+
+def _threads(v: Any, path: Path) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
+        raise ConfigError(f"{path}: [site] threads must be an integer from 1 to 256, got {v!r}")
+    return v
 
 
 # -- approvals and refusals (state directory) -----------------------------------------------------
