@@ -58,12 +58,35 @@ HEART_SCHEMA = (
     "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2",
 )
 MAX_TIMEOUT = 86_400.0
+#: the most sites a job may name
+MAX_SITES = 10_000
 
 
 def _seconds(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v <= MAX_TIMEOUT):
         raise ConfigError(f"{name} must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {v!r}")
     return float(v)
+
+
+def check_site_names(names: Any) -> None:
+    """``sites`` is a list of distinct site names, each a certificate name (what a site's CN may be)."""
+    from insitu.net.pki import NAME_RE
+
+    if not isinstance(names, (list, tuple)) or not 1 <= len(names) <= MAX_SITES:
+        raise ConfigError(f"sites must be a list of 1 to {MAX_SITES:,} site names, got {_short(names)}")
+    for s in names:
+        if not isinstance(s, str) or not NAME_RE.match(s):
+            raise ConfigError(f"sites: {_short(s)} is not a site name (the CN of a site certificate: lower-case letters, "
+                              "digits, '.' and '-', at most 63 characters)")
+    seen: set[str] = set()
+    dup = sorted({s for s in names if s in seen or seen.add(s)})
+    if dup:
+        raise ConfigError(f"sites lists {_short(dup)} more than once")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -153,8 +176,8 @@ class JobSpec:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ConfigError(f"seed must be an integer from 0 to 2^63-1, got {seed!r}")
         names = raw.get("sites")
-        if names is not None and not isinstance(names, (list, tuple)):
-            raise ConfigError(f"sites must be a list of site names, got {names!r}")
+        if names is not None:
+            check_site_names(names)
         sim = {k: v for k, v in config.items() if k != "task"}
         dataset = parse_choice(DatasetName, sim.get("dataset", "heart"), "dataset")
         try:
@@ -170,9 +193,9 @@ class JobSpec:
             raise ConfigError(f"dataset {dataset.value}: give the data's shape in a [task] table (input_shape, num_outputs, schema)")
         if not isinstance(shape[0], (list, tuple)) or not isinstance(shape[2], (list, tuple)):
             raise ConfigError("[task] input_shape and schema must be lists")
-        plan = cfg.plan_for(tuple(shape[0]), shape[1], tuple(str(s) for s in shape[2]))
+        plan = cfg.plan_for(tuple(shape[0]), shape[1], tuple(shape[2]))
         return cls(name=raw["name"], plan=plan, seed=seed, config=config,
-                   sites=tuple(str(s) for s in names) if names is not None else None,
+                   sites=tuple(names) if names is not None else None,
                    **{k: raw[k] for k in ("round_timeout", "wait_for_sites", "max_aborted", "eval_every", "approval_timeout") if k in raw})
 
 

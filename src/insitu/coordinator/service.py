@@ -44,6 +44,9 @@ from insitu.net.pki import Credentials, Identity, Role
 from insitu.net.server import CoordinatorServer, NetConfig
 
 log = logging.getLogger("insitu.coordinator")
+#: a job during whose setup the coordinator stopped this many times in a row is marked failed, so a
+#: job that kills the process (out of memory, a crash in a library) is not retried in a crash loop
+MAX_SETUP_CRASHES = 2
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class CoordinatorService:
         n = self.store.recover()
         if n:
             log.warning("marked %d round(s) interrupted by the last shutdown; they were not applied", n)
+        for job_id, why in self.store.recover_setups(MAX_SETUP_CRASHES).items():
+            log.error("job %s marked failed: %s", job_id, why)
         self.server = CoordinatorServer(
             config.credentials, config.crl, self.operator,
             NetConfig(host=config.host, port=config.port, heartbeat=config.heartbeat, dead_after=config.dead_after),
@@ -247,11 +252,15 @@ class CoordinatorService:
                 self.store.set_status(job.id, JobStatus.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
 
     def run_job(self, job: JobRow) -> None:
-        spec = JobSpec.from_dict(job.spec)
-        plan = spec.plan
-        log.info("job %s: starting (%s, %s, dp %s, %d rounds, min %d sites)", job.id, plan.strategy.name.value,
-                 plan.protection.kind.value, plan.dp.level.value, spec.rounds, spec.min_sites)
-        coord, protocol, version = job_coordinator(spec, job.id, self.server.transport, self.store.latest_model(job.id))
+        self.store.begin_setup(job.id)  # a coordinator that dies before end_setup counts a setup crash
+        try:
+            spec = JobSpec.from_dict(job.spec)
+            plan = spec.plan
+            log.info("job %s: starting (%s, %s, dp %s, %d rounds, min %d sites)", job.id, plan.strategy.name.value,
+                     plan.protection.kind.value, plan.dp.level.value, spec.rounds, spec.min_sites)
+            coord, protocol, version = job_coordinator(spec, job.id, self.server.transport, self.store.latest_model(job.id))
+        finally:
+            self.store.end_setup(job.id)
         if version:
             log.info("job %s: resuming from model version %d", job.id, version)
         strategy = coord.strategy
@@ -269,7 +278,13 @@ class CoordinatorService:
             r = self.store.begin_round(job.id)
             try:
                 rec = coord.run_round(r)
-            except RoundAborted as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever a site sent ends this round, never the job or the process
+                if not isinstance(exc, RoundAborted):
+                    if isinstance(exc, InsituError):
+                        log.warning("job %s round %d: %s", job.id, r, exc)
+                    else:
+                        log.exception("job %s round %d: internal error", job.id, r)
+                    exc = RoundAborted(f"round {r} aborted: {_one_line(exc)}; the global model is unchanged")
                 aborted += 1
                 self.store.abort_round(job.id, r, str(exc), protocol.dropped(r))
                 log.warning("job %s round %d aborted (%d so far): %s", job.id, r, aborted, exc)
@@ -323,9 +338,19 @@ class CoordinatorService:
     def _evaluate(self, coord: Coordinator, round_: int) -> dict[str, Any]:
         try:
             evals = coord.evaluate(round_)
-        except InsituError as exc:
-            return {"error": str(exc)}
-        return {**mean_accuracy(evals), "sites": {k: dict(v) for k, v in evals.items()}}
+        except Exception as exc:  # noqa: BLE001 - a failed evaluation is reported, it does not end the job
+            if not isinstance(exc, InsituError):
+                log.exception("evaluation of round %d: internal error", round_)
+            return {"error": _one_line(exc)}
+        out = {**mean_accuracy(evals), "sites": {k: dict(v) for k, v in evals.items()}}
+        if coord.eval_dropped:
+            out["dropped"] = dict(coord.eval_dropped)
+        return out
+
+
+def _one_line(exc: BaseException, limit: int = 500) -> str:
+    text = " ".join(f"{exc}".split()) if isinstance(exc, InsituError) else f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def job_coordinator(spec: JobSpec, job_id: str, transport: Any, latest: Any = None, *,

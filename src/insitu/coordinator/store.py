@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS job_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL, at REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS job_log_job ON job_log (job, seq);
 """
+#: jobs being set up (pending = 1 until the round loop starts) and how many times in a row the
+#: coordinator stopped during a job's setup: a job that kills the process is failed, not retried forever
+SETUP_SCHEMA = """
+CREATE TABLE IF NOT EXISTS job_setups (job TEXT PRIMARY KEY, pending INTEGER NOT NULL, crashes INTEGER NOT NULL DEFAULT 0);
+"""
 
 
 class JobStatus(str, enum.Enum):
@@ -114,6 +119,7 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._db.executescript(SETUP_SCHEMA)
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -181,6 +187,30 @@ class JobStore:
                 (RoundStatus.INTERRUPTED.value, time.time(), "coordinator stopped during the round; not applied", RoundStatus.STARTED.value),
             )
             return cur.rowcount
+
+    def begin_setup(self, job_id: str) -> None:
+        """Mark ``job_id`` as being set up; :meth:`end_setup` clears it once its round loop starts (or setup fails)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO job_setups (job, pending) VALUES (?, 1) ON CONFLICT(job) DO UPDATE SET pending=1", (job_id,))
+
+    def end_setup(self, job_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE job_setups SET pending=0, crashes=0 WHERE job=?", (job_id,))
+
+    def recover_setups(self, limit: int) -> dict[str, str]:
+        """At start-up: count a crash for every job whose setup the last run did not finish, and mark
+        failed those with ``limit`` crashes in a row (returned with the reason stored for the operator)."""
+        failed: dict[str, str] = {}
+        with self._tx() as db:
+            db.execute("UPDATE job_setups SET pending=0, crashes=crashes+1 WHERE pending=1")
+            rows = db.execute("SELECT s.job, s.crashes FROM job_setups s JOIN jobs j ON j.id = s.job "
+                              "WHERE s.crashes >= ? AND j.status IN (?,?)", (limit, *ACTIVE)).fetchall()
+            for job_id, crashes in rows:
+                why = (f"the coordinator stopped {crashes} times in a row while setting this job up (out of memory or a crash "
+                       "in a library); it was not retried again. Check the job's model and [task] shape, then submit it anew")
+                db.execute("UPDATE jobs SET status=?, error=? WHERE id=?", (JobStatus.FAILED.value, why, job_id))
+                failed[job_id] = why
+        return failed
 
     def begin_round(self, job_id: str) -> int:
         """Reserve the job's next round number (committed before any site hears of it)."""

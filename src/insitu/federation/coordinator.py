@@ -13,12 +13,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from insitu.errors import ConfigError, RoundAborted
+from insitu.errors import ConfigError, ProtocolError, RoundAborted
 from insitu.federation.instructions import EvalInstructions, RoundInstructions, Split
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, AggregationProtocol, PlainProtocol, RoundPlan
 from insitu.federation.strategies import Strategy
-from insitu.federation.transport import Transport, check_reply
+from insitu.federation.transport import Transport, check_reply, reply_evaluation
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Coordinator:
             raise ConfigError(f"--min-sites must be at least 1, got {self.min_sites}")
         self.rounds_done = 0
         self._plan_meta = self.plan.to_meta()
+        #: sites left out of the last evaluation, and why (no answer, a refusal, a malformed reply)
+        self.eval_dropped: dict[str, str] = {}
 
     def _sites(self) -> tuple[str, ...]:
         return tuple(self.sites) if self.sites is not None else tuple(self.transport.sites())
@@ -106,7 +108,12 @@ class Coordinator:
         req = Message(MessageKind.EVALUATE, round_, self.job, {"plan": self._plan_meta, "instructions": ins.to_meta()}, {"params": params})
         ex = self.transport.exchange({s: req for s in self._sites()}, self.timeout)
         out: dict[str, dict[str, Any]] = {}
+        dropped = dict(ex.dropped)
         for sid, rep in ex.replies.items():
-            check_reply(rep, MessageKind.EVALUATE_REPLY, round_, self.job)
-            out[sid] = dict(rep.meta)
+            try:  # a malformed score leaves that site out of the evaluation, and says why
+                check_reply(rep, MessageKind.EVALUATE_REPLY, round_, self.job)
+                out[sid] = reply_evaluation(rep)
+            except ProtocolError as exc:
+                dropped[sid] = f"bad evaluate reply: {exc}"
+        self.eval_dropped = dropped
         return out

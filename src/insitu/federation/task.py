@@ -11,8 +11,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from insitu.errors import ConfigError, ProtocolError, parse_choice
-from insitu.learn.models import ModelName
+from insitu.learn.models import ModelName, check_size
 from insitu.learn.train import OptimizerName, TrainConfig
+
+
+#: the most feature names a task's schema may list
+MAX_SCHEMA = 100_000
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,12 @@ class TaskSpec:
             raise ConfigError(f"num_outputs must be an integer from 1 to 100,000, got {self.num_outputs!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)):
             raise ConfigError(f"lr must be a number, got {self.lr!r}")
+        if not isinstance(self.schema, (list, tuple)) or not 1 <= len(self.schema) <= MAX_SCHEMA or not all(
+                isinstance(c, str) and 0 < len(c) <= 200 for c in self.schema):
+            raise ConfigError(f"schema must be a list of 1 to {MAX_SCHEMA:,} feature names (non-empty strings), got {_short(self.schema)}")
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
-        object.__setattr__(self, "schema", tuple(str(s) for s in self.schema))
+        object.__setattr__(self, "schema", tuple(self.schema))
+        check_size(self.model, self.input_shape, self.num_outputs)  # before any party allocates the model
         self.train_config()  # validates hyper-parameters
 
     def train_config(self, prox_mu: float = 0.0) -> TrainConfig:

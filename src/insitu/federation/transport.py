@@ -8,6 +8,7 @@ from that exchange; the caller decides whether enough remain.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
@@ -89,7 +90,7 @@ class InProcessTransport:
             if elapsed > timeout:
                 dropped[sid] = f"timed out ({elapsed:.1f} s > {timeout:.1f} s)"
             elif reply.kind is MessageKind.ERROR:
-                dropped[sid] = f"refused: {reply.meta.get('reason', '?')}"
+                dropped[sid] = f"refused: {error_reason(reply)}"
             else:
                 replies[sid] = reply
         return Exchange(replies, dropped, sent, recv)
@@ -131,3 +132,57 @@ def reply_metrics(rep: Message) -> dict[str, Any]:
         elif not isinstance(v, (int, float, bool)) or isinstance(v, float) and not np.isfinite(v):
             raise ProtocolError(f"metric {k!r} = {v!r} is not a finite number, boolean or short string")
     return dict(m)
+
+
+#: the most test records one site may report scoring (far above any hospital's test split)
+MAX_EVAL_RECORDS = 10**9
+#: the keys of an EVALUATE_REPLY, exactly (what insitu.learn.train.evaluate returns)
+EVALUATION_KEYS = frozenset({"loss", "correct", "n", "accuracy"})
+
+
+def reply_evaluation(rep: Message) -> dict[str, Any]:
+    """The scores of a site's EVALUATE_REPLY, checked against their schema: exactly ``loss`` (a finite
+    number >= 0), ``n`` (an integer from 1 to MAX_EVAL_RECORDS), ``correct`` (an integer from 0 to n)
+    and ``accuracy`` (= correct / n).  Anything else is a ProtocolError naming the field."""
+    meta = rep.meta
+    if set(meta) != EVALUATION_KEYS:
+        extra, missing = sorted(set(meta) - EVALUATION_KEYS), sorted(EVALUATION_KEYS - set(meta))
+        raise ProtocolError(f"evaluate reply must hold exactly {sorted(EVALUATION_KEYS)}"
+                            + (f"; unknown {_clip(extra)}" if extra else "") + (f"; missing {missing}" if missing else ""))
+
+    def integer(key: str, low: int, high: int) -> int:
+        v = meta[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ProtocolError(f"evaluate reply field {key!r} = {_clip(v)} is not an integer from {low} to {high}")
+        return v
+
+    def number(key: str) -> float:
+        v = meta[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ProtocolError(f"evaluate reply field {key!r} = {_clip(v)} is not a finite number >= 0")
+        return float(v)
+
+    n = integer("n", 1, MAX_EVAL_RECORDS)
+    correct = integer("correct", 0, n)
+    loss, acc = number("loss"), number("accuracy")
+    if abs(acc - correct / n) > 1e-9:
+        raise ProtocolError(f"evaluate reply accuracy {acc!r} is not correct / n = {correct}/{n}")
+    return {"loss": loss, "correct": correct, "n": n, "accuracy": acc}
+
+
+#: the longest refusal reason kept from a site's ERROR reply (the rest is cut)
+MAX_REASON = 500
+
+
+def error_reason(reply: Message) -> str:
+    """The reason of a site's ERROR reply as text for the operator: a string, cut to MAX_REASON
+    characters; anything else (a site's malformed refusal) is named as such."""
+    reason = reply.meta.get("reason")
+    if not isinstance(reason, str):
+        return f"(malformed refusal: reason is {type(reason).__name__}, not text)"
+    return _clip(reason, MAX_REASON, text=True)
+
+
+def _clip(value: Any, limit: int = 80, *, text: bool = False) -> str:
+    s = value if text else repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."

@@ -52,6 +52,37 @@ MODELS: dict[ModelName, Callable[[tuple[int, ...], int], nn.Module]] = {
 }
 
 
+#: the most parameters a model may have: the global model travels in one message of at most 64 MiB
+#: (Scaffold sends a control vector of the same size beside it), and every party holds a few copies
+MAX_PARAMS = 8_000_000
+
+
+def param_count(name: str | ModelName, input_shape: tuple[int, ...], num_outputs: int) -> int:
+    """How many parameters :func:`build_model` would make, computed exactly without allocating them
+    (Python integers, so a hostile shape cannot overflow)."""
+    key = ModelName(name)
+    d = 1
+    for x in input_shape:
+        d *= int(x)
+    o = int(num_outputs)
+    if key is ModelName.LOGREG:
+        return d * o + o
+    if key is ModelName.MLP:
+        return d * 32 + 32 + 32 * o + o
+    c = int(input_shape[0]) if len(input_shape) == 3 else 1
+    side = int(input_shape[-1]) // 4
+    return (c * 16 * 9 + 16) + (16 * 32 * 9 + 32) + (32 * side * side * 32 + 32) + (32 * o + o)
+
+
+def check_size(name: str | ModelName, input_shape: tuple[int, ...], num_outputs: int) -> int:
+    """:func:`param_count`, refused above :data:`MAX_PARAMS` with a sentence naming the shape."""
+    n = param_count(name, input_shape, num_outputs)
+    if n > MAX_PARAMS:
+        raise ConfigError(f"model {ModelName(name).value} with input_shape {list(input_shape)} and num_outputs {num_outputs} would have "
+                          f"{n:,} parameters; the limit is {MAX_PARAMS:,} (the model travels in one message of at most 64 MiB)")
+    return n
+
+
 def build_model(name: str | ModelName, input_shape: tuple[int, ...], num_outputs: int, seed: int = 0) -> nn.Module:
     key = parse_choice(ModelName, name, "model")
     torch.manual_seed(seed)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 
 from insitu.errors import InsituError, ProtocolError, SecurityError
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.transport import Exchange
+from insitu.federation.transport import Exchange, error_reason
 from insitu.net.channel import Channel, ServerTLS
 from insitu.net.pki import Credentials, Identity, Role
 
@@ -208,7 +208,7 @@ class NetworkTransport:
                 continue
             recv[sid] = size
             if reply.kind is MessageKind.ERROR:
-                dropped[sid] = f"refused: {reply.meta.get('reason', '?')}"
+                dropped[sid] = f"refused: {error_reason(reply)}"
             else:
                 replies[sid] = reply
         ordered = {sid: replies[sid] for sid in requests if sid in replies}
@@ -358,6 +358,9 @@ class CoordinatorServer:
                 reply = Message(MessageKind.OPERATOR_REPLY, meta={"op": op, "result": result}, tensors=tensors)
             except InsituError as exc:
                 reply = _refusal(msg, str(exc), code=type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - the operator gets one line, never a closed channel
+                log.exception("operator request %r from %s failed with an internal error", op, ident.name)
+                reply = _refusal(msg, f"internal error while handling {op!r}: {type(exc).__name__}: {exc}"[:500], code="InternalError")
             channel.send(reply, seq)
 
     def _ticker(self) -> None:

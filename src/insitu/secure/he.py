@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -50,6 +51,10 @@ from insitu.secure.secagg import _b64, _unb64
 class HEScheme(str, enum.Enum):
     PAILLIER = "paillier"
     CKKS = "ckks"
+
+
+#: the longest Paillier modulus a coordinator or site accepts from a dealer (sums cost ~bits^2)
+MAX_KEY_BITS = 16384
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ class _PaillierBackend:
         n = int.from_bytes(blob, "big")
         if n.bit_length() < 2048:
             raise ProtocolError(f"Paillier public modulus of {n.bit_length()} bits is too short")
+        if n.bit_length() > MAX_KEY_BITS:
+            raise ProtocolError(f"Paillier public modulus of {n.bit_length()} bits is longer than {MAX_KEY_BITS}")
         return n
 
     def matches(self, secret: Any, public_blob: bytes) -> bool:
@@ -410,14 +417,19 @@ class HEProtocol:
         size = plan.size + 1
         t_add = time.perf_counter()
         parts = [(sid, trn[sid].tensors) for sid in sorted(trn)]
+        metrics: dict[str, Mapping[str, Any]] = {}
+        for sid in sorted(trn):
+            try:
+                metrics[sid] = reply_metrics(trn[sid])
+            except ProtocolError as exc:
+                raise abort(sid, str(exc)) from None
         try:
             total = self.backend.add(keys.public, parts, meta, size)
         except ProtocolError as exc:
-            site = next((s for s, _ in parts if f"site {s} " in str(exc)), "?")
+            site = next((s for s, _ in parts if re.search(rf"\bsite {re.escape(s)}(?![\w.-])", str(exc))), "?")
             raise abort(site, str(exc)) from None
         t_add = time.perf_counter() - t_add
         participants = tuple(sorted(trn))
-        metrics = {sid: reply_metrics(trn[sid]) for sid in participants}
         dmeta = {"count": len(participants), "size": size, "he": meta}
         # ask participants in turn (rotating with the round) until enough decrypted
         order = list(participants[plan.round % len(participants) :] + participants[: plan.round % len(participants)])

@@ -860,8 +860,11 @@ class SecAggProtocol:
                 raise _abort(plan, sid, f"masked vector has shape {tuple(arr.shape)} and dtype {arr.dtype}, expected ({size},) {fp.dtype}")
             if fp.ring_bits not in (32, 64) and int(arr.max(initial=0)) > top:
                 raise _abort(plan, sid, f"masked vector holds values outside Z_2^{fp.ring_bits}")
+            try:
+                metrics[sid] = reply_metrics(rep)
+            except ProtocolError as exc:
+                raise _abort(plan, sid, str(exc)) from None
             np.add(acc, arr, out=acc)
-            metrics[sid] = reply_metrics(rep)
         del trn
         u3 = frozenset(metrics)
         enough(u3, "training")
