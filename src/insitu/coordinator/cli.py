@@ -86,8 +86,21 @@ def submit(job_file: Path = typer.Argument(..., help="job.toml (same names as `i
         job = tomllib.loads(job_file.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read job file {job_file}: {exc}") from None
+    _finite(job, str(job_file))
     res = _call(config, "submit", {"job": job})
     out.print(f"job {res['id']} {res['status']}; task hash {res['task_hash']}")
+
+
+def _finite(value: Any, where: str) -> None:
+    """TOML allows inf and nan, JSON (the wire) does not: name the key instead of failing to encode."""
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{where} = {value}: infinite or NaN numbers are not allowed; give a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{where}: {k}" if where.endswith(".toml") else f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite(v, f"{where}[{i}]")
 
 
 @job_app.command("hash")

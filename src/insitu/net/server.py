@@ -360,7 +360,8 @@ class CoordinatorServer:
                 reply = _refusal(msg, str(exc), code=type(exc).__name__)
             except Exception as exc:  # noqa: BLE001 - the operator gets one line, never a closed channel
                 log.exception("operator request %r from %s failed with an internal error", op, ident.name)
-                reply = _refusal(msg, f"internal error while handling {op!r}: {type(exc).__name__}: {exc}"[:500], code="InternalError")
+                text = " ".join(f"internal error while handling {op!r}: {type(exc).__name__}: {exc}".split())
+                reply = _refusal(msg, text[:500], code="InternalError")
             channel.send(reply, seq)
 
     def _ticker(self) -> None:
