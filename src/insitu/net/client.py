@@ -135,7 +135,11 @@ class SiteClient:
                 log.info("dropping reply to %s round %d: its channel is gone", msg.kind.value, msg.round)
                 continue
             try:
-                channel.send(reply, seq)
+                try:
+                    channel.send(reply, seq)
+                except ProtocolError as exc:  # a reply that cannot be encoded (NaN in meta, too large): say so, keep serving
+                    log.error("reply to %s round %d cannot be sent: %s", msg.kind.value, msg.round, exc)
+                    channel.send(error_reply(msg, f"reply cannot be sent: {exc}", code="ProtocolError"), seq)
             except (OSError, ssl.SSLError) as exc:
                 log.info("could not send reply to %s round %d: %s", msg.kind.value, msg.round, exc)
 
