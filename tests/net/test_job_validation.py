@@ -54,7 +54,7 @@ BAD_JOBS = [
     ({"data": "/etc/passwd"}, "apply to insitu simulate only"),
     ({"bogus": 1}, "unknown keys ['bogus']"),
 ]
-GOOD = {"name": "fine", "dataset": "heart", "rounds": 1, "min_sites": 1, "round_timeout": 5.0, "wait_for_sites": 0.5}
+GOOD = {"name": "fine", "dataset": "heart", "rounds": 1, "min_sites": 1, "round_timeout": 5.0, "wait_for_sites": 0.5, "approval_timeout": 0}
 
 
 @pytest.fixture(scope="module")

@@ -204,7 +204,7 @@ class JobStore:
         with self._tx() as db:
             db.execute("UPDATE job_setups SET pending=0, crashes=crashes+1 WHERE pending=1")
             rows = db.execute("SELECT s.job, s.crashes FROM job_setups s JOIN jobs j ON j.id = s.job "
-                              "WHERE s.crashes >= ? AND j.status IN (?,?)", (limit, *ACTIVE)).fetchall()
+                              f"WHERE s.crashes >= ? AND j.status IN ({','.join('?' * len(ACTIVE))})", (limit, *ACTIVE)).fetchall()
             for job_id, crashes in rows:
                 why = (f"the coordinator stopped {crashes} times in a row while setting this job up (out of memory or a crash "
                        "in a library); it was not retried again. Check the job's model and [task] shape, then submit it anew")
