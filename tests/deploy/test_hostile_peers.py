@@ -111,8 +111,9 @@ ops = st.one_of(
     st.builds(Op, what=st.just("replace_meta"), value=st.dictionaries(st.text(max_size=8), json_values, max_size=5)),
     st.builds(Op, what=st.just("set_tensor"), pick=st.integers(0, 50), dtype=st.sampled_from(sorted(ALLOWED_DTYPES)),
               shape=st.lists(st.integers(0, 5), max_size=3).map(tuple), fill=st.sampled_from(FILLS)),
-    st.builds(Op, what=st.sampled_from(["del_tensor", "truncate", "extend", "poison", "astype", "scale"]), pick=st.integers(0, 50),
-              dtype=st.sampled_from(sorted(ALLOWED_DTYPES)), fill=st.sampled_from(("nan", "inf", "-inf", "huge", "max"))),
+    *(st.builds(Op, what=st.just(what), pick=st.integers(0, 50), dtype=st.sampled_from(sorted(ALLOWED_DTYPES)),
+                fill=st.sampled_from(("nan", "inf", "-inf", "huge", "max")))
+      for what in ("del_tensor", "truncate", "extend", "poison", "astype", "scale")),
     st.builds(Op, what=st.just("kind"), kind=st.sampled_from(list(MessageKind))),
     st.builds(Op, what=st.just("round"), value=st.one_of(st.integers(0, 2**63 - 1), st.sampled_from([0, 1, -1]))),
     st.builds(Op, what=st.just("job"), value=st.text(max_size=20)),

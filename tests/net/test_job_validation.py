@@ -210,3 +210,22 @@ def test_an_internal_error_in_an_operator_request_is_one_line_not_a_closed_chann
         assert operator_call("127.0.0.1", srv.port, ops, "fine") == {"ok": True}
     finally:
         srv.stop()
+
+
+def test_a_cancel_during_setup_or_approval_is_not_overwritten(tmp_path):
+    """Found by the hostile-peer suite: a job cancelled while it waited for approvals was set running
+    right after and ran on, and the job queued behind it never started."""
+    store = JobStore(tmp_path / "c.db")
+    store.add_job("j", {"name": "j"}, "0" * 64, 3, "ops")
+    store.set_status("j", JobStatus.WAITING)
+    store.cancel("j")
+    store.set_status("j", JobStatus.RUNNING)  # what run_job does once the approvals are in
+    assert store.job("j").status is JobStatus.CANCELLED
+    store.set_status("j", JobStatus.WAITING)
+    assert store.job("j").status is JobStatus.CANCELLED and store.next_active() is None
+    store.add_job("k", {"name": "k"}, "0" * 64, 3, "ops")
+    store.set_status("k", JobStatus.RUNNING)
+    store.set_status("k", JobStatus.DONE, final={"ok": 1})
+    store.set_status("k", JobStatus.RUNNING)
+    assert store.job("k").status is JobStatus.DONE
+    store.close()

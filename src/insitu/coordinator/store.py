@@ -165,10 +165,14 @@ class JobStore:
         return _job(row) if row else None
 
     def set_status(self, job_id: str, status: JobStatus, *, error: str | None = None, final: Mapping[str, Any] | None = None) -> None:
+        """Move a job to ``status``; to waiting or running only from an active status, so a cancel
+        that lands while the job is being set up or waits for approvals is never overwritten."""
+        only_active = status.value in ACTIVE
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET status=?, error=COALESCE(?, error), final=COALESCE(?, final) WHERE id=?",
-                (status.value, error, json.dumps(dict(final)) if final is not None else None, job_id),
+                "UPDATE jobs SET status=?, error=COALESCE(?, error), final=COALESCE(?, final) WHERE id=?"
+                + (f" AND status IN ({','.join('?' * len(ACTIVE))})" if only_active else ""),
+                (status.value, error, json.dumps(dict(final)) if final is not None else None, job_id, *(ACTIVE if only_active else ())),
             )
 
     def cancel(self, job_id: str) -> JobRow:
