@@ -157,7 +157,8 @@ def corrupt(reply: Message, request: Message, plan: list[Op]) -> list[tuple[str,
             elif op.what == "poison" and flat.size:
                 bad = flat.astype(np.float64) if a.dtype.kind != "f" else flat.copy()
                 bad[op.pick % flat.size] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "huge": 1e30, "max": 1.7e308}[op.fill]
-                tensors[name] = bad.astype(a.dtype if a.dtype.kind == "f" else np.float64).reshape(a.shape if a.dtype.kind == "f" else (-1,))
+                with np.errstate(all="ignore"):
+                    tensors[name] = bad.astype(a.dtype if a.dtype.kind == "f" else np.float64).reshape(a.shape if a.dtype.kind == "f" else (-1,))
             elif op.what == "astype":
                 with np.errstate(all="ignore"):
                     tensors[name] = a.astype(ALLOWED_DTYPES[op.dtype])
