@@ -338,7 +338,7 @@ def test_hostile_site_cannot_take_the_coordinator_down(consortium, protection):
     sb, armory = consortium
     RUNNER.fresh(sb, protection)
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False, print_blob=True,
               suppress_health_check=list(HealthCheck))
     @given(phase=st.sampled_from(PHASES[protection]), skip=st.integers(0, 1), plan=st.lists(ops, min_size=1, max_size=3))
     def attack(phase, skip, plan):
