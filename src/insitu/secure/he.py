@@ -486,8 +486,8 @@ class HEProtocol:
             why = phase.dropped.get(dealer)
             raise RoundAborted(f"round {plan.round}: key dealer {dealer} dropped out{f' ({why})' if why else ''}; the global model is unchanged")
         rep = deal[dealer]
-        if set(rep.tensors) != {"public"} | {f"to:{p}" for p in peers} or rep.tensors["public"].dtype != np.uint8:
-            raise abort(dealer, "key deal reply does not hold exactly one sealed key per peer and the public key")
+        if set(rep.tensors) != {"public"} | {f"to:{p}" for p in peers} or any(a.dtype != np.uint8 or a.ndim != 1 for a in rep.tensors.values()):
+            raise abort(dealer, "key deal reply does not hold exactly one sealed key per peer and the public key, each a flat uint8 array")
         public_blob = _blob(rep.tensors["public"])
         fp = _fingerprint(public_blob)
         if rep.meta.get("fingerprint") != fp:
