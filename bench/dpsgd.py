@@ -1,13 +1,18 @@
-"""One DP-SGD step of the SmallCNN (batch 64, 28×28): plain SGD vs Opacus (both modes) vs insitu, same run.
+"""One DP-SGD step: plain SGD vs Opacus vs insitu, same run, for two models.
 
-    .venv/bin/python bench/dpsgd.py            # 200 timed steps each
-    .venv/bin/python bench/dpsgd.py --quick    # 40 steps each
+* SmallCNN, batch 64, 28×28 images (Opacus's default per-sample mode).
+* LSTM, batch 64, PhysioNet-2012-shaped records (48 hourly steps × 132 inputs, hidden 64):
+  insitu's LSTM (Linear cells; the recurrent layer's per-sample gradient is summed over the 48
+  steps) against Opacus's ``DPLSTM`` (its per-sample-gradient LSTM, same sizes, Linear head).
 
-Steps of the three variants are interleaved (plain, opacus, ours, plain, ...) so that load
-from other processes on the 2 shared cores hits all three alike; the figure is the ratio of
-median step times.  Baselines (BENCHMARKS.md): Opacus 2.7–3.4× plain (per-sample gradients),
-Opacus ghost clipping about 2.0× plain, torch.func ~2.4×.
-Target for insitu: ≤ 2.0× plain.
+    .venv/bin/python bench/dpsgd.py            # 200 timed steps each (CNN), 100 (LSTM)
+    .venv/bin/python bench/dpsgd.py --quick    # 40 / 20 steps each
+    .venv/bin/python bench/dpsgd.py --only lstm
+
+Steps of the variants are interleaved (plain, opacus, ours, plain, ...) so that load from other
+processes on the 2 shared cores hits all of them alike; the figure is the ratio of median step
+times.  Baseline (BENCHMARKS.md): Opacus 2.7–3.4× plain, torch.func ~2.4× (CNN).
+Target for insitu: ≤ 2.0× plain (CNN); faster than Opacus's DPLSTM (LSTM).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import argparse
 import statistics
 import time
 import warnings
+from typing import Callable
 
 import torch
 
@@ -22,79 +28,10 @@ from insitu.learn.dpsgd import ClippedGradients, DPSGDConfig, dp_sgd_step, per_s
 from insitu.learn.models import build_model
 
 
-def opacus_ghost_variant(x: torch.Tensor, y: torch.Tensor, batch: int):
-    """Opacus 1.6's ghost clipping (``make_private(..., grad_sample_mode="ghost")`` builds these
-    three objects): per-sample gradient norms from activations and backprops without per-sample
-    gradients, then a second backward of the loss reweighted by the clipping coefficients."""
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
-    from opacus.optimizers import DPOptimizerFastGradientClipping
-    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
-    model = GradSampleModuleFastGradientClipping(build_model("cnn", (1, 28, 28), 1, seed=0), max_grad_norm=1.0, use_ghost_clipping=True,
-                                                 loss_reduction="mean")
-    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,
-                                          expected_batch_size=batch, loss_reduction="mean")
-    criterion = DPLossFastGradientClipping(model, opt, torch.nn.BCEWithLogitsLoss(reduction="mean"), loss_reduction="mean")
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        criterion(model(x).squeeze(-1), y.float()).backward()  # both backward passes
-        opt.step()
-
-    return step
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="40 steps instead of 200")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the shared box quiet and timings stable)")
-    args = ap.parse_args()
-    steps = args.steps or (40 if args.quick else 200)
-    torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    B = args.batch
-    x = torch.randn(B, 1, 28, 28, generator=g)
-    y = torch.randint(0, 2, (B,), generator=g)
-
-    # plain SGD
-    plain = build_model("cnn", (1, 28, 28), 1, seed=0)
-    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01)
-    bce = torch.nn.BCEWithLogitsLoss()
-
-    def plain_step() -> None:
-        plain_opt.zero_grad(set_to_none=True)
-        bce(plain(x).squeeze(-1), y.float()).backward()
-        plain_opt.step()
-
-    # Opacus (GradSampleModule + DPOptimizer, the objects make_private builds)
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
-    warnings.filterwarnings("ignore")
-    op_model = GradSampleModule(build_model("cnn", (1, 28, 28), 1, seed=0))
-    op_opt = DPOptimizer(torch.optim.SGD(op_model.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=B)
-
-    def opacus_step() -> None:
-        op_opt.zero_grad(set_to_none=True)
-        bce(op_model(x).squeeze(-1), y.float()).backward()
-        op_opt.step()
-
-    # insitu
-    ours = build_model("cnn", (1, 28, 28), 1, seed=0)
-    ours_opt = torch.optim.SGD(ours.parameters(), lr=0.01)
-    clipper = ClippedGradients(ours)
-    loss = per_sample_loss(1)
-    dp = DPSGDConfig(noise_multiplier=1.0, clip=1.0, sampling_rate=B / 1000)
-
-    def ours_step() -> None:
-        ours_opt.zero_grad(set_to_none=True)
-        dp_sgd_step(clipper, ours_opt, x, y, loss, dp, float(B), g)
-
-    variants = {"plain SGD": plain_step, "Opacus 1.6": opacus_step, "Opacus ghost": opacus_ghost_variant(x, y, B), "insitu DP-SGD": ours_step}
+def timed(variants: dict[str, Callable[[], None]], steps: int, warmup: int = 5) -> dict[str, float]:
+    """Median seconds per step of each variant, steps interleaved."""
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(10):  # warm-up
+    for _ in range(warmup):
         for fn in variants.values():
             fn()
     for _ in range(steps):
@@ -102,17 +39,128 @@ def main() -> None:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["plain SGD"])
-    print(f"SmallCNN, batch {B}, {steps} steps each, torch threads {args.threads}")
-    print(f"{'variant':<16}{'median ms/step':>16}{'× plain':>10}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:<16}{med * 1e3:>16.2f}{med / base:>10.2f}")
-    ours_r = statistics.median(times["insitu DP-SGD"]) / base
-    op_r = statistics.median(times["Opacus 1.6"]) / base
-    ghost_r = statistics.median(times["Opacus ghost"]) / base
-    print(f"insitu vs Opacus: {op_r / ours_r:.2f}× faster (per-sample mode), {ghost_r / ours_r:.2f}× faster (ghost clipping); "
-          f"target ≤ 2.0× plain: {'met' if ours_r <= 2.0 else 'NOT met'} ({ours_r:.2f}×)")
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def report(title: str, med: dict[str, float], plain: str, ours: str, opacus: str) -> float:
+    print(title)
+    print(f"{'variant':<22}{'median ms/step':>16}{'× plain':>10}")
+    for name, m in med.items():
+        print(f"{name:<22}{m * 1e3:>16.2f}{m / med[plain]:>10.2f}")
+    ratio = med[opacus] / med[ours]
+    print(f"insitu vs {opacus}: {ratio:.2f}× faster ({med[ours] / med[plain]:.2f}× plain against {med[opacus] / med[plain]:.2f}×)\n")
+    return ratio
+
+
+def _ours(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    clipper = ClippedGradients(model)
+    loss = per_sample_loss(1)
+    B = x.shape[0]
+    dp = DPSGDConfig(noise_multiplier=1.0, clip=1.0, sampling_rate=B / 1000)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        dp_sgd_step(clipper, opt, x, y, loss, dp, float(B), g)
+
+    return step
+
+
+def _plain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    bce = torch.nn.BCEWithLogitsLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        bce(model(x).squeeze(-1), y.float()).backward()
+        opt.step()
+
+    return step
+
+
+def _opacus(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """GradSampleModule + DPOptimizer: the objects ``PrivacyEngine.make_private`` builds."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    warnings.filterwarnings("ignore")
+    gsm = GradSampleModule(model)
+    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=x.shape[0])
+    bce = torch.nn.BCEWithLogitsLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        bce(gsm(x).squeeze(-1), y.float()).backward()
+        opt.step()
+
+    return step
+
+
+class LastStateLSTM(torch.nn.Module):
+    """An LSTM over the raw [T, 3V] record (Opacus's DPLSTM, or torch's fused nn.LSTM), last
+    hidden state to a Linear head."""
+
+    def __init__(self, inputs: int, hidden: int, dp: bool):
+        super().__init__()
+        from opacus.layers import DPLSTM
+
+        self.lstm = (DPLSTM if dp else torch.nn.LSTM)(inputs, hidden, batch_first=True)
+        self.head = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def cnn(B: int, steps: int, g: torch.Generator) -> float:
+    x = torch.randn(B, 1, 28, 28, generator=g)
+    y = torch.randint(0, 2, (B,), generator=g)
+    variants = {
+        "plain SGD": _plain(build_model("cnn", (1, 28, 28), 1, seed=0), x, y),
+        "Opacus 1.6": _opacus(build_model("cnn", (1, 28, 28), 1, seed=0), x, y),
+        "insitu DP-SGD": _ours(build_model("cnn", (1, 28, 28), 1, seed=0), x, y, g),
+    }
+    med = timed(variants, steps, warmup=10)
+    report(f"SmallCNN, batch {B}, {steps} steps each", med, "plain SGD", "insitu DP-SGD", "Opacus 1.6")
+    r = med["insitu DP-SGD"] / med["plain SGD"]
+    print(f"target ≤ 2.0× plain: {'met' if r <= 2.0 else 'NOT met'} ({r:.2f}×)\n")
+    return r
+
+
+def lstm(B: int, steps: int, g: torch.Generator, T: int = 48, V: int = 44, hidden: int = 64) -> float:
+    mask = (torch.rand(B, T, V, generator=g) < 0.3).float()
+    delta = torch.zeros(B, T, V)
+    for t in range(1, T):
+        delta[:, t] = 1 + (1 - mask[:, t - 1]) * delta[:, t - 1]
+    x = torch.cat([torch.randn(B, T, V, generator=g) * mask, mask, delta], -1)
+    y = torch.randint(0, 2, (B,), generator=g)
+    variants = {
+        "plain SGD (ours)": _plain(build_model("lstm", (T, 3 * V), 1, seed=0), x, y),
+        "plain SGD nn.LSTM": _plain(LastStateLSTM(3 * V, hidden, dp=False), x, y),  # torch's fused LSTM
+        "Opacus 1.6 DPLSTM": _opacus(LastStateLSTM(3 * V, hidden, dp=True), x, y),
+        "insitu DP-SGD LSTM": _ours(build_model("lstm", (T, 3 * V), 1, seed=0), x, y, g),
+        "insitu DP-SGD GRU-D": _ours(build_model("grud", (T, 3 * V), 1, seed=0), x, y, g),
+    }
+    med = timed(variants, steps)
+    return report(f"LSTM, batch {B}, {T} steps × {3 * V} inputs, hidden {hidden}, {steps} steps each",
+                  med, "plain SGD (ours)", "insitu DP-SGD LSTM", "Opacus 1.6 DPLSTM")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="40 CNN / 20 LSTM steps instead of 200 / 100")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (both models)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--only", choices=("all", "cnn", "lstm"), default="all")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the shared box quiet and timings stable)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    print(f"torch threads {args.threads}\n")
+    if args.only in ("all", "cnn"):
+        cnn(args.batch, args.steps or (40 if args.quick else 200), g)
+    if args.only in ("all", "lstm"):
+        lstm(args.batch, args.steps or (20 if args.quick else 100), g)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,16 @@ which skips every weight gradient).  From ``a`` and ``g`` we get
 So a step costs one forward, one backward without weight gradients, and a few small
 matmuls, instead of Opacus's per-sample gradient materialisation for every layer.
 
-Supported parameterised layers: ``nn.Linear`` and ``nn.Conv2d`` (groups = 1, numeric
-padding, zero padding mode).  Any other layer with trainable parameters is refused
-(BatchNorm in particular mixes records and breaks per-sample clipping).
+Supported parameterised layers: ``nn.Linear``, ``nn.Conv2d`` (groups = 1, numeric padding,
+zero padding mode) and :class:`insitu.learn.sequence.Diagonal` (an elementwise affine map).
+Any other layer with trainable parameters is refused (BatchNorm in particular mixes records and
+breaks per-sample clipping).
+
+Recurrent models: a Linear layer may run several times in one forward pass (the hidden-to-hidden
+layer of an LSTM or GRU cell, once per time step).  Its weight is shared across the calls, so a
+record's gradient is the sum over calls of gᵢₖ aᵢₖᵀ — exactly a sequence Linear whose positions
+are the calls, and it is handled as one (ghost norm or per-sample gradient).  Every call must
+see the whole batch, one row per record, in the same order.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from insitu.errors import ConfigError
+from insitu.learn.sequence import Diagonal
 from insitu.learn.train import TrainConfig, make_optimizer
 
 
@@ -47,16 +55,16 @@ def per_sample_loss(num_outputs: int) -> Callable[[torch.Tensor, torch.Tensor], 
 
 
 class _Layer:
-    __slots__ = ("module", "act", "out")
+    __slots__ = ("module", "acts", "outs")
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.act: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
+        self.acts: list[torch.Tensor] = []  # one per call in the forward pass (recurrent layers: per step)
+        self.outs: list[torch.Tensor] = []
 
 
 class ClippedGradients:
-    """Computes Σᵢ clip(∇ℓᵢ, C) for a model of Linear/Conv2d layers, plus every per-sample norm."""
+    """Computes Σᵢ clip(∇ℓᵢ, C) for a model of Linear/Conv2d/Diagonal layers, plus every per-sample norm."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -70,7 +78,7 @@ class ClippedGradients:
             if isinstance(mod, nn.Conv2d):
                 if mod.groups != 1 or isinstance(mod.padding, str) or mod.padding_mode != "zeros":
                     raise ConfigError(f"DP-SGD supports Conv2d with groups=1 and numeric zero padding; layer {name!r} is {mod}")
-            elif not isinstance(mod, nn.Linear):
+            elif not isinstance(mod, (nn.Linear, Diagonal)):
                 raise ConfigError(f"DP-SGD cannot clip per-sample gradients of layer {name!r} ({type(mod).__name__}); "
                                   "use Linear/Conv2d layers (no BatchNorm: it mixes records)")
             layer = _Layer(mod)
@@ -98,10 +106,11 @@ class ClippedGradients:
         def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             if not self._capturing:
                 return
-            if layer.out is not None:
-                raise ConfigError(f"layer {mod} ran twice in one forward pass; DP-SGD needs each layer once per record")
-            layer.act = inputs[0].detach()
-            layer.out = out
+            if layer.outs and isinstance(mod, nn.Conv2d):
+                raise ConfigError(f"layer {mod} ran twice in one forward pass; only Linear and Diagonal layers may repeat "
+                                  "(a recurrent cell, once per time step)")
+            layer.acts.append(inputs[0].detach())
+            layer.outs.append(out)
 
         return hook
 
@@ -109,22 +118,28 @@ class ClippedGradients:
         """(clipped-sum gradient per parameter in ``model.parameters()`` order, per-sample norms, summed loss)."""
         if not (clip > 0 and math.isfinite(clip)):
             raise ConfigError(f"clip norm must be a positive number, got {clip!r}")
-        for layer in self.layers:
-            layer.act = layer.out = None
+        self._clear()
         self._capturing = True
         try:
             total = loss(self.model(x), y)
         finally:
             self._capturing = False
-        outs = [layer.out for layer in self.layers]
-        if any(o is None for o in outs):
+        if any(not layer.outs for layer in self.layers):
+            self._clear()
             raise ConfigError("a parameterised layer did not run in the forward pass")
-        backprops = torch.autograd.grad(total, outs)
         B = x.shape[0]
+        for layer in self.layers:
+            if len(layer.outs) > 1 and any(a.shape[0] != B for a in layer.acts):
+                self._clear()
+                raise ConfigError(f"layer {layer.module} ran on a batch of other than {B} rows; a repeated layer must see one row per record")
+        outs = [o for layer in self.layers for o in layer.outs]
+        backprops = list(torch.autograd.grad(total, outs, allow_unused=True))
         sq = torch.zeros(B, dtype=x.dtype)
         prepared = []
-        for layer, g in zip(self.layers, backprops):
-            kind, a, g2, per = self._prepare(layer, g.detach())
+        for layer in self.layers:
+            gs = [torch.zeros_like(o) if g is None else g.detach() for o, g in zip(layer.outs, backprops)]
+            del backprops[: len(layer.outs)]
+            kind, a, g2, per = self._prepare(layer.module, *self._stack(layer.acts, gs))
             sq += self._sq_norms(layer.module, kind, a, g2, per)
             prepared.append((layer.module, kind, a, g2, per))
         norms = sq.sqrt()
@@ -135,17 +150,32 @@ class ClippedGradients:
             grads[id(mod.weight)] = w.view_as(mod.weight)
             if mod.bias is not None and mod.bias.requires_grad:
                 grads[id(mod.bias)] = b
-        for layer in self.layers:
-            layer.act = layer.out = None
+        self._clear()
         ordered = [grads[id(p)] for p in self.model.parameters() if p.requires_grad]
         return ordered, norms, float(total.detach())
 
+    def _clear(self) -> None:
+        for layer in self.layers:
+            layer.acts, layer.outs = [], []
+
     # -- per layer ---------------------------------------------------------------------------
     @staticmethod
-    def _prepare(layer: _Layer, g: torch.Tensor):
+    def _stack(acts: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call: as it is.  Several calls of a shared layer: all their positions, (B, positions, features)."""
+        if len(acts) == 1:
+            return acts[0], grads[0]
+        B = acts[0].shape[0]
+        return (torch.cat([a.reshape(B, -1, a.shape[-1]) for a in acts], 1),
+                torch.cat([g.reshape(B, -1, g.shape[-1]) for g in grads], 1))
+
+    @staticmethod
+    def _prepare(mod: nn.Module, a: torch.Tensor, g: torch.Tensor):
         """Bring (activation, backprop) into (B, T, K) / (B, T, O) form, or (B, K) / (B, O)."""
-        mod, a = layer.module, layer.act
         B = a.shape[0]
+        if isinstance(mod, Diagonal):  # per-sample gradients (B, F) directly: Σₜ gₜ ⊙ aₜ and Σₜ gₜ
+            a = a.reshape(B, -1, a.shape[-1])
+            g = g.reshape(B, -1, g.shape[-1])
+            return "diagonal", None, g.sum(1), (a * g).sum(1)
         if isinstance(mod, nn.Conv2d):
             a = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)  # B, K, T
             g = g.reshape(B, g.shape[1], -1)  # B, O, T
@@ -165,6 +195,9 @@ class ClippedGradients:
     @staticmethod
     def _sq_norms(mod: nn.Module, kind: str, a, g, per) -> torch.Tensor:
         has_bias = mod.bias is not None and mod.bias.requires_grad
+        if kind == "diagonal":
+            out = (per * per).sum(1)
+            return out + (g * g).sum(1) if has_bias else out
         if kind == "linear":
             gg = (g * g).sum(1)
             out = (a * a).sum(1) * gg
@@ -181,6 +214,8 @@ class ClippedGradients:
 
     @staticmethod
     def _clipped_sum(mod: nn.Module, kind: str, a, g, per, s: torch.Tensor):
+        if kind == "diagonal":
+            return s @ per, s @ g
         if kind == "linear":
             gs = g * s[:, None]
             return gs.t() @ a, gs.sum(0)

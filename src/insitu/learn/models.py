@@ -9,12 +9,15 @@ import torch
 from torch import nn
 
 from insitu.errors import ConfigError, parse_choice
+from insitu.learn.sequence import GRUD, LSTMClassifier
 
 
 class ModelName(str, enum.Enum):
     LOGREG = "logreg"
     CNN = "cnn"
     MLP = "mlp"
+    LSTM = "lstm"  # sequences [T, 3V] (insitu.learn.sequence)
+    GRUD = "grud"
 
 
 def _logreg(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
@@ -49,6 +52,8 @@ MODELS: dict[ModelName, Callable[[tuple[int, ...], int], nn.Module]] = {
     ModelName.LOGREG: _logreg,
     ModelName.MLP: _mlp,
     ModelName.CNN: SmallCNN,
+    ModelName.LSTM: LSTMClassifier,
+    ModelName.GRUD: GRUD,
 }
 
 
