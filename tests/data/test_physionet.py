@@ -1,8 +1,6 @@
 """PhysioNet 2012 loader: the raw format's quirks on small files written here, then the real archives."""
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,48 +10,16 @@ from insitu.data import physionet as P
 from insitu.data.partition import Partition
 from insitu.errors import ConfigError, DataError
 
+from .physionet_files import OUTCOMES, QUIRKY, record_text, write_set
+
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "physionet2012"
 V = len(P.FEATURES)
 HR, WEIGHT, PH, GCS = (P.TIME_SERIES.index(n) for n in ("HR", "Weight", "pH", "GCS"))
 AGE, HEIGHT = len(P.TIME_SERIES), len(P.TIME_SERIES) + 2
 
 
-def _record(rid: int, icu: int, rows: list[str], *, age: str = "70", height: str = "-1", weight: str = "80") -> str:
-    head = ["Time,Parameter,Value", f"00:00,RecordID,{rid}", f"00:00,Age,{age}", "00:00,Gender,1",
-            f"00:00,Height,{height}", f"00:00,ICUType,{icu}", f"00:00,Weight,{weight}"]
-    return "\n".join(head + rows) + "\n"
-
-
-QUIRKY = {
-    # two observations of HR in hour 0 (averaged), one in hour 2, HR 0 (impossible: dropped),
-    # pH 735 (a unit slip: dropped), GCS at exactly 48:00 (the last bin), -1 (missing) for HR
-    1001: _record(1001, 3, ["00:10,HR,80", "00:50,HR,100", "02:05,HR,90", "03:00,HR,0", "04:00,pH,735",
-                            "05:00,HR,-1", "48:00,GCS,9", "07:00,,3.1"], height="170"),
-    1002: _record(1002, 1, [], weight="-1"),  # descriptor-only record
-    1003: _record(1003, 2, ["00:00,Weight,81", "01:00,HR,70"], weight="79"),  # two Weight lines at 00:00
-}
-OUTCOMES = "RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_death\n1001,14,5,9,-1,0\n1002,-1,2,5,-1,1\n1003,9,-1,7,30,0\n"
-
-
-def _write_set(root: Path, name: str, records: dict[int, str], *, archive: bool, outcomes: str = OUTCOMES) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / f"Outcomes-{name}.txt").write_text(outcomes)
-    if archive:
-        with tarfile.open(root / f"set-{name}.tar.gz", "w:gz") as tf:
-            for rid, text in records.items():
-                blob = text.encode()
-                info = tarfile.TarInfo(f"set-{name}/{rid}.txt")
-                info.size = len(blob)
-                tf.addfile(info, io.BytesIO(blob))
-    else:
-        (root / f"set-{name}").mkdir()
-        for rid, text in records.items():
-            (root / f"set-{name}" / f"{rid}.txt").write_text(text)
-    return root
-
-
 def test_quirks_of_the_raw_format(tmp_path):
-    raw = P.read_set(_write_set(tmp_path, "x", QUIRKY, archive=True), "x")
+    raw = P.read_set(write_set(tmp_path, "x", QUIRKY, archive=True), "x")
     assert [r.record_id for r in raw.records] == [1001, 1002, 1003]
     assert raw.label.tolist() == [0, 1, 0]
     assert np.isnan(raw.saps[1]) and raw.saps[0] == 14 and np.isnan(raw.sofa[2])
@@ -83,13 +49,13 @@ def test_quirks_of_the_raw_format(tmp_path):
 
 
 def test_archive_and_folder_give_the_same_arrays(tmp_path):
-    a = P.featurize(P.read_set(_write_set(tmp_path / "tar", "x", QUIRKY, archive=True), "x"))
-    b = P.featurize(P.read_set(_write_set(tmp_path / "dir", "x", QUIRKY, archive=False), "x"))
+    a = P.featurize(P.read_set(write_set(tmp_path / "tar", "x", QUIRKY, archive=True), "x"))
+    b = P.featurize(P.read_set(write_set(tmp_path / "dir", "x", QUIRKY, archive=False), "x"))
     assert np.array_equal(a, b)
 
 
 def test_bins_are_configurable(tmp_path):
-    raw = P.read_set(_write_set(tmp_path, "x", QUIRKY, archive=False), "x")
+    raw = P.read_set(write_set(tmp_path, "x", QUIRKY, archive=False), "x")
     X = P.featurize(raw, bins=96)
     assert X.shape == (3, 96, 3 * V)
     mask, delta = X[..., V:2 * V], X[..., 2 * V:]
@@ -110,25 +76,25 @@ def test_bins_are_configurable(tmp_path):
     ("00:00,Age,71", "second Age line"),
 ])
 def test_bad_lines_are_named(tmp_path, line, match):
-    recs = {1001: _record(1001, 3, ["00:30,HR,80", line])}
-    _write_set(tmp_path, "x", recs, archive=True, outcomes=OUTCOMES)
+    recs = {1001: record_text(1001, 3, ["00:30,HR,80", line])}
+    write_set(tmp_path, "x", recs, archive=True, outcomes=OUTCOMES)
     with pytest.raises(DataError, match=match) as err:
         P.read_set(tmp_path, "x")
     assert "1001.txt line 9" in str(err.value)
 
 
 def test_structural_errors(tmp_path):
-    no_icu = _record(7, 3, []).replace("00:00,ICUType,3\n", "")
-    _write_set(tmp_path / "a", "x", {7: no_icu}, archive=False, outcomes=OUTCOMES + "7,1,1,1,1,0\n")
+    no_icu = record_text(7, 3, []).replace("00:00,ICUType,3\n", "")
+    write_set(tmp_path / "a", "x", {7: no_icu}, archive=False, outcomes=OUTCOMES + "7,1,1,1,1,0\n")
     with pytest.raises(DataError, match="record 7 has no ICUType"):
         P.read_set(tmp_path / "a", "x")
-    _write_set(tmp_path / "b", "x", {9: _record(9, 3, [])}, archive=False)
+    write_set(tmp_path / "b", "x", {9: record_text(9, 3, [])}, archive=False)
     with pytest.raises(DataError, match="record 9 has no row in Outcomes-x.txt"):
         P.read_set(tmp_path / "b", "x")
-    _write_set(tmp_path / "c", "x", {8: _record(1001, 3, [])}, archive=False)
+    write_set(tmp_path / "c", "x", {8: record_text(1001, 3, [])}, archive=False)
     with pytest.raises(DataError, match="RecordID line says 1001, the file name says 8"):
         P.read_set(tmp_path / "c", "x")
-    _write_set(tmp_path / "d", "x", {1001: "Time;Parameter;Value\n"}, archive=False)
+    write_set(tmp_path / "d", "x", {1001: "Time;Parameter;Value\n"}, archive=False)
     with pytest.raises(DataError, match="expected 'Time,Parameter,Value'"):
         P.read_set(tmp_path / "d", "x")
     (tmp_path / "e").mkdir()
@@ -138,7 +104,7 @@ def test_structural_errors(tmp_path):
     (tmp_path / "e" / "set-x.tar.gz").write_bytes(b"not a tar file")
     with pytest.raises(DataError, match="cannot be read as a gzip tar archive"):
         P.read_set(tmp_path / "e", "x")
-    _write_set(tmp_path / "f", "x", QUIRKY, archive=False, outcomes=OUTCOMES.replace("1002,-1,2,5,-1,1", "1002,-1,2,5,-1,2"))
+    write_set(tmp_path / "f", "x", QUIRKY, archive=False, outcomes=OUTCOMES.replace("1002,-1,2,5,-1,1", "1002,-1,2,5,-1,2"))
     with pytest.raises(DataError, match="In-hospital_death is 2"):
         P.read_set(tmp_path / "f", "x")
 
@@ -148,10 +114,10 @@ def test_partitions_and_validation_split(tmp_path):
     recs, outs = {}, ["RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_death"]
     for i in range(200):
         rid = 2000 + i
-        recs[rid] = _record(rid, 1 + i % 4, [f"0{h}:00,HR,{70 + rng.integers(0, 40)}" for h in range(1, 6)])
+        recs[rid] = record_text(rid, 1 + i % 4, [f"0{h}:00,HR,{70 + rng.integers(0, 40)}" for h in range(1, 6)])
         outs.append(f"{rid},10,3,5,-1,{int(i % 5 == 0)}")
     for name in ("p", "q"):
-        _write_set(tmp_path, name, recs, archive=False, outcomes="\n".join(outs) + "\n")
+        write_set(tmp_path, name, recs, archive=False, outcomes="\n".join(outs) + "\n")
     d = P.load_physionet(tmp_path, train_sets=("p",), test_sets=("q",), seed=3)
     assert [s.name for s in d.sites] == ["ccu", "csru", "micu", "sicu"]
     assert d.input_shape == (48, 3 * V) and d.num_outputs == 1 and len(d.schema) == 3 * V

@@ -41,6 +41,7 @@ class DatasetName(str, enum.Enum):
     HEART = "heart"
     PNEUMONIAMNIST = "pneumoniamnist"
     MEDMNIST = "medmnist"  # any MedMNIST-format .npz
+    PHYSIONET2012 = "physionet2012"  # ICU mortality, --data DIR with set-a.tar.gz ... (insitu.data.physionet)
 
 
 class Recipe(str, enum.Enum):
@@ -79,6 +80,7 @@ DEFAULTS: dict[DatasetName, Defaults] = {
     DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4),
     DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "constant", "last", 2),
     DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "constant", "last", 2),
+    DatasetName.PHYSIONET2012: Defaults("grud", 30, 30, 0.001, 64, "adam", "natural", 4),  # chosen on validation AUROC: bench/ehr.py
 }
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ class SimulationConfig:
         if cfg.min_sites < 1 or cfg.min_sites > cfg.sites:
             raise ConfigError(f"--min-sites {cfg.min_sites} must be between 1 and the number of sites ({cfg.sites})")
         if need_data and own is None and ds is not DatasetName.HEART and not cfg.data:
-            raise ConfigError(f"dataset {ds.value} needs --data PATH to a MedMNIST .npz file")
+            raise ConfigError(f"dataset {ds.value} needs --data PATH ({'a folder with set-a.tar.gz, Outcomes-a.txt, ...' if ds is DatasetName.PHYSIONET2012 else 'a MedMNIST .npz file'})")
         return cfg
 
     def plan_for(self, input_shape: tuple[int, ...], num_outputs: int, schema: tuple[str, ...]) -> Plan:
@@ -256,6 +258,10 @@ def check_own(data: Any) -> FederatedData:
 
 
 def load_federated(cfg: SimulationConfig) -> FederatedData:
+    if cfg.dataset == DatasetName.PHYSIONET2012.value:
+        from insitu.data.physionet import load_physionet
+
+        return load_physionet(cfg.data, cfg.partition, cfg.sites, seed=cfg.seed)
     from insitu.data.heart import heart_sites_from_indices, load_heart, load_heart_frame
     from insitu.data.medmnist import load_medmnist
     from insitu.data.partition import split_indices
@@ -507,6 +513,10 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
                 "seconds": fed_time,
             },
         }
+        if cfg.dataset == DatasetName.PHYSIONET2012.value:  # rare outcome: AUROC, AUPRC, Score 1 (insitu.learn.clinical)
+            from insitu.learn.clinical import clinical_evaluation, model_of
+
+            summary["final"]["clinical"] = clinical_evaluation(model_of(task, coord.params), data)
         if cfg.baselines:
             from insitu.apps.baselines import local_only, pooled
 
@@ -531,6 +541,10 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
             (writer.tmp / "task.json").write_text(json.dumps(task.to_meta(), indent=2))
             (writer.tmp / "plan.json").write_text(json.dumps(plan.to_meta(), indent=2))
             accuracy_plot(history, writer.tmp / "accuracy.png", title=plot_title(cfg, plan, summary), baselines=_plot_baselines(summary))
+            if "clinical" in summary["final"]:
+                from insitu.report.clinical import calibration_plot
+
+                calibration_plot(summary, writer.tmp / "calibration.png")
             summary["run_dir"] = str(out)
             (writer.tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
             writer.finish()

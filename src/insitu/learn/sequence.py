@@ -28,6 +28,7 @@ from torch import nn
 from insitu.errors import ConfigError
 
 HIDDEN = 64
+DROPOUT = 0.0  # on the last hidden state, before the head (training only)
 
 
 class Diagonal(nn.Module):
@@ -68,10 +69,11 @@ class LSTMClassifier(nn.Module):
     """An LSTM (Hochreiter & Schmidhuber 1997) over forward-filled values, masks and log time gaps;
     the last hidden state feeds a linear head."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_outputs: int, hidden: int = HIDDEN):
+    def __init__(self, input_shape: tuple[int, ...], num_outputs: int, hidden: int = HIDDEN, dropout: float = DROPOUT):
         super().__init__()
         v = _variables(input_shape)
         self.hidden_size = hidden
+        self.dropout = nn.Dropout(dropout)
         self.input = nn.Linear(3 * v, 4 * hidden)
         self.recurrent = nn.Linear(hidden, 4 * hidden, bias=False)
         self.head = nn.Linear(hidden, num_outputs)
@@ -89,17 +91,18 @@ class LSTMClassifier(nn.Module):
             i, f, g, o = (pre[:, t] + self.recurrent(h)).chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
-        return self.head(h)
+        return self.head(self.dropout(h))
 
 
 class GRUD(nn.Module):
     """GRU-D (Che et al. 2018), with the PyTorch GRU cell (reset gate applied after the
     hidden-to-hidden product, as cuDNN does)."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_outputs: int, hidden: int = HIDDEN):
+    def __init__(self, input_shape: tuple[int, ...], num_outputs: int, hidden: int = HIDDEN, dropout: float = DROPOUT):
         super().__init__()
         v = _variables(input_shape)
         self.hidden_size = hidden
+        self.dropout = nn.Dropout(dropout)
         self.input_decay = Diagonal(v)
         self.hidden_decay = nn.Linear(v, hidden)
         self.input = nn.Linear(2 * v, 3 * hidden)  # [x̂, m] → reset, update, candidate
@@ -130,7 +133,7 @@ class GRUD(nn.Module):
             z = torch.sigmoid(xz + hz)
             n = torch.tanh(xn + r * hn)
             h = (1 - z) * n + z * h
-        return self.head(h)
+        return self.head(self.dropout(h))
 
 
 __all__ = ["Diagonal", "GRUD", "LSTMClassifier", "last_observed", "split_inputs"]
