@@ -42,7 +42,8 @@ def _threshold(y: np.ndarray, s: np.ndarray) -> float | None:
 
 
 def clinical_evaluation(model: nn.Module, data: FederatedData) -> dict[str, Any]:
-    """Metrics of ``model`` on every site's test split and on all of them (see the module docstring)."""
+    """Metrics of ``model`` on every site's test split and on all of them (see the module docstring),
+    plus its AUROC on the union of the validation splits: the figure to choose recipes by."""
     if data.num_outputs != 1:
         raise ConfigError(f"clinical metrics need a binary task (one logit); {data.name} has {data.num_classes} classes")
     if any(s.X_val is None for s in data.sites):
@@ -68,6 +69,7 @@ def clinical_evaluation(model: nn.Module, data: FederatedData) -> dict[str, Any]
     mean_p, freq, count = M.calibration(yt, st, bins=10)
     aurocs = [m["auroc"] for m in sites.values() if not math.isnan(m["auroc"])]
     return {
+        "validation": {"n": int(len(yv)), "auroc": M.auroc(yv, sv), "auprc": M.auprc(yv, sv), "threshold": pooled_thr},
         "pooled": pooled,
         "sites": sites,
         "mean_site_auroc": float(np.mean(aurocs)) if aurocs else math.nan,

@@ -27,7 +27,7 @@ from torch import nn
 
 from insitu.errors import ConfigError
 
-HIDDEN = 64
+HIDDEN = 32  # GRU-D FedAvg on the validation splits: 32 reached 0.878 AUROC, 64 peaked at 0.876 and overfit
 DROPOUT = 0.0  # on the last hidden state, before the head (training only)
 
 
