@@ -77,20 +77,21 @@ class LSTMClassifier(nn.Module):
         self.input = nn.Linear(3 * v, 4 * hidden)
         self.recurrent = nn.Linear(hidden, 4 * hidden, bias=False)
         self.head = nn.Linear(hidden, num_outputs)
-        with torch.no_grad():  # forget gate open at the start (Jozefowicz et al. 2015)
+        with torch.no_grad():  # forget gate open at the start (Jozefowicz et al. 2015); gates: i, f, o, g
             self.input.bias[hidden : 2 * hidden].fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values, mask, delta = split_inputs(x)
         feats = torch.cat([last_observed(values, mask), mask, torch.log1p(delta)], dim=-1)
-        pre = self.input(feats)  # B, T, 4H: once for the whole sequence
-        B, T, _ = pre.shape
-        h = pre.new_zeros(B, self.hidden_size)
-        c = pre.new_zeros(B, self.hidden_size)
-        for t in range(T):
-            i, f, g, o = (pre[:, t] + self.recurrent(h)).chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+        pre = self.input(feats).transpose(0, 1)  # T, B, 4H: once for the whole sequence
+        H = self.hidden_size
+        h = pre.new_zeros(pre.shape[1], H)
+        c = h
+        for x in pre:  # gates in the order input, forget, output | candidate: one sigmoid, one tanh
+            gates = x + self.recurrent(h)
+            ifo = torch.sigmoid(gates[:, : 3 * H])
+            c = ifo[:, H : 2 * H] * c + ifo[:, :H] * torch.tanh(gates[:, 3 * H :])
+            h = ifo[:, 2 * H :] * torch.tanh(c)
         return self.head(self.dropout(h))
 
 
@@ -122,17 +123,15 @@ class GRUD(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values, mask, delta = split_inputs(x)
         gx, gh = self.decays(delta)
-        pre = self.input(torch.cat([self.impute(values, mask, gx), mask], dim=-1))  # B, T, 3H
-        B, T, _ = pre.shape
-        h = pre.new_zeros(B, self.hidden_size)
-        for t in range(T):
-            h = gh[:, t] * h
-            xr, xz, xn = pre[:, t].chunk(3, dim=-1)
-            hr, hz, hn = self.recurrent(h).chunk(3, dim=-1)
-            r = torch.sigmoid(xr + hr)
-            z = torch.sigmoid(xz + hz)
-            n = torch.tanh(xn + r * hn)
-            h = (1 - z) * n + z * h
+        pre = self.input(torch.cat([self.impute(values, mask, gx), mask], dim=-1)).transpose(0, 1)  # T, B, 3H
+        H = self.hidden_size
+        h = pre.new_zeros(pre.shape[1], H)
+        for x, decay in zip(pre, gh.transpose(0, 1)):  # gates in the order reset, update | candidate
+            h = decay * h
+            hh = self.recurrent(h)
+            rz = torch.sigmoid(x[:, : 2 * H] + hh[:, : 2 * H])
+            n = torch.tanh(x[:, 2 * H :] + rz[:, :H] * hh[:, 2 * H :])
+            h = n + rz[:, H:] * (h - n)  # (1 − z)·n + z·h
         return self.head(self.dropout(h))
 
 
