@@ -200,7 +200,7 @@ def main() -> int:
     ap.add_argument("--no-dp", action="store_true", help="skip the ε = 1 run")
     ap.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes (one torch thread each)")
     ap.add_argument("--pooled-steps", type=int, default=1500, help="most Adam steps for pooled (early-stopped on validation)")
-    ap.add_argument("--local-steps", type=int, default=1000, help="most Adam steps for each local-only model")
+    ap.add_argument("--local-steps", type=int, default=600, help="most Adam steps for each local-only model (early-stopped on its validation split)")
     ap.add_argument("--out", default="ehr_results.jsonl", help="JSON lines, one per seed, appended as seeds finish")
     ap.add_argument("--report-only", action="store_true", help="print the tables from --out without training")
     args = ap.parse_args()
