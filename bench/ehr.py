@@ -98,7 +98,7 @@ def one_seed(seed: int, root: str, strategies: tuple[str, ...], dp: bool, pooled
 
     torch.set_num_threads(1)
     from insitu.data.physionet import load_physionet
-    from insitu.federation.simulation import simulate
+    from insitu.apps.simulate import simulate
     from insitu.learn.clinical import clinical_evaluation
     from insitu.learn.models import build_model
 
