@@ -151,7 +151,8 @@ def report(results: list[dict[str, Any]], saps: dict[str, Any], strategies: tupl
     con = Console(width=140)
     seeds = [r["seed"] for r in results]
     methods = ["pooled", *strategies] + (["dp_eps1_fedavg"] if "dp_eps1_fedavg" in results[0] else [])
-    t = Table(title=f"PhysioNet 2012, in-hospital mortality, test set C (4,000 stays), GRU-D, seeds {seeds}: mean ± sd", title_justify="left")
+    n = results[0]["pooled"]["pooled"]["n"]
+    t = Table(title=f"PhysioNet 2012, in-hospital mortality, test set C ({n:,} stays), GRU-D, seeds {seeds}: mean ± sd", title_justify="left")
     for col in ("method", "AUROC", "AUPRC", "Score 1", "mean site AUROC", "AUROC / Horn 0.86", "Score 1 / 0.5353"):
         t.add_column(col, justify="left" if col == "method" else "right")
     t.add_row("SAPS-I score (Outcomes-c, no training)", f"{saps['pooled']['auroc']:.3f}", f"{saps['pooled']['auprc']:.3f}",
