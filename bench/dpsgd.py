@@ -1,7 +1,8 @@
 """One DP-SGD step: plain SGD vs Opacus vs insitu, same run, for two models.
 
 * SmallCNN, batch 64, 28×28 images (Opacus's default per-sample mode).
-* LSTM, batch 64, PhysioNet-2012-shaped records (48 hourly steps × 132 inputs, hidden 64):
+* LSTM, batch 64, PhysioNet-2012-shaped records (48 hourly steps × 132 inputs, the models'
+  hidden size, 32; ``--hidden``):
   insitu's LSTM (Linear cells; the recurrent layer's per-sample gradient is summed over the 48
   steps) against Opacus's ``DPLSTM`` (its per-sample-gradient LSTM, same sizes, Linear head).
 
@@ -26,6 +27,7 @@ import torch
 
 from insitu.learn.dpsgd import ClippedGradients, DPSGDConfig, dp_sgd_step, per_sample_loss
 from insitu.learn.models import build_model
+from insitu.learn.sequence import GRUD, HIDDEN, LSTMClassifier
 
 
 def timed(variants: dict[str, Callable[[], None]], steps: int, warmup: int = 5) -> dict[str, float]:
@@ -127,7 +129,7 @@ def cnn(B: int, steps: int, g: torch.Generator) -> float:
     return r
 
 
-def lstm(B: int, steps: int, g: torch.Generator, T: int = 48, V: int = 44, hidden: int = 64) -> float:
+def lstm(B: int, steps: int, g: torch.Generator, T: int = 48, V: int = 44, hidden: int = HIDDEN) -> float:
     mask = (torch.rand(B, T, V, generator=g) < 0.3).float()
     delta = torch.zeros(B, T, V)
     for t in range(1, T):
@@ -135,11 +137,11 @@ def lstm(B: int, steps: int, g: torch.Generator, T: int = 48, V: int = 44, hidde
     x = torch.cat([torch.randn(B, T, V, generator=g) * mask, mask, delta], -1)
     y = torch.randint(0, 2, (B,), generator=g)
     variants = {
-        "plain SGD (ours)": _plain(build_model("lstm", (T, 3 * V), 1, seed=0), x, y),
+        "plain SGD (ours)": _plain(LSTMClassifier((T, 3 * V), 1, hidden=hidden), x, y),
         "plain SGD nn.LSTM": _plain(LastStateLSTM(3 * V, hidden, dp=False), x, y),  # torch's fused LSTM
         "Opacus 1.6 DPLSTM": _opacus(LastStateLSTM(3 * V, hidden, dp=True), x, y),
-        "insitu DP-SGD LSTM": _ours(build_model("lstm", (T, 3 * V), 1, seed=0), x, y, g),
-        "insitu DP-SGD GRU-D": _ours(build_model("grud", (T, 3 * V), 1, seed=0), x, y, g),
+        "insitu DP-SGD LSTM": _ours(LSTMClassifier((T, 3 * V), 1, hidden=hidden), x, y, g),
+        "insitu DP-SGD GRU-D": _ours(GRUD((T, 3 * V), 1, hidden=hidden), x, y, g),
     }
     med = timed(variants, steps)
     return report(f"LSTM, batch {B}, {T} steps × {3 * V} inputs, hidden {hidden}, {steps} steps each",
@@ -152,6 +154,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (both models)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--only", choices=("all", "cnn", "lstm"), default="all")
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="LSTM hidden size (every variant)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps the shared box quiet and timings stable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,7 +163,7 @@ def main() -> None:
     if args.only in ("all", "cnn"):
         cnn(args.batch, args.steps or (40 if args.quick else 200), g)
     if args.only in ("all", "lstm"):
-        lstm(args.batch, args.steps or (20 if args.quick else 100), g)
+        lstm(args.batch, args.steps or (20 if args.quick else 100), g, hidden=args.hidden)
 
 
 if __name__ == "__main__":
