@@ -88,6 +88,9 @@ def test_structural_errors(tmp_path):
     write_set(tmp_path / "a", "x", {7: no_icu}, archive=False, outcomes=OUTCOMES + "7,1,1,1,1,0\n")
     with pytest.raises(DataError, match="record 7 has no ICUType"):
         P.read_set(tmp_path / "a", "x")
+    write_set(tmp_path / "g", "x", {7: record_text(7, 7, [])}, archive=False, outcomes=OUTCOMES + "7,1,1,1,1,0\n")
+    with pytest.raises(DataError, match=r"record 7 ICUType: unknown value 7; choose one of 1 \(CCU\)"):
+        P.read_set(tmp_path / "g", "x")
     write_set(tmp_path / "b", "x", {9: record_text(9, 3, [])}, archive=False)
     with pytest.raises(DataError, match="record 9 has no row in Outcomes-x.txt"):
         P.read_set(tmp_path / "b", "x")

@@ -56,7 +56,7 @@ import torch
 
 from insitu.data.dataset import FederatedData, SiteData
 from insitu.data.partition import Partition, PartitionKind, split_indices
-from insitu.errors import ConfigError, DataError
+from insitu.errors import ConfigError, DataError, parse_choice
 
 HEADER = "Time,Parameter,Value"
 OUTCOMES_HEADER = "RecordID,SAPS-I,SOFA,Length_of_stay,Survival,In-hospital_death"
@@ -276,10 +276,9 @@ def parse_record(text: str, source: str) -> tuple[RawRecord, int, dict[str, int]
     rid = int(desc["RecordID"])
     if "ICUType" not in desc:
         raise DataError(f"{source}: record {rid} has no ICUType line at 00:00")
-    try:
-        icu = ICUType(int(desc["ICUType"]))
-    except ValueError:
-        raise DataError(f"{source}: record {rid} has ICUType {desc['ICUType']:g}; expected 1 to 4") from None
+    code = desc["ICUType"]
+    icu = parse_choice(ICUType, int(code) if code.is_integer() else code, f"{source}: record {rid} ICUType", DataError,
+                       choices="1 (CCU), 2 (CSRU), 3 (MICU), 4 (SICU)")
     cleaned: dict[str, int] = {}
     static = np.full(len(STATIC), np.nan)
     for j, name in enumerate(("Age", "Gender", "Height")):
