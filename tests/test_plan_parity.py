@@ -62,10 +62,10 @@ def deployed(consortium, job: dict, state: str) -> dict:
     for s in SITES:
         policy = SitePolicy.load(consortium.write_site_config(s, approved=[h], policy={"epsilon_budget": 1000.0} if spec.plan.dp.on else None))
         policy = dataclasses.replace(policy, state=consortium.root / "state" / state / s)
-        data, stream = load_site_data(policy)
+        data = load_site_data(policy)
         from insitu.data.heart import FEATURES
 
-        nodes[s] = SiteNode(policy, s, data, stream, schema=tuple(FEATURES))
+        nodes[s] = SiteNode(policy, s, data, schema=tuple(FEATURES))
     coord, _, _ = job_coordinator(spec, job["name"], InProcessTransport(nodes), coordinator_secret=COORDINATOR)
     for r in range(1, spec.rounds + 1):
         coord.run_round(r)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets as _secrets
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from insitu.federation.site import Guard, Site, default_trainer
 from insitu.federation.transport import Transport
 from insitu.learn.models import build_model, get_flat
 from insitu.plan import Plan, Protection
+
+if TYPE_CHECKING:
+    from insitu.federation.egress import Egress
 
 SECRET_BYTES = 32
 
@@ -158,26 +161,31 @@ def site_egress(plan: Plan, protection: SiteProtection) -> "Egress":
 
 
 # -- sites --------------------------------------------------------------------------------------
-def site_dp(plan: Plan, site_id: str, n_train: int, ledger: Any, secret: bytes, job: str | None = None) -> BudgetGuard | None:
-    """The budget guard a DP plan puts in front of a site's training (None without DP)."""
+def dp_events(plan: Plan, n_train: int) -> tuple[tuple, float, float]:
+    """What one round of a DP plan releases about one of a site's ``n_train`` records (or about the site):
+    (privacy events, noise multiplier, sampling rate).  A pure function of the public plan and the
+    site's own record count; sites charge it, ``site pending`` shows it."""
     from insitu.privacy import Mechanism, PrivacyEvent
 
+    dp, task = plan.dp, plan.task
+    if dp.level is DPLevel.RECORD:
+        q = min(1.0, task.batch_size / max(1, n_train))
+        z = dp.record_noise(plan.rounds, q, task.local_steps)
+        return (PrivacyEvent(Mechanism.GAUSSIAN, z, q, task.local_steps),), z, q
+    z = dp.site_noise(plan.rounds)
+    sb = dp.count_stddev(plan.rounds)
+    return (PrivacyEvent(Mechanism.GAUSSIAN, z),) + ((PrivacyEvent(Mechanism.GAUSSIAN, 2.0 * sb),) if sb else ()), z, 1.0
+
+
+def site_dp(plan: Plan, site_id: str, n_train: int, ledger: Any, job: str | None = None) -> BudgetGuard | None:
+    """The budget guard a DP plan puts in front of a site's training (None without DP)."""
     dp = plan.dp
     if not dp.on:
         return None
     if ledger is None:
         raise ConfigError(f"plan asks for {dp.level.value}-level differential privacy but site {site_id} has no privacy ledger "
                           "to charge it to (a deployed site sets [policy] epsilon_budget)")
-    task = plan.task
-    if dp.level is DPLevel.RECORD:
-        q = min(1.0, task.batch_size / max(1, n_train))
-        z = dp.record_noise(plan.rounds, q, task.local_steps)
-        events: tuple[PrivacyEvent, ...] = (PrivacyEvent(Mechanism.GAUSSIAN, z, q, task.local_steps),)
-    else:
-        q = 1.0
-        z = dp.site_noise(plan.rounds)
-        sb = dp.count_stddev(plan.rounds)
-        events = (PrivacyEvent(Mechanism.GAUSSIAN, z),) + ((PrivacyEvent(Mechanism.GAUSSIAN, 2.0 * sb),) if sb else ())
+    events, z, q = dp_events(plan, n_train)
     shares = plan.min_sites if dp.level is DPLevel.SITE and dp.placement is Placement.DISTRIBUTED else None
     return BudgetGuard(ledger, site_id, events, job=job, min_shares=shares, noise_multiplier=z, sampling_rate=q)
 
@@ -206,7 +214,7 @@ def build_site(
     secret = new_secret() if secret is None else bytes(secret)
     if len(secret) < 16:
         raise ConfigError(f"a site secret must be at least 16 bytes, got {len(secret)}")
-    budget = site_dp(plan, site_id, data.n_train, ledger, secret, job)
+    budget = site_dp(plan, site_id, data.n_train, ledger, job)
     dp = plan.dp
     trainer = default_trainer
     clip = noise = None
@@ -270,5 +278,5 @@ def build_federation(plan: Plan, sites: Iterable[SiteData], *, seed: int = 0, jo
     return coord, built
 
 
-__all__ = ["build_site", "build_federation", "site_egress", "build_protocol", "build_coordinator", "site_protection", "protection_half", "site_dp",
+__all__ = ["build_site", "build_federation", "site_egress", "dp_events", "build_protocol", "build_coordinator", "site_protection", "protection_half", "site_dp",
            "initial_params", "new_secret", "derive_seed"]

@@ -29,8 +29,7 @@ def node(tmp_path, **policy):
         df.to_csv(tmp_path / f"{part}.csv", index=False)
     pol = SitePolicy(coordinator=("127.0.0.1", 1), cert=tmp_path / "c", key=tmp_path / "k", ca=tmp_path / "ca", state=tmp_path / "state",
                      source=DataSource.CSV, data={"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")}, **policy)
-    data, stream = load_site_data(pol)
-    return SiteNode(pol, "hospital-a", data, stream, schema=FEATS)
+    return SiteNode(pol, "hospital-a", load_site_data(pol), schema=FEATS)
 
 
 def train(plan=TASK, round_=1, group=4):
@@ -71,14 +70,14 @@ DP_TASK = replace(TASK, dp=DPSpec("record", noise_multiplier=2.0, clip=1.0))
 
 
 def test_site_with_a_budget_runs_only_dp_tasks_and_charges_its_own_ledger_before_training(tmp_path):
-    from insitu.builder import site_dp
+    from insitu.builder import dp_events
     from insitu.privacy import PrivacyLedger, epsilon_of
 
     n = node(tmp_path, approved=(TASK.content_hash(), DP_TASK.content_hash()), epsilon_budget=1.0)
     with pytest.raises(BudgetExceeded, match="declares no differential privacy; this site has a privacy budget of ε=1"):
         n.handle(train(TASK))
     # the site's own figure: q = batch 4 / its 40 records, 5 steps per round, σ = 2
-    per_round = site_dp(DP_TASK, "hospital-a", 40, object(), bytes(32)).events
+    per_round = dp_events(DP_TASK, 40)[0]
     rounds_allowed = 1
     while epsilon_of(per_round * (rounds_allowed + 1), 1e-5) <= 1.0:
         rounds_allowed += 1
@@ -186,7 +185,7 @@ def test_a_deployed_site_reads_its_records_through_a_schema_and_deidentifies_the
     data, schema = load_records(pol, "hospital-r")
     assert schema == ("chol", "bp") and data.X_train.shape[1] == 2 and data.n_train + data.n_test <= n
     plan = Plan(TaskSpec(model="logreg", input_shape=(2,), num_outputs=1, schema=schema, lr=0.1, local_steps=5, batch_size=4), rounds=5)
-    node = SiteNode(pol, "hospital-r", data, 1, schema=schema)
+    node = SiteNode(pol, "hospital-r", data, schema=schema)
     node.approvals.approve(plan.content_hash())
     msg = Message(MessageKind.TRAIN, 1, "job-r", {"plan": plan.to_meta(), "instructions": RoundInstructions(group=4).to_meta()},
                   {"params": np.zeros(3, np.float32)})

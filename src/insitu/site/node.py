@@ -101,8 +101,8 @@ def load_records(policy: SitePolicy, name: str = "site") -> tuple[SiteData, tupl
     return data, tuple(encoding(schema).features)
 
 
-def load_site_data(policy: SitePolicy) -> tuple[SiteData, int]:
-    """This site's records and its seed stream (the index simulation would give it, plus one)."""
+def load_site_data(policy: SitePolicy) -> SiteData:
+    """This site's records for ``[data] source = "heart"`` or ``"csv"`` (``"records"``: :func:`load_records`)."""
     if policy.source is DataSource.HEART:
         from insitu.data.heart import SITE_NAMES, load_heart
 
@@ -110,8 +110,7 @@ def load_site_data(policy: SitePolicy) -> tuple[SiteData, int]:
         if name not in SITE_NAMES:
             raise ConfigError(f"[data] hospital must be one of {list(SITE_NAMES)}, got {name!r}")
         fed = load_heart(policy.data.get("csv"))
-        i = SITE_NAMES.index(name)
-        return fed.sites[i], int(policy.data.get("seed_stream", i + 1))
+        return fed.sites[SITE_NAMES.index(name)]
     label = str(policy.data.get("label", "label"))
     frames = {}
     for part in ("train", "test"):
@@ -131,17 +130,28 @@ def load_site_data(policy: SitePolicy) -> tuple[SiteData, int]:
         return torch.tensor(df[feats].to_numpy(float), dtype=torch.float32), torch.tensor(df[label].to_numpy(float), dtype=torch.float32)
 
     (xtr, ytr), (xte, yte) = xy(frames["train"]), xy(frames["test"])
-    return SiteData("csv", xtr, ytr, xte, yte), int(policy.data.get("seed_stream", 1))
+    return SiteData("csv", xtr, ytr, xte, yte)
+
+
+def site_records(policy: SitePolicy, name: str = "site") -> tuple[SiteData, tuple[str, ...] | None]:
+    """This site's training data and its schema (None: a schema-less CSV), whatever ``[data] source`` says."""
+    if policy.source is DataSource.RECORDS:
+        return load_records(policy, name)
+    data = load_site_data(policy)
+    if policy.source is DataSource.HEART:
+        from insitu.data.heart import FEATURES
+
+        return data, tuple(FEATURES)
+    return data, None
 
 
 class SiteNode:
     """Answers the coordinator's requests for every job, one Site per job."""
 
-    def __init__(self, policy: SitePolicy, site_id: str, data: SiteData, stream: int, *, schema: tuple[str, ...] | None = None):
+    def __init__(self, policy: SitePolicy, site_id: str, data: SiteData, *, schema: tuple[str, ...] | None = None):
         self.policy = policy
         self.site_id = site_id
         self.data = data
-        self.stream = stream
         self.schema = schema
         self.approvals = Approvals(policy.state, policy.approved)
         self.ledger: Any = None  # the site's own privacy ledger (SQLite in its state directory), with a budget
@@ -319,18 +329,9 @@ def site_identity(cert: Path) -> str:
 def build_node(config: str | Path) -> tuple[SiteNode, SiteClient]:
     policy = SitePolicy.load(config)
     policy.state.mkdir(parents=True, exist_ok=True)
-    schema = None
-    if policy.source is DataSource.RECORDS:
-        data, schema = load_records(policy, site_identity(policy.cert))
-        stream = 1
-    else:
-        data, stream = load_site_data(policy)
-    if policy.source is DataSource.HEART:
-        from insitu.data.heart import FEATURES
-
-        schema = tuple(FEATURES)
     name = site_identity(policy.cert)
-    node = SiteNode(policy, name, data, stream, schema=schema)
+    data, schema = site_records(policy, name)
+    node = SiteNode(policy, name, data, schema=schema)
     client = SiteClient(
         Credentials(policy.cert, policy.key, policy.ca),
         DialConfig(policy.coordinator[0], policy.coordinator[1], heartbeat=policy.heartbeat, dead_after=policy.dead_after,

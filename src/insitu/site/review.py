@@ -27,13 +27,13 @@ def privacy_cost(policy: SitePolicy, spec: Mapping[str, Any], n_train: list[int]
     head = f"{dp.level.value}-level DP {noise}, clip {dp.clip:g}"
     if policy.epsilon_budget is None:
         return head + "; refused: no epsilon_budget here"
-    from insitu.builder import site_dp
+    from insitu.builder import dp_events
     from insitu.privacy import Budget, PrivacyLedger, epsilon_of
-    from insitu.site.node import load_site_data
+    from insitu.site.node import site_records
 
     if not n_train:
-        n_train.append(load_site_data(policy)[0].n_train)
-    events = site_dp(plan, "pending", n_train[0], object(), b"\0" * 32).events
+        n_train.append(site_records(policy)[0].n_train)
+    events = dp_events(plan, n_train[0])[0]
     eps = epsilon_of(events, policy.delta)
     ledger = PrivacyLedger(Path(policy.state) / "privacy_ledger.sqlite")
     try:
