@@ -37,6 +37,9 @@ def answer_task_check(node: Any, msg: Message) -> Message:
 
 
 def _answer(node: Any, msg: Message) -> Message:
+    extra = sorted(set(msg.meta) - {"plan"})
+    if extra or msg.tensors:
+        raise ProtocolError(f"task_check for job {msg.job!r} carries undeclared field(s) {extra + sorted(msg.tensors)}; a site reads only the plan")
     try:
         plan = Plan.from_meta(msg.require("plan", dict))
     except ConfigError as exc:
