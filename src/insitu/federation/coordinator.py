@@ -86,7 +86,9 @@ class Coordinator:
         fraction = len(result.participants) / max(1, len(plan.sites))
         new = self.strategy.apply(self.params, mean, fraction=fraction)
         if not np.all(np.isfinite(new)):
-            raise RoundAborted(f"round {round_}: the strategy produced non-finite parameters; the global model is unchanged")
+            raise RoundAborted(f"round {round_}: the strategy produced non-finite parameters from the aggregate of "
+                               f"{sorted(result.participants)} (one of them sent values far outside any honest update); "
+                               "the global model is unchanged")
         n = self.params.shape[0]
         self.params = new
         self.rounds_done = round_

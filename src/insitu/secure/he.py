@@ -452,6 +452,15 @@ class HEProtocol:
         for sid, arr in results.items():
             if float(np.max(np.abs(arr - plain))) > tol:
                 raise abort(sid, f"its decryption disagrees with that of site {first_site}")
+        # every site encodes |wᵢ·uᵢ| ≤ bound (and its weight), so a sum of count sites cannot exceed count·bound:
+        # beyond it, one ciphertext was malformed or the decryptors lied.  Homomorphic sums hide which
+        # site it was, so the abort names every candidate (never the sum).
+        limit = len(participants) * cfg.bound * (1 + 1e-6) + tol
+        if float(np.max(np.abs(plain))) > limit or not plain[-1] > 0:
+            raise RoundAborted(
+                f"round {plan.round}: the decrypted sum lies outside what {len(participants)} sites can send (|value| ≤ "
+                f"{len(participants)}·{cfg.bound:g}, weight > 0): a malformed ciphertext from one of {sorted(participants)} "
+                f"or a false decryption from {sorted(results)}; the global model is unchanged")
         self.last_stats = HEStats(
             server_seconds=t_add,
             keygen_seconds=t_keys,
