@@ -18,7 +18,7 @@ import insitu
 from insitu.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+API_PAGE = ROOT / "docs" / "guide" / "python.md"
 HEART_SITES = ("cleveland", "hungary", "switzerland", "va-long-beach")
 
 
@@ -114,10 +114,7 @@ def test_options_that_own_data_replaces_are_refused():
 
 # -- the README's example ------------------------------------------------------------------------
 def _readme_python_blocks() -> list[str]:
-    text = README.read_text()
-    start = text.index("\n## Python API\n")
-    section = text[start:text.index("\n## ", start + 1)]
-    return re.findall(r"^```python\n(.*?)^```$", section, re.S | re.M)
+    return re.findall(r"^```python\n(.*?)^```$", API_PAGE.read_text(), re.S | re.M)
 
 
 @pytest.mark.slow
@@ -126,7 +123,7 @@ def test_readme_python_api_example_runs(capsys):
     assert len(blocks) == 2
     ns: dict = {"__name__": "readme"}
     for i, code in enumerate(blocks):
-        exec(compile(code, f"README.md[Python API block {i}]", "exec"), ns)
+        exec(compile(code, f"docs/guide/python.md[block {i}]", "exec"), ns)
     out = capsys.readouterr().out
     assert "federated" in out and "local-only" in out
     summary, scores = ns["summary"], ns["scores"]
