@@ -147,3 +147,17 @@ def test_job_fails_after_its_approval_timeout_naming_the_sites(kit, tmp_path):
     st = _wait(kit, "never-approved", lambda s: s["status"] in ("done", "failed"), timeout=60)
     assert st["status"] == "failed" and st["rounds"] == []
     assert "waited 1.5 s" in st["error"] and "cleveland:" in st["error"] and "hungary:" in st["error"], st["error"]
+
+
+def test_a_job_waiting_for_approvals_does_not_hold_up_an_approved_one(kit, tmp_path):
+    held = tmp_path / "held.toml"
+    held.write_text(kit.job.read_text().replace('name = "heart-fedavg"', 'name = "held"').replace("# lr = 0.05", "lr = 0.0456"))
+    cli("job", "submit", held, "--config", kit.operator)
+    _wait(kit, "held", lambda s: s["status"] == "waiting" and len(s.get("approval", {}).get("waiting", {})) == 2)
+    cli("job", "submit", kit.job, "--config", kit.operator)  # its plan was approved by both sites above
+    st = _wait(kit, "heart-fedavg", lambda s: s["status"] in ("done", "failed"))
+    assert st["status"] == "done", st
+    held_now = kit.call("status", {"job": "held"})
+    assert held_now["status"] == "waiting" and held_now["rounds"] == []  # still waiting, nothing burnt
+    cli("job", "cancel", "held", "--config", kit.operator)
+    assert _wait(kit, "held", lambda s: s["status"] == "cancelled")["rounds"] == []

@@ -15,7 +15,6 @@ rounds report the refusal as before.
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -69,33 +68,47 @@ def check_approvals(transport: Any, job: str, plan: Plan, sites: tuple[str, ...]
     return ApprovalCheck(tuple(sorted(approved)), waiting, unreachable, refusing)
 
 
-def await_approvals(transport: Any, job: str, plan: Plan, *, sites: tuple[str, ...] | None, min_sites: int, timeout: float,
-                    stopped: Callable[[], bool], report: Callable[[ApprovalCheck | None], None], interval: float = 2.0,
-                    wake: threading.Event | None = None) -> ApprovalCheck | None:
-    """Ask until the job may start (returns the last check), ``stopped()`` (returns None) or the
-    timeout; ``report`` gets every check, and None once the wait is over."""
-    deadline = time.monotonic() + timeout
-    wake = wake or threading.Event()
-    try:
-        while True:
-            check = check_approvals(transport, job, plan, sites)
-            report(check)
-            if check.ready(min_sites):
-                return check
-            if stopped():
-                return None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if len(check.approved) >= min_sites:
-                    return check  # go on with the sites that approved; the others drop out of rounds
-                holding = {**check.waiting, **check.unreachable}
-                who = "; ".join(f"{s}: {why}" for s, why in sorted(holding.items())) or "no site connected"
-                raise RoundAborted(f"job {job}: waited {timeout:g} s for {min_sites} site(s) to approve plan "
-                                   f"{plan.content_hash()[:12]}, {len(check.approved)} did ({', '.join(check.approved) or 'none'}); "
-                                   f"waiting for {who}")
-            wake.wait(min(interval, left))
-    finally:
-        report(None)
+class ApprovalWait:
+    """The wait of one job for its approvals, polled by the coordinator's scheduler.
+
+    The scheduler polls every waiting job in turn, so a job whose sites have not approved yet does
+    not hold up a later job whose sites have.  Only time spent polling counts against
+    ``timeout`` (the gap between two polls is capped at ``2 * interval``): a job that waited
+    behind a running job is not failed for that.
+    """
+
+    def __init__(self, job: str, plan: Plan, *, sites: tuple[str, ...] | None, min_sites: int, timeout: float,
+                 interval: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.job, self.plan, self.sites, self.min_sites = job, plan, sites, min_sites
+        self.timeout, self.interval, self._clock = timeout, interval, clock
+        self.waited = 0.0
+        self.since = time.time()
+        self._last: float | None = None
+        self.check: ApprovalCheck | None = None
+
+    def due(self) -> bool:
+        """Whether it is time to ask the sites again."""
+        return self._last is None or self._clock() - self._last >= self.interval
+
+    def poll(self, transport: Any) -> bool:
+        """Ask once; True when the job may start.  Raises RoundAborted once the timeout is spent
+        with fewer than ``min_sites`` approvals (with enough, it starts with those that approved)."""
+        now = self._clock()
+        if self._last is not None:
+            self.waited += min(now - self._last, 2 * self.interval)
+        self._last = now
+        check = self.check = check_approvals(transport, self.job, self.plan, self.sites)
+        if check.ready(self.min_sites):
+            return True
+        if self.waited < self.timeout:
+            return False
+        if len(check.approved) >= self.min_sites:
+            return True  # go on with the sites that approved; the others drop out of rounds
+        holding = {**check.waiting, **check.unreachable}
+        who = "; ".join(f"{s}: {why}" for s, why in sorted(holding.items())) or "no site connected"
+        raise RoundAborted(f"job {self.job}: waited {self.timeout:g} s for {self.min_sites} site(s) to approve plan "
+                           f"{self.plan.content_hash()[:12]}, {len(check.approved)} did ({', '.join(check.approved) or 'none'}); "
+                           f"waiting for {who}")
 
 
-__all__ = ["ApprovalCheck", "check_approvals", "await_approvals"]
+__all__ = ["ApprovalCheck", "ApprovalWait", "check_approvals"]

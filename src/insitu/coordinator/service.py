@@ -149,6 +149,7 @@ class CoordinatorService:
         )
         self._stop = threading.Event()
         self.approvals: dict[str, dict[str, Any]] = {}  # job → sites it waits for (status "waiting")
+        self._waits: dict[str, Any] = {}  # job → its ApprovalWait (insitu.coordinator.onboarding)
         self._ops: dict[OperatorOp, Callable[[Mapping[str, Any], Identity], dict[str, Any]]] = {
             OperatorOp.SUBMIT: self._submit,
             OperatorOp.CANCEL: self._cancel,
@@ -236,12 +237,20 @@ class CoordinatorService:
         self.server.stop()
 
     def run_jobs(self) -> None:
-        """Run queued jobs one after another until stopped."""
+        """Run active jobs one at a time until stopped: a running (or resumed) job first, then the
+        oldest job whose sites approved its plan.  A job still waiting for approvals does not hold
+        up a later one whose sites approved (see ``_next_ready``)."""
         while not self._stop.is_set():
-            job = self.store.next_active()
+            try:
+                job = self._next_ready()
+            except Exception:  # noqa: BLE001 - a bug in scheduling must not end the coordinator
+                log.exception("scheduling jobs: internal error")
+                job = None
             if job is None:
                 self._stop.wait(0.2)
                 continue
+            self._waits.pop(job.id, None)
+            self.approvals.pop(job.id, None)
             try:
                 self.run_job(job)
             except InsituError as exc:
@@ -250,6 +259,58 @@ class CoordinatorService:
             except Exception as exc:  # a bug, never a peer's message, must not end the coordinator
                 log.exception("job %s failed with an internal error", job.id)
                 self.store.set_status(job.id, JobStatus.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _next_ready(self) -> JobRow | None:
+        """The job to run now: the oldest active job that is running or resuming (rounds applied),
+        has no approval wait, or whose sites approved; every other waiting job is asked again when
+        its poll is due.  A job whose wait timed out fails, naming the sites it waited for."""
+        active = self.store.active_jobs()
+        for stale in set(self._waits) - {j.id for j in active}:  # cancelled or failed meanwhile
+            self._waits.pop(stale, None)
+            self.approvals.pop(stale, None)
+        for job in active:
+            if job.status is JobStatus.RUNNING or job.rounds_applied > 0:
+                return job
+            try:
+                spec = JobSpec.from_dict(job.spec)
+            except InsituError as exc:
+                self.store.set_status(job.id, JobStatus.FAILED, error=str(exc))
+                continue
+            if spec.approval_timeout <= 0:
+                return job
+            if self._poll_approvals(job, spec):
+                return job
+        return None
+
+    def _poll_approvals(self, job: JobRow, spec: JobSpec) -> bool:
+        """One poll of ``job``'s approval wait (insitu.coordinator.onboarding); True when it may start."""
+        from insitu.coordinator.onboarding import ApprovalWait
+
+        wait = self._waits.get(job.id)
+        if wait is None:
+            wait = self._waits[job.id] = ApprovalWait(job.id, spec.plan, sites=spec.sites, min_sites=spec.min_sites,
+                                                      timeout=spec.approval_timeout)
+            self.store.set_status(job.id, JobStatus.WAITING)
+        if not wait.due():
+            return False
+        before = self.approvals.get(job.id, {})
+        try:
+            ready = wait.poll(self.server.transport)
+        except RoundAborted as exc:
+            self._waits.pop(job.id, None)
+            self.approvals.pop(job.id, None)
+            log.error("job %s failed: %s", job.id, exc)
+            self.store.set_status(job.id, JobStatus.FAILED, error=str(exc))
+            return False
+        check = wait.check
+        self.approvals[job.id] = {**check.public(), "since": wait.since, "timeout": spec.approval_timeout}
+        holding = {**check.waiting, **check.unreachable}
+        if holding != {**before.get("waiting", {}), **before.get("unreachable", {})} and holding and not ready:
+            log.info("job %s: waiting for approval of plan %s by %s", job.id, spec.plan.content_hash()[:12],
+                     "; ".join(f"{s} ({why})" for s, why in sorted(holding.items())))
+        if ready:
+            log.info("job %s: plan approved by %s", job.id, ", ".join(check.approved))
+        return ready
 
     def run_job(self, job: JobRow) -> None:
         self.store.begin_setup(job.id)  # a coordinator that dies before end_setup counts a setup crash
@@ -264,8 +325,6 @@ class CoordinatorService:
         if version:
             log.info("job %s: resuming from model version %d", job.id, version)
         strategy = coord.strategy
-        if version == 0 and spec.approval_timeout > 0 and not self._await_approvals(job, spec):
-            return
         self.store.set_status(job.id, JobStatus.RUNNING)
         aborted = sum(1 for r in self.store.rounds(job.id) if r["status"] in (RoundStatus.ABORTED.value, RoundStatus.INTERRUPTED.value))
         max_aborted = spec.max_aborted if spec.max_aborted is not None else spec.rounds
@@ -307,33 +366,6 @@ class CoordinatorService:
                       "params_sha256": hashlib.sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
         self.store.set_status(job.id, JobStatus.DONE, final=final)
         log.info("job %s done: %s", job.id, final)
-
-    def _await_approvals(self, job: JobRow, spec: JobSpec) -> bool:
-        """Status ``waiting`` until the sites approved the plan (insitu.coordinator.onboarding); False if stopped."""
-        from insitu.coordinator.onboarding import await_approvals
-
-        self.store.set_status(job.id, JobStatus.WAITING)
-        since = time.time()
-
-        def report(check) -> None:
-            if check is None:
-                self.approvals.pop(job.id, None)
-                return
-            before = self.approvals.get(job.id, {})
-            self.approvals[job.id] = {**check.public(), "since": since, "timeout": spec.approval_timeout}
-            holding = {**check.waiting, **check.unreachable}
-            if holding != {**before.get("waiting", {}), **before.get("unreachable", {})}:
-                if holding and not check.ready(spec.min_sites):
-                    log.info("job %s: waiting for approval of plan %s by %s", job.id, spec.plan.content_hash()[:12],
-                             "; ".join(f"{s} ({why})" for s, why in sorted(holding.items())))
-            if check.ready(spec.min_sites):
-                log.info("job %s: plan approved by %s", job.id, ", ".join(check.approved))
-
-        def stopped() -> bool:
-            return self._stop.is_set() or self.store.job(job.id).status is JobStatus.CANCELLED
-
-        return await_approvals(self.server.transport, job.id, spec.plan, sites=spec.sites, min_sites=spec.min_sites,
-                               timeout=spec.approval_timeout, stopped=stopped, report=report, wake=self._stop) is not None
 
     def _evaluate(self, coord: Coordinator, round_: int) -> dict[str, Any]:
         try:

@@ -157,6 +157,14 @@ class JobStore:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
         return [_job(r) for r in rows]
 
+    def active_jobs(self) -> list[JobRow]:
+        """Queued, waiting and running jobs, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(ACTIVE))}) ORDER BY created", ACTIVE
+            ).fetchall()
+        return [_job(r) for r in rows]
+
     def next_active(self) -> JobRow | None:
         with self._lock:
             row = self._db.execute(
