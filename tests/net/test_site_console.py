@@ -116,3 +116,50 @@ def test_rounds_journal_and_refusals_are_shown(console):
     st = c.get("/api/state").json()
     assert st["rounds"][0]["job"] == "heart-1" and st["rounds"][0]["metrics"]["num_samples"] == 172 and st["rounds"][0]["protocol"] == "secagg"
     assert st["refusals"][0]["reason"] == "would pass budget" and st["ledger"]["budget"] == 3.0
+
+
+def test_a_session_survives_a_restart_and_only_digests_are_stored(console):
+    app, server, url, cfg = console
+    c, csrf = _login(server, url)
+    sid = c.cookies.get(next(iter(c.cookies.keys())))
+    assert c.get("/api/state").status_code == 200
+    port = server.port
+    server.stop()
+    app2, server2, url2 = start_console(cfg, port=port)  # the console restarted: same state directory
+    try:
+        assert c.get("/api/state").status_code == 200  # the operator is still logged in
+        assert c.get("/api/session").json()["csrf"] == csrf
+        store = SitePolicy.load(cfg).state / "console-sessions.sqlite"
+        assert stat.S_IMODE(store.stat().st_mode) == 0o600
+        raw = b"".join(p.read_bytes() for p in store.parent.glob("console-sessions.sqlite*"))
+        token = url2.rsplit("token=", 1)[1]
+        assert sid.encode() not in raw and token.encode() not in raw  # digests only
+    finally:
+        server2.stop()
+
+
+@pytest.mark.slow
+def test_site_serve_also_serves_its_console(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    kit = write_kit(tmp_path / "kit", ["hungary"])
+    cfg = kit.sites["hungary"]
+    link = SitePolicy.load(cfg).state / "console.url"
+    proc = subprocess.Popen([sys.executable, "-m", "insitu", "site", "serve", "--config", str(cfg), "--console-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not link.exists():  # the coordinator is not running: the site retries, its console is up
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        url = link.read_text().strip()
+        c = httpx.Client(base_url=url.split("/login")[0], timeout=20)
+        r = c.get("/login", params={"token": url.rsplit("token=", 1)[1]})
+        assert r.status_code == 303
+        st = c.get("/api/state").json()
+        assert st["site"] == "hungary"
+    finally:
+        proc.terminate()
+        proc.wait(20)

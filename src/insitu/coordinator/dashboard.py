@@ -147,7 +147,8 @@ class Dashboard(WebApp):
     def __init__(self, svc: Any, cfg: DashboardConfig, *, ca: Path, crl: Path):
         super().__init__(WEB / "static")
         self.svc, self.cfg = svc, cfg
-        self.sessions = Sessions(cfg.login_ttl, cfg.session_ttl)
+        # beside coordinator.db, so a restarted coordinator keeps its operators' sessions
+        self.sessions = Sessions(cfg.login_ttl, cfg.session_ttl, path=Path(svc.config.db).with_name("dashboard-sessions.sqlite"))
         self.crl = RevocationList(crl, ca)
         self.audit = AuditTrail(cfg.audit_log, cfg.audit_key, cfg.audit_writer) if cfg.audit_log and cfg.audit_key else None
         self.url = ""

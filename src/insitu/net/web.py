@@ -23,9 +23,11 @@ import http.server
 import json
 import logging
 import mimetypes
+import os
 import re
 import secrets
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -118,13 +120,31 @@ def _jsonable(v: Any) -> Any:
 
 
 class Sessions:
-    """One-time login tokens and the browser sessions they become (in memory: a restart logs everyone out)."""
+    """One-time login tokens and the browser sessions they become.
 
-    def __init__(self, login_ttl: float = 120.0, session_ttl: float = 8 * 3600.0):
+    Only SHA-256 digests of tokens and session ids are kept.  With ``path`` they are kept in a
+    SQLite file (created readable by this user only), so a restart of the coordinator or the
+    site does not log its operators out and an expired session is gone for every process that
+    shares the file; without it, in memory.
+    """
+
+    _SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS login_tokens (digest TEXT PRIMARY KEY, name TEXT NOT NULL, expires REAL NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS sessions (digest TEXT PRIMARY KEY, name TEXT NOT NULL, expires REAL NOT NULL, csrf TEXT NOT NULL)",
+    )
+
+    def __init__(self, login_ttl: float = 120.0, session_ttl: float = 8 * 3600.0, path: Path | None = None):
         self.login_ttl, self.session_ttl = login_ttl, session_ttl
-        self._tokens: dict[str, tuple[str, float]] = {}
-        self._sessions: dict[str, tuple[str, float, str]] = {}
+        self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._db = sqlite3.connect(self.path or ":memory:", check_same_thread=False, isolation_level=None)
+        if self.path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        for stmt in self._SCHEMA:
+            self._db.execute(stmt)
 
     @staticmethod
     def _key(secret: str) -> str:
@@ -134,35 +154,45 @@ class Sessions:
         token = secrets.token_urlsafe(32)
         with self._lock:
             self._expire()
-            self._tokens[self._key(token)] = (name, time.time() + self.login_ttl)
+            self._db.execute("INSERT INTO login_tokens VALUES (?,?,?)", (self._key(token), name, time.time() + self.login_ttl))
         return token
 
     def redeem(self, token: str) -> tuple[str, str] | None:
         """Exchange a login token (once, before it expires) for (session id, operator name)."""
         with self._lock:
             self._expire()
-            hit = self._tokens.pop(self._key(token), None)
-            if hit is None:
-                return None
-            sid = secrets.token_urlsafe(32)
-            self._sessions[self._key(sid)] = (hit[0], time.time() + self.session_ttl, secrets.token_urlsafe(24))
-            return sid, hit[0]
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT name FROM login_tokens WHERE digest=?", (self._key(token),)).fetchone()
+                if row is None:
+                    db.execute("COMMIT")
+                    return None
+                db.execute("DELETE FROM login_tokens WHERE digest=?", (self._key(token),))
+                sid = secrets.token_urlsafe(32)
+                db.execute("INSERT INTO sessions VALUES (?,?,?,?)",
+                           (self._key(sid), row[0], time.time() + self.session_ttl, secrets.token_urlsafe(24)))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return sid, row[0]
 
     def lookup(self, sid: str) -> Principal | None:
         with self._lock:
-            hit = self._sessions.get(self._key(sid))
-            if hit is None or hit[1] < time.time():
-                return None
-            return Principal(hit[0], "login", hit[2])
+            row = self._db.execute("SELECT name, expires, csrf FROM sessions WHERE digest=?", (self._key(sid),)).fetchone()
+        if row is None or row[1] < time.time():
+            return None
+        return Principal(row[0], "login", row[2])
 
     def drop(self, sid: str) -> None:
         with self._lock:
-            self._sessions.pop(self._key(sid), None)
+            self._db.execute("DELETE FROM sessions WHERE digest=?", (self._key(sid),))
 
     def _expire(self) -> None:
         now = time.time()
-        self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
-        self._sessions = {k: v for k, v in self._sessions.items() if v[1] > now}
+        self._db.execute("DELETE FROM login_tokens WHERE expires <= ?", (now,))
+        self._db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
 
 
 Route = tuple[str, re.Pattern, Callable[[Request], "Response | Stream"]]

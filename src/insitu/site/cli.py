@@ -17,12 +17,15 @@ CONFIG = typer.Option(Path("site.toml"), "--config", "-c", help="site.toml")
 
 
 @app.command("serve")
-def serve(config: Path = CONFIG) -> None:
+def serve(config: Path = CONFIG,
+          console_port: int = typer.Option(None, "--console-port", help="Also serve the data officer's console from this process, "
+                                           "on 127.0.0.1:PORT only (0: any free port); its one-time login link is written to "
+                                           "state/console.url.  Off unless given.")) -> None:
     """Dial the coordinator over mutual TLS 1.3 and answer rounds; reconnects with back-off."""
     from insitu.site.node import serve as _serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _serve(config)
+    _serve(config, console_port=console_port)
     from insitu.net.proc import fast_exit
 
     fast_exit()  # skip the interpreter's slow teardown so a restart is quick

@@ -53,7 +53,7 @@ class SiteConsole(WebApp):
         policy = SitePolicy.load(self.config)  # fails now, not at the first request, if site.toml is wrong
         policy.state.mkdir(parents=True, exist_ok=True)
         self.site = _site_name(policy.cert)
-        self.sessions = Sessions(login_ttl, session_ttl)
+        self.sessions = Sessions(login_ttl, session_ttl, path=policy.state / "console-sessions.sqlite")
         self.port = 0
         self._n_train: list[int] = []  # this site's training records, loaded once when a DP task needs it
         self._lock = threading.Lock()

@@ -346,12 +346,21 @@ def _budget_hello(policy: SitePolicy) -> dict[str, float]:
     return {"epsilon_budget": policy.epsilon_budget, "delta": policy.delta} if policy.epsilon_budget is not None else {}
 
 
-def serve(config: str | Path) -> None:
-    """Run the site until interrupted; reconnects to the coordinator on its own."""
+def serve(config: str | Path, *, console_port: int | None = None) -> None:
+    """Run the site until interrupted; reconnects to the coordinator on its own.  With
+    ``console_port`` the data officer's console (insitu.site.console) is served by this same
+    process on 127.0.0.1 (0: any free port); its login link is written to ``state/console.url``."""
     import signal
 
     node, client = build_node(config)
     log.info("site %s: %d train / %d test records; dialling %s:%d", node.site_id, node.data.n_train, node.data.n_test, *node.policy.coordinator)
+    console = None
+    if console_port is not None:
+        from insitu.site.console import start_console
+
+        app, console, _ = start_console(config, port=console_port)
+        log.info("site %s: console on http://127.0.0.1:%d (this machine only); a one-time login link is in %s",
+                 node.site_id, console.port, node.policy.state / "console.url")
     signal.signal(signal.SIGTERM, _exit_on_signal)
     # load the secure-aggregation code while idle, not during the first secure round (~2 s)
     threading.Thread(target=_preload, daemon=True, name="preload").start()
@@ -364,6 +373,8 @@ def serve(config: str | Path) -> None:
         pass
     finally:
         client.stop()
+        if console is not None:
+            console.stop()
 
 
 def _preload() -> None:
