@@ -39,7 +39,7 @@ import threading
 import time
 import tomllib
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -68,23 +68,12 @@ class DashboardConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "DashboardConfig | None":
+        from insitu.tomltable import read_table
+
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text()).get("dashboard")
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from None
+        raw = read_table(path, "dashboard", cls, paths=("port_file", "audit_log", "audit_key"), optional=True)
         if raw is None:
             return None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: [dashboard] must be a table")
-        known = {f.name for f in fields(cls)}
-        bad = set(raw) - known
-        if bad:
-            raise ConfigError(f"{path}: unknown keys {sorted(bad)} in [dashboard]; known: {sorted(known)}")
-        base = path.resolve().parent
-        for k in ("port_file", "audit_log", "audit_key"):
-            if k in raw:
-                raw[k] = base / raw[k]
         cfg = cls(**raw)
         if not isinstance(cfg.port, int) or not 0 <= cfg.port < 65536:
             raise ConfigError(f"{path}: [dashboard] port must be 0-65535, got {cfg.port!r}")

@@ -27,8 +27,7 @@ import hashlib
 import logging
 import threading
 import time
-import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -64,24 +63,10 @@ class CoordinatorConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "CoordinatorConfig":
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text()).get("coordinator")
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read coordinator config {path}: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} needs a [coordinator] table")
-        known = {f.name for f in fields(cls)}
-        bad = set(raw) - known
-        if bad:
-            raise ConfigError(f"{path}: unknown keys {sorted(bad)} in [coordinator]; known: {sorted(known)}")
-        missing = {"cert", "key", "ca", "crl", "db"} - set(raw)
-        if missing:
-            raise ConfigError(f"{path}: [coordinator] lacks {sorted(missing)}")
-        base = path.resolve().parent
-        for k in ("cert", "key", "ca", "crl", "db", "port_file"):
-            if k in raw:
-                raw[k] = base / raw[k]
+        from insitu.tomltable import read_table
+
+        raw = read_table(path, "coordinator", cls, required=("cert", "key", "ca", "crl", "db"),
+                         paths=("cert", "key", "ca", "crl", "db", "port_file"))
         return cls(**raw)
 
     @property
