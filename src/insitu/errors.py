@@ -47,7 +47,17 @@ class ProtocolError(InsituError):
 
 
 class RoundAborted(ProtocolError):
-    """A round could not complete; the global model stays as it was."""
+    """A round could not complete; the global model stays as it was.
+
+    ``culprits``: the sites whose own messages made the round fail (a malformed or inconsistent
+    reply, a commitment not kept), when the protocol can tell; empty when it cannot (a drop-out
+    below the threshold, an encrypted sum that hides its source).  A deployed job excludes a site
+    named in ``exclude_after`` aborted rounds (insitu.coordinator.service).
+    """
+
+    def __init__(self, *args: object, culprits: tuple[str, ...] | list[str] = ()):
+        super().__init__(*args)
+        self.culprits = tuple(sorted(set(culprits)))
 
 
 class SecurityError(InsituError):

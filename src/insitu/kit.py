@@ -163,6 +163,7 @@ sites = [{sites}]                      # optional: only these sites (default: ev
 round_timeout = 60.0                   # seconds a round waits for the sites' updates
 wait_for_sites = 60.0                  # seconds a round waits for min_sites to be connected
 approval_timeout = 1800.0              # seconds to wait for approvals before round one (0: do not wait)
+# exclude_after = 3                    # leave out a site named as the cause of this many aborted rounds (0: never)
 """
 
 HEART_DATA = """\

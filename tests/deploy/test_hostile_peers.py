@@ -44,13 +44,16 @@ HONEST = ("cleveland", "hungary", "switzerland")
 EXAMPLES = int(os.environ.get("INSITU_HOSTILE_EXAMPLES", "6"))  # per protection and phase
 
 BASE = {"dataset": "heart", "rounds": 100_000, "seed": 0, "min_sites": 3, "local_steps": 5, "round_timeout": 30.0,
-        "wait_for_sites": 30.0, "max_aborted": 1_000_000, "eval_every": 1}
+        "wait_for_sites": 30.0, "max_aborted": 1_000_000, "eval_every": 1,
+        "exclude_after": 0}  # every attack below hits the same long job: keep the hostile site in it
 JOBS = {
     "plain": BASE,
     "secagg": {**BASE, "secure_aggregation": True},
     "paillier": {**BASE, "homomorphic": "paillier"},
     "ckks": {**BASE, "homomorphic": "ckks"},
 }
+#: the exclusion test's job (rounds is part of the plan the sites approve)
+EXCLUDE = {**BASE, "secure_aggregation": True, "name": "exclude-mallory", "rounds": 4, "exclude_after": 2, "max_aborted": 10}
 CLEAN = {"name": "clean-after", "dataset": "heart", "rounds": 3, "seed": 0, "min_sites": 4, "local_steps": 5, "round_timeout": 60.0}
 #: the requests the hostile site answers in each protection's rounds (the phases it can corrupt)
 PHASES = {
@@ -265,7 +268,7 @@ def task_hash(job: dict) -> str:
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    approved = [task_hash(j) for j in JOBS.values()] + [task_hash(CLEAN)]
+    approved = [task_hash(j) for j in JOBS.values()] + [task_hash(CLEAN), task_hash(EXCLUDE)]
     sb = sandbox.create(root, sites=(HOSTILE, *HONEST), approved=approved)
     clients: list[SiteClient] = []
     handler = logging.FileHandler(root / "sites.log")  # the in-process sites' log, for a failing run
@@ -377,6 +380,27 @@ def test_hostile_site_cannot_take_the_coordinator_down(consortium, protection, p
 
     attack()
     sb.operator("cancel", {"job": RUNNER.job[protection]})
+
+
+def test_a_site_that_keeps_aborting_secure_rounds_is_excluded_and_the_job_ends(consortium):
+    sb, armory = consortium
+    name = EXCLUDE["name"]
+    sb.operator("submit", {"job": EXCLUDE})
+    hit = []
+    for _ in range(2):  # two secure rounds in a row, the hostile site withholds its graph-seed reveal
+        assert sb.wait_sites(4, timeout=60) == sorted((HOSTILE, *HONEST))
+        armory.arm(name, MessageKind.SECAGG_REVEAL, 0, [Op("replace_meta", value={})])
+        assert armory.event.wait(120), sb.operator("status", {"job": name})
+        job, r, _ = armory.fired
+        rec = wait_round(sb, job, r)
+        assert rec["status"] == "aborted" and HOSTILE in rec["reason"], rec
+        hit.append(r)
+    st_ = sb.wait_job(name, timeout=180)
+    assert st_["status"] == "done", st_
+    assert f"aborted rounds {hit[0]}, {hit[1]}" in st_["excluded"][HOSTILE] and set(st_["excluded"]) == {HOSTILE}
+    assert [x["status"] for x in st_["rounds"]].count("applied") == 4
+    later = [x for x in st_["rounds"] if x["round"] > hit[1]]
+    assert later and all(x["status"] == "applied" and sorted(x["participants"]) == sorted(HONEST) for x in later)  # never asked again
 
 
 def test_after_the_attacks_a_clean_job_with_every_site_runs_to_the_end(consortium, capsys):

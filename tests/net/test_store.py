@@ -49,3 +49,20 @@ def test_tampered_model_detected_and_cancel(tmp_path):
     with pytest.raises(ProtocolError, match="checksum"):
         store.latest_model("j")
     assert store.cancel("j").status is JobStatus.CANCELLED
+
+
+def test_blame_of_aborted_rounds_survives_a_restart_and_moves_with_an_archived_name(tmp_path):
+    store = JobStore(tmp_path / "c.db")
+    store.add_job("j", {"x": 1}, "h" * 64, 3, "ops")
+    for _ in range(2):
+        r = store.begin_round("j")
+        store.abort_round("j", r, "secure aggregation aborted by site m", {"m": "bad reveal"}, ("m",))
+    r = store.begin_round("j")
+    store.abort_round("j", r, "too few sites", {"c": "timed out"})  # no culprit: nobody is blamed
+    store.abort_round("j", 1, "again", {}, ("c",))  # an ended round is not aborted (nor blamed) twice
+    store.close()
+    store = JobStore(tmp_path / "c.db")
+    assert store.blame("j") == {"m": [1, 2]}
+    store.set_status("j", JobStatus.CANCELLED)
+    store.add_job("j", {"x": 1}, "h" * 64, 3, "ops")  # the name is free again: the old job becomes j~1
+    assert store.blame("j") == {} and store.blame("j~1") == {"m": [1, 2]}

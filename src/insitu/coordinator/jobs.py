@@ -22,6 +22,7 @@ unchanged and sites approve the same hash::
     round_timeout = 60.0
     wait_for_sites = 60.0
     approval_timeout = 1800.0     # before round one, wait this long for the sites to approve the plan (0: do not wait)
+    exclude_after = 3             # leave out a site named as the cause of this many aborted rounds (0: never)
 
     [task]                        # needed for datasets other than heart: the data's shape
     input_shape = [1, 28, 28]
@@ -41,7 +42,10 @@ from insitu.errors import ConfigError
 from insitu.plan import Plan
 
 #: fields of a job that are not part of the plan
-DEPLOYMENT_FIELDS = ("name", "sites", "round_timeout", "wait_for_sites", "max_aborted", "eval_every", "approval_timeout")
+DEPLOYMENT_FIELDS = ("name", "sites", "round_timeout", "wait_for_sites", "max_aborted", "eval_every", "approval_timeout",
+                     "exclude_after")
+#: deployment fields that are plain settings of how the job runs (stored and re-read as given)
+RUN_SETTINGS = DEPLOYMENT_FIELDS[2:]
 #: simulate options that have no meaning in a deployment (the site owns them)
 SIMULATE_ONLY = ("data", "partition", "dropout", "site_budget", "privacy_ledger", "baselines", "out",
                  "insecure_replayable_randomness")
@@ -103,6 +107,7 @@ class JobSpec:
     max_aborted: int | None = None  # give up after this many aborted rounds (default: rounds)
     eval_every: int = 1
     approval_timeout: float = 1800.0  # before round one, wait for the sites' approvals (insitu.coordinator.onboarding)
+    exclude_after: int = 3  # a site named as the cause of this many aborted rounds is left out of the job's later rounds (0: never)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or len(self.name) > 64 or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -111,7 +116,7 @@ class JobSpec:
         object.__setattr__(self, "wait_for_sites", _seconds("wait_for_sites", self.wait_for_sites))
         if self.approval_timeout != 0:  # 0: do not wait for approvals
             object.__setattr__(self, "approval_timeout", _seconds("approval_timeout", self.approval_timeout))
-        for k in ("max_aborted", "eval_every"):
+        for k in ("max_aborted", "eval_every", "exclude_after"):
             v = getattr(self, k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1_000_000):
                 raise ConfigError(f"{k} must be an integer from 0 to 1,000,000, got {v!r}")
@@ -137,7 +142,7 @@ class JobSpec:
         """The job description as given (re-parsed by :meth:`from_dict` when the job runs)."""
         d: dict[str, Any] = {"name": self.name, **dict(self.config)}
         d["sites"] = list(self.sites) if self.sites is not None else None
-        for k in ("round_timeout", "wait_for_sites", "max_aborted", "eval_every", "approval_timeout"):
+        for k in RUN_SETTINGS:
             d[k] = getattr(self, k)
         return d
 
@@ -196,7 +201,7 @@ class JobSpec:
         plan = cfg.plan_for(tuple(shape[0]), shape[1], tuple(shape[2]))
         return cls(name=raw["name"], plan=plan, seed=seed, config=config,
                    sites=tuple(names) if names is not None else None,
-                   **{k: raw[k] for k in ("round_timeout", "wait_for_sites", "max_aborted", "eval_every", "approval_timeout") if k in raw})
+                   **{k: raw[k] for k in RUN_SETTINGS if k in raw})
 
 
 __all__ = ["JobSpec", "HEART_SCHEMA", "DEPLOYMENT_FIELDS"]

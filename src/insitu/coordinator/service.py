@@ -135,6 +135,7 @@ class CoordinatorService:
         self._stop = threading.Event()
         self.approvals: dict[str, dict[str, Any]] = {}  # job → sites it waits for (status "waiting")
         self._waits: dict[str, Any] = {}  # job → its ApprovalWait (insitu.coordinator.onboarding)
+        self.excluded: dict[str, dict[str, str]] = {}  # job → sites left out of its rounds, and why
         self._ops: dict[OperatorOp, Callable[[Mapping[str, Any], Identity], dict[str, Any]]] = {
             OperatorOp.SUBMIT: self._submit,
             OperatorOp.CANCEL: self._cancel,
@@ -179,6 +180,7 @@ class CoordinatorService:
 
         rounds = self.store.rounds(row.id)
         return {**row.public(), "rounds": rounds, **({"approval": self.approvals[row.id]} if row.id in self.approvals else {}),
+                **({"excluded": self.excluded[row.id]} if self.excluded.get(row.id) else {}),
                 "progress": progress(row.public(), rounds), "sites": site_rows(self.server.transport.site_status(), rounds)}
 
     def _list(self, args, who):
@@ -313,11 +315,12 @@ class CoordinatorService:
         self.store.set_status(job.id, JobStatus.RUNNING)
         aborted = sum(1 for r in self.store.rounds(job.id) if r["status"] in (RoundStatus.ABORTED.value, RoundStatus.INTERRUPTED.value))
         max_aborted = spec.max_aborted if spec.max_aborted is not None else spec.rounds
-        wanted = set(spec.sites) if spec.sites else None
+        self._exclude(job.id, spec, coord)
         while version < spec.rounds:
             if self._stop.is_set() or self.store.job(job.id).status is JobStatus.CANCELLED:
                 log.info("job %s: stopping at model version %d", job.id, version)
                 return
+            wanted = set(spec.sites) - coord.excluded if spec.sites else None
             self.server.transport.wait_for(wanted, spec.min_sites, spec.wait_for_sites)
             r = self.store.begin_round(job.id)
             try:
@@ -330,10 +333,12 @@ class CoordinatorService:
                         log.exception("job %s round %d: internal error", job.id, r)
                     exc = RoundAborted(f"round {r} aborted: {_one_line(exc)}; the global model is unchanged")
                 aborted += 1
-                self.store.abort_round(job.id, r, str(exc), protocol.dropped(r))
+                self.store.abort_round(job.id, r, str(exc), protocol.dropped(r), exc.culprits)
                 log.warning("job %s round %d aborted (%d so far): %s", job.id, r, aborted, exc)
                 if aborted > max_aborted:
                     raise RoundAborted(f"job {job.id}: {aborted} rounds aborted (limit {max_aborted}); last: {exc}") from None
+                if exc.culprits:
+                    self._exclude(job.id, spec, coord)
                 continue
             last = version + 1 == spec.rounds
             evaluation = None
@@ -351,6 +356,25 @@ class CoordinatorService:
                       "params_sha256": hashlib.sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
         self.store.set_status(job.id, JobStatus.DONE, final=final)
         log.info("job %s done: %s", job.id, final)
+
+    def _exclude(self, job_id: str, spec: JobSpec, coord: Coordinator) -> None:
+        """Leave out of the job's later rounds every site named as the cause of ``exclude_after``
+        aborted rounds (a site whose malformed or inconsistent messages keep aborting secure or
+        homomorphic rounds would otherwise stop the job); fails the job when too few remain."""
+        if not spec.exclude_after:
+            return
+        blame = {s: rs for s, rs in self.store.blame(job_id).items() if len(rs) >= spec.exclude_after}
+        new = sorted(set(blame) - coord.excluded)
+        if not new:
+            return
+        coord.excluded = frozenset(coord.excluded | set(new))
+        self.excluded[job_id] = {s: f"named as the cause of aborted rounds {', '.join(map(str, rs))} (exclude_after = {spec.exclude_after})"
+                                 for s, rs in blame.items()}
+        for s in new:
+            log.warning("job %s: site %s excluded from later rounds: %s", job_id, s, self.excluded[job_id][s])
+        if spec.sites and len(set(spec.sites) - coord.excluded) < spec.min_sites:
+            raise RoundAborted(f"job {job_id}: {', '.join(sorted(coord.excluded))} excluded after causing aborted rounds; "
+                               f"{len(set(spec.sites) - coord.excluded)} of the job's sites remain, min_sites is {spec.min_sites}")
 
     def _evaluate(self, coord: Coordinator, round_: int) -> dict[str, Any]:
         try:

@@ -55,6 +55,7 @@ CREATE INDEX IF NOT EXISTS job_log_job ON job_log (job, seq);
 #: coordinator stopped during a job's setup: a job that kills the process is failed, not retried forever
 SETUP_SCHEMA = """
 CREATE TABLE IF NOT EXISTS job_setups (job TEXT PRIMARY KEY, pending INTEGER NOT NULL, crashes INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS round_blame (job TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL, PRIMARY KEY (job, round, site));
 """
 
 
@@ -261,14 +262,27 @@ class JobStore:
             db.execute("UPDATE jobs SET rounds_applied=? WHERE id=?", (applied + 1, job_id))
         return applied + 1
 
-    def abort_round(self, job_id: str, round_: int, reason: str, dropped: Mapping[str, str]) -> None:
+    def abort_round(self, job_id: str, round_: int, reason: str, dropped: Mapping[str, str], culprits: tuple[str, ...] = ()) -> None:
+        """Record round ``round_`` as aborted; ``culprits`` are the sites whose own messages made it fail."""
         with self._tx() as db:
-            db.execute(
+            cur = db.execute(
                 "UPDATE rounds SET status=?, ended=?, reason=?, dropped=? WHERE job=? AND round=? AND status=?",
                 (RoundStatus.ABORTED.value, time.time(), reason, json.dumps(dict(dropped)), job_id, round_, RoundStatus.STARTED.value),
             )
+            if cur.rowcount:
+                for s in culprits:
+                    db.execute("INSERT OR IGNORE INTO round_blame VALUES (?,?,?)", (job_id, round_, s))
             for s, why in dropped.items():
                 db.execute("INSERT OR REPLACE INTO round_sites VALUES (?,?,?,0,?)", (job_id, round_, s, why))
+
+    def blame(self, job_id: str) -> dict[str, list[int]]:
+        """Each site named as the cause of an aborted round of the job, with those rounds."""
+        with self._lock:
+            rows = self._db.execute("SELECT site, round FROM round_blame WHERE job=? ORDER BY round", (job_id,)).fetchall()
+        out: dict[str, list[int]] = {}
+        for site, r in rows:
+            out.setdefault(site, []).append(r)
+        return out
 
     def rounds(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -343,7 +357,7 @@ def _archive(db: sqlite3.Connection, job_id: str) -> str:
     while db.execute("SELECT 1 FROM jobs WHERE id=?", (f"{job_id}~{k}",)).fetchone():
         k += 1
     new = f"{job_id}~{k}"
-    for table in ("jobs", "rounds", "round_sites", "models", "job_log"):
+    for table in ("jobs", "rounds", "round_sites", "round_blame", "models", "job_log"):
         db.execute(f"UPDATE {table} SET {'id' if table == 'jobs' else 'job'}=? WHERE {'id' if table == 'jobs' else 'job'}=?", (new, job_id))
     return new
 

@@ -48,6 +48,8 @@ class Coordinator:
     min_sites: int = 1
     timeout: float = 600.0
     sites: tuple[str, ...] | None = None
+    #: sites left out of every later round (a deployed job excludes a site that keeps aborting rounds)
+    excluded: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.params = np.asarray(self.params, dtype=np.float32)
@@ -59,7 +61,8 @@ class Coordinator:
         self.eval_dropped: dict[str, str] = {}
 
     def _sites(self) -> tuple[str, ...]:
-        return tuple(self.sites) if self.sites is not None else tuple(self.transport.sites())
+        sites = tuple(self.sites) if self.sites is not None else tuple(self.transport.sites())
+        return tuple(s for s in sites if s not in self.excluded) if self.excluded else sites
 
     def round_plan(self, round_: int) -> RoundPlan:
         sites = self._sites()

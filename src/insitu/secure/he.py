@@ -396,7 +396,8 @@ class HEProtocol:
         need = max(plan.min_sites, cfg.min_group)
 
         def abort(site: str, cause: str) -> RoundAborted:
-            return RoundAborted(f"round {plan.round}: homomorphic aggregation aborted by site {site}: {cause}; the global model is unchanged")
+            return RoundAborted(f"round {plan.round}: homomorphic aggregation aborted by site {site}: {cause}; the global model is unchanged",
+                                culprits=(site,))
 
         phase = PhaseRunner(plan, transport, abort)
         dropped, up, down = phase.dropped, phase.up, phase.down
@@ -450,8 +451,9 @@ class HEProtocol:
         first_site, plain = next(iter(results.items()))
         tol = 0.0 if cfg.scheme is HEScheme.PAILLIER else 1e-3 * (1.0 + float(np.max(np.abs(plain))))
         for sid, arr in results.items():
-            if float(np.max(np.abs(arr - plain))) > tol:
-                raise abort(sid, f"its decryption disagrees with that of site {first_site}")
+            if float(np.max(np.abs(arr - plain))) > tol:  # either may be the liar: both are named
+                raise RoundAborted(f"round {plan.round}: homomorphic aggregation aborted: the decryption of site {sid} disagrees "
+                                   f"with that of site {first_site}; the global model is unchanged", culprits=(sid, first_site))
         # every site encodes |wᵢ·uᵢ| ≤ bound (and its weight), so a sum of count sites cannot exceed count·bound:
         # beyond it, one ciphertext was malformed or the decryptors lied.  Homomorphic sums hide which
         # site it was, so the abort names every candidate (never the sum).

@@ -713,7 +713,8 @@ class SecAggSite:
 
 # -- coordinator half ---------------------------------------------------------------------------------
 def _abort(plan: RoundPlan, site: str, cause: str) -> RoundAborted:
-    return RoundAborted(f"round {plan.round}: secure aggregation aborted by site {site}: {cause}; the global model is unchanged")
+    return RoundAborted(f"round {plan.round}: secure aggregation aborted by site {site}: {cause}; the global model is unchanged",
+                        culprits=(site,))
 
 
 @dataclass(frozen=True)
@@ -797,7 +798,7 @@ class SecAggProtocol:
         for i, sid in enumerate(u1_list):
             if sid not in rev:
                 raise RoundAborted(f"round {plan.round}: site {sid} committed to a graph-seed share and did not reveal it ({dropped.get(sid, 'no reply')}); "
-                                   "the graph cannot be drawn without it; the global model is unchanged")
+                                   "the graph cannot be drawn without it; the global model is unchanged", culprits=(sid,))
             try:
                 r = _unb64(rev[sid].meta.get("reveal"), REVEAL_BYTES, "graph-seed share")
             except ProtocolError as exc:
