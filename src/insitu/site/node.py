@@ -208,9 +208,9 @@ class SiteNode:
                 "against: set [policy] epsilon_budget (and delta) in site.toml")
 
     def check_task(self, plan: Plan) -> None:
-        check_model_size(plan, self.policy.max_params)  # no approval can make a model this site refuses to build run
         self.approvals.check(plan)
         check_ranges(plan, self.policy.ranges)
+        check_model_size(plan, self.policy.max_params)  # a rule no approval lifts: the largest model this site builds
         task = plan.task
         if self.schema is not None and tuple(task.schema) != tuple(self.schema):
             raise TaskNotApproved(f"task schema {list(task.schema)} is not this site's data schema {list(self.schema)}")
