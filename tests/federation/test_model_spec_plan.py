@@ -160,3 +160,22 @@ def test_site_policy_caps_the_parameter_count(tmp_path):
         else:
             with pytest.raises(ConfigError, match="max_params must be a positive integer"):
                 SitePolicy.load(tmp_path / "site.toml")
+
+
+def test_record_level_dp_refuses_a_specification_it_cannot_clip_when_the_plan_is_made():
+    normed = {"layers": [{"type": "linear", "out_features": 8}, {"type": "layernorm"}, {"type": "relu"},
+                         {"type": "linear", "out_features": "outputs"}]}
+    with pytest.raises(ConfigError, match=r"layer 1 \(layernorm\) has parameters record-level DP-SGD cannot clip"):
+        _job(model_spec=normed, dp="record", noise_multiplier=1.0)
+    _job(model_spec=normed, dp="site", noise_multiplier=1.0)  # site level clips the whole update: any layer
+    plan = _job(model_spec=SPEC, dp="record", noise_multiplier=1.0).plan  # linear, tanh, dropout: clipped per record
+    from insitu.data.heart import load_heart
+    from insitu.privacy import Budget, PrivacyLedger
+
+    heart = load_heart()
+    ledger = PrivacyLedger(":memory:")
+    for s in heart.sites:
+        ledger.set_budget(s.name, Budget(1e6))
+    coord, _ = build_federation(plan, heart.sites, ledger=ledger)
+    rec = coord.run_round(1)
+    assert not rec.dropped and len(rec.participants) == 4 and all(t["epsilon_round"] > 0 for t in rec.train.values())

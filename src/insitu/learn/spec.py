@@ -392,6 +392,24 @@ class ModelSpec:
         return build_from_spec(self.canonical, input_shape, num_outputs, seed)
 
 
+#: layers that hold trainable parameters, and those of them record-level DP-SGD clips per record
+#: (insitu.learn.dpsgd: Linear and Conv2d; normalisation, embedding and recurrent layers it cannot)
+PARAMETERISED = frozenset({LayerType.LINEAR, LayerType.CONV2D, LayerType.BATCHNORM, LayerType.GROUPNORM, LayerType.LAYERNORM,
+                           LayerType.EMBEDDING, LayerType.LSTM, LayerType.GRU})
+RECORD_DP_LAYERS = frozenset({LayerType.LINEAR, LayerType.CONV2D})
+
+
+def check_record_dp(spec: Any) -> None:
+    """Refuse, naming the layer, a specification whose parameters DP-SGD cannot clip record by record,
+    when the plan is made rather than when a site first trains it."""
+    for i, layer in enumerate(validate_spec(spec)["layers"]):
+        kind = LayerType(layer["type"])
+        if kind in PARAMETERISED - RECORD_DP_LAYERS:
+            mixes = " (and it mixes the records of a batch)" if kind is LayerType.BATCHNORM else ""
+            raise ConfigError(f"model spec layer {i} ({kind.value}) has parameters record-level DP-SGD cannot clip per record{mixes}; "
+                              'with dp = "record" the layers with parameters must be linear or conv2d')
+
+
 def load_model_spec(path: str | Path) -> ModelSpec:
     """Read a specification from a JSON file, refusing (naming the file) one that cannot be read or is invalid."""
     path = Path(path)
@@ -419,5 +437,5 @@ BUILTIN_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-__all__ = ["BUILTIN_SPECS", "LayerType", "ModelPolicy", "ModelSpec", "load_model_spec", "OUTPUTS", "RecurrentOutput", "SpecModel", "build_from_spec",
+__all__ = ["BUILTIN_SPECS", "LayerType", "ModelPolicy", "ModelSpec", "load_model_spec", "check_record_dp", "PARAMETERISED", "RECORD_DP_LAYERS", "OUTPUTS", "RecurrentOutput", "SpecModel", "build_from_spec",
            "canonical_json", "count_params", "validate_spec"]
