@@ -319,6 +319,13 @@ class SpecModel(nn.Module):
             x = x.unsqueeze(1)
         return self.layers(x)
 
+    def __getitem__(self, i: int) -> nn.Module:
+        """Layer ``i`` of the specification (the index its error messages name)."""
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
 
 _ACTIVATIONS: dict[LayerType, Callable[[], nn.Module]] = {
     LayerType.RELU: nn.ReLU, LayerType.GELU: nn.GELU, LayerType.TANH: nn.Tanh, LayerType.SIGMOID: nn.Sigmoid,
