@@ -70,6 +70,10 @@ def test_a_plan_with_an_invalid_or_ambiguous_specification_is_refused():
         Plan.from_meta(with_spec({"layers": [{"type": "python", "code": "import os"}]}))
     with pytest.raises(ProtocolError, match="not in canonical form"):  # defaults left out: two encodings of one plan
         Plan.from_meta(with_spec(SPEC))
+    integer_p = validate_spec(SPEC)
+    integer_p["layers"][2]["p"] = 0  # 0 and 0.0 are one value but two byte strings, two hashes
+    with pytest.raises(ProtocolError, match="not in canonical form"):
+        Plan.from_meta(with_spec(integer_p))
     with pytest.raises(ProtocolError, match='model_spec is given with model = "mlp"'):
         Plan.from_meta(with_spec(validate_spec(SPEC), model="mlp"))
     no_spec = {**meta, "task": {k: v for k, v in meta["task"].items() if k != "model_spec"}}

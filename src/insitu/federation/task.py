@@ -139,7 +139,7 @@ class TaskSpec:
                 canon = validate_spec(meta["model_spec"])
             except ConfigError as exc:
                 raise ProtocolError(f"invalid task spec: {exc}") from None
-            if canon != meta["model_spec"] or not isinstance(meta["model_spec"], dict):
+            if not isinstance(meta["model_spec"], dict) or _json(canon) != _json(meta["model_spec"]):
                 raise ProtocolError("invalid task spec: model_spec is not in canonical form (every layer's keys written out, "
                                     "as ModelSpec.to_meta gives it)")
         try:
@@ -150,6 +150,10 @@ class TaskSpec:
     def content_hash(self) -> str:
         """SHA-256 over the canonical JSON of the spec."""
         return canonical_hash(self.to_meta())
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def canonical_hash(meta: Any) -> str:
