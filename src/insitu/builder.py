@@ -27,7 +27,7 @@ from insitu.federation.pipeline import SitePipeline
 from insitu.federation.protocol import AggregationProtocol, PlainProtocol, PlainSiteProtection, SiteProtection
 from insitu.federation.site import Guard, Site, default_trainer
 from insitu.federation.transport import Transport
-from insitu.learn.models import build_model, get_flat
+from insitu.learn.models import get_flat
 from insitu.plan import Plan, Protection
 
 if TYPE_CHECKING:
@@ -242,8 +242,7 @@ def build_site(
 # -- coordinator --------------------------------------------------------------------------------
 def initial_params(plan: Plan, seed: int) -> np.ndarray:
     """The global model before round 1 (public: every party may know the initialisation seed)."""
-    t = plan.task
-    return get_flat(build_model(t.model, t.input_shape, t.num_outputs, seed=seed))
+    return get_flat(plan.task.build_model(seed))
 
 
 def build_coordinator(plan: Plan, job: str, transport: Transport, *, params: np.ndarray, timeout: float = 600.0,

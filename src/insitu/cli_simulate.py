@@ -22,6 +22,8 @@ def simulate_command(
     lr: Optional[float] = typer.Option(None, help="Site learning rate."),
     batch_size: Optional[int] = typer.Option(None, help="Site minibatch size."),
     optimizer: Optional[str] = typer.Option(None, help="Site optimizer: sgd or adam."),
+    model: Optional[str] = typer.Option(None, help="Built-in model: logreg, mlp, cnn, lstm or grud (default: the dataset's)."),
+    model_spec: Optional[str] = typer.Option(None, "--model-spec", help="Your own model instead: a JSON file of layers ({\"layers\": [{\"type\": \"flatten\"}, {\"type\": \"linear\", \"out_features\": \"outputs\"}]}; vocabulary in docs/tutorials/own-model.md). The plan carries it and each site builds it; no code travels."),
     mu: float = typer.Option(0.01, help="FedProx proximal weight μ."),
     server_lr: Optional[float] = typer.Option(None, help="Server learning rate (FedAvg 1.0; adaptive optimizers 0.03)."),
     min_sites: int = typer.Option(1, help="A round completes only if at least this many sites finish it."),
@@ -69,7 +71,7 @@ def simulate_command(
 
     cfg = SimulationConfig(
         dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, recipe=recipe, rounds=rounds,
-        local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, mu=mu, server_lr=server_lr,
+        local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, model=model, model_spec=model_spec, mu=mu, server_lr=server_lr,
         min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, normalize_epsilon=normalize_epsilon, compress=compress, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
         dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement, dp_adjacency=dp_adjacency,
         adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,

@@ -150,6 +150,8 @@ strategy = "fedavg"                    # fedavg | fedprox | fedadam | fedyogi | 
 rounds = 20
 seed = 0                               # the initial model
 min_sites = {min_sites}                # a round needs this many sites; fewer and it is aborted
+# model = "mlp"                        # a built-in model: logreg | mlp | cnn | lstm | grud (default: the dataset's) ...
+# model_spec = "my_model.json"         # ... or your own layers (insitu.learn.spec); `job submit` sends the file's layers
 # lr = 0.05                            # the sites' learning rate (default: the dataset's)
 # local_steps = 50
 secure_aggregation = false             # true: pairwise masks, the coordinator learns only the sum
@@ -204,6 +206,7 @@ state = "state"                        # approvals.json, pending.json, refusals.
 approved = []                          # task hashes approved here; easier: `insitu site pending`, then
                                        #   `insitu site approve ID` (takes effect without a restart)
 min_secagg_group = 0                   # >= 2: send updates only masked (secure aggregation) among that many sites
+# max_params = 1000000                 # build no model (built-in or a job's own specification) with more parameters
 # epsilon_budget = 3.0                 # set a budget and only record-level DP tasks run, each round charged to
 # delta = 1e-5                         #   this site's own ledger before training, until the next would pass it
 # [policy.ranges]                      # limits every task must meet, approved or not

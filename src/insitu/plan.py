@@ -289,6 +289,10 @@ class Plan:
             check_composes(spec)  # masks cancel only on aligned coordinates: shared:F composes, top-k and int8 do not
         if self.dp.level is DPLevel.SITE and self.dp.placement is Placement.DISTRIBUTED and self.dp.adaptive_clip:
             raise ConfigError("adaptive clipping needs central noise")
+        if self.dp.level is DPLevel.RECORD and self.task.model_spec is not None:
+            from insitu.learn.spec import check_record_dp
+
+            check_record_dp(self.task.model_spec.canonical)  # refused now, not at the sites' first round
 
     # -- derived ------------------------------------------------------------------------------
     @property

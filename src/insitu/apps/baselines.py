@@ -15,7 +15,6 @@ import torch
 
 from insitu.data.dataset import FederatedData
 from insitu.federation.task import TaskSpec
-from insitu.learn.models import build_model
 from insitu.learn.train import evaluate, train_local
 
 
@@ -36,7 +35,7 @@ def local_only(data: FederatedData, task: TaskSpec, steps: int, seed: int = 0) -
     cfg = task.train_config()
     cfg = type(cfg)(lr=cfg.lr, steps=steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer)
     for i, site in enumerate(data.sites):
-        model = build_model(task.model, task.input_shape, task.num_outputs, seed=seed)
+        model = task.build_model(seed)
         gen = torch.Generator().manual_seed(seed * 7919 + i)
         train_local(model, site.X_train, site.y_train, cfg, gen, num_outputs=task.num_outputs)
         sc = _score(model, data, task)
@@ -59,6 +58,6 @@ def pooled(data: FederatedData, task: TaskSpec, steps: int, seed: int = 0) -> di
     X, y = data.pooled_train()
     cfg = task.train_config()
     cfg = type(cfg)(lr=cfg.lr, steps=steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer)
-    model = build_model(task.model, task.input_shape, task.num_outputs, seed=seed)
+    model = task.build_model(seed)
     train_local(model, X, y, cfg, torch.Generator().manual_seed(seed * 104729 + 1), num_outputs=task.num_outputs)
     return _score(model, data, task)

@@ -106,6 +106,9 @@ class SimulationConfig:
     batch_size: int | None = None
     optimizer: str | None = None
     model: str | None = None
+    #: your own model: a JSON file of layers (insitu.learn.spec) or the specification itself (a dict);
+    #: every site builds it from the plan, which carries it (model = "spec")
+    model_spec: str | Mapping[str, Any] | None = None
     mu: float = DEFAULT_MU  # FedProx's proximal weight (fedprox only)
     server_lr: float | None = None
     seed: int = 0
@@ -170,7 +173,8 @@ class SimulationConfig:
             lr=self.lr if self.lr is not None else d.lr,
             batch_size=self.batch_size if self.batch_size is not None else d.batch_size,
             optimizer=self.optimizer or d.optimizer,
-            model=self.model or d.model,
+            model=self.model or ("spec" if self.model_spec is not None else d.model),
+            model_spec=_model_spec(self.model, self.model_spec),
             lr_schedule=self.lr_schedule or d.lr_schedule,
             select=self.select or d.select,
             augment=self.augment if self.augment is not None else d.augment,
@@ -180,7 +184,9 @@ class SimulationConfig:
         if cfg.normalize == "federated" and ds is not DatasetName.HEART:
             raise ConfigError(f"--normalize federated needs public per-feature bounds; the heart task states them, {ds.value} has none (use --normalize site)")
         Partition.parse(cfg.partition)
-        plan = cfg.plan_for((1,), 1, ("x",))  # validates every plan field (strategy, protection, DP, compression, …)
+        # validates every plan field (strategy, protection, DP, compression, …); a specification's shapes are
+        # checked against the data's shape in plan_for
+        plan = (replace(cfg, model="logreg", model_spec=None) if cfg.model_spec is not None else cfg).plan_for((1,), 1, ("x",))
         if plan.select.value == "best-val" and ds is DatasetName.HEART and own is None:
             raise ConfigError("--select best-val needs validation splits; the heart data has none (FLamby's splits are train/test)")
         from insitu.federation.dp import parse_budgets
@@ -205,7 +211,7 @@ class SimulationConfig:
         kind = Protection.SECAGG if self.secure_aggregation else he
         task = TaskSpec(model=self.model, input_shape=tuple(input_shape), num_outputs=num_outputs, schema=tuple(schema),
                         lr=self.lr, local_steps=self.local_steps, batch_size=self.batch_size, optimizer=self.optimizer,
-                        augment_shift=self.augment or 0)
+                        augment_shift=self.augment or 0, model_spec=self.model_spec)
         return Plan(
             task=task,
             strategy=StrategySpec(strategy, self.server_lr, self.mu if strategy is StrategyName.FEDPROX else 0.0),
@@ -217,6 +223,21 @@ class SimulationConfig:
             rounds=self.rounds, min_sites=self.min_sites, lr_schedule=self.lr_schedule, select=self.select, normalize=self.normalize,
             normalize_epsilon=self.normalize_epsilon,
         )
+
+
+def _model_spec(model: str | None, spec: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``model_spec`` as the canonical specification (a path is read here), checked against ``model``."""
+    if spec is None:
+        if model == "spec":
+            raise ConfigError('model = "spec" needs model_spec: a JSON file of layers (--model-spec FILE.json) or the layers themselves')
+        return None
+    if model not in (None, "spec"):
+        raise ConfigError(f"give either model = {model!r} (a built-in) or model_spec (your own layers), not both")
+    from insitu.learn.spec import ModelSpec, load_model_spec
+
+    if isinstance(spec, (str, os.PathLike)):
+        return load_model_spec(spec).to_meta()
+    return ModelSpec.parse(spec).to_meta()
 
 
 def own_kind(data: FederatedData) -> DatasetName:

@@ -20,7 +20,7 @@ from insitu.data.dataset import SiteData
 from insitu.errors import ConfigError
 from insitu.federation.task import TaskSpec
 from insitu.federation.transport import InProcessTransport
-from insitu.learn.models import build_model, set_flat
+from insitu.learn.models import set_flat
 from insitu.plan import Plan
 
 
@@ -89,7 +89,7 @@ class ProbeResult:
 
 
 def _model_at(task: TaskSpec, params: np.ndarray) -> torch.nn.Module:
-    m = build_model(task.model, task.input_shape, task.num_outputs)
+    m = task.build_model()
     set_flat(m, params)
     return m
 

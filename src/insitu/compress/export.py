@@ -32,7 +32,7 @@ from torch import nn
 from insitu.compress.model import DistillConfig, count_params, distill, prune, sparsity
 from insitu.errors import ConfigError, DataError, parse_choice
 from insitu.federation.task import TaskSpec
-from insitu.learn.models import build_model, set_flat
+from insitu.learn.models import set_flat
 
 #: the float ONNX graph must match PyTorch this closely (max absolute difference of logits)
 FLOAT_TOLERANCE = 1e-4
@@ -117,7 +117,7 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, TaskSpec]:
             params = z["params"]
     except (ValueError, KeyError, OSError) as exc:
         raise DataError(f"cannot read the model of run {str(run)!r}: {exc}") from None
-    model = build_model(task.model, task.input_shape, task.num_outputs)
+    model = task.build_model()
     try:
         set_flat(model, params)
     except ConfigError as exc:

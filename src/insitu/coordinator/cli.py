@@ -86,6 +86,9 @@ def submit(job_file: Path = typer.Argument(..., help="job.toml (same names as `i
         job = tomllib.loads(job_file.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read job file {job_file}: {exc}") from None
+    from insitu.coordinator.jobs import inline_model_spec
+
+    job = inline_model_spec(job, job_file.resolve().parent)
     _finite(job, str(job_file))
     res = _call(config, "submit", {"job": job})
     out.print(f"job {res['id']} {res['status']}; task hash {res['task_hash']}")
@@ -106,13 +109,13 @@ def _finite(value: Any, where: str) -> None:
 @job_app.command("hash")
 def task_hash(job_file: Path = typer.Argument(...)) -> None:
     """Print the content hash of a job's task (what site admins approve), without contacting anyone."""
-    from insitu.coordinator.jobs import JobSpec
+    from insitu.coordinator.jobs import JobSpec, inline_model_spec
 
     try:
         job = tomllib.loads(job_file.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read job file {job_file}: {exc}") from None
-    spec = JobSpec.from_dict(job)
+    spec = JobSpec.from_dict(inline_model_spec(job, job_file.resolve().parent))
     out.print(spec.plan.content_hash())
 
 

@@ -29,6 +29,14 @@ unchanged and sites approve the same hash::
     num_outputs = 2
     schema = ["image"]
 
+Your own model (instead of ``model = "cnn"``): ``model_spec = "my_model.json"`` (a path relative
+to job.toml; ``insitu job submit`` and ``insitu job hash`` put the file's layers into the job, so
+the coordinator never reads a file an operator names) or the layers inline::
+
+    [model_spec]
+    layers = [{type = "flatten"}, {type = "linear", out_features = 16}, {type = "relu"},
+              {type = "linear", out_features = "outputs"}]
+
 Options that only make sense on one machine (``data``, ``partition``, ``dropout``,
 ``site_budget``, …) are refused: in a deployment each site holds its own data and budget.
 """
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 from insitu.errors import ConfigError
@@ -64,6 +73,18 @@ HEART_SCHEMA = (
 MAX_TIMEOUT = 86_400.0
 #: the most sites a job may name
 MAX_SITES = 10_000
+
+
+def inline_model_spec(job: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``job`` with a ``model_spec`` file path (relative to ``base``, job.toml's folder) replaced by the
+    file's specification, so that the job sent to the coordinator carries the layers themselves."""
+    job = dict(job)
+    spec = job.get("model_spec")
+    if isinstance(spec, str):
+        from insitu.learn.spec import load_model_spec
+
+        job["model_spec"] = load_model_spec(base / spec).to_meta()
+    return job
 
 
 def _seconds(name: str, v: Any) -> float:
@@ -171,6 +192,10 @@ class JobSpec:
                 raise ConfigError(f"job keys {local} apply to insitu simulate only; in a deployment each site holds its own data and budget")
             raise ConfigError(f"job description has unknown keys {unknown}; known keys are {sorted(known)}")
         config = {k: raw[k] for k in sorted(plan_keys) if k in raw and raw[k] is not None}
+        if isinstance(config.get("model_spec"), str):
+            raise ConfigError(f"model_spec = {_short(config['model_spec'])}: a job carries the specification itself "
+                              "(a [model_spec] table with layers = [...]); `insitu job submit job.toml` reads a file path "
+                              "given in job.toml for you")
         task = raw.get("task")
         if task is not None:
             if not isinstance(task, Mapping) or set(task) - {"input_shape", "num_outputs", "schema"}:
@@ -199,9 +224,11 @@ class JobSpec:
         if not isinstance(shape[0], (list, tuple)) or not isinstance(shape[2], (list, tuple)):
             raise ConfigError("[task] input_shape and schema must be lists")
         plan = cfg.plan_for(tuple(shape[0]), shape[1], tuple(shape[2]))
+        if cfg.model_spec is not None:
+            config["model_spec"] = cfg.model_spec  # stored canonical, as the plan carries it
         return cls(name=raw["name"], plan=plan, seed=seed, config=config,
                    sites=tuple(names) if names is not None else None,
                    **{k: raw[k] for k in RUN_SETTINGS if k in raw})
 
 
-__all__ = ["JobSpec", "HEART_SCHEMA", "DEPLOYMENT_FIELDS"]
+__all__ = ["JobSpec", "HEART_SCHEMA", "DEPLOYMENT_FIELDS", "inline_model_spec"]

@@ -20,7 +20,7 @@ from insitu.federation.pipeline import SitePipeline
 from insitu.federation.egress import Egress
 from insitu.federation.instructions import EvalInstructions, RoundInstructions, Split
 from insitu.federation.task import TaskSpec, canonical_hash
-from insitu.learn.models import build_model, get_flat, num_params, set_flat
+from insitu.learn.models import get_flat, num_params, set_flat
 from insitu.learn.train import TrainConfig, evaluate, train_local
 
 #: called with (site, request, instructions) before any training; raises to refuse the round.
@@ -65,7 +65,7 @@ class Site:
     handlers: dict[MessageKind, Callable[[Message], Message]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.model = build_model(self.task.model, self.task.input_shape, self.task.num_outputs, seed=0)
+        self.model = self.task.build_model(seed=0)  # built here, from the plan's specification
         self.size = num_params(self.model)
         self.generator = torch.Generator().manual_seed(self.sampling_seed)
         self.control: np.ndarray | None = None  # Scaffold's cᵢ, kept between rounds

@@ -18,12 +18,12 @@ from torch import nn
 from insitu.data.dataset import FederatedData
 from insitu.errors import ConfigError
 from insitu.learn import metrics as M
-from insitu.learn.models import build_model, set_flat
+from insitu.learn.models import set_flat
 
 
 def model_of(task: Any, params: np.ndarray) -> nn.Module:
-    """The task's model (``task.model``, ``input_shape``, ``num_outputs``) holding ``params``."""
-    model = build_model(task.model, task.input_shape, task.num_outputs)
+    """The task's model (a :class:`~insitu.federation.task.TaskSpec`: built-in or specification) holding ``params``."""
+    model = task.build_model()
     set_flat(model, params)
     return model
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from insitu.errors import ConfigError, parse_choice
-from insitu.learn.sequence import GRUD, LSTMClassifier
+from insitu.learn.sequence import GRUD, HIDDEN, LSTMClassifier
 
 
 class ModelName(str, enum.Enum):
@@ -18,6 +18,7 @@ class ModelName(str, enum.Enum):
     MLP = "mlp"
     LSTM = "lstm"  # sequences [T, 3V] (insitu.learn.sequence)
     GRUD = "grud"
+    SPEC = "spec"  # a declarative specification the task carries (insitu.learn.spec), built by each site
 
 
 def _logreg(input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
@@ -62,10 +63,16 @@ MODELS: dict[ModelName, Callable[[tuple[int, ...], int], nn.Module]] = {
 MAX_PARAMS = 8_000_000
 
 
+def _named(key: ModelName) -> ModelName:
+    if key is ModelName.SPEC:
+        raise ConfigError('model "spec" is built from the task\'s model_spec (TaskSpec.build_model), not by name')
+    return key
+
+
 def param_count(name: str | ModelName, input_shape: tuple[int, ...], num_outputs: int) -> int:
     """How many parameters :func:`build_model` would make, computed exactly without allocating them
     (Python integers, so a hostile shape cannot overflow)."""
-    key = ModelName(name)
+    key = _named(ModelName(name))
     d = 1
     for x in input_shape:
         d *= int(x)
@@ -74,6 +81,12 @@ def param_count(name: str | ModelName, input_shape: tuple[int, ...], num_outputs
         return d * o + o
     if key is ModelName.MLP:
         return d * 32 + 32 + 32 * o + o
+    if key in (ModelName.LSTM, ModelName.GRUD):  # records [T, 3V] (insitu.learn.sequence, hidden size HIDDEN)
+        v, h = int(input_shape[-1]) // 3, HIDDEN
+        head = h * o + o
+        if key is ModelName.LSTM:
+            return (3 * v * 4 * h + 4 * h) + 4 * h * h + head
+        return 2 * v + (v * h + h) + (2 * v * 3 * h + 3 * h) + (3 * h * h + 3 * h) + head
     c = int(input_shape[0]) if len(input_shape) == 3 else 1
     side = int(input_shape[-1]) // 4
     return (c * 16 * 9 + 16) + (16 * 32 * 9 + 32) + (32 * side * side * 32 + 32) + (32 * o + o)
@@ -89,7 +102,7 @@ def check_size(name: str | ModelName, input_shape: tuple[int, ...], num_outputs:
 
 
 def build_model(name: str | ModelName, input_shape: tuple[int, ...], num_outputs: int, seed: int = 0) -> nn.Module:
-    key = parse_choice(ModelName, name, "model")
+    key = _named(parse_choice(ModelName, name, "model"))
     torch.manual_seed(seed)
     return MODELS[key](tuple(input_shape), num_outputs)
 

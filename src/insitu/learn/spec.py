@@ -24,6 +24,8 @@ layer that cannot take the shape before it is refused naming the layer's index a
     count_params(spec, input_shape, num_outputs) -> int     (without building anything)
     build_from_spec(spec, input_shape, num_outputs, seed=0, policy=None) -> nn.Module
 
+``ModelSpec`` is a validated specification as a plan's task carries it (``model = "spec"``,
+``model_spec = {...}``); ``load_model_spec(path)`` reads one from a JSON file.
 ``ModelPolicy(max_params=...)`` is a site's cap, checked before any memory is allocated.
 ``BUILTIN_SPECS`` are the registry's models (logreg, mlp, cnn) written as specifications; built
 with the same seed they hold the same initial parameters as ``insitu.learn.models.build_model``.
@@ -34,6 +36,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from enum import StrEnum
 from typing import Any
 
@@ -316,6 +319,13 @@ class SpecModel(nn.Module):
             x = x.unsqueeze(1)
         return self.layers(x)
 
+    def __getitem__(self, i: int) -> nn.Module:
+        """Layer ``i`` of the specification (the index its error messages name)."""
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
 
 _ACTIVATIONS: dict[LayerType, Callable[[], nn.Module]] = {
     LayerType.RELU: nn.ReLU, LayerType.GELU: nn.GELU, LayerType.TANH: nn.Tanh, LayerType.SIGMOID: nn.Sigmoid,
@@ -362,6 +372,64 @@ def build_from_spec(spec: Any, input_shape: tuple[int, ...], num_outputs: int, s
     return SpecModel([_module(p) for p in plan], add_channel)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A validated model specification, held as its canonical JSON (hashable, comparable, frozen).
+
+    ``ModelSpec.parse`` takes a dict, a JSON string or a ``ModelSpec``; two specifications that
+    differ only in key order or in defaults written out are the same ``ModelSpec``."""
+
+    canonical: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "canonical", canonical_json(self.canonical))
+
+    @classmethod
+    def parse(cls, raw: Any) -> "ModelSpec":
+        return raw if isinstance(raw, ModelSpec) else cls(canonical_json(raw))
+
+    def to_meta(self) -> dict[str, Any]:
+        """The canonical dict (what a plan carries and hashes)."""
+        return json.loads(self.canonical)
+
+    def count_params(self, input_shape: tuple[int, ...], num_outputs: int) -> int:
+        return count_params(self.canonical, input_shape, num_outputs)
+
+    def build(self, input_shape: tuple[int, ...], num_outputs: int, seed: int = 0) -> SpecModel:
+        return build_from_spec(self.canonical, input_shape, num_outputs, seed)
+
+
+#: layers that hold trainable parameters, and those of them record-level DP-SGD clips per record
+#: (insitu.learn.dpsgd: Linear and Conv2d; normalisation, embedding and recurrent layers it cannot)
+PARAMETERISED = frozenset({LayerType.LINEAR, LayerType.CONV2D, LayerType.BATCHNORM, LayerType.GROUPNORM, LayerType.LAYERNORM,
+                           LayerType.EMBEDDING, LayerType.LSTM, LayerType.GRU})
+RECORD_DP_LAYERS = frozenset({LayerType.LINEAR, LayerType.CONV2D})
+
+
+def check_record_dp(spec: Any) -> None:
+    """Refuse, naming the layer, a specification whose parameters DP-SGD cannot clip record by record,
+    when the plan is made rather than when a site first trains it."""
+    for i, layer in enumerate(validate_spec(spec)["layers"]):
+        kind = LayerType(layer["type"])
+        if kind in PARAMETERISED - RECORD_DP_LAYERS:
+            mixes = " (and it mixes the records of a batch)" if kind is LayerType.BATCHNORM else ""
+            raise ConfigError(f"model spec layer {i} ({kind.value}) has parameters record-level DP-SGD cannot clip per record{mixes}; "
+                              'with dp = "record" the layers with parameters must be linear or conv2d')
+
+
+def load_model_spec(path: str | Path) -> ModelSpec:
+    """Read a specification from a JSON file, refusing (naming the file) one that cannot be read or is invalid."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the model specification {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        return ModelSpec.parse(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 BUILTIN_SPECS: dict[str, dict[str, Any]] = {
     "logreg": {"layers": [{"type": "flatten"}, {"type": "linear", "out_features": OUTPUTS}]},
     "mlp": {"layers": [{"type": "flatten"}, {"type": "linear", "out_features": 32}, {"type": "relu"},
@@ -376,5 +444,5 @@ BUILTIN_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-__all__ = ["BUILTIN_SPECS", "LayerType", "ModelPolicy", "OUTPUTS", "RecurrentOutput", "SpecModel", "build_from_spec",
+__all__ = ["BUILTIN_SPECS", "LayerType", "ModelPolicy", "ModelSpec", "load_model_spec", "check_record_dp", "PARAMETERISED", "RECORD_DP_LAYERS", "OUTPUTS", "RecurrentOutput", "SpecModel", "build_from_spec",
            "canonical_json", "count_params", "validate_spec"]

@@ -82,7 +82,9 @@ class Sandbox:
             time.sleep(0.05)
         return int(pf.read_text())
 
-    def write_site_config(self, name: str, *, approved: Iterable[str] = (), policy: Mapping[str, Any] | None = None, hospital: str | None = None) -> Path:
+    def write_site_config(self, name: str, *, approved: Iterable[str] = (), policy: Mapping[str, Any] | None = None, hospital: str | None = None,
+                          data: Mapping[str, Any] | None = None) -> Path:
+        """The site's site.toml; ``data`` is its [data] table (default: the heart hospital ``hospital`` or ``name``)."""
         path = self.root / "sites" / name / "site.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(self.root / "pki" / name, path.parent)
@@ -91,7 +93,7 @@ class Sandbox:
             "ca": f"{rel}/ca.pem", "state": "state", "heartbeat": self.heartbeat, "dead_after": self.dead_after,
             "backoff_max": self.backoff_max,
         })
-        text += _table("data", {"source": "heart", "hospital": hospital or name})
+        text += _table("data", dict(data) if data is not None else {"source": "heart", "hospital": hospital or name})
         fixed = {"insecure_fixed_secret": self.fixed_secrets[name].hex()} if name in self.fixed_secrets else {}
         text += _table("policy", {"approved": list(approved), **fixed, **dict(policy or {})})
         path.write_text(text)

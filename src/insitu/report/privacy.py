@@ -49,7 +49,7 @@ from insitu.attacks.reconstruction import MatchConfig
 from insitu.attacks.side_channels import LossEquationResult, OracleResult, SamplingFigures
 from insitu.errors import ConfigError, DataError
 from insitu.federation.task import TaskSpec
-from insitu.learn.models import ModelName, build_model, set_flat
+from insitu.learn.models import ModelName, set_flat
 from insitu.learn.train import TrainConfig, single_thread, train_local  # noqa: F401  (single_thread: the CLI's)
 
 
@@ -263,7 +263,7 @@ def shadow_trainer(task: TaskSpec, steps: int, batch_size: int, dp: tuple[float,
     base = task.train_config()
 
     def fit(X: torch.Tensor, y: torch.Tensor, seed: int) -> torch.nn.Module:
-        model = build_model(task.model, task.input_shape, task.num_outputs, seed=seed)
+        model = task.build_model(seed)
         cfg = TrainConfig(lr=base.lr, steps=steps, batch_size=batch_size, optimizer=base.optimizer)
         gen = torch.Generator().manual_seed(seed)
         if dp is not None:
@@ -550,7 +550,7 @@ def attack_run(
     run_dir = Path(run_dir)
     summary, cfg, task, params = _load_run(run_dir)
     data = load_federated(cfg)
-    model = build_model(task.model, task.input_shape, task.num_outputs)
+    model = task.build_model()
     set_flat(model, params)
     defence, eps = describe_defence(cfg, summary)
     n_shadows = default_shadows(task) if shadows is None else shadows

@@ -12,7 +12,8 @@ guards that refuse, *before any training*:
   computes ε itself from the task's noise multiplier and its own sampling rate, charges
   ``state/privacy_ledger.sqlite`` before training (one immutable row per round) and trains with
   DP-SGD; without a budget, a DP task (nothing could cap it);
-* a task whose data schema is not this site's.
+* a task whose data schema is not this site's;
+* a model larger than ``[policy] max_params`` (counted from the plan's shapes, before anything is built).
 
 A refusal is logged to ``state/refusals.jsonl``, the task is kept in
 ``state/pending.json`` for the admin to review, and the ERROR reply carries
@@ -42,7 +43,7 @@ from insitu.federation.site import Site
 from insitu.net.client import DialConfig, SiteClient
 from insitu.net.pki import Credentials
 from insitu.plan import Plan, Protection
-from insitu.site.policy import Approvals, DataSource, SitePolicy, check_group, check_ranges
+from insitu.site.policy import Approvals, DataSource, SitePolicy, check_group, check_model_size, check_ranges
 
 log = logging.getLogger("insitu.site")
 MAX_JOBS = 8  # Site objects kept (one per recent job)
@@ -209,6 +210,7 @@ class SiteNode:
     def check_task(self, plan: Plan) -> None:
         self.approvals.check(plan)
         check_ranges(plan, self.policy.ranges)
+        check_model_size(plan, self.policy.max_params)  # a rule no approval lifts: the largest model this site builds
         task = plan.task
         if self.schema is not None and tuple(task.schema) != tuple(self.schema):
             raise TaskNotApproved(f"task schema {list(task.schema)} is not this site's data schema {list(self.schema)}")

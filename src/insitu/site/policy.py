@@ -20,6 +20,7 @@
     epsilon_budget = 3.0             # optional; set it and only record-level DP tasks run, until the
     delta = 1e-5                     #   site's own accountant says the next round would pass (ε, δ)
     min_secagg_group = 0             # refuse rounds whose update is not masked among ≥ this many sites
+    max_params = 1_000_000           # optional: refuse any model (built-in or specification) with more parameters
     [policy.ranges]                  # limits every task must meet, approved or not
     local_steps = [1, 500]
     lr = [1e-5, 1.0]
@@ -112,6 +113,7 @@ class SitePolicy:
     #: replayable by whoever reads this file; logged as unsafe at start.
     insecure_fixed_secret: bytes | None = None
     threads: int = 1  # torch threads for training ([site] threads)
+    max_params: int | None = None  # [policy] max_params: the largest model this site builds (None: the global limit)
 
     @classmethod
     def load(cls, path: str | Path) -> "SitePolicy":
@@ -148,6 +150,9 @@ class SitePolicy:
                 raise ConfigError(f"{path}: insecure_fixed_secret must be hex, got {str(fixed)[:8]}…") from None
             if len(fixed) < 16:
                 raise ConfigError(f"{path}: insecure_fixed_secret must be at least 16 bytes (32 hex digits)")
+        cap = pol.get("max_params")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigError(f"{path}: [policy] max_params must be a positive integer (a parameter count), got {cap!r}")
         group = int(pol.get("min_secagg_group", 0))
         if group < 0:
             raise ConfigError(f"{path}: min_secagg_group must be >= 0, got {group}")
@@ -159,6 +164,7 @@ class SitePolicy:
             epsilon_budget=float(budget) if budget is not None else None, delta=float(delta), min_secagg_group=group,
             heartbeat=float(site.get("heartbeat", 2.0)), dead_after=float(site.get("dead_after", 10.0)),
             backoff_max=float(site.get("backoff_max", 15.0)), insecure_fixed_secret=fixed, threads=_threads(site.get("threads", 1), path),
+            max_params=cap,
         )
 
 
@@ -310,6 +316,17 @@ def check_ranges(plan: Plan, ranges: Mapping[str, Range]) -> None:
             raise TaskNotApproved(f"plan {plan.content_hash()[:12]}: {name} = {v} is outside this site's allowed range [{rng.low}, {rng.high}]")
 
 
+def check_model_size(plan: Plan, max_params: int | None) -> int:
+    """This site's cap on the model it builds ([policy] max_params), checked from shapes alone, before
+    anything is allocated; returns the model's parameter count."""
+    n = plan.task.param_count()
+    if max_params is not None and n > max_params:
+        what = "its model specification" if plan.task.model_spec is not None else f"its model {plan.task.model}"
+        raise PolicyViolation(f"plan {plan.content_hash()[:12]}: {what} has {n:,} parameters; this site's policy allows at most "
+                              f"{max_params:,} ([policy] max_params in site.toml)")
+    return n
+
+
 def check_group(protocol: str, group: int, minimum: int) -> None:
     """A site that demands secure aggregation among ≥ k sites refuses rounds that do not give it."""
     if minimum <= 0:
@@ -328,4 +345,4 @@ def _atomic_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-__all__ = ["SitePolicy", "DataSource", "Range", "Approvals", "check_ranges", "check_group", "HYPER_PARAMETERS"]
+__all__ = ["SitePolicy", "DataSource", "Range", "Approvals", "check_ranges", "check_group", "check_model_size", "HYPER_PARAMETERS"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from insitu.errors import ConfigError, ProtocolError
+from insitu.plan import Plan
 from insitu.site.policy import Approvals, SitePolicy
 
 
@@ -66,9 +68,19 @@ def plan_row(spec: Mapping[str, Any] | None) -> dict[str, str]:
     if dp != "off":
         dp += f" σ={f['dp.noise_multiplier']:g}" if isinstance(f.get("dp.noise_multiplier"), (int, float)) else \
             (f" ε={f['dp.epsilon']:g}" if isinstance(f.get("dp.epsilon"), (int, float)) else "")
-    return {"model": str(f.get("task.model", "?")), "strategy": str(f.get("strategy.name", "?")), "lr": str(f.get("task.lr")),
+    return {"model": _model(spec), "strategy": str(f.get("strategy.name", "?")), "lr": str(f.get("task.lr")),
             "local steps": str(f.get("task.local_steps")), "batch": str(f.get("task.batch_size")),
             "rounds": str(f.get("rounds")), "protection": str(f.get("protection.kind", "?")), "dp": dp}
+
+
+def _model(spec: Mapping[str, Any] | None) -> str:
+    """The model's name and size (``cnn, 56,129 parameters``); a specification reads ``spec, N parameters``
+    (its layers are in ``--json`` and on the console)."""
+    name = str(((spec or {}).get("task") or {}).get("model", "?"))
+    try:
+        return f"{name}, {Plan.from_meta(dict(spec or {})).task.param_count():,} parameters"
+    except (ConfigError, ProtocolError, TypeError, ValueError):
+        return name  # a malformed plan stays listed by its name, for the admin to see
 
 
 def ledger_state(policy: SitePolicy) -> dict[str, Any]:
