@@ -28,7 +28,7 @@ from insitu.federation.protocol import AggregationProtocol, PlainProtocol, Plain
 from insitu.federation.site import Guard, Site, default_trainer
 from insitu.federation.transport import Transport
 from insitu.learn.models import get_flat
-from insitu.plan import Plan, Protection
+from insitu.plan import DownlinkMode, Plan, Protection
 
 if TYPE_CHECKING:
     from insitu.federation.egress import Egress
@@ -232,10 +232,15 @@ def build_site(
     protect = site_protection(plan, site_id, attestation=attestation, min_group=min_group, inner=protection)
     pipeline = SitePipeline(clip=clip, noise=noise, compress=compress, protection=protect)
     all_guards = tuple(guards) + ((budget,) if budget is not None else ())
+    downlink = None
+    if plan.downlink is not DownlinkMode.DENSE:
+        from insitu.compress.downlink import DownlinkReceiver
+
+        downlink = DownlinkReceiver(plan.downlink, site_id)
     return Site(
         site_id, data, plan.task, plan_hash=plan.content_hash(), train_config=plan.task.train_config(plan.strategy.mu),
         scaffold=plan.strategy.scaffold, weighting=plan.weighting, pipeline=pipeline, guards=all_guards, trainer=trainer,
-        sampling_seed=derive_seed(secret, "sampling"), budget=budget, egress=site_egress(plan, protect),
+        sampling_seed=derive_seed(secret, "sampling"), budget=budget, egress=site_egress(plan, protect), downlink=downlink,
     )
 
 
@@ -248,7 +253,14 @@ def initial_params(plan: Plan, seed: int) -> np.ndarray:
 def build_coordinator(plan: Plan, job: str, transport: Transport, *, params: np.ndarray, timeout: float = 600.0,
                       sites: tuple[str, ...] | None = None, protocol: AggregationProtocol | None = None,
                       strategy_state: dict[str, np.ndarray] | None = None, cls: type[Coordinator] = Coordinator, **extra: Any) -> Coordinator:
-    """The coordinator of ``plan`` over ``transport`` (in-process or mTLS), resuming ``strategy_state`` if given."""
+    """The coordinator of ``plan`` over ``transport`` (in-process or mTLS), resuming ``strategy_state`` if given.
+
+    A plan with a delta downlink sends TRAIN models through :class:`~insitu.compress.downlink.DownlinkTransport`
+    around ``transport`` (``coordinator.transport``), which keeps each site's copy of the model."""
+    if plan.downlink is not DownlinkMode.DENSE:
+        from insitu.compress.downlink import DownlinkTransport
+
+        transport = DownlinkTransport(transport, plan.downlink)
     strategy = plan.strategy.build()
     for k, v in (strategy_state or {}).items():
         strategy.load_state(k, v)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from insitu.errors import ConfigError, parse_choice
+from insitu.compress.downlink import DownlinkMode
 from insitu.federation.dp import DPLevel, Placement
 from insitu.federation.strategies import Strategy, StrategyName, make_strategy
 from insitu.federation.task import TaskSpec, canonical_hash
@@ -269,9 +270,13 @@ class Plan:
     select: Selection = Selection.LAST
     normalize: Normalize = Normalize.SITE
     normalize_epsilon: float = NORMALIZE_EPSILON  # federated normalisation: ε of each site's moments release
+    #: how the global model reaches the sites: dense, or a (lossless or int8) delta against what each holds
+    downlink: DownlinkMode = DownlinkMode.DENSE
 
     def __post_init__(self) -> None:
         from insitu.compress.updates import CompressionSpec
+
+        object.__setattr__(self, "downlink", DownlinkMode.parse(self.downlink))
 
         object.__setattr__(self, "lr_schedule", parse_choice(LRSchedule, self.lr_schedule, "lr_schedule"))
         object.__setattr__(self, "select", parse_choice(Selection, self.select, "select"))
@@ -313,13 +318,15 @@ class Plan:
             "compression": self.compression, "dp": self.dp.to_meta(), "rounds": self.rounds, "min_sites": self.min_sites,
             "lr_schedule": self.lr_schedule.value, "select": self.select.value, "normalize": self.normalize.value,
             "normalize_epsilon": self.normalize_epsilon,
+            # only when not dense: plans without downlink compression keep the hash sites approved before the field existed
+            **({"downlink": self.downlink.value} if self.downlink is not DownlinkMode.DENSE else {}),
         }
 
     @classmethod
     def from_meta(cls, raw: Any) -> "Plan":
         """Parse a plan received from a peer or read from storage; every key is checked."""
         d = _strict_fields(cls, raw, "plan")
-        missing = sorted({f.name for f in fields(cls)} - set(d))
+        missing = sorted({f.name for f in fields(cls)} - set(d) - {"downlink"})
         if missing:
             raise ConfigError(f"plan lacks key(s) {missing}")
         d["task"] = TaskSpec.from_meta(d["task"])
@@ -339,5 +346,5 @@ class Plan:
         return replace(self, task=replace(self.task, **changes))
 
 
-__all__ = ["Plan", "StrategySpec", "ProtectionSpec", "DPSpec", "Protection", "Recovery", "Adjacency", "LRSchedule", "Selection",
+__all__ = ["Plan", "DownlinkMode", "StrategySpec", "ProtectionSpec", "DPSpec", "Protection", "Recovery", "Adjacency", "LRSchedule", "Selection",
            "Normalize", "NORMALIZE_EPSILON", "SERVER_LR", "DEFAULT_MU"]

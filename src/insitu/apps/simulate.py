@@ -116,6 +116,7 @@ class SimulationConfig:
     dropout: float = 0.0
     round_timeout: float = 600.0
     compress: str = "none"  # update compression: int8, topk:F, shared:F, topk:F+int8 (insitu.compress)
+    downlink: str = "dense"  # the global model to the sites: dense, delta (lossless) or delta:int8 (insitu.compress.downlink)
     secure_aggregation: bool = False  # pairwise-masked sums (insitu.secure.secagg)
     secagg_recovery: str | None = None  # who removes masks: survivors (default: one more upload each, least server work) or server (Bonawitz)
     homomorphic: str = "none"  # none, paillier or ckks (insitu.secure.he)
@@ -221,7 +222,7 @@ class SimulationConfig:
                       placement=self.dp_placement, adaptive_clip=self.adaptive_clip, accountant=self.accountant,
                       adjacency=self.dp_adjacency),
             rounds=self.rounds, min_sites=self.min_sites, lr_schedule=self.lr_schedule, select=self.select, normalize=self.normalize,
-            normalize_epsilon=self.normalize_epsilon,
+            normalize_epsilon=self.normalize_epsilon, downlink=self.downlink,
         )
 
 
@@ -527,10 +528,9 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
                 "rounds_completed": sum(1 for h in history if h["status"] == "ok"),
                 "rounds_aborted": sum(1 for h in history if h["status"] == "aborted"),
                 "bytes_up_per_round": float(np.mean([h["bytes_up_total"] for h in history])) if history else 0.0,
-                "bytes_up_per_round_per_site": {
-                    s.name: float(np.mean(v)) if (v := [h["sites"][s.name]["bytes_up"] for h in history if s.name in h["sites"] and h["sites"][s.name].get("bytes_up")]) else 0.0
-                    for s in data.sites
-                },
+                "bytes_up_per_round_per_site": _per_site(history, data.sites, "bytes_up"),
+                "bytes_down_per_round": float(np.mean([h.get("bytes_down_total", 0) for h in history])) if history else 0.0,
+                "bytes_down_per_round_per_site": _per_site(history, data.sites, "bytes_down"),
                 "seconds": fed_time,
             },
         }
@@ -574,6 +574,15 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
         if writer:
             writer.abort()
         raise
+
+
+def _per_site(history: list[dict[str, Any]], sites: Any, key: str) -> dict[str, float]:
+    """Mean bytes per round each site sent (``bytes_up``) or was sent (``bytes_down``), over the rounds it took part in."""
+    out = {}
+    for s in sites:
+        v = [h["sites"][s.name][key] for h in history if s.name in h["sites"] and h["sites"][s.name].get(key)]
+        out[s.name] = float(np.mean(v)) if v else 0.0
+    return out
 
 
 def _majority_rate(y: torch.Tensor) -> float:
@@ -638,5 +647,6 @@ def _one_round(coord: Coordinator, r: int) -> dict[str, Any]:
         "update_norm": rec.update_norm,
         "seconds": rec.seconds,
         "bytes_up_total": int(sum(rec.bytes_up.values())),
+        "bytes_down_total": int(sum(rec.bytes_down.values())),
         "sites": sites,
     }

@@ -62,6 +62,9 @@ class Site:
     egress: Egress | None = None  # what this site may send; None: nothing is checked (engine unit tests only)
     #: models a site scores without having received them for training (the final model, a round it missed)
     max_unverified_evaluations: int = 2
+    #: the site half of downlink compression (insitu.compress.downlink): rebuilds the model from a delta
+    #: against the one it holds, and vouches for the global model an int8 delta approximated.  None: dense only
+    downlink: Any = None
     handlers: dict[MessageKind, Callable[[Message], Message]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,6 +76,8 @@ class Site:
         self.guards = tuple(self.guards)
         self.handlers.update(self.pipeline.protection.handlers())
         self._request_keys = frozenset(getattr(self.pipeline.protection, "request_keys", ()))
+        if self.downlink is not None:
+            self._request_keys |= self.downlink.request_keys
         self._received: set[str] = set()  # hashes of the global models this site was sent for training
         self._unverified: list[str] = []  # models scored before (or without) being sent for training
 
@@ -102,9 +107,11 @@ class Site:
         ins = RoundInstructions.from_meta(msg.require("instructions", dict))
         if msg.round <= self.last_round:
             raise ProtocolError(f"round {msg.round} replayed: site {self.site_id} already trained round {self.last_round}")
+        # a delta against a model this site does not hold is refused here, before any guard charges a budget
+        received = self.downlink.receive(msg, self.size) if self.downlink is not None else None
         for guard in self.guards:
             guard(self, msg, ins)  # refusals happen here, before any training
-        params = msg.tensor("params", shape=(self.size,), dtype="float32")
+        params = received if received is not None else msg.tensor("params", shape=(self.size,), dtype="float32")
         if not np.all(np.isfinite(params)):
             raise ProtocolError("global parameters hold NaN or infinite values")
         self._received.add(_model_hash(params))
@@ -132,7 +139,7 @@ class Site:
         params = msg.tensor("params", shape=(self.size,), dtype="float32")
         if not np.all(np.isfinite(params)):
             raise ProtocolError("parameters to evaluate hold NaN or infinite values")
-        self._verify_for_evaluation(_model_hash(params), msg)
+        self._verify_for_evaluation(_model_hash(params), msg, params)
         set_flat(self.model, params)
         if ins.split is Split.TEST:
             X, y = self.data.X_test, self.data.y_test
@@ -143,19 +150,24 @@ class Site:
         res = evaluate(self.model, X, y, num_outputs=self.task.num_outputs)
         return Message(MessageKind.EVALUATE_REPLY, msg.round, msg.job, res)
 
-    def _verify_for_evaluation(self, h: str, msg: Message) -> None:
+    def _verify_for_evaluation(self, h: str, msg: Message, params: np.ndarray) -> None:
         """Evaluation is a release: a site scores only global models of this job — one it was sent for
         training, or one of at most ``max_unverified_evaluations`` others (the final model; the model
         of a round it missed).  Arbitrary parameters, the evaluation oracle, are refused."""
-        if h in self._received or h in self._unverified:
+        vouched = self.downlink.vouched if self.downlink is not None else ()
+        if h in self._received or h in vouched or h in self._unverified:
             return  # the same question twice gets the same answer: nothing new leaves
-        pending = [x for x in self._unverified if x not in self._received]
+        if self.downlink is not None and self.downlink.vouch(h, params):
+            return  # the global model an int8 delta this site trained from approximated
+        pending = [x for x in self._unverified if x not in self._received and x not in vouched]
         if len(pending) >= self.max_unverified_evaluations:
             raise ProtocolError(
                 f"site {self.site_id} refuses to evaluate model {h[:12]}: it was never sent to this site for training, and "
                 f"{len(pending)} such model(s) were already scored for job {msg.job!r} (limit {self.max_unverified_evaluations}); "
                 "a site scores only global models of its job")
         self._unverified.append(h)
+        if self.downlink is not None:
+            self.downlink.remember(h, params)  # the next int8 delta may turn out to approximate it
 
     # -- Scaffold (Karimireddy et al. 2020, option II) ------------------------------------------
     def scaffold_correction(self, msg: Message, model: torch.nn.Module) -> list[torch.Tensor] | None:
