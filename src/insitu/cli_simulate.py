@@ -35,6 +35,7 @@ def simulate_command(
     normalize_epsilon: float = typer.Option(0.1, help="--normalize federated: the ε each site spends on its moments release (at --delta)."),
     seed: int = typer.Option(0, help="Seed for the splits and the initial model (public). Each site's sampling and DP noise come from its own secret (OS randomness), so two runs differ in those; see --insecure-replayable-randomness."),
     compress: str = typer.Option("none", help="Shrink each site's update on the wire: int8 (stochastic rounding, ~4x), topk:0.01 (largest 1 %, error feedback), shared:0.01 (1 % at seed-chosen coordinates every site shares; composes with secure aggregation), or topk:0.01+int8."),
+    downlink: str = typer.Option("dense", help="How the global model reaches the sites each round: dense (the whole float32 model), delta (lossless: XOR against the version each site holds, zlib) or delta:int8 (int8-quantised delta; the coordinator tracks what each site rebuilds, so the error does not accumulate). A site that holds no base version gets the dense model."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Mask each site's update so the coordinator learns only the sum, even when sites drop out (Bonawitz et al. / SecAgg+)."),
     secagg_recovery: Optional[str] = typer.Option(None, help="With --secure-aggregation: survivors (default: each survivor uploads one correction vector; the coordinator expands no mask, fastest for large groups) or server (Bonawitz: the coordinator regenerates masks, no extra upload)."),
     homomorphic: str = typer.Option("none", help="Encrypt updates instead: paillier (packed, exact) or ckks (TenSEAL, fast, approximate). Sites hold the key; the coordinator sums ciphertexts."),
@@ -72,7 +73,7 @@ def simulate_command(
     cfg = SimulationConfig(
         dataset=dataset, data=data, sites=sites, partition=partition, strategy=strategy, recipe=recipe, rounds=rounds,
         local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, model=model, model_spec=model_spec, mu=mu, server_lr=server_lr,
-        min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, normalize_epsilon=normalize_epsilon, compress=compress, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
+        min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, normalize_epsilon=normalize_epsilon, compress=compress, downlink=downlink, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
         dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement, dp_adjacency=dp_adjacency,
         adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,
         insecure_replayable_randomness=insecure_replayable_randomness, threads=threads,

@@ -180,7 +180,8 @@ def apply_delta(mode: DownlinkMode, base: np.ndarray, meta: Mapping[str, Any], t
         s = _tensor(tensors, "scale", "<f4", max(1, -(-n // DEFAULT_BLOCK)))
         if not np.all(np.isfinite(s)) or np.any(s < 0):
             raise ProtocolError("downlink int8 delta carries a negative or non-finite scale")
-        out = (base.astype(np.float64) + _dequantize(q, s, DEFAULT_BLOCK)).astype("<f4")
+        with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused below
+            out = (base.astype(np.float64) + _dequantize(q, s, DEFAULT_BLOCK)).astype("<f4")
     if not np.all(np.isfinite(out)):
         raise ProtocolError("downlink delta rebuilds a model with NaN or infinite values")
     return out

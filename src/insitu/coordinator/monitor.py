@@ -74,6 +74,16 @@ def progress(job: Mapping[str, Any], rounds: list[Mapping[str, Any]], now: float
             "elapsed_seconds": ((ended or now) - started) if started else None}
 
 
+def traffic(spec: Mapping[str, Any], rounds: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean bytes per site per applied round, up (updates) and down (the model: dense or a delta, the job's
+    ``downlink``), over the sites that took part in each round."""
+    up = [v for r in rounds for v in (r.get("bytes_up") or {}).values()]
+    down = [v for r in rounds for v in (r.get("bytes_down") or {}).values()]
+    return {"downlink": spec.get("downlink", "dense"),
+            "bytes_up_per_site_round": statistics.fmean(up) if up else None,
+            "bytes_down_per_site_round": statistics.fmean(down) if down else None}
+
+
 def site_rows(live: list[Mapping[str, Any]], rounds: list[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per site: the live registry joined with the job's rounds (if given)."""
     rows: dict[str, dict[str, Any]] = {str(r["site"]): dict(r) for r in live}

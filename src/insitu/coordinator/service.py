@@ -176,12 +176,12 @@ class CoordinatorService:
 
     def _status(self, args, who):
         row = self.store.job(str(args.get("job", "")))
-        from insitu.coordinator.monitor import progress, site_rows
+        from insitu.coordinator.monitor import progress, site_rows, traffic
 
         rounds = self.store.rounds(row.id)
         return {**row.public(), "rounds": rounds, **({"approval": self.approvals[row.id]} if row.id in self.approvals else {}),
                 **({"excluded": self.excluded[row.id]} if self.excluded.get(row.id) else {}),
-                "progress": progress(row.public(), rounds), "sites": site_rows(self.server.transport.site_status(), rounds)}
+                "progress": progress(row.public(), rounds), "traffic": traffic(row.spec, rounds), "sites": site_rows(self.server.transport.site_status(), rounds)}
 
     def _list(self, args, who):
         return {"jobs": [j.public() for j in self.store.jobs()]}
@@ -346,7 +346,7 @@ class CoordinatorService:
                 evaluation = self._evaluate(coord, r)
             version = self.store.apply_round(
                 job.id, r, expected_version=version, params=coord.params, state=strategy.state(),
-                participants=rec.participants, dropped=rec.dropped, metrics=rec.train, evaluation=evaluation, seconds=rec.seconds,
+                participants=rec.participants, dropped=rec.dropped, metrics=with_traffic(rec), evaluation=evaluation, seconds=rec.seconds,
             )
             acc = (evaluation or {}).get("mean_site_accuracy")
             log.info("job %s round %d applied as version %d: %d sites, %d dropped, %.3f s%s", job.id, r, version,
@@ -387,6 +387,15 @@ class CoordinatorService:
         if coord.eval_dropped:
             out["dropped"] = dict(coord.eval_dropped)
         return out
+
+
+def with_traffic(rec: Any) -> dict[str, dict[str, Any]]:
+    """A round's per-site metrics with the bytes the coordinator counted each way (what ``job status`` shows
+    as bytes up and down per site per round); a site sent the model but dropped has its bytes down only."""
+    out = {s: dict(m) for s, m in rec.train.items()}
+    for s in set(rec.bytes_up) | set(rec.bytes_down):
+        out.setdefault(s, {}).update({"bytes_up": int(rec.bytes_up.get(s, 0)), "bytes_down": int(rec.bytes_down.get(s, 0))})
+    return out
 
 
 def _one_line(exc: BaseException, limit: int = 500) -> str:

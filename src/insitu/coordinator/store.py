@@ -301,6 +301,8 @@ class JobStore:
                 "started": started, "ended": ended,
                 # each site's own training loss, as it reported it (a public metric of the round)
                 "train_loss": {s: v["train_loss"] for s, v in m.items() if isinstance(v, dict) and isinstance(v.get("train_loss"), (int, float))},
+                # bytes the coordinator sent each site (the model, dense or delta) and received from it in this round
+                **{k: {s: v[k] for s, v in m.items() if isinstance(v, dict) and isinstance(v.get(k), int)} for k in ("bytes_up", "bytes_down")},
             })
         return out
 

@@ -97,6 +97,10 @@ def job_view(res: Mapping[str, Any], *, last: int | None = None, now: float | No
                           f"approved: {', '.join(ap['approved']) or 'none'}"))
         for s, why in sorted({**ap["waiting"], **ap["unreachable"]}.items()):
             parts.append(Text(f"  waiting for {s}: {why}"))
+    tr = res.get("traffic") or {}
+    if tr.get("bytes_down_per_site_round") is not None:
+        parts.append(Text(f"per site per round: {tr['bytes_down_per_site_round']:,.0f} bytes down (downlink {tr['downlink']}), "
+                          f"{tr['bytes_up_per_site_round'] or 0:,.0f} bytes up"))
     if res.get("rounds"):
         parts.append(rounds_table(res["rounds"], last=last))
     if res.get("sites"):

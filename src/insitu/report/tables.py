@@ -34,16 +34,18 @@ def summary_table(summary: dict[str, Any]) -> Table:
     t.add_column("pooled", justify="right")
     per_site = fin.get("bytes_up_per_round_per_site", {})
     t.add_column("bytes up/round", justify="right")
+    down = fin.get("bytes_down_per_round_per_site", {})
+    t.add_column("bytes down/round", justify="right")
     across = loc.get("mean_accuracy_across_sites", {})
     for name, sizes in summary["sites"].items():
         t.add_row(name, str(sizes["n_train"]), str(sizes["n_test"]), _fmt(fin["site_accuracy"].get(name)),
                   _fmt(loc.get("site_accuracy", {}).get(name)), _fmt(across.get(name)), _fmt(poo.get("site_accuracy", {}).get(name)),
-                  _bytes(per_site.get(name)))
+                  _bytes(per_site.get(name)), _bytes(down.get(name)))
     t.add_section()
     t.add_row("mean over sites", "", "", _fmt(fin["mean_site_accuracy"]), _fmt(loc.get("mean_site_accuracy")),
               _fmt(float(sum(across.values()) / len(across)) if across else None), _fmt(poo.get("mean_site_accuracy")),
-              _bytes(sum(per_site.values()) / len(per_site) if per_site else None))
-    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), _fmt(loc.get("pooled_accuracy")), "", _fmt(poo.get("pooled_accuracy")), "")
+              _bytes(sum(per_site.values()) / len(per_site) if per_site else None), _bytes(sum(down.values()) / len(down) if down else None))
+    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), _fmt(loc.get("pooled_accuracy")), "", _fmt(poo.get("pooled_accuracy")), "", "")
     t.caption = ("own model, own split: each site trains alone and is scored on its own test split.  local model, every site "
                  "(FLamby's local baseline): that site's model scored on every site's test split, mean over sites.  "
                  "pooled: one model on all records together (data leaving the hospitals).")
