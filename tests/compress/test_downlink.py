@@ -320,3 +320,42 @@ def test_heart_accuracy_with_int8_downlink_is_within_tolerance_of_dense_and_repo
         assert q["bytes_down_per_round_per_site"][s] < 0.7 * dense["bytes_down_per_round_per_site"][s]
         assert lossless["bytes_down_per_round_per_site"][s] < dense["bytes_down_per_round_per_site"][s]
         assert dense["bytes_up_per_round_per_site"][s] > 0
+
+
+# -- one code path: simulate and the deployed job path give the same model, byte for byte on the wire ----
+def test_simulate_and_the_deployed_job_path_agree_exactly_with_int8_downlink(tmp_path):
+    """The deployed side is the real job path (JobSpec from a job description, coordinator.service's
+    job_coordinator, one SiteNode per hospital with its own site.toml and approvals) over the in-process
+    transport; both sides get the same site secrets."""
+    from insitu.coordinator.jobs import JobSpec
+    from insitu.coordinator.service import job_coordinator, mean_accuracy, with_traffic
+    from insitu.data.heart import FEATURES
+    from insitu.net import sandbox
+    from insitu.site.node import SiteNode, load_site_data
+    from insitu.site.policy import SitePolicy
+
+    base = {"dataset": "heart", "model": "mlp", "rounds": 4, "local_steps": 10, "seed": 3, "min_sites": 3, "normalize": "site",
+            "downlink": "delta:int8"}
+    sim = simulate(**base, baselines=False, write=False, site_secrets=HEART_SECRETS)
+    assert sim["final"]["rounds_completed"] == 4 and sim["plan"]["downlink"] == "delta:int8"
+    spec = JobSpec.from_dict({"name": "sim-3", **base})
+    consortium = sandbox.create(tmp_path, sandbox.SITES, fixed_secrets=HEART_SECRETS)
+    nodes = {}
+    for s in sandbox.SITES:
+        policy = SitePolicy.load(consortium.write_site_config(s, approved=[spec.plan.content_hash()]))
+        nodes[s] = SiteNode(dataclasses.replace(policy, state=tmp_path / "state" / s), s, load_site_data(policy), schema=tuple(FEATURES))
+    coord, _, _ = job_coordinator(spec, "sim-3", InProcessTransport(nodes))
+    assert isinstance(coord.transport, DownlinkTransport)
+    down: dict[str, list[int]] = {s: [] for s in sandbox.SITES}
+    for r in range(1, 5):
+        traffic = with_traffic(coord.run_round(r))  # what the deployed job's status shows per site and round
+        for s in sandbox.SITES:
+            down[s].append(traffic[s]["bytes_down"])
+    dep = mean_accuracy(coord.evaluate(5))
+    for s in sandbox.SITES:
+        assert dep["site_accuracy"][s] == pytest.approx(sim["final"]["site_accuracy"][s], abs=1e-12)
+        assert coord.transport.held[s].params.tobytes() == nodes[s]._sites["sim-3"].downlink.held.tobytes()
+        # the same messages on both paths: the same bytes down, round one dense and then int8 deltas
+        assert float(np.mean(down[s])) == sim["final"]["bytes_down_per_round_per_site"][s]
+        assert down[s][0] > down[s][1] == down[s][2] == down[s][3]
+    assert coord.transport.stats == {"delta": 12, "dense": 4, "retried": 0}
