@@ -135,6 +135,19 @@ def test_bytes_down_shrink_and_the_coordinator_tracks_each_site_bit_for_bit(mode
     assert coord.transport.stats == {"delta": 9, "dense": 3, "retried": 0}
 
 
+def test_a_model_too_small_for_a_delta_to_pay_goes_dense():
+    """Heart's logistic regression has 14 values (56 bytes): a delta's downlink field costs more than it saves."""
+    from insitu.data.heart import load_heart
+
+    heart = load_heart()
+    cfg = SimulationConfig(downlink="delta:int8", normalize="site", rounds=3).resolved()
+    coord, sites = build_federation(cfg.plan_for(heart.input_shape, heart.num_outputs, heart.schema), heart.sites, secrets=HEART_SECRETS)
+    for r in range(1, 4):
+        coord.run_round(r)
+    assert coord.transport.stats == {"delta": 0, "dense": 12, "retried": 0}
+    assert all(coord.transport.held[s].params.tobytes() == site.downlink.held.tobytes() for s, site in sites.items())
+
+
 def test_int8_delta_training_stays_close_to_dense_and_the_error_does_not_accumulate():
     coord_d, _ = _federation("dense")
     coord, sites = _federation("delta:int8")

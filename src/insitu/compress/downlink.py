@@ -29,7 +29,9 @@ quantisation step of the global model and the error does not accumulate.  A site
 only when the site answered the TRAIN request; a site that did not (dropped, refused, timed out),
 and any site whose connection count changed (it reconnected, perhaps restarted), gets the dense
 model next time.  A site that refuses a delta for an unknown base is sent the dense model at once,
-in the same exchange.
+in the same exchange.  When a delta's message would not be smaller than the dense one (a model of a
+few dozen values, whose delta costs more in its ``downlink`` field than it saves), the dense model
+goes instead: a delta downlink never sends more than dense.
 
 **Evaluation.**  A site scores only models it was sent for training (plus at most two others,
 :class:`~insitu.federation.site.Site`).  After an int8 delta the site holds an approximation of the
@@ -333,6 +335,15 @@ class DownlinkTransport:
             return {}
         return {row["site"]: row.get("connects") for row in status()}
 
+    def _smaller(self, req: Message, base: np.ndarray, target: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray] | None:
+        """The delta of ``target`` against ``base`` if its message is smaller than the dense one's, else None."""
+        from insitu.federation.messages import encode
+
+        meta, tensors, recon = encode_delta(self.mode, base, target)
+        as_delta = encode(Message(req.kind, req.round, req.job, {DOWNLINK_KEY: meta}, tensors))
+        as_dense = encode(Message(req.kind, req.round, req.job, {}, {"params": target}))
+        return (meta, tensors, recon) if len(as_delta) < len(as_dense) else None
+
     def exchange(self, requests: Mapping[str, Message], timeout: float) -> Exchange:
         epochs = self._epochs()
         sent: dict[str, Message] = {}
@@ -349,8 +360,12 @@ class DownlinkTransport:
                 rebuilt[sid] = (target, False)
                 continue
             if held.version not in cache:
-                cache[held.version] = encode_delta(self.mode, held.params, target)
-            meta, tensors, recon = cache[held.version]
+                cache[held.version] = self._smaller(req, held.params, target)
+            if cache[held.version] is None:  # the delta would not be smaller (a tiny model): the dense model
+                sent[sid] = req
+                rebuilt[sid] = (target, False)
+                continue
+            meta, tensors, recon = cache[held.version]  # type: ignore[misc]
             others = {k: v for k, v in req.tensors.items() if k != "params"}
             sent[sid] = Message(req.kind, req.round, req.job, {**req.meta, DOWNLINK_KEY: meta}, {**others, **tensors})
             rebuilt[sid] = (recon, True)
