@@ -3,8 +3,8 @@
 ``insitu simulate`` options and a deployed ``job.toml`` parse into the same :class:`Plan`
 (one vocabulary, one validation).  Its content hash is what a site admin approves: the model,
 the site's optimiser and hyper-parameters, FedProx's μ, the server strategy, the protection of
-updates, their compression, the differential-privacy mechanism, the preprocessing and the model
-selection.  A coordinator can change none of these without the site refusing the job; what it
+updates, their compression, how the global model reaches the sites (``downlink``), the
+differential-privacy mechanism, the preprocessing and the model selection.  A coordinator can change none of these without the site refusing the job; what it
 may vary per round is the short list in :class:`~insitu.federation.instructions.RoundInstructions`.
 
 On the wire a plan travels as ``meta["plan"]`` (its :meth:`Plan.to_meta`); a site parses it with

@@ -226,11 +226,11 @@ class DownlinkReceiver:
 
     mode: DownlinkMode
     site_id: str
-    held: np.ndarray | None = None  # the model this site rebuilt from the last TRAIN it accepted
-    held_version: str | None = None
-    _vouchers: list[_Voucher] = field(default_factory=list)
-    _candidates: dict[str, np.ndarray] = field(default_factory=dict)  # models scored before a reception could vouch for them
-    vouched: set[str] = field(default_factory=set)  # full SHA-256 hashes of models a reception vouched for
+    held: np.ndarray | None = field(default=None, init=False)  # the model this site rebuilt from the last TRAIN it accepted
+    held_version: str | None = field(default=None, init=False)
+    vouched: set[str] = field(default_factory=set, init=False)  # full SHA-256 hashes of models a reception vouched for
+    _vouchers: list[_Voucher] = field(default_factory=list, init=False, repr=False)
+    _candidates: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)  # scored before a reception vouched
 
     @property
     def request_keys(self) -> frozenset[str]:
@@ -327,6 +327,8 @@ class DownlinkTransport:
         return self.inner.sites()
 
     def __getattr__(self, name: str) -> Any:  # site_status, wait_for, connections of a network transport
+        if name == "inner":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def _epochs(self) -> dict[str, Any]:
