@@ -78,6 +78,8 @@ def test_malformed_deltas_are_refused_naming_the_problem(mode):
         bomb = np.frombuffer(zlib.compress(bytes(10 * 600 * 4)), dtype="|u1")
         with pytest.raises(ProtocolError, match="inflate to exactly"):
             apply_delta(mode, base, meta, {"blob": bomb})
+        with pytest.raises(ProtocolError, match="larger than any delta"):
+            apply_delta(mode, base, meta, {"blob": np.zeros(9 * 600 * 4, dtype="|u1")})
     else:
         bad = dict(tensors, scale=np.full_like(tensors["scale"], np.inf))
         with pytest.raises(ProtocolError, match="scale"):
@@ -151,15 +153,24 @@ def test_a_model_too_small_for_a_delta_to_pay_goes_dense():
 def test_int8_delta_training_stays_close_to_dense_and_the_error_does_not_accumulate():
     coord_d, _ = _federation("dense")
     coord, sites = _federation("delta:int8")
-    gaps = []
-    for r in range(1, 9):
+    errors = []
+    for r in range(1, 11):
+        sent = coord.params.copy()
+        before = {s: coord.transport.held[s].params.copy() for s in sites} if r > 1 else {}
         coord.run_round(r)
         coord_d.run_round(r)
-        # what each site trained from is within half an int8 step of the global model of the round before
-        gaps.append(max(float(np.max(np.abs(s.downlink.held - prev))) for s in sites.values()) if r > 1 else 0.0)
-        prev = coord.params.copy()
-    scale = float(np.max(np.abs(coord.params))) / 127
-    assert max(gaps) < scale  # bounded by one step of the last delta, not growing with the rounds
+        for sid, site in sites.items():
+            err = np.abs(site.downlink.held.astype(np.float64) - sent)
+            if r == 1:
+                assert not err.any()  # dense
+                continue
+            # every round, what the site trained from is within half a step of *this* round's delta: the error of
+            # earlier rounds was sent along with it (error feedback), so it cannot build up over the rounds
+            _, scale = quantize_delta(sent.astype(np.float64) - before[sid])
+            half = 0.5 * np.repeat(scale.astype(np.float64), 256)[: sent.size]
+            assert np.all(err <= half * (1 + 1e-4) + np.spacing(np.abs(sent))), (r, sid)
+            errors.append(float(err.max()))
+    assert max(errors[-3:]) <= 2 * max(errors[:3])  # no drift: the last rounds' error is no larger than the first ones'
     assert np.linalg.norm(coord.params - coord_d.params) < 0.05 * np.linalg.norm(coord_d.params)
 
 
