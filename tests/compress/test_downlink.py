@@ -135,6 +135,8 @@ def test_bytes_down_shrink_and_the_coordinator_tracks_each_site_bit_for_bit(mode
     # whole messages: the plan (with its 400 feature names) travels with every TRAIN; the model part shrinks ~3.9×
     assert ratio > (3.0 if mode == "delta:int8" else 1.15), (mode, dense_downs, downs)
     assert coord.transport.stats == {"delta": 9, "dense": 3, "retried": 0}
+    held = [coord.transport.held[s].params for s in sites]
+    assert held[0] is held[1] is held[2] and not held[0].flags.writeable  # one read-only copy per version, not per site
 
 
 def test_a_model_too_small_for_a_delta_to_pay_goes_dense():

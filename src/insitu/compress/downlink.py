@@ -244,7 +244,7 @@ class DownlinkReceiver:
             if not np.all(np.isfinite(params)):
                 raise ProtocolError("global parameters hold NaN or infinite values")
             self._hold(params)
-            return params
+            return params.copy()
         base, _ = _parse_meta(raw)
         if "params" in msg.tensors:
             raise ProtocolError("a TRAIN request carries both the dense model and a downlink delta")
@@ -252,8 +252,7 @@ class DownlinkReceiver:
             holds = f"model {self.held_version}" if self.held is not None else "no model of this job (it is new, restarted, or missed the last round)"
             raise ProtocolError(f"site {self.site_id} {UNKNOWN_BASE}: it is against model {base}, and this site holds {holds}; "
                                 "the coordinator sends the dense model instead")
-        assert self.held is not None
-        recon = apply_delta(self.mode, self.held, raw, msg.tensors)
+        recon = apply_delta(self.mode, self.held, raw, msg.tensors)  # type: ignore[arg-type]  (held_version matched)
         if self.mode is DownlinkMode.DELTA_INT8:
             v = _Voucher(self.held, np.array(msg.tensors["q"]), np.array(msg.tensors["scale"]))
             matched = next((h for h, p in self._candidates.items() if _matches(v, p)), None)
@@ -342,12 +341,24 @@ class DownlinkTransport:
         from insitu.federation.messages import encode
 
         meta, tensors, recon = encode_delta(self.mode, base, target)
+        recon.flags.writeable = False
         as_delta = encode(Message(req.kind, req.round, req.job, {DOWNLINK_KEY: meta}, tensors))
         as_dense = encode(Message(req.kind, req.round, req.job, {}, {"params": target}))
         return (meta, tensors, recon) if len(as_delta) < len(as_dense) else None
 
     def exchange(self, requests: Mapping[str, Message], timeout: float) -> Exchange:
         epochs = self._epochs()
+        # one read-only copy per distinct model, shared by every site that holds it (memory: one model per version)
+        copies: dict[int, np.ndarray] = {}
+        versions: dict[int, str] = {}
+
+        def frozen(arr: np.ndarray) -> np.ndarray:
+            if id(arr) not in copies:
+                c = _f32(arr).copy()
+                c.flags.writeable = False
+                copies[id(arr)] = c
+            return copies[id(arr)]
+
         sent: dict[str, Message] = {}
         rebuilt: dict[str, tuple[np.ndarray, bool]] = {}  # site → (what it will hold if it answers, delta?)
         cache: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]] = {}
@@ -355,7 +366,7 @@ class DownlinkTransport:
             if req.kind is not MessageKind.TRAIN or "params" not in req.tensors or DOWNLINK_KEY in req.meta:
                 sent[sid] = req
                 continue
-            target = _f32(req.tensors["params"])
+            target = frozen(req.tensors["params"])
             held = self.held.get(sid)
             if held is None or held.epoch != epochs.get(sid) or held.params.shape != target.shape:
                 sent[sid] = req
@@ -378,13 +389,13 @@ class DownlinkTransport:
             again = self.inner.exchange({s: requests[s] for s in retry}, max(1.0, timeout - (_now() - t0)))
             ex = _merge(ex, again, retry)
             for s in retry:
-                rebuilt[s] = (_f32(requests[s].tensors["params"]), False)
+                rebuilt[s] = (frozen(requests[s].tensors["params"]), False)
             self.stats["retried"] += len(retry)
         for sid, (model, delta) in rebuilt.items():
             self.stats["delta" if delta else "dense"] += 1
             rep = ex.replies.get(sid)
             if rep is not None and rep.kind is MessageKind.TRAIN_REPLY:
-                self.held[sid] = _Held(version_of(model), model.copy(), epochs.get(sid))
+                self.held[sid] = _Held(versions.setdefault(id(model), version_of(model)), model, epochs.get(sid))
             else:
                 self.held.pop(sid, None)  # whatever it holds now, it gets the dense model next time
         return ex
