@@ -385,3 +385,22 @@ def test_simulate_and_the_deployed_job_path_agree_exactly_with_int8_downlink(tmp
         assert float(np.mean(down[s])) == sim["final"]["bytes_down_per_round_per_site"][s]
         assert down[s][0] > down[s][1] == down[s][2] == down[s][3]
     assert coord.transport.stats == {"delta": 12, "dense": 4, "retried": 0}
+
+
+def test_job_status_shows_bytes_down_beside_bytes_up():
+    from rich.console import Console
+
+    from insitu.coordinator.monitor import traffic
+    from insitu.coordinator.views import job_view
+
+    rounds = [{"round": 1, "status": "applied", "participants": ["a", "b"], "dropped": {}, "bytes_up": {"a": 100, "b": 120},
+               "bytes_down": {"a": 2000, "b": 2000}},
+              {"round": 2, "status": "applied", "participants": ["a"], "dropped": {"b": "timed out"}, "bytes_up": {"a": 100},
+               "bytes_down": {"a": 600, "b": 600}}]
+    tr = traffic({"downlink": "delta:int8"}, rounds)
+    assert tr == {"downlink": "delta:int8", "bytes_up_per_site_round": 320 / 3, "bytes_down_per_site_round": 1300.0}
+    assert traffic({}, [])["downlink"] == "dense" and traffic({}, [])["bytes_down_per_site_round"] is None
+    res = {"id": "j", "status": "running", "rounds_applied": 2, "rounds_target": 5, "task_hash": "0" * 64, "traffic": tr}
+    con = Console(width=200, record=True)
+    con.print(job_view(res))
+    assert "1,300 bytes down (downlink delta:int8), 107 bytes up" in con.export_text()
