@@ -124,11 +124,27 @@ def start_local(cpus: int | None = None) -> int:
 def connect(address: str) -> None:
     """Join the Ray cluster at ``address``; a failure is a ConfigError naming the address."""
     ray = require_ray()
+    _check_reachable(address)
     try:
         ray.init(address=address, log_to_driver=False)
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError... for a bad or dead address
         raise ConfigError(f"could not join the Ray cluster at --ray-address {address!r}: {type(exc).__name__}: {exc}") from None
     log.warning("Ray: joined the cluster at %s (%g CPU(s)); its nodes need insitu installed", address, cluster_cpus())
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once an address nobody answers at (Ray itself retries for minutes)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"could not join the Ray cluster at --ray-address {address!r}: nothing answers there "
+                          f"({exc.strerror or exc}); start it with `ray start --head` or check the address") from None
 
 
 def cluster_cpus() -> int:
@@ -141,8 +157,9 @@ def cluster_cpus() -> int:
 @contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[None]:
     """Ray for one run: joins ``address``, or starts a private local instance (shut down after), or
-    reuses the Ray this process already joined (tests share one).  Actors made by transports
-    opened inside are killed when the block ends."""
+    reuses the Ray this process already joined (tests and notebooks running several simulations).
+    Workers of transports opened inside are emptied when the block ends; with Ray started or
+    joined here, Ray is shut down (the workers with it), else they wait, empty, for the next run."""
     ray = require_ray()
     started = False
     if not ray.is_initialized():
@@ -161,6 +178,7 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         for t in opened:
             t.close()
         if started:
+            _IDLE.pop(ray.get_runtime_context().get_job_id(), None)
             ray.shutdown()
 
 
@@ -184,18 +202,34 @@ class SiteHost:
     """One Ray worker process: answers wire messages for the sites its ``source`` holds or makes.
 
     ``source.site(name, round, secret)`` gives the site (a fixed share of a simulation's sites, or
-    a cross-device population that makes each device when asked).  Torch is pinned to ``threads``
-    for the life of the worker."""
+    a cross-device population that makes each device when asked).  Torch is pinned to the run's
+    ``threads`` while it holds a source.  Between runs in one Ray session a host holds nothing
+    (:meth:`reset`) and waits to be loaded again, so a second run does not pay for new processes."""
 
-    def __init__(self, source: Any, threads: int = 1, max_bytes: int = 256 * 1024 * 1024):
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024):
+        self.source: Any = None
+        self.max_bytes = max_bytes
+
+    def load(self, source: Any, threads: int) -> dict[str, int]:
+        """Take ``source`` (sites are built here, in the worker) with torch at ``threads`` threads."""
         import torch
 
         torch.set_num_threads(threads)
-        self.source = source.start() if hasattr(source, "start") else source  # sites are built here, in the worker
-        self.max_bytes = max_bytes
+        self.source = source.start() if hasattr(source, "start") else source
+        return self.info()
+
+    def reset(self) -> None:
+        """Drop the sites, their data and secrets."""
+        self.source = None
 
     def pid(self) -> int:
         return os.getpid()
+
+    def info(self) -> dict[str, int]:
+        """This worker's process id, torch thread count, and whether it holds sites (tests check them)."""
+        import torch
+
+        return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(), "holding": int(self.source is not None)}
 
     def serve(self, wires: list[bytes], items: list[tuple[str, int, bytes | None]]) -> list[tuple[str, bytes, float]]:
         """Answer each (site, index of its request in ``wires``, secret): the encoded reply and the
@@ -238,11 +272,11 @@ class RayTransport:
     def sites(self) -> list[str]:
         return self._names()
 
-    def pids(self) -> list[int]:
-        """The process ids of the Ray workers holding the sites (tests check there are several)."""
+    def workers(self) -> list[dict[str, int]]:
+        """Process id and torch threads of each Ray worker holding sites (tests check both)."""
         import ray
 
-        return ray.get([h.pid.remote() for h in self.hosts])
+        return ray.get([h.info.remote() for h in self.hosts])
 
     def exchange(self, requests: Mapping[str, Any], timeout: float) -> Any:
         import ray
@@ -301,21 +335,44 @@ class RayTransport:
         return Exchange(replies, dropped, sent, recv)
 
     def close(self) -> None:
-        """Kill this transport's actors (their processes go back to Ray's pool)."""
+        """Empty this transport's workers (sites, data and secrets dropped) and hand them back to the
+        session's pool for the next run; the session kills them when it ends."""
         import ray
 
-        for h in self.hosts:
-            with contextlib.suppress(Exception):
-                ray.kill(h)
+        try:
+            ray.get([h.reset.remote() for h in self.hosts])
+            _pool().extend(self.hosts)
+        except Exception:  # a worker that cannot be emptied is not reused
+            for h in self.hosts:
+                with contextlib.suppress(Exception):
+                    ray.kill(h)
         self.hosts = []
 
 
-def _actors(sources: list[Any], threads: int) -> list[Any]:
+_IDLE: dict[str, list[Any]] = {}  # empty SiteHost actors of each Ray session (by job id), reused run after run
+
+
+def _pool() -> list[Any]:
     import ray
 
+    return _IDLE.setdefault(ray.get_runtime_context().get_job_id(), [])
+
+
+def _actors(sources: list[Any], threads: int) -> list[Any]:
+    """One loaded SiteHost per source: idle ones of this session first, new ones for the rest."""
+    import ray
+
+    pool = _pool()
+    hosts = [pool.pop() for _ in range(min(len(pool), len(sources)))]
     host = ray.remote(num_cpus=1)(SiteHost)
-    hosts = [host.remote(src, threads) for src in sources]
-    ray.get([h.pid.remote() for h in hosts])  # wait until every worker has built its sites (errors surface here)
+    hosts += [host.remote() for _ in range(len(sources) - len(hosts))]
+    try:
+        ray.get([h.load.remote(src, threads) for h, src in zip(hosts, sources)])  # errors building sites surface here
+    except Exception:
+        for h in hosts:
+            with contextlib.suppress(Exception):
+                ray.kill(h)
+        raise
     return hosts
 
 
