@@ -197,3 +197,50 @@ def test_ray_cross_device_10000_devices_over_two_worker_processes_matches_in_pro
     assert there["devices_per_round"] == 500 and there["final"]["rounds_completed"] == 3
     assert there["final"]["accuracy"] == here["final"]["accuracy"]
     assert there["final"]["eval_records"] == here["final"]["eval_records"]
+
+
+@pytest.mark.slow
+def test_ray_address_joins_an_existing_cluster_gives_the_same_result_and_leaves_it_running(tmp_path):
+    """A Ray head started apart (`ray start --head`, loopback, token auth), joined by a separate driver
+    process through ``ray_address``; the head is still up afterwards, then stopped by its own pid."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": str(Path(raybackend.__file__).resolve().parents[2])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head did not come up"
+                time.sleep(0.3)
+        code = (f"import json; from insitu.apps.simulate import simulate; S = {SECRETS!r}\n"
+                f"run = dict(rounds=2, local_steps=5, baselines=False, write=False, site_secrets=S)\n"
+                f"a = simulate(**run); b = simulate(**run, backend='ray', ray_address='127.0.0.1:{port}')\n"
+                f"print(json.dumps([a['final']['site_accuracy'], b['final']['site_accuracy']]))")
+        driver = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert driver.returncode == 0, driver.stderr[-2000:]
+        here, there = json.loads(driver.stdout.strip().splitlines()[-1])
+        assert there == here
+        assert f"joined the cluster at 127.0.0.1:{port}" in driver.stderr
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # the cluster is still running
+        assert head.poll() is None
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
