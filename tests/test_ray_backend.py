@@ -207,6 +207,7 @@ def test_ray_address_joins_an_existing_cluster_gives_the_same_result_and_leaves_
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
     from pathlib import Path
 
@@ -244,3 +245,6 @@ def test_ray_address_joins_an_existing_cluster_gives_the_same_result_and_leaves_
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+        pointer = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # `ray start` leaves it behind
+        if pointer.exists() and pointer.read_text().strip() == f"127.0.0.1:{port}":
+            pointer.unlink()

@@ -112,7 +112,10 @@ def start_local(cpus: int | None = None) -> int:
         before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            # address="local": a new instance even if `ray start` left a cluster on this machine to join
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        except Exception as exc:  # Ray raises ValueError, RuntimeError, ConnectionError... when it cannot start
+            raise ConfigError(f"could not start a local Ray: {_cause(exc)}") from None
         finally:
             if before is not None:
                 ray_constants.ENABLE_RAY_CLUSTER = before
