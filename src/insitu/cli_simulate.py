@@ -52,6 +52,8 @@ def simulate_command(
     privacy_ledger: Optional[str] = typer.Option(None, help="SQLite privacy ledger kept across runs (budgets carry over); default: privacy_ledger.sqlite in the run directory."),
     baselines: bool = typer.Option(True, help="Also train local-only and pooled baselines for comparison."),
     threads: int = typer.Option(1, help="Torch threads for training (1 is fastest for small models and many small steps; raise it for large CNNs on an idle machine)."),
+    backend: str = typer.Option("in-process", help="Where the sites run: in-process (default) or ray (each site in a Ray worker process, on this machine or a cluster; same plan, same round engine, same result). Needs Ray: pip install 'insitu[ray]'."),
+    ray_address: Optional[str] = typer.Option(None, help="With --backend ray: join the Ray cluster at this address (e.g. 10.0.0.5:6379 or auto; its nodes need insitu installed). Default: start a private local Ray for the run, dashboard off, every listener on 127.0.0.1."),
     insecure_replayable_randomness: bool = typer.Option(False, "--insecure-replayable-randomness", help="Debugging only: derive every site's sampling, DP noise and rounding from --seed so a run can be replayed. Anyone who knows the seed can then subtract the noise: the run is marked NOT private."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory to create (default runs/<time>-<dataset>-<strategy>)."),
 ) -> None:
@@ -76,7 +78,7 @@ def simulate_command(
         min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, lr_schedule=lr_schedule, normalize=normalize, normalize_epsilon=normalize_epsilon, compress=compress, downlink=downlink, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
         dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement, dp_adjacency=dp_adjacency,
         adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, out=out_dir,
-        insecure_replayable_randomness=insecure_replayable_randomness, threads=threads,
+        insecure_replayable_randomness=insecure_replayable_randomness, threads=threads, backend=backend, ray_address=ray_address,
     )
     summary = simulate(cfg, progress=True)
     out.print(summary_table(summary))

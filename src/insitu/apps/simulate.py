@@ -140,6 +140,8 @@ class SimulationConfig:
     baselines: bool = True
     out: str | None = None
     threads: int = 1  # torch threads for training (1: tiny models and many small steps run fastest)
+    backend: str = "in-process"  # where the sites run: in-process, or ray (Ray actors: insitu.apps.raybackend)
+    ray_address: str | None = None  # --backend ray: join this Ray cluster (default: a private local Ray on 127.0.0.1)
     #: derive every site's secret (sampling, DP noise, rounding) from --seed: replayable, NOT private
     insecure_replayable_randomness: bool = False
 
@@ -197,6 +199,11 @@ class SimulationConfig:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
         if cfg.min_sites < 1 or cfg.min_sites > cfg.sites:
             raise ConfigError(f"--min-sites {cfg.min_sites} must be between 1 and the number of sites ({cfg.sites})")
+        from insitu.apps.raybackend import Backend, check_backend
+
+        if check_backend(cfg.backend, cfg.ray_address) is Backend.RAY and plan.dp.on:
+            raise ConfigError(f"--backend ray does not run --dp {plan.dp.level.value} yet (each site's privacy ledger would live in a "
+                              "Ray worker, out of the run's privacy report); use --backend in-process")
         if need_data and own is None and ds is not DatasetName.HEART and not cfg.data:
             raise ConfigError(f"dataset {ds.value} needs --data PATH ({'a folder with set-a.tar.gz, Outcomes-a.txt, ...' if ds is DatasetName.PHYSIONET2012 else 'a MedMNIST .npz file'})")
         return cfg
@@ -429,8 +436,19 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
                     "knows the seed can replay them, so this run is NOT private", cfg.seed)
     from insitu.learn.train import torch_threads
 
-    with torch_threads(cfg.threads):
+    with torch_threads(cfg.threads), _backend_session(cfg):
         return _simulate(cfg, out, write, progress, site_secrets, coordinator_secret, own)
+
+
+def _backend_session(cfg: SimulationConfig) -> Any:
+    """Ray for the run with ``--backend ray`` (insitu.apps.raybackend); nothing in-process."""
+    if cfg.backend != "ray":
+        import contextlib
+
+        return contextlib.nullcontext()
+    from insitu.apps.raybackend import ray_session
+
+    return ray_session(cfg.ray_address)
 
 
 def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, site_secrets: Mapping[str, bytes] | None,
@@ -469,10 +487,15 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
 
         data, normalization = federated_normalization(data, BOUNDS, epsilon=plan.normalize_epsilon, delta=plan.dp.delta,
                                                       accountant=plan.dp.accountant, secrets=secrets, ledger=ledger, job=run_id)
-    sites = {sd.name: build_site(plan, sd.name, sd, secret=secrets[sd.name], ledger=ledger, job=run_id) for sd in data.sites}
-    if plan.dp.on:
-        report = DPReport(plan, {n: s.budget for n, s in sites.items()}, ledger, run_id)
-    transport = InProcessTransport(sites, fail=_dropout_plan(cfg))
+    if cfg.backend == "ray":  # the same sites, built in Ray workers with the same secrets (no DP there: resolved() refuses it)
+        from insitu.apps.raybackend import site_transport
+
+        transport: Any = site_transport(plan, data.sites, secrets, job=run_id, fail=_dropout_plan(cfg), threads=cfg.threads)
+    else:
+        sites = {sd.name: build_site(plan, sd.name, sd, secret=secrets[sd.name], ledger=ledger, job=run_id) for sd in data.sites}
+        if plan.dp.on:
+            report = DPReport(plan, {n: s.budget for n, s in sites.items()}, ledger, run_id)
+        transport = InProcessTransport(sites, fail=_dropout_plan(cfg))
     rng = None
     if coordinator_secret is not None:
         from insitu.builder import derive_seed

@@ -69,6 +69,8 @@ def crossdevice_command(
     offline: float = typer.Option(0.1, help="Probability that a sampled device does not answer."),
     local_steps: int = typer.Option(10, help="Minibatch steps per device per round."),
     seed: int = typer.Option(0, help="Seed for data, sampling and models."),
+    backend: str = typer.Option("in-process", help="Where devices are made and trained: in-process (default) or ray (Ray worker processes, on this machine or a cluster; each makes a device only when it is sampled). Needs Ray: pip install 'insitu[ray]'."),
+    ray_address: Optional[str] = typer.Option(None, help="With --backend ray: join the Ray cluster at this address (its nodes need insitu installed). Default: a private local Ray for the run, dashboard off, every listener on 127.0.0.1."),
     json_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the summary (JSON, with per-round records) to this file."),
     _old_json: Any = renamed("--json", "--out"),
 ) -> None:
@@ -79,7 +81,8 @@ def crossdevice_command(
     from insitu.compress.crossdevice import CrossDeviceConfig, cross_device
 
     torch.set_num_threads(1)
-    s = cross_device(CrossDeviceConfig(devices=devices, fraction=fraction, rounds=rounds, compress=compress, offline=offline, local_steps=local_steps, seed=seed))
+    s = cross_device(CrossDeviceConfig(devices=devices, fraction=fraction, rounds=rounds, compress=compress, offline=offline, local_steps=local_steps, seed=seed,
+                                      backend=backend, ray_address=ray_address))
     f = s["final"]
     out.print(f"{s['data']['name']}: {s['data']['devices']} devices, {s['devices_per_round']} sampled per round, model {s['task']['model']} ({s['parameters']} parameters), compress {compress}")
     out.print(f"accuracy {f['accuracy']:.3f} on {f['eval_records']} records of {f['eval_devices']} devices after {f['rounds_completed']} rounds")

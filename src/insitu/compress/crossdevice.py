@@ -125,18 +125,22 @@ class _Devices:
     """Makes a device's :class:`Site` (through the one site builder) when it is asked something;
     keeps only the error-feedback residuals a phone would keep between rounds."""
 
-    def __init__(self, population: Any, plan: Any):
+    def __init__(self, population: Any, plan: Any, secrets: Any = None):
         self.population, self.plan = population, plan
+        self.secrets = secrets  # name -> secret (exact-equality tests); None: fresh from the OS each time
         self._kept: dict[int, Any] = {}  # devices whose compressor carries a residual
         self.made = 0
 
-    def site(self, name: str, round_: int) -> Any:
+    def site(self, name: str, round_: int, secret: bytes | None = None) -> Any:
+        """The device ``name``, made now; ``secret`` as handed over by a Ray driver, else its own."""
         from insitu.builder import build_site
 
         d = self.population.index(name)
         if d < 0:
             raise ConfigError(f"unknown device {name!r}")
-        site = build_site(self.plan, name, self.population[d])
+        if secret is None and self.secrets is not None:
+            secret = self.secrets(name)
+        site = build_site(self.plan, name, self.population[d], secret=secret)
         stage = site.pipeline.compress
         if stage is not None and stage.uses_feedback:
             site.pipeline.compress = self._kept.setdefault(d, stage)  # the residual this device kept
@@ -188,6 +192,8 @@ class CrossDeviceConfig:
     min_devices: int = 1
     eval_devices: int = 200  # devices sampled once for federated evaluation
     seed: int = 0
+    backend: str = "in-process"  # or ray: devices made in Ray workers (insitu.apps.raybackend)
+    ray_address: str | None = None  # --backend ray: join this cluster (default: a private local Ray on 127.0.0.1)
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
@@ -197,6 +203,9 @@ class CrossDeviceConfig:
         if self.rounds < 1 or self.devices < 2:
             raise ConfigError(f"need rounds >= 1 and devices >= 2, got {self.rounds} and {self.devices}")
         CompressionSpec.parse(self.compress)
+        from insitu.apps.raybackend import check_backend
+
+        check_backend(self.backend, self.ray_address)
 
 
 def _offline(seed: int, fraction: float):
@@ -207,8 +216,20 @@ def _offline(seed: int, fraction: float):
     return fail if fraction > 0 else None
 
 
-def cross_device(config: CrossDeviceConfig = CrossDeviceConfig(), data: FederatedData | None = None) -> dict[str, Any]:
-    """Run a cross-device federation in this process; returns a summary with per-round records."""
+def cross_device(config: CrossDeviceConfig = CrossDeviceConfig(), data: FederatedData | None = None, *,
+                 device_secrets: Any = None) -> dict[str, Any]:
+    """Run a cross-device federation (in this process, or with ``backend="ray"`` in Ray workers);
+    returns a summary with per-round records.  ``device_secrets(name)`` fixes each device's secret
+    (tests comparing two backends exactly); by default every device gets a fresh one when made."""
+    if config.backend == "ray":
+        from insitu.apps.raybackend import ray_session
+
+        with ray_session(config.ray_address):
+            return _cross_device(config, data, device_secrets)
+    return _cross_device(config, data, device_secrets)
+
+
+def _cross_device(config: CrossDeviceConfig, data: FederatedData | None, device_secrets: Any) -> dict[str, Any]:
     cfg = config
     t0 = time.perf_counter()
     if data is None:
@@ -228,12 +249,18 @@ def cross_device(config: CrossDeviceConfig = CrossDeviceConfig(), data: Federate
     task = TaskSpec(model=cfg.model, input_shape=input_shape, num_outputs=num_outputs, schema=schema,
                     lr=cfg.lr, local_steps=cfg.local_steps, batch_size=cfg.batch_size)
     plan = Plan(task, StrategySpec(server_lr=cfg.server_lr), compression=cfg.compress, rounds=cfg.rounds, min_sites=cfg.min_devices)
-    devices = _Devices(population, plan)
+    devices = _Devices(population, plan, device_secrets)
+    if cfg.backend == "ray":
+        from insitu.apps.raybackend import device_transport
+
+        transport: Any = device_transport(population, plan, fail=_offline(cfg.seed, cfg.offline), secrets=device_secrets)
+        devices = transport  # counts the devices it made
+    else:
+        transport = _OnDemandTransport(devices, fail=_offline(cfg.seed, cfg.offline))
     n_devices = len(population)
     per_round = max(1, int(round(cfg.fraction * n_devices)))
     rng = np.random.default_rng(cfg.seed)
-    coord = build_coordinator(plan, f"xdev-{cfg.seed}", _OnDemandTransport(devices, fail=_offline(cfg.seed, cfg.offline)),
-                              params=initial_params(plan, cfg.seed))
+    coord = build_coordinator(plan, f"xdev-{cfg.seed}", transport, params=initial_params(plan, cfg.seed))
 
     def sample(k: int) -> tuple[str, ...]:  # indices in name order: the draw rng.choice(names) made
         return tuple(population.name(int(d)) for d in np.sort(rng.choice(n_devices, size=k, replace=False)))

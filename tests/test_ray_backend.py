@@ -1,0 +1,250 @@
+"""The Ray backend: sites and devices as Ray actors in worker processes, the same plan and round engine.
+
+One private local Ray (2 worker CPU slots, every listener on 127.0.0.1) is started for this module
+by the backend's own ``start_local`` and shared by its tests; each run's actors are killed when the
+run ends.  Exact-equality tests hand both backends the same site secrets, as the README describes.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import ipaddress
+import json
+import os
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the Ray backend's tests need ray (pip install 'insitu[ray]')")
+psutil = pytest.importorskip("psutil")
+
+from insitu.apps import raybackend  # noqa: E402
+from insitu.apps.simulate import simulate  # noqa: E402
+from insitu.errors import ConfigError  # noqa: E402
+
+HEART = ("cleveland", "hungary", "switzerland", "va-long-beach")
+SECRETS = {s: bytes([i + 7]) * 32 for i, s in enumerate(HEART)}
+SHORT = {"rounds": 3, "local_steps": 10, "seed": 5, "baselines": False}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module, started the way ``--backend ray`` starts it, with 2 CPU slots."""
+    if ray.is_initialized():
+        ray.shutdown()
+    raybackend.start_local(cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_an_unreachable_ray_address_is_one_clear_error_at_once():
+    """(First in the module: it needs this process outside any Ray session.)"""
+    assert not ray.is_initialized()
+    with pytest.raises(ConfigError, match=r"could not join the Ray cluster at --ray-address '127.0.0.1:1': nothing answers"):
+        with raybackend.ray_session("127.0.0.1:1"):
+            pass
+
+
+def _rounds(run_dir) -> list[dict]:
+    """rounds.jsonl without the timings."""
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    for r in rounds:
+        r.pop("seconds", None)
+    return rounds
+
+
+@pytest.mark.parametrize("options", [{}, {"secure_aggregation": True}, {"dropout": 0.3, "compress": "int8"}],
+                         ids=["plain", "secure-aggregation", "dropout-int8"])
+def test_ray_simulation_gives_the_same_site_accuracies_as_in_process(local_ray, options, tmp_path):
+    run = {**SHORT, "write": True, **options, "site_secrets": SECRETS}
+    here = simulate(**run, out=str(tmp_path / "here"))
+    there = simulate(**run, out=str(tmp_path / "there"), backend="ray")
+    assert there["config"]["backend"] == "ray" and here["config"]["backend"] == "in-process"
+    assert there["final"]["site_accuracy"] == here["final"]["site_accuracy"]
+    assert there["plan_hash"] == here["plan_hash"]
+    # round by round: the same participants and drop-outs, the same bytes each way, the same update
+    # norm and test accuracies (everything in rounds.jsonl but the timings)
+    assert _rounds(tmp_path / "there") == _rounds(tmp_path / "here")
+    if options.get("dropout"):
+        assert any(r["dropped"] for r in _rounds(tmp_path / "here"))  # the drop-out path was exercised
+
+
+def test_sites_live_in_two_ray_worker_processes_one_torch_thread_each_and_train_the_same_model(local_ray):
+    """Through the builder: the model after two rounds is bit-identical, and the sites answered
+    from two worker processes other than this one, each with torch pinned to one thread."""
+    from insitu.apps.simulate import SimulationConfig, load_federated
+    from insitu.builder import build_coordinator, build_federation, initial_params
+
+    cfg = SimulationConfig(rounds=2, local_steps=5, seed=2).resolved()
+    data = load_federated(cfg)
+    plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+    coord, _ = build_federation(plan, data.sites, seed=2, job="j", secrets=SECRETS)
+    with raybackend.ray_session():
+        transport = raybackend.site_transport(plan, data.sites, SECRETS, job="j")
+        workers = transport.workers()
+        remote = build_coordinator(plan, "j", transport, params=initial_params(plan, 2))
+        for r in (1, 2):
+            rec_here, rec_there = coord.run_round(r), remote.run_round(r)
+            assert rec_there.participants == rec_here.participants and rec_there.bytes_up == rec_here.bytes_up
+        assert np.array_equal(remote.params, coord.params)
+        assert remote.evaluate(3) == coord.evaluate(3)
+        # a request for a site nobody holds is dropped, naming it, like the in-process transport does
+        ex = transport.exchange({"nowhere": next(iter(_eval_request(plan).values()))}, 10.0)
+        assert ex.dropped == {"nowhere": "unknown site 'nowhere'"} and not ex.replies
+    pids = {w["pid"] for w in workers}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(w["torch_threads"] == 1 for w in workers)
+    assert all(w["holding"] for w in workers)
+    assert transport.hosts == []  # the session emptied its workers: no site data or secret stays in them
+    idle = ray.get([h.info.remote() for h in raybackend._pool()])
+    assert {w["pid"] for w in idle} >= pids and not any(w["holding"] for w in idle)
+
+
+def _eval_request(plan):
+    from insitu.federation.instructions import EvalInstructions
+    from insitu.federation.messages import Message, MessageKind
+
+    return {"x": Message(MessageKind.EVALUATE, 1, "j", {"plan": plan.to_meta(), "instructions": EvalInstructions().to_meta()})}
+
+
+def _ray_processes() -> list[psutil.Process]:
+    """This process and everything it started (GCS, raylet, workers, agents of the local Ray)."""
+    me = psutil.Process()
+    return [me, *me.children(recursive=True)]
+
+
+def test_every_ray_listener_is_on_loopback_and_the_dashboard_is_off(local_ray):
+    with raybackend.ray_session():  # workers up, so their servers are counted too
+        from insitu.apps.simulate import SimulationConfig, load_federated
+
+        cfg = SimulationConfig(rounds=1).resolved()
+        data = load_federated(cfg)
+        plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+        raybackend.site_transport(plan, data.sites, SECRETS, job="j").workers()
+        procs = {p.pid: p for p in _ray_processes()}
+        names = {p.name() for p in procs.values() if p.is_running()}
+        bound = [(procs[c.pid].name(), c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                 if c.pid in procs and (c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr))]
+    assert {"gcs_server", "raylet"} <= names, names
+    servers = {name for name, _, _ in bound}
+    assert {"gcs_server", "raylet"} <= servers, bound  # the check saw Ray's own servers
+    outside = [b for b in bound if not ipaddress.ip_address(b[1].removeprefix("::ffff:")).is_loopback]
+    assert not outside, f"Ray listens outside loopback: {outside}"
+    assert not [b for b in bound if b[2] == 8265], "the Ray dashboard is listening"
+
+
+def test_without_ray_the_backend_is_refused_in_one_line_saying_how_to_install(monkeypatch, capsys, tmp_path):
+    from insitu.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--backend", "ray", "--rounds", "1", "--no-baselines", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert "needs Ray" in err and f"pip install 'ray=={raybackend.RAY_VERSION}'" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"backend": "spark"}, "unknown value 'spark'"),
+    ({"ray_address": "10.0.0.5:6379"}, "add --backend ray"),
+    ({"backend": "ray", "ray_address": "head 6379"}, "must be a Ray address"),
+    ({"backend": "ray", "dp": "site", "epsilon": 3.0}, "does not run --dp site yet"),
+])
+def test_bad_backend_options_are_refused_naming_the_value(options, needle):
+    with pytest.raises(ConfigError, match=needle):
+        simulate(**SHORT, **options, write=False)
+
+
+def test_backend_is_a_simulate_only_job_key():
+    from insitu.coordinator.jobs import JobSpec
+
+    with pytest.raises(ConfigError, match=r"\['backend'\] apply to insitu simulate only"):
+        JobSpec.from_dict({"name": "j", "backend": "ray"})
+
+
+def _device_secret(name: str) -> bytes:
+    return hashlib.sha256(b"test-device/" + name.encode()).digest()
+
+
+def test_ray_cross_device_gives_the_same_accuracy_as_in_process(local_ray):
+    from insitu.compress.crossdevice import CrossDeviceConfig, cross_device
+    from insitu.learn.train import single_thread
+
+    cfg = CrossDeviceConfig(devices=400, fraction=0.05, rounds=2, local_steps=3, offline=0.2, eval_devices=30, seed=3, compress="topk:0.2")
+    with single_thread():
+        here = cross_device(cfg, device_secrets=_device_secret)
+    there = cross_device(CrossDeviceConfig(**{**cfg.__dict__, "backend": "ray"}), device_secrets=_device_secret)
+    assert there["final"]["accuracy"] == here["final"]["accuracy"]
+    assert there["final"]["devices_made"] == here["final"]["devices_made"] == 2 * 20 + 30
+    assert [(r["completed"], r["offline"], r["bytes_up_per_device"]) for r in there["rounds"]] == \
+        [(r["completed"], r["offline"], r["bytes_up_per_device"]) for r in here["rounds"]]
+
+
+@pytest.mark.slow
+def test_ray_cross_device_10000_devices_over_two_worker_processes_matches_in_process(local_ray):
+    """Issue 19's must-show: 10,000 devices, 5 % per round, two local Ray worker processes."""
+    from insitu.compress.crossdevice import CrossDeviceConfig, cross_device
+    from insitu.learn.train import single_thread
+
+    cfg = CrossDeviceConfig(devices=10_000, fraction=0.05, rounds=3, seed=1)
+    with single_thread():
+        here = cross_device(cfg, device_secrets=_device_secret)
+    there = cross_device(CrossDeviceConfig(**{**cfg.__dict__, "backend": "ray"}), device_secrets=_device_secret)
+    workers = ray.get([h.info.remote() for h in raybackend._pool()])  # the run's workers, emptied after it
+    assert len({w["pid"] for w in workers} - {os.getpid()}) == 2 == raybackend.cluster_cpus()
+    assert there["devices_per_round"] == 500 and there["final"]["rounds_completed"] == 3
+    assert there["final"]["accuracy"] == here["final"]["accuracy"]
+    assert there["final"]["eval_records"] == here["final"]["eval_records"]
+
+
+@pytest.mark.slow
+def test_ray_address_joins_an_existing_cluster_gives_the_same_result_and_leaves_it_running(tmp_path):
+    """A Ray head started apart (`ray start --head`, loopback, token auth), joined by a separate driver
+    process through ``ray_address``; the head is still up afterwards, then stopped by its own pid."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": str(Path(raybackend.__file__).resolve().parents[2])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head did not come up"
+                time.sleep(0.3)
+        code = (f"import json; from insitu.apps.simulate import simulate; S = {SECRETS!r}\n"
+                f"run = dict(rounds=2, local_steps=5, baselines=False, write=False, site_secrets=S)\n"
+                f"a = simulate(**run); b = simulate(**run, backend='ray', ray_address='127.0.0.1:{port}')\n"
+                f"print(json.dumps([a['final']['site_accuracy'], b['final']['site_accuracy']]))")
+        driver = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert driver.returncode == 0, driver.stderr[-2000:]
+        here, there = json.loads(driver.stdout.strip().splitlines()[-1])
+        assert there == here
+        assert f"joined the cluster at 127.0.0.1:{port}" in driver.stderr
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # the cluster is still running
+        assert head.poll() is None
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        pointer = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # `ray start` leaves it behind
+        if pointer.exists() and pointer.read_text().strip() == f"127.0.0.1:{port}":
+            pointer.unlink()
