@@ -59,6 +59,7 @@ import base64
 import enum
 import functools
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -248,18 +249,45 @@ def _b64_len(size: int) -> int:
     return 4 * ((size + 2) // 3)
 
 
+@functools.lru_cache(maxsize=256)
+def _prefix(label: bytes, job: str, round_: int) -> bytes:
+    """``context(label, job, round_)``, computed once per round: the per-pair labels below only append two names."""
+    return context(label, job, round_)
+
+
+def _pair_context(label: bytes, job: str, round_: int, a: str, b: str) -> bytes:
+    """``context(label, job, round_, a, b)`` (the same bytes), for the k pairs of a site's share group."""
+    ea, eb = a.encode(), b.encode()
+    return b"".join((_prefix(label, job, round_), len(ea).to_bytes(4, "big"), ea, len(eb).to_bytes(4, "big"), eb))
+
+
 def _mask_seed(secret: bytes, job: str, round_: int, a: str, b: str) -> bytes:
-    lo, hi = sorted((a, b))
-    return hkdf(secret, context(b"insitu-secagg-mask", job, round_, lo, hi), SEED_BYTES)
+    lo, hi = (a, b) if a < b else (b, a)
+    return hkdf(secret, _pair_context(b"insitu-secagg-mask", job, round_, lo, hi), SEED_BYTES)
 
 
 def _share_key(secret: bytes, job: str, round_: int, a: str, b: str) -> bytes:
-    lo, hi = sorted((a, b))
-    return hkdf(secret, context(b"insitu-secagg-share", job, round_, lo, hi), 32)
+    lo, hi = (a, b) if a < b else (b, a)
+    return hkdf(secret, _pair_context(b"insitu-secagg-share", job, round_, lo, hi), 32)
 
 
 def _share_aad(job: str, round_: int, sender: str, recipient: str) -> bytes:
-    return context(b"insitu-secagg-share-aad", job, round_, sender, recipient)
+    return _pair_context(b"insitu-secagg-share-aad", job, round_, sender, recipient)
+
+
+def _confirm_key(secret: bytes, job: str, round_: int, a: str, b: str) -> bytes:
+    """The HMAC key two share-group neighbours confirm survivor sets to each other with (from the
+    same X25519 agreement as the share key, under another label: never revealed, unlike ``s``)."""
+    lo, hi = (a, b) if a < b else (b, a)
+    return hkdf(secret, _pair_context(b"insitu-secagg-confirm", job, round_, lo, hi), 32)
+
+
+CONFIRM_BYTES = 32
+
+
+def _confirm_mac(key: bytes, sender: str, recipient: str, statement: bytes) -> bytes:
+    """``sender`` tells ``recipient`` it signed ``statement`` (directed: a MAC cannot be reflected back)."""
+    return hmac.digest(key, context(b"insitu-secagg-confirm-mac", sender, recipient) + statement, "sha256")
 
 
 SEALED_SHARE_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
@@ -269,23 +297,35 @@ def _share_rows(values: list[int]) -> np.ndarray:
     return np.frombuffer(b"".join(shamir.to_bytes(v) for v in values), dtype=np.uint8).reshape(len(values), shamir.SHARE_BYTES)
 
 
+_REVEAL_LABEL = b"insitu-secagg-seed-share"
+
+
 def _reveal_commitment(reveal: bytes) -> bytes:
-    return hashlib.sha256(b"insitu-secagg-seed-share" + reveal).digest()
+    return hashlib.sha256(_REVEAL_LABEL + reveal).digest()
 
 
-def _commitments_digest(job: str, round_: int, names: Iterable[str], commits: Iterable[bytes]) -> bytes:
-    """What the coordinator fixes before any site reveals: every (site, commitment), in name order."""
-    h = hashlib.sha256(context(b"insitu-secagg-seed-commitments", job, round_))
-    for name, c in zip(names, commits):
-        b = name.encode()
-        h.update(len(b).to_bytes(4, "big") + b + c)
-    return h.digest()
+def _reveal_commitments(rows: list[bytes]) -> bytes:
+    """The commitments of ``rows``, concatenated (one SHA-256 each: a site checks every reveal of the group)."""
+    sha, label = hashlib.sha256, _REVEAL_LABEL
+    return b"".join([sha(label + r).digest() for r in rows])
+
+
+def _commitments_digest(job: str, round_: int, names: list[str], commits: bytes) -> bytes:
+    """What the coordinator fixes before any site reveals: the committed sites (in name order) and
+    their 32-byte commitments, concatenated in the same order."""
+    if len(commits) != 32 * len(names):
+        raise ProtocolError(f"{len(commits)} bytes of commitments for {len(names)} sites")
+    return hashlib.sha256(context(b"insitu-secagg-seed-commitments-v2", job, round_, _names_digest(names), commits)).digest()
+
+
+def _rows(reveals: np.ndarray) -> list[bytes]:
+    buf = np.ascontiguousarray(reveals, dtype=np.uint8).tobytes()
+    return [buf[i : i + REVEAL_BYTES] for i in range(0, len(buf), REVEAL_BYTES)]
 
 
 def _graph_seed(reveals: np.ndarray) -> bytes:
     """seed = H(sorted reveals): no party chose it, since all reveals follow all commitments."""
-    rows = sorted(bytes(r) for r in reveals)
-    return hashlib.sha256(b"insitu-secagg-graph-seed" + b"".join(rows)).digest()
+    return hashlib.sha256(b"insitu-secagg-graph-seed" + b"".join(sorted(_rows(reveals)))).digest()
 
 
 def _names_digest(names: Iterable[str]) -> bytes:
@@ -340,7 +380,7 @@ class _Setup:
 
     def to_meta(self) -> dict[str, Any]:
         return {
-            "group": list(self.group),
+            "group": "\n".join(self.group),  # one JSON string, not n: a site parses it once (names hold no newline)
             "degree": self.degree,
             "threshold": self.threshold,
             "ring_bits": self.fp.ring_bits,
@@ -350,7 +390,7 @@ class _Setup:
 
     @classmethod
     def from_meta(cls, msg: Message) -> "_Setup":
-        group = _name_list(msg.require("group", list), "secagg group")
+        group = _name_list(msg.require("group", str).split("\n"), "secagg group")
         fp = FixedPoint(msg.require("ring_bits", int), msg.require("frac_bits", int), float(msg.require("bound", (int, float))))
         return cls(tuple(sorted(group)), msg.require("degree", int), msg.require("threshold", int), fp)
 
@@ -403,6 +443,7 @@ class _SiteRound:
     nbrs: frozenset[str] = frozenset()
     keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # neighbours and self → (c_pk, s_pk)
     share_keys: dict[str, bytes] = field(default_factory=dict)  # neighbour → AES key of the shares between us
+    confirm_keys: dict[str, bytes] = field(default_factory=dict)  # neighbour → HMAC key of consistency confirmations
     mask_seeds: dict[str, bytes] = field(default_factory=dict)  # neighbour → pairwise mask seed
     b_seed: bytes = b""
     held: dict[str, tuple[int, int]] = field(default_factory=dict)  # owner → (b share, s share) I hold
@@ -438,7 +479,8 @@ class SecAggSite:
             MessageKind.SECAGG_REVEAL_REPLY: Declared({"reveal": pub}),  # the graph-seed share, random and fresh
             MessageKind.SECAGG_SHARE_REPLY: Declared({"shares": prot, "commit": pub}),  # shares sealed to each neighbour
             MessageKind.TRAIN_REPLY: Declared({"secagg": pub, "metrics": pub}, {"masked": prot}),
-            MessageKind.SECAGG_CHECK_REPLY: Declared({"sig": pub}),  # a signature on the survivor set it was shown
+            # a signature on the survivor set it was shown, and the same as a MAC to each surviving neighbour
+            MessageKind.SECAGG_CHECK_REPLY: Declared({"sig": pub, "macs": pub}),
             # the protocol's unmasking: a survivor's self-mask share or a dropped site's key share, never both
             MessageKind.SECAGG_UNMASK_REPLY: Declared({"b": pub, "s": pub}, {"b_shares": pub, "s_shares": pub, "correction": pub}),
         }
@@ -525,11 +567,11 @@ class SecAggSite:
         if self.site_id not in names:
             raise ProtocolError(f"site {self.site_id}: the sites that advertised keys must include this site")
         reveals = msg.tensor("reveals", shape=(len(names), REVEAL_BYTES), dtype="uint8")
-        rows = [r.tobytes() for r in reveals]
+        rows = _rows(reveals)
         if rows[names.index(self.site_id)] != st.reveal:
             raise ProtocolError(f"site {self.site_id}: the coordinator relayed another graph-seed share for this site")
         st.u1 = dict(zip(names, rows))
-        if _commitments_digest(msg.job, msg.round, names, map(_reveal_commitment, rows)) != st.commitments:
+        if _commitments_digest(msg.job, msg.round, names, _reveal_commitments(rows)) != st.commitments:
             raise ProtocolError(f"site {self.site_id}: the graph-seed reveals relayed do not match the commitments this site was shown "
                                 "(a reveal or the set of sites was changed after the commitments were fixed)")
         return _graph_seed(reveals)
@@ -572,7 +614,9 @@ class SecAggSite:
             if h == self.site_id:
                 st.held[h] = pair
                 continue
-            key = st.share_keys[h] = _share_key(agree(st.c_sk, keys[h][0]), msg.job, msg.round, self.site_id, h)
+            secret = agree(st.c_sk, keys[h][0])
+            key = st.share_keys[h] = _share_key(secret, msg.job, msg.round, self.site_id, h)
+            st.confirm_keys[h] = _confirm_key(secret, msg.job, msg.round, self.site_id, h)
             blob = seal(key, shamir.to_bytes(pair[0]) + shamir.to_bytes(pair[1]), _share_aad(msg.job, msg.round, self.site_id, h))
             out[h] = _b64(blob)
         st.keys = keys
@@ -628,16 +672,20 @@ class SecAggSite:
 
     def _check(self, msg: Message) -> Message:
         st = self._state(msg, "sent")
-        s3, d = self._partition(st, frozenset(st.setup.subset(msg, "survivors")), frozenset(st.setup.subset(msg, "dropped")))
+        surv, gone = st.setup.subset(msg, "survivors"), st.setup.subset(msg, "dropped")  # in sorted order
+        s3, d = self._partition(st, frozenset(surv), frozenset(gone))
         if len(s3) + len(d) != st.u2_size:
             raise ProtocolError(f"site {self.site_id}: survivors and dropped sites number {len(s3) + len(d)}, but {st.u2_size} sites shared keys")
         t = st.setup.threshold
         if len(s3) < max(self.config.min_group, t):
             raise ConfigError(f"site {self.site_id} refuses to unmask a sum of {len(s3)} sites; needs ≥ {max(self.config.min_group, t)}")
         st.view = (s3, d)
-        st.statement = _statement(msg.job, msg.round, st.seed, sorted(s3), sorted(d))
+        st.statement = _statement(msg.job, msg.round, st.seed, surv, gone)
         st.stage = "signed"
-        return Message(MessageKind.SECAGG_CHECK_REPLY, msg.round, msg.job, {"sig": _b64(self._signing.sign(st.statement, _ECDSA))})
+        meta = {"sig": _b64(self._signing.sign(st.statement, _ECDSA))}
+        if d:  # someone dropped: neighbours may need this site's confirmation before releasing a key share
+            meta["macs"] = {w: _b64(_confirm_mac(st.confirm_keys[w], self.site_id, w, st.statement)) for w in sorted(s3 & st.nbrs)}
+        return Message(MessageKind.SECAGG_CHECK_REPLY, msg.round, msg.job, meta)
 
     def _signer_key(self, w: str, entry: list[Any]) -> ec.EllipticCurvePublicKey:
         """The key ``w`` signs consistency statements with: its certificate's (deployments) or the one it advertised."""
@@ -653,18 +701,27 @@ class SecAggSite:
         if not dropped_nbrs:
             return
         sigs = msg.require("signatures", dict)
+        macs = msg.meta.get("confirmations", {})
+        if not isinstance(macs, dict) or not macs.keys() <= st.confirm_keys.keys():
+            raise ProtocolError(f"site {self.site_id}: confirmations must come from its own share group, keyed by site")
         t = st.setup.threshold
         ok: dict[str, bool] = {self.site_id: True}
         mine = st.nbrs | {self.site_id}
         for v in dropped_nbrs:
             group = st.graph[v] - {v}
             # signers this site shares with v's group first: they count for several dropped neighbours
-            ordered = sorted((group & sigs.keys()) - {self.site_id}, key=lambda w: (w not in mine, w))
+            ordered = sorted((group & (sigs.keys() | macs.keys())) - {self.site_id}, key=lambda w: (w not in mine, w))
             count = int(self.site_id in group)
             for w in ordered:
                 if count >= t:
                     break
-                if w not in ok:
+                if w not in ok and w in macs:  # a neighbour: its MAC under our pairwise key (no signature to verify)
+                    tag = _unb64(macs[w], CONFIRM_BYTES, f"consistency confirmation of {w}")
+                    ok[w] = hmac.compare_digest(tag, _confirm_mac(st.confirm_keys[w], w, self.site_id, st.statement))
+                    if not ok[w]:
+                        raise SecurityError(f"site {self.site_id} refuses to unmask: site {w} signed another survivor set than the one shown to "
+                                            "this site (the coordinator showed different sets to different sites)")
+                elif w not in ok:
                     entry = sigs[w]
                     if not isinstance(entry, list) or len(entry) < 2:
                         raise ProtocolError(f"site {self.site_id}: malformed consistency signature entry for {w}")
@@ -708,6 +765,7 @@ class SecAggSite:
         st.held.clear()
         st.mask_seeds.clear()
         st.share_keys.clear()
+        st.confirm_keys.clear()
         return Message(MessageKind.SECAGG_UNMASK_REPLY, msg.round, msg.job, {"b": b, "s": s}, tensors)
 
 
@@ -762,6 +820,9 @@ class SecAggProtocol:
         cfg = self.config
         group = tuple(sorted(plan.sites))
         n = len(group)
+        odd = [s for s in group if not s or "\n" in s]
+        if odd:
+            raise ConfigError(f"round {plan.round}: secure aggregation needs non-empty site names without line breaks, got {odd[0]!r}")
         if n < cfg.min_group:
             raise RoundAborted(f"round {plan.round}: secure aggregation needs at least {cfg.min_group} sites, {n} connected; the global model is unchanged")
         degree = cfg.degree_for(n)
@@ -792,7 +853,7 @@ class SecAggProtocol:
         u1 = frozenset(u1_list)
 
         # 2. reveal graph-seed shares, once every commitment is fixed
-        digest = _b64(_commitments_digest(plan.job, plan.round, u1_list, (adverts[s].commit for s in u1_list)))
+        digest = _b64(_commitments_digest(plan.job, plan.round, u1_list, b"".join(adverts[s].commit for s in u1_list)))
         rev = phase({s: Message(MessageKind.SECAGG_REVEAL, plan.round, plan.job, {"commitments": digest}) for s in u1_list}, MessageKind.SECAGG_REVEAL_REPLY, "reveal")
         reveals = np.zeros((len(u1_list), REVEAL_BYTES), dtype=np.uint8)
         for i, sid in enumerate(u1_list):
@@ -877,8 +938,13 @@ class SecAggProtocol:
         chk = phase({s: Message(MessageKind.SECAGG_CHECK, plan.round, plan.job, {}, chk_bits) for s in surv_list}, MessageKind.SECAGG_CHECK_REPLY, "consistency check")
         statement = _statement(plan.job, plan.round, seed, surv_list, gone_list)
         sig_entries: dict[str, list[str]] = {}
+        macs_of: dict[str, Mapping[str, str]] = {}  # signer → neighbour → MAC it addressed to that neighbour
+        mac_len = _b64_len(CONFIRM_BYTES)
         for sid in sorted(chk):
-            sig = chk[sid].meta.get("sig")
+            sig, macs = chk[sid].meta.get("sig"), chk[sid].meta.get("macs", {})
+            if not isinstance(macs, dict) or not macs.keys() <= graph[sid] & u3 or any(not isinstance(m, str) or len(m) != mac_len for m in macs.values()):
+                raise _abort(plan, sid, f"its consistency confirmations must be {mac_len}-character strings addressed to surviving neighbours")
+            macs_of[sid] = macs
             try:
                 raw = _unb64(sig, None, "consistency signature")
             except ProtocolError as exc:
@@ -900,7 +966,10 @@ class SecAggProtocol:
                 signers: set[str] = set()
                 for v in lost:
                     signers |= graph[v]
-                meta["signatures"] = {w: sig_entries[w] for w in sorted((signers - gone) & u4)}
+                signers = (signers - gone) & u4
+                # a neighbour's confirmation is a MAC the site checks with their pairwise key; others' are signatures
+                meta["confirmations"] = {w: macs_of[w][h] for w in sorted(signers) if h in macs_of[w]}
+                meta["signatures"] = {w: sig_entries[w] for w in sorted(signers) if w not in meta["confirmations"]}
             unm_reqs[h] = Message(MessageKind.SECAGG_UNMASK, plan.round, plan.job, meta)
         unm = phase(unm_reqs, MessageKind.SECAGG_UNMASK_REPLY, "unmask")
         del unm_reqs
