@@ -80,7 +80,7 @@ def test_coordinator_changing_a_reveal_after_the_commitments_is_refused_by_every
         assert expected in relay.why[(s, MessageKind.SECAGG_SHARE)]
 
 
-def test_graph_seed_is_the_hash_of_the_sorted_reveals_and_fresh_each_round():
+def test_graph_seed_is_the_hash_of_the_reveals_in_name_order_and_fresh_each_round():
     proto = SecAggProtocol(SecAggConfig(security_bits=1, bad_fraction=0.1, degree=4))
     sites, _, _, _ = make_group(proto, 12, 10, 0)
     relay = Relay(sites)
@@ -178,7 +178,7 @@ def test_two_thirds_threshold_stops_a_colluder_that_signs_both_sets():
             colluder = sites["site00"].protection
             st = colluder._rounds["job"][1]
             surv = sorted(s for s in sites if s != "site01")
-            sig = colluder._signing.sign(_statement("job", 1, st.seed, surv, ["site01"]), _ECDSA)
+            sig = colluder._signing.sign(_statement("job", 1, st.seed, st.setup.digest, st.setup.bits(surv).tobytes(), st.setup.bits(["site01"]).tobytes()), _ECDSA)
             v_pk = ref[0].replies[("site00", MessageKind.SECAGG_ADVERTISE_REPLY)].meta["v_pk"]
             msg = replace(msg, meta={**msg.meta, "signatures": {**msg.meta["signatures"], "site00": [base64.b64encode(sig).decode(), v_pk]}})
         return msg

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -84,6 +85,9 @@ def commitment(*parts: object) -> str:
     return hashlib.sha256(context(b"insitu-commit", *parts)).hexdigest()
 
 
+_LOCAL = threading.local()
+
+
 class MaskExpander:
     """Expands 16-byte seeds into uniform vectors of Z_2^k with AES-128-CTR and adds them in place.
 
@@ -99,6 +103,18 @@ class MaskExpander:
         self._zeros = bytes(nbytes)
         self._buf = bytearray(nbytes + 16)
         self._view = np.frombuffer(self._buf, dtype=self.dtype, count=self.size)
+
+    @classmethod
+    def reused(cls, size: int, dtype: np.dtype) -> "MaskExpander":
+        """An expander of this thread, kept for the next call with the same size and dtype: a site
+        masking one vector per round does not allocate (and page-fault) two fresh buffers each time."""
+        key = (int(size), np.dtype(dtype).str)
+        cache = _LOCAL.__dict__.setdefault("expanders", {})
+        exp = cache.get(key)
+        if exp is None:
+            cache.clear()  # one size at a time: a thread masks one model's vectors
+            exp = cache[key] = cls(size, dtype)
+        return exp
 
     def expand(self, seed: bytes) -> np.ndarray:
         """The mask for ``seed`` (a view into the shared buffer: copy it to keep it)."""

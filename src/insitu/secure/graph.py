@@ -16,6 +16,26 @@ bound over the ≤ n² pairs of run positions gives
 for a statistical security level of σ bits.  This is our conservative bound
 for this construction (Bell et al. prove an O(log n) degree; we do not use
 their constants).  When k ≥ n − 1 the graph is complete: plain Bonawitz et al.
+
+The degree above covers one event only.  :func:`graph_risk` states all three
+that Bell et al. 2020 (CCS, §3–4) bound for a k-regular graph with threshold t,
+a fraction γ of sites colluding with the coordinator (fixed before the graph
+seed is drawn: commit-and-reveal) and a fraction δ dropping out:
+
+* split (privacy): the honest survivors fall apart; ≤ n²·(γ+δ)^k as above;
+* collusion (privacy): some site's k neighbours include ≥ t colluders, who
+  with the coordinator rebuild both its self-mask seed and its mask key;
+  ≤ n · P[Hypergeometric(n − 1, ⌈γn⌉, k) ≥ t] (union bound over sites);
+* abort (correctness): a dropped site's k neighbours keep fewer than t
+  survivors to confirm the survivor set (and to rebuild its key in server
+  recovery), so the round aborts; ≤ n · P[Binomial(k, δ′) ≥ k − t + 1] with
+  δ′ = δ when colluders answer (semi-honest) and γ + δ when they refuse.
+
+Each is reported in bits (−log₂ of the bound).  With the defaults (σ = 40,
+γ + δ = 0.2, t the smallest majority) the split is below 2^−40 but the other
+two are much weaker at large n (about 2^−15 each at n = 1,000, k = 26, t = 14,
+γ = δ = 0.1); :func:`full_parameters` gives the (k, t) that meets σ on both
+privacy events and η on the abort, which costs a degree of about 4 log₂ n.
 """
 from __future__ import annotations
 
@@ -23,6 +43,7 @@ import functools
 import hashlib
 import math
 import random
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
@@ -74,3 +95,72 @@ def _build(ordered: list[str], degree: int, seed: bytes) -> dict[str, frozenset[
             for j in (i + d, i - d):
                 out[s].add(order[j % n])
     return {s: frozenset(v) for s, v in out.items()}
+
+
+def _bits(p: float) -> float:
+    """−log₂ p, capped at 1,000 bits (a bound of 0: the event cannot happen)."""
+    return 1000.0 if p <= 0.0 else max(0.0, -math.log2(p)) if p < 1.0 else 0.0
+
+
+def _hypergeom_tail(population: int, marked: int, draws: int, at_least: int) -> float:
+    """P[X ≥ at_least] for X the marked items among ``draws`` drawn without replacement."""
+    total = math.comb(population, draws)
+    hits = sum(math.comb(marked, i) * math.comb(population - marked, draws - i) for i in range(max(at_least, 0), min(marked, draws) + 1))
+    return hits / total
+
+
+def _binom_tail(n: int, p: float, at_least: int) -> float:
+    """P[Binomial(n, p) ≥ at_least], summed exactly (n is a graph degree: at most a few hundred)."""
+    return float(sum(math.comb(n, i) * p**i * (1.0 - p) ** (n - i) for i in range(max(at_least, 0), n + 1)))
+
+
+@dataclass(frozen=True)
+class GraphRisk:
+    """The failure bounds of one (n, k, t) under γ colluding and δ dropped sites, in bits (see module docstring)."""
+
+    n: int
+    degree: int
+    threshold: int
+    corrupt: float
+    dropout: float
+    split_bits: float  # honest survivors disconnected (privacy)
+    collusion_bits: float  # a share group holding ≥ t colluders (privacy)
+    abort_bits: float  # a dropped site's group left with < t survivors, colluders answering (correctness)
+    abort_refusing_bits: float  # the same when colluders refuse to answer
+
+    def summary(self) -> str:
+        return (f"n={self.n} k={self.degree} t={self.threshold} γ={self.corrupt:g} δ={self.dropout:g}: split ≤ 2^-{self.split_bits:.1f}, "
+                f"collusion ≤ 2^-{self.collusion_bits:.1f}, abort ≤ 2^-{self.abort_bits:.1f} (2^-{self.abort_refusing_bits:.1f} if colluders refuse)")
+
+
+def graph_risk(n: int, degree: int, threshold: int, corrupt: float, dropout: float) -> GraphRisk:
+    """The three failure bounds of the module docstring for ``n`` sites on this graph."""
+    if n < 2:
+        raise ConfigError(f"a secure-aggregation group needs at least 2 sites, got {n}")
+    for name, v in (("colluding", corrupt), ("drop-out", dropout)):
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"{name} fraction {v} must be in [0, 1)")
+    k = min(int(degree), n - 1)
+    t = int(threshold)
+    if not 1 <= t <= k + 1:
+        raise ConfigError(f"threshold {t} must be between 1 and the share group size {k + 1}")
+    bad = corrupt + dropout
+    split = 0.0 if k >= n - 1 else min(1.0, n * n * bad**k)
+    colluders = math.ceil(corrupt * n)
+    collusion = min(1.0, n * _hypergeom_tail(n - 1, min(colluders, n - 1), k, t))
+    abort = min(1.0, n * _binom_tail(k, dropout, k - t + 1))
+    abort_refusing = min(1.0, n * _binom_tail(k, min(bad, 1.0), k - t + 1))
+    return GraphRisk(n, k, t, corrupt, dropout, _bits(split), _bits(collusion), _bits(abort), _bits(abort_refusing))
+
+
+def full_parameters(n: int, corrupt: float, dropout: float, security_bits: int = 40, correctness_bits: int = 30) -> tuple[int, int]:
+    """The smallest even k (then the smallest majority t) with split and collusion ≤ 2^−σ and abort
+    (colluders refusing) ≤ 2^−η: Bell et al.'s parameter choice for this graph.  Capped at the complete graph."""
+    for k in range(2, n - 1, 2):
+        for t in range(k // 2 + 1, k + 2):
+            r = graph_risk(n, k, t, corrupt, dropout)
+            if r.abort_refusing_bits < correctness_bits:
+                break  # a larger t only aborts more often
+            if r.split_bits >= security_bits and r.collusion_bits >= security_bits:
+                return k, t
+    return n - 1, (n - 1 + 1) // 2 + 1

@@ -285,9 +285,14 @@ def _confirm_key(secret: bytes, job: str, round_: int, a: str, b: str) -> bytes:
 CONFIRM_BYTES = 32
 
 
+_CONFIRM_LABEL = context(b"insitu-secagg-confirm-mac")
+
+
 def _confirm_mac(key: bytes, sender: str, recipient: str, statement: bytes) -> bytes:
     """``sender`` tells ``recipient`` it signed ``statement`` (directed: a MAC cannot be reflected back)."""
-    return hmac.digest(key, context(b"insitu-secagg-confirm-mac", sender, recipient) + statement, "sha256")
+    a, b = sender.encode(), recipient.encode()
+    msg = b"".join((_CONFIRM_LABEL, len(a).to_bytes(4, "big"), a, len(b).to_bytes(4, "big"), b, statement))
+    return hmac.digest(key, msg, "sha256")
 
 
 SEALED_SHARE_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
@@ -304,37 +309,29 @@ def _reveal_commitment(reveal: bytes) -> bytes:
     return hashlib.sha256(_REVEAL_LABEL + reveal).digest()
 
 
-def _reveal_commitments(rows: list[bytes]) -> bytes:
-    """The commitments of ``rows``, concatenated (one SHA-256 each: a site checks every reveal of the group)."""
-    sha, label = hashlib.sha256, _REVEAL_LABEL
-    return b"".join([sha(label + r).digest() for r in rows])
+def _reveal_commitments(reveals: bytes) -> bytes:
+    """The commitments of the concatenated 32-byte ``reveals``, concatenated (one SHA-256 each: a site
+    checks every reveal of the group, the one O(n) computation of its round)."""
+    sha, label, w = hashlib.sha256, _REVEAL_LABEL, REVEAL_BYTES
+    return b"".join([sha(label + reveals[i : i + w]).digest() for i in range(0, len(reveals), w)])
 
 
-def _commitments_digest(job: str, round_: int, names: list[str], commits: bytes) -> bytes:
-    """What the coordinator fixes before any site reveals: the committed sites (in name order) and
-    their 32-byte commitments, concatenated in the same order."""
-    if len(commits) != 32 * len(names):
-        raise ProtocolError(f"{len(commits)} bytes of commitments for {len(names)} sites")
-    return hashlib.sha256(context(b"insitu-secagg-seed-commitments-v2", job, round_, _names_digest(names), commits)).digest()
+def _commitments_digest(job: str, round_: int, setup_digest: bytes, u1_bits: bytes, commits: bytes) -> bytes:
+    """What the coordinator fixes before any site reveals: the round's setup (its group), which of the
+    group committed (a bitmap over the sorted group) and their 32-byte commitments in that order."""
+    return hashlib.sha256(context(b"insitu-secagg-seed-commitments-v2", job, round_, setup_digest, u1_bits, commits)).digest()
 
 
-def _rows(reveals: np.ndarray) -> list[bytes]:
-    buf = np.ascontiguousarray(reveals, dtype=np.uint8).tobytes()
-    return [buf[i : i + REVEAL_BYTES] for i in range(0, len(buf), REVEAL_BYTES)]
+def _graph_seed(reveals: np.ndarray | bytes) -> bytes:
+    """seed = H(reveals in name order): no party chose it, since all reveals follow all commitments."""
+    raw = reveals if isinstance(reveals, bytes) else np.ascontiguousarray(reveals, dtype=np.uint8).tobytes()
+    return hashlib.sha256(b"insitu-secagg-graph-seed-v2" + raw).digest()
 
 
-def _graph_seed(reveals: np.ndarray) -> bytes:
-    """seed = H(sorted reveals): no party chose it, since all reveals follow all commitments."""
-    return hashlib.sha256(b"insitu-secagg-graph-seed" + b"".join(sorted(_rows(reveals)))).digest()
-
-
-def _names_digest(names: Iterable[str]) -> bytes:
-    return hashlib.sha256("\n".join(names).encode()).digest()
-
-
-def _statement(job: str, round_: int, seed: bytes, survivors: list[str], dropped: list[str]) -> bytes:
-    """What each survivor signs in the consistency check: the set it was shown, in this round's graph."""
-    return context(b"insitu-secagg-consistency-v1", job, round_, seed, _names_digest(survivors), _names_digest(dropped))
+def _statement(job: str, round_: int, seed: bytes, setup_digest: bytes, survivors: bytes, dropped: bytes) -> bytes:
+    """What each survivor signs in the consistency check: the set it was shown (survivors and dropped
+    sites as bitmaps over the setup's sorted group), in this round's setup and graph."""
+    return context(b"insitu-secagg-consistency-v2", job, round_, seed, setup_digest, survivors, dropped)
 
 
 _ECDSA = ec.ECDSA(hashes.SHA256())
@@ -417,14 +414,23 @@ class _Setup:
         mask[[idx[s] - 1 for s in names]] = True
         return np.packbits(mask)
 
-    def subset(self, msg: Message, name: str) -> list[str]:
-        """The names of a bitmap sent by :meth:`bits`, in sorted order; a malformed bitmap is refused."""
+    def mask(self, msg: Message, name: str) -> tuple[np.ndarray, bytes]:
+        """A bitmap sent by :meth:`bits` as (boolean mask over the sorted group, its bytes); a malformed one is refused."""
         n = len(self.group)
         bits = msg.tensor(name, shape=((n + 7) // 8,), dtype="uint8")
         mask = np.unpackbits(bits)
         if mask[n:].any():
             raise ProtocolError(f"{msg.kind.value} bitmap {name!r} marks sites beyond the group of {n}")
-        return [self.group[i] for i in np.flatnonzero(mask[:n])]
+        return mask[:n].astype(bool), bits.tobytes()
+
+    def subset(self, msg: Message, name: str) -> list[str]:
+        """The names of a bitmap sent by :meth:`bits`, in sorted order; a malformed bitmap is refused."""
+        return [self.group[i] for i in np.flatnonzero(self.mask(msg, name)[0])]
+
+    def among(self, mask: np.ndarray, names: Iterable[str]) -> frozenset[str]:
+        """Those of ``names`` (members of the group) that ``mask`` marks: O(len(names)), not O(n)."""
+        idx = self.index
+        return frozenset(s for s in names if mask[idx[s] - 1])
 
 
 # -- site half --------------------------------------------------------------------------------------
@@ -437,7 +443,8 @@ class _SiteRound:
     s_pk: bytes
     reveal: bytes
     commitments: bytes = b""  # digest of every commitment, fixed by the coordinator before the reveal
-    u1: dict[str, bytes] = field(default_factory=dict)  # sites that advertised keys → their graph-seed share
+    u1: np.ndarray | None = None  # which of the group advertised keys (mask over the sorted group)
+    u1_commits: bytes = b""  # their graph-seed commitments, concatenated in name order
     seed: bytes = b""
     graph: Mapping[str, frozenset[str]] = field(default_factory=dict)
     nbrs: frozenset[str] = frozenset()
@@ -563,27 +570,33 @@ class SecAggSite:
 
     def _seed_from(self, msg: Message, st: _SiteRound) -> bytes:
         """The graph seed, after checking the reveals against the commitments fixed before this site revealed."""
-        names = st.setup.subset(msg, "u1")
-        if self.site_id not in names:
+        u1, u1_bits = st.setup.mask(msg, "u1")
+        me = st.setup.index[self.site_id] - 1
+        if not u1[me]:
             raise ProtocolError(f"site {self.site_id}: the sites that advertised keys must include this site")
-        reveals = msg.tensor("reveals", shape=(len(names), REVEAL_BYTES), dtype="uint8")
-        rows = _rows(reveals)
-        if rows[names.index(self.site_id)] != st.reveal:
+        reveals = msg.tensor("reveals", shape=(int(np.count_nonzero(u1)), REVEAL_BYTES), dtype="uint8").tobytes()
+        at = REVEAL_BYTES * int(np.count_nonzero(u1[:me]))
+        if reveals[at : at + REVEAL_BYTES] != st.reveal:
             raise ProtocolError(f"site {self.site_id}: the coordinator relayed another graph-seed share for this site")
-        st.u1 = dict(zip(names, rows))
-        if _commitments_digest(msg.job, msg.round, names, _reveal_commitments(rows)) != st.commitments:
+        commits = _reveal_commitments(reveals)
+        if _commitments_digest(msg.job, msg.round, st.setup.digest, u1_bits, commits) != st.commitments:
             raise ProtocolError(f"site {self.site_id}: the graph-seed reveals relayed do not match the commitments this site was shown "
                                 "(a reveal or the set of sites was changed after the commitments were fixed)")
+        st.u1, st.u1_commits = u1, commits
         return _graph_seed(reveals)
+
+    def _u1_commitment(self, st: _SiteRound, sid: str) -> bytes:
+        at = 32 * int(np.count_nonzero(st.u1[: st.setup.index[sid] - 1]))
+        return st.u1_commits[at : at + 32]
 
     def _share(self, msg: Message) -> Message:
         st = self._state(msg, "revealed")
         st.seed = self._seed_from(msg, st)
         st.graph = st.setup.graph(st.seed)
         st.nbrs = st.graph[self.site_id]
-        u1 = st.u1.keys()
+        u1 = st.setup.among(st.u1, st.nbrs)  # neighbours that advertised keys
         raw = msg.require("keys", dict)
-        expected = (st.nbrs & u1) | {self.site_id}
+        expected = u1 | {self.site_id}
         if set(raw) != expected:
             raise ProtocolError(f"site {self.site_id}: keys relayed for {sorted(raw)[:8]}…, expected this site and its neighbours {sorted(expected)[:8]}…")
         keys: dict[str, tuple[bytes, bytes]] = {}
@@ -594,12 +607,13 @@ class SecAggSite:
                 raise ProtocolError(f"site {self.site_id}: bad key entry for {sid!r}")
             keys[sid] = (_unb64(pair[0], KEY_BYTES, f"c key of {sid}"), _unb64(pair[1], KEY_BYTES, f"s key of {sid}"))
             if self.attestation is not None and sid != self.site_id:
-                message = transcript(msg.job, msg.round, sid, st.setup.digest, *keys[sid], _reveal_commitment(st.u1[sid]))
+                message = transcript(msg.job, msg.round, sid, st.setup.digest, *keys[sid], self._u1_commitment(st, sid))
                 self.attestation.check_relayed(pair[2:], sid, message)
         if keys.get(self.site_id) != (st.c_pk, st.s_pk):
             raise ProtocolError(f"site {self.site_id}: the coordinator relayed wrong public keys for this site")
-        if len(u1) < self.config.min_group:
-            raise ConfigError(f"site {self.site_id} refuses: only {len(u1)} sites advertised keys, its minimum group is {self.config.min_group}")
+        advertised = int(np.count_nonzero(st.u1))
+        if advertised < self.config.min_group:
+            raise ConfigError(f"site {self.site_id} refuses: only {advertised} sites advertised keys, its minimum group is {self.config.min_group}")
         holders = sorted(expected)
         t = st.setup.threshold
         if len(holders) < t:
@@ -652,14 +666,14 @@ class SecAggSite:
         fp = st.setup.fp
         vec = np.concatenate([np.asarray(weighted, dtype=np.float64).ravel(), [float(weight)]])
         enc = fp.encode(vec, what=f"update of site {self.site_id}")
-        exp = MaskExpander(enc.shape[0], enc.dtype)
+        exp = MaskExpander.reused(enc.shape[0], enc.dtype)
         exp.add(enc, st.b_seed, +1)
         s_key = private_key(st.s_sk)
         for v in sorted(peers):
             seed = st.mask_seeds[v] = _mask_seed(agree(s_key, st.keys[v][1]), request.job, request.round, self.site_id, v)
             exp.add(enc, seed, +1 if self.site_id < v else -1)
         st.u2, st.u2_size = u2s, total
-        st.u1 = {}
+        st.u1, st.u1_commits = None, b""
         st.size = enc.shape[0]
         st.stage = "sent"
         return {"secagg": 1}, {"masked": fp.reduce(enc)}
@@ -672,15 +686,19 @@ class SecAggSite:
 
     def _check(self, msg: Message) -> Message:
         st = self._state(msg, "sent")
-        surv, gone = st.setup.subset(msg, "survivors"), st.setup.subset(msg, "dropped")  # in sorted order
-        s3, d = self._partition(st, frozenset(surv), frozenset(gone))
-        if len(s3) + len(d) != st.u2_size:
-            raise ProtocolError(f"site {self.site_id}: survivors and dropped sites number {len(s3) + len(d)}, but {st.u2_size} sites shared keys")
+        (surv, surv_bits), (gone, gone_bits) = st.setup.mask(msg, "survivors"), st.setup.mask(msg, "dropped")
+        if (surv & gone).any():
+            raise ProtocolError(f"site {self.site_id}: a site is marked both survivor and dropped")
+        mine = st.nbrs | {self.site_id}
+        s3, d = self._partition(st, st.setup.among(surv, mine), st.setup.among(gone, mine))  # this site's share group only
+        n_surv, n_gone = int(np.count_nonzero(surv)), int(np.count_nonzero(gone))
+        if n_surv + n_gone != st.u2_size:
+            raise ProtocolError(f"site {self.site_id}: survivors and dropped sites number {n_surv + n_gone}, but {st.u2_size} sites shared keys")
         t = st.setup.threshold
-        if len(s3) < max(self.config.min_group, t):
-            raise ConfigError(f"site {self.site_id} refuses to unmask a sum of {len(s3)} sites; needs ≥ {max(self.config.min_group, t)}")
+        if n_surv < max(self.config.min_group, t):
+            raise ConfigError(f"site {self.site_id} refuses to unmask a sum of {n_surv} sites; needs ≥ {max(self.config.min_group, t)}")
         st.view = (s3, d)
-        st.statement = _statement(msg.job, msg.round, st.seed, surv, gone)
+        st.statement = _statement(msg.job, msg.round, st.seed, st.setup.digest, surv_bits, gone_bits)
         st.stage = "signed"
         meta = {"sig": _b64(self._signing.sign(st.statement, _ECDSA))}
         if d:  # someone dropped: neighbours may need this site's confirmation before releasing a key share
@@ -756,7 +774,7 @@ class SecAggSite:
         if msg.meta.get("recovery") == Recovery.SURVIVORS.value:
             # own self-mask + masks with dropped neighbours, exactly what SERVER recovery would rebuild
             fp = st.setup.fp
-            exp = MaskExpander(st.size, fp.dtype)
+            exp = MaskExpander.reused(st.size, fp.dtype)
             corr = exp.expand(st.b_seed).copy()
             for v in lost:
                 exp.add(corr, st.mask_seeds[v], +1 if self.site_id < v else -1)
@@ -853,7 +871,8 @@ class SecAggProtocol:
         u1 = frozenset(u1_list)
 
         # 2. reveal graph-seed shares, once every commitment is fixed
-        digest = _b64(_commitments_digest(plan.job, plan.round, u1_list, b"".join(adverts[s].commit for s in u1_list)))
+        u1_bits = setup.bits(u1_list)
+        digest = _b64(_commitments_digest(plan.job, plan.round, setup.digest, u1_bits.tobytes(), b"".join(adverts[s].commit for s in u1_list)))
         rev = phase({s: Message(MessageKind.SECAGG_REVEAL, plan.round, plan.job, {"commitments": digest}) for s in u1_list}, MessageKind.SECAGG_REVEAL_REPLY, "reveal")
         reveals = np.zeros((len(u1_list), REVEAL_BYTES), dtype=np.uint8)
         for i, sid in enumerate(u1_list):
@@ -871,7 +890,6 @@ class SecAggProtocol:
         graph = setup.graph(seed)
 
         # 3. share keys: each site gets its neighbours' keys only
-        u1_bits = setup.bits(u1_list)
         shr_reqs = {}
         for s in u1_list:
             keys = {v: adverts[v].relay for v in sorted((graph[s] & u1) | {s})}
@@ -936,7 +954,7 @@ class SecAggProtocol:
         # 5. consistency check: every survivor signs the survivor set it is shown
         chk_bits = {"survivors": setup.bits(surv_list), "dropped": setup.bits(gone_list)}
         chk = phase({s: Message(MessageKind.SECAGG_CHECK, plan.round, plan.job, {}, chk_bits) for s in surv_list}, MessageKind.SECAGG_CHECK_REPLY, "consistency check")
-        statement = _statement(plan.job, plan.round, seed, surv_list, gone_list)
+        statement = _statement(plan.job, plan.round, seed, setup.digest, chk_bits["survivors"].tobytes(), chk_bits["dropped"].tobytes())
         sig_entries: dict[str, list[str]] = {}
         macs_of: dict[str, Mapping[str, str]] = {}  # signer → neighbour → MAC it addressed to that neighbour
         mac_len = _b64_len(CONFIRM_BYTES)
