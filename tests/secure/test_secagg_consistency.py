@@ -225,3 +225,74 @@ def test_site_refuses_unmask_before_signing_and_refuses_a_set_other_than_it_sign
     other = Message(MessageKind.SECAGG_UNMASK, 1, "job", {"survivors": ["site00", "site02", "site03"], "dropped": ["site01"], "recovery": "survivors"})
     with pytest.raises(Exception, match="another survivor set than the one this site signed"):
         site.handlers()[MessageKind.SECAGG_UNMASK](other)
+
+
+# -- confirmations between neighbours: MACs under the pairwise key ------------------------------------
+def _round_with_a_drop_out(rewrite=None):
+    proto = SecAggProtocol()
+    drop = lambda s, r, k: s == "site04" and k is MessageKind.TRAIN  # noqa: E731
+    sites, _, vecs, weights = make_group(proto, 5, 10, 0)
+    relay = Relay(sites, rewrite, fail=drop)
+    return proto, sites, relay, vecs, weights
+
+
+def test_neighbours_confirm_the_survivor_set_with_macs_not_signatures():
+    """Complete graph of 5, site04 drops out: every survivor needs t = 3 of site04's group to have
+    signed its set before releasing a share of site04's key; all of them are its neighbours, so the
+    coordinator relays their MACs and no signature at all, and the round is exact."""
+    proto, sites, relay, vecs, weights = _round_with_a_drop_out()
+    res = proto.collect(plan(sites, 10), relay)
+    np.testing.assert_allclose(res.total, sum(weights[s] * vecs[s] for s in sites if s != "site04"), atol=1e-6)
+    for s in ("site00", "site01", "site02", "site03"):
+        macs = relay.replies[(s, MessageKind.SECAGG_CHECK_REPLY)].meta["macs"]
+        assert sorted(macs) == sorted({"site00", "site01", "site02", "site03"} - {s})
+        assert relay.replies[(s, MessageKind.SECAGG_UNMASK_REPLY)].meta["s"] == ["site04"]
+
+
+@pytest.mark.parametrize("attack", ["reflected", "forged", "other set"])
+def test_a_reflected_forged_or_foreign_confirmation_is_refused_naming_its_sender(attack):
+    """The coordinator cannot make up site00's confirmation for site02: not by sending site02 its
+    own MAC to site00 back (MACs are directed), not by flipping a bit, not with a MAC site00
+    computed on another statement.  site02 refuses to unmask and names site00; its silence is a
+    drop-out of the unmask phase, recovered from the others' shares, and the sum stays exact."""
+    seen: dict = {}
+
+    def rewrite(sid, msg):
+        if msg.kind is MessageKind.SECAGG_UNMASK and sid == "site02":
+            conf = dict(msg.meta["confirmations"])
+            if attack == "reflected":
+                conf["site00"] = seen["relay"].replies[("site02", MessageKind.SECAGG_CHECK_REPLY)].meta["macs"]["site00"]
+            elif attack == "forged":
+                raw = bytearray(base64.b64decode(conf["site00"]))
+                raw[0] ^= 1
+                conf["site00"] = base64.b64encode(bytes(raw)).decode()
+            else:  # site00's real MAC to site02, on a statement with one more survivor
+                from insitu.secure.secagg import _confirm_mac, _statement
+
+                st = sites["site00"].protection._rounds["job"][1]
+                other = _statement("job", 1, st.seed, st.setup.digest, st.setup.bits(sorted(sites)).tobytes(), st.setup.bits([]).tobytes())
+                conf["site00"] = base64.b64encode(_confirm_mac(st.confirm_keys["site02"], "site00", "site02", other)).decode()
+            return replace(msg, meta={**msg.meta, "confirmations": conf})
+        return msg
+
+    proto, sites, relay, vecs, weights = _round_with_a_drop_out(rewrite)
+    seen["relay"] = relay
+    res = proto.collect(plan(sites, 10), relay)
+    np.testing.assert_allclose(res.total, sum(weights[s] * vecs[s] for s in sites if s != "site04"), atol=1e-6)
+    why = relay.why[("site02", MessageKind.SECAGG_UNMASK)]
+    assert "site site02 refuses to unmask: site site00 signed another survivor set than the one shown to this site" in why
+    assert ("site02", MessageKind.SECAGG_UNMASK_REPLY) not in relay.replies
+
+
+def test_a_confirmation_from_outside_the_share_group_is_refused():
+    """Only a neighbour shares a MAC key with a site; a 'confirmation' keyed by anyone else is malformed."""
+
+    def rewrite(sid, msg):
+        if msg.kind is MessageKind.SECAGG_UNMASK and sid == "site02":
+            return replace(msg, meta={**msg.meta, "confirmations": {**msg.meta["confirmations"], "site99": "AAAA"}})
+        return msg
+
+    proto, sites, relay, _, _ = _round_with_a_drop_out(rewrite)
+    proto.collect(plan(sites, 10), relay)
+    assert ("site02", MessageKind.SECAGG_UNMASK_REPLY) not in relay.replies
+    assert "confirmations must come from its own share group" in relay.why[("site02", MessageKind.SECAGG_UNMASK)]

@@ -73,10 +73,17 @@ class FixedPoint:
                 f"with bound {self.bound:g} in a {self.ring_bits}-bit ring; need ≥ {MIN_FRAC_BITS}: use a 64-bit ring or a smaller bound"
             )
 
-    def encode(self, vec: np.ndarray, what: str = "update") -> np.ndarray:
-        """round(v·2^f) mod 2^k; a value beyond ``bound`` (or NaN) is refused, never clipped silently."""
-        v = np.asarray(vec, dtype=np.float64)
-        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    def encode(self, vec: np.ndarray, what: str = "update", tail: tuple[float, ...] = ()) -> np.ndarray:
+        """round(v·2^f) mod 2^k; a value beyond ``bound`` (or NaN) is refused, never clipped silently.
+
+        ``tail`` values (e.g. the weight) are encoded after ``vec`` into the same array, so the
+        caller does not copy the vector to append them."""
+        v = np.asarray(vec, dtype=np.float64).ravel()
+        if tail:
+            t = np.asarray(tail, dtype=np.float64)
+            lo, hi = (min(float(v.min()), float(t.min())), max(float(v.max()), float(t.max()))) if v.size else (float(t.min()), float(t.max()))
+        else:
+            lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ProtocolError(f"{what} holds NaN or infinite values; it cannot be encoded")
         peak = max(-lo, hi)
@@ -88,10 +95,11 @@ class FixedPoint:
         x = v * 2.0**self.frac_bits
         np.rint(x, out=x)
         # |x| < 2^(k-1) by the headroom check, so the signed cast is exact; its two's complement is x mod 2^k
-        if self.ring_bits <= 32:
-            out = x.astype(np.int32).view(np.uint32)
-        else:
-            out = x.astype(np.int64).view(np.uint64)
+        signed = np.empty(v.size + len(tail), dtype=np.int32 if self.ring_bits <= 32 else np.int64)
+        signed[: v.size] = x
+        if tail:
+            signed[v.size :] = np.rint(t * 2.0**self.frac_bits)
+        out = signed.view(np.uint32 if self.ring_bits <= 32 else np.uint64)
         if self.ring_bits not in (32, 64):
             out = out & self.dtype.type(self.mask)
         return out

@@ -266,20 +266,16 @@ def _mask_seed(secret: bytes, job: str, round_: int, a: str, b: str) -> bytes:
     return hkdf(secret, _pair_context(b"insitu-secagg-mask", job, round_, lo, hi), SEED_BYTES)
 
 
-def _share_key(secret: bytes, job: str, round_: int, a: str, b: str) -> bytes:
+def _pair_keys(secret: bytes, job: str, round_: int, a: str, b: str) -> tuple[bytes, bytes]:
+    """From one c-agreement: the AES-GCM key of the shares between ``a`` and ``b`` and the HMAC key
+    they confirm survivor sets with (one HKDF call, 64 bytes: two independent 32-byte blocks)."""
     lo, hi = (a, b) if a < b else (b, a)
-    return hkdf(secret, _pair_context(b"insitu-secagg-share", job, round_, lo, hi), 32)
+    okm = hkdf(secret, _pair_context(b"insitu-secagg-share", job, round_, lo, hi), 64)
+    return okm[:32], okm[32:]
 
 
 def _share_aad(job: str, round_: int, sender: str, recipient: str) -> bytes:
     return _pair_context(b"insitu-secagg-share-aad", job, round_, sender, recipient)
-
-
-def _confirm_key(secret: bytes, job: str, round_: int, a: str, b: str) -> bytes:
-    """The HMAC key two share-group neighbours confirm survivor sets to each other with (from the
-    same X25519 agreement as the share key, under another label: never revealed, unlike ``s``)."""
-    lo, hi = (a, b) if a < b else (b, a)
-    return hkdf(secret, _pair_context(b"insitu-secagg-confirm", job, round_, lo, hi), 32)
 
 
 CONFIRM_BYTES = 32
@@ -628,9 +624,9 @@ class SecAggSite:
             if h == self.site_id:
                 st.held[h] = pair
                 continue
-            secret = agree(st.c_sk, keys[h][0])
-            key = st.share_keys[h] = _share_key(secret, msg.job, msg.round, self.site_id, h)
-            st.confirm_keys[h] = _confirm_key(secret, msg.job, msg.round, self.site_id, h)
+            # the share key and the key survivor sets are confirmed with (never revealed, unlike s)
+            key, st.confirm_keys[h] = _pair_keys(agree(st.c_sk, keys[h][0]), msg.job, msg.round, self.site_id, h)
+            st.share_keys[h] = key
             blob = seal(key, shamir.to_bytes(pair[0]) + shamir.to_bytes(pair[1]), _share_aad(msg.job, msg.round, self.site_id, h))
             out[h] = _b64(blob)
         st.keys = keys
@@ -664,8 +660,7 @@ class SecAggSite:
             plain = open_sealed(st.share_keys[v], blob, _share_aad(request.job, request.round, v, self.site_id), f"share from {v} to {self.site_id}")
             st.held[v] = (shamir.from_bytes(plain[: shamir.SHARE_BYTES]), shamir.from_bytes(plain[shamir.SHARE_BYTES :]))
         fp = st.setup.fp
-        vec = np.concatenate([np.asarray(weighted, dtype=np.float64).ravel(), [float(weight)]])
-        enc = fp.encode(vec, what=f"update of site {self.site_id}")
+        enc = fp.encode(weighted, what=f"update of site {self.site_id}", tail=(float(weight),))
         exp = MaskExpander.reused(enc.shape[0], enc.dtype)
         exp.add(enc, st.b_seed, +1)
         s_key = private_key(st.s_sk)
