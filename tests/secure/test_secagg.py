@@ -264,3 +264,24 @@ def test_site_refuses_group_below_its_minimum_and_too_sparse_graph():
     assert "minimum is 5" in res.dropped["site00"] and "site00" not in res.participants
     with pytest.raises(ConfigError, match="too sparse"):
         SecAggProtocol(SecAggConfig(degree=2)).collect(plan({f"s{i}": None for i in range(40)}, 10), transport)
+
+
+def test_a_masked_vector_that_is_not_a_masked_update_aborts_naming_the_survivors():
+    """Any uint32 vector passes as masked, so a poisoned upload shows only in the sum: beyond what the
+    survivors can send (n·bound), the round aborts naming every survivor as a candidate (the hostile
+    suite drew such an upload, whose abort named no site)."""
+    from insitu.secure.secagg import value_bound
+
+    proto = SecAggProtocol(SecAggConfig(bound=value_bound(1.0)))
+
+    def poison(msg):
+        if msg.kind is MessageKind.TRAIN_REPLY:
+            garbage = np.random.default_rng(5).integers(0, 2**32, msg.tensors["masked"].shape, dtype=np.uint64).astype(np.uint32)
+            return replace(msg, tensors={"masked": garbage})
+        return msg
+
+    sites, transport, vecs, _ = make_group(proto, 5, 10, 0, tamper={"site03": poison})
+    for s in sites.values():
+        s.vec, s.weight = s.vec / np.linalg.norm(s.vec), 1.0
+    with pytest.raises(RoundAborted, match=r"outside what 5 sites can send .* one of \['site00', 'site01', 'site02', 'site03', 'site04'\]"):
+        proto.collect(plan(sites, 10), transport)

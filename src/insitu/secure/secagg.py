@@ -10,7 +10,7 @@ site's vector.  One round runs six exchanges, all through ``Transport.exchange``
 2. SECAGG_REVEAL (a digest of U1's commitments) → each site reveals rᵤ.  It does
    so only after the coordinator has fixed every commitment, so no one (the
    coordinator and its colluders included) can choose the graph: its seed is
-   H(sorted reveals).  A committed site that does not reveal, or reveals a value
+   H(reveals in name order).  A committed site that does not reveal, or reveals a value
    that does not match its commitment, aborts the round, named.
 3. SECAGG_SHARE (its neighbours' public keys, all reveals) → each site checks the
    reveals against the digest it was shown, derives the graph, draws a self-mask
@@ -20,12 +20,18 @@ site's vector.  One round runs six exchanges, all through ``Transport.exchange``
 4. TRAIN (carrying each site's inbox of shares) → the site trains and returns
        yᵤ = encode(wᵤ·uᵤ ‖ wᵤ) + PRG(bᵤ) + Σ_{v∈N(u)∩U2} ±PRG(s_uv)   in Z_2^k   U3
    (the sign is + when u < v: pairwise masks cancel in the sum).
-5. SECAGG_CHECK (who survived, who dropped) → each survivor signs that survivor
-   set (consistency check, Bonawitz et al. §4).                                 U4
-6. SECAGG_UNMASK (the signatures it needs) → before revealing anything that is only
-   safe if a neighbour v dropped out (a share of v's ``s`` key, or its mask with v),
-   a site checks that at least t members of v's share group signed the very set it
-   signed; a signature on another set aborts, naming the signer.  Then it returns,
+5. SECAGG_CHECK (who survived, who dropped, as bitmaps) → each survivor signs that
+   survivor set (consistency check, Bonawitz et al. §4) and, when someone dropped,
+   also MACs it to each surviving neighbour under a key from their pairwise ``c``
+   agreement (directed: sender and recipient are in the MAC).                  U4
+6. SECAGG_UNMASK (the confirmations it needs) → before revealing anything that is
+   only safe if a neighbour v dropped out (a share of v's ``s`` key, or its mask
+   with v), a site checks that at least t members of v's share group signed the
+   very set it signed: its own neighbours by their MACs (an HMAC, not an ECDSA
+   verification), the others by their signatures; a confirmation of another set
+   makes it refuse, naming the signer.  The coordinator verifies every signature
+   itself and names a forger; it cannot forge a MAC (the ``c`` keys are never
+   revealed, and in deployments they are certificate-signed).  Then it returns,
    per neighbour, the share of bᵥ if v survived or of v's ``s`` key if v dropped —
    never both — and, in survivors' recovery, one correction vector.  The
    coordinator rebuilds what it must from ≥ t shares (checking every share
@@ -33,9 +39,11 @@ site's vector.  One round runs six exchanges, all through ``Transport.exchange``
    subtracts the self-masks and the masks that dropped sites shared with
    survivors, and decodes the fixed-point sum.
 
-Every site receives only its neighbours' keys, shares and signatures, so its work
-grows with the graph degree k = O(log n), not with n; the lists of the group,
-the committed sites and the survivor set are the only O(n) items (names, once).
+Every site receives only its neighbours' keys, shares and confirmations, so its work
+grows with the graph degree k = O(log n), not with n; the group (one string), the
+graph-seed reveals (checked against their commitments: one SHA-256 each) and the
+bitmaps of committed, surviving and dropped sites are the only O(n) items.
+The degree and its failure bounds: :mod:`insitu.secure.graph`.
 
 Silence is a drop-out; a lie aborts.  A site that times out or refuses is dropped
 and recovered from; a reply that is replayed, misdirected, of the wrong length,
@@ -1061,6 +1069,15 @@ class SecAggProtocol:
                 exp.add(acc, mseed, -1 if w < v else +1)  # y_w holds +mask when w < v
                 regenerated += 1
         total = fp.decode(fp.reduce(acc))
+        # every site encodes |wᵢ·uᵢ| ≤ bound (and its weight), so the sum of the survivors' cannot exceed that many
+        # bounds: beyond it, a survivor uploaded a vector that was not a masked update (or a false correction).
+        # Masks hide which one, so the abort names every candidate, never the sum.
+        limit = len(u3) * fp.bound * (1 + 1e-9) + len(u3) * fp.resolution
+        if float(np.max(np.abs(total))) > limit or not total[-1] > 0:
+            raise RoundAborted(
+                f"round {plan.round}: the unmasked sum lies outside what {len(u3)} sites can send (|value| ≤ {len(u3)}·{fp.bound:g}, "
+                f"weight > 0): a masked vector or a correction from one of {surv_list} was not what the protocol makes; "
+                "the global model is unchanged")
         now = time.perf_counter()
         self.last_stats = SecAggStats(
             server_seconds=(now - t_start) - phase.seconds,
