@@ -101,3 +101,18 @@ def test_bad_risk_parameters_are_refused_with_the_value():
         graph_risk(100, 10, 6, 1.5, 0.1)
     with pytest.raises(ConfigError, match="threshold 30"):
         graph_risk(100, 10, 30, 0.1, 0.1)
+
+
+def test_the_graph_is_symmetric_and_k_regular_computed_lazily_per_site():
+    """Neighbourhoods are computed on first use (a site needs its own and its dropped neighbours'),
+    and they form the same symmetric k-regular graph for every party of the round."""
+    sites = tuple(f"s{i:04d}" for i in range(1000))
+    g = neighbour_map(sites, 26, b"round seed")
+    first = g["s0007"]
+    assert len(first) == 26 and "s0007" not in first and g["s0007"] is first  # cached
+    assert all(len(g[s]) == 26 and all(s in g[v] for v in g[s]) for s in sites)
+    assert list(g) == list(sites) and len(g) == 1000
+    with pytest.raises(KeyError):
+        g["nobody"]
+    small = neighbour_map(sites[:5], 26, b"round seed")  # complete
+    assert small["s0002"] == frozenset(sites[:5]) - {"s0002"}

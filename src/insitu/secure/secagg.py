@@ -41,8 +41,10 @@ site's vector.  One round runs six exchanges, all through ``Transport.exchange``
 
 Every site receives only its neighbours' keys, shares and confirmations, so its work
 grows with the graph degree k = O(log n), not with n; the group (one string), the
-graph-seed reveals (checked against their commitments: one SHA-256 each) and the
-bitmaps of committed, surviving and dropped sites are the only O(n) items.
+graph-seed reveals (checked against their commitments: one SHA-256 each), the
+circular order of the graph (neighbourhoods are then computed only for the sites
+asked about) and the bitmaps of committed, surviving and dropped sites are the
+only O(n) items.
 The degree and its failure bounds: :mod:`insitu.secure.graph`.
 
 Silence is a drop-out; a lie aborts.  A site that times out or refuses is dropped
