@@ -21,22 +21,34 @@ def test_degree_formula_is_the_split_union_bound():
         assert k % 2 == 0 and n * n * beta**k <= 2.0**-sigma < n * n * beta ** (k - 2)
         r = graph_risk(n, k, k // 2 + 1, beta / 2, beta / 2)
         assert r.split_bits == pytest.approx(-math.log2(n * n * beta**k))
-    assert required_degree(1000, 40, 0.2) == 26 and SecAggConfig().degree_for(1000) == 26
+    assert required_degree(1000, 40, 0.2) == 26
 
 
-def test_the_default_parameters_at_1000_sites_state_their_weaker_events():
-    """What the README states for the bench's configuration (σ = 40 covers the split only)."""
-    cfg = SecAggConfig(bad_fraction=0.2)
-    k = cfg.degree_for(1000)
-    t = cfg.threshold_for(k + 1)
+def test_the_split_degree_alone_leaves_the_collusion_event_weak_at_1000_sites():
+    """Why the default degree is not the split's: at k = 26 a share group holds a threshold of colluders far too often."""
+    k, t = 26, 14
     r = graph_risk(1000, k, t, 0.1, 0.1)
-    assert (k, t) == (26, 14)
     assert r.split_bits >= 40
     assert 15 < r.collusion_bits < 17  # 1,000 · P[Hypergeometric(999, 100, 26) ≥ 14]
     expected = 1000 * sum(math.comb(100, i) * math.comb(899, 26 - i) for i in range(14, 27)) / math.comb(999, 26)
     assert r.collusion_bits == pytest.approx(-math.log2(expected))
     assert 11 < r.abort_bits < 13  # 1,000 · P[Binomial(26, 0.1) ≥ 13]
     assert r.abort_refusing_bits < 2  # colluders that refuse to answer can abort a 1,000-site round
+
+
+def test_the_default_degree_meets_both_privacy_events_and_is_minimal():
+    """Secure by default: k is the least even degree with split and collusion ≤ 2^−40 at 10 % colluding + 10 % dropping."""
+    cfg = SecAggConfig()
+    for n, want in ((100, 24), (300, 42), (1000, 54), (10_000, 64)):
+        k = cfg.degree_for(n)
+        t = cfg.threshold_for(k + 1)
+        r = graph_risk(n, k, t, 0.1, 0.1)
+        assert k == want and r.split_bits >= 40 and r.collusion_bits >= 40, r.summary()
+        if k - 2 >= required_degree(n, 40, 0.2):
+            assert graph_risk(n, k - 2, cfg.threshold_for(k - 1), 0.1, 0.1).collusion_bits < 40  # two fewer neighbours fail
+    assert cfg.degree_for(20) == 19  # small consortia: the complete graph
+    with pytest.raises(ConfigError, match="too sparse for 1000 sites"):
+        SecAggConfig(degree=26).degree_for(1000)
 
 
 def test_full_parameters_meet_both_privacy_targets_and_the_abort_target_and_are_minimal():

@@ -177,6 +177,24 @@ def graph_risk(n: int, degree: int, threshold: int, corrupt: float, dropout: flo
     return GraphRisk(n, k, t, corrupt, dropout, _bits(split), _bits(collusion), _bits(abort), _bits(abort_refusing))
 
 
+@functools.lru_cache(maxsize=256)
+def private_degree(n: int, security_bits: int, bad_fraction: float, colluding: float, threshold: float | None = None) -> int:
+    """Smallest even k meeting σ on **both** privacy events: the split (as :func:`required_degree`)
+    and the collusion bound, with a fraction ``colluding`` of the ``bad_fraction`` colluding and
+    the rest dropping out, at the share threshold (a fraction of the group; None: the smallest
+    majority).  Capped at n − 1 (the complete graph, where collusion needs a majority of all)."""
+    if not 0.0 <= colluding <= bad_fraction:
+        raise ConfigError(f"colluding fraction {colluding} must be in [0, bad fraction {bad_fraction}]")
+    k = required_degree(n, security_bits, bad_fraction)
+    while k < n - 1:
+        group = k + 1
+        t = group // 2 + 1 if threshold is None else min(max(math.ceil(threshold * group), 1), group)
+        if graph_risk(n, k, t, colluding, bad_fraction - colluding).collusion_bits >= security_bits:
+            return k
+        k += 2
+    return n - 1
+
+
 def full_parameters(n: int, corrupt: float, dropout: float, security_bits: int = 40, correctness_bits: int = 30) -> tuple[int, int]:
     """The smallest even k (then the smallest majority t) with split and collusion ≤ 2^−σ and abort
     (colluders refusing) ≤ 2^−η: Bell et al.'s parameter choice for this graph.  Capped at the complete graph."""

@@ -90,7 +90,7 @@ from insitu.secure import shamir
 from insitu.secure.attest import relayable
 from insitu.secure._primitives import MaskExpander, agree, commitment, context, hkdf, open_sealed, private_key, seal, x25519_keypair, x25519_public
 from insitu.secure.fixedpoint import FixedPoint
-from insitu.secure.graph import neighbour_map, required_degree
+from insitu.secure.graph import neighbour_map, private_degree, required_degree
 
 KEY_BYTES = 32
 SEED_BYTES = 16
@@ -150,7 +150,10 @@ class SecAggConfig:
     are clipped.  ``ring_bits`` None picks the fast 32-bit ring whenever a declared bound leaves
     the sum at least ``AUTO_MIN_FRAC_BITS`` fraction bits, the 64-bit ring otherwise; asking for a
     32-bit ring where it cannot hold the sum is refused with the reason.  ``bad_fraction`` is the
-    share of sites (corrupted plus dropped out) the graph must withstand at ``security_bits``.
+    share of sites (corrupted plus dropped out) the graph must withstand at ``security_bits``, and
+    ``colluding`` the part of it that colludes with the coordinator: the default degree keeps both
+    privacy events of :mod:`insitu.secure.graph` (the survivors splitting, and a share group
+    holding a threshold of colluders) below 2^-security_bits.
     ``threshold`` is the fraction of a share group needed to rebuild a secret (default: the
     smallest strict majority).  ``min_group`` is the fewest sites this party agrees to be
     aggregated with.  ``recovery``: see :class:`Recovery` (survivors' by default).
@@ -161,6 +164,7 @@ class SecAggConfig:
     frac_bits: int | None = None
     security_bits: int = 40
     bad_fraction: float = 0.2
+    colluding: float = 0.1
     degree: int | None = None
     threshold: float | None = None
     min_group: int = 3
@@ -185,17 +189,23 @@ class SecAggConfig:
         if self.degree is not None and self.degree < 2:
             raise ConfigError(f"graph degree {self.degree} must be at least 2")
         required_degree(100, self.security_bits, self.bad_fraction)  # validates both
+        if not 0.0 <= self.colluding <= self.bad_fraction:
+            raise ConfigError(f"colluding fraction {self.colluding} must be in [0, bad_fraction {self.bad_fraction}]")
+
+    def needed_degree(self, n: int) -> int:
+        """The least graph degree for ``n`` sites at this security level (both privacy events)."""
+        return private_degree(n, self.security_bits, self.bad_fraction, self.colluding, self.threshold)
 
     def degree_for(self, n: int) -> int:
         """The graph degree for ``n`` sites; a degree below what the security level needs is refused."""
-        need = required_degree(n, self.security_bits, self.bad_fraction)
+        need = self.needed_degree(n)
         if self.degree is None:
             return need
         deg = min(self.degree + self.degree % 2, n - 1)
         if deg < need:
             raise ConfigError(
                 f"graph degree {self.degree} is too sparse for {n} sites at {self.security_bits}-bit security with "
-                f"{self.bad_fraction:.0%} bad sites: need at least {need} (or lower --secagg-security-bits)"
+                f"{self.bad_fraction:.0%} bad sites ({self.colluding:.0%} colluding): need at least {need}"
             )
         return deg
 
@@ -549,7 +559,7 @@ class SecAggSite:
             raise ProtocolError(f"site {self.site_id} is not in the announced group")
         if n < cfg.min_group:
             raise ConfigError(f"site {self.site_id} refuses secure aggregation in a group of {n}; its minimum is {cfg.min_group}")
-        need = required_degree(n, cfg.security_bits, cfg.bad_fraction)
+        need = cfg.needed_degree(n)
         if setup.degree < need:
             raise ConfigError(f"site {self.site_id} refuses graph degree {setup.degree} for {n} sites: its security level needs ≥ {need}")
         group_size = min(setup.degree, n - 1) + 1
