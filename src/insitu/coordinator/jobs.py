@@ -219,6 +219,10 @@ class JobSpec:
             shape = (task.get("input_shape"), task.get("num_outputs"), task.get("schema"))
         elif dataset is DatasetName.HEART:
             shape = ((len(HEART_SCHEMA),), 1, HEART_SCHEMA)
+        elif dataset is DatasetName.PHYSIONET2012:  # 48 hourly bins of 44 variables (sites: [data] source = "physionet2012")
+            from insitu.data.physionet import task_shape
+
+            shape = task_shape()
         else:
             raise ConfigError(f"dataset {dataset.value}: give the data's shape in a [task] table (input_shape, num_outputs, schema)")
         if not isinstance(shape[0], (list, tuple)) or not isinstance(shape[2], (list, tuple)):

@@ -49,7 +49,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -546,10 +546,13 @@ def federate(train: Cohort, test: Cohort, partition: Partition, n_sites: int, se
         tr_parts = split_indices(train.label, n_sites, partition, rng, min_per_site=10)
         te_parts = _follow([train.label[p] for p in tr_parts], test.label, rng)
     sites = []
-    for site, ptr, pte in zip(names, tr_parts, te_parts):
+    for k, (site, ptr, pte) in enumerate(zip(names, tr_parts, te_parts)):
         if len(ptr) == 0:
             raise DataError(f"site {site} has no training records in sets {list(train.sets)}")
-        fit, val = _stratified_holdout(train.label[ptr], val_fraction, rng)
+        # an ICU type's validation split depends on its own records and the seed only, so that a
+        # deployed site holding those records draws the same split (load_site)
+        own = holdout_rng(seed, int(list(ICUType)[k])) if partition.kind is PartitionKind.NATURAL else rng
+        fit, val = _stratified_holdout(train.label[ptr], val_fraction, own)
         itr, iva = ptr[fit], ptr[val]
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         sites.append(SiteData(
@@ -566,6 +569,104 @@ def federate(train: Cohort, test: Cohort, partition: Partition, n_sites: int, se
         "cleaned": {k: train.cleaned.get(k, 0) + test.cleaned.get(k, 0) for k in sorted(set(train.cleaned) | set(test.cleaned))},
     }
     return FederatedData(name, tuple(sites), (T, 3 * V), 2, schema(), info)
+
+
+def holdout_rng(seed: int, icu_type: int) -> np.random.Generator:
+    """The random stream of one ICU type's validation split (the same in simulation and at a deployed site)."""
+    return np.random.default_rng([int(seed), int(icu_type)])
+
+
+def task_shape(bins: int = 48) -> tuple[tuple[int, int], int, tuple[str, ...]]:
+    """(input shape, outputs, schema) of the mortality task: what a deployed job's plan declares."""
+    if bins < 1:
+        raise ConfigError(f"bins must be at least 1, got {bins}")
+    return (bins, 3 * V), 1, schema()
+
+
+def only_icu(raw: RawSet, icu_type: ICUType | None) -> RawSet:
+    """The records of one ICU type (all of them for None), outcomes kept aligned."""
+    if icu_type is None:
+        return raw
+    keep = np.flatnonzero(raw.icu_type == int(icu_type))
+    return RawSet(raw.name, tuple(raw.records[i] for i in keep), raw.label[keep], raw.saps[keep], raw.sofa[keep],
+                  raw.dropped_empty_parameter, raw.cleaned)
+
+
+#: keys of a deployed site's ``[data]`` table when ``source = "physionet2012"``
+SITE_KEYS = ("path", "icu_type", "train_sets", "test_sets", "val_fraction", "split_seed", "bins")
+
+
+def _sets(value: object, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(v, str) and re.fullmatch(r"[a-z0-9]{1,16}", v) for v in value)):
+        raise ConfigError(f"[data] {key} must be a list of set names such as [\"a\", \"b\"] (the X of set-X/ and "
+                          f"Outcomes-X.txt), got {value!r}")
+    return tuple(value)
+
+
+def load_site(root: str | Path, name: str = "site", *, icu_type: ICUType | int | str | None = None,
+              train_sets: Sequence[str] = ("a", "b"), test_sets: Sequence[str] = ("c",), val_fraction: float = 0.2,
+              seed: int = 0, bins: int = 48) -> SiteData:
+    """One hospital's records in the challenge's own format, as a deployed site holds them.
+
+    ``root`` holds, for every set named in ``train_sets`` and ``test_sets``, a folder ``set-X/`` of
+    ``<RecordID>.txt`` files (or the archive ``set-X.tar.gz``) and ``Outcomes-X.txt``: the layout
+    PhysioNet ships, restricted to this hospital's stays (a hospital's own export), or the shipped
+    archives themselves with ``icu_type`` naming the unit whose records are this site's.  The
+    validation split is drawn as :func:`federate` draws it for that ICU type, so a deployed ICU
+    holds exactly the records ``insitu simulate --dataset physionet2012`` gives its site.
+    """
+    if isinstance(icu_type, str) and not isinstance(icu_type, ICUType):
+        named = {t.site: t for t in ICUType}
+        if icu_type.lower() not in named:
+            raise ConfigError(f"[data] icu_type: unknown value {icu_type[:40]!r}; choose one of {list(named)} (or 1-4)")
+        icu = named[icu_type.lower()]
+    else:
+        icu = None if icu_type is None else parse_choice(ICUType, icu_type, "[data] icu_type", ConfigError,
+                                                         choices="1 (CCU), 2 (CSRU), 3 (MICU), 4 (SICU)")
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"[data] val_fraction must be in [0, 1), got {val_fraction}")
+    overlap = set(train_sets) & set(test_sets)
+    if overlap:
+        raise ConfigError(f"[data] sets {sorted(overlap)} are both training and test sets")
+    train = [only_icu(read_set(root, s), icu) for s in train_sets]
+    test = [only_icu(read_set(root, s), icu) for s in test_sets]
+    types = sorted({int(t) for r in train for t in r.icu_type})
+    if not types:
+        raise DataError(f"{root}: no training records{f' of ICU type {icu.name}' if icu else ''} in sets {list(train_sets)}")
+    X = np.concatenate([featurize(r, bins) for r in train])
+    y = np.concatenate([r.label for r in train])
+    # one ICU type: its own stream (as in simulation); a mixed hospital: stream 0
+    fit, val = _stratified_holdout(y, val_fraction, holdout_rng(seed, types[0] if len(types) == 1 else 0))
+    Xte = np.concatenate([featurize(r, bins) for r in test]) if any(r.records for r in test) else np.zeros((0, bins, 3 * V), np.float32)
+    yte = np.concatenate([r.label for r in test]) if test else np.zeros(0, np.int64)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return SiteData(name, t(X[fit]), t(y[fit].astype(np.float32)), t(Xte), t(yte.astype(np.float32)),
+                    t(X[val]), t(y[val].astype(np.float32)))
+
+
+def site_from_config(data: Mapping[str, object], name: str = "site") -> SiteData:
+    """A deployed site's ``[data]`` table (``source = "physionet2012"``) → its records (:func:`load_site`)."""
+    unknown = sorted(set(data) - set(SITE_KEYS))
+    if unknown:
+        raise ConfigError(f"[data] source = \"physionet2012\" has unknown key(s) {unknown}; known: {list(SITE_KEYS)}")
+    if "path" not in data:
+        raise ConfigError("[data] source = \"physionet2012\" needs path = DIR (set-a/ or set-a.tar.gz with Outcomes-a.txt, ...)")
+    ints = {}
+    for key, default in (("split_seed", 0), ("bins", 48)):
+        v = data.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"[data] {key} must be a non-negative integer, got {v!r}")
+        ints[key] = v
+    vf = data.get("val_fraction", 0.2)
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)):
+        raise ConfigError(f"[data] val_fraction must be a number in [0, 1), got {vf!r}")
+    return load_site(str(data["path"]), name, icu_type=data.get("icu_type"),  # type: ignore[arg-type]
+                     train_sets=_sets(data.get("train_sets", ["a", "b"]), "train_sets"),
+                     test_sets=_sets(data.get("test_sets", ["c"]), "test_sets"),
+                     val_fraction=float(vf), seed=ints["split_seed"], bins=ints["bins"])
 
 
 def load_physionet(root: str | Path, partition: Partition | str = "natural", n_sites: int = 4, seed: int = 0, *,
@@ -586,7 +687,7 @@ def load_physionet(root: str | Path, partition: Partition | str = "natural", n_s
 
 
 __all__ = [
-    "Cohort", "FEATURES", "ICUType", "LOG_VARIABLES", "RANGES", "REFERENCE", "RawRecord", "RawSet", "STATIC",
+    "Cohort", "FEATURES", "ICUType", "SITE_KEYS", "holdout_rng", "load_site", "only_icu", "site_from_config", "task_shape", "LOG_VARIABLES", "RANGES", "REFERENCE", "RawRecord", "RawSet", "STATIC",
     "TIME_SERIES", "featurize", "federate", "load_cohort", "load_physionet", "parse_record", "read_outcomes",
     "read_set", "reference_statistics", "schema",
 ]

@@ -138,6 +138,10 @@ def site_records(policy: SitePolicy, name: str = "site") -> tuple[SiteData, tupl
     """This site's training data and its schema (None: a schema-less CSV), whatever ``[data] source`` says."""
     if policy.source is DataSource.RECORDS:
         return load_records(policy, name)
+    if policy.source is DataSource.PHYSIONET2012:
+        from insitu.data.physionet import schema, site_from_config
+
+        return site_from_config(policy.data, name), schema()
     data = load_site_data(policy)
     if policy.source is DataSource.HEART:
         from insitu.data.heart import FEATURES

@@ -14,6 +14,9 @@
     hospital = "cleveland"
     # source = "csv"                 # ... or this hospital's own CSV files
     # train = "train.csv"  test = "test.csv"  label = "label"
+    # source = "physionet2012"      # ... or this ICU's records in the PhysioNet 2012 format:
+    # path = "records/"              #   set-a/ (or set-a.tar.gz) + Outcomes-a.txt, ... (insitu.data.physionet.load_site)
+    # icu_type = "csru"              #   optional: keep this ICU type's records (the shipped archives)
 
     [policy]
     approved = ["<task content hash>"]   # also: `insitu site approve HASH`
@@ -65,6 +68,7 @@ class DataSource(str, enum.Enum):
     HEART = "heart"  # one of the embedded UCI heart hospitals (demos, tests)
     CSV = "csv"  # train/test CSV files of numeric features and a label (no schema)
     RECORDS = "records"  # any insitu.data.sources source (CSV, SQLite, PostgreSQL, FHIR, images, DICOM) read through a schema
+    PHYSIONET2012 = "physionet2012"  # this ICU's records in the PhysioNet 2012 format (insitu.data.physionet.load_site)
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class SitePolicy:
         for k in ("train", "test", "schema", "deid", "deid_secret"):
             if k in data:
                 data[k] = str(base / data[k])
+        if source is DataSource.PHYSIONET2012 and "path" in data:
+            data["path"] = str(base / str(data["path"]))
         if source is DataSource.RECORDS and "uri" in data and "://" not in str(data["uri"]):
             data["uri"] = str(base / data["uri"])
         budget = pol.get("epsilon_budget")

