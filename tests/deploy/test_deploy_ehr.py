@@ -108,3 +108,100 @@ def test_deployed_grud_job_equals_simulation_on_the_same_records(dep, records, t
     with np.load(run / "model.npz") as dz, np.load(sim_dir / "model.npz") as sz:
         assert dz["params"].shape == sz["params"].shape and np.array_equal(dz["params"], sz["params"])
     assert (run / "task.json").read_text() == (sim_dir / "task.json").read_text()
+    MODEL["run"] = run
+
+
+MODEL: dict[str, Path] = {}
+
+
+def _gateway(root: Path, run_dir: Path, ca) -> tuple[Path, int]:
+    from insitu.audit.keys import write_keypair
+    from insitu.net.pki import Role
+
+    gw = root / "gateway"
+    ca.issue("gateway", Role.GATEWAY, gw / "tls")
+    write_keypair(gw / "keys", "gateway")
+    port = sandbox.free_port()
+    cfg = gw / "gateway.toml"
+    cfg.write_text(f"""[server]
+host = "127.0.0.1"
+port = {port}
+cert = "tls/gateway.pem"
+key = "tls/gateway.key"
+ca = "tls/ca.pem"
+client_certs = "none"
+[tokens]
+issuer = "gateway.icu"
+public_key = "keys/token.pub"
+private_key = "keys/token.key"
+[records]
+url = "sqlite:///records.db"
+[model]
+run_dir = "{run_dir}"
+[audit]
+path = "audit.db"
+key = "keys/gateway.key"
+writer = "gateway"
+""")
+    return cfg, port
+
+
+def test_gateway_serves_the_deployed_model_a_risk_for_a_48_hour_series(dep, records, tmp_path):
+    """`insitu job model` → `insitu gateway serve` (a real process, TLS 1.3) → a risk score for one
+    ICU stay's raw observations, equal to the model applied to the loader's own tensor of that stay."""
+    import os
+    import ssl
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import torch
+
+    from insitu.cli import app
+    from insitu.compress.export import load_run_model
+    from insitu.data import physionet
+
+    if "run" not in MODEL:
+        pytest.skip("needs the deployed job's model from the test before")
+    cfg, port = _gateway(tmp_path, MODEL["run"], dep.ca)
+    runner = CliRunner()
+    assert runner.invoke(app, ["gateway", "keygen", "--config", str(cfg)]).exit_code == 0
+    res = runner.invoke(app, ["gateway", "token", "--role", "ai-model", "--subject", "triage-agent", "--ttl", "5m", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    token = res.stdout.strip()
+    pooled, _ = records
+    stay = sorted((pooled / "set-c").glob("*.txt"))[0].read_text()
+    rec, _, _ = physionet.parse_record(stay, "set-c")
+    x = physionet.featurize(physionet.RawSet("c", (rec,), np.zeros(1, np.int64), np.full(1, np.nan), np.full(1, np.nan)))
+    model, _ = load_run_model(MODEL["run"])
+    with torch.no_grad():
+        expected = float(torch.sigmoid(model(torch.from_numpy(x))).reshape(-1)[0])
+    body = {"observations": [list(o) for o in physionet.series_rows(stay)]}
+    log = open(tmp_path / "gateway.log", "wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "insitu", "gateway", "serve", "--config", str(cfg)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    try:
+        tls = ssl.create_default_context(cafile=str(dep.root / "ca" / "ca.pem"))
+        url, auth = f"https://127.0.0.1:{port}/predict", {"Authorization": f"Bearer {token}"}
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.post(url, json=body, headers=auth, verify=tls, timeout=10)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
+                assert time.monotonic() < deadline, "gateway did not come up"
+                time.sleep(0.3)
+        assert r.status_code == 200, r.text
+        pred = r.json()
+        assert pred["risk"] == pytest.approx(expected, abs=1e-5)
+        assert pred["model"]["input"] == "physionet2012" and pred["model"]["model"] == "grud"
+        assert sorted(pred["model"]["training_sites"]) == sorted(ICUS) and pred["model"]["rounds"] == 2
+        bad = {"observations": body["observations"] + [["12:00", "Lactose", 1.0]]}
+        r = httpx.post(url, json=bad, headers=auth, verify=tls, timeout=10)
+        assert r.status_code == 422 and r.json()["field"] == f"body.observations.{len(body['observations'])}.parameter", r.text
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -61,7 +61,7 @@ def _gateway(root: Path, run_dir: Path, ca) -> tuple[Path, int]:
     from insitu.net.pki import Role
 
     gw = root / "gateway"
-    ca.issue("gateway", Role.COORDINATOR, gw / "tls")  # a TLS-server certificate from the consortium CA
+    ca.issue("gateway", Role.GATEWAY, gw / "tls")  # the gateway's TLS-server certificate from the consortium CA
     write_keypair(gw / "keys", "gateway")
     port = sandbox.free_port()
     cfg = gw / "gateway.toml"

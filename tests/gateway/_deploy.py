@@ -61,8 +61,8 @@ def make_deployment(d: Path, client_certs: str = "optional") -> Deployment:
     from insitu.audit.keys import write_keypair
 
     ca = CertificateAuthority.init(d / "ca")
-    # the PKI has no gateway role yet; the coordinator role is its TLS-server certificate profile
-    server = ca.issue("gateway", Role.COORDINATOR, d / "tls", hosts=("127.0.0.1", "localhost"))
+    # the gateway's own role: a TLS-server certificate that sites would refuse as a coordinator
+    server = ca.issue("gateway", Role.GATEWAY, d / "tls", hosts=("127.0.0.1", "localhost"))
     write_run_dir(d / "run")
     write_keypair(d / "keys", "gateway")
     port = free_port()

@@ -469,6 +469,46 @@ def schema() -> tuple[str, ...]:
     return tuple(f"{kind}:{n}" for kind in ("value", "mask", "delta") for n in FEATURES)
 
 
+#: parameters one observation of a served series may name: the descriptors (but RecordID, which a
+#: prediction does not need) and the 37 time series
+SERIES_PARAMETERS: tuple[str, ...] = tuple(dict.fromkeys((*(d for d in DESCRIPTORS if d != "RecordID"), *TIME_SERIES)))
+
+
+def featurize_series(rows: Sequence[tuple[str, str, float]], bins: int = 48, source: str = "series") -> tuple[np.ndarray, dict[str, int]]:
+    """One patient's observations ``(time "HH:MM", parameter, value)``, the rows of a record file
+    without its ``RecordID`` line, as the ``[bins, 3V]`` tensor :func:`featurize` makes of a record,
+    through the same parser (quirks, -1 for missing, out-of-range values dropped) and binning.
+
+    Returns the tensor and the out-of-range values dropped per parameter.  A :class:`DataError`
+    names the row as ``line N`` with N = row index + 3 (after the header and the record id)."""
+    lines = [HEADER, "00:00,RecordID,0"] + [f"{t},{p},{float(v)!r}" for t, p, v in rows]
+    rec, _, cleaned = parse_record("\n".join(lines) + "\n", source)
+    raw = RawSet(source, (rec,), np.zeros(1, np.int64), np.full(1, np.nan), np.full(1, np.nan))
+    return featurize(raw, bins)[0], cleaned
+
+
+def series_rows(text: str) -> list[tuple[str, str, float]]:
+    """The rows of a record file (``Time,Parameter,Value``) as observations for
+    :func:`featurize_series` or the gateway's ``/predict``: the RecordID line and empty-parameter rows left out."""
+    out: list[tuple[str, str, float]] = []
+    header, _, body = text.replace("\r\n", "\n").partition("\n")
+    if header.strip() != HEADER:
+        raise DataError(f"first line is {header[:60]!r}, expected {HEADER!r}")
+    for n, line in enumerate(body.splitlines(), start=2):
+        if not line.strip():
+            continue
+        parts = line.split(",")
+        if len(parts) != 3:
+            raise DataError(f"line {n}: {line[:60]!r} does not have the three fields Time,Parameter,Value")
+        if parts[1] in ("RecordID", ""):
+            continue
+        try:
+            out.append((parts[0], parts[1], float(parts[2])))
+        except ValueError:
+            raise DataError(f"line {n}: value of {parts[1]!r} is not a number") from None
+    return out
+
+
 # -- sites ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cohort:
@@ -687,7 +727,7 @@ def load_physionet(root: str | Path, partition: Partition | str = "natural", n_s
 
 
 __all__ = [
-    "Cohort", "FEATURES", "ICUType", "SITE_KEYS", "holdout_rng", "load_site", "only_icu", "site_from_config", "task_shape", "LOG_VARIABLES", "RANGES", "REFERENCE", "RawRecord", "RawSet", "STATIC",
+    "Cohort", "FEATURES", "ICUType", "SERIES_PARAMETERS", "SITE_KEYS", "featurize_series", "holdout_rng", "series_rows", "load_site", "only_icu", "site_from_config", "task_shape", "LOG_VARIABLES", "RANGES", "REFERENCE", "RawRecord", "RawSet", "STATIC",
     "TIME_SERIES", "featurize", "federate", "load_cohort", "load_physionet", "parse_record", "read_outcomes",
     "read_set", "reference_statistics", "schema",
 ]

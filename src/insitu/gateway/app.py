@@ -192,6 +192,8 @@ class Gateway:
 # -- request / response bodies ----------------------------------------------------------------------
 class ModelInfo(BaseModel):
     model: str
+    input: str = Field(description="what /predict takes: tabular (features by name), physionet2012 (a 48-hour "
+                                   "series of observations), image or sequence (insitu.gateway.inputs)")
     task_hash: str
     features: list[str]
     training_sites: list[str]
@@ -204,9 +206,12 @@ class ModelInfo(BaseModel):
 
 
 class Prediction(BaseModel):
-    risk: float = Field(description="probability of the positive class (heart disease for the heart task)")
+    risk: float = Field(description="probability of the positive class (heart disease for the heart task, "
+                                    "in-hospital death for physionet2012)")
     threshold: float
     positive: bool
+    ignored: dict[str, int] = Field(default_factory=dict, description="values dropped as physiologically impossible, "
+                                                                      "per parameter (as in training)")
     model: ModelInfo
 
 
@@ -248,10 +253,11 @@ _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _features_model(model: ServedModel | None) -> type[BaseModel]:
-    names = model.features if model is not None else ()
-    fields: dict[str, Any] = {n: (float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)) for n in names}
-    feats = create_model("Features", __config__=ConfigDict(extra="forbid"), **fields)
+def _predict_model(model: ServedModel | None) -> type[BaseModel]:
+    """The /predict body for the served model's task (:mod:`.inputs`); with no model, an empty feature table."""
+    if model is not None:
+        return model.input.request_model()
+    feats = create_model("Features", __config__=ConfigDict(extra="forbid"))
     return create_model("PredictRequest", __config__=ConfigDict(extra="forbid"), features=(feats, ...))
 
 
@@ -400,7 +406,7 @@ def create_app(gw: Gateway) -> FastAPI:
         """The de-identified nursing subset of a record (nurses, doctors)."""
         return nursing_view(need(pseudonym), gw.clock().astimezone(gw.tz).date())
 
-    PredictRequest = _features_model(gw.model)
+    PredictRequest = _predict_model(gw.model)
 
     infer_guard = model_guard(Action.INFER)
 
@@ -408,11 +414,12 @@ def create_app(gw: Gateway) -> FastAPI:
               openapi_extra=body_doc(PredictRequest))
     def predict(who: Annotated[Principal, Depends(infer_guard)],
                 body: Annotated[BaseModel, Depends(json_body(PredictRequest, infer_guard))]) -> Prediction:
-        """Risk score from the federated model for one anonymized, standardized feature vector (AI agents)."""
+        """Risk score from the federated model for one patient's anonymized input in the task's form (AI agents):
+        a standardized feature vector, a 48-hour ICU series or an image (see the model card's ``input``)."""
         m = served()
-        x = m.vector(body.features.model_dump())  # type: ignore[attr-defined]
+        x, ignored = m.input.tensor(body)
         risk = m.risk(x)
-        return Prediction(risk=risk, threshold=0.5, positive=risk >= 0.5, model=ModelInfo(**m.card.as_dict()))
+        return Prediction(risk=risk, threshold=0.5, positive=risk >= 0.5, ignored=ignored, model=ModelInfo(**m.card.as_dict()))
 
     @app.get("/model", response_model=ModelInfo, tags=["model"], responses={**_ERRORS, 503: {"model": Problem}})
     def model_card(who: Annotated[Principal, Depends(model_guard(Action.READ))]) -> ModelInfo:

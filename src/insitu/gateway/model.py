@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,10 +39,11 @@ class ModelCard:
     delta: float | None
     strategy: str | None
     mean_site_accuracy: float | None
+    input: str = "tabular"  # what /predict takes (insitu.gateway.inputs.InputKind)
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "task_hash": self.task_hash, "features": list(self.features),
+            "model": self.model, "input": self.input, "task_hash": self.task_hash, "features": list(self.features),
             "training_sites": list(self.training_sites), "rounds": self.rounds,
             "epsilon": self.epsilon, "delta": self.delta,
             "differential_privacy": self.epsilon is not None,
@@ -58,14 +59,20 @@ def _read_json(path: Path) -> Any:
 
 
 class ServedModel:
-    """A binary classifier over a tabular schema; thread-safe inference."""
+    """A binary classifier over any task's inputs (tabular, PhysioNet series, image, sequence); thread-safe inference.
+
+    What a request must carry is :attr:`input`, derived from the task (:mod:`.inputs`)."""
 
     def __init__(self, spec: TaskSpec, params: np.ndarray, card: ModelCard):
-        if spec.num_outputs != 1 or len(spec.input_shape) != 1 or spec.input_shape[0] != len(spec.schema):
-            raise ConfigError(
-                f"the gateway serves binary models over named tabular features; task has input shape "
-                f"{spec.input_shape}, {spec.num_outputs} outputs and schema {list(spec.schema)[:5]}"
-            )
+        from insitu.gateway.inputs import InputSchema
+
+        if spec.num_outputs != 1:
+            raise ConfigError(f"the gateway serves binary models (one output, a risk score); task {spec.model} has "
+                              f"{spec.num_outputs} outputs")
+        try:
+            self.input = InputSchema.of(spec)
+        except DataError as exc:
+            raise ConfigError(f"the gateway cannot serve this model: {exc}") from None
         self.spec, self.card = spec, card
         self.net = build_model(spec.model, spec.input_shape, spec.num_outputs)
         set_flat(self.net, params)
@@ -77,7 +84,7 @@ class ServedModel:
         return self.spec.schema
 
     def vector(self, features: Mapping[str, float]) -> np.ndarray:
-        """Order a name → value mapping by the schema; refuse missing, unknown or non-finite values."""
+        """Order a name → value mapping by a tabular schema; refuse missing, unknown or non-finite values."""
         missing = [f for f in self.features if f not in features]
         unknown = sorted(set(features) - set(self.features))
         if missing or unknown:
@@ -89,8 +96,12 @@ class ServedModel:
         return x
 
     def risk(self, x: np.ndarray) -> float:
+        """The positive class's probability for one input of the task's shape."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape != tuple(self.spec.input_shape):
+            raise DataError(f"input of shape {x.shape}; the model takes {tuple(self.spec.input_shape)}")
         with self._lock:
-            return float(predict_scores(self.net, torch.from_numpy(x).reshape(1, -1), num_outputs=1)[0])
+            return float(predict_scores(self.net, torch.from_numpy(x).unsqueeze(0), num_outputs=1)[0])
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "ServedModel":
@@ -114,6 +125,12 @@ class ServedModel:
             strategy=(summary.get("config") or {}).get("strategy"),
             mean_site_accuracy=final.get("mean_site_accuracy"),
         )
+        try:
+            from insitu.gateway.inputs import InputSchema
+
+            card = replace(card, input=InputSchema.of(spec).kind.value)
+        except DataError:
+            pass  # the constructor refuses it with the reason
         return cls(spec, params, card)
 
 
