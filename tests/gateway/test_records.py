@@ -65,7 +65,7 @@ def test_public_namespace_matches_all():
     import insitu.gateway as gw
 
     public = {n for n in dir(gw) if not n.startswith("_") and n not in {
-        "app", "auditing", "config", "inputs", "model", "policy", "records", "service", "tls", "tokens", "cli",
+        "app", "auditing", "config", "inputs", "model", "policy", "record_schema", "records", "service", "tls", "tokens", "cli",
         "import_module", "Any"}}
     assert public == set(gw.__all__)
     assert all(getattr(gw, n) is not None for n in gw.__all__)

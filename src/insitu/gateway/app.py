@@ -41,9 +41,7 @@ from insitu.gateway._intake import (
 from insitu.gateway.config import MtlsClient
 from insitu.gateway.model import ServedModel
 from insitu.gateway.policy import AccessRequest, Action, Decision, PolicyDecisionPoint, ResourceType, Role
-from insitu.gateway.records import (
-    PSEUDONYM_PATTERN, NursingView, Record, RecordBody, RecordPatch, RecordStore, nursing_view,
-)
+from insitu.gateway.records import PSEUDONYM_PATTERN, RecordStore
 from insitu.gateway.tls import PEER_KEY
 from insitu.gateway.tokens import TokenVerifier
 
@@ -350,7 +348,11 @@ def create_app(gw: Gateway) -> FastAPI:
 
     bodies: dict[str, type[BaseModel]] = {}
 
-    def need(pseudonym: str) -> Record:
+    # the record format: the consortium schema's ([records] schema) or the built-in one (insitu.gateway.record_schema)
+    M = gw.store.models
+    Record, RecordBody, RecordPatch, NursingView = M.record, M.body, M.patch, M.nursing
+
+    def need(pseudonym: str) -> BaseModel:
         rec = gw.store.get(pseudonym)
         if rec is None:
             raise HTTPException(404, f"no record with pseudonym {pseudonym}")
@@ -368,7 +370,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.get("/records/{pseudonym}", response_model=Record, tags=["records"],
              responses={**_ERRORS, 404: {"model": Problem}})
-    def read_record(pseudonym: PseudonymPath, who: Annotated[Principal, Depends(record_guard(Action.READ, ResourceType.RECORD))]) -> Record:
+    def read_record(pseudonym: PseudonymPath, who: Annotated[Principal, Depends(record_guard(Action.READ, ResourceType.RECORD))]) -> Any:
         """The full medical record (doctors)."""
         return need(pseudonym)
 
@@ -377,7 +379,7 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.put("/records/{pseudonym}", response_model=Record, tags=["records"], responses=_BODY_ERRORS,
              openapi_extra=body_doc(RecordBody))
     def replace_record(request: Request, pseudonym: PseudonymPath, who: Annotated[Principal, Depends(update_guard)],
-                       body: Annotated[RecordBody, Depends(json_body(RecordBody, update_guard))]) -> Record:
+                       body: Annotated[BaseModel, Depends(json_body(RecordBody, update_guard))]) -> Any:
         """Create or replace a record (doctors)."""
         rec = gw.store.put(pseudonym, body, gw.clock())
         gw.record("write", who.subject, {"pseudonym": pseudonym, "version": rec.version, "fields": sorted(RecordBody.model_fields)}, request)
@@ -386,9 +388,9 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.patch("/records/{pseudonym}", response_model=Record, tags=["records"],
                responses={**_BODY_ERRORS, 404: {"model": Problem}, 409: {"model": Problem}}, openapi_extra=body_doc(RecordPatch))
     def update_record(request: Request, pseudonym: PseudonymPath, who: Annotated[Principal, Depends(update_guard)],
-                      body: Annotated[RecordPatch, Depends(json_body(RecordPatch, update_guard))]) -> Record:
+                      body: Annotated[BaseModel, Depends(json_body(RecordPatch, update_guard))]) -> Any:
         """Change some fields of a record (doctors)."""
-        changes = body.changes()
+        changes = body.changes()  # type: ignore[attr-defined]
         if not changes:
             raise BodyRefused(422, "body", "a PATCH must change at least one field")
         try:
@@ -402,9 +404,9 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.get("/nursing/{pseudonym}", response_model=NursingView, tags=["records"],
              responses={**_ERRORS, 404: {"model": Problem}})
-    def read_nursing(pseudonym: PseudonymPath, who: Annotated[Principal, Depends(record_guard(Action.READ, ResourceType.NURSING_VIEW))]) -> NursingView:
+    def read_nursing(pseudonym: PseudonymPath, who: Annotated[Principal, Depends(record_guard(Action.READ, ResourceType.NURSING_VIEW))]) -> Any:
         """The de-identified nursing subset of a record (nurses, doctors)."""
-        return nursing_view(need(pseudonym), gw.clock().astimezone(gw.tz).date())
+        return M.view(need(pseudonym), gw.clock().astimezone(gw.tz).date())
 
     PredictRequest = _predict_model(gw.model)
 

@@ -21,6 +21,8 @@ its keys can move together.  Example::
     [records]
     url = "sqlite:///records.db"      # or postgresql://user:pw@host/db (the site's database)
     table = "gateway_records"
+    schema = "schema.toml"            # optional: the consortium's record schema (insitu.gateway.record_schema);
+                                      #   without it, the built-in heart demonstration record
 
     [model]
     run_dir = "runs/heart"
@@ -89,6 +91,7 @@ class GatewayConfig:
     max_ttl: dt.timedelta = dt.timedelta(hours=12)
     records_url: str = "sqlite:///records.db"
     records_table: str = "gateway_records"
+    records_schema: Path | None = None  # the consortium's record schema; None: the built-in demonstration record
     model_run_dir: Path | None = None
     audit_path: str = "audit.db"
     audit_key: Path | None = None
@@ -96,6 +99,16 @@ class GatewayConfig:
     timezone: zoneinfo.ZoneInfo = field(default_factory=lambda: zoneinfo.ZoneInfo("UTC"))
     mtls_clients: tuple[MtlsClient, ...] = ()
     rules: tuple[Rule, ...] = ()
+
+    def record_models(self) -> Any:
+        """The record format the gateway stores and serves (:mod:`insitu.gateway.record_schema`)."""
+        from insitu.gateway.record_schema import HEART_RECORDS, records_from_schema
+
+        if self.records_schema is None:
+            return HEART_RECORDS
+        from insitu.data.sources import RecordSchema
+
+        return records_from_schema(RecordSchema.from_toml(self.records_schema), str(self.records_schema))
 
     @classmethod
     def load(cls, path: str | Path) -> "GatewayConfig":
@@ -154,6 +167,7 @@ class GatewayConfig:
             max_ttl=parse_ttl(tok.get("max_ttl", "12h")),
             records_url=url,
             records_table=str(rec.get("table", "gateway_records")),
+            records_schema=path(rec.get("schema")),
             model_run_dir=path(mdl.get("run_dir")),
             audit_path=audit,
             audit_key=path(aud.get("key")),

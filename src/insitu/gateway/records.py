@@ -194,7 +194,11 @@ def store_url(target: str) -> str:
 class RecordStore:
     """Records by pseudonym through SQLAlchemy (SQLite or PostgreSQL); every write is one transaction."""
 
-    def __init__(self, url: str, table: str = "gateway_records"):
+    def __init__(self, url: str, table: str = "gateway_records", models: Any = None):
+        from insitu.gateway.record_schema import HEART_RECORDS
+
+        #: the record format (insitu.gateway.record_schema.RecordModels): the consortium schema's, or the built-in one
+        self.models = models if models is not None else HEART_RECORDS
         if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", table):
             raise ConfigError(f"record table name {table!r} must be lower-case letters, digits and _")
         url = store_url(url)
@@ -214,10 +218,9 @@ class RecordStore:
             raise ConfigError(f"cannot open record store {redact_url(url)!r}: {getattr(exc, 'orig', exc)}") from None
         self._lock = threading.Lock()  # SQLite allows one writer; serialise ours rather than retry
 
-    @staticmethod
-    def _row_to_record(row: Any) -> Record:
+    def _row_to_record(self, row: Any) -> Record:
         body = json.loads(row.body)
-        return Record(pseudonym=row.pseudonym, version=row.version, updated_at=dt.datetime.fromisoformat(row.updated_at), **body)
+        return self.models.record(pseudonym=row.pseudonym, version=row.version, updated_at=dt.datetime.fromisoformat(row.updated_at), **body)
 
     def get(self, pseudonym: str) -> Record | None:
         with self.engine.connect() as c:
@@ -239,7 +242,7 @@ class RecordStore:
                 c.execute(self.table.insert().values(pseudonym=pseudonym, **values))
             else:
                 c.execute(self.table.update().where(self.table.c.pseudonym == pseudonym).values(**values))
-        return Record(pseudonym=pseudonym, version=version, updated_at=now, **body.model_dump())
+        return self.models.record(pseudonym=pseudonym, version=version, updated_at=now, **body.model_dump())
 
     def patch(self, pseudonym: str, patch: RecordPatch, now: dt.datetime) -> Record | None:
         """Apply the fields present in ``patch``; None if there is no such record."""
@@ -247,9 +250,9 @@ class RecordStore:
             current = self.get(pseudonym)
             if current is None:
                 return None
-            merged = {**current.model_dump(include=set(RecordBody.model_fields)), **patch.changes()}
+            merged = {**current.model_dump(include=set(self.models.body.model_fields)), **patch.changes()}
             try:
-                body = RecordBody(**merged)
+                body = self.models.body(**merged)
             except ValueError as exc:
                 raise DataError(f"record {pseudonym} would be invalid after this change: {exc}") from None
             data = body.model_dump(mode="json")
@@ -261,16 +264,17 @@ class RecordStore:
                 )
                 if res.rowcount != 1:
                     raise DataError(f"record {pseudonym} changed concurrently; retry the update")
-        return Record(pseudonym=pseudonym, version=current.version + 1, updated_at=now, **body.model_dump())
+        return self.models.record(pseudonym=pseudonym, version=current.version + 1, updated_at=now, **body.model_dump())
 
     def count(self) -> int:
         with self.engine.connect() as c:
             return int(c.execute(sa.select(sa.func.count()).select_from(self.table)).scalar() or 0)
 
 
-def bodies_from_source(source: str, table: str | None = None) -> list[tuple[str, RecordBody]]:
+def bodies_from_source(source: str, table: str | None = None, models: Any = None) -> list[tuple[str, RecordBody]]:
     """Read records from a site source (CSV, SQLite or PostgreSQL, as ``insitu.data.sources`` opens
-    them): a ``pseudonym`` column plus the record's fields; list fields are ``;``-separated.
+    them): a ``pseudonym`` column plus the record's fields (``models``: the record format,
+    :mod:`insitu.gateway.record_schema`; default the built-in one); list fields are ``;``-separated.
 
     Every row is validated before anything is written; errors name rows and fields, never values.
     """
@@ -282,9 +286,12 @@ def bodies_from_source(source: str, table: str | None = None) -> list[tuple[str,
     if not isinstance(src, RecordSource):
         raise DataError(f"{src.display} is a {src.kind.value} source; gateway imports read a table "
                         "(CSV, SQLite or PostgreSQL)")
+    from insitu.gateway.record_schema import HEART_RECORDS
+
+    models = models if models is not None else HEART_RECORDS
     available = src.columns()
-    wanted = ["pseudonym", *RecordBody.model_fields]
-    required = ["pseudonym", *(n for n, f in RecordBody.model_fields.items() if f.is_required())]
+    wanted = ["pseudonym", *models.body.model_fields]
+    required = ["pseudonym", *(n for n, f in models.body.model_fields.items() if f.is_required())]
     missing = [c for c in required if c not in available]
     if missing:
         raise DataError(f"{src.display} lacks required column(s) {missing}; it has {available}")
@@ -294,7 +301,7 @@ def bodies_from_source(source: str, table: str | None = None) -> list[tuple[str,
     seen: set[str] = set()
     for i, row in enumerate(frame.to_dict("records"), start=1):
         values = {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and pd.isna(v))}
-        for k in ("medications", "allergies"):
+        for k in models.list_fields:
             if isinstance(values.get(k), str):
                 values[k] = [x.strip() for x in values[k].split(";") if x.strip()]
         pseudonym = str(values.pop("pseudonym", ""))
@@ -303,7 +310,7 @@ def bodies_from_source(source: str, table: str | None = None) -> list[tuple[str,
             continue
         seen.add(pseudonym)
         try:
-            out.append((pseudonym, RecordBody(**values)))
+            out.append((pseudonym, models.body(**values)))
         except ValueError as exc:
             fields = sorted({str(e["loc"][0]) for e in getattr(exc, "errors", lambda: [])() if e.get("loc")})
             problems.append(f"row {i}: invalid field(s) {fields}")

@@ -32,7 +32,7 @@ def build_gateway(cfg: GatewayConfig, clock: Clock = utc_now) -> Gateway:
     return Gateway(
         pdp=PolicyDecisionPoint(cfg.rules),
         verifier=TokenVerifier(load_public_key(cfg.token_public_key), cfg.issuer, cfg.max_ttl),
-        store=RecordStore(cfg.records_url, cfg.records_table),
+        store=RecordStore(cfg.records_url, cfg.records_table, cfg.record_models()),
         audit=GroupCommitAudit(AuditLog.open(cfg.audit_path, cfg.audit_key, writer=cfg.audit_writer)),
         model=ServedModel.load(cfg.model_run_dir) if cfg.model_run_dir is not None else None,
         clock=clock,
@@ -68,8 +68,9 @@ def import_records(cfg: GatewayConfig, source: str, table: str | None = None, cl
 
     if cfg.audit_key is None:
         raise ConfigError("[audit] key is not set; record imports are audited")
-    rows = bodies_from_source(source, table)
-    store = RecordStore(cfg.records_url, cfg.records_table)
+    models = cfg.record_models()
+    rows = bodies_from_source(source, table, models)
+    store = RecordStore(cfg.records_url, cfg.records_table, models)
     now = clock()
     for pseudonym, body in rows:
         store.put(pseudonym, body, now)
