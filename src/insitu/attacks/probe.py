@@ -69,9 +69,9 @@ def single_record_round(plan: Plan, X: torch.Tensor, y: torch.Tensor, params: np
 class ProbeResult:
     """Per target record: was it reconstructed, and how close the best view got next to a guess."""
 
-    kind: str  # "analytic" or "image-inversion"
+    kind: str  # "analytic", "image-inversion" or "series-matching"
     success: tuple[bool, ...]
-    quality: tuple[float, ...]  # tabular: RMS error to the record; images: SSIM
+    quality: tuple[float, ...]  # tabular and series: RMS error to the record (z); images: SSIM
     guess_quality: tuple[float, ...]
     psnr: tuple[float, ...] = ()
     views: int = 0
@@ -83,7 +83,7 @@ class ProbeResult:
     @property
     def better_than_guess(self) -> float:
         """Share of records the best view got closer to than the guess did."""
-        if self.kind == "analytic":
+        if self.kind in ("analytic", "series-matching"):  # an error: lower is better
             return float(np.mean([q < g for q, g in zip(self.quality, self.guess_quality)]))
         return float(np.mean([q > g for q, g in zip(self.quality, self.guess_quality)]))
 
@@ -144,3 +144,28 @@ def attack_images(
         gq.append(best.guess_ssim)
         ps.append(best.psnr)
     return ProbeResult("image-inversion", tuple(succ), tuple(qual), tuple(gq), tuple(ps), views=len(ests))
+
+
+def attack_series(obs: ObservedRound, task: TaskSpec, targets: np.ndarray, guess: np.ndarray, config: MatchConfig = MatchConfig(),
+                  *, seed: int = 0) -> ProbeResult:
+    """Gradient matching on clinical series (``[T, 3V]`` records of recurrent models) from every
+    floating-point view the coordinator holds (integer and ciphertext views cannot be a gradient;
+    the aggregate is always attacked); scored by :func:`~insitu.attacks.reconstruction.score_series`."""
+    from insitu.attacks.reconstruction import gradient_matching, score_series
+
+    model = _model_at(task, obs.params)
+    views = obs.candidate_views()
+    keep = {"aggregate"}
+    for sid, msg in obs.train_replies.items():
+        for name, arr in msg.tensors.items():
+            if np.issubdtype(np.asarray(arr).dtype, np.floating):
+                keep.add(f"{sid}:{name}")
+    ests = [gradient_matching(v, model, task.input_shape, config=config, seed=seed + i) for i, (k, v) in enumerate(views.items()) if k in keep]
+    succ, qual, gq = [], [], []
+    for t in targets:
+        scores = [score_series(e[0], t, guess) for e in ests]
+        best = min(scores, key=lambda sc: sc.rms)
+        succ.append(any(sc.success() for sc in scores))
+        qual.append(best.rms)
+        gq.append(best.guess_rms)
+    return ProbeResult("series-matching", tuple(succ), tuple(qual), tuple(gq), views=len(ests))

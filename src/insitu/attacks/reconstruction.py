@@ -279,6 +279,42 @@ def reconstruct_image(update: np.ndarray, model: nn.Module, input_shape: tuple[i
 
 
 @dataclass(frozen=True)
+class SeriesScore:
+    """How close a reconstructed clinical series (``[T, 3V]``: values, masks, gaps) came to a record.
+
+    ``rms`` is the RMS error of the values where the record has an observation (z-units), next to
+    the population-mean guess's; ``mask_accuracy`` the share of (hour, variable) cells whose
+    observed / unobserved state the estimate gets right (mask thresholded at 0.5)."""
+
+    rms: float
+    guess_rms: float
+    mask_accuracy: float
+    guess_mask_accuracy: float
+
+    def success(self, tol: float = 0.1) -> bool:
+        """Recovered: every observed value within ``tol`` z (a reading one could not tell apart) and the
+        pattern of observations exact."""
+        return self.rms <= tol and self.mask_accuracy == 1.0
+
+
+def score_series(estimate: np.ndarray, target: np.ndarray, guess: np.ndarray) -> SeriesScore:
+    """Score one estimated series against its target record (both ``[T, 3V]``)."""
+    v = target.shape[-1] // 3
+    est, tg, gs = (np.asarray(a, dtype=np.float64).reshape(target.shape) for a in (estimate, target, guess))
+    observed = tg[:, v:2 * v] > 0.5
+    if not observed.any():
+        observed = np.ones_like(observed)
+
+    def rms(a: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((a[:, :v][observed] - tg[:, :v][observed]) ** 2)))
+
+    def mask_acc(a: np.ndarray) -> float:
+        return float(np.mean((a[:, v:2 * v] > 0.5) == observed))
+
+    return SeriesScore(rms(est), rms(gs), mask_acc(est), mask_acc(gs))
+
+
+@dataclass(frozen=True)
 class ImageScore:
     psnr: float
     ssim: float

@@ -8,7 +8,9 @@ For a run directory written by ``insitu simulate`` the report plays three attack
 * the **curious coordinator** runs the run's protocol and site pipeline on a probe round in which
   every site's update comes from a single record (the worst case for a site), keeps everything
   that reaches it, and tries to reconstruct the records: analytic recovery through a first linear
-  layer (tabular models) or gradient matching (CNN).
+  layer (tabular models), gradient matching (CNN) or gradient matching on the series (GRU-D, LSTM:
+  a record counts as recovered when its pattern of observations is exact and every observed value
+  within 0.1 z).
 * the same coordinator attacks what travels **around** the vectors
   (:mod:`insitu.attacks.side_channels`): the training losses sites report (the loss-equation attack
   on single-record sites, with parameters it chose), the answers to EVALUATE messages carrying
@@ -44,7 +46,7 @@ import torch
 from insitu.attacks.linkage import ReidentificationRisk, reidentification_before_after
 from insitu.attacks.membership import MembershipAttack, MembershipResult, ShadowStats, lira, loss_threshold, train_shadows
 from insitu.attacks.metrics import auc_interval
-from insitu.attacks.probe import ProbeResult, attack_images, attack_tabular, single_record_round
+from insitu.attacks.probe import ProbeResult, attack_images, attack_series, attack_tabular, single_record_round
 from insitu.attacks.reconstruction import MatchConfig
 from insitu.attacks.side_channels import LossEquationResult, OracleResult, SamplingFigures
 from insitu.errors import ConfigError, DataError
@@ -358,7 +360,8 @@ def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, par
     """
     Xm, ym = data.pooled_train()
     cnn = ModelName(task.model) is ModelName.CNN
-    records = records or (4 if cnn else 32)
+    series = _is_series(task)
+    records = records or (4 if cnn or series else 32)
     per_round = max(1, len(data.sites))
     chosen = _probe_records(data, records, seed)
     # the worst case a site can be put in: one plain SGD step on one record, so the update is that
@@ -374,7 +377,10 @@ def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, par
     for start in range(0, len(chosen), per_round):
         idx = torch.from_numpy(np.sort(chosen[start : start + per_round]))
         obs = single_record_round(plan, Xm[idx], ym[idx], params)
-        if cnn:
+        if series:  # recurrent models start with no linear layer on the record: gradient matching on the series
+            lo, hi = float(Xn.min()), float(Xn.max())
+            parts.append(attack_series(obs, probe_task, Xm[idx].numpy(), guess, MatchConfig(iterations=iterations, bounds=(lo, hi)), seed=seed + start))
+        elif cnn:
             lo, hi = float(Xn.min()), float(Xn.max())
             parts.append(attack_images(obs, probe_task, Xm[idx].numpy(), guess[None], MatchConfig(iterations=iterations, bounds=(lo, hi)), seed=seed + start))
         else:
@@ -526,9 +532,14 @@ def _heart_reid(policy: dict[str, Any], csv: str | None) -> ReidentificationRisk
 # ---------------------------------------------------------------------------------------------
 # one run, many runs
 # ---------------------------------------------------------------------------------------------
+def _is_series(task: TaskSpec) -> bool:
+    """Records are time series (``[T, 3V]``) read by a recurrent model (GRU-D, LSTM: insitu.learn.sequence)."""
+    return len(task.input_shape) == 2
+
+
 def default_shadows(task: TaskSpec) -> int:
-    """Shadow models are cheap for tabular models and dear for the CNN."""
-    return 4 if ModelName(task.model) is ModelName.CNN else 16
+    """Shadow models are cheap for tabular models and dear for the CNN and recurrent models."""
+    return 4 if ModelName(task.model) is ModelName.CNN or _is_series(task) else 16
 
 
 def attack_run(
@@ -570,7 +581,7 @@ def attack_run(
     bare_recon = None  # the vector attack on the same probe with protection and DP taken away
     if defence == Defence.NONE.value:
         bare_recon = recon.success_rate
-    elif ModelName(task.model) is not ModelName.CNN:  # analytic and cheap; gradient matching is not re-run
+    elif ModelName(task.model) is not ModelName.CNN and not _is_series(task):  # analytic and cheap; gradient matching is not re-run
         bare_recon = reconstruction_attack(cfg, summary, task, params, data, records=probe_records, seed=seed, without_defences=True).success_rate
     loss = loss_equation_figures(cfg, summary, params, data, records=probe_records, seed=seed, undefended_cache=caches.setdefault("loss", {}))
     oracle = oracle_figures(cfg, summary, data, pre_contract_cache=caches.setdefault("oracle", {}))
@@ -828,6 +839,8 @@ def _pct(v: float | None) -> str:
 def _recon_cell(r: ReconstructionFigures, long: bool = False) -> str:
     if r.attack == "analytic":
         return f"{_pct(r.success_rate)} exact" + (f" (RMS err {r.quality:.3g} vs guess {r.guess_quality:.3g}, n={r.records})" if long else "")
+    if r.attack == "series-matching":
+        return f"{_pct(r.success_rate)} recovered" + (f" (RMS err {r.quality:.3g} z vs guess {r.guess_quality:.3g}, n={r.records})" if long else "")
     return f"{_pct(r.success_rate)}, SSIM {r.quality:.2f}" + (f" vs guess {r.guess_quality:.2f}, n={r.records}" if long else "")
 
 
