@@ -148,10 +148,11 @@ def attack_images(
 
 def attack_series(obs: ObservedRound, task: TaskSpec, targets: np.ndarray, guess: np.ndarray, config: MatchConfig = MatchConfig(),
                   *, seed: int = 0) -> ProbeResult:
-    """Gradient matching on clinical series (``[T, 3V]`` records of recurrent models) from every
+    """Gradient matching on clinical series (``[T, 3V]`` records of recurrent models; the attacker
+    knows the encoding: :func:`~insitu.attacks.reconstruction.series_matching`) from every
     floating-point view the coordinator holds (integer and ciphertext views cannot be a gradient;
     the aggregate is always attacked); scored by :func:`~insitu.attacks.reconstruction.score_series`."""
-    from insitu.attacks.reconstruction import gradient_matching, score_series
+    from insitu.attacks.reconstruction import score_series, series_matching
 
     model = _model_at(task, obs.params)
     views = obs.candidate_views()
@@ -160,7 +161,8 @@ def attack_series(obs: ObservedRound, task: TaskSpec, targets: np.ndarray, guess
         for name, arr in msg.tensors.items():
             if np.issubdtype(np.asarray(arr).dtype, np.floating):
                 keep.add(f"{sid}:{name}")
-    ests = [gradient_matching(v, model, task.input_shape, config=config, seed=seed + i) for i, (k, v) in enumerate(views.items()) if k in keep]
+    width = 48.0 / task.input_shape[0]  # hours per bin: the 48-hour window of insitu.data.physionet
+    ests = [series_matching(v, model, task.input_shape, hours_per_bin=width, config=config, seed=seed + i) for i, (k, v) in enumerate(views.items()) if k in keep]
     succ, qual, gq = [], [], []
     for t in targets:
         scores = [score_series(e[0], t, guess) for e in ests]

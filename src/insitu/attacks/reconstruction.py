@@ -278,6 +278,51 @@ def reconstruct_image(update: np.ndarray, model: nn.Module, input_shape: tuple[i
     return min(cands, key=lambda c: gradient_mismatch(c, update, model))
 
 
+def series_matching(update: np.ndarray, model: nn.Module, input_shape: tuple[int, ...], *, hours_per_bin: float = 1.0,
+                    config: MatchConfig = MatchConfig(), seed: int = 0) -> np.ndarray:
+    """Gradient matching for one clinical series ``[T, 3V]`` (values, masks, hours since the last
+    observation), by an attacker who knows the encoding: it optimises the values and the
+    observation pattern (mask logits) and derives the time gaps from the pattern as the loader does,
+    starting from the population mean (values 0) with few observations.  Returns ``(1, T, 3V)``."""
+    n = num_params(model)
+    target = -torch.as_tensor(np.asarray(update, dtype=np.float32)[:n])
+    if not torch.isfinite(target).all():
+        raise DataError("the update holds NaN or infinite values")
+    if len(input_shape) != 2 or input_shape[1] % 3:
+        raise ConfigError(f"series matching needs records of shape (T, 3V), got {input_shape}")
+    T, V = input_shape[0], input_shape[1] // 3
+    y = infer_labels(update, model, 1)
+    crit = _loss(list(model.parameters())[-1].numel())
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    tnorm = target.norm() + 1e-12
+    model.eval()
+    best, best_loss = None, float("inf")
+    for _ in range(config.restarts):
+        values = (0.01 * torch.randn((1, T, V), generator=gen)).requires_grad_(True)
+        logits = (-2.0 + 0.01 * torch.randn((1, T, V), generator=gen)).requires_grad_(True)
+        opt = torch.optim.Adam([values, logits], lr=config.lr)
+
+        def series() -> torch.Tensor:
+            m = torch.sigmoid(logits)
+            gaps = [torch.zeros((1, V))]
+            for t in range(1, T):
+                gaps.append(hours_per_bin + (1 - m[:, t - 1]) * gaps[-1])
+            return torch.cat([values * m, m, torch.stack(gaps, dim=1)], dim=2)
+
+        for _ in range(config.iterations):
+            opt.zero_grad()
+            grads = torch.autograd.grad(crit(model(series()), y), params, create_graph=True)
+            g = torch.cat([t.reshape(-1) for t in grads])
+            rec = 1 - (g @ target) / (g.norm() * tnorm + 1e-12)
+            rec.backward()
+            opt.step()
+        if float(rec.detach()) < best_loss:
+            with torch.no_grad():
+                best_loss, best = float(rec.detach()), series().clone()
+    return best.numpy()
+
+
 @dataclass(frozen=True)
 class SeriesScore:
     """How close a reconstructed clinical series (``[T, 3V]``: values, masks, gaps) came to a record.

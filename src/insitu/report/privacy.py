@@ -378,8 +378,7 @@ def reconstruction_attack(cfg: Any, summary: dict[str, Any], task: TaskSpec, par
         idx = torch.from_numpy(np.sort(chosen[start : start + per_round]))
         obs = single_record_round(plan, Xm[idx], ym[idx], params)
         if series:  # recurrent models start with no linear layer on the record: gradient matching on the series
-            lo, hi = float(Xn.min()), float(Xn.max())
-            parts.append(attack_series(obs, probe_task, Xm[idx].numpy(), guess, MatchConfig(iterations=iterations, bounds=(lo, hi)), seed=seed + start))
+            parts.append(attack_series(obs, probe_task, Xm[idx].numpy(), guess, MatchConfig(iterations=iterations), seed=seed + start))
         elif cnn:
             lo, hi = float(Xn.min()), float(Xn.max())
             parts.append(attack_images(obs, probe_task, Xm[idx].numpy(), guess[None], MatchConfig(iterations=iterations, bounds=(lo, hi)), seed=seed + start))
