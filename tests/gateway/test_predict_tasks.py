@@ -173,3 +173,22 @@ def test_image_task_takes_one_image_of_its_shape(xray):
     assert r.status_code == 422 and r.json()["field"] in ("body.image", "body.features"), r.text
     card = xray.client.get("/model", headers=xray.auth()).json()
     assert card["input"] == "image" and card["features"] == ["image"]
+
+
+def test_a_consortium_defined_model_is_served(tmp_path):
+    """A model = "spec" task (layers declared in the plan, no code shipped) is rebuilt from its
+    specification and answers like any other."""
+    spec = TaskSpec(model="spec", input_shape=(1, 8, 8), num_outputs=1, schema=("image",), lr=0.01, local_steps=5, batch_size=8,
+                    model_spec={"layers": [{"type": "conv2d", "out_channels": 2, "kernel_size": 3}, {"type": "relu"},
+                                           {"type": "flatten"}, {"type": "linear", "out_features": "outputs"}]})
+    run = tmp_path / "run"
+    run.mkdir()
+    net = spec.build_model(seed=5)
+    (run / "task.json").write_text(json.dumps(spec.to_meta()))
+    np.savez(run / "model.npz", params=get_flat(net))
+    served = ServedModel.load(run)
+    img = np.random.default_rng(1).normal(size=(1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = float(torch.sigmoid(net.eval()(torch.from_numpy(img)[None])).reshape(-1)[0])
+    assert served.input.kind.value == "image" and served.card.model == "spec"
+    assert served.risk(img) == pytest.approx(expected, abs=1e-6)

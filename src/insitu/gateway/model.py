@@ -22,7 +22,7 @@ import torch
 
 from insitu.errors import ConfigError, DataError
 from insitu.federation.task import TaskSpec
-from insitu.learn.models import build_model, set_flat
+from insitu.learn.models import set_flat
 from insitu.learn.train import predict_scores
 
 
@@ -74,7 +74,7 @@ class ServedModel:
         except DataError as exc:
             raise ConfigError(f"the gateway cannot serve this model: {exc}") from None
         self.spec, self.card = spec, card
-        self.net = build_model(spec.model, spec.input_shape, spec.num_outputs)
+        self.net = spec.build_model()  # a registered model or the task's own specification (insitu.learn.spec)
         set_flat(self.net, params)
         self.net.eval()
         self._lock = threading.Lock()
