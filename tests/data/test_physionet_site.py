@@ -64,3 +64,10 @@ def test_site_config_errors_name_the_key(tmp_path):
     shutil.rmtree(tmp_path / "pn")
     with pytest.raises(DataError, match="does not exist"):
         site_from_config({"path": str(root)})
+
+
+def test_a_set_without_this_icus_stays_is_skipped(tmp_path):
+    root = write_cohort(tmp_path / "pn", sets=("a", "c"), per_set=16)
+    write_cohort(root, sets=("b",), per_set=2, seed=1)  # set B holds only coronary-care and cardiac-surgery stays
+    site = load_site(root, "sicu", icu_type="sicu")
+    assert site.n_train + site.X_val.shape[0] == 4 and site.n_test == 4

@@ -99,6 +99,25 @@ def test_a_real_48_hour_series_gets_the_risk_of_the_loaders_own_tensor(icu):
     assert a["risk"] == b["risk"]
 
 
+def test_threshold_is_the_runs_validation_choice(tmp_path):
+    """A simulate run of the ICU task chose its Score 1 threshold on validation data; the gateway says
+    positive at that risk, not at 0.5 (a 14 % outcome)."""
+    shape, outputs, schema = physionet.task_shape()
+    spec = TaskSpec(model="grud", input_shape=shape, num_outputs=outputs, schema=schema, lr=0.002, local_steps=25,
+                    batch_size=64, optimizer="adam")
+    served = Served(tmp_path, spec)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary["final"]["clinical"] = {"pooled": {"threshold": 0.2}}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    m = ServedModel.load(tmp_path / "run")
+    assert m.card.threshold == 0.2 and served.gw.model.card.threshold == 0.5
+    served.gw.model = m
+    client = TestClient(create_app(served.gw))
+    r = client.post("/predict", json={"observations": BASE}, headers=served.auth())
+    assert r.status_code == 200 and r.json()["threshold"] == 0.2 and r.json()["positive"] == (r.json()["risk"] >= 0.2)
+    assert r.json()["model"]["threshold"] == 0.2
+
+
 def test_impossible_values_are_dropped_as_in_training_and_reported(icu):
     rows = [["00:00", "Age", 70], ["00:00", "Gender", 1], ["00:00", "ICUType", 3], ["01:00", "HR", 0], ["02:00", "HR", 90]]
     r = icu.client.post("/predict", json={"observations": rows}, headers=icu.auth())

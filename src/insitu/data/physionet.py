@@ -676,11 +676,13 @@ def load_site(root: str | Path, name: str = "site", *, icu_type: ICUType | int |
     types = sorted({int(t) for r in train for t in r.icu_type})
     if not types:
         raise DataError(f"{root}: no training records{f' of ICU type {icu.name}' if icu else ''} in sets {list(train_sets)}")
+    train = [r for r in train if r.records]  # a set may hold none of this ICU type's stays
+    test = [r for r in test if r.records]
     X = np.concatenate([featurize(r, bins) for r in train])
     y = np.concatenate([r.label for r in train])
     # one ICU type: its own stream (as in simulation); a mixed hospital: stream 0
     fit, val = _stratified_holdout(y, val_fraction, holdout_rng(seed, types[0] if len(types) == 1 else 0))
-    Xte = np.concatenate([featurize(r, bins) for r in test]) if any(r.records for r in test) else np.zeros((0, bins, 3 * V), np.float32)
+    Xte = np.concatenate([featurize(r, bins) for r in test]) if test else np.zeros((0, bins, 3 * V), np.float32)
     yte = np.concatenate([r.label for r in test]) if test else np.zeros(0, np.int64)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return SiteData(name, t(X[fit]), t(y[fit].astype(np.float32)), t(Xte), t(yte.astype(np.float32)),

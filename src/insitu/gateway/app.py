@@ -192,6 +192,8 @@ class ModelInfo(BaseModel):
     model: str
     input: str = Field(description="what /predict takes: tabular (features by name), physionet2012 (a 48-hour "
                                    "series of observations), image or sequence (insitu.gateway.inputs)")
+    threshold: float = Field(0.5, description="risk at which a prediction is positive: chosen on the training sites' "
+                                              "validation data where the run made that choice (physionet2012), else 0.5")
     task_hash: str
     features: list[str]
     training_sites: list[str]
@@ -421,7 +423,8 @@ def create_app(gw: Gateway) -> FastAPI:
         m = served()
         x, ignored = m.input.tensor(body)
         risk = m.risk(x)
-        return Prediction(risk=risk, threshold=0.5, positive=risk >= 0.5, ignored=ignored, model=ModelInfo(**m.card.as_dict()))
+        thr = m.card.threshold
+        return Prediction(risk=risk, threshold=thr, positive=risk >= thr, ignored=ignored, model=ModelInfo(**m.card.as_dict()))
 
     @app.get("/model", response_model=ModelInfo, tags=["model"], responses={**_ERRORS, 503: {"model": Problem}})
     def model_card(who: Annotated[Principal, Depends(model_guard(Action.READ))]) -> ModelInfo:

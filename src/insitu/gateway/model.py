@@ -40,10 +40,11 @@ class ModelCard:
     strategy: str | None
     mean_site_accuracy: float | None
     input: str = "tabular"  # what /predict takes (insitu.gateway.inputs.InputKind)
+    threshold: float = 0.5  # risk at which /predict says positive: the run's validation choice where it made one
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "input": self.input, "task_hash": self.task_hash, "features": list(self.features),
+            "model": self.model, "input": self.input, "threshold": self.threshold, "task_hash": self.task_hash, "features": list(self.features),
             "training_sites": list(self.training_sites), "rounds": self.rounds,
             "epsilon": self.epsilon, "delta": self.delta,
             "differential_privacy": self.epsilon is not None,
@@ -56,6 +57,15 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}; point [model] run_dir at an `insitu simulate` run") from None
+
+
+def _validation_threshold(final: Mapping[str, Any]) -> float:
+    """The decision threshold a run chose on validation data (PhysioNet: the pooled Score 1 threshold
+    of ``final.clinical``), else 0.5."""
+    thr = ((final.get("clinical") or {}).get("pooled") or {}).get("threshold")
+    if isinstance(thr, (int, float)) and not isinstance(thr, bool) and 0.0 < float(thr) < 1.0:
+        return float(thr)
+    return 0.5
 
 
 class ServedModel:
@@ -124,6 +134,7 @@ class ServedModel:
             delta=final.get("delta") if final.get("epsilon") is not None else None,
             strategy=(summary.get("config") or {}).get("strategy"),
             mean_site_accuracy=final.get("mean_site_accuracy"),
+            threshold=_validation_threshold(final),
         )
         try:
             from insitu.gateway.inputs import InputSchema
