@@ -11,7 +11,6 @@ nothing in these files picks code.
 from __future__ import annotations
 
 import json
-import math
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,18 +91,6 @@ class ServedModel:
     @property
     def features(self) -> tuple[str, ...]:
         return self.spec.schema
-
-    def vector(self, features: Mapping[str, float]) -> np.ndarray:
-        """Order a name → value mapping by a tabular schema; refuse missing, unknown or non-finite values."""
-        missing = [f for f in self.features if f not in features]
-        unknown = sorted(set(features) - set(self.features))
-        if missing or unknown:
-            raise DataError(f"features do not match the model schema: missing {missing}, unknown {unknown}")
-        x = np.array([float(features[f]) for f in self.features], dtype=np.float32)
-        bad = [f for f, v in zip(self.features, x) if not math.isfinite(float(v))]
-        if bad:
-            raise DataError(f"features {bad} are not finite numbers")
-        return x
 
     def risk(self, x: np.ndarray) -> float:
         """The positive class's probability for one input of the task's shape."""
