@@ -233,6 +233,7 @@ max_ttl = "12h"
 
 [records]
 url = "sqlite:///records.db"           # or postgresql://user:pw@host/db; fill with `insitu gateway import-records`
+# schema = "schema.toml"               # the consortium's record schema; without it, the built-in demonstration record
 
 [model]
 run_dir = "model"                      # `insitu job model NAME --out model` (or an `insitu simulate` run)
