@@ -4,6 +4,7 @@ the published figures and the SAPS-I severity score.
     .venv/bin/python bench/ehr.py                          # seeds 0-4, 2 worker processes
     .venv/bin/python bench/ehr.py --seeds 0 --workers 1    # one seed
     .venv/bin/python bench/ehr.py --seeds 0,1 --no-dp --strategies fedavg,fedadam
+    .venv/bin/python bench/ehr.py --no-dp --strategies fedavg,fedavg/select=best-val,fedprox/mu=0.01   # variants
 
 Train on sets A and B (each ICU type is one site), test on set C; every threshold and every
 early-stopping point is chosen on the validation splits carved from A and B, never on C.
@@ -124,7 +125,8 @@ def one_seed(seed: int, root: str, strategies: tuple[str, ...], dp: bool, pooled
     out["seconds"]["local"] = time.perf_counter() - t
     for strat in strategies:
         t = time.perf_counter()
-        s = simulate(dataset="physionet2012", data=root, strategy=strat, seed=seed, baselines=False, write=False)
+        name, options = variant(strat)
+        s = simulate(dataset="physionet2012", data=root, strategy=name, seed=seed, baselines=False, write=False, **options)
         out[strat] = s["final"]["clinical"]
         out["seconds"][strat] = time.perf_counter() - t
     if dp:
@@ -135,6 +137,25 @@ def one_seed(seed: int, root: str, strategies: tuple[str, ...], dp: bool, pooled
         out["seconds"]["dp"] = time.perf_counter() - t
     out["seconds"]["total"] = time.perf_counter() - t0
     return out
+
+
+def variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``fedprox/mu=0.01/select=best-val``: a strategy and simulate options (numbers parsed)."""
+    name, *opts = spec.split("/")
+    options: dict[str, Any] = {}
+    for o in opts:
+        k, sep, v = o.partition("=")
+        if not sep:
+            raise SystemExit(f"variant {spec!r}: {o!r} is not key=value")
+        for conv in (int, float):
+            try:
+                options[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            options[k] = v
+    return name, options
 
 
 def _ms(vals: list[float]) -> str:
@@ -207,7 +228,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
     ap.add_argument("--data", default=str(DATA), help="folder with set-a.tar.gz, Outcomes-a.txt, ...")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
+                    help="comma-separated; a variant adds simulate options: fedprox/mu=0.01/select=best-val")
     ap.add_argument("--no-dp", action="store_true", help="skip the ε = 1 run")
     ap.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes (one torch thread each)")
     ap.add_argument("--pooled-steps", type=int, default=1500, help="most Adam steps for pooled (early-stopped on validation)")
