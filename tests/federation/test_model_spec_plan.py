@@ -183,3 +183,14 @@ def test_record_level_dp_refuses_a_specification_it_cannot_clip_when_the_plan_is
     coord, _ = build_federation(plan, heart.sites, ledger=ledger)
     rec = coord.run_round(1)
     assert not rec.dropped and len(rec.participants) == 4 and all(t["epsilon_round"] > 0 for t in rec.train.values())
+
+
+def test_a_task_refuses_batchnorm_whose_statistics_would_not_be_federated():
+    from insitu.federation.task import TaskSpec
+
+    layers = [{"type": "conv2d", "out_channels": 4, "kernel_size": 3}, {"type": "batchnorm"}, {"type": "flatten"},
+              {"type": "linear", "out_features": "outputs"}]
+    with pytest.raises(ConfigError, match=r"layer 1 \(batchnorm\): its running statistics .* use groupnorm or layernorm"):
+        TaskSpec("spec", (1, 8, 8), 1, ("image",), 0.1, 1, 4, model_spec={"layers": layers})
+    layers[1] = {"type": "groupnorm", "groups": 2}
+    assert TaskSpec("spec", (1, 8, 8), 1, ("image",), 0.1, 1, 4, model_spec={"layers": layers}).model_spec is not None

@@ -58,6 +58,9 @@ class TaskSpec:
             if self.model_spec is None:
                 raise ConfigError('model = "spec" needs model_spec, the specification of the layers (insitu.learn.spec)')
             object.__setattr__(self, "model_spec", ModelSpec.parse(self.model_spec))
+            from insitu.learn.spec import check_federable
+
+            check_federable(self.model_spec.canonical)
         elif self.model_spec is not None:
             raise ConfigError(f'model_spec is given with model = "{name.value}"; a specification runs as model = "spec" '
                               "(give one of the two)")

@@ -417,6 +417,17 @@ def check_record_dp(spec: Any) -> None:
                               'with dp = "record" the layers with parameters must be linear or conv2d')
 
 
+def check_federable(spec: Any) -> None:
+    """Refuse, naming the layer, a specification whose model a federation cannot carry whole:
+    ``batchnorm`` keeps running statistics of each site's data, which are not parameters (they
+    would never reach the global model, and sending them would be an undeclared release), so a
+    published model would normalise with its initial statistics."""
+    for i, layer in enumerate(validate_spec(spec)["layers"]):
+        if LayerType(layer["type"]) is LayerType.BATCHNORM:
+            raise ConfigError(f"model spec layer {i} (batchnorm): its running statistics are each site's data and are not "
+                              "federated, so the global model would normalise with its initial ones; use groupnorm or layernorm")
+
+
 def load_model_spec(path: str | Path) -> ModelSpec:
     """Read a specification from a JSON file, refusing (naming the file) one that cannot be read or is invalid."""
     path = Path(path)
