@@ -284,8 +284,8 @@ class RayTransport:
     def exchange(self, requests: Mapping[str, Any], timeout: float) -> Any:
         import ray
 
-        from insitu.federation.messages import MessageKind, decode, encode
-        from insitu.federation.transport import Exchange, error_reason
+        from insitu.federation.messages import decode, encode
+        from insitu.federation.transport import Exchange, sort_reply
 
         early: dict[str, str] = {}
         sent: dict[str, int] = {}
@@ -328,13 +328,7 @@ class RayTransport:
             else:
                 wire, seconds = answers[sid]
                 recv[sid] = len(wire)
-                reply = decode(wire, max_bytes=self._max)
-                if seconds > timeout:
-                    dropped[sid] = f"timed out ({seconds:.1f} s > {timeout:.1f} s)"
-                elif reply.kind is MessageKind.ERROR:
-                    dropped[sid] = f"refused: {error_reason(reply)}"
-                else:
-                    replies[sid] = reply
+                sort_reply(sid, decode(wire, max_bytes=self._max), seconds, timeout, replies, dropped)
         return Exchange(replies, dropped, sent, recv)
 
     def close(self) -> None:

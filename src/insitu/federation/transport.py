@@ -19,6 +19,16 @@ from insitu.errors import InsituError, ProtocolError
 from insitu.federation.messages import Message, MessageKind, decode, encode, error_reply
 
 
+def sort_reply(sid: str, reply: Message, elapsed: float, timeout: float, replies: dict, dropped: dict) -> None:
+    """File one site's decoded reply: too late or a refusal drops the site (with the reason), else it is kept."""
+    if elapsed > timeout:
+        dropped[sid] = f"timed out ({elapsed:.1f} s > {timeout:.1f} s)"
+    elif reply.kind is MessageKind.ERROR:
+        dropped[sid] = f"refused: {error_reason(reply)}"
+    else:
+        replies[sid] = reply
+
+
 @dataclass(frozen=True)
 class Exchange:
     """What came back from one broadcast: replies, and why the others are missing."""
@@ -87,12 +97,7 @@ class InProcessTransport:
             back = encode(reply, max_bytes=self._max)
             recv[sid] = len(back)
             reply = decode(back, max_bytes=self._max)
-            if elapsed > timeout:
-                dropped[sid] = f"timed out ({elapsed:.1f} s > {timeout:.1f} s)"
-            elif reply.kind is MessageKind.ERROR:
-                dropped[sid] = f"refused: {error_reason(reply)}"
-            else:
-                replies[sid] = reply
+            sort_reply(sid, reply, elapsed, timeout, replies, dropped)
         return Exchange(replies, dropped, sent, recv)
 
 
