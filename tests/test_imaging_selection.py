@@ -146,3 +146,18 @@ def test_dpsgd_per_record_loss_carries_the_class_weights():
     each = torch.nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), y, reduction="none")
     assert float(per_sample_loss(1, (0.5, 2.0))(out, y)) == pytest.approx(float((each * torch.tensor([2.0, 0.5, 0.5])).sum()))
     assert float(per_sample_loss(1)(out, y)) == pytest.approx(float(each.sum()))
+
+
+def test_summary_table_shows_auc_and_worst_site():
+    from rich.console import Console
+
+    from insitu.apps.simulate import simulate
+    from insitu.report.tables import summary_table
+
+    s = simulate(data=tiny_images(), rounds=2, local_steps=2, select="best-val-balanced", baselines=True, write=False)
+    console = Console(width=200, record=True)
+    console.print(summary_table(s))
+    text = console.export_text()
+    assert "federated AUC" in text and "worst site" in text
+    worst_row = next(line for line in text.splitlines() if "worst site" in line)
+    assert f"{s['final']['worst_site_accuracy']:.3f}" in worst_row
