@@ -47,13 +47,15 @@ MEDMNIST_RESNET18_28 = {"accuracy": 0.854, "auc": 0.944}
 BAR = {"accuracy_mean": 0.85, "accuracy_sd": 0.02, "mean_site": 0.83, "worst_site": 0.70, "gap": 0.01}
 
 
-def one_run(data_path: str, partition: str, sites: int, seed: int, overrides: dict[str, Any], pooled: bool) -> dict[str, Any]:
-    from insitu.apps.imaging import pooled_selected
-    from insitu.apps.simulate import SimulationConfig, load_federated, simulate
-    from insitu.federation.evaluation import Criterion
-    from insitu.plan import Selection
+def _opts(data_path: str, partition: str, sites: int, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    return dict(dataset="pneumoniamnist", data=data_path, partition=partition, sites=sites, seed=seed, **overrides)
 
-    opts = dict(dataset="pneumoniamnist", data=data_path, partition=partition, sites=sites, seed=seed, **overrides)
+
+def one_run(data_path: str, partition: str, sites: int, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The federated run of one (partition, sites, seed)."""
+    from insitu.apps.simulate import simulate
+
+    opts = _opts(data_path, partition, sites, seed, overrides)
     t0 = time.perf_counter()
     s = simulate(**opts, baselines=False, write=False, insecure_replayable_randomness=True)
     fin = s["final"]
@@ -67,17 +69,26 @@ def one_run(data_path: str, partition: str, sites: int, seed: int, overrides: di
         "one_class_sites": len(fin["sites_without_auc"]), "selected_round": fin["selected_round"],
         "validation_score": fin["selection"]["value"], "seconds": round(time.perf_counter() - t0, 1),
     }
-    if pooled:
-        cfg = SimulationConfig(**opts).resolved()
-        torch.manual_seed(seed)
-        data = load_federated(cfg)
-        plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
-        crit = {Selection.BEST_VAL: Criterion.ACCURACY, Selection.BEST_VAL_BALANCED: Criterion.BALANCED_ACCURACY}.get(plan.select)
-        p = pooled_selected(data, plan.task, rounds=cfg.rounds, steps_per_round=cfg.local_steps * sites, criterion=crit, seed=seed)
-        row["pooled"] = {"accuracy": p["accuracy"], "auc": p["all_records_auc"], "mean_site_accuracy": p["mean_site_accuracy"],
-                         "worst_site_accuracy": p["worst_site_accuracy"], "selected_round": p["selected_round"]}
-    row["seconds_total"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def pooled_run(data_path: str, row: dict[str, Any]) -> dict[str, Any]:
+    """The pooled baseline of a federated run's (partition, sites, seed) and settings."""
+    from insitu.apps.imaging import pooled_selected
+    from insitu.apps.simulate import SimulationConfig, load_federated
+    from insitu.federation.evaluation import Criterion
+    from insitu.plan import Selection
+
+    t0 = time.perf_counter()
+    cfg = SimulationConfig(**_opts(data_path, row["partition"], row["sites"], row["seed"], row["overrides"])).resolved()
+    torch.manual_seed(cfg.seed)
+    data = load_federated(cfg)
+    plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+    crit = {Selection.BEST_VAL: Criterion.ACCURACY, Selection.BEST_VAL_BALANCED: Criterion.BALANCED_ACCURACY}.get(plan.select)
+    p = pooled_selected(data, plan.task, rounds=cfg.rounds, steps_per_round=cfg.local_steps * cfg.sites, criterion=crit, seed=cfg.seed)
+    return {"accuracy": p["accuracy"], "auc": p["all_records_auc"], "mean_site_accuracy": p["mean_site_accuracy"],
+            "worst_site_accuracy": p["worst_site_accuracy"], "selected_round": p["selected_round"],
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _ms(values: list[float]) -> str:
@@ -93,17 +104,17 @@ def report(rows: list[dict[str, Any]]) -> int:
         groups.setdefault((r["partition"], r["sites"]), []).append(r)
     print("\nper run (test set, read once at the end of each run)")
     print(f"{'partition':14s} {'sites':>5s} {'seed':>4s} | {'acc':>6s} {'AUC':>6s} | {'mean site':>9s} {'worst site':>10s} "
-          f"{'site AUC mean/worst':>20s} | {'pooled acc':>10s} {'fed−pooled':>10s} | round")
+          f"{'site AUC mean/worst':>20s} | {'pooled acc':>10s} {'fed−pooled':>10s} | round  validation")
     for (part, n), rs in sorted(groups.items()):
         for r in sorted(rs, key=lambda r: r["seed"]):
             pa = r.get("pooled", {}).get("accuracy")
             gap = f"{r['accuracy'] - pa:+.3f}" if pa is not None else "–"
             print(f"{part:14s} {n:5d} {r['seed']:4d} | {r['accuracy']:.3f} {r['auc']:.3f} | {r['mean_site_accuracy']:9.3f} "
                   f"{r['worst_site_accuracy']:10.3f} {r['mean_site_auc']:9.3f} / {r['worst_site_auc']:.3f} | "
-                  f"{pa if pa is None else round(pa, 3)!s:>10s} {gap:>10s} | {r['selected_round']}")
+                  f"{pa if pa is None else round(pa, 3)!s:>10s} {gap:>10s} | {r['selected_round']:5d}  {r['validation_score'] or float('nan'):.3f}")
     print("\nmean ± sd over seeds, beside MedMNIST v2 ResNet-18 (28), centralised: ACC 0.854, AUC 0.944")
     print(f"{'partition':14s} {'sites':>5s} {'seeds':>5s} | {'accuracy':>13s} {'ratio':>5s} | {'AUC':>13s} {'ratio':>5s} | "
-          f"{'mean site':>13s} | {'worst site':>13s} (min) | {'pooled acc':>13s} | {'fed − pooled':>14s}")
+          f"{'mean site':>13s} | {'worst site':>13s} (min) | {'pooled acc':>13s} | {'fed − pooled':>14s} | validation")
     for (part, n), rs in sorted(groups.items()):
         acc = [r["accuracy"] for r in rs]
         auc = [r["auc"] for r in rs]
@@ -112,7 +123,7 @@ def report(rows: list[dict[str, Any]]) -> int:
         print(f"{part:14s} {n:5d} {len(rs):5d} | {_ms(acc):>13s} {statistics.mean(acc) / MEDMNIST_RESNET18_28['accuracy']:5.3f} | "
               f"{_ms(auc):>13s} {statistics.mean(auc) / MEDMNIST_RESNET18_28['auc']:5.3f} | {_ms([r['mean_site_accuracy'] for r in rs]):>13s} | "
               f"{_ms([r['worst_site_accuracy'] for r in rs]):>13s} ({min(r['worst_site_accuracy'] for r in rs):.3f}) | "
-              f"{_ms(pooled):>13s} | {_ms(gaps):>14s}")
+              f"{_ms(pooled):>13s} | {_ms(gaps):>14s} | {_ms([r['validation_score'] for r in rs])}")
     bar = [r for r in rows if r["partition"] == "dirichlet:0.5" and r["sites"] == 4 and r["seed"] in range(5)]
     if len({r["seed"] for r in bar}) < 5:
         print("\nthe issue's bar needs dirichlet:0.5, 4 sites, seeds 0-4; not all were run")
@@ -155,21 +166,24 @@ def main() -> int:
         except json.JSONDecodeError:
             overrides[k] = v
     path = Path(args.results)
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    rows = [r for r in rows if r.get("overrides", {}) == overrides]
+    every = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = {(r["partition"], r["sites"], r["seed"]): r for r in every if r.get("overrides", {}) == overrides}
     if not args.report_only:
-        done = {(r["partition"], r["sites"], r["seed"]) for r in rows}
         todo = [(p, int(n), int(s)) for p in args.partitions.split(",") for n in args.sites.split(",") for s in args.seeds.split(",")]
         for i, key in enumerate(todo, 1):
-            if key in done:
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = one_run(args.data, *key, overrides)
+            elif args.no_pooled or "pooled" in row:
                 continue
-            row = one_run(args.data, *key, overrides, pooled=not args.no_pooled)
-            rows.append(row)
-            with path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            if not args.no_pooled:
+                row["pooled"] = pooled_run(args.data, row)
+            others = [r for r in every if r.get("overrides", {}) != overrides]
+            path.write_text("".join(json.dumps(r) + "\n" for r in [*others, *rows.values()]))
             print(f"[{i}/{len(todo)}] {key}: acc {row['accuracy']:.3f} auc {row['auc']:.3f} mean site {row['mean_site_accuracy']:.3f} "
-                  f"worst {row['worst_site_accuracy']:.3f}" + (f" pooled {row['pooled']['accuracy']:.3f}" if "pooled" in row else "")
-                  + f" ({row['seconds_total']} s)", file=sys.stderr, flush=True)
+                  f"worst {row['worst_site_accuracy']:.3f} validation {row['validation_score']:.3f}"
+                  + (f" pooled {row['pooled']['accuracy']:.3f}" if "pooled" in row else "") + f" ({row['seconds']} s)", file=sys.stderr, flush=True)
+    rows = list(rows.values())
     if not rows:
         print("no results", file=sys.stderr)
         return 1
