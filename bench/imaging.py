@@ -111,7 +111,7 @@ def report(rows: list[dict[str, Any]]) -> int:
             gap = f"{r['accuracy'] - pa:+.3f}" if pa is not None else "–"
             print(f"{part:14s} {n:5d} {r['seed']:4d} | {r['accuracy']:.3f} {r['auc']:.3f} | {r['mean_site_accuracy']:9.3f} "
                   f"{r['worst_site_accuracy']:10.3f} {r['mean_site_auc']:9.3f} / {r['worst_site_auc']:.3f} | "
-                  f"{pa if pa is None else round(pa, 3)!s:>10s} {gap:>10s} | {r['selected_round']:5d}  {r['validation_score'] or float('nan'):.3f}")
+                  f"{'–' if pa is None else f'{pa:.3f}':>10s} {gap:>10s} | {r['selected_round']:5d}  {r['validation_score'] or float('nan'):.3f}")
     print("\nmean ± sd over seeds, beside MedMNIST v2 ResNet-18 (28), centralised: ACC 0.854, AUC 0.944")
     print(f"{'partition':14s} {'sites':>5s} {'seeds':>5s} | {'accuracy':>13s} {'ratio':>5s} | {'AUC':>13s} {'ratio':>5s} | "
           f"{'mean site':>13s} | {'worst site':>13s} (min) | {'pooled acc':>13s} | {'fed − pooled':>14s} | validation")
