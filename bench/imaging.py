@@ -114,7 +114,8 @@ def report(rows: list[dict[str, Any]]) -> int:
                   f"{'–' if pa is None else f'{pa:.3f}':>10s} {gap:>10s} | {r['selected_round']:5d}  {r['validation_score'] or float('nan'):.3f}")
     print("\nmean ± sd over seeds, beside MedMNIST v2 ResNet-18 (28), centralised: ACC 0.854, AUC 0.944")
     print(f"{'partition':14s} {'sites':>5s} {'seeds':>5s} | {'accuracy':>13s} {'ratio':>5s} | {'AUC':>13s} {'ratio':>5s} | "
-          f"{'mean site':>13s} | {'worst site':>13s} (min) | {'pooled acc':>13s} | {'fed − pooled':>14s} | validation")
+          f"{'mean site':>13s} | {'worst site':>13s} (min) | {'pooled acc':>13s} {'pooled AUC':>13s} {'pooled worst':>13s} (min) | "
+          f"{'fed − pooled':>14s} | validation")
     for (part, n), rs in sorted(groups.items()):
         acc = [r["accuracy"] for r in rs]
         auc = [r["auc"] for r in rs]
@@ -123,7 +124,9 @@ def report(rows: list[dict[str, Any]]) -> int:
         print(f"{part:14s} {n:5d} {len(rs):5d} | {_ms(acc):>13s} {statistics.mean(acc) / MEDMNIST_RESNET18_28['accuracy']:5.3f} | "
               f"{_ms(auc):>13s} {statistics.mean(auc) / MEDMNIST_RESNET18_28['auc']:5.3f} | {_ms([r['mean_site_accuracy'] for r in rs]):>13s} | "
               f"{_ms([r['worst_site_accuracy'] for r in rs]):>13s} ({min(r['worst_site_accuracy'] for r in rs):.3f}) | "
-              f"{_ms(pooled):>13s} | {_ms(gaps):>14s} | {_ms([r['validation_score'] for r in rs])}")
+              f"{_ms(pooled):>13s} {_ms([r['pooled']['auc'] for r in rs if 'pooled' in r]):>13s} "
+              f"{_ms(pw := [r['pooled']['worst_site_accuracy'] for r in rs if 'pooled' in r]):>13s} ({min(pw) if pw else float('nan'):.3f}) | "
+              f"{_ms(gaps):>14s} | {_ms([r['validation_score'] for r in rs])}")
     bar = [r for r in rows if r["partition"] == "dirichlet:0.5" and r["sites"] == 4 and r["seed"] in range(5)]
     if len({r["seed"] for r in bar}) < 5:
         print("\nthe issue's bar needs dirichlet:0.5, 4 sites, seeds 0-4; not all were run")
