@@ -57,7 +57,8 @@ class LRSchedule(str, enum.Enum):
 
 class Selection(str, enum.Enum):
     LAST = "last"
-    BEST_VAL = "best-val"  # best round on the union of the sites' validation splits
+    BEST_VAL = "best-val"  # best round by accuracy on the union of the sites' validation splits
+    BEST_VAL_BALANCED = "best-val-balanced"  # best round by mean per-class recall there (insitu.federation.evaluation)
 
 
 class Normalize(str, enum.Enum):

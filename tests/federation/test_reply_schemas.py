@@ -99,7 +99,7 @@ def test_a_string_accuracy_leaves_that_site_out_of_the_evaluation(heart):
     evals = coord.evaluate(2)
     assert sorted(evals) == ["cleveland", "switzerland", "va-long-beach"]
     assert "'accuracy' = 'high' is not a finite number" in coord.eval_dropped["hungary"]
-    assert all(set(e) == {"loss", "correct", "n", "accuracy"} for e in evals.values())
+    assert all(set(e) == {"loss", "correct", "n", "accuracy", "n_by_class", "correct_by_class", "auc"} for e in evals.values())
 
 
 def test_integer_metrics_drop_the_site_from_a_plain_round(heart):

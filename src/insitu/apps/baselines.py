@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ def local_only(data: FederatedData, task: TaskSpec, steps: int, seed: int = 0) -
     own: dict[str, float] = {}
     across: dict[str, float] = {}
     cfg = task.train_config()
-    cfg = type(cfg)(lr=cfg.lr, steps=steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer)
+    cfg = replace(cfg, steps=steps, prox_mu=0.0)  # the task's optimiser, augmentation and class weights
     for i, site in enumerate(data.sites):
         model = task.build_model(seed)
         gen = torch.Generator().manual_seed(seed * 7919 + i)
@@ -57,7 +58,7 @@ def local_only(data: FederatedData, task: TaskSpec, steps: int, seed: int = 0) -
 def pooled(data: FederatedData, task: TaskSpec, steps: int, seed: int = 0) -> dict[str, Any]:
     X, y = data.pooled_train()
     cfg = task.train_config()
-    cfg = type(cfg)(lr=cfg.lr, steps=steps, batch_size=cfg.batch_size, optimizer=cfg.optimizer)
+    cfg = replace(cfg, steps=steps, prox_mu=0.0)  # the task's optimiser, augmentation and class weights
     model = task.build_model(seed)
     train_local(model, X, y, cfg, torch.Generator().manual_seed(seed * 104729 + 1), num_outputs=task.num_outputs)
     return _score(model, data, task)

@@ -31,7 +31,8 @@ from insitu.federation.coordinator import Coordinator, RoundRecord
 from insitu.federation.strategies import StrategyName
 from insitu.federation.task import TaskSpec
 from insitu.federation.transport import InProcessTransport
-from insitu.plan import DEFAULT_MU, DPSpec, Plan, Protection, ProtectionSpec, StrategySpec
+from insitu.learn.train import parse_class_weights
+from insitu.plan import DEFAULT_MU, DPSpec, Plan, Protection, ProtectionSpec, Selection, StrategySpec
 
 
 log = logging.getLogger("insitu.simulate")
@@ -74,11 +75,14 @@ class Defaults:
     augment: int = 0
     strategy: str = "fedavg"
     normalize: str = "site"
+    class_weights: str | None = None
 
 
 DEFAULTS: dict[DatasetName, Defaults] = {
     DatasetName.HEART: Defaults("logreg", 30, 50, 0.01, 4, "sgd", "natural", 4),
-    DatasetName.PNEUMONIAMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "dirichlet:0.5", 4, "constant", "last", 2),
+    # chosen on the union of the sites' validation splits only (README, Imaging; bench/imaging.py)
+    DatasetName.PNEUMONIAMNIST: Defaults("cnn", 60, 20, 0.05, 64, "sgd", "dirichlet:0.5", 4, "constant", "best-val-balanced", 2,
+                                         strategy="fedyogi", class_weights="1,0.5"),
     DatasetName.MEDMNIST: Defaults("cnn", 40, 20, 0.001, 64, "adam", "iid", 4, "constant", "last", 2),
     DatasetName.PHYSIONET2012: Defaults("grud", 20, 25, 0.002, 64, "adam", "natural", 4),  # chosen on validation AUROC (README, EHR)
 }
@@ -133,6 +137,7 @@ class SimulationConfig:
     accountant: str = "pld"
     privacy_ledger: str | None = None  # SQLite ledger kept across runs (default: in the run directory)
     augment: int | None = None  # images: random shifts of up to N pixels during local training
+    class_weights: str | None = None  # loss weight per class, "W0,W1" ("none": unweighted); default: the dataset's
     select: str | None = None  # final model: the last round's, or the best on the sites' validation splits
     lr_schedule: str | None = None  # constant or cosine (site lr decays to 10% over the rounds)
     normalize: str | None = None  # heart: z-score per site (FLamby) or federated (sites' DP moments); default: the recipe's
@@ -183,14 +188,17 @@ class SimulationConfig:
             augment=self.augment if self.augment is not None else d.augment,
             strategy=self.strategy or d.strategy,
             normalize=self.normalize or d.normalize,
+            class_weights=self.class_weights if self.class_weights is not None else d.class_weights,
         )
         if cfg.normalize == "federated" and ds is not DatasetName.HEART:
             raise ConfigError(f"--normalize federated needs public per-feature bounds; the heart task states them, {ds.value} has none (use --normalize site)")
         Partition.parse(cfg.partition)
-        # validates every plan field (strategy, protection, DP, compression, …); a specification's shapes are
-        # checked against the data's shape in plan_for
-        plan = (replace(cfg, model="logreg", model_spec=None) if cfg.model_spec is not None else cfg).plan_for((1,), 1, ("x",))
-        if plan.select.value == "best-val" and ds is DatasetName.HEART and own is None:
+        # validates every plan field (strategy, protection, DP, compression, …); a specification's shapes and the
+        # class weights' count are checked against the data's shape and classes in plan_for
+        parse_class_weights(cfg.class_weights)
+        base = replace(cfg, model="logreg", model_spec=None) if cfg.model_spec is not None else cfg
+        plan = replace(base, class_weights=None).plan_for((1,), 1, ("x",))
+        if plan.select is not Selection.LAST and ds is DatasetName.HEART and own is None:
             raise ConfigError("--select best-val needs validation splits; the heart data has none (FLamby's splits are train/test)")
         from insitu.federation.dp import parse_budgets
 
@@ -219,7 +227,7 @@ class SimulationConfig:
         kind = Protection.SECAGG if self.secure_aggregation else he
         task = TaskSpec(model=self.model, input_shape=tuple(input_shape), num_outputs=num_outputs, schema=tuple(schema),
                         lr=self.lr, local_steps=self.local_steps, batch_size=self.batch_size, optimizer=self.optimizer,
-                        augment_shift=self.augment or 0, model_spec=self.model_spec)
+                        augment_shift=self.augment or 0, model_spec=self.model_spec, class_weights=parse_class_weights(self.class_weights))
         return Plan(
             task=task,
             strategy=StrategySpec(strategy, self.server_lr, self.mu if strategy is StrategyName.FEDPROX else 0.0),
@@ -456,7 +464,7 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     data = own if own is not None else load_federated(cfg)
-    if cfg.select == "best-val" and any(s.X_val is None or s.X_val.shape[0] == 0 for s in data.sites):
+    if cfg.select.startswith("best-val") and any(s.X_val is None or s.X_val.shape[0] == 0 for s in data.sites):
         lacks = "a site without X_val/y_val" if own is not None else f"{cfg.data!r} has no val_images/val_labels"
         raise ConfigError(f"--select best-val needs validation splits, and {lacks}; use --select last")
     plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
@@ -513,15 +521,19 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
     try:
         from insitu.report.progress import round_progress
 
+        from insitu.federation.evaluation import Criterion, score
+
+        # selecting on validation: each round is scored on the validation splits only, the test splits once, at the end
+        criterion = {Selection.BEST_VAL: Criterion.ACCURACY, Selection.BEST_VAL_BALANCED: Criterion.BALANCED_ACCURACY}.get(plan.select)
+        split = "val" if criterion is not None else "test"
         with round_progress(cfg.rounds, enabled=progress, label=f"{cfg.dataset} · {cfg.strategy}") as bar:
             best: tuple[float, int, np.ndarray] | None = None
             for r in range(1, cfg.rounds + 1):
-                rec = _one_round(coord, r)
-                if cfg.select == "best-val" and rec["status"] == "ok":
-                    _, val_acc = _site_accuracy(coord.evaluate(r, split="val"))
-                    rec["val_accuracy"] = val_acc
-                    if best is None or val_acc > best[0]:
-                        best = (val_acc, r, coord.params.copy())
+                rec, evals = _one_round(coord, r, split)
+                if criterion is not None and rec["status"] == "ok":
+                    rec["val_score"] = val = score(evals, criterion)
+                    if best is None or val > best[0]:
+                        best = (val, r, coord.params.copy())
                 if report:
                     rec.update(report.round_summary(r))
                 history.append(rec)
@@ -532,8 +544,11 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
         selected = cfg.rounds
         if best is not None:
             _, selected, coord.params = best  # the model the sites' validation data chose
-        final_eval = coord.evaluate(cfg.rounds + 1)
+        final_eval = coord.evaluate(cfg.rounds + 1)  # the test splits, read once
         mean_acc, pooled_acc = _site_accuracy(final_eval)
+        from insitu.federation.evaluation import summarize
+
+        figures = summarize(final_eval)
         summary: dict[str, Any] = {
             "config": asdict(cfg),
             "plan": plan.to_meta(),
@@ -548,6 +563,15 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
                 "pooled_accuracy": pooled_acc,
                 "site_accuracy": {k: v["accuracy"] for k, v in final_eval.items()},
                 "selected_round": selected,
+                "selection": {"split": split, "criterion": criterion.value if criterion else None,
+                              "value": best[0] if best is not None else None},
+                "worst_site_accuracy": figures["worst_site_accuracy"],
+                "worst_site": figures["worst_site"],
+                "balanced_accuracy": figures["balanced_accuracy"],
+                "site_auc": figures["site_auc"],
+                "mean_site_auc": figures["mean_site_auc"],
+                "worst_site_auc": figures["worst_site_auc"],
+                "sites_without_auc": figures["sites_without_auc"],
                 "rounds_completed": sum(1 for h in history if h["status"] == "ok"),
                 "rounds_aborted": sum(1 for h in history if h["status"] == "aborted"),
                 "bytes_up_per_round": float(np.mean([h["bytes_up_total"] for h in history])) if history else 0.0,
@@ -557,6 +581,10 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
                 "seconds": fed_time,
             },
         }
+        if data.num_outputs == 1 and len(data.input_shape) == 3:  # images: MedMNIST reports ACC and AUC over all test records
+            from insitu.apps.imaging import all_records_auc
+
+            summary["final"]["all_records_auc"] = all_records_auc(task, coord.params, data)
         if cfg.dataset == DatasetName.PHYSIONET2012.value:  # rare outcome: AUROC, AUPRC, Score 1 (insitu.learn.clinical)
             from insitu.learn.clinical import clinical_evaluation, model_of
 
@@ -641,12 +669,12 @@ def _plot_baselines(summary: dict[str, Any]) -> dict[str, float]:
             "pooled": summary["baselines"]["pooled"]["mean_site_accuracy"]}
 
 
-def _one_round(coord: Coordinator, r: int) -> dict[str, Any]:
+def _one_round(coord: Coordinator, r: int, split: str = "test") -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     try:
         rec: RoundRecord = coord.run_round(r)
     except RoundAborted as exc:
-        return {"round": r, "status": "aborted", "reason": str(exc), "bytes_up_total": 0, "sites": {}}
-    evals = coord.evaluate(r)
+        return {"round": r, "status": "aborted", "reason": str(exc), "bytes_up_total": 0, "sites": {}}, {}
+    evals = coord.evaluate(r, split=split)
     mean_acc, pooled_acc = _site_accuracy(evals)
     sites = {}
     for sid in sorted(set(evals) | set(rec.train) | set(rec.dropped)):
@@ -654,7 +682,7 @@ def _one_round(coord: Coordinator, r: int) -> dict[str, Any]:
         if sid in rec.train:
             entry.update({k: v for k, v in rec.train[sid].items()})
         if sid in evals:
-            entry.update({"test_loss": evals[sid]["loss"], "test_accuracy": evals[sid]["accuracy"]})
+            entry.update({f"{split}_loss": evals[sid]["loss"], f"{split}_accuracy": evals[sid]["accuracy"]})
         if sid in rec.dropped:
             entry["dropped"] = rec.dropped[sid]
         entry["bytes_up"] = rec.bytes_up.get(sid, 0)
@@ -663,6 +691,7 @@ def _one_round(coord: Coordinator, r: int) -> dict[str, Any]:
     return {
         "round": r,
         "status": "ok",
+        "eval_split": split,
         "participants": list(rec.participants),
         "dropped": dict(rec.dropped),
         "mean_site_accuracy": mean_acc,
@@ -672,4 +701,4 @@ def _one_round(coord: Coordinator, r: int) -> dict[str, Any]:
         "bytes_up_total": int(sum(rec.bytes_up.values())),
         "bytes_down_total": int(sum(rec.bytes_down.values())),
         "sites": sites,
-    }
+    }, evals

@@ -43,8 +43,10 @@ class Declared:
 
 #: what every reply may carry whatever the plan: an error reply names what it refused and why
 ERROR_REPLY = Declared({"reason": Release.PUBLIC, "code": Release.PUBLIC, "to": Release.PUBLIC})
-#: an evaluation answer: loss, correct, n, accuracy of an approved model on the site's own split
-EVALUATE_REPLY = Declared({k: Release.PUBLIC for k in ("loss", "correct", "n", "accuracy")})
+#: an evaluation answer of an approved model on the site's own split: loss, correct, n, accuracy, and
+#: what worst-site, class-balanced and AUC figures need: the split's count and correct count per
+#: class, and (binary tasks) its AUROC
+EVALUATE_REPLY = Declared({k: Release.PUBLIC for k in ("loss", "correct", "n", "accuracy", "n_by_class", "correct_by_class", "auc")})
 
 
 @dataclass(frozen=True)

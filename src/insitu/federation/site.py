@@ -147,7 +147,7 @@ class Site:
             X, y = self.data.X_val, self.data.y_val
         else:
             raise ProtocolError(f"site {self.site_id} has no {ins.split.value!r} split to evaluate on")
-        res = evaluate(self.model, X, y, num_outputs=self.task.num_outputs)
+        res = evaluate(self.model, X, y, num_outputs=self.task.num_outputs, by_class=True)
         return Message(MessageKind.EVALUATE_REPLY, msg.round, msg.job, res)
 
     def _verify_for_evaluation(self, h: str, msg: Message, params: np.ndarray) -> None:

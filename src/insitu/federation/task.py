@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from insitu.errors import ConfigError, ProtocolError, parse_choice
 from insitu.learn.models import MAX_PARAMS, ModelName, build_model, check_size
 from insitu.learn.spec import BUILTIN_SPECS, ModelSpec, validate_spec
-from insitu.learn.train import OptimizerName, TrainConfig
+from insitu.learn.train import OptimizerName, TrainConfig, check_class_weights
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,8 @@ class TaskSpec:
     optimizer: str = OptimizerName.SGD.value
     augment_shift: int = 0  # images: random shifts of up to this many pixels during local training
     model_spec: ModelSpec | None = None  # model = "spec": the layers (a dict, JSON text or ModelSpec)
+    #: loss weight per class (binary: [negative, positive]); None: every record weighs the same
+    class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         name = parse_choice(ModelName, self.model, "model")
@@ -76,6 +78,8 @@ class TaskSpec:
             raise ConfigError(f"schema must be a list of 1 to {MAX_SCHEMA:,} feature names (non-empty strings), got {_short(self.schema)}")
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         object.__setattr__(self, "schema", tuple(self.schema))
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", check_class_weights(self.class_weights, max(2, self.num_outputs)))
         self.param_count()  # checks the size (and a specification's shapes) before any party allocates the model
         self.train_config()  # validates hyper-parameters
 
@@ -90,7 +94,7 @@ class TaskSpec:
                 raise ConfigError(f"{k} must be an integer from 1 to 10,000,000, got {v!r}")
         optimizer = parse_choice(OptimizerName, self.optimizer, "optimizer")
         return TrainConfig(lr=self.lr, steps=self.local_steps, batch_size=self.batch_size, optimizer=optimizer,
-                           prox_mu=prox_mu, augment_shift=shift)
+                           prox_mu=prox_mu, augment_shift=shift, class_weights=self.class_weights)
 
     # -- the model ----------------------------------------------------------------------------
     def resolved_spec(self) -> ModelSpec | None:
@@ -127,6 +131,10 @@ class TaskSpec:
         del d["model_spec"]  # absent for built-in names: their plans hash as they always did
         if self.model_spec is not None:
             d["model_spec"] = self.model_spec.to_meta()
+        if self.class_weights is None:
+            del d["class_weights"]  # absent, not null: plans without class weights keep the hash they had
+        else:
+            d["class_weights"] = list(self.class_weights)
         return d
 
     @classmethod

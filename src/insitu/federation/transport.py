@@ -141,18 +141,25 @@ def reply_metrics(rep: Message) -> dict[str, Any]:
 
 #: the most test records one site may report scoring (far above any hospital's test split)
 MAX_EVAL_RECORDS = 10**9
-#: the keys of an EVALUATE_REPLY, exactly (what insitu.learn.train.evaluate returns)
+#: the keys every EVALUATE_REPLY holds (what insitu.learn.train.evaluate returns)
 EVALUATION_KEYS = frozenset({"loss", "correct", "n", "accuracy"})
+#: keys it may hold besides (``evaluate(..., by_class=True)``): per-class counts, and AUROC for a binary task
+EVALUATION_EXTRA = frozenset({"n_by_class", "correct_by_class", "auc"})
+#: the most classes per-class counts may list
+MAX_EVAL_CLASSES = 1000
 
 
 def reply_evaluation(rep: Message) -> dict[str, Any]:
-    """The scores of a site's EVALUATE_REPLY, checked against their schema: exactly ``loss`` (a finite
+    """The scores of a site's EVALUATE_REPLY, checked against their schema: ``loss`` (a finite
     number >= 0), ``n`` (an integer from 1 to MAX_EVAL_RECORDS), ``correct`` (an integer from 0 to n)
-    and ``accuracy`` (= correct / n).  Anything else is a ProtocolError naming the field."""
+    and ``accuracy`` (= correct / n); optionally ``n_by_class`` and ``correct_by_class`` (together:
+    lists of 2 to MAX_EVAL_CLASSES integers summing to n and correct, each correct count at most its
+    class count) and ``auc`` (a number in [0, 1], or None when the split holds one class).
+    Anything else is a ProtocolError naming the field."""
     meta = rep.meta
-    if set(meta) != EVALUATION_KEYS:
-        extra, missing = sorted(set(meta) - EVALUATION_KEYS), sorted(EVALUATION_KEYS - set(meta))
-        raise ProtocolError(f"evaluate reply must hold exactly {sorted(EVALUATION_KEYS)}"
+    if not EVALUATION_KEYS <= set(meta) <= EVALUATION_KEYS | EVALUATION_EXTRA:
+        extra, missing = sorted(set(meta) - EVALUATION_KEYS - EVALUATION_EXTRA), sorted(EVALUATION_KEYS - set(meta))
+        raise ProtocolError(f"evaluate reply must hold {sorted(EVALUATION_KEYS)} (and may hold {sorted(EVALUATION_EXTRA)})"
                             + (f"; unknown {_clip(extra)}" if extra else "") + (f"; missing {missing}" if missing else ""))
 
     def integer(key: str, low: int, high: int) -> int:
@@ -172,7 +179,24 @@ def reply_evaluation(rep: Message) -> dict[str, Any]:
     loss, acc = number("loss"), number("accuracy")
     if abs(acc - correct / n) > 1e-9:
         raise ProtocolError(f"evaluate reply accuracy {acc!r} is not correct / n = {correct}/{n}")
-    return {"loss": loss, "correct": correct, "n": n, "accuracy": acc}
+    out: dict[str, Any] = {"loss": loss, "correct": correct, "n": n, "accuracy": acc}
+    if ("n_by_class" in meta) != ("correct_by_class" in meta):
+        raise ProtocolError("evaluate reply must hold n_by_class and correct_by_class together, or neither")
+    if "n_by_class" in meta:
+        counts, hits = meta["n_by_class"], meta["correct_by_class"]
+        for key, v in (("n_by_class", counts), ("correct_by_class", hits)):
+            if not isinstance(v, list) or not 2 <= len(v) <= MAX_EVAL_CLASSES or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= n for x in v):
+                raise ProtocolError(f"evaluate reply field {key!r} = {_clip(v)} is not a list of 2 to {MAX_EVAL_CLASSES} counts from 0 to n")
+        if len(counts) != len(hits) or sum(counts) != n or sum(hits) != correct or any(h > c for h, c in zip(hits, counts)):
+            raise ProtocolError(f"evaluate reply per-class counts {_clip(counts)} / correct {_clip(hits)} do not add up to n = {n}, correct = {correct}")
+        out["n_by_class"], out["correct_by_class"] = list(counts), list(hits)
+    if "auc" in meta:
+        a = meta["auc"]
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
+            raise ProtocolError(f"evaluate reply field 'auc' = {_clip(a)} is not a number in [0, 1] (or null)")
+        out["auc"] = None if a is None else float(a)
+    return out
 
 
 #: the longest refusal reason kept from a site's ERROR reply (the rest is cut)

@@ -47,8 +47,15 @@ from insitu.learn.sequence import Diagonal
 from insitu.learn.train import TrainConfig, make_optimizer
 
 
-def per_sample_loss(num_outputs: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Summed loss, so that its gradient with respect to record i's output is record i's gradient."""
+def per_sample_loss(num_outputs: int, class_weights: tuple[float, ...] | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Summed loss, so that its gradient with respect to record i's output is record i's gradient
+    (times its class's weight, when the task weighs classes: clipping comes after, so the bound holds)."""
+    if class_weights is not None:
+        w = torch.tensor(class_weights, dtype=torch.float32)
+        if num_outputs == 1:
+            return lambda out, y: (F.binary_cross_entropy_with_logits(out.reshape(out.shape[0], -1)[:, 0], y.float(), reduction="none")
+                                   * w[y.long()]).sum()
+        return lambda out, y: (F.cross_entropy(out, y.long(), reduction="none") * w[y.long()]).sum()
     if num_outputs == 1:
         return lambda out, y: F.binary_cross_entropy_with_logits(out.reshape(out.shape[0], -1)[:, 0], y.float(), reduction="sum")
     return lambda out, y: F.cross_entropy(out, y.long(), reduction="sum")
@@ -299,7 +306,7 @@ def dp_sgd_train(
 
 def _train(clipper, model, X, y, cfg, dp, generator, noise, num_outputs, correction) -> dict[str, Any]:
     n = int(X.shape[0])
-    loss = per_sample_loss(num_outputs)
+    loss = per_sample_loss(num_outputs, cfg.class_weights)
     opt = make_optimizer(model, cfg)
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.prox_mu > 0 else None
     expected = dp.sampling_rate * n

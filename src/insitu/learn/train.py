@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from insitu.errors import ConfigError
 
 class OptimizerName(str, enum.Enum):
     SGD = "sgd"
+    SGDM = "sgdm"  # SGD with heavy-ball momentum 0.9 (the buffer starts at zero every round)
     ADAM = "adam"
 
 
@@ -26,6 +28,8 @@ class TrainConfig:
     prox_mu: float = 0.0
     weight_decay: float = 0.0
     augment_shift: int = 0  # images: random translation by up to this many pixels (0 = off)
+    #: loss weight of each class (binary: [normal, positive]); None: every record weighs the same
+    class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and np.isfinite(self.lr)):
@@ -37,19 +41,55 @@ class TrainConfig:
         if self.prox_mu < 0:
             raise ConfigError(f"FedProx mu must be >= 0, got {self.prox_mu!r}")
         object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", check_class_weights(self.class_weights))
 
 
-def loss_fn(num_outputs: int):
-    """Binary tasks use one logit and BCE; others cross-entropy over classes."""
+def check_class_weights(weights: object, num_classes: int | None = None) -> tuple[float, ...]:
+    """``weights`` as a tuple of positive finite floats, one per class (refused naming the value)."""
+    if not isinstance(weights, (list, tuple)) or not 2 <= len(weights) <= 100_000 or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w > 0 for w in weights):
+        raise ConfigError(f"class_weights must be a list of 2 or more positive numbers (one per class), got {weights!r}")
+    if num_classes is not None and len(weights) != num_classes:
+        raise ConfigError(f"class_weights gives {len(weights)} weight(s), the task has {num_classes} classes")
+    return tuple(float(w) for w in weights)
+
+
+def parse_class_weights(value: object) -> tuple[float, ...] | None:
+    """``--class-weights`` as given on the command line (``"1,0.4"``) or in a job file (a list);
+    None or ``"none"``: no weighting."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, str):
+        try:
+            value = [float(x) for x in value.split(",")]
+        except ValueError:
+            raise ConfigError(f"class_weights must be numbers separated by commas (one per class, e.g. 1,0.4), got {value!r}") from None
+    return check_class_weights(value)
+
+
+def loss_fn(num_outputs: int, class_weights: tuple[float, ...] | None = None):
+    """Binary tasks use one logit and BCE; others cross-entropy over classes.  With
+    ``class_weights`` each record's loss is multiplied by its class's weight (mean over the batch)."""
+    w = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
     if num_outputs == 1:
-        bce = nn.BCEWithLogitsLoss()
-        return lambda out, y: bce(out.squeeze(-1), y.float())
-    ce = nn.CrossEntropyLoss()
-    return lambda out, y: ce(out, y.long())
+        bce = nn.BCEWithLogitsLoss(reduction="none" if w is not None else "mean")
+        if w is None:
+            return lambda out, y: bce(out.squeeze(-1), y.float())
+        return lambda out, y: (bce(out.squeeze(-1), y.float()) * w[y.long()]).mean()
+    if w is None:
+        ce = nn.CrossEntropyLoss()
+        return lambda out, y: ce(out, y.long())
+    ce_each = nn.CrossEntropyLoss(reduction="none")
+    return lambda out, y: (ce_each(out, y.long()) * w[y.long()]).mean()
+
+
+#: heavy-ball momentum of ``sgdm`` (torch.optim.SGD's convention: m ← βm + g, w ← w − lr·m)
+MOMENTUM = 0.9
 
 
 class _Optimizer:
-    """Plain SGD / Adam over a parameter list.
+    """Plain SGD, SGD with momentum, or Adam over a parameter list.
 
     Written out (a few tensor ops) rather than taken from ``torch.optim``: on the first
     step ``torch.optim`` imports the dynamo compiler stack, several seconds of start-up
@@ -63,6 +103,8 @@ class _Optimizer:
         if cfg.optimizer is OptimizerName.ADAM:
             self.m = [torch.zeros_like(p) for p in params]
             self.v = [torch.zeros_like(p) for p in params]
+        elif cfg.optimizer is OptimizerName.SGDM:
+            self.m = [torch.zeros_like(p) for p in params]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -85,6 +127,9 @@ class _Optimizer:
                 mhat = self.m[i] / (1 - b1**self.t)
                 vhat = self.v[i] / (1 - b2**self.t)
                 p.addcdiv_(mhat, vhat.sqrt_().add_(eps), value=-cfg.lr)
+            elif cfg.optimizer is OptimizerName.SGDM:
+                self.m[i].mul_(MOMENTUM).add_(g)
+                p.add_(self.m[i], alpha=-cfg.lr)
             else:
                 p.add_(g, alpha=-cfg.lr)
 
@@ -111,7 +156,7 @@ def train_local(
     n = X.shape[0]
     if n == 0:
         raise ConfigError("cannot train on a site with no training records")
-    crit = loss_fn(num_outputs)
+    crit = loss_fn(num_outputs, cfg.class_weights)
     opt = make_optimizer(model, cfg)
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.prox_mu > 0 else None
     model.train()
@@ -148,22 +193,48 @@ def random_shift(x: torch.Tensor, s: int, generator: torch.Generator) -> torch.T
     return torch.gather(torch.gather(padded, 2, rows), 3, cols)
 
 
+#: the most classes an evaluation reports per-class counts for (their lists travel in the reply)
+MAX_CLASS_COUNTS = 1000
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, num_outputs: int, batch: int = 2048) -> dict[str, float]:
-    """Loss, number correct and count; accuracy at a 0.5 threshold for binary tasks."""
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, num_outputs: int, batch: int = 2048,
+             by_class: bool = False) -> dict[str, Any]:
+    """Loss, number correct and count; accuracy at a 0.5 threshold for binary tasks.
+
+    ``by_class`` adds what worst-site and class-balanced figures need: ``n_by_class`` and
+    ``correct_by_class`` (one count per class, up to :data:`MAX_CLASS_COUNTS` classes) and, for a
+    binary task, ``auc`` (AUROC of the positive-class score; None when the split holds one class)."""
     model.eval()
     n = int(X.shape[0])
+    classes = max(2, num_outputs)
     if n == 0:
         return {"loss": float("nan"), "correct": 0, "n": 0, "accuracy": float("nan")}
     crit = loss_fn(num_outputs)
     loss, correct = 0.0, 0
+    hits = torch.zeros(classes, dtype=torch.long)
+    scores = []
     for i in range(0, n, batch):
         out = model(X[i : i + batch])
         yb = y[i : i + batch]
         loss += float(crit(out, yb)) * yb.shape[0]
         pred = (out.squeeze(-1) > 0).long() if num_outputs == 1 else out.argmax(-1)
-        correct += int((pred == yb.long()).sum())
-    return {"loss": loss / n, "correct": correct, "n": n, "accuracy": correct / n}
+        ok = pred == yb.long()
+        correct += int(ok.sum())
+        if by_class:
+            hits += torch.bincount(yb.long()[ok], minlength=classes)[:classes]
+            if num_outputs == 1:
+                scores.append(out.reshape(-1).double())
+    res: dict[str, Any] = {"loss": loss / n, "correct": correct, "n": n, "accuracy": correct / n}
+    if by_class and classes <= MAX_CLASS_COUNTS:
+        res["n_by_class"] = torch.bincount(y.long(), minlength=classes)[:classes].tolist()
+        res["correct_by_class"] = hits.tolist()
+    if by_class and num_outputs == 1:
+        from insitu.learn.metrics import auroc
+
+        a = auroc(y.long().numpy(), torch.cat(scores).numpy())
+        res["auc"] = a if np.isfinite(a) else None
+    return res
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from rich.table import Table
 
 
 def _fmt(v: Any) -> str:
-    return "–" if v is None else f"{v:.3f}"
+    return "–" if v is None or v != v else f"{v:.3f}"
 
 
 def _bytes(v: Any) -> str:
@@ -29,6 +29,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     t.add_column("train", justify="right")
     t.add_column("test", justify="right")
     t.add_column("federated", justify="right", style="bold")
+    aucs = fin.get("site_auc")  # binary tasks: each site's AUROC of the federated model (None: a one-class split)
+    if aucs is not None:
+        t.add_column("federated AUC", justify="right")
     t.add_column("own model, own split", justify="right")
     t.add_column("local model, every site", justify="right")
     t.add_column("pooled", justify="right")
@@ -39,16 +42,24 @@ def summary_table(summary: dict[str, Any]) -> Table:
     across = loc.get("mean_accuracy_across_sites", {})
     for name, sizes in summary["sites"].items():
         t.add_row(name, str(sizes["n_train"]), str(sizes["n_test"]), _fmt(fin["site_accuracy"].get(name)),
-                  _fmt(loc.get("site_accuracy", {}).get(name)), _fmt(across.get(name)), _fmt(poo.get("site_accuracy", {}).get(name)),
-                  _bytes(per_site.get(name)), _bytes(down.get(name)))
+                  *([_fmt(aucs.get(name))] if aucs is not None else []), _fmt(loc.get("site_accuracy", {}).get(name)), _fmt(across.get(name)),
+                  _fmt(poo.get("site_accuracy", {}).get(name)), _bytes(per_site.get(name)), _bytes(down.get(name)))
     t.add_section()
-    t.add_row("mean over sites", "", "", _fmt(fin["mean_site_accuracy"]), _fmt(loc.get("mean_site_accuracy")),
+    auc_cell = (lambda v: [_fmt(v)]) if aucs is not None else (lambda v: [])
+    t.add_row("mean over sites", "", "", _fmt(fin["mean_site_accuracy"]), *auc_cell(fin.get("mean_site_auc")), _fmt(loc.get("mean_site_accuracy")),
               _fmt(float(sum(across.values()) / len(across)) if across else None), _fmt(poo.get("mean_site_accuracy")),
               _bytes(sum(per_site.values()) / len(per_site) if per_site else None), _bytes(sum(down.values()) / len(down) if down else None))
-    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), _fmt(loc.get("pooled_accuracy")), "", _fmt(poo.get("pooled_accuracy")), "", "")
+    if "worst_site_accuracy" in fin:
+        worst = lambda b: _fmt(min(b["site_accuracy"].values())) if b.get("site_accuracy") else "–"  # noqa: E731
+        t.add_row("worst site", "", "", _fmt(fin["worst_site_accuracy"]), *auc_cell(fin.get("worst_site_auc")), worst(loc), "", worst(poo), "", "")
+    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), *auc_cell(fin.get("all_records_auc")), _fmt(loc.get("pooled_accuracy")), "",
+              _fmt(poo.get("pooled_accuracy")), "", "")
     t.caption = ("own model, own split: each site trains alone and is scored on its own test split.  local model, every site "
                  "(FLamby's local baseline): that site's model scored on every site's test split, mean over sites.  "
-                 "pooled: one model on all records together (data leaving the hospitals).")
+                 "pooled: one model on all records together (data leaving the hospitals)."
+                 + ("  federated AUC: each site's AUROC from its evaluation answer (–: its test split holds one class); over all "
+                    "test records the simulator computes it, holding every split (a deployment has the per-site figures only)."
+                    if aucs is not None else ""))
     t.caption_justify = "left"
     return t
 
