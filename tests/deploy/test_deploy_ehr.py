@@ -29,6 +29,8 @@ ICUS = tuple(t.site for t in ICUType)  # ccu, csru, micu, sicu: the sites' certi
 JOB = {"name": "ehr-grud", "dataset": "physionet2012", "model": "grud", "rounds": 2, "local_steps": 3,
        "batch_size": 16, "seed": 0, "min_sites": 4, "round_timeout": 120.0}
 SECRETS = {s: bytes([i + 7]) * 32 for i, s in enumerate(ICUS)}
+#: the same job choosing its final round on the sites' validation splits (the deployed coordinator does what simulate does)
+SELECT = {**JOB, "name": "ehr-select", "rounds": 3, "select": "best-val-balanced"}
 
 
 def write_records(root: Path) -> tuple[Path, dict[str, Path]]:
@@ -74,7 +76,7 @@ def records(tmp_path_factory):
 def dep(tmp_path_factory, records):
     _, sites = records
     root = tmp_path_factory.mktemp("ehr-consortium")
-    sb = sandbox.create(root, ICUS, approved=[JobSpec.from_dict(JOB).plan.content_hash()], fixed_secrets=SECRETS)
+    sb = sandbox.create(root, ICUS, approved=[JobSpec.from_dict(j).plan.content_hash() for j in (JOB, SELECT)], fixed_secrets=SECRETS)
     for s in ICUS:
         use_physionet_records(sb, s, sites[s])
     try:
@@ -112,6 +114,34 @@ def test_deployed_grud_job_equals_simulation_on_the_same_records(dep, records, t
 
 
 MODEL: dict[str, Path] = {}
+
+
+def test_deployed_job_selects_its_round_on_validation_as_simulate_does(dep, records, tmp_path):
+    from insitu.apps.simulate import simulate
+    from insitu.cli import app
+
+    pooled, _ = records
+    dep.operator("submit", {"job": SELECT})
+    st = dep.wait_job(SELECT["name"], timeout=300)
+    assert st["status"] == "done", st
+    # every round scored on validation only; the test splits read once, for the chosen model
+    assert all(r["evaluation"]["split"] == "val" and isinstance(r["evaluation"]["score"], float) for r in st["rounds"])
+    sim_dir = tmp_path / "sim"
+    sim = simulate(dataset="physionet2012", data=str(pooled), model="grud", rounds=3, local_steps=3, batch_size=16, seed=0,
+                   select="best-val-balanced", baselines=False, out=str(sim_dir), site_secrets=SECRETS)
+    scores = [r["evaluation"]["score"] for r in st["rounds"]]
+    import json
+
+    sim_scores = [json.loads(line)["val_score"] for line in (sim_dir / "rounds.jsonl").read_text().splitlines()]
+    assert scores == pytest.approx(sim_scores, abs=1e-12)  # the same validation answers, round by round
+    assert st["final"]["selected_round"] == sim["final"]["selected_round"] == 1 + scores.index(max(scores))
+    assert st["final"]["selection"]["value"] == pytest.approx(sim["final"]["selection"]["value"], abs=1e-12)
+    assert st["final"]["site_accuracy"] == pytest.approx(sim["final"]["site_accuracy"], abs=1e-12)
+    run = tmp_path / "deployed"
+    res = CliRunner().invoke(app, ["job", "model", SELECT["name"], "--out", str(run), "--config", str(dep.root / "ops.toml")])
+    assert res.exit_code == 0, res.output
+    with np.load(run / "model.npz") as dz, np.load(sim_dir / "model.npz") as sz:
+        assert np.array_equal(dz["params"], sz["params"])  # the chosen round's model (round 1 of 3 with these secrets)
 
 
 def _gateway(root: Path, run_dir: Path, ca) -> tuple[Path, int]:

@@ -521,10 +521,10 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
     try:
         from insitu.report.progress import round_progress
 
-        from insitu.federation.evaluation import Criterion, score
+        from insitu.federation.evaluation import criterion_of, score
 
         # selecting on validation: each round is scored on the validation splits only, the test splits once, at the end
-        criterion = {Selection.BEST_VAL: Criterion.ACCURACY, Selection.BEST_VAL_BALANCED: Criterion.BALANCED_ACCURACY}.get(plan.select)
+        criterion = criterion_of(plan.select)
         split = "val" if criterion is not None else "test"
         with round_progress(cfg.rounds, enabled=progress, label=f"{cfg.dataset} · {cfg.strategy}") as bar:
             best: tuple[float, int, np.ndarray] | None = None

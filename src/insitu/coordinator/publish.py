@@ -51,7 +51,7 @@ def model_summary(job: Mapping[str, Any], spec: Mapping[str, Any], rounds: list[
             joined[s] = joined.get(s, 0) + 1
     sites = {s: {"rounds_joined": n, **{k: v for k, v in (site_info.get(s) or {}).items() if k in ("n_train", "n_test")}}
              for s, n in sorted(joined.items())}
-    if job.get("status") == "done" and job.get("final") and version == job.get("rounds_applied"):
+    if job.get("status") == "done" and job.get("final") and version == job["final"].get("selected_version", job.get("rounds_applied")):
         ev = dict(job["final"])
     else:  # a running (or stopped) job: the evaluation of the newest applied round, if it was scored
         ev = next((dict(r["evaluation"]) for r in reversed(applied) if r.get("evaluation")), {})
@@ -98,6 +98,9 @@ def model_reply(store: Any, job_id: str, site_info: Mapping[str, Mapping[str, An
     latest = store.latest_model(row.id)
     if latest is None:
         raise ConfigError(f"job {row.id!r} has no model yet ({row.status.value}, no round applied); try again after its first round")
+    chosen = (row.final or {}).get("selected_version")
+    if isinstance(chosen, int) and chosen != latest[0]:  # the plan selected a round on the sites' validation splits
+        latest = store.model(row.id, chosen)
     version, model_round, params, _ = latest
     rounds = store.rounds(row.id)
     summary = model_summary(row.public(), row.spec, rounds, version, model_round, params, site_info)

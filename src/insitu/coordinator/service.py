@@ -316,6 +316,9 @@ class CoordinatorService:
         aborted = sum(1 for r in self.store.rounds(job.id) if r["status"] in (RoundStatus.ABORTED.value, RoundStatus.INTERRUPTED.value))
         max_aborted = spec.max_aborted if spec.max_aborted is not None else spec.rounds
         self._exclude(job.id, spec, coord)
+        from insitu.federation.evaluation import criterion_of
+
+        criterion = criterion_of(plan.select)
         while version < spec.rounds:
             if self._stop.is_set() or self.store.job(job.id).status is JobStatus.CANCELLED:
                 log.info("job %s: stopping at model version %d", job.id, version)
@@ -342,7 +345,9 @@ class CoordinatorService:
                 continue
             last = version + 1 == spec.rounds
             evaluation = None
-            if spec.eval_every and ((version + 1) % spec.eval_every == 0 or last):
+            if criterion is not None:  # selecting on validation: every round scored there, the test splits read once at the end
+                evaluation = self._evaluate(coord, r, criterion)
+            elif spec.eval_every and ((version + 1) % spec.eval_every == 0 or last):
                 evaluation = self._evaluate(coord, r)
             version = self.store.apply_round(
                 job.id, r, expected_version=version, params=coord.params, state=strategy.state(),
@@ -351,8 +356,9 @@ class CoordinatorService:
             acc = (evaluation or {}).get("mean_site_accuracy")
             log.info("job %s round %d applied as version %d: %d sites, %d dropped, %.3f s%s", job.id, r, version,
                      len(rec.participants), len(rec.dropped), rec.seconds, f", mean accuracy {acc:.4f}" if acc is not None else "")
+        selection = self._select(job.id, coord, criterion) if criterion is not None else {}
         final = self._evaluate(coord, self.store.job(job.id).next_round)
-        final.update({"rounds_applied": version, "rounds_aborted": aborted,
+        final.update({"rounds_applied": version, "rounds_aborted": aborted, **selection,
                       "params_sha256": hashlib.sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
         self.store.set_status(job.id, JobStatus.DONE, final=final)
         log.info("job %s done: %s", job.id, final)
@@ -376,14 +382,43 @@ class CoordinatorService:
             raise RoundAborted(f"job {job_id}: {', '.join(sorted(coord.excluded))} excluded after causing aborted rounds; "
                                f"{len(set(spec.sites) - coord.excluded)} of the job's sites remain, min_sites is {spec.min_sites}")
 
-    def _evaluate(self, coord: Coordinator, round_: int) -> dict[str, Any]:
+    def _select(self, job_id: str, coord: Coordinator, criterion: Any) -> dict[str, Any]:
+        """The plan selects on validation: make the best-scoring applied version the job's final model
+        (from the store, so a restarted coordinator chooses among every version); ties go to the earlier."""
+        best: tuple[float, int] | None = None
+        for r in self.store.rounds(job_id):
+            ev = r.get("evaluation") or {}
+            if r["status"] == "applied" and ev.get("split") == "val" and isinstance(ev.get("score"), (int, float)):
+                if best is None or ev["score"] > best[0]:
+                    best = (float(ev["score"]), r["round"])
+        if best is None:
+            return {"selection": {"split": "val", "criterion": criterion.value, "value": None}}
+        version = {rnd: v for v, rnd in self.store.model_rounds(job_id)}[best[1]]
+        _, _, params, _ = self.store.model(job_id, version)
+        coord.params = np.asarray(params, np.float32)
+        log.info("job %s: model version %d (round %d) chosen on the sites' validation splits (%s %.4f)", job_id, version,
+                 best[1], criterion.value, best[0])
+        return {"selected_version": version, "selected_round": best[1],
+                "selection": {"split": "val", "criterion": criterion.value, "value": best[0]}}
+
+    def _evaluate(self, coord: Coordinator, round_: int, criterion: Any = None) -> dict[str, Any]:
+        """The sites' answers about the current model: on their test splits, or (``criterion``) on their
+        validation splits with the score model selection ranks by."""
+        split = "val" if criterion is not None else "test"
         try:
-            evals = coord.evaluate(round_)
+            evals = coord.evaluate(round_, split=split)
+            value = None
+            if criterion is not None:
+                from insitu.federation.evaluation import score
+
+                value = score(evals, criterion)
         except Exception as exc:  # noqa: BLE001 - a failed evaluation is reported, it does not end the job
             if not isinstance(exc, InsituError):
                 log.exception("evaluation of round %d: internal error", round_)
             return {"error": _one_line(exc)}
         out = {**mean_accuracy(evals), "sites": {k: dict(v) for k, v in evals.items()}}
+        if criterion is not None:
+            out.update({"split": "val", "score": value})
         if coord.eval_dropped:
             out["dropped"] = dict(coord.eval_dropped)
         return out

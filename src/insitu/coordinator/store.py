@@ -324,6 +324,19 @@ class JobStore:
             row = self._db.execute(
                 "SELECT version, round, params, state, sha256 FROM models WHERE job=? ORDER BY version DESC LIMIT 1", (job_id,)
             ).fetchone()
+        return self._model_row(job_id, row)
+
+    def model(self, job_id: str, version: int) -> tuple[int, int, np.ndarray, dict[str, np.ndarray]]:
+        """(version, round, params, strategy state) of one stored model version."""
+        with self._lock:
+            row = self._db.execute("SELECT version, round, params, state, sha256 FROM models WHERE job=? AND version=?",
+                                   (job_id, version)).fetchone()
+        if row is None:
+            raise ConfigError(f"job {job_id!r} has no model version {version}")
+        return self._model_row(job_id, row)
+
+    @staticmethod
+    def _model_row(job_id: str, row: Any) -> tuple[int, int, np.ndarray, dict[str, np.ndarray]] | None:
         if row is None:
             return None
         version, round_, blob, state, digest = row

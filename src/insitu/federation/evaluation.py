@@ -82,4 +82,13 @@ def score(evals: Mapping[str, Mapping[str, Any]], criterion: Criterion) -> float
     return value
 
 
-__all__ = ["Criterion", "summarize", "balanced_accuracy", "score"]
+#: the criterion each selection of the plan ranks rounds by (insitu.plan.Selection values; LAST: none)
+CRITERIA = {"best-val": Criterion.ACCURACY, "best-val-balanced": Criterion.BALANCED_ACCURACY}
+
+
+def criterion_of(selection: Any) -> Criterion | None:
+    """The criterion of a plan's ``select`` (None for ``last``: no round is scored on validation)."""
+    return CRITERIA.get(getattr(selection, "value", selection))
+
+
+__all__ = ["Criterion", "CRITERIA", "criterion_of", "summarize", "balanced_accuracy", "score"]
