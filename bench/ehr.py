@@ -5,6 +5,7 @@ the published figures and the SAPS-I severity score.
     .venv/bin/python bench/ehr.py --seeds 0 --workers 1    # one seed
     .venv/bin/python bench/ehr.py --seeds 0,1 --no-dp --strategies fedavg,fedadam
     .venv/bin/python bench/ehr.py --no-dp --strategies fedavg,fedavg/select=best-val,fedprox/mu=0.01   # variants
+    .venv/bin/python bench/ehr.py --seeds 0,1,2 --no-dp --strategies fedavg --personalize 300   # + local fine-tuning
 
 Train on sets A and B (each ICU type is one site), test on set C; every threshold and every
 early-stopping point is chosen on the validation splits carved from A and B, never on C.
@@ -14,6 +15,9 @@ early-stopping point is chosen on the validation splits carved from A and B, nev
 * local-only: each ICU type trains alone, checkpoint with the best AUROC on its own validation split.
 * federated: ``insitu simulate --dataset physionet2012`` with its default recipe and each strategy
   (the final round's model: no early stopping).
+* federated + local fine-tuning (``--personalize STEPS`` or a variant ``fedavg/personalize=300``):
+  the same run, then each site fine-tunes the final global model on its own training split, the
+  checkpoint (global model included) chosen on its own validation split (insitu.learn.personalize).
 * DP: the same, with record-level DP-SGD at ε = 1 (δ = 1e-5) for every site.
 * SAPS-I: the severity score in Outcomes-c.txt used as a risk score (no training); its Score 1
   threshold is chosen on sets A and B.
@@ -41,6 +45,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "physionet2012"
 PUBLISHED = {"GRU-D, Che et al. 2018 (set A)": ("auroc", 0.84), "GRU-D, Horn et al. 2020 (all stays)": ("auroc", 0.86),
              "challenge 2012, best Score 1": ("score1", 0.5353)}
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+FT = " +ft"  # key suffix of a strategy's personalised (federated + local fine-tuning) results
 
 
 def train_early_stopped(model, X, y, Xv, yv, *, lr: float, batch: int, max_steps: int, every: int, seed: int):
@@ -128,6 +133,8 @@ def one_seed(seed: int, root: str, strategies: tuple[str, ...], dp: bool, pooled
         name, options = variant(strat)
         s = simulate(dataset="physionet2012", data=root, strategy=name, seed=seed, baselines=False, write=False, **options)
         out[strat] = s["final"]["clinical"]
+        if "personalized" in s["final"]:  # the sites' own fine-tuned models: per-site test metrics only
+            out[strat + FT] = s["final"]["personalized"]
         out["seconds"][strat] = time.perf_counter() - t
     if dp:
         t = time.perf_counter()
@@ -186,6 +193,10 @@ def report(results: list[dict[str, Any]], saps: dict[str, Any], strategies: tupl
                   f"{statistics.mean(au) / 0.86:.3f}", f"{statistics.mean(s1) / 0.5353:.3f}")
     local_mean = [float(np.mean([v["auroc"] for v in r["local"]["sites"].values()])) for r in results]
     t.add_row("local-only (each ICU type alone)", "–", "–", "–", _ms(local_mean), "", "")
+    personal = [k + FT for k in strategies if all(k + FT in r for r in results)]
+    for k in personal:  # each site's own model: no pooled figure (the scores of the test records never leave a site)
+        t.add_row(f"{k[:-len(FT)]} + local fine-tuning (each site its own model)", "–", "–", "–",
+                  _ms([r[k]["mean_site_auroc"] for r in results]), "", "")
     t.add_section()
     for name, (metric, v) in PUBLISHED.items():
         t.add_row(f"published: {name}", f"{v:.3f}" if metric == "auroc" else "", "", f"{v:.4f}" if metric == "score1" else "", "", "", "")
@@ -194,14 +205,15 @@ def report(results: list[dict[str, Any]], saps: dict[str, Any], strategies: tupl
     best = max(strategies, key=lambda k: statistics.mean(r[k]["pooled"]["auroc"] for r in results))
     s = Table(title="AUROC per ICU type on its test split in set C: each site alone, every federated strategy, the pooled model",
               title_justify="left")
-    for col in ("site", "SAPS-I", "local-only", *strategies, "pooled"):
+    columns = [c for k in strategies for c in (k, *([k + FT] if k + FT in personal else []))]
+    for col in ("site", "SAPS-I", "local-only", *(c.replace(FT, " + fine-tuning") for c in columns), "pooled"):
         s.add_column(col, justify="left" if col == "site" else "right")
     sites = list(results[0]["local"]["sites"])
-    below = {k: [] for k in strategies}
+    below = {k: [] for k in columns}
     for site in sites:
         lo = statistics.mean(r["local"]["sites"][site]["auroc"] for r in results)
         cells = []
-        for k in strategies:
+        for k in columns:
             fe = [r[k]["sites"][site]["auroc"] for r in results]
             if statistics.mean(fe) < lo:
                 below[k].append(site)
@@ -210,8 +222,9 @@ def report(results: list[dict[str, Any]], saps: dict[str, Any], strategies: tupl
                   _ms([r["pooled"]["sites"][site]["auroc"] for r in results]))
     con.print(s)
     print("'<': the federated model's mean AUROC on that site is below the site's own model's")
-    for k in strategies:
-        print(f"{k}: every site at least its local-only AUROC: {'yes' if not below[k] else 'NO, below at ' + ', '.join(below[k])}")
+    for k in columns:
+        steps = f" ({results[0][k]['steps']} steps)" if k.endswith(FT) else ""
+        print(f"{k.replace(FT, ' + local fine-tuning')}{steps}: every site at least its local-only AUROC: {'yes' if not below[k] else 'NO, below at ' + ', '.join(below[k])}")
     pooled = statistics.mean(r["pooled"]["pooled"]["auroc"] for r in results)
     fed = statistics.mean(r[best]["pooled"]["auroc"] for r in results)
     print(f"pooled GRU-D AUROC {pooled:.3f} (target ≥ 0.85: {'met' if pooled >= 0.85 else 'NOT met'}); "
@@ -230,6 +243,9 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA), help="folder with set-a.tar.gz, Outcomes-a.txt, ...")
     ap.add_argument("--strategies", default=",".join(STRATEGIES),
                     help="comma-separated; a variant adds simulate options: fedprox/mu=0.01/select=best-val")
+    ap.add_argument("--personalize", type=int, default=0, metavar="STEPS",
+                    help="every strategy also reports federated + local fine-tuning: each site fine-tunes the final model "
+                         "for up to STEPS steps, checkpoint on its own validation split (a variant's personalize= wins)")
     ap.add_argument("--no-dp", action="store_true", help="skip the ε = 1 run")
     ap.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes (one torch thread each)")
     ap.add_argument("--pooled-steps", type=int, default=1500, help="most Adam steps for pooled (early-stopped on validation)")
@@ -239,6 +255,10 @@ def main() -> int:
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     strategies = tuple(s for s in args.strategies.split(",") if s)
+    if args.personalize < 0:
+        raise SystemExit(f"--personalize takes a number of fine-tuning steps ≥ 0 (0: off), got {args.personalize}")
+    if args.personalize:
+        strategies = tuple(s if "personalize=" in s else f"{s}/personalize={args.personalize}" for s in strategies)
     saps = saps_baseline(Path(args.data))
     out = Path(args.out)
     if not args.report_only:

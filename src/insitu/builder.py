@@ -146,10 +146,10 @@ def site_egress(plan: Plan, protection: SiteProtection) -> "Egress":
     recovered single records from released losses alone).  A DP site reports the ε it spent (a
     function of the public plan and of the record count it announced) and, with adaptive clipping,
     its clipping indicator, a release the plan's count event accounts for."""
-    from insitu.federation.egress import EVALUATE_REPLY, Egress, Release
+    from insitu.federation.egress import EVALUATE_REPLY, PERSONALIZE_REPLY, Egress, Release
     from insitu.federation.messages import MessageKind
 
-    replies = {**protection.egress(), MessageKind.EVALUATE_REPLY: EVALUATE_REPLY}
+    replies = {**protection.egress(), MessageKind.EVALUATE_REPLY: EVALUATE_REPLY, MessageKind.PERSONALIZE_REPLY: PERSONALIZE_REPLY}
     metrics: dict[str, Release] = {}
     if plan.dp.on:
         metrics.update({"epsilon_round": Release.PUBLIC, "epsilon_total": Release.PUBLIC})

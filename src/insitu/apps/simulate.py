@@ -143,6 +143,9 @@ class SimulationConfig:
     normalize: str | None = None  # heart: z-score per site (FLamby) or federated (sites' DP moments); default: the recipe's
     normalize_epsilon: float = 0.1  # --normalize federated: ε each site spends on its moments release
     baselines: bool = True
+    #: after federation each site fine-tunes the final global model on its own records for up to this many
+    #: steps, checkpoint chosen on its own validation split; only the result's test scores are reported (0: off)
+    personalize: int = 0
     out: str | None = None
     threads: int = 1  # torch threads for training (1: tiny models and many small steps run fastest)
     backend: str = "in-process"  # where the sites run: in-process, or ray (Ray actors: insitu.apps.raybackend)
@@ -203,6 +206,7 @@ class SimulationConfig:
         from insitu.federation.dp import parse_budgets
 
         parse_budgets(cfg.site_budget)
+        _check_personalize(cfg, plan, ds, own)
         if not 0.0 <= cfg.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
         if cfg.min_sites < 1 or cfg.min_sites > cfg.sites:
@@ -239,6 +243,20 @@ class SimulationConfig:
             rounds=self.rounds, min_sites=self.min_sites, lr_schedule=self.lr_schedule, select=self.select, normalize=self.normalize,
             normalize_epsilon=self.normalize_epsilon, downlink=self.downlink,
         )
+
+
+def _check_personalize(cfg: "SimulationConfig", plan: Plan, ds: DatasetName, own: FederatedData | None) -> None:
+    """--personalize: a step count, on data with validation splits, without DP (the fine-tuning is not private)."""
+    from insitu.learn.personalize import check_steps
+
+    if check_steps(cfg.personalize) == 0:
+        return
+    if ds is DatasetName.HEART and own is None:
+        raise ConfigError("--personalize chooses each site's checkpoint on its own validation split; the heart data has none "
+                          "(FLamby's splits are train/test)")
+    if plan.dp.on:
+        raise ConfigError(f"--personalize fine-tunes each site's model without DP, so its test scores would release what --dp "
+                          f"{plan.dp.level.value} protects; run it without --dp")
 
 
 def _model_spec(model: str | None, spec: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -589,6 +607,11 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
             from insitu.learn.clinical import clinical_evaluation, model_of
 
             summary["final"]["clinical"] = clinical_evaluation(model_of(task, coord.params), data)
+        if cfg.personalize:  # each site fine-tunes the final model itself; only its test scores come back
+            from insitu.federation.personalize import personalize_sites, summarize
+
+            replies, dropped = personalize_sites(coord, cfg.rounds + 1, cfg.personalize)
+            summary["final"]["personalized"] = {**summarize(replies, cfg.personalize), "dropped": dropped}
         if cfg.baselines:
             from insitu.apps.baselines import local_only, pooled
 

@@ -47,6 +47,11 @@ ERROR_REPLY = Declared({"reason": Release.PUBLIC, "code": Release.PUBLIC, "to": 
 #: what worst-site, class-balanced and AUC figures need: the split's count and correct count per
 #: class, and (binary tasks) its AUROC
 EVALUATE_REPLY = Declared({k: Release.PUBLIC for k in ("loss", "correct", "n", "accuracy", "n_by_class", "correct_by_class", "auc")})
+#: a personalisation answer (insitu.federation.personalize): the site's fine-tuned model's scores on its own
+#: test split and which checkpoint its own validation split chose; never the fine-tuned parameters
+PERSONALIZE_REPLY = Declared({k: Release.PUBLIC for k in (
+    "n", "accuracy", "best_step", "steps", "val_metric", "val_start", "val_best",  # every task
+    "auroc", "auprc", "score1", "sensitivity", "ppv", "threshold", "threshold_source", "accuracy_at_0.5", "positives")})  # binary
 
 
 @dataclass(frozen=True)
@@ -91,4 +96,4 @@ class Egress:
         return out
 
 
-__all__ = ["Release", "Declared", "Egress", "ERROR_REPLY", "EVALUATE_REPLY"]
+__all__ = ["Release", "Declared", "Egress", "ERROR_REPLY", "EVALUATE_REPLY", "PERSONALIZE_REPLY"]

@@ -51,6 +51,8 @@ class MessageKind(str, enum.Enum):
     TRAIN_REPLY = "train_reply"
     EVALUATE = "evaluate"
     EVALUATE_REPLY = "evaluate_reply"
+    PERSONALIZE = "personalize"  # after federation: a site fine-tunes the global model on its own records
+    PERSONALIZE_REPLY = "personalize_reply"  # only that model's scores on the site's own test split
     ERROR = "error"
     # secure aggregation phases (Bonawitz et al. 2017 / SecAgg+)
     SECAGG_ADVERTISE = "secagg_advertise"

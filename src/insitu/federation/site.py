@@ -87,6 +87,10 @@ class Site:
             reply = self._train(msg)
         elif msg.kind is MessageKind.EVALUATE:
             reply = self._evaluate(msg)
+        elif msg.kind is MessageKind.PERSONALIZE:
+            from insitu.federation.personalize import site_personalize
+
+            reply = site_personalize(self, msg)  # fine-tunes a copy here; only its test scores leave
         else:
             handler = self.handlers.get(msg.kind)
             if handler is None:

@@ -1,0 +1,103 @@
+"""Site-local personalisation: fine-tune the federated model on one site's own records.
+
+FedAvg + local fine-tuning (a standard personalised-FL baseline): after federation, each site
+starts from the final global model and takes up to ``steps`` minibatch steps on its own training
+split with the task's optimiser and learning rate (the ones it trained with in every round; a
+fresh optimiser state, as each round starts with one).  Every ``every`` steps it scores the model
+on its OWN validation split and keeps the best checkpoint; step 0 (the global model itself) is a
+candidate, and a later checkpoint replaces it only if strictly better, so personalisation never
+makes a site's validation score worse than the global model's.
+
+The validation score is AUROC for a binary task whose validation split holds both classes (the
+clinical tasks' figure), accuracy otherwise.  The fine-tuned model stays where it was made: this
+module returns it to its caller (the site), and only its test metrics are reported.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from insitu.errors import ConfigError
+from insitu.learn.models import get_flat, set_flat
+from insitu.learn.train import TrainConfig, loss_fn, make_optimizer, random_shift
+
+#: the most fine-tuning steps a site accepts in one request (a typo of 10⁹ would hold the site for days)
+MAX_PERSONALIZE_STEPS = 1_000_000
+
+
+def check_steps(steps: object, what: str = "--personalize") -> int:
+    """``steps`` as a count of fine-tuning steps (0 = off), or a ConfigError naming the value."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 0 <= int(steps) <= MAX_PERSONALIZE_STEPS:
+        raise ConfigError(f"{what} takes a whole number of local fine-tuning steps from 0 (off) to {MAX_PERSONALIZE_STEPS:,}, got {steps!r}")
+    return int(steps)
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    """The outcome of one site's fine-tuning: which checkpoint its validation split chose and why."""
+
+    best_step: int  # 0: the global model itself was kept
+    steps_run: int
+    metric: str  # "auroc" or "accuracy"
+    val_start: float  # the global model's validation score (step 0)
+    val_best: float  # the kept checkpoint's validation score (≥ val_start)
+
+
+@torch.no_grad()
+def _val_score(model: nn.Module, X: torch.Tensor, y: torch.Tensor, num_outputs: int) -> tuple[str, float]:
+    from insitu.learn.clinical import risk_scores
+    from insitu.learn.metrics import auroc
+
+    model.eval()
+    yy = y.reshape(-1).long().numpy()
+    if num_outputs == 1 and 0 < yy.sum() < len(yy):
+        return "auroc", auroc(yy, risk_scores(model, X))
+    out = model(X)
+    pred = (out.squeeze(-1) > 0).long() if num_outputs == 1 else out.argmax(-1)
+    return "accuracy", float((pred.numpy() == yy).mean())
+
+
+def fine_tune(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor, cfg: TrainConfig,
+              generator: torch.Generator, *, num_outputs: int, steps: int, every: int) -> tuple[nn.Module, FineTuned]:
+    """A copy of ``model`` fine-tuned for up to ``steps`` steps, at the checkpoint (every ``every`` steps,
+    step 0 included) with the best score on (X_val, y_val); ``model`` itself is left untouched."""
+    steps = check_steps(steps, "fine-tuning steps")
+    if steps == 0:
+        raise ConfigError("fine-tuning needs at least one step (0 means personalisation is off)")
+    if every < 1:
+        raise ConfigError(f"fine-tuning checks its validation split every k ≥ 1 steps, got {every}")
+    n = X.shape[0]
+    if n == 0:
+        raise ConfigError("cannot fine-tune on a site with no training records")
+    if X_val is None or X_val.shape[0] == 0:
+        raise ConfigError("personalisation chooses its checkpoint on the site's own validation split, and this site has none")
+    model = copy.deepcopy(model)
+    metric, start = _val_score(model, X_val, y_val, num_outputs)
+    best = (start, 0, get_flat(model))
+    crit = loss_fn(num_outputs)
+    opt = make_optimizer(model, cfg)
+    bs = min(cfg.batch_size, n)
+    for step in range(1, steps + 1):
+        model.train()
+        idx = torch.randint(0, n, (bs,), generator=generator)
+        xb = X[idx]
+        if cfg.augment_shift and xb.dim() == 4:
+            xb = random_shift(xb, cfg.augment_shift, generator)
+        opt.zero_grad(set_to_none=True)
+        crit(model(xb), y[idx]).backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            _, score = _val_score(model, X_val, y_val, num_outputs)
+            if not math.isnan(score) and (math.isnan(best[0]) or score > best[0]):
+                best = (score, step, get_flat(model))
+    set_flat(model, best[2])
+    model.eval()
+    return model, FineTuned(best_step=best[1], steps_run=steps, metric=metric, val_start=float(start), val_best=float(best[0]))
+
+
+__all__ = ["FineTuned", "MAX_PERSONALIZE_STEPS", "check_steps", "fine_tune"]
