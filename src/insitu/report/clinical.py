@@ -28,6 +28,12 @@ def clinical_table(summary: dict[str, Any]) -> Table:
         row(name, m)
     t.add_section()
     row("all", clin["pooled"])
+    ft = summary["final"].get("personalized")
+    if ft:  # each site's own fine-tuned model: per-site scores only (no test record's score leaves a site)
+        t.add_section()
+        for name, m in ft["sites"].items():
+            if "auroc" in m:
+                row(f"{name}, federated + local fine-tuning (best step {m['best_step']}/{m['steps']})", m)
     return t
 
 

@@ -32,6 +32,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     aucs = fin.get("site_auc")  # binary tasks: each site's AUROC of the federated model (None: a one-class split)
     if aucs is not None:
         t.add_column("federated AUC", justify="right")
+    ft = fin.get("personalized")  # --personalize: each site's own fine-tuned model (its test scores only)
+    if ft:
+        t.add_column("federated + local fine-tuning", justify="right")
     t.add_column("own model, own split", justify="right")
     t.add_column("local model, every site", justify="right")
     t.add_column("pooled", justify="right")
@@ -40,21 +43,23 @@ def summary_table(summary: dict[str, Any]) -> Table:
     down = fin.get("bytes_down_per_round_per_site", {})
     t.add_column("bytes down/round", justify="right")
     across = loc.get("mean_accuracy_across_sites", {})
+    ft_cell = (lambda v: [_fmt(v)]) if ft else (lambda v: [])
     for name, sizes in summary["sites"].items():
         t.add_row(name, str(sizes["n_train"]), str(sizes["n_test"]), _fmt(fin["site_accuracy"].get(name)),
-                  *([_fmt(aucs.get(name))] if aucs is not None else []), _fmt(loc.get("site_accuracy", {}).get(name)), _fmt(across.get(name)),
+                  *([_fmt(aucs.get(name))] if aucs is not None else []), *ft_cell(ft["site_accuracy"].get(name) if ft else None), _fmt(loc.get("site_accuracy", {}).get(name)), _fmt(across.get(name)),
                   _fmt(poo.get("site_accuracy", {}).get(name)), _bytes(per_site.get(name)), _bytes(down.get(name)))
     t.add_section()
     auc_cell = (lambda v: [_fmt(v)]) if aucs is not None else (lambda v: [])
-    t.add_row("mean over sites", "", "", _fmt(fin["mean_site_accuracy"]), *auc_cell(fin.get("mean_site_auc")), _fmt(loc.get("mean_site_accuracy")),
+    t.add_row("mean over sites", "", "", _fmt(fin["mean_site_accuracy"]), *auc_cell(fin.get("mean_site_auc")), *ft_cell(ft["mean_site_accuracy"] if ft else None), _fmt(loc.get("mean_site_accuracy")),
               _fmt(float(sum(across.values()) / len(across)) if across else None), _fmt(poo.get("mean_site_accuracy")),
               _bytes(sum(per_site.values()) / len(per_site) if per_site else None), _bytes(sum(down.values()) / len(down) if down else None))
     if "worst_site_accuracy" in fin:
         worst = lambda b: _fmt(min(b["site_accuracy"].values())) if b.get("site_accuracy") else "–"  # noqa: E731
-        t.add_row("worst site", "", "", _fmt(fin["worst_site_accuracy"]), *auc_cell(fin.get("worst_site_auc")), worst(loc), "", worst(poo), "", "")
-    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), *auc_cell(fin.get("all_records_auc")), _fmt(loc.get("pooled_accuracy")), "",
+        t.add_row("worst site", "", "", _fmt(fin["worst_site_accuracy"]), *auc_cell(fin.get("worst_site_auc")), *ft_cell(min(ft["site_accuracy"].values()) if ft and ft["site_accuracy"] else None), worst(loc), "", worst(poo), "", "")
+    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), *auc_cell(fin.get("all_records_auc")), *([""] if ft else []), _fmt(loc.get("pooled_accuracy")), "",
               _fmt(poo.get("pooled_accuracy")), "", "")
-    t.caption = ("own model, own split: each site trains alone and is scored on its own test split.  local model, every site "
+    t.caption = (("federated + local fine-tuning: each site fine-tuned the federated model on its own records, checkpoint "
+                  "chosen on its own validation split; the model stays at the site.  " if ft else "") + "own model, own split: each site trains alone and is scored on its own test split.  local model, every site "
                  "(FLamby's local baseline): that site's model scored on every site's test split, mean over sites.  "
                  "pooled: one model on all records together (data leaving the hospitals)."
                  + ("  federated AUC: each site's AUROC from its evaluation answer (–: its test split holds one class); over all "

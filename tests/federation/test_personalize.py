@@ -1,0 +1,172 @@
+"""Personalisation after federation (``--personalize STEPS``): a site fine-tunes the final global model
+on its own records, keeps the checkpoint its own validation split prefers (the global model included),
+and only that model's test scores leave the site."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from insitu.apps.simulate import SimulationConfig, simulate
+from insitu.builder import build_federation
+from insitu.data.dataset import FederatedData, SiteData
+from insitu.errors import ConfigError, ProtocolError
+from insitu.federation.egress import PERSONALIZE_REPLY
+from insitu.federation.messages import Message, MessageKind
+from insitu.federation.site import Site
+from insitu.learn.models import build_model, get_flat
+from insitu.learn.personalize import _val_score, fine_tune
+from insitu.learn.train import TrainConfig
+
+
+def _site(name: str, shift: float, n: int, g: torch.Generator) -> SiteData:
+    """Binary records whose decision boundary differs by site (non-IID: personalisation has something to fit)."""
+    def split(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        X = torch.randn(m, 6, generator=g)
+        logit = 2.0 * X[:, 0] + shift * X[:, 1] - 0.5
+        y = (torch.rand(m, generator=g) < torch.sigmoid(logit)).long()
+        return X, y
+
+    (Xt, yt), (Xv, yv), (Xs, ys) = split(n), split(n // 2), split(n // 2)
+    return SiteData(name, Xt, yt, Xs, ys, Xv, yv)
+
+
+@pytest.fixture(scope="module")
+def data() -> FederatedData:
+    g = torch.Generator().manual_seed(3)
+    sites = tuple(_site(f"h{i}", s, 160, g) for i, s in enumerate((-2.0, 0.0, 2.5)))
+    return FederatedData("synthetic", sites, (6,), 2, tuple(f"x{i}" for i in range(6)))
+
+
+def test_the_kept_checkpoint_is_never_worse_on_validation_than_the_global_model(data):
+    s = data.sites[0]
+    start = build_model("mlp", (6,), 1, seed=1)
+    before = get_flat(start).copy()
+    # validation labels the global model ranks perfectly (AUROC 1): no step can beat it, so step 0 is kept, exactly
+    from insitu.learn.clinical import risk_scores
+
+    r = risk_scores(start, s.X_val)
+    y_val = torch.from_numpy((r > np.median(r)).astype(np.int64))
+    kept, ft = fine_tune(start, s.X_train, s.y_train, s.X_val, y_val, TrainConfig(lr=0.05, steps=1, batch_size=8, optimizer="adam"),
+                         torch.Generator().manual_seed(0), num_outputs=1, steps=20, every=5)
+    assert ft.metric == "auroc" and ft.val_start == 1.0 and ft.best_step == 0 and ft.val_best == ft.val_start
+    assert np.array_equal(get_flat(kept), before)
+    assert np.array_equal(get_flat(start), before)  # the caller's model is left untouched
+    # a sane one moves, and what it keeps scores what it says, at least the global model's score
+    tuned, ft = fine_tune(start, s.X_train, s.y_train, s.X_val, s.y_val, TrainConfig(lr=0.05, steps=1, batch_size=16, optimizer="adam"),
+                          torch.Generator().manual_seed(0), num_outputs=1, steps=60, every=10)
+    assert ft.best_step > 0 and ft.val_best > ft.val_start
+    assert _val_score(tuned, s.X_val, s.y_val, 1) == ("auroc", pytest.approx(ft.val_best))
+
+
+def test_fine_tuned_parameters_never_leave_a_site(data, monkeypatch):
+    """Every message every site sends in a run is recorded; the parameters fine-tuning kept are in none."""
+    sent: list[Message] = []
+    kept: list[np.ndarray] = []
+    handle = Site.handle
+    monkeypatch.setattr(Site, "handle", lambda self, msg: sent.append(handle(self, msg)) or sent[-1])
+    import insitu.learn.personalize as P
+
+    real = P.fine_tune
+
+    def spy(*a, **k):
+        model, ft = real(*a, **k)
+        kept.append(get_flat(model).copy())
+        return model, ft
+
+    monkeypatch.setattr(P, "fine_tune", spy)
+    summary = simulate(data=data, model="mlp", rounds=3, local_steps=5, optimizer="adam", lr=0.01, personalize=40, baselines=False,
+                       write=False, site_secrets={s.name: bytes([i]) * 32 for i, s in enumerate(data.sites)})
+    per = summary["final"]["personalized"]
+    assert len(kept) == 3 and any(r["best_step"] > 0 for r in per["sites"].values())  # something was fine-tuned
+    replies = [m for m in sent if m.kind is MessageKind.PERSONALIZE_REPLY]
+    assert len(replies) == 3 and all(not m.tensors for m in replies)
+    assert all(isinstance(v, (int, float, str)) for m in replies for v in m.meta.values())  # scores, never arrays
+    assert all(set(m.meta) <= set(PERSONALIZE_REPLY.meta) for m in replies)
+    for theta in kept:
+        for m in sent:
+            for t in m.tensors.values():
+                arr = np.asarray(t).reshape(-1)
+                assert arr.size != theta.size or not np.allclose(arr.astype(np.float64), theta, atol=1e-6)
+
+
+def test_the_egress_refuses_parameters_in_a_personalize_reply(data):
+    cfg = SimulationConfig(model="mlp", rounds=1, local_steps=3, sites=None, personalize=5).resolved(own=data)
+    plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+    coord, sites = build_federation(plan, data.sites)
+    site = sites["h0"]
+    leak = Message(MessageKind.PERSONALIZE_REPLY, 2, coord.job, {"n": 80, "accuracy": 0.8}, {"params": np.zeros(site.size, np.float32)})
+    with pytest.raises(ProtocolError, match="undeclared tensor"):
+        site.egress.check(leak)
+    with pytest.raises(ProtocolError, match="undeclared field"):
+        site.egress.check(Message(MessageKind.PERSONALIZE_REPLY, 2, coord.job, {"n": 80, "weights": [0.1, 0.2]}))
+
+
+def test_a_site_refuses_a_bad_personalize_request(data):
+    cfg = SimulationConfig(model="mlp", rounds=1, local_steps=3).resolved(own=data)
+    plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+    coord, sites = build_federation(plan, data.sites)
+    coord.run_round(1)
+    site, plan_meta = sites["h1"], coord.round_plan(2).plan
+    for steps in (-3, 0, 2.5, "10", True):
+        with pytest.raises(ProtocolError, match="steps"):
+            site.handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": plan_meta, "steps": steps}, {"params": coord.params}))
+    with pytest.raises(ProtocolError, match="undeclared field"):
+        site.handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": plan_meta, "steps": 5, "lr": 1.0}, {"params": coord.params}))
+    # the evaluation oracle: fine-tuning and scoring arbitrary parameters is refused like evaluating them
+    refused = 0
+    for v in (0.1, 0.2, 0.3, 0.4):
+        try:
+            site.handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": plan_meta, "steps": 2},
+                                {"params": np.full(site.size, v, np.float32)}))
+        except ProtocolError as exc:
+            assert "never sent to this site" in str(exc)
+            refused += 1
+    assert refused >= 2
+
+
+def test_the_option_is_refused_where_it_cannot_apply(data):
+    with pytest.raises(ConfigError, match=r"--personalize .*-1"):
+        SimulationConfig(personalize=-1).resolved(own=data)
+    with pytest.raises(ConfigError, match="validation split; the heart data has none"):
+        SimulationConfig(personalize=10).resolved()
+    with pytest.raises(ConfigError, match="without DP"):
+        SimulationConfig(personalize=10, dp="record", epsilon=3.0).resolved(own=data)
+    nodata = FederatedData("noval", tuple(SiteData(s.name, s.X_train, s.y_train, s.X_test, s.y_test) for s in data.sites),
+                           data.input_shape, 2, data.schema)
+    summary = simulate(data=nodata, model="mlp", rounds=1, local_steps=2, personalize=5, baselines=False, write=False)
+    per = summary["final"]["personalized"]  # a site without a validation split says why it gives no figure
+    assert per["sites"] == {} and all("validation split" in why for why in per["dropped"].values()) and len(per["dropped"]) == 3
+    assert SimulationConfig().resolved().personalize == 0  # off unless asked
+
+
+def test_cli_refuses_a_negative_step_count_in_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "insitu", "simulate", "--personalize", "-5", "--rounds", "1", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert res.returncode == 2 and "--personalize" in res.stderr and "-5" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_summary_and_table_carry_the_personalised_section(data, tmp_path):
+    summary = simulate(data=data, model="mlp", rounds=2, local_steps=5, optimizer="adam", lr=0.01, personalize=20, out=str(tmp_path / "run"))
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    per = written["final"]["personalized"]
+    assert per["steps"] == 20 and set(per["sites"]) == {"h0", "h1", "h2"} and per["dropped"] == {}
+    for name, m in per["sites"].items():
+        assert {"accuracy", "auroc", "auprc", "score1", "threshold", "best_step", "val_start", "val_best"} <= set(m)
+        assert m["val_best"] >= m["val_start"] and 0 <= m["best_step"] <= 20 and m["n"] == 80
+        assert m["threshold_source"] == "site validation" and per["site_accuracy"][name] == m["accuracy"]
+    assert per["mean_site_auroc"] == pytest.approx(np.mean([m["auroc"] for m in per["sites"].values()]))
+    assert "site_accuracy" in written["final"] and "personalized" not in simulate(data=data, model="mlp", rounds=1, write=False)["final"]
+    from rich.console import Console
+
+    from insitu.report.tables import summary_table
+
+    con = Console(record=True, width=250)
+    con.print(summary_table(summary))
+    assert "federated + local fine-tuning" in con.export_text()
