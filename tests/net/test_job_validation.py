@@ -52,6 +52,7 @@ BAD_JOBS = [
     ({"strategy": "fedmagic"}, "strategy: unknown value 'fedmagic'"),
     ({"epsilon": 1.0}, "epsilon given without dp = record or site"),
     ({"data": "/etc/passwd"}, "apply to insitu simulate only"),
+    ({"personalize": 300}, "apply to insitu simulate only"),  # deployed personalisation is not built yet
     ({"bogus": 1}, "unknown keys ['bogus']"),
 ]
 GOOD = {"name": "fine", "dataset": "heart", "rounds": 1, "min_sites": 1, "round_timeout": 5.0, "wait_for_sites": 0.5, "approval_timeout": 0}
