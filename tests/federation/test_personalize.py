@@ -3,7 +3,6 @@ on its own records, keeps the checkpoint its own validation split prefers (the g
 and only that model's test scores leave the site."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess

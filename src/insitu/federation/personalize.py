@@ -16,12 +16,13 @@ holds no positive record), and accuracy at 0.5.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from insitu.errors import ProtocolError
+from insitu.errors import ConfigError, ProtocolError
 from insitu.federation.messages import Message, MessageKind
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def site_personalize(site: "Site", msg: Message) -> Message:
     site._check_plan(msg, PERSONALIZE_KEYS)
     try:
         steps = check_steps(msg.meta.get("steps"), "personalize request steps")
-    except Exception as exc:
+    except ConfigError as exc:
         raise ProtocolError(str(exc)) from None
     if steps == 0:
         raise ProtocolError("personalize request asks for 0 steps")
@@ -61,8 +62,6 @@ def site_personalize(site: "Site", msg: Message) -> Message:
     d = site.data
     if d.X_val is None or d.X_val.shape[0] == 0:
         raise ProtocolError(f"site {site.site_id} has no validation split to choose its fine-tuning checkpoint on")
-    import dataclasses
-
     cfg = dataclasses.replace(site.train_config, prox_mu=0.0)
     every = max(1, min(site.train_config.steps, steps))  # one round's worth of local steps between checks
     model, ft = fine_tune(site.model, d.X_train, d.y_train, d.X_val, d.y_val, cfg, site.generator,
