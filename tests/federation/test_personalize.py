@@ -117,7 +117,10 @@ def test_a_site_refuses_a_bad_personalize_request(data):
         with pytest.raises(ProtocolError, match="steps"):
             site.handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": plan_meta, "steps": steps}, {"params": coord.params}))
     with pytest.raises(ProtocolError, match="undeclared field"):
-        site.handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": plan_meta, "steps": 5, "lr": 1.0}, {"params": coord.params}))
+        site.handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": plan_meta, "steps": 5, "seed": 1}, {"params": coord.params}))
+    for lr in (0.0, -1.0, 5.0, "0.1", float("nan")):
+        with pytest.raises(ProtocolError, match="lr must be"):
+            site.handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": plan_meta, "steps": 5, "lr": lr}, {"params": coord.params}))
     # the evaluation oracle: fine-tuning and scoring arbitrary parameters is refused like evaluating them
     refused = 0
     for v in (0.1, 0.2, 0.3, 0.4):
@@ -143,6 +146,10 @@ def test_the_option_is_refused_where_it_cannot_apply(data):
     per = summary["final"]["personalized"]  # a site without a validation split says why it gives no figure
     assert per["sites"] == {} and all("validation split" in why for why in per["dropped"].values()) and len(per["dropped"]) == 3
     assert SimulationConfig().resolved().personalize == 0  # off unless asked
+    with pytest.raises(ConfigError, match="--personalize-lr given without --personalize"):
+        SimulationConfig(personalize_lr=1e-3).resolved(own=data)
+    with pytest.raises(ConfigError, match=r"--personalize-lr must be .* got -0.1"):
+        SimulationConfig(personalize=5, personalize_lr=-0.1).resolved(own=data)
 
 
 def test_cli_refuses_a_negative_step_count_in_one_line(tmp_path):
@@ -155,7 +162,7 @@ def test_summary_and_table_carry_the_personalised_section(data, tmp_path):
     summary = simulate(data=data, model="mlp", rounds=2, local_steps=5, optimizer="adam", lr=0.01, personalize=20, out=str(tmp_path / "run"))
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     per = written["final"]["personalized"]
-    assert per["steps"] == 20 and set(per["sites"]) == {"h0", "h1", "h2"} and per["dropped"] == {}
+    assert per["steps"] == 20 and per["lr"] == 0.01 and set(per["sites"]) == {"h0", "h1", "h2"} and per["dropped"] == {}
     for name, m in per["sites"].items():
         assert {"accuracy", "auroc", "auprc", "score1", "threshold", "best_step", "val_start", "val_best"} <= set(m)
         assert m["val_best"] >= m["val_start"] and 0 <= m["best_step"] <= 20 and m["n"] == 80

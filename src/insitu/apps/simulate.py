@@ -146,6 +146,7 @@ class SimulationConfig:
     #: after federation each site fine-tunes the final global model on its own records for up to this many
     #: steps, checkpoint chosen on its own validation split; only the result's test scores are reported (0: off)
     personalize: int = 0
+    personalize_lr: float | None = None  # --personalize: the fine-tuning learning rate (default: the task's lr)
     out: str | None = None
     threads: int = 1  # torch threads for training (1: tiny models and many small steps run fastest)
     backend: str = "in-process"  # where the sites run: in-process, or ray (Ray actors: insitu.apps.raybackend)
@@ -249,7 +250,12 @@ def _check_personalize(cfg: "SimulationConfig", plan: Plan, ds: DatasetName, own
     """--personalize: a step count, on data with validation splits, without DP (the fine-tuning is not private)."""
     from insitu.learn.personalize import check_steps
 
+    lr = cfg.personalize_lr
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1):
+        raise ConfigError(f"--personalize-lr must be a learning rate in (0, 1], got {lr!r}")
     if check_steps(cfg.personalize) == 0:
+        if lr is not None:
+            raise ConfigError("--personalize-lr given without --personalize STEPS")
         return
     if ds is DatasetName.HEART and own is None:
         raise ConfigError("--personalize chooses each site's checkpoint on its own validation split; the heart data has none "
@@ -610,8 +616,8 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
         if cfg.personalize:  # each site fine-tunes the final model itself; only its test scores come back
             from insitu.federation.personalize import personalize_sites, summarize
 
-            replies, dropped = personalize_sites(coord, cfg.rounds + 1, cfg.personalize)
-            summary["final"]["personalized"] = {**summarize(replies, cfg.personalize), "dropped": dropped}
+            replies, dropped = personalize_sites(coord, cfg.rounds + 1, cfg.personalize, lr=cfg.personalize_lr)
+            summary["final"]["personalized"] = {**summarize(replies, cfg.personalize), "lr": cfg.personalize_lr or task.lr, "dropped": dropped}
         if cfg.baselines:
             from insitu.apps.baselines import local_only, pooled
 

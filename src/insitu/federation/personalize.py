@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from insitu.federation.site import Site
 
 #: keys a PERSONALIZE request may carry
-PERSONALIZE_KEYS = frozenset({"plan", "steps"})
+PERSONALIZE_KEYS = frozenset({"plan", "steps", "lr"})
 #: every key of a PERSONALIZE_REPLY (binary tasks add CLINICAL_KEYS)
 BASE_KEYS = ("n", "accuracy", "best_step", "steps", "val_metric", "val_start", "val_best")
 CLINICAL_KEYS = ("auroc", "auprc", "score1", "sensitivity", "ppv", "threshold", "threshold_source", "accuracy_at_0.5", "positives")
@@ -50,6 +50,9 @@ def site_personalize(site: "Site", msg: Message) -> Message:
         raise ProtocolError(str(exc)) from None
     if steps == 0:
         raise ProtocolError("personalize request asks for 0 steps")
+    lr = msg.meta.get("lr", site.train_config.lr)  # default: the rate this site trains with every round
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1:
+        raise ProtocolError(f"personalize request lr must be a number in (0, 1], got {lr!r}")
     params = msg.tensor("params", shape=(site.size,), dtype="float32")
     if not np.all(np.isfinite(params)):
         raise ProtocolError("parameters to personalise hold NaN or infinite values")
@@ -62,7 +65,7 @@ def site_personalize(site: "Site", msg: Message) -> Message:
     d = site.data
     if d.X_val is None or d.X_val.shape[0] == 0:
         raise ProtocolError(f"site {site.site_id} has no validation split to choose its fine-tuning checkpoint on")
-    cfg = dataclasses.replace(site.train_config, prox_mu=0.0)
+    cfg = dataclasses.replace(site.train_config, prox_mu=0.0, lr=float(lr))
     every = max(1, min(site.train_config.steps, steps))  # one round's worth of local steps between checks
     model, ft = fine_tune(site.model, d.X_train, d.y_train, d.X_val, d.y_val, cfg, site.generator,
                           num_outputs=site.task.num_outputs, steps=steps, every=every)
@@ -83,13 +86,15 @@ def site_personalize(site: "Site", msg: Message) -> Message:
     return Message(MessageKind.PERSONALIZE_REPLY, msg.round, msg.job, meta)
 
 
-def personalize_sites(coord: "Coordinator", round_: int, steps: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """The coordinator half: ask every site to personalise the coordinator's current global model.
+def personalize_sites(coord: "Coordinator", round_: int, steps: int, lr: float | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The coordinator half: ask every site to personalise the coordinator's current global model
+    (``lr``: the fine-tuning learning rate; None: each site's training rate).
 
     Returns (site → its reply's metrics, site → why it gave none)."""
     from insitu.federation.transport import check_reply
 
-    req = Message(MessageKind.PERSONALIZE, round_, coord.job, {"plan": coord._plan_meta, "steps": int(steps)},
+    meta: dict[str, Any] = {"plan": coord._plan_meta, "steps": int(steps), **({"lr": float(lr)} if lr is not None else {})}
+    req = Message(MessageKind.PERSONALIZE, round_, coord.job, meta,
                   {"params": np.asarray(coord.params, dtype=np.float32)})
     ex = coord.transport.exchange({s: req for s in coord._sites()}, coord.timeout)
     out: dict[str, dict[str, Any]] = {}
