@@ -176,3 +176,19 @@ def test_summary_and_table_carry_the_personalised_section(data, tmp_path):
     con = Console(record=True, width=250)
     con.print(summary_table(summary))
     assert "federated + local fine-tuning" in con.export_text()
+
+
+def test_a_dp_site_refuses_to_personalise(data):
+    """--personalize is refused with --dp by the config; a DP site refuses the request itself too."""
+    from insitu.privacy import Budget, PrivacyLedger
+
+    cfg = SimulationConfig(model="mlp", rounds=1, local_steps=2, dp="record", noise_multiplier=1.0).resolved(own=data)
+    plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+    ledger = PrivacyLedger(":memory:")
+    for s in data.sites:
+        ledger.set_budget(s.name, Budget(1e6))
+    coord, sites = build_federation(plan, data.sites, ledger=ledger)
+    coord.run_round(1)
+    with pytest.raises(ProtocolError, match="differentially private plan"):
+        sites["h0"].handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": coord.round_plan(2).plan, "steps": 5},
+                                   {"params": coord.params}))

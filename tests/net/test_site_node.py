@@ -194,3 +194,11 @@ def test_a_deployed_site_reads_its_records_through_a_schema_and_deidentifies_the
     node.approvals.approve(other.content_hash())
     with pytest.raises(TaskNotApproved, match="schema"):
         node.handle(Message(MessageKind.TRAIN, 1, "job-s", {**msg.meta, "plan": other.to_meta()}, msg.tensors))
+
+
+def test_a_deployed_site_does_not_personalise_for_a_coordinator(tmp_path):
+    """Personalisation (insitu simulate --personalize) is simulation only: no approved plan covers it."""
+    n = node(tmp_path, approved=(TASK.content_hash(),))
+    n.handle(train())
+    with pytest.raises(ProtocolError, match="not offered by deployed sites"):
+        n.handle(Message(MessageKind.PERSONALIZE, 2, "job-1", {"plan": TASK.to_meta(), "steps": 5}, {"params": np.zeros(4, np.float32)}))

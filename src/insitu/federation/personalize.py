@@ -44,6 +44,8 @@ def site_personalize(site: "Site", msg: Message) -> Message:
     from insitu.learn.train import evaluate
 
     site._check_plan(msg, PERSONALIZE_KEYS)
+    if site.budget is not None:  # a DP plan: fine-tuning is not private, its scores would release what DP protects
+        raise ProtocolError(f"site {site.site_id} runs a differentially private plan and does not personalise (the fine-tuning is not private)")
     try:
         steps = check_steps(msg.meta.get("steps"), "personalize request steps")
     except ConfigError as exc:

@@ -231,6 +231,8 @@ class SiteNode:
         early = self._early_phase(msg)
         if early is not None:
             return early
+        if msg.kind is MessageKind.PERSONALIZE:  # simulation only: no approved plan covers it yet (insitu.federation.personalize)
+            raise ProtocolError("this site does not fine-tune models for a coordinator: personalisation is not offered by deployed sites")
         try:
             site = self._site_for(msg)
             if msg.kind is MessageKind.EVALUATE:
