@@ -8,7 +8,6 @@ reads) and split by ICU type into one folder per hospital (what each site's `[da
 """
 from __future__ import annotations
 
-import io
 import re
 import tarfile
 from pathlib import Path
@@ -144,39 +143,7 @@ def test_deployed_job_selects_its_round_on_validation_as_simulate_does(dep, reco
         assert np.array_equal(dz["params"], sz["params"])  # the chosen round's model (round 1 of 3 with these secrets)
 
 
-def _gateway(root: Path, run_dir: Path, ca) -> tuple[Path, int]:
-    from insitu.audit.keys import write_keypair
-    from insitu.net.pki import Role
-
-    gw = root / "gateway"
-    ca.issue("gateway", Role.GATEWAY, gw / "tls")
-    write_keypair(gw / "keys", "gateway")
-    port = sandbox.free_port()
-    cfg = gw / "gateway.toml"
-    cfg.write_text(f"""[server]
-host = "127.0.0.1"
-port = {port}
-cert = "tls/gateway.pem"
-key = "tls/gateway.key"
-ca = "tls/ca.pem"
-client_certs = "none"
-[tokens]
-issuer = "gateway.icu"
-public_key = "keys/token.pub"
-private_key = "keys/token.key"
-[records]
-url = "sqlite:///records.db"
-[model]
-run_dir = "{run_dir}"
-[audit]
-path = "audit.db"
-key = "keys/gateway.key"
-writer = "gateway"
-""")
-    return cfg, port
-
-
-def test_gateway_serves_the_deployed_model_a_risk_for_a_48_hour_series(dep, records, tmp_path):
+def test_gateway_serves_the_deployed_model_a_risk_for_a_48_hour_series(dep, records, tmp_path, gateway_dir):
     """`insitu job model` → `insitu gateway serve` (a real process, TLS 1.3) → a risk score for one
     ICU stay's raw observations, equal to the model applied to the loader's own tensor of that stay."""
     import os
@@ -194,9 +161,8 @@ def test_gateway_serves_the_deployed_model_a_risk_for_a_48_hour_series(dep, reco
 
     if "run" not in MODEL:
         pytest.skip("needs the deployed job's model from the test before")
-    cfg, port = _gateway(tmp_path, MODEL["run"], dep.ca)
+    cfg, port = gateway_dir(tmp_path, MODEL["run"], dep.ca, "gateway.icu")
     runner = CliRunner()
-    assert runner.invoke(app, ["gateway", "keygen", "--config", str(cfg)]).exit_code == 0
     res = runner.invoke(app, ["gateway", "token", "--role", "ai-model", "--subject", "triage-agent", "--ttl", "5m", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
     token = res.stdout.strip()

@@ -11,7 +11,6 @@ import ssl
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -55,41 +54,7 @@ def dep(tmp_path_factory):
         sb.stop()
 
 
-def _gateway(root: Path, run_dir: Path, ca) -> tuple[Path, int]:
-    """A gateway directory serving ``run_dir``: TLS certificate from the consortium CA, token keys, audit key."""
-    from insitu.audit.keys import write_keypair
-    from insitu.net.pki import Role
-
-    gw = root / "gateway"
-    ca.issue("gateway", Role.GATEWAY, gw / "tls")  # the gateway's TLS-server certificate from the consortium CA
-    write_keypair(gw / "keys", "gateway")
-    port = sandbox.free_port()
-    cfg = gw / "gateway.toml"
-    cfg.write_text(f"""[server]
-host = "127.0.0.1"
-port = {port}
-cert = "tls/gateway.pem"
-key = "tls/gateway.key"
-ca = "tls/ca.pem"
-client_certs = "none"
-[tokens]
-issuer = "gateway.ops-test"
-public_key = "keys/token.pub"
-private_key = "keys/token.key"
-[records]
-url = "sqlite:///records.db"
-[model]
-run_dir = "{run_dir}"
-[audit]
-path = "audit.db"
-key = "keys/gateway.key"
-writer = "gateway"
-""")
-    cli("gateway", "keygen", "--config", cfg)
-    return cfg, port
-
-
-def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path):
+def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path, gateway_dir):
     dep.operator("submit", {"job": HEART})
     st = dep.wait_job(HEART["name"], timeout=120)
     assert st["status"] == "done", st
@@ -127,7 +92,7 @@ def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path):
     assert np.allclose(sess.run(None, {"x": Xte[:16].numpy()})[0], ref, atol=1e-4)
 
     # insitu gateway serves it: a prediction from the federated model, with its model card
-    cfg, port = _gateway(tmp_path, run, dep.ca)
+    cfg, port = gateway_dir(tmp_path, run, dep.ca, "gateway.ops-test")
     token = cli("gateway", "token", "--role", "ai-model", "--subject", "agent-x", "--ttl", "5m", "--config", cfg).strip()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "gateway.log", "wb")

@@ -1,0 +1,53 @@
+"""Shared pieces of the deployment tests."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+
+def write_gateway(root: Path, run_dir: Path, ca, issuer: str = "gateway.test") -> tuple[Path, int]:
+    """A gateway directory serving ``run_dir`` on a free loopback port: its TLS certificate from the
+    consortium CA (role ``gateway``), token keys (``insitu gateway keygen``) and an audit key."""
+    from typer.testing import CliRunner
+
+    from insitu.audit.keys import write_keypair
+    from insitu.cli import app
+    from insitu.net import sandbox
+    from insitu.net.pki import Role
+
+    gw = root / "gateway"
+    ca.issue("gateway", Role.GATEWAY, gw / "tls")
+    write_keypair(gw / "keys", "gateway")
+    port = sandbox.free_port()
+    cfg = gw / "gateway.toml"
+    cfg.write_text(f"""[server]
+host = "127.0.0.1"
+port = {port}
+cert = "tls/gateway.pem"
+key = "tls/gateway.key"
+ca = "tls/ca.pem"
+client_certs = "none"
+[tokens]
+issuer = "{issuer}"
+public_key = "keys/token.pub"
+private_key = "keys/token.key"
+[records]
+url = "sqlite:///records.db"
+[model]
+run_dir = "{run_dir}"
+[audit]
+path = "audit.db"
+key = "keys/gateway.key"
+writer = "gateway"
+""")
+    res = CliRunner().invoke(app, ["gateway", "keygen", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    return cfg, port
+
+
+@pytest.fixture
+def gateway_dir() -> Callable[..., tuple[Path, int]]:
+    """``write_gateway`` as a fixture (tests/deploy has no package to import it from)."""
+    return write_gateway
