@@ -26,7 +26,6 @@ import enum
 import hashlib
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -258,26 +257,29 @@ class CoordinatorService:
         for job in active:
             if job.status is JobStatus.RUNNING or job.rounds_applied > 0:
                 return job
-            try:
-                spec = JobSpec.from_dict(job.spec)
-            except InsituError as exc:
-                self.store.set_status(job.id, JobStatus.FAILED, error=str(exc))
-                continue
-            if spec.approval_timeout <= 0:
-                return job
-            if self._poll_approvals(job, spec):
+            if job.id not in self._waits:  # parsed once, when the job first comes up; its wait holds the plan after
+                try:
+                    spec = JobSpec.from_dict(job.spec)
+                except InsituError as exc:
+                    self.store.set_status(job.id, JobStatus.FAILED, error=str(exc))
+                    continue
+                if spec.approval_timeout <= 0:
+                    return job
+                self._start_wait(job, spec)
+            if self._poll_approvals(job):
                 return job
         return None
 
-    def _poll_approvals(self, job: JobRow, spec: JobSpec) -> bool:
-        """One poll of ``job``'s approval wait (insitu.coordinator.onboarding); True when it may start."""
+    def _start_wait(self, job: JobRow, spec: JobSpec) -> None:
+        """``job`` waits for its sites' approvals (insitu.coordinator.onboarding): status ``waiting``."""
         from insitu.coordinator.onboarding import ApprovalWait
 
-        wait = self._waits.get(job.id)
-        if wait is None:
-            wait = self._waits[job.id] = ApprovalWait(job.id, spec.plan, sites=spec.sites, min_sites=spec.min_sites,
-                                                      timeout=spec.approval_timeout)
-            self.store.set_status(job.id, JobStatus.WAITING)
+        self._waits[job.id] = ApprovalWait(job.id, spec.plan, sites=spec.sites, min_sites=spec.min_sites, timeout=spec.approval_timeout)
+        self.store.set_status(job.id, JobStatus.WAITING)
+
+    def _poll_approvals(self, job: JobRow) -> bool:
+        """One poll of ``job``'s approval wait, when due; True when it may start."""
+        wait = self._waits[job.id]
         if not wait.due():
             return False
         before = self.approvals.get(job.id, {})
@@ -290,10 +292,10 @@ class CoordinatorService:
             self.store.set_status(job.id, JobStatus.FAILED, error=str(exc))
             return False
         check = wait.check
-        self.approvals[job.id] = {**check.public(), "since": wait.since, "timeout": spec.approval_timeout}
+        self.approvals[job.id] = {**check.public(), "since": wait.since, "timeout": wait.timeout}
         holding = {**check.waiting, **check.unreachable}
         if holding != {**before.get("waiting", {}), **before.get("unreachable", {})} and holding and not ready:
-            log.info("job %s: waiting for approval of plan %s by %s", job.id, spec.plan.content_hash()[:12],
+            log.info("job %s: waiting for approval of plan %s by %s", job.id, wait.plan.content_hash()[:12],
                      "; ".join(f"{s} ({why})" for s, why in sorted(holding.items())))
         if ready:
             log.info("job %s: plan approved by %s", job.id, ", ".join(check.approved))
