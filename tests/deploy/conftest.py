@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping, Sequence
 
 import pytest
 
@@ -51,3 +51,30 @@ writer = "gateway"
 def gateway_dir() -> Callable[..., tuple[Path, int]]:
     """``write_gateway`` as a fixture (tests/deploy has no package to import it from)."""
     return write_gateway
+
+
+def dashboard_consortium(root: Path, sites: Sequence[str], approved: Mapping[str, Sequence[str]]) -> Iterator:
+    """A running consortium (coordinator with its web dashboard, one process per site), yielded as the
+    sandbox with ``dash`` (the dashboard's https URL); ``approved`` maps each site to its approved
+    plan hashes. Stopped when the generator closes (use it from a module fixture)."""
+    from insitu.audit.keys import write_keypair
+    from insitu.net import sandbox
+
+    sb = sandbox.create(root, sites)
+    for s in sites:
+        sb.write_site_config(s, approved=approved[s])
+    write_keypair(root / "keys", "coordinator")
+    sb.dashboard = {"port": 0, "port_file": "dashboard.port", "audit_log": "audit.db", "audit_key": "keys/coordinator.key"}
+    try:
+        sb.start_all()
+        assert sb.wait_sites(len(sites), timeout=90) == sorted(sites)
+        sb.dash = f"https://127.0.0.1:{sb.dashboard_port()}"
+        yield sb
+    finally:
+        sb.stop()
+
+
+@pytest.fixture(scope="session")
+def dashboard_deployment() -> Callable[..., Iterator]:
+    """``dashboard_consortium`` as a fixture, usable from module-scoped ones."""
+    return dashboard_consortium

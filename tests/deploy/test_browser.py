@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from insitu.coordinator.jobs import JobSpec
-from insitu.net import sandbox
 
 pytestmark = pytest.mark.slow
 
@@ -55,23 +54,10 @@ def _job() -> dict:
 
 
 @pytest.fixture(scope="module")
-def dep(tmp_path_factory):
-    from insitu.audit.keys import write_keypair
-
-    root = tmp_path_factory.mktemp("browser-consortium")
+def dep(tmp_path_factory, dashboard_deployment):
     h = JobSpec.from_dict(_job()).plan.content_hash()
-    sb = sandbox.create(root, SITES)
-    for s in SITES:
-        sb.write_site_config(s, approved=[] if s == NEEDS_APPROVAL else [h])
-    write_keypair(root / "keys", "coordinator")
-    sb.dashboard = {"port": 0, "port_file": "dashboard.port", "audit_log": "audit.db", "audit_key": "keys/coordinator.key"}
-    try:
-        sb.start_all()
-        assert sb.wait_sites(len(SITES), timeout=90) == sorted(SITES)
-        sb.dash = f"https://127.0.0.1:{sb.dashboard_port()}"
-        yield sb
-    finally:
-        sb.stop()
+    yield from dashboard_deployment(tmp_path_factory.mktemp("browser-consortium"), SITES,
+                                    {s: [] if s == NEEDS_APPROVAL else [h] for s in SITES})
 
 
 @pytest.fixture(scope="module")

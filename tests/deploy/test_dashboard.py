@@ -11,14 +11,12 @@ import io
 import json
 import ssl
 import zipfile
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
 from insitu.coordinator.jobs import JobSpec
-from insitu.net import sandbox
 from insitu.net.pki import Credentials, Role
 
 pytestmark = pytest.mark.slow
@@ -28,20 +26,9 @@ SITES = ("cleveland", "hungary", "switzerland")
 
 
 @pytest.fixture(scope="module")
-def dep(tmp_path_factory):
-    from insitu.audit.keys import write_keypair
-
-    root = tmp_path_factory.mktemp("dash-consortium")
-    sb = sandbox.create(root, SITES, approved=[JobSpec.from_dict(HEART).plan.content_hash()])
-    write_keypair(root / "keys", "coordinator")
-    sb.dashboard = {"port": 0, "port_file": "dashboard.port", "audit_log": "audit.db", "audit_key": "keys/coordinator.key"}
-    try:
-        sb.start_all()
-        assert sb.wait_sites(len(SITES), timeout=90) == sorted(SITES)
-        sb.dash = f"https://127.0.0.1:{sb.dashboard_port()}"
-        yield sb
-    finally:
-        sb.stop()
+def dep(tmp_path_factory, dashboard_deployment):
+    h = JobSpec.from_dict(HEART).plan.content_hash()
+    yield from dashboard_deployment(tmp_path_factory.mktemp("dash-consortium"), SITES, {s: [h] for s in SITES})
 
 
 def ctx(dep, creds: Credentials | None = None, *, tls12: bool = False) -> ssl.SSLContext:

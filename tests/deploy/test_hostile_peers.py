@@ -235,12 +235,7 @@ class HostileClient(SiteClient):
             if item is None:
                 return
             channel, seq, msg = item
-            try:
-                reply = self.handler(msg)
-            except InsituError as exc:
-                reply = error_reply(msg, str(exc), code=type(exc).__name__)
-            except Exception as exc:  # noqa: BLE001
-                reply = error_reply(msg, f"site crashed: {type(exc).__name__}: {exc}", code="crash")
+            reply = self._answer(msg)
             plan = self.armory.take(msg)
             items = [("reply", reply)] if plan is None else corrupt(reply, msg, plan)
             for item in items:

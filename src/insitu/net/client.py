@@ -118,19 +118,23 @@ class SiteClient:
             except (OSError, ssl.SSLError):
                 return
 
+    def _answer(self, msg: Message) -> Message:
+        """The site's reply to one request: the handler's, or an error reply naming what went wrong."""
+        try:
+            return self.handler(msg)
+        except InsituError as exc:
+            return error_reply(msg, str(exc), code=type(exc).__name__)
+        except Exception as exc:  # a crash in one round must not kill the site
+            log.exception("request %s failed", msg.kind.value)
+            return error_reply(msg, f"site crashed: {type(exc).__name__}: {exc}", code="crash")
+
     def _worker(self) -> None:
         while True:
             item = self._work.get()
             if item is None:
                 return
             channel, seq, msg = item
-            try:
-                reply = self.handler(msg)
-            except InsituError as exc:
-                reply = error_reply(msg, str(exc), code=type(exc).__name__)
-            except Exception as exc:  # a crash in one round must not kill the site
-                log.exception("request %s failed", msg.kind.value)
-                reply = error_reply(msg, f"site crashed: {type(exc).__name__}: {exc}", code="crash")
+            reply = self._answer(msg)
             if channel.closed:
                 log.info("dropping reply to %s round %d: its channel is gone", msg.kind.value, msg.round)
                 continue
