@@ -79,6 +79,22 @@ class SiteProtection(Protocol):
         ...
 
 
+class TimedHandlers:
+    """Mixin for a protocol's site half: ``seconds`` accumulates the time its handlers take (benchmarks)."""
+
+    seconds: float = 0.0
+
+    def _timed(self, fn: Callable[[Message], Message]) -> Callable[[Message], Message]:
+        def run(msg: Message) -> Message:
+            t0 = time.perf_counter()
+            try:
+                return fn(msg)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return run
+
+
 class AggregationProtocol(Protocol):
     name: str
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from insitu.errors import ConfigError, ProtocolError, RoundAborted
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan
+from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan, TimedHandlers
 from insitu.federation.transport import Transport, reply_metrics
 from insitu.secure import ckks as _ckks
 from insitu.secure import paillier as _paillier
@@ -237,7 +237,7 @@ class _SiteKeys:
     decrypted_rounds: set[int] = field(default_factory=set)
 
 
-class HESite:
+class HESite(TimedHandlers):
     """The site half: joins key dealing, encrypts its update, decrypts only sums."""
 
     #: the TRAIN meta key this protocol adds to the plan and round instructions
@@ -268,16 +268,6 @@ class HESite:
 
     def handlers(self) -> Mapping[MessageKind, Callable[[Message], Message]]:
         return {MessageKind.HE_KEYS: self._timed(self._keys), MessageKind.HE_DECRYPT: self._timed(self._decrypt)}
-
-    def _timed(self, fn: Callable[[Message], Message]) -> Callable[[Message], Message]:
-        def run(msg: Message) -> Message:
-            t0 = time.perf_counter()
-            try:
-                return fn(msg)
-            finally:
-                self.seconds += time.perf_counter() - t0
-
-        return run
 
     def _keys(self, msg: Message) -> Message:
         scheme = msg.require("scheme", str)

@@ -84,7 +84,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from insitu.errors import ConfigError, ProtocolError, RoundAborted, SecurityError
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan
+from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan, TimedHandlers
 from insitu.federation.transport import Transport, reply_metrics
 from insitu.secure import shamir
 from insitu.secure.attest import relayable
@@ -478,7 +478,7 @@ class _SiteRound:
     stage: str = "advertised"
 
 
-class SecAggSite:
+class SecAggSite(TimedHandlers):
     """The site half: answers ADVERTISE / REVEAL / SHARE / CHECK / UNMASK and masks the TRAIN_REPLY.
 
     Holds every secret of the site (private keys, self-mask seed, shares of peers) and
@@ -529,16 +529,6 @@ class SecAggSite:
             MessageKind.SECAGG_CHECK: self._timed(self._check),
             MessageKind.SECAGG_UNMASK: self._timed(self._unmask),
         }
-
-    def _timed(self, fn: Callable[[Message], Message]) -> Callable[[Message], Message]:
-        def run(msg: Message) -> Message:
-            t0 = time.perf_counter()
-            try:
-                return fn(msg)
-            finally:
-                self.seconds += time.perf_counter() - t0
-
-        return run
 
     def _state(self, msg: Message, stage: str) -> _SiteRound:
         cur = self._rounds.get(msg.job)
