@@ -15,8 +15,11 @@ does in-process).  Each worker pins torch to the run's ``threads`` (one by defau
 Without ``--ray-address`` a private local Ray instance is started for the run, with the dashboard
 off, usage statistics off, and every listener (GCS, raylet, workers, agents) bound to 127.0.0.1;
 it is shut down when the run ends.  With ``--ray-address`` the run joins that cluster (whose nodes
-need this insitu installed) and leaves it running.  Differential privacy is refused on this
-backend for now: a site's privacy ledger would live in a worker, out of the driver's report.
+need this insitu installed) and leaves it running.
+
+With differential privacy each site's budget guard and ledger live in its worker, where the site
+charges or refuses every round itself; the driver's ledger (the run's privacy report, the
+persisted ledger) mirrors them (:mod:`insitu.apps.rayledger`).
 """
 from __future__ import annotations
 
@@ -187,12 +190,25 @@ def ray_session(address: str | None = None) -> Iterator[None]:
 
 # -- the worker side ---------------------------------------------------------------------------------
 class _FixedSites:
-    """The sites one worker holds for a whole run, built once with their explicit secrets."""
+    """The sites one worker holds for a whole run, built once with their explicit secrets.
 
-    def __init__(self, plan: Any, sites: Sequence[tuple[Any, bytes]], job: str):
+    With ``seeds`` (a DP plan) the sites charge a ledger of this worker, started from the driver's
+    state of each site (:func:`insitu.apps.rayledger.worker_ledger`); ``watch`` reports their charges."""
+
+    def __init__(self, plan: Any, sites: Sequence[tuple[Any, bytes]], job: str, seeds: Sequence[Any] = ()):
         from insitu.builder import build_site
 
-        self._sites = {sd.name: build_site(plan, sd.name, sd, secret=secret, job=job) for sd, secret in sites}
+        ledger = None
+        if seeds:
+            from insitu.apps.rayledger import worker_ledger
+
+            ledger = worker_ledger(seeds)
+        self._sites = {sd.name: build_site(plan, sd.name, sd, secret=secret, ledger=ledger, job=job) for sd, secret in sites}
+        self.watch = None
+        if ledger is not None:
+            from insitu.apps.rayledger import LedgerWatch
+
+            self.watch = LedgerWatch({n: s.budget for n, s in self._sites.items()}, ledger, job)
 
     def site(self, name: str, round_: int, secret: bytes | None) -> Any:
         site = self._sites.get(name)
@@ -234,9 +250,10 @@ class SiteHost:
 
         return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(), "holding": int(self.source is not None)}
 
-    def serve(self, wires: list[bytes], items: list[tuple[str, int, bytes | None]]) -> list[tuple[str, bytes, float]]:
+    def serve(self, wires: list[bytes], items: list[tuple[str, int, bytes | None]]) -> tuple[list[tuple[str, bytes, float]], list[Any]]:
         """Answer each (site, index of its request in ``wires``, secret): the encoded reply and the
-        seconds the site took.  A refusal or a crash is an ERROR reply, as from a deployed site."""
+        seconds the site took.  A refusal or a crash is an ERROR reply, as from a deployed site.
+        Beside the replies: what this worker's DP sites charged or refused since its last answer."""
         from insitu.federation.messages import decode, encode, error_reply
 
         out = []
@@ -250,7 +267,17 @@ class SiteHost:
             except Exception as exc:  # a site crashing must not crash the coordinator
                 reply = error_reply(req, f"site crashed: {type(exc).__name__}: {exc}", code="crash")
             out.append((sid, encode(reply, max_bytes=self.max_bytes), time.perf_counter() - start))
-        return out
+        return out, self.news()
+
+    def news(self) -> list[Any]:
+        """Charges and refusals of this worker's DP sites not reported yet (none without DP)."""
+        watch = getattr(self.source, "watch", None)
+        return watch.news() if watch is not None else []
+
+    def ledger_state(self) -> list[Any]:
+        """Every charge this run's sites made in this worker's ledger (the driver settles against it)."""
+        watch = getattr(self.source, "watch", None)
+        return watch.state() if watch is not None else []
 
 
 # -- the driver side ---------------------------------------------------------------------------------
@@ -261,14 +288,19 @@ class RayTransport:
     ``secret(site)`` is what the driver sends along with each request (devices: a fresh secret per
     request; simulated sites got theirs when their worker was made).  An exchange sends each
     actor one batch, waits at most ``timeout`` seconds, and returns replies and drop-outs in the
-    order of the requests, exactly as the in-process transport does."""
+    order of the requests, exactly as the in-process transport does.  A worker that died is asked
+    nothing more (its sites drop out).  ``mirror`` (DP plans): the driver's copy of the sites'
+    ledgers, fed with what the workers report beside their replies."""
 
     def __init__(self, hosts: list[Any], owner: Callable[[str], int], names: Callable[[], list[str]], *,
-                 fail: Any = None, secret: Callable[[str], bytes | None] | None = None, max_bytes: int | None = None):
+                 fail: Any = None, secret: Callable[[str], bytes | None] | None = None, max_bytes: int | None = None,
+                 mirror: Any = None):
         self.hosts, self._owner, self._names = hosts, owner, names
         self._fail, self._secret = fail, secret
         self._max = max_bytes or 256 * 1024 * 1024
         self.made = 0  # requests answered by a site (cross-device: devices materialised)
+        self.mirror = mirror
+        self.gone: dict[int, str] = {}  # workers that died: index → what Ray said
         if _OPEN:
             _OPEN[-1].append(self)
 
@@ -300,23 +332,35 @@ class RayTransport:
             if self._fail is not None and self._fail(sid, req.round, req.kind):
                 early[sid] = "site failed (injected drop-out)"
                 continue
+            if w in self.gone:
+                early[sid] = f"site's Ray worker is gone ({self.gone[w]})"
+                continue
             wires, index, items = batches.setdefault(w, ([], {}, []))
             if id(req) not in index:  # a broadcast is encoded once per worker, sent as one object
                 index[id(req)] = len(wires)
                 wires.append(encode(req, max_bytes=self._max))
             sent[sid] = len(wires[index[id(req)]])
             items.append((sid, index[id(req)], self._secret(sid) if self._secret else None))
-        refs = {self.hosts[w].serve.remote(wires, items): items for w, (wires, _, items) in batches.items()}
+        refs = {self.hosts[w].serve.remote(wires, items): (w, items) for w, (wires, _, items) in batches.items()}
         ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout) if refs else ([], [])
         answers: dict[str, tuple[bytes, float]] = {}
         lost: dict[str, str] = {}
+        news: list[Any] = []
         for ref in ready:
+            w, items = refs[ref]
             try:
-                answers.update({sid: (wire, seconds) for sid, wire, seconds in ray.get(ref)})
+                out, told = ray.get(ref)
+                answers.update({sid: (wire, seconds) for sid, wire, seconds in out})
+                news += told
             except Exception as exc:  # the worker process died, or could not unpickle the batch
-                lost.update({sid: f"site's Ray worker failed: {type(exc).__name__}: {str(exc)[:200]}" for sid, _, _ in refs[ref]})
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    self.gone[w] = why.splitlines()[0][:200]
+                lost.update({sid: f"site's Ray worker failed: {why}" for sid, _, _ in items})
         for ref in late:
-            lost.update({sid: f"timed out (no answer from its Ray worker within {timeout:.1f} s)" for sid, _, _ in refs[ref]})
+            lost.update({sid: f"timed out (no answer from its Ray worker within {timeout:.1f} s)" for sid, _, _ in refs[ref][1]})
+        if self.mirror is not None:
+            self._mirror(requests, news, lost)
         replies: dict[str, Any] = {}
         dropped: dict[str, str] = {}
         recv: dict[str, int] = {}
@@ -330,6 +374,48 @@ class RayTransport:
                 recv[sid] = len(wire)
                 sort_reply(sid, decode(wire, max_bytes=self._max), seconds, timeout, replies, dropped)
         return Exchange(replies, dropped, sent, recv)
+
+    def _mirror(self, requests: Mapping[str, Any], news: list[Any], lost: Mapping[str, str]) -> None:
+        """Charges and refusals into the driver's ledger in the order an in-process run makes them (by
+        round, then request order); then a TRAIN request that got no reply is charged as if trained."""
+        from insitu.federation.messages import MessageKind
+
+        order = {sid: i for i, sid in enumerate(requests)}
+        self.mirror.apply(sorted(news, key=lambda n: (n.round, order.get(n.site, len(order)), n.site)))
+        for sid, why in lost.items():
+            if requests[sid].kind is MessageKind.TRAIN:
+                self.mirror.assume(sid, requests[sid].round, why)
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """The driver's ledger checked against every live worker's (DP runs; the privacy report does this
+        before it reads the ledger).  A worker that is gone or does not answer in ``timeout`` seconds
+        leaves the driver's record as it is: every charge it reported, and those assumed for lost replies."""
+        if self.mirror is None:
+            return
+        import ray
+
+        live = {w: h.ledger_state.remote() for w, h in enumerate(self.hosts) if w not in self.gone}
+        ready, _ = ray.wait(list(live.values()), num_returns=len(live), timeout=timeout) if live else ([], [])
+        states: dict[str, Any] = {}
+        for w, ref in live.items():
+            if ref not in ready:
+                log.warning("Ray worker %d did not give its sites' ledger within %.0f s; the driver keeps its own record", w, timeout)
+                continue
+            try:
+                charges = ray.get(ref)
+            except Exception as exc:  # died since its last answer
+                self.gone[w] = f"{type(exc).__name__}"
+                continue
+            for sid in self._names():
+                if self._owner(sid) == w:
+                    states[sid] = [c for c in charges if c.site == sid]
+        self.mirror.settle(states)
+
+    def dp_report(self, plan: Any) -> Any:
+        """The run's privacy report, read from the driver's ledger after :meth:`settle`."""
+        if self.mirror is None:
+            raise ConfigError("this Ray run's plan has no differential privacy to report")
+        return self.mirror.report(plan, self.settle)
 
     def close(self) -> None:
         """Empty this transport's workers (sites, data and secrets dropped) and hand them back to the
@@ -378,19 +464,29 @@ def _workers(n: int) -> int:
 
 
 def site_transport(plan: Any, sites: Sequence[Any], secrets: Mapping[str, bytes], *, job: str, fail: Any = None,
-                   threads: int = 1) -> RayTransport:
+                   threads: int = 1, ledger: Any = None) -> RayTransport:
     """A simulation's sites (``SiteData``) spread round-robin over one Ray actor per CPU slot
-    (at most one per site), each site built in its worker with ``secrets[site]``."""
+    (at most one per site), each site built in its worker with ``secrets[site]``.
+
+    A DP plan needs ``ledger`` (the run's :class:`~insitu.privacy.PrivacyLedger`, each site's budget
+    set): each worker's sites charge a ledger of their own, started from it, and the transport's
+    ``mirror`` keeps it equal to theirs (:mod:`insitu.apps.rayledger`)."""
     if not _OPEN:
         raise ConfigError("Ray sites are made inside ray_session() (insitu.apps.raybackend), which owns their workers")
+    mirror = None
+    if plan.dp.on:
+        from insitu.apps.rayledger import LedgerMirror
+
+        mirror = LedgerMirror.of(plan, sites, ledger, job)
     n = _workers(len(sites))
     shares: list[list[tuple[Any, bytes]]] = [[] for _ in range(n)]
     where: dict[str, int] = {}
     for i, sd in enumerate(sites):
         shares[i % n].append((sd, bytes(secrets[sd.name])))
         where[sd.name] = i % n
+    seeds = [[mirror.seed(sd.name) for sd, _ in share] if mirror is not None else [] for share in shares]
     try:
-        hosts = _actors([_SiteShare(plan, share, job) for share in shares], threads)
+        hosts = _actors([_SiteShare(plan, share, job, seed) for share, seed in zip(shares, seeds)], threads)
     except Exception as exc:
         raise ConfigError(f"the Ray workers could not build the sites: {_cause(exc)}") from None
     names = [sd.name for sd in sites]
@@ -400,18 +496,19 @@ def site_transport(plan: Any, sites: Sequence[Any], secrets: Mapping[str, bytes]
             raise ConfigError(f"unknown site {sid!r}")
         return where[sid]
 
-    return RayTransport(hosts, owner, lambda: list(names), fail=fail)
+    return RayTransport(hosts, owner, lambda: list(names), fail=fail, mirror=mirror)
 
 
 class _SiteShare:
-    """What a simulation sends one worker: the plan, its share of the sites' data and their secrets."""
+    """What a simulation sends one worker: the plan, its share of the sites' data and their secrets
+    (and, with DP, each site's ledger as the driver holds it)."""
 
-    def __init__(self, plan: Any, share: list[tuple[Any, bytes]], job: str):
-        self.plan, self.share, self.job = plan, share, job
+    def __init__(self, plan: Any, share: list[tuple[Any, bytes]], job: str, seeds: Sequence[Any] = ()):
+        self.plan, self.share, self.job, self.seeds = plan, share, job, list(seeds)
 
     def start(self) -> _FixedSites:
         """The share's sites, built (in the worker) by the one builder."""
-        return _FixedSites(self.plan, self.share, self.job)
+        return _FixedSites(self.plan, self.share, self.job, self.seeds)
 
 
 def device_transport(population: Any, plan: Any, *, fail: Any = None, threads: int = 1,

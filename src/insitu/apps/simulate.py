@@ -212,11 +212,9 @@ class SimulationConfig:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
         if cfg.min_sites < 1 or cfg.min_sites > cfg.sites:
             raise ConfigError(f"--min-sites {cfg.min_sites} must be between 1 and the number of sites ({cfg.sites})")
-        from insitu.apps.raybackend import Backend, check_backend
+        from insitu.apps.raybackend import check_backend
 
-        if check_backend(cfg.backend, cfg.ray_address) is Backend.RAY and plan.dp.on:
-            raise ConfigError(f"--backend ray does not run --dp {plan.dp.level.value} yet (each site's privacy ledger would live in a "
-                              "Ray worker, out of the run's privacy report); use --backend in-process")
+        check_backend(cfg.backend, cfg.ray_address)
         if need_data and own is None and ds is not DatasetName.HEART and not cfg.data:
             raise ConfigError(f"dataset {ds.value} needs --data PATH ({'a folder with set-a.tar.gz, Outcomes-a.txt, ...' if ds is DatasetName.PHYSIONET2012 else 'a MedMNIST .npz file'})")
         return cfg
@@ -519,10 +517,12 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
 
         data, normalization = federated_normalization(data, BOUNDS, epsilon=plan.normalize_epsilon, delta=plan.dp.delta,
                                                       accountant=plan.dp.accountant, secrets=secrets, ledger=ledger, job=run_id)
-    if cfg.backend == "ray":  # the same sites, built in Ray workers with the same secrets (no DP there: resolved() refuses it)
+    if cfg.backend == "ray":  # the same sites, built in Ray workers with the same secrets; DP: each charges its own ledger there
         from insitu.apps.raybackend import site_transport
 
-        transport: Any = site_transport(plan, data.sites, secrets, job=run_id, fail=_dropout_plan(cfg), threads=cfg.threads)
+        transport: Any = site_transport(plan, data.sites, secrets, job=run_id, fail=_dropout_plan(cfg), threads=cfg.threads, ledger=ledger)
+        if plan.dp.on:
+            report = transport.dp_report(plan)  # the driver's mirror of the sites' ledgers
     else:
         sites = {sd.name: build_site(plan, sd.name, sd, secret=secrets[sd.name], ledger=ledger, job=run_id) for sd in data.sites}
         if plan.dp.on:
