@@ -150,11 +150,131 @@ def test_without_ray_the_backend_is_refused_in_one_line_saying_how_to_install(mo
     ({"backend": "spark"}, "unknown value 'spark'"),
     ({"ray_address": "10.0.0.5:6379"}, "add --backend ray"),
     ({"backend": "ray", "ray_address": "head 6379"}, "must be a Ray address"),
-    ({"backend": "ray", "dp": "site", "epsilon": 3.0}, "does not run --dp site yet"),
 ])
 def test_bad_backend_options_are_refused_naming_the_value(options, needle):
     with pytest.raises(ConfigError, match=needle):
         simulate(**SHORT, **options, write=False)
+
+
+# -- differential privacy on Ray: each site's ledger in its worker, mirrored by the driver ----------------
+COORDINATOR = b"c" * 32  # central site-level noise: the coordinator's secret, the same for both backends
+
+
+def _ledger(path) -> dict[str, list]:
+    """A ledger file's budgets and records, without what differs between two runs by design
+    (the random run id, the time of each record)."""
+    import sqlite3
+
+    with sqlite3.connect(str(path)) as db:
+        budgets = db.execute("SELECT site, epsilon, delta, accountant FROM budgets ORDER BY site").fetchall()
+        jobs = {j: f"job{i}" for i, (j,) in enumerate(db.execute("SELECT job FROM ledger GROUP BY job ORDER BY MIN(seq)"))}
+        rows = [(s, jobs[j], *rest) for s, j, *rest in db.execute(
+            "SELECT site, job, round, mechanism, events, epsilon_round, epsilon_total, delta, accountant FROM ledger ORDER BY seq")]
+    return {"budgets": budgets, "records": rows}
+
+
+def _final(summary) -> dict:
+    """summary["final"] without timings and the run's random ledger id."""
+    final = {k: v for k, v in summary["final"].items() if k != "seconds"}
+    final["privacy"] = {k: v for k, v in final["privacy"].items() if k != "ledger_run_id"}
+    return final
+
+
+@pytest.mark.parametrize("options", [
+    {"dp": "record", "noise_multiplier": 1.1, "clip": 1.0, "batch_size": 16},
+    # the noise calibrated to ε by every site for its own sampling rate, in its worker (PLD: ~13 s)
+    pytest.param({"dp": "record", "epsilon": 1.0, "rounds": 2, "local_steps": 4}, marks=pytest.mark.slow),
+    {"dp": "site", "epsilon": 3.0, "clip": 1.0},
+    {"dp": "site", "epsilon": 3.0, "clip": 1.0, "dp_placement": "distributed", "min_sites": 3},
+], ids=["record-level", "record-level-epsilon", "site-level-central", "site-level-distributed"])
+def test_ray_dp_run_gives_the_in_process_accuracies_ledger_and_privacy_report(local_ray, options, tmp_path):
+    run = {**SHORT, "write": True, **options, "site_secrets": SECRETS, "coordinator_secret": COORDINATOR}
+    here = simulate(**run, out=str(tmp_path / "here"))
+    there = simulate(**run, out=str(tmp_path / "there"), backend="ray")
+    assert there["final"]["site_accuracy"] == here["final"]["site_accuracy"]
+    assert _rounds(tmp_path / "there") == _rounds(tmp_path / "here")  # ε per round and site included
+    assert _final(there) == _final(here)  # ε per site, budgets, noise, refusals, ε by round
+    assert set(here["final"]["epsilon_per_site"]) == set(HEART) and all(e > 0 for e in here["final"]["epsilon_per_site"].values())
+    assert "assumed_charges" not in there["final"]["privacy"]
+    ledger = _ledger(tmp_path / "there" / "privacy_ledger.sqlite")
+    assert ledger == _ledger(tmp_path / "here" / "privacy_ledger.sqlite")
+    charged = [(s, r["round"]) for r in _rounds(tmp_path / "here") for s in r["epsilon_sites"]]
+    assert [(row[0], row[2]) for row in ledger["records"]] == charged and charged
+
+
+def test_ray_dp_site_refuses_once_its_persisted_budget_runs_out_mid_run_as_in_process(local_ray, tmp_path):
+    """A persisted ledger carries a first run's spending into a second, in which cleveland's budget runs
+    out after round 2: its worker refuses rounds 3 and 4 itself (the ledger it checks starts from the
+    driver's, so it knows the first run's spending), exactly as the in-process site does."""
+    common = {**SHORT, "dp": "site", "clip": 1.0, "site_secrets": SECRETS, "coordinator_secret": COORDINATOR, "write": True}
+    runs = {}
+    for backend in ("in-process", "ray"):
+        book = tmp_path / f"{backend}.sqlite"
+        first = simulate(**{**common, "rounds": 2, "epsilon": 2.0}, site_budget="cleveland=3,default=8", privacy_ledger=str(book),
+                         backend=backend, out=str(tmp_path / f"{backend}-1"))
+        second = simulate(**{**common, "rounds": 4, "epsilon": 3.0}, privacy_ledger=str(book), backend=backend,
+                          out=str(tmp_path / f"{backend}-2"))
+        runs[backend] = (first, second, _rounds(tmp_path / f"{backend}-2"), _ledger(book))
+    (first, second, rounds, ledger), (r_first, r_second, r_rounds, r_ledger) = runs["in-process"], runs["ray"]
+    assert [r["round"] for r in second["final"]["privacy"]["refusals"] if r["site"] == "cleveland"] == [3, 4]
+    assert all(r["site"] == "cleveland" for r in second["final"]["privacy"]["refusals"])
+    assert "budget has" in rounds[2]["dp_refused"]["cleveland"] and "cleveland" not in rounds[2]["participants"]
+    assert _final(r_first) == _final(first) and _final(r_second) == _final(second)
+    assert r_rounds == rounds
+    assert r_ledger == ledger
+    assert second["final"]["epsilon_per_site"]["cleveland"] <= 3.0 < second["final"]["epsilon_per_site"]["hungary"]
+
+
+def test_a_lost_ray_reply_never_leaves_the_driver_counting_less_than_the_site_spent(local_ray):
+    """Round 2's replies come too late and a worker is then killed: the driver's ledger holds round 2
+    for every site at once (charged as if trained: fail closed), and round 3 for the killed worker's
+    sites (the driver cannot tell whether they charged it before the worker died); settling confirms
+    the live worker's sites against its own ledger; the killed worker's sites are asked (and charged)
+    nothing more, and the report lists the charges no site could confirm."""
+    from insitu.apps.simulate import SimulationConfig, load_federated
+    from insitu.builder import build_coordinator, initial_params
+    from insitu.errors import RoundAborted
+    from insitu.privacy import Budget, PrivacyLedger
+
+    cfg = SimulationConfig(rounds=4, local_steps=5, seed=2, dp="site", epsilon=3.0, clip=1.0).resolved()
+    data = load_federated(cfg)
+    plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+    ledger = PrivacyLedger(":memory:")
+    for s in HEART:
+        ledger.set_budget(s, Budget(3.0, plan.dp.delta))
+    with raybackend.ray_session():
+        transport = raybackend.site_transport(plan, data.sites, SECRETS, job="j", ledger=ledger)
+        coord = build_coordinator(plan, "j", transport, params=initial_params(plan, 2))
+        coord.run_round(1)
+        assert [(r.site, r.round) for r in ledger.records()] == [(s, 1) for s in HEART]
+        coord.timeout = 1e-4  # nobody answers in time
+        with pytest.raises(RoundAborted):
+            coord.run_round(2)
+        assert sorted((r.site, r.round) for r in ledger.records() if r.round == 2) == [(s, 2) for s in sorted(HEART)]
+        assert set(transport.mirror.assumed) == {(s, 2) for s in HEART}
+        killed = transport.hosts[0]
+        ray.kill(killed, no_restart=True)
+        victims = {s for s in HEART if transport._owner(s) == 0}
+        coord.timeout = 600.0
+        rec = coord.run_round(3)
+        assert set(rec.participants) == set(HEART) - victims and set(rec.dropped) == victims
+        assert all("Ray worker failed: ActorDiedError" in rec.dropped[s] for s in victims)
+        rec = coord.run_round(4)  # a gone worker's sites are not asked (nor charged) again
+        assert all(rec.dropped[s].startswith("site's Ray worker is gone (ActorDiedError") for s in victims)
+        assert set(transport.gone) == {0}
+        report = transport.dp_report(plan).final()
+        # the live worker confirmed its sites' round 2; the killed one's rounds 2 and 3 stay assumed
+        assert sorted(transport.mirror.assumed) == sorted((s, r) for s in victims for r in (2, 3))
+        survivors = [h for i, h in enumerate(transport.hosts) if i not in transport.gone]
+        site_side = {(c.site, c.round): c.epsilon_total for h in survivors for c in ray.get(h.ledger_state.remote())}
+    driver = {(r.site, r.round): r.epsilon_total for r in ledger.records()}
+    assert {k: driver[k] for k in site_side} == site_side  # every charge the live sites made, with their ε
+    assert {k for k in driver if k[0] in victims} == {(s, r) for s in victims for r in (1, 2, 3)}
+    assert {k for k in driver if k[0] not in victims} == {(s, r) for s in set(HEART) - victims for r in (1, 2, 3, 4)}
+    assumed = report["privacy"]["assumed_charges"]
+    assert [(c["site"], c["round"]) for c in assumed] == sorted((s, r) for s in victims for r in (2, 3))
+    assert all("timed out" in c["reason"] for c in assumed if c["round"] == 2)
+    assert all("ActorDiedError" in c["reason"] for c in assumed if c["round"] == 3)
 
 
 def test_backend_is_a_simulate_only_job_key():
