@@ -277,6 +277,52 @@ def test_a_lost_ray_reply_never_leaves_the_driver_counting_less_than_the_site_sp
     assert all("ActorDiedError" in c["reason"] for c in assumed if c["round"] == 3)
 
 
+def test_the_driver_mirrors_only_charges_it_can_reproduce_and_never_one_no_site_made():
+    """The mirror itself (no Ray needed): a site's ledger in a worker starts from the driver's (past
+    releases included); a charge whose ε the driver cannot reproduce, a charge of a site not in the
+    run, or a driver charge no site made at settling stops the run; a charge the driver missed is
+    recorded at settling."""
+    from dataclasses import replace
+
+    from insitu.apps.rayledger import LedgerMirror, SiteCharge, SiteRefusal, worker_ledger
+    from insitu.apps.simulate import SimulationConfig, load_federated
+    from insitu.errors import SecurityError
+    from insitu.privacy import Budget, PrivacyLedger
+
+    cfg = SimulationConfig(rounds=4, dp="site", epsilon=3.0, clip=1.0).resolved()
+    data = load_federated(cfg)
+    plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+    driver = PrivacyLedger(":memory:")
+    for s in HEART:
+        driver.set_budget(s, Budget(3.0, plan.dp.delta))
+    mirror = LedgerMirror.of(plan, data.sites, driver, "j")
+    events = mirror.guards["cleveland"].events
+    driver.charge("cleveland", "earlier-job", 1, events)  # a past release, which the site's own ledger must know
+    site = worker_ledger([mirror.seed("cleveland"), mirror.seed("hungary")])
+    assert site.spent("cleveland") == driver.spent("cleveland") and site.spent("hungary") == 0.0
+
+    mirror.apply([SiteCharge.of(site.charge("cleveland", "j", 1, events)), SiteRefusal("hungary", 1, "too few shares")])
+    assert [(r.job, r.round) for r in driver.records("cleveland")] == [("earlier-job", 1), ("j", 1)]
+    assert driver.spent("cleveland") == site.spent("cleveland") and mirror.guards["hungary"].refused == {1: "too few shares"}
+
+    forged = SiteCharge.of(site.charge("cleveland", "j", 2, events))
+    with pytest.raises(SecurityError, match="the site's ledger says"):
+        mirror.apply([replace(forged, epsilon_total=forged.epsilon_total * 0.9)])
+    with pytest.raises(SecurityError, match="not a site of this run"):
+        mirror.apply([replace(forged, site="elsewhere")])
+    missed = SiteCharge.of(site.charge("cleveland", "j", 3, events))
+    mirror.settle({"cleveland": [c for c in map(SiteCharge.of, site.records(job="j"))]})  # round 2 was recorded, 3 is added
+    assert [r.round for r in driver.records("cleveland", job="j")] == [1, 2, 3] and missed.round == 3
+    assert driver.spent("cleveland") == site.spent("cleveland")
+    # a lost reply is charged fail-closed; hungary's worker then shows it never trained round 2: the charge stays, listed
+    mirror.assume("hungary", 2, "timed out")
+    mirror.settle({"hungary": []})
+    assert [r.round for r in driver.records("hungary")] == [2] and mirror.assumed == {("hungary", 2): "timed out"}
+    mirror.assumed.clear()  # a driver charge no site made, not assumed for a lost reply, is an error
+    with pytest.raises(SecurityError, match=r"holds round\(s\) \[2\] of site hungary that the site never charged"):
+        mirror.settle({"hungary": []})
+
+
 def test_backend_is_a_simulate_only_job_key():
     from insitu.coordinator.jobs import JobSpec
 

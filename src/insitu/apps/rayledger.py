@@ -169,8 +169,8 @@ class LedgerMirror:
             except BudgetExceeded as exc:
                 raise SecurityError(f"site {item.site} spent round {item.round} in its Ray worker, but the driver's ledger "
                                     f"refuses to record it ({exc}); the driver's record would under-count, so the run stops") from None
-            self._compare(item, rec)
             guard.charged[item.round] = rec
+            self._compare(item, rec)
 
     def assume(self, site: str, round_: int, why: str) -> None:
         """A TRAIN request to ``site`` got no reply (its worker died or was late): charge what the round
