@@ -186,7 +186,9 @@ def _final(summary) -> dict:
     pytest.param({"dp": "record", "epsilon": 1.0, "rounds": 2, "local_steps": 4}, marks=pytest.mark.slow),
     {"dp": "site", "epsilon": 3.0, "clip": 1.0},
     {"dp": "site", "epsilon": 3.0, "clip": 1.0, "dp_placement": "distributed", "min_sites": 3},
-], ids=["record-level", "record-level-epsilon", "site-level-central", "site-level-distributed"])
+    # make demo's recipe: each site's DP moments release is charged (round 0) before training, in the driver
+    {"dp": "site", "epsilon": 3.0, "clip": 1.0, "recipe": "consortium"},
+], ids=["record-level", "record-level-epsilon", "site-level-central", "site-level-distributed", "site-level-consortium"])
 def test_ray_dp_run_gives_the_in_process_accuracies_ledger_and_privacy_report(local_ray, options, tmp_path):
     run = {**SHORT, "write": True, **options, "site_secrets": SECRETS, "coordinator_secret": COORDINATOR}
     here = simulate(**run, out=str(tmp_path / "here"))
@@ -199,7 +201,10 @@ def test_ray_dp_run_gives_the_in_process_accuracies_ledger_and_privacy_report(lo
     ledger = _ledger(tmp_path / "there" / "privacy_ledger.sqlite")
     assert ledger == _ledger(tmp_path / "here" / "privacy_ledger.sqlite")
     charged = [(s, r["round"]) for r in _rounds(tmp_path / "here") for s in r["epsilon_sites"]]
-    assert [(row[0], row[2]) for row in ledger["records"]] == charged and charged
+    moments = [(s, 0) for s in HEART] if options.get("recipe") == "consortium" else []
+    assert [(row[0], row[2]) for row in ledger["records"]] == moments + charged and charged
+    if moments:
+        assert there["normalization"]["epsilon_spent"] == here["normalization"]["epsilon_spent"]
 
 
 def test_ray_dp_site_refuses_once_its_persisted_budget_runs_out_mid_run_as_in_process(local_ray, tmp_path):

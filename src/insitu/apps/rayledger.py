@@ -100,6 +100,8 @@ class LedgerWatch:
     def __init__(self, guards: Mapping[str, BudgetGuard], ledger: PrivacyLedger, job: str):
         self.guards, self.ledger, self.job = dict(guards), ledger, job
         self._told: set[tuple[str, str, int]] = set()
+        # what the seeds replayed (earlier jobs, this run's preprocessing releases) is the driver's already
+        self._seeded = max((r.seq for r in ledger.records()), default=0)
 
     def news(self) -> list[SiteCharge | SiteRefusal]:
         out: list[SiteCharge | SiteRefusal] = []
@@ -116,7 +118,7 @@ class LedgerWatch:
 
     def state(self) -> list[SiteCharge]:
         """Every charge this job's sites made here, read from the ledger itself (not the guards)."""
-        return [SiteCharge.of(rec) for rec in self.ledger.records(job=self.job) if rec.site in self.guards]
+        return [SiteCharge.of(rec) for rec in self.ledger.records(job=self.job) if rec.site in self.guards and rec.seq > self._seeded]
 
 
 @dataclass
