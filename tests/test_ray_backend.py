@@ -182,7 +182,7 @@ def _final(summary) -> dict:
 
 @pytest.mark.parametrize("options", [
     {"dp": "record", "noise_multiplier": 1.1, "clip": 1.0, "batch_size": 16},
-    # the noise calibrated to ε by every site for its own sampling rate, in its worker (PLD: ~13 s)
+    # the noise calibrated to ε by every site for its own sampling rate, in its worker (PLD: ~11 s on its own)
     pytest.param({"dp": "record", "epsilon": 1.0, "rounds": 2, "local_steps": 4}, marks=pytest.mark.slow),
     {"dp": "site", "epsilon": 3.0, "clip": 1.0},
     {"dp": "site", "epsilon": 3.0, "clip": 1.0, "dp_placement": "distributed", "min_sites": 3},
