@@ -180,16 +180,17 @@ def _final(summary) -> dict:
     return final
 
 
-@pytest.mark.parametrize("options", [
-    {"dp": "record", "noise_multiplier": 1.1, "clip": 1.0, "batch_size": 16},
+@pytest.mark.parametrize("options, refused", [
+    # fixed noise, default budget (ε 10): Switzerland's 30 training records (q = 0.53) spend it in one round; it refuses the rest
+    ({"dp": "record", "noise_multiplier": 1.1, "clip": 1.0, "batch_size": 16}, [("switzerland", 2), ("switzerland", 3)]),
     # the noise calibrated to ε by every site for its own sampling rate, in its worker (PLD: ~11 s on its own)
-    pytest.param({"dp": "record", "epsilon": 1.0, "rounds": 2, "local_steps": 4}, marks=pytest.mark.slow),
-    {"dp": "site", "epsilon": 3.0, "clip": 1.0},
-    {"dp": "site", "epsilon": 3.0, "clip": 1.0, "dp_placement": "distributed", "min_sites": 3},
+    pytest.param({"dp": "record", "epsilon": 1.0, "rounds": 2, "local_steps": 4}, [], marks=pytest.mark.slow),
+    ({"dp": "site", "epsilon": 3.0, "clip": 1.0}, []),
+    ({"dp": "site", "epsilon": 3.0, "clip": 1.0, "dp_placement": "distributed", "min_sites": 3}, []),
     # make demo's recipe: each site's DP moments release is charged (round 0) before training, in the driver
-    {"dp": "site", "epsilon": 3.0, "clip": 1.0, "recipe": "consortium"},
+    ({"dp": "site", "epsilon": 3.0, "clip": 1.0, "recipe": "consortium"}, []),
 ], ids=["record-level", "record-level-epsilon", "site-level-central", "site-level-distributed", "site-level-consortium"])
-def test_ray_dp_run_gives_the_in_process_accuracies_ledger_and_privacy_report(local_ray, options, tmp_path):
+def test_ray_dp_run_gives_the_in_process_accuracies_ledger_and_privacy_report(local_ray, options, refused, tmp_path):
     run = {**SHORT, "write": True, **options, "site_secrets": SECRETS, "coordinator_secret": COORDINATOR}
     here = simulate(**run, out=str(tmp_path / "here"))
     there = simulate(**run, out=str(tmp_path / "there"), backend="ray")
@@ -198,6 +199,8 @@ def test_ray_dp_run_gives_the_in_process_accuracies_ledger_and_privacy_report(lo
     assert _final(there) == _final(here)  # ε per site, budgets, noise, refusals, ε by round
     assert set(here["final"]["epsilon_per_site"]) == set(HEART) and all(e > 0 for e in here["final"]["epsilon_per_site"].values())
     assert "assumed_charges" not in there["final"]["privacy"]
+    assert [(r["site"], r["round"]) for r in there["final"]["privacy"]["refusals"]] == refused  # by the site, in its worker
+    assert all("budget has" in r["reason"] for r in there["final"]["privacy"]["refusals"])
     ledger = _ledger(tmp_path / "there" / "privacy_ledger.sqlite")
     assert ledger == _ledger(tmp_path / "here" / "privacy_ledger.sqlite")
     charged = [(s, r["round"]) for r in _rounds(tmp_path / "here") for s in r["epsilon_sites"]]
