@@ -252,15 +252,23 @@ def initial_params(plan: Plan, seed: int) -> np.ndarray:
 
 def build_coordinator(plan: Plan, job: str, transport: Transport, *, params: np.ndarray, timeout: float = 600.0,
                       sites: tuple[str, ...] | None = None, protocol: AggregationProtocol | None = None,
-                      strategy_state: dict[str, np.ndarray] | None = None, cls: type[Coordinator] = Coordinator, **extra: Any) -> Coordinator:
+                      strategy_state: dict[str, np.ndarray] | None = None, cls: type[Coordinator] = Coordinator,
+                      plan_by_hash: bool = True, **extra: Any) -> Coordinator:
     """The coordinator of ``plan`` over ``transport`` (in-process or mTLS), resuming ``strategy_state`` if given.
 
-    A plan with a delta downlink sends TRAIN models through :class:`~insitu.compress.downlink.DownlinkTransport`
-    around ``transport`` (``coordinator.transport``), which keeps each site's copy of the model."""
+    A plan with a delta downlink sends TRAIN and EVALUATE models through
+    :class:`~insitu.compress.downlink.DownlinkTransport` around ``transport``, which keeps each site's copy
+    of the model; outside it, :class:`~insitu.federation.planref.PlanRefTransport` names the plan by its hash
+    to sites that checked it whole (``plan_by_hash=False``: the whole plan in every request, for sites
+    made afresh per message, as cross-device devices are, and for before/after measurements)."""
     if plan.downlink is not DownlinkMode.DENSE:
         from insitu.compress.downlink import DownlinkTransport
 
         transport = DownlinkTransport(transport, plan.downlink)
+    if plan_by_hash:
+        from insitu.federation.planref import PlanRefTransport
+
+        transport = PlanRefTransport(transport)
     strategy = plan.strategy.build()
     for k, v in (strategy_state or {}).items():
         strategy.load_state(k, v)

@@ -38,6 +38,11 @@ def _plan(downlink: str, **kw) -> Plan:
     return Plan(task, downlink=downlink, **kw)
 
 
+def _stats(**counts: int) -> dict[str, int]:
+    """DownlinkTransport.stats: TRAIN and EVALUATE requests sent as deltas or dense, deltas refused and resent dense."""
+    return {"delta": 0, "dense": 0, "evaluate_delta": 0, "evaluate_dense": 0, "retried": 0, **counts}
+
+
 def _federation(downlink: str, n_sites: int = 3, **kw):
     secrets = {f"site-{i}": bytes([i + 1]) * 32 for i in range(n_sites)}
     return build_federation(_plan(downlink, **kw), synthetic_sites(n_sites), seed=0, job="job-dl", secrets=secrets)
@@ -64,9 +69,16 @@ def test_lossless_delta_rebuilds_the_model_exactly_and_int8_within_half_a_step()
 def test_malformed_deltas_are_refused_naming_the_problem(mode):
     base = np.linspace(-1, 1, 600, dtype=np.float32)
     meta, tensors, _ = encode_delta(mode, base, base * 1.01)
-    other = "delta_i8" if mode is DownlinkMode.DELTA else "xor_zlib"
-    with pytest.raises(ProtocolError, match="encoding"):
-        apply_delta(mode, base, {**meta, "encoding": other}, tensors)
+    with pytest.raises(ProtocolError, match="encoding 'zstd' is not one"):
+        apply_delta(mode, base, {**meta, "encoding": "zstd"}, tensors)
+    if mode is DownlinkMode.DELTA:  # a lossless plan never takes an int8 delta
+        with pytest.raises(ProtocolError, match="encoding 'delta_i8' is not one"):
+            apply_delta(mode, base, {**meta, "encoding": "delta_i8"}, tensors)
+    else:  # an int8 plan takes the lossless encoding too (never lossier than the plan), but an evaluation only that
+        lossless = encode_delta(DownlinkMode.DELTA, base, base * 1.01)
+        assert apply_delta(mode, base, *lossless[:2]).tobytes() == (base * 1.01).astype(np.float32).tobytes()
+        with pytest.raises(ProtocolError, match="encoding 'delta_i8' is not one this evaluation may carry"):
+            apply_delta(mode, base, meta, tensors, lossless=True)
     name = "blob" if mode is DownlinkMode.DELTA else "q"
     with pytest.raises(ProtocolError, match=f"lacks tensor '{name}'"):
         apply_delta(mode, base, meta, {})
@@ -118,7 +130,7 @@ def _heart_shape():
 def test_bytes_down_shrink_and_the_coordinator_tracks_each_site_bit_for_bit(mode):
     coord_d, _ = _federation("dense")
     coord, sites = _federation(mode)
-    assert isinstance(coord.transport, DownlinkTransport)
+    assert isinstance(coord.transport.inner, DownlinkTransport)  # inside the plan-by-hash wrapper (insitu.federation.planref)
     downs, dense_downs = [], []
     for r in range(1, 5):
         sent = coord.params.copy()
@@ -134,7 +146,7 @@ def test_bytes_down_shrink_and_the_coordinator_tracks_each_site_bit_for_bit(mode
     ratio = np.mean(dense_downs[1:]) / np.mean(downs[1:])
     # whole messages: the plan (with its 400 feature names) travels with every TRAIN; the model part shrinks ~3.9×
     assert ratio > (3.0 if mode == "delta:int8" else 1.15), (mode, dense_downs, downs)
-    assert coord.transport.stats == {"delta": 9, "dense": 3, "retried": 0}
+    assert coord.transport.stats == _stats(delta=9, dense=3)
     held = [coord.transport.held[s].params for s in sites]
     assert held[0] is held[1] is held[2] and not held[0].flags.writeable  # one read-only copy per version, not per site
 
@@ -148,7 +160,7 @@ def test_a_model_too_small_for_a_delta_to_pay_goes_dense():
     coord, sites = build_federation(cfg.plan_for(heart.input_shape, heart.num_outputs, heart.schema), heart.sites, secrets=HEART_SECRETS)
     for r in range(1, 4):
         coord.run_round(r)
-    assert coord.transport.stats == {"delta": 0, "dense": 12, "retried": 0}
+    assert coord.transport.stats == _stats(dense=12)
     assert all(coord.transport.held[s].params.tobytes() == site.downlink.held.tobytes() for s, site in sites.items())
 
 
@@ -176,31 +188,67 @@ def test_int8_delta_training_stays_close_to_dense_and_the_error_does_not_accumul
     assert np.linalg.norm(coord.params - coord_d.params) < 0.05 * np.linalg.norm(coord_d.params)
 
 
-def test_per_round_evaluation_works_with_what_the_site_holds_and_the_oracle_stays_shut():
+def test_evaluation_goes_as_a_lossless_delta_is_scored_exactly_and_counted_in_bytes_down():
+    """An EVALUATE's model goes as a lossless delta against what the site holds, whatever the plan's downlink: the
+    site scores exactly the model the round names (its answers equal a dense federation's, bit for bit), then holds
+    it, so the next TRAIN of that model is a delta of zeros.  Every byte of it counts in the evaluation's bytes down."""
     coord, sites = _federation("delta:int8")
-    for r in range(1, 7):
-        coord.run_round(r)
-        evals = coord.evaluate(r)  # the exact global model, which no int8 site holds
-        assert set(evals) == set(sites) and not coord.eval_dropped, coord.eval_dropped
+    ref, _ = _federation("dense")
+    for r in range(1, 6):
+        rec, rec_ref = coord.run_round(r), ref.run_round(r)
+        evals, evals_ref = coord.evaluate(r), ref.evaluate(r)
+        assert evals == evals_ref and not coord.eval_dropped, coord.eval_dropped  # the exact model, scored exactly
+        assert coord.params.tobytes() == ref.params.tobytes()
+        for sid, site in sites.items():
+            assert site.downlink.held.tobytes() == coord.params.tobytes() == coord.transport.held[sid].params.tobytes()
+            assert 0 < coord.eval_bytes_down[sid] < ref.eval_bytes_down[sid]  # counted, and smaller than dense
+            if r > 1:  # the site held the model it trains from: a lossless delta of zeros and the plan's hash
+                assert rec.bytes_down[sid] < 0.02 * rec_ref.bytes_down[sid], (r, rec.bytes_down, rec_ref.bytes_down)
+    assert coord.transport.stats == _stats(delta=12, dense=3, evaluate_delta=15)
+    assert not any(s.downlink._vouchers for s in sites.values())  # no int8 reception happened: nothing to vouch with
+
+
+def test_a_site_scores_only_the_exact_model_and_the_oracle_stays_shut():
+    import hashlib
+
+    coord, sites = _federation("delta:int8")
+    coord.run_round(1)
+    first = coord.params.copy()
+    coord.run_round(2)  # no evaluation in between: round 2 trained from an int8 approximation of ``first``
     site = sites["site-0"]
-    assert len(site.downlink.vouched) >= 4  # each reception vouched for the model it approximated
-    req = Message(MessageKind.EVALUATE, 99, coord.job, {"plan": coord.plan.to_meta(), "instructions": {"split": "test"}},
-                  {"params": coord.params})
-    site.handle(req)  # the newest global model: vouched by no reception yet, one of the two unverified
+    held = coord.transport.held["site-0"].params
+    assert held.tobytes() != first.tobytes()
+    req = Message(MessageKind.EVALUATE, 3, coord.job, {"plan": coord.plan.to_meta(), "instructions": {"split": "test"}}, {})
+
+    def as_delta(mode, base, model):
+        m, t, _ = encode_delta(mode, base, model)
+        return Message(req.kind, 3, req.job, {**req.meta, "downlink": m}, t)
+
+    # an int8 delta may not carry a model to score: the site would score an approximation, not the model named
+    with pytest.raises(ProtocolError, match="encoding 'delta_i8' is not one this evaluation may carry"):
+        site.handle(as_delta(DownlinkMode.DELTA_INT8, held, coord.params))
+    with pytest.raises(ProtocolError, match=UNKNOWN_BASE):  # a lossless delta against a model it does not hold
+        site.handle(as_delta(DownlinkMode.DELTA, held + 1, coord.params))
+    assert site.downlink.held.tobytes() == held.tobytes()  # a refused evaluation changes nothing the site holds
+    # through the engine: the newest global model, exactly (vouched by no reception: one of the two unverified)
+    evals = coord.evaluate(3)
+    assert set(evals) == set(sites) and not coord.eval_dropped, coord.eval_dropped
+    assert site.downlink.held.tobytes() == coord.params.tobytes()
+    # the model round 2's int8 reception approximated is vouched for by it: scored without counting as unverified
+    site.handle(as_delta(DownlinkMode.DELTA, site.downlink.held, first))
+    assert hashlib.sha256(first.astype("<f4").tobytes()).hexdigest() in site.downlink.vouched
+    # arbitrary models, even sent as exact lossless deltas, count against the unverified limit
     rng = np.random.default_rng(0)
-    refused = 0
+    answered = refused = 0
     for _ in range(3):
         probe = (coord.params + rng.normal(size=coord.params.shape) * 1e-3).astype(np.float32)
         try:
-            site.handle(Message(req.kind, 99, req.job, req.meta, {"params": probe}))
+            site.handle(as_delta(DownlinkMode.DELTA, site.downlink.held, probe))
+            answered += 1
         except ProtocolError as exc:
             assert "refuses to evaluate" in str(exc)
             refused += 1
-    assert refused >= 2  # arbitrary models still count against the unverified limit
-    # a model near (within a step of) what the site holds, but not the global model, does not pass as vouched
-    near = (site.downlink.held + 1e-7).astype(np.float32)
-    with pytest.raises(ProtocolError, match="refuses to evaluate"):
-        site.handle(Message(req.kind, 99, req.job, req.meta, {"params": near}))
+    assert (answered, refused) == (1, 2)  # the second unverified model is scored, then the oracle is shut
 
 
 def test_a_model_sent_as_an_int8_delta_is_vouched_for_when_scored_later_once():
@@ -261,7 +309,8 @@ def test_a_delta_against_a_version_the_site_does_not_hold_is_refused_naming_it()
         dense_site.handle(Message(req.kind, req.round, req.job, {**req.meta, "plan": _plan("dense").to_meta(), "downlink": meta}, tensors))
 
 
-def test_a_restarted_site_gets_the_dense_model_and_a_missed_round_too():
+@pytest.mark.parametrize("by_hash", [False, True])
+def test_a_restarted_site_gets_the_dense_model_and_a_missed_round_too(by_hash):
     plan = _plan("delta:int8", min_sites=2)
     data = synthetic_sites(3)
     secrets = {f"site-{i}": bytes([i + 1]) * 32 for i in range(3)}
@@ -278,15 +327,19 @@ def test_a_restarted_site_gets_the_dense_model_and_a_missed_round_too():
     transport = InProcessTransport({n: Process(n) for n in sites}, fail=lambda s, r, k: down.get(s, False) and k is MessageKind.TRAIN)
     from insitu.builder import build_coordinator, initial_params
 
-    coord = build_coordinator(plan, "job-dl", transport, params=initial_params(plan, 0))
-    dl = coord.transport
+    coord = build_coordinator(plan, "job-dl", transport, params=initial_params(plan, 0), plan_by_hash=by_hash)
+    dl = coord.transport.inner if by_hash else coord.transport
     coord.run_round(1)
     coord.run_round(2)
-    assert dl.stats == {"delta": 3, "dense": 3, "retried": 0}
+    assert dl.stats == _stats(delta=3, dense=3)
     # site-0 restarts: a new Site with nothing held (a deployed site process started again)
     sites["site-0"] = build_site(plan, "site-0", data[0], secret=secrets["site-0"])
     rec = coord.run_round(3)
-    assert "site-0" in rec.participants and dl.stats["retried"] == 1  # refused the delta, got the dense model at once
+    assert "site-0" in rec.participants
+    if by_hash:  # it refused the plan's hash (before looking at the delta), got the whole plan and the dense model at once
+        assert coord.transport.plan_stats["retried"] == 1 and dl.stats["retried"] == 0
+    else:  # it refused the delta, got the dense model at once
+        assert dl.stats["retried"] == 1
     assert dl.held["site-0"].params.tobytes() == sites["site-0"].downlink.held.tobytes()
     dense_bytes = rec.bytes_down["site-0"]
     assert dense_bytes > 4 * rec.bytes_down["site-1"]  # the refused delta plus the dense model
@@ -321,7 +374,7 @@ def test_a_reconnected_site_gets_the_dense_model():
     coord.run_round(2)
     t.connects["site-1"] = 2
     coord.run_round(3)
-    assert coord.transport.stats == {"delta": 3, "dense": 3, "retried": 0}
+    assert coord.transport.stats == _stats(delta=3, dense=3)
 
 
 def test_downlink_composes_with_secure_aggregation():
@@ -371,20 +424,30 @@ def test_simulate_and_the_deployed_job_path_agree_exactly_with_int8_downlink(tmp
         policy = SitePolicy.load(consortium.write_site_config(s, approved=[spec.plan.content_hash()]))
         nodes[s] = SiteNode(dataclasses.replace(policy, state=tmp_path / "state" / s), s, load_site_data(policy), schema=tuple(FEATURES))
     coord, _, _ = job_coordinator(spec, "sim-3", InProcessTransport(nodes))
-    assert isinstance(coord.transport, DownlinkTransport)
+    assert isinstance(coord.transport.inner, DownlinkTransport)
     down: dict[str, list[int]] = {s: [] for s in sandbox.SITES}
+    evaluation: dict[str, list[int]] = {s: [] for s in sandbox.SITES}
     for r in range(1, 5):
-        traffic = with_traffic(coord.run_round(r))  # what the deployed job's status shows per site and round
+        rec = coord.run_round(r)
+        coord.evaluate(r)  # the job's evaluation of each round (eval_every = 1), as coordinator.service runs it
+        traffic = with_traffic(rec, coord.eval_bytes_down)  # what the deployed job's status shows per site and round
         for s in sandbox.SITES:
             down[s].append(traffic[s]["bytes_down"])
+            evaluation[s].append(coord.eval_bytes_down[s])
+            assert traffic[s]["bytes_down"] == rec.bytes_down[s] + coord.eval_bytes_down[s] and coord.eval_bytes_down[s] > 0
     dep = mean_accuracy(coord.evaluate(5))
+    assert sim["final"]["evaluation_bytes_down"] == coord.eval_bytes_down
     for s in sandbox.SITES:
         assert dep["site_accuracy"][s] == pytest.approx(sim["final"]["site_accuracy"][s], abs=1e-12)
         assert coord.transport.held[s].params.tobytes() == nodes[s]._sites["sim-3"].downlink.held.tobytes()
-        # the same messages on both paths: the same bytes down, round one dense and then int8 deltas
+        # the same messages on both paths: the same bytes down, evaluation included; round one carries the plan
+        # whole and the dense model, later rounds the plan's hash and deltas
         assert float(np.mean(down[s])) == sim["final"]["bytes_down_per_round_per_site"][s]
-        assert down[s][0] > down[s][1] == down[s][2] == down[s][3]
-    assert coord.transport.stats == {"delta": 12, "dense": 4, "retried": 0}
+        assert down[s][0] > 1.5 * max(down[s][1:])
+    # each evaluation leaves the site holding the model it scored, so the next TRAIN (of that model) is a lossless
+    # delta of zeros; the TRAIN of round one and nothing else went dense
+    assert coord.transport.stats == _stats(delta=12, dense=4, evaluate_delta=20)
+    assert coord.transport.plan_stats == {"full": 4, "hash": 32, "retried": 0}
 
 
 def test_job_status_shows_bytes_down_beside_bytes_up():

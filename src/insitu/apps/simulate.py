@@ -27,7 +27,7 @@ import torch
 from insitu.data.dataset import FederatedData
 from insitu.data.partition import Partition, PartitionKind
 from insitu.errors import ConfigError, DataError, RoundAborted, parse_choice
-from insitu.federation.coordinator import Coordinator, RoundRecord
+from insitu.federation.coordinator import Coordinator, RoundRecord, round_bytes_down
 from insitu.federation.strategies import StrategyName
 from insitu.federation.task import TaskSpec
 from insitu.federation.transport import InProcessTransport
@@ -434,7 +434,7 @@ def secrets_for(cfg: SimulationConfig, names: list[str], given: Mapping[str, byt
 
 def simulate(config: SimulationConfig | None = None, *, progress: bool = False, write: bool = True,
              site_secrets: Mapping[str, bytes] | None = None, coordinator_secret: bytes | None = None,
-             **options: Any) -> dict[str, Any]:
+             plan_by_hash: bool = True, **options: Any) -> dict[str, Any]:
     """Run a federated simulation and return its summary (also written to ``summary.json``).
 
     ``simulate(dataset="heart", strategy="fedyogi", rounds=30)`` is the Python face of
@@ -444,7 +444,8 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
     apply).  ``--seed`` fixes the splits and the initial model; each site's sampling, DP noise
     and rounding come from its own secret (OS randomness), unless ``site_secrets`` (site → bytes)
     are given, as tests that compare two code paths exactly do (``coordinator_secret`` likewise
-    seeds central DP noise).
+    seeds central DP noise).  ``plan_by_hash=False`` sends the whole plan in every request instead of
+    its hash once a site has checked it (insitu.federation.planref; bench/downlink.py measures both).
     """
     own = options.pop("data") if "data" in options and not isinstance(options["data"], (str, os.PathLike, type(None))) else None
     if config is None:
@@ -467,7 +468,7 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
     from insitu.learn.train import torch_threads
 
     with torch_threads(cfg.threads), _backend_session(cfg):
-        return _simulate(cfg, out, write, progress, site_secrets, coordinator_secret, own)
+        return _simulate(cfg, out, write, progress, site_secrets, coordinator_secret, own, plan_by_hash)
 
 
 def _backend_session(cfg: SimulationConfig) -> Any:
@@ -482,7 +483,7 @@ def _backend_session(cfg: SimulationConfig) -> Any:
 
 
 def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, site_secrets: Mapping[str, bytes] | None,
-              coordinator_secret: bytes | None, own: FederatedData | None) -> dict[str, Any]:
+              coordinator_secret: bytes | None, own: FederatedData | None, plan_by_hash: bool = True) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     data = own if own is not None else load_federated(cfg)
@@ -538,7 +539,7 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
     from insitu.builder import build_protocol
 
     coord = build_coordinator(plan, f"sim-{cfg.seed}", transport, params=initial_params(plan, cfg.seed), timeout=cfg.round_timeout,
-                              protocol=build_protocol(plan, rng=rng))
+                              protocol=build_protocol(plan, rng=rng), plan_by_hash=plan_by_hash)
     writer = RunWriter(out) if write else None
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -569,6 +570,7 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
         if best is not None:
             _, selected, coord.params = best  # the model the sites' validation data chose
         final_eval = coord.evaluate(cfg.rounds + 1)  # the test splits, read once
+        final_down = dict(coord.eval_bytes_down)
         mean_acc, pooled_acc = _site_accuracy(final_eval)
         from insitu.federation.evaluation import summarize
 
@@ -602,6 +604,7 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
                 "bytes_up_per_round_per_site": _per_site(history, data.sites, "bytes_up"),
                 "bytes_down_per_round": float(np.mean([h.get("bytes_down_total", 0) for h in history])) if history else 0.0,
                 "bytes_down_per_round_per_site": _per_site(history, data.sites, "bytes_down"),
+                "evaluation_bytes_down": final_down,  # the final evaluation's request to each site (after the rounds)
                 "seconds": fed_time,
             },
         }
@@ -704,9 +707,10 @@ def _one_round(coord: Coordinator, r: int, split: str = "test") -> tuple[dict[st
     except RoundAborted as exc:
         return {"round": r, "status": "aborted", "reason": str(exc), "bytes_up_total": 0, "sites": {}}, {}
     evals = coord.evaluate(r, split=split)
+    down = round_bytes_down(rec, coord.eval_bytes_down)  # the round's requests and its evaluation's
     mean_acc, pooled_acc = _site_accuracy(evals)
     sites = {}
-    for sid in sorted(set(evals) | set(rec.train) | set(rec.dropped)):
+    for sid in sorted(set(evals) | set(rec.train) | set(rec.dropped) | set(down)):
         entry: dict[str, Any] = {}
         if sid in rec.train:
             entry.update({k: v for k, v in rec.train[sid].items()})
@@ -715,7 +719,7 @@ def _one_round(coord: Coordinator, r: int, split: str = "test") -> tuple[dict[st
         if sid in rec.dropped:
             entry["dropped"] = rec.dropped[sid]
         entry["bytes_up"] = rec.bytes_up.get(sid, 0)
-        entry["bytes_down"] = rec.bytes_down.get(sid, 0)
+        entry["bytes_down"] = down.get(sid, 0)
         sites[sid] = entry
     return {
         "round": r,
@@ -728,6 +732,6 @@ def _one_round(coord: Coordinator, r: int, split: str = "test") -> tuple[dict[st
         "update_norm": rec.update_norm,
         "seconds": rec.seconds,
         "bytes_up_total": int(sum(rec.bytes_up.values())),
-        "bytes_down_total": int(sum(rec.bytes_down.values())),
+        "bytes_down_total": int(sum(down.values())),
         "sites": sites,
     }, evals

@@ -260,7 +260,8 @@ def _cross_device(config: CrossDeviceConfig, data: FederatedData | None, device_
     n_devices = len(population)
     per_round = max(1, int(round(cfg.fraction * n_devices)))
     rng = np.random.default_rng(cfg.seed)
-    coord = build_coordinator(plan, f"xdev-{cfg.seed}", transport, params=initial_params(plan, cfg.seed))
+    # a device is made afresh for each message it answers: it never holds the plan, so the plan goes whole
+    coord = build_coordinator(plan, f"xdev-{cfg.seed}", transport, params=initial_params(plan, cfg.seed), plan_by_hash=False)
 
     def sample(k: int) -> tuple[str, ...]:  # indices in name order: the draw rng.choice(names) made
         return tuple(population.name(int(d)) for d in np.sort(rng.choice(n_devices, size=k, replace=False)))

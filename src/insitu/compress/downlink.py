@@ -1,6 +1,6 @@
 """Downlink compression: the global model goes to each site as a delta against the model it holds.
 
-A plan's ``downlink`` says how the coordinator sends the global model in a TRAIN request:
+A plan's ``downlink`` says how the coordinator sends a model in a TRAIN request:
 
 ================  ==================================================================  =============
 ``downlink``      what a site that holds the base version receives                    bytes/value
@@ -15,8 +15,8 @@ A plan's ``downlink`` says how the coordinator sends the global model in a TRAIN
 ================  ==================================================================  =============
 
 **Versions.**  A model version is the SHA-256 of its float32 bytes (:func:`version_of`, first 32 hex
-digits).  A delta TRAIN carries ``meta["downlink"] = {"base": version, "encoding": ...}`` instead of
-the ``params`` tensor.  A site applies it only to the model it holds with exactly that version; any
+digits).  A delta TRAIN or EVALUATE carries ``meta["downlink"] = {"base": version, "encoding": ...}``
+instead of the ``params`` tensor.  A site applies it only to the model it holds with exactly that version; any
 other base (a new site, one that restarted or was sent nothing last round) is refused with a
 :class:`~insitu.errors.ProtocolError` naming both versions, before any guard or training runs.
 
@@ -33,7 +33,14 @@ in the same exchange.  When a delta's message would not be smaller than the dens
 few dozen values, whose delta costs more in its ``downlink`` field than it saves), the dense model
 goes instead: a delta downlink never sends more than dense.
 
-**Evaluation.**  A site scores only models it was sent for training (plus at most two others,
+**Evaluation.**  An EVALUATE request's model goes as a *lossless* delta against the model the site
+holds, whatever the plan's downlink (an int8 approximation would have the site score a model other
+than the one the round names); the site rebuilds it exactly and, once it has scored it, holds it.
+So a TRAIN that follows the evaluation of the same model (the new global model, scored before the
+next round) costs almost nothing: its lossless delta is all zeros.  Under ``delta:int8`` a TRAIN goes
+lossless whenever the site already holds exactly the model, and as int8 otherwise.
+
+A site scores only models it was sent for training (plus at most two others,
 :class:`~insitu.federation.site.Site`).  After an int8 delta the site holds an approximation of the
 global model, not the model the coordinator asks it to score; :meth:`DownlinkReceiver.vouch` accepts
 a model ``P`` if re-encoding ``P`` against the base the site held gives exactly the codes and scales
@@ -96,6 +103,8 @@ class Encoding(str, enum.Enum):
 
 
 _ENCODING = {DownlinkMode.DELTA: Encoding.XOR_ZLIB, DownlinkMode.DELTA_INT8: Encoding.DELTA_I8}
+#: the encodings a site of each mode accepts: never lossier than its plan says
+_ACCEPTS = {DownlinkMode.DELTA: (Encoding.XOR_ZLIB,), DownlinkMode.DELTA_INT8: (Encoding.XOR_ZLIB, Encoding.DELTA_I8)}
 _TENSORS = {Encoding.XOR_ZLIB: ("blob",), Encoding.DELTA_I8: ("q", "scale")}
 
 
@@ -163,13 +172,19 @@ def encode_delta(mode: DownlinkMode, base: np.ndarray, target: np.ndarray) -> tu
     return meta, tensors, apply_delta(mode, base, meta, tensors)
 
 
-def apply_delta(mode: DownlinkMode, base: np.ndarray, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The model a site rebuilds from a delta against ``base``; every malformation is a ProtocolError."""
+def apply_delta(mode: DownlinkMode, base: np.ndarray, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
+                lossless: bool = False) -> np.ndarray:
+    """The model a site rebuilds from a delta against ``base``; every malformation is a ProtocolError.
+
+    ``mode`` is the plan's downlink (``delta:int8`` also accepts the lossless encoding); ``lossless``:
+    only the lossless encoding is accepted (an evaluation names one exact model)."""
     base = _f32(base)
     n = base.shape[0]
-    enc = _ENCODING[mode]
-    if meta.get("encoding") != enc.value:
-        raise ProtocolError(f"downlink encoding {meta.get('encoding')!r} is not what the plan's downlink = {mode.value!r} sends ({enc.value!r})")
+    accepted = (Encoding.XOR_ZLIB,) if lossless else _ACCEPTS[mode]
+    enc = next((e for e in accepted if meta.get("encoding") == e.value), None)
+    if enc is None:
+        raise ProtocolError(f"downlink encoding {meta.get('encoding')!r} is not one this {'evaluation' if lossless else 'request'} "
+                            f"may carry under the plan's downlink = {mode.value!r} ({[e.value for e in accepted]})")
     if enc is Encoding.XOR_ZLIB:
         blob = _tensor(tensors, "blob", "|u1")
         if blob.shape[0] > 8 * n + 64:  # zlib never needs more than ~n + 5 % for incompressible data
@@ -248,12 +263,9 @@ class DownlinkReceiver:
         base, _ = _parse_meta(raw)
         if "params" in msg.tensors:
             raise ProtocolError("a TRAIN request carries both the dense model and a downlink delta")
-        if self.held_version != base:
-            holds = f"model {self.held_version}" if self.held is not None else "no model of this job (it is new, restarted, or missed the last round)"
-            raise ProtocolError(f"site {self.site_id} {UNKNOWN_BASE}: it is against model {base}, and this site holds {holds}; "
-                                "the coordinator sends the dense model instead")
+        self._check_base(base)
         recon = apply_delta(self.mode, self.held, raw, msg.tensors)  # type: ignore[arg-type]  (held_version matched)
-        if self.mode is DownlinkMode.DELTA_INT8:
+        if raw["encoding"] == Encoding.DELTA_I8.value:  # lossy: the site holds an approximation of the model
             v = _Voucher(self.held, np.array(msg.tensors["q"]), np.array(msg.tensors["scale"]))
             matched = next((h for h, p in self._candidates.items() if _matches(v, p)), None)
             if matched is not None:  # the model it scored before this round is the one this delta approximates
@@ -263,6 +275,28 @@ class DownlinkReceiver:
                 self._vouchers = (self._vouchers + [v])[-MAX_VOUCHERS:]
         self._hold(recon)
         return recon.copy()
+
+    def rebuild(self, msg: Message, size: int) -> np.ndarray:
+        """The model an EVALUATE request ``msg`` asks to score, exactly: dense, or a lossless delta against the
+        model this site holds.  Nothing changes here: the site holds the model (:meth:`hold`) once it scores it."""
+        raw = msg.meta.get(DOWNLINK_KEY)
+        if raw is None:
+            return _f32(msg.tensor("params", shape=(size,), dtype="float32")).copy()
+        base, _ = _parse_meta(raw)
+        if "params" in msg.tensors:
+            raise ProtocolError("an EVALUATE request carries both the dense model and a downlink delta")
+        self._check_base(base)
+        return apply_delta(self.mode, self.held, raw, msg.tensors, lossless=True)  # type: ignore[arg-type]
+
+    def hold(self, params: np.ndarray) -> None:
+        """``params`` (a model this site scored, exactly as the coordinator sent it) becomes the version it holds."""
+        self._hold(_f32(params).copy())
+
+    def _check_base(self, base: str) -> None:
+        if self.held_version != base:
+            holds = f"model {self.held_version}" if self.held is not None else "no model of this job (it is new, restarted, or missed the last round)"
+            raise ProtocolError(f"site {self.site_id} {UNKNOWN_BASE}: it is against model {base}, and this site holds {holds}; "
+                                "the coordinator sends the dense model instead")
 
     def vouch(self, model_hash: str, params: np.ndarray) -> bool:
         """True if ``params`` is the global model an int8 reception approximated (it re-encodes against that
@@ -307,12 +341,14 @@ class _Held:
 
 
 class DownlinkTransport:
-    """The coordinator half: wraps a :class:`~insitu.federation.transport.Transport` so that each TRAIN
-    request's dense ``params`` go to each site as a delta against the model that site holds.
+    """The coordinator half: wraps a :class:`~insitu.federation.transport.Transport` so that the dense
+    ``params`` of each TRAIN and EVALUATE request go to each site as a delta against the model that site holds.
 
     Everything else passes through unchanged.  Byte counts are those of the messages actually sent (a
     dense retry after a refusal counts both).  ``held`` is the coordinator's copy of every site's model,
-    identical bit for bit to the site's own (tests compare them)."""
+    identical bit for bit to the site's own (tests compare them).  ``stats`` counts requests sent each
+    way: TRAIN as ``delta``/``dense``, EVALUATE as ``evaluate_delta``/``evaluate_dense``; ``retried``
+    counts deltas refused for an unknown base and sent again dense."""
 
     def __init__(self, inner: Transport, mode: DownlinkMode):
         if mode is DownlinkMode.DENSE:
@@ -320,7 +356,7 @@ class DownlinkTransport:
         self.inner = inner
         self.mode = mode
         self.held: dict[str, _Held] = {}
-        self.stats = {"delta": 0, "dense": 0, "retried": 0}  # TRAIN requests sent each way (reports, tests)
+        self.stats = {"delta": 0, "dense": 0, "evaluate_delta": 0, "evaluate_dense": 0, "retried": 0}
 
     def sites(self) -> list[str]:
         return self.inner.sites()
@@ -330,55 +366,61 @@ class DownlinkTransport:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def _epochs(self) -> dict[str, Any]:
-        status = getattr(self.inner, "site_status", None)
-        if status is None:
-            return {}
-        return {row["site"]: row.get("connects") for row in status()}
+    def _encoding(self, req: Message, held: _Held, target_version: str) -> DownlinkMode:
+        """An evaluation's model goes lossless (the site scores exactly it); so does a TRAIN's when the site
+        already holds exactly that model (its lossless delta is all zeros); otherwise the plan's encoding."""
+        if req.kind is MessageKind.EVALUATE or held.version == target_version:
+            return DownlinkMode.DELTA
+        return self.mode
 
-    def _smaller(self, req: Message, base: np.ndarray, target: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray] | None:
+    def _smaller(self, req: Message, mode: DownlinkMode, base: np.ndarray, target: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray] | None:
         """The delta of ``target`` against ``base`` if its message is smaller than the dense one's, else None."""
         from insitu.federation.messages import encode
 
-        meta, tensors, recon = encode_delta(self.mode, base, target)
+        meta, tensors, recon = encode_delta(mode, base, target)
         recon.flags.writeable = False
         as_delta = encode(Message(req.kind, req.round, req.job, {DOWNLINK_KEY: meta}, tensors))
         as_dense = encode(Message(req.kind, req.round, req.job, {}, {"params": target}))
         return (meta, tensors, recon) if len(as_delta) < len(as_dense) else None
 
     def exchange(self, requests: Mapping[str, Message], timeout: float) -> Exchange:
-        epochs = self._epochs()
-        # one read-only copy per distinct model, shared by every site that holds it (memory: one model per version)
-        copies: dict[int, np.ndarray] = {}
-        versions: dict[int, str] = {}
+        from insitu.federation.planref import connection_epochs, merge_retry
 
-        def frozen(arr: np.ndarray) -> np.ndarray:
+        epochs = connection_epochs(self.inner)
+        # one read-only copy per distinct model, shared by every site that holds it (memory: one model per version)
+        copies: dict[int, tuple[np.ndarray, str]] = {}
+
+        def frozen(arr: np.ndarray) -> tuple[np.ndarray, str]:
             if id(arr) not in copies:
                 c = _f32(arr).copy()
                 c.flags.writeable = False
-                copies[id(arr)] = c
+                copies[id(arr)] = (c, version_of(c))
             return copies[id(arr)]
 
         sent: dict[str, Message] = {}
         rebuilt: dict[str, tuple[np.ndarray, bool]] = {}  # site → (what it will hold if it answers, delta?)
-        cache: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]] = {}
+        cache: dict[tuple[str, DownlinkMode, str], tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray] | None] = {}
         for sid, req in requests.items():
-            if req.kind is not MessageKind.TRAIN or "params" not in req.tensors or DOWNLINK_KEY in req.meta:
+            if req.kind not in _ANSWER or "params" not in req.tensors or DOWNLINK_KEY in req.meta:
                 sent[sid] = req
                 continue
-            target = frozen(req.tensors["params"])
+            target, version = frozen(req.tensors["params"])
             held = self.held.get(sid)
-            if held is None or held.epoch != epochs.get(sid) or held.params.shape != target.shape:
+            delta = None
+            if held is not None and held.epoch == epochs.get(sid) and held.params.shape == target.shape:
+                mode = self._encoding(req, held, version)
+                key = (held.version, mode, version)
+                if key not in cache:
+                    found = self._smaller(req, mode, held.params, target)
+                    if found is not None and mode is DownlinkMode.DELTA:  # lossless: the site rebuilds exactly the model
+                        found = (found[0], found[1], target)  # so it shares the model's one read-only copy
+                    cache[key] = found
+                delta = cache[key]
+            if delta is None:  # nothing held, a reconnected site, or the delta would not be smaller (a tiny model)
                 sent[sid] = req
                 rebuilt[sid] = (target, False)
                 continue
-            if held.version not in cache:
-                cache[held.version] = self._smaller(req, held.params, target)
-            if cache[held.version] is None:  # the delta would not be smaller (a tiny model): the dense model
-                sent[sid] = req
-                rebuilt[sid] = (target, False)
-                continue
-            meta, tensors, recon = cache[held.version]  # type: ignore[misc]
+            meta, tensors, recon = delta
             others = {k: v for k, v in req.tensors.items() if k != "params"}
             sent[sid] = Message(req.kind, req.round, req.job, {**req.meta, DOWNLINK_KEY: meta}, {**others, **tensors})
             rebuilt[sid] = (recon, True)
@@ -387,32 +429,26 @@ class DownlinkTransport:
         retry = [s for s in rebuilt if rebuilt[s][1] and UNKNOWN_BASE in ex.dropped.get(s, "")]
         if retry:  # the site does not hold the base (its Site was rebuilt): the dense model, at once
             again = self.inner.exchange({s: requests[s] for s in retry}, max(1.0, timeout - (_now() - t0)))
-            ex = _merge(ex, again, retry)
+            ex = merge_retry(ex, again, retry)
             for s in retry:
-                rebuilt[s] = (frozen(requests[s].tensors["params"]), False)
+                rebuilt[s] = (frozen(requests[s].tensors["params"])[0], False)
             self.stats["retried"] += len(retry)
+        versions = {id(c): v for c, v in copies.values()}  # ids of live arrays only: the copies and the cached reconstructions
         for sid, (model, delta) in rebuilt.items():
-            self.stats["delta" if delta else "dense"] += 1
+            kind = requests[sid].kind
+            self.stats[("" if kind is MessageKind.TRAIN else "evaluate_") + ("delta" if delta else "dense")] += 1
             rep = ex.replies.get(sid)
-            if rep is not None and rep.kind is MessageKind.TRAIN_REPLY:
-                self.held[sid] = _Held(versions.setdefault(id(model), version_of(model)), model, epochs.get(sid))
+            if rep is not None and rep.kind is _ANSWER[kind]:
+                if id(model) not in versions:
+                    versions[id(model)] = version_of(model)
+                self.held[sid] = _Held(versions[id(model)], model, epochs.get(sid))
             else:
                 self.held.pop(sid, None)  # whatever it holds now, it gets the dense model next time
         return ex
 
 
-def _merge(first: Exchange, again: Exchange, retried: list[str]) -> Exchange:
-    replies = {k: v for k, v in first.replies.items() if k not in retried}
-    replies.update(again.replies)
-    dropped = {k: v for k, v in first.dropped.items() if k not in retried}
-    dropped.update(again.dropped)
-    sent = dict(first.bytes_sent)
-    recv = dict(first.bytes_received)
-    for k, v in again.bytes_sent.items():
-        sent[k] = sent.get(k, 0) + v
-    for k, v in again.bytes_received.items():
-        recv[k] = recv.get(k, 0) + v
-    return Exchange(replies, dropped, sent, recv)
+#: requests whose model goes as a delta, and the reply that shows the site took it
+_ANSWER = {MessageKind.TRAIN: MessageKind.TRAIN_REPLY, MessageKind.EVALUATE: MessageKind.EVALUATE_REPLY}
 
 
 def _now() -> float:

@@ -353,13 +353,15 @@ class CoordinatorService:
                 evaluation = self._evaluate(coord, r)
             version = self.store.apply_round(
                 job.id, r, expected_version=version, params=coord.params, state=strategy.state(),
-                participants=rec.participants, dropped=rec.dropped, metrics=with_traffic(rec), evaluation=evaluation, seconds=rec.seconds,
+                participants=rec.participants, dropped=rec.dropped, evaluation=evaluation, seconds=rec.seconds,
+                metrics=with_traffic(rec, coord.eval_bytes_down if evaluation is not None else None),
             )
             acc = (evaluation or {}).get("mean_site_accuracy")
             log.info("job %s round %d applied as version %d: %d sites, %d dropped, %.3f s%s", job.id, r, version,
                      len(rec.participants), len(rec.dropped), rec.seconds, f", mean accuracy {acc:.4f}" if acc is not None else "")
         selection = self._select(job.id, coord, criterion) if criterion is not None else {}
         final = self._evaluate(coord, self.store.job(job.id).next_round)
+        final["evaluation_bytes_down"] = dict(coord.eval_bytes_down)  # the final evaluation's request to each site
         final.update({"rounds_applied": version, "rounds_aborted": aborted, **selection,
                       "params_sha256": hashlib.sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
         self.store.set_status(job.id, JobStatus.DONE, final=final)
@@ -426,12 +428,17 @@ class CoordinatorService:
         return out
 
 
-def with_traffic(rec: Any) -> dict[str, dict[str, Any]]:
+def with_traffic(rec: Any, evaluation: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """A round's per-site metrics with the bytes the coordinator counted each way (what ``job status`` shows
-    as bytes up and down per site per round); a site sent the model but dropped has its bytes down only."""
+    as bytes up and down per site per round); a site sent the model but dropped has its bytes down only.
+    Bytes down include the round's evaluation request when it was evaluated (``evaluation``: the
+    coordinator's ``eval_bytes_down``), as ``insitu simulate`` counts them (federation.coordinator.round_bytes_down)."""
+    from insitu.federation.coordinator import round_bytes_down
+
+    down = round_bytes_down(rec, evaluation)
     out = {s: dict(m) for s, m in rec.train.items()}
-    for s in set(rec.bytes_up) | set(rec.bytes_down):
-        out.setdefault(s, {}).update({"bytes_up": int(rec.bytes_up.get(s, 0)), "bytes_down": int(rec.bytes_down.get(s, 0))})
+    for s in set(rec.bytes_up) | set(down):
+        out.setdefault(s, {}).update({"bytes_up": int(rec.bytes_up.get(s, 0)), "bytes_down": int(down.get(s, 0))})
     return out
 
 

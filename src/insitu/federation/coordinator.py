@@ -35,6 +35,16 @@ class RoundRecord:
     update_norm: float
 
 
+def round_bytes_down(rec: RoundRecord, evaluation: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Every byte the coordinator sent each site for one round: the round's requests (every phase of its
+    protocol) plus, when the round was evaluated, the evaluation request (``Coordinator.eval_bytes_down``).
+    ``insitu simulate`` and a deployed job (coordinator.service.with_traffic) report the same figure."""
+    out = {s: int(v) for s, v in rec.bytes_down.items()}
+    for s, v in (evaluation or {}).items():
+        out[s] = out.get(s, 0) + int(v)
+    return out
+
+
 @dataclass
 class Coordinator:
     """Runs rounds of one plan over a transport; made by :func:`insitu.builder.build_coordinator`."""
@@ -59,6 +69,8 @@ class Coordinator:
         self._plan_meta = self.plan.to_meta()
         #: sites left out of the last evaluation, and why (no answer, a refusal, a malformed reply)
         self.eval_dropped: dict[str, str] = {}
+        #: bytes the last evaluation sent each site (reports add them to the round's bytes down)
+        self.eval_bytes_down: dict[str, int] = {}
 
     def _sites(self) -> tuple[str, ...]:
         sites = tuple(self.sites) if self.sites is not None else tuple(self.transport.sites())
@@ -111,7 +123,9 @@ class Coordinator:
         params = self.params if params is None else np.asarray(params, dtype=np.float32)
         ins = EvalInstructions(split=Split(split))
         req = Message(MessageKind.EVALUATE, round_, self.job, {"plan": self._plan_meta, "instructions": ins.to_meta()}, {"params": params})
+        self.eval_bytes_down = {}
         ex = self.transport.exchange({s: req for s in self._sites()}, self.timeout)
+        self.eval_bytes_down = dict(ex.bytes_sent)
         out: dict[str, dict[str, Any]] = {}
         dropped = dict(ex.dropped)
         for sid, rep in ex.replies.items():

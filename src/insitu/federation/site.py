@@ -19,6 +19,7 @@ from insitu.federation.messages import Message, MessageKind
 from insitu.federation.pipeline import SitePipeline
 from insitu.federation.egress import Egress
 from insitu.federation.instructions import EvalInstructions, RoundInstructions, Split
+from insitu.federation.planref import PLAN_KEY, PLAN_REF_KEY, parse_plan_ref, unknown_plan
 from insitu.federation.task import TaskSpec, canonical_hash
 from insitu.learn.models import get_flat, num_params, set_flat
 from insitu.learn.train import TrainConfig, evaluate, train_local
@@ -29,8 +30,9 @@ Guard = Callable[["Site", Message, RoundInstructions], None]
 Trainer = Callable[["Site", torch.nn.Module, TrainConfig, Message], dict[str, Any]]
 
 #: keys a TRAIN / EVALUATE request may carry besides those the site's protection declares
-TRAIN_KEYS = frozenset({"plan", "instructions"})
-EVALUATE_KEYS = frozenset({"plan", "instructions"})
+#: (exactly one of "plan" and "plan_hash": insitu.federation.planref)
+TRAIN_KEYS = frozenset({PLAN_KEY, PLAN_REF_KEY, "instructions"})
+EVALUATE_KEYS = frozenset({PLAN_KEY, PLAN_REF_KEY, "instructions"})
 
 
 def default_trainer(site: "Site", model: torch.nn.Module, cfg: TrainConfig, request: Message) -> dict[str, Any]:
@@ -76,8 +78,11 @@ class Site:
         self.guards = tuple(self.guards)
         self.handlers.update(self.pipeline.protection.handlers())
         self._request_keys = frozenset(getattr(self.pipeline.protection, "request_keys", ()))
+        self._eval_keys = EVALUATE_KEYS
         if self.downlink is not None:
             self._request_keys |= self.downlink.request_keys
+            self._eval_keys |= self.downlink.request_keys
+        self._plan_jobs: set[str] = set()  # jobs in which a request carried this site's whole plan (then its hash may)
         self._received: set[str] = set()  # hashes of the global models this site was sent for training
         self._unverified: list[str] = []  # models scored before (or without) being sent for training
 
@@ -102,9 +107,20 @@ class Site:
         unknown = sorted(set(msg.meta) - allowed)
         if unknown:
             raise ProtocolError(f"{msg.kind.value} request carries undeclared field(s) {unknown}; site {self.site_id} accepts {sorted(allowed)}")
-        h = canonical_hash(msg.require("plan", dict))
+        if (PLAN_KEY in msg.meta) == (PLAN_REF_KEY in msg.meta):
+            raise ProtocolError(f"{msg.kind.value} request must carry exactly one of 'plan' (the whole plan) and 'plan_hash' "
+                                f"(a plan this site already checked in this job); it carries {'both' if PLAN_KEY in msg.meta else 'neither'}")
+        if PLAN_KEY in msg.meta:
+            h = canonical_hash(msg.require(PLAN_KEY, dict))
+            if h != self.plan_hash:
+                raise ProtocolError(f"plan {h[:12]} is not the plan this site runs ({self.plan_hash[:12]})")
+            self._plan_jobs.add(msg.job)
+            return
+        h = parse_plan_ref(msg.meta[PLAN_REF_KEY])
         if h != self.plan_hash:
-            raise ProtocolError(f"plan {h[:12]} is not the plan this site runs ({self.plan_hash[:12]})")
+            raise unknown_plan(self.site_id, h, msg.job, f"it runs plan {self.plan_hash}")
+        if msg.job not in self._plan_jobs:
+            raise unknown_plan(self.site_id, h, msg.job, "no request of this job carried that plan whole to it yet")
 
     def _train(self, msg: Message) -> Message:
         self._check_plan(msg, TRAIN_KEYS | self._request_keys)
@@ -138,12 +154,15 @@ class Site:
         return Message(MessageKind.TRAIN_REPLY, msg.round, msg.job, meta, tensors)
 
     def _evaluate(self, msg: Message) -> Message:
-        self._check_plan(msg, EVALUATE_KEYS)
+        self._check_plan(msg, self._eval_keys)
         ins = EvalInstructions.from_meta(msg.require("instructions", dict))
-        params = msg.tensor("params", shape=(self.size,), dtype="float32")
+        # a lossless delta against the model this site holds rebuilds exactly the model asked about
+        params = self.downlink.rebuild(msg, self.size) if self.downlink is not None else msg.tensor("params", shape=(self.size,), dtype="float32")
         if not np.all(np.isfinite(params)):
             raise ProtocolError("parameters to evaluate hold NaN or infinite values")
         self._verify_for_evaluation(_model_hash(params), msg, params)
+        if self.downlink is not None:
+            self.downlink.hold(params)  # the next delta is taken against it (the coordinator keeps the same copy)
         set_flat(self.model, params)
         if ins.split is Split.TEST:
             X, y = self.data.X_test, self.data.y_test

@@ -39,6 +39,7 @@ from insitu.errors import BudgetExceeded, ConfigError, DataError, PolicyViolatio
 from insitu.federation.messages import Message, MessageKind
 from insitu.builder import build_site, protection_half
 from insitu.federation.instructions import RoundInstructions
+from insitu.federation.planref import PLAN_REF_KEY, parse_plan_ref, unknown_plan
 from insitu.federation.site import Site
 from insitu.net.client import DialConfig, SiteClient
 from insitu.net.pki import Credentials
@@ -274,7 +275,10 @@ class SiteNode:
     def _site_for(self, msg: Message) -> Site:
         with self._lock:
             site = self._sites.get(msg.job)
-            if msg.kind in (MessageKind.TRAIN, MessageKind.EVALUATE):
+            if msg.kind in (MessageKind.TRAIN, MessageKind.EVALUATE) and PLAN_REF_KEY in msg.meta and "plan" not in msg.meta:
+                if site is None:  # the plan by hash only: resolved against the job's Site, which checks it (Site._check_plan)
+                    raise unknown_plan(self.site_id, parse_plan_ref(msg.meta[PLAN_REF_KEY]), msg.job, "this site holds no plan of that job")
+            elif msg.kind in (MessageKind.TRAIN, MessageKind.EVALUATE):
                 try:
                     plan = Plan.from_meta(msg.require("plan", dict))
                 except ConfigError as exc:
@@ -315,7 +319,11 @@ class SiteNode:
         entry: dict[str, Any] = {"at": time.time(), "job": msg.job, "round": msg.round, "kind": msg.kind.value,
                                  "error": type(exc).__name__, "reason": str(exc)}
         try:
-            plan = Plan.from_meta(msg.meta.get("plan"))
+            held = self._plans.get(msg.job)
+            if "plan" not in msg.meta and held is not None and msg.meta.get(PLAN_REF_KEY) == held.content_hash():
+                plan = held  # named by its hash: the plan this site holds for the job
+            else:
+                plan = Plan.from_meta(msg.meta.get("plan"))
             entry["plan_hash"] = plan.content_hash()
             if isinstance(exc, TaskNotApproved):
                 self.approvals.remember_refused(plan, str(exc), job=msg.job)
