@@ -9,7 +9,8 @@ may vary per round is the short list in :class:`~insitu.federation.instructions.
 
 On the wire a plan travels as ``meta["plan"]`` (its :meth:`Plan.to_meta`); a site parses it with
 :meth:`Plan.from_meta`, which refuses unknown or missing keys at every level, and compares its
-hash with the approved one.  :mod:`insitu.builder` turns a plan into sites and a coordinator.
+hash with the approved one.  Once a site has checked it whole in a job, later requests name it by
+its hash only (``meta["plan_hash"]``, :mod:`insitu.federation.planref`).  :mod:`insitu.builder` turns a plan into sites and a coordinator.
 """
 from __future__ import annotations
 

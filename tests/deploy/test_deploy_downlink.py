@@ -1,6 +1,7 @@
 """Downlink compression on a real consortium over 127.0.0.1 (mTLS, a coordinator process, four site
 processes): a job with ``downlink = "delta:int8"`` gives the simulation's model, its status reports bytes
-down per site per round beside bytes up, and a site process killed and started again gets the dense model."""
+down per site per round (every request: TRAIN and EVALUATE) beside bytes up, the same as the simulation's, and a
+site process killed and started again gets the whole plan and the dense model."""
 from __future__ import annotations
 
 import pytest
@@ -40,13 +41,16 @@ def test_int8_downlink_job_matches_simulation_and_reports_bytes_down(dep):
     assert st["final"]["site_accuracy"] == pytest.approx(sim["final"]["site_accuracy"], abs=1e-12)
     first, *later = st["rounds"]
     for s in dep.sites:
-        assert first["bytes_down"][s] > 1.5 * later[0]["bytes_down"][s]  # round one dense, then int8 deltas
+        # round one: the whole plan and the dense model; then the plan's hash and deltas (evaluation included)
+        assert first["bytes_down"][s] > 1.5 * later[0]["bytes_down"][s]
         assert all(r["bytes_up"][s] > 0 for r in st["rounds"])
     tr = st["traffic"]
     assert tr["downlink"] == "delta:int8" and 0 < tr["bytes_down_per_site_round"] < first["bytes_down"][dep.sites[0]]
-    # the same messages as in simulate, whose job is named sim-0: each header names its job
+    # the same messages as in simulate, whose job is named sim-0: each header names its job, two requests a round
     named = len(JOB["name"]) - len("sim-0")
-    assert tr["bytes_down_per_site_round"] == pytest.approx(sum(sim["final"]["bytes_down_per_round_per_site"].values()) / 4 + named)
+    final_eval = sim["final"]["evaluation_bytes_down"]
+    assert st["final"]["evaluation_bytes_down"] == {s: v + named for s, v in final_eval.items()} and len(final_eval) == 4
+    assert tr["bytes_down_per_site_round"] == pytest.approx(sum(sim["final"]["bytes_down_per_round_per_site"].values()) / 4 + 2 * named)
 
 
 def test_a_restarted_site_process_gets_the_dense_model(dep):
@@ -60,8 +64,8 @@ def test_a_restarted_site_process_gets_the_dense_model(dep):
     dense = applied[0]["bytes_down"]["hungary"]
     assert applied[1]["bytes_down"]["hungary"] < dense / 1.5  # before the restart: deltas
     after = [r for r in applied[2:] if "hungary" in r["participants"]]
-    resent = [r for r in after if r["bytes_down"]["hungary"] >= dense]
-    # after the restart it is sent the dense model once (alone, or after refusing a delta), then deltas again;
-    # the sites that never left get deltas throughout
+    resent = [r for r in after if r["bytes_down"]["hungary"] >= dense / 1.5]
+    # after the restart it is sent the whole plan and the dense model once (alone, or after refusing the plan's
+    # hash), then the hash and deltas again; the sites that never left get the hash and deltas throughout
     assert len(resent) == 1 and resent[0] is after[0], [(r["round"], r["bytes_down"]) for r in applied]
     assert all(r["bytes_down"][s] < dense / 1.5 for r in applied[1:] for s in r["participants"] if s != "hungary")
