@@ -9,7 +9,7 @@ until the site has answered a request that carried it, and then only its content
   with the hash it approved (and builds its job from it, when it has none);
 * ``meta["plan_hash"]``: the plan's content hash (64 lower-case hex digits) instead.  The site accepts
   it only for a plan it holds *and* checked whole in a request of the same job
-  (:meth:`insitu.federation.site.Site.check_plan`); anything else, including a request of a job it has
+  (``insitu.federation.site.Site._check_plan``; a deployed site node refuses it first when it holds no plan of the job); anything else, including a request of a job it has
   no plan for (it is new, restarted or dropped the job), is refused with a
   :class:`~insitu.errors.ProtocolError` naming the hash and containing :data:`UNKNOWN_PLAN`.
 
