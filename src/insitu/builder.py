@@ -108,7 +108,9 @@ def build_protocol(plan: Plan, *, rng: np.random.Generator | None = None) -> Agg
     if kind is Protection.PLAIN:
         from insitu.compress.codec import UpdateCodec, decode_update
 
-        proto = PlainProtocol(decode_update, UpdateCodec(spec))
+        from insitu.federation.robust import UpdateScreen
+
+        proto = PlainProtocol(decode_update, UpdateCodec(spec), UpdateScreen.for_plan(plan))
     else:
         if kind is Protection.SECAGG:
             from insitu.secure import SecAggConfig, SecAggProtocol

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from insitu.errors import ConfigError, parse_choice
 from insitu.compress.downlink import DownlinkMode
 from insitu.federation.dp import DPLevel, Placement
+from insitu.federation.robust import DEFAULT_MAX_RECORDS, DEFAULT_NORM_FACTOR, check_max_records, check_norm_factor
 from insitu.federation.strategies import Strategy, StrategyName, make_strategy
 from insitu.federation.task import TaskSpec, canonical_hash
 from insitu.privacy.accounting import AccountantKind
@@ -274,9 +275,16 @@ class Plan:
     normalize_epsilon: float = NORMALIZE_EPSILON  # federated normalisation: ε of each site's moments release
     #: how the global model reaches the sites: dense, or a (lossless or int8) delta against what each holds
     downlink: DownlinkMode = DownlinkMode.DENSE
+    #: plain rounds (insitu.federation.robust): a site's per-record update may be at most this many times
+    #: the round's median norm, and its weight (training record count) at most max_site_records
+    update_norm_factor: float = DEFAULT_NORM_FACTOR
+    max_site_records: int = DEFAULT_MAX_RECORDS
 
     def __post_init__(self) -> None:
         from insitu.compress.updates import CompressionSpec
+
+        object.__setattr__(self, "update_norm_factor", check_norm_factor(self.update_norm_factor))
+        object.__setattr__(self, "max_site_records", check_max_records(self.max_site_records))
 
         object.__setattr__(self, "downlink", DownlinkMode.parse(self.downlink))
 
@@ -322,13 +330,16 @@ class Plan:
             "normalize_epsilon": self.normalize_epsilon,
             # only when not dense: plans without downlink compression keep the hash sites approved before the field existed
             **({"downlink": self.downlink.value} if self.downlink is not DownlinkMode.DENSE else {}),
+            # the same for the plain rounds' bounds: in the hash only when a plan sets another value than the default
+            **({"update_norm_factor": self.update_norm_factor} if self.update_norm_factor != DEFAULT_NORM_FACTOR else {}),
+            **({"max_site_records": self.max_site_records} if self.max_site_records != DEFAULT_MAX_RECORDS else {}),
         }
 
     @classmethod
     def from_meta(cls, raw: Any) -> "Plan":
         """Parse a plan received from a peer or read from storage; every key is checked."""
         d = _strict_fields(cls, raw, "plan")
-        missing = sorted({f.name for f in fields(cls)} - set(d) - {"downlink"})
+        missing = sorted({f.name for f in fields(cls)} - set(d) - {"downlink", "update_norm_factor", "max_site_records"})
         if missing:
             raise ConfigError(f"plan lacks key(s) {missing}")
         d["task"] = TaskSpec.from_meta(d["task"])

@@ -28,6 +28,7 @@ from insitu.data.dataset import FederatedData
 from insitu.data.partition import Partition, PartitionKind
 from insitu.errors import ConfigError, DataError, RoundAborted, parse_choice
 from insitu.federation.coordinator import Coordinator, RoundRecord, round_bytes_down
+from insitu.federation.robust import DEFAULT_MAX_RECORDS, DEFAULT_NORM_FACTOR
 from insitu.federation.strategies import StrategyName
 from insitu.federation.task import TaskSpec
 from insitu.federation.transport import InProcessTransport
@@ -121,6 +122,9 @@ class SimulationConfig:
     round_timeout: float = 600.0
     compress: str = "none"  # update compression: int8, topk:F, shared:F, topk:F+int8 (insitu.compress)
     downlink: str = "dense"  # the global model to the sites: dense, delta (lossless) or delta:int8 (insitu.compress.downlink)
+    #: plain rounds: refuse a site's per-record update longer than this × the round's median (insitu.federation.robust)
+    update_norm_factor: float = DEFAULT_NORM_FACTOR
+    max_site_records: int = DEFAULT_MAX_RECORDS  # plain rounds: refuse a site weight (training record count) above this
     secure_aggregation: bool = False  # pairwise-masked sums (insitu.secure.secagg)
     secagg_recovery: str | None = None  # who removes masks: survivors (default: one more upload each, least server work) or server (Bonawitz)
     homomorphic: str = "none"  # none, paillier or ckks (insitu.secure.he)
@@ -241,6 +245,7 @@ class SimulationConfig:
                       adjacency=self.dp_adjacency),
             rounds=self.rounds, min_sites=self.min_sites, lr_schedule=self.lr_schedule, select=self.select, normalize=self.normalize,
             normalize_epsilon=self.normalize_epsilon, downlink=self.downlink,
+            update_norm_factor=self.update_norm_factor, max_site_records=self.max_site_records,
         )
 
 

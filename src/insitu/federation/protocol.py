@@ -61,6 +61,9 @@ class AggregateResult:
     site_metrics: Mapping[str, Mapping[str, Any]]
     bytes_up: Mapping[str, int] = field(default_factory=dict)  # site → coordinator
     bytes_down: Mapping[str, int] = field(default_factory=dict)  # coordinator → site
+    #: sites whose own update was refused (malformed, non-finite, or outside the plan's bounds): a
+    #: deployed job counts these rounds toward the site's exclusion like rounds it made abort
+    culprits: tuple[str, ...] = ()
 
     @property
     def mean(self) -> np.ndarray:
@@ -209,33 +212,45 @@ class PlainProtocol:
 
     ``decode`` reads the wire format sites encode their update in (dense float32 by default;
     :func:`insitu.compress.codec.decode_update` for compressed plans, chosen by the builder).
+    ``screen`` bounds one site's influence (:mod:`insitu.federation.robust`: the weight rules, the
+    size rule, the DP clip); the builder makes it from the plan, the defaults apply otherwise.
     """
 
     name = "plain"
 
-    def __init__(self, decode: UpdateDecoder | None = None, codec: UpdateCodec | None = None):
+    def __init__(self, decode: UpdateDecoder | None = None, codec: UpdateCodec | None = None, screen: Any = None):
+        from insitu.federation.robust import UpdateScreen
+
         self.decode = decode or decode_dense
         self.codec = codec or DenseCodec()
+        self.screen = screen if screen is not None else UpdateScreen()
 
     def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult:
         ex, replies, dropped = train_replies(plan, transport)
-        total = np.zeros(plan.size, dtype=np.float64)
-        weight = 0.0
+        valid: dict[str, tuple[np.ndarray, float]] = {}
         metrics: dict[str, Mapping[str, Any]] = {}
+        culprits: list[str] = []
         for sid, rep in replies.items():
             try:
                 vec = finite_vector(self.decode(rep.meta, rep.tensors, plan.size, plan.job, plan.round), plan.size, f"update from {sid}")
-                w = rep.require("weight", (int, float))
-                if not np.isfinite(w) or w <= 0:
-                    raise ProtocolError(f"weight {w!r} from {sid} is not a positive number")
+                w = self.screen.check_weight(sid, rep.require("weight", (int, float)))
                 m = reply_metrics(rep)
             except ProtocolError as exc:
                 dropped[sid] = f"bad update: {exc}"
+                culprits.append(sid)
                 continue
-            total += vec
-            weight += float(w)
+            valid[sid] = (vec, w)
             metrics[sid] = m
-        return AggregateResult(total, weight, tuple(metrics), dropped, metrics, ex.bytes_received, ex.bytes_sent)
+        for sid, why in self.screen.screen(plan, valid).items():
+            dropped[sid] = f"refused update: {why}"
+            culprits.append(sid)
+            del valid[sid], metrics[sid]
+        total = np.zeros(plan.size, dtype=np.float64)
+        weight = 0.0
+        for sid in metrics:  # in reply order, as before the screen existed (exact-equality tests)
+            total += valid[sid][0]
+            weight += valid[sid][1]
+        return AggregateResult(total, weight, tuple(metrics), dropped, metrics, ex.bytes_received, ex.bytes_sent, tuple(sorted(culprits)))
 
     def site_protection(self, site_id: str) -> SiteProtection:
         return PlainSiteProtection(self.codec)

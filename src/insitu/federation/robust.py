@@ -1,0 +1,206 @@
+"""Bounded influence of one site on a plain round: the coordinator's screen of the updates it sees.
+
+Under ``protection = plain`` the coordinator sees every site's weighted update ``wᵢ·uᵢ`` and its
+claimed weight ``wᵢ`` (the site's training record count).  FedAvg applies ``Σ wᵢuᵢ / Σ wᵢ``, so
+one authenticated site that sends a finite but absurd update (every value 1e30) or claims an
+absurd weight (1e15 records) would set the global model for everyone.  :class:`UpdateScreen`
+refuses such a reply before it reaches the sum; the site is dropped from the round with a reason
+naming the value and the bound, and is named a culprit (a deployed job excludes a site named in
+``exclude_after`` rounds, :mod:`insitu.coordinator.service`).
+
+The rules, all from the approved plan (every site knows them):
+
+* **weight** — a positive whole number, at most the plan's ``max_site_records``, and the same in
+  every round of the job (a site's training split does not change; the first weight the
+  coordinator accepted from a site is its reference).
+* **size** — with at least :data:`MIN_SCREENED` updates in the round, a site's per-record update
+  ``uᵢ = vecᵢ / wᵢ`` may not have an L2 norm above ``update_norm_factor`` × the median norm of the
+  round's updates.  Scaffold's reply is ``[Δy, Δc]``: the model part and the control-variate part
+  are screened separately (the control variate feeds every site's next gradient correction).
+* **DP clip** — with site-level DP the site promised to clip its update to C (the plan's, or the
+  round's adaptive clip): an update longer than C (plus the site's own noise share when the noise
+  is distributed, and int8 rounding when the plan quantises) is refused, whatever the round's size.
+
+What is not bounded: a site can lie about its record count within the cap (nobody can check it),
+and can steer the model in any direction within ``update_norm_factor`` × the median per round.
+With fewer than three updates there is no majority to compare with, so only the weight and DP
+rules apply.  Under secure aggregation or homomorphic encryption the coordinator never sees a
+single update; only those protocols' own checks of the sum apply.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from insitu.errors import ConfigError, ProtocolError
+
+#: the screen compares sizes only when at least this many updates arrived (a median of two is no majority)
+MIN_SCREENED = 3
+#: default ``update_norm_factor``: largest honest per-record norm / round median measured on the
+#: project's recipes was 4.6 (bench/honest_update_ratios.py; docs/guide/hostile.md); ×10 margin
+DEFAULT_NORM_FACTOR = 50.0
+#: default ``max_site_records``: no hospital trains on more records than this; a consortium that
+#: knows its sites' sizes declares a tighter cap in the plan
+DEFAULT_MAX_RECORDS = 1_000_000_000
+#: float32 transport of a clipped update: relative slack on the clip bound
+_F32_SLACK = 1e-5
+#: Gaussian concentration: ‖N(0, σ²I_d)‖ ≤ σ(√d + t) except with probability exp(−t²/2) (t = 12: < 1e-31)
+_NOISE_TAIL = 12.0
+
+
+def check_norm_factor(v: Any) -> float:
+    """``update_norm_factor``: a finite number > 1 (the bound is this many times the round's median)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 1:
+        raise ConfigError(f"update_norm_factor must be a number > 1 (a site's update may be at most this many times the "
+                          f"round's median update norm), got {v!r}")
+    return float(v)
+
+
+def check_max_records(v: Any) -> int:
+    """``max_site_records``: a positive integer (the largest training record count a site may claim)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10**15:
+        raise ConfigError(f"max_site_records must be an integer from 1 to 10^15 (the most training records any site "
+                          f"of the consortium has), got {v!r}")
+    return v
+
+
+#: (round plan) → the largest L2 norm a site's weighted update may have under site-level DP, or None
+ClipBound = Callable[[Any], "float | None"]
+
+
+@dataclass
+class UpdateScreen:
+    """The coordinator's screen of one plain round's updates (see the module docstring).
+
+    ``scaffold``: the reply is Scaffold's ``[Δy, Δc]`` (two halves, each screened alone).
+    ``uniform``: the plan weights every site 1 (site-level DP), so any other weight is refused.
+    ``clip_bound`` gives the DP bound of the round, when the plan has one.  ``weights`` holds each
+    site's reference weight for the job (the first one accepted)."""
+
+    norm_factor: float = DEFAULT_NORM_FACTOR
+    max_records: int = DEFAULT_MAX_RECORDS
+    scaffold: bool = False
+    uniform: bool = False
+    clip_bound: ClipBound | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.norm_factor = check_norm_factor(self.norm_factor)
+        self.max_records = check_max_records(self.max_records)
+
+    @classmethod
+    def for_plan(cls, plan: Any) -> "UpdateScreen":
+        """The screen an approved :class:`~insitu.plan.Plan` states."""
+        return cls(norm_factor=plan.update_norm_factor, max_records=plan.max_site_records, scaffold=plan.strategy.scaffold,
+                   uniform=plan.weighting == "uniform", clip_bound=dp_clip_bound(plan))
+
+    # -- weight -------------------------------------------------------------------------------
+    def check_weight(self, site: str, w: Any) -> float:
+        """The site's weight if it keeps the rules; ProtocolError naming the value and the rule otherwise."""
+        try:
+            f = float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else math.nan
+        except OverflowError:  # an integer beyond any float
+            f = math.inf
+        if not math.isfinite(f) or f <= 0:
+            raise ProtocolError(f"weight {str(w)[:40]} from {site} is not a positive number")
+        w = f
+        if self.uniform and w != 1.0:
+            raise ProtocolError(f"weight {w:.17g} from {site}: the plan weights every site 1 (site-level DP)")
+        if not w.is_integer():
+            raise ProtocolError(f"weight {w!r} from {site} is not a whole number of training records")
+        if w > self.max_records:
+            raise ProtocolError(f"weight {w:.17g} from {site} is above the plan's max_site_records = {self.max_records:,}")
+        ref = self.weights.get(site)
+        if ref is not None and w != ref:
+            raise ProtocolError(f"weight {w:.17g} from {site} differs from the {ref:.17g} it sent earlier in this job "
+                                "(a site's training record count does not change between rounds)")
+        self.weights.setdefault(site, w)
+        return w
+
+    # -- size ---------------------------------------------------------------------------------
+    def screen(self, plan: Any, updates: Mapping[str, tuple[np.ndarray, float]]) -> dict[str, str]:
+        """Sites whose update breaks the size or DP rules, each with the reason (value and bound).
+
+        ``updates``: site → (weighted update ``wᵢ·uᵢ`` as received, weight ``wᵢ``), all finite and
+        with weights already checked."""
+        refused: dict[str, str] = {}
+        bound = self.clip_bound(plan) if self.clip_bound is not None else None
+        if bound is not None:
+            for sid, (vec, _) in updates.items():
+                norm = float(np.linalg.norm(vec))
+                if norm > bound:
+                    refused[sid] = (f"update norm {norm:.6g} is above the bound {bound:.6g} the plan's site-level DP clip "
+                                    "promises (the site clips its update before it leaves)")
+        if len(updates) < MIN_SCREENED:
+            return refused
+        size = next(iter(updates.values()))[0].shape[0]
+        for label, part in self._parts(size):
+            norms = {sid: float(np.linalg.norm(vec[part] / w)) for sid, (vec, w) in updates.items()}
+            med = float(np.median(list(norms.values())))
+            limit = self.norm_factor * med
+            for sid, norm in norms.items():
+                if norm > limit and sid not in refused:
+                    ratio = f"{norm / med:.3g}×" if med > 0 else "above zero, while"
+                    refused[sid] = (f"per-record {label} norm {norm:.6g} is {ratio} the round's median {med:.6g} "
+                                    f"(bound: update_norm_factor {self.norm_factor:g} × median = {limit:.6g})")
+        return refused
+
+    def ratios(self, updates: Mapping[str, tuple[np.ndarray, float]]) -> dict[str, float]:
+        """Each update's largest norm / round median over its parts (what the size rule compares; benchmarks)."""
+        if not updates:
+            return {}
+        size = next(iter(updates.values()))[0].shape[0]
+        out = {sid: 0.0 for sid in updates}
+        for _, part in self._parts(size):
+            norms = {sid: float(np.linalg.norm(vec[part] / w)) for sid, (vec, w) in updates.items()}
+            med = float(np.median(list(norms.values())))
+            for sid, norm in norms.items():
+                out[sid] = max(out[sid], norm / med if med > 0 else (math.inf if norm > 0 else 1.0))
+        return out
+
+    def _parts(self, size: int) -> list[tuple[str, slice]]:
+        if not self.scaffold:
+            return [("update", slice(None))]
+        n = size // 2
+        return [("model update", slice(0, n)), ("control-variate update", slice(n, size))]
+
+
+def dp_clip_bound(plan: Any) -> ClipBound | None:
+    """The longest update a site of ``plan`` can honestly send under site-level DP, or None.
+
+    The site clips to C (the round's ``dp_clip`` when adaptive), adds its noise share N(0, σ²) per
+    coordinate when the noise is distributed (bounded by σ(√d + 12), exceeded with probability below
+    1e-31), and with dense int8 compression rounds each value by less than its block's scale
+    (‖error‖ ≤ √block / 127 · ‖x‖).  With a sparsifier the error-feedback residual rides along
+    with the clipped update, so no bound is stated (the size rule still applies)."""
+    from insitu.compress.updates import QMAX, CompressionSpec, Quantizer, Sparsifier
+    from insitu.federation.dp import DPLevel, Placement
+
+    dp = plan.dp
+    if dp.level is not DPLevel.SITE:
+        return None
+    spec = CompressionSpec.parse(plan.compression)
+    if spec.sparsify is not Sparsifier.NONE:
+        return None
+    quant = 1.0 + math.sqrt(spec.block) / QMAX if spec.quantize is Quantizer.INT8 else 1.0
+    std_per_clip = 0.0
+    if dp.placement is Placement.DISTRIBUTED:
+        std_per_clip = dp.site_noise(plan.rounds) * dp.sensitivity_factor / math.sqrt(plan.min_sites)
+    adaptive, fixed = dp.adaptive_clip, float(dp.clip)
+
+    def bound(round_plan: Any) -> float | None:
+        c = round_plan.instructions.dp_clip if adaptive else fixed
+        if c is None:
+            return None
+        d = round_plan.size
+        noise = std_per_clip * float(c) * (math.sqrt(d) + _NOISE_TAIL)
+        return (float(c) + noise) * quant * (1 + _F32_SLACK) + 1e-12
+
+    return bound
+
+
+__all__ = ["UpdateScreen", "dp_clip_bound", "check_norm_factor", "check_max_records", "MIN_SCREENED",
+           "DEFAULT_NORM_FACTOR", "DEFAULT_MAX_RECORDS"]
