@@ -94,6 +94,10 @@ class RecordingProtocol:
     def dropped(self, round_: int) -> dict[str, str]:
         return dict(self.last[1].dropped) if self.last and self.last[0] == round_ else {}
 
+    def culprits(self, round_: int) -> tuple[str, ...]:
+        """Sites whose update round ``round_`` refused (insitu.federation.robust)."""
+        return tuple(self.last[1].culprits) if self.last and self.last[0] == round_ else ()
+
 
 class OperatorOp(str, enum.Enum):
     SUBMIT = "submit"
@@ -338,11 +342,12 @@ class CoordinatorService:
                         log.exception("job %s round %d: internal error", job.id, r)
                     exc = RoundAborted(f"round {r} aborted: {_one_line(exc)}; the global model is unchanged")
                 aborted += 1
-                self.store.abort_round(job.id, r, str(exc), protocol.dropped(r), exc.culprits)
+                culprits = tuple(sorted(set(exc.culprits) | set(protocol.culprits(r))))  # incl. updates refused before the abort
+                self.store.abort_round(job.id, r, str(exc), protocol.dropped(r), culprits)
                 log.warning("job %s round %d aborted (%d so far): %s", job.id, r, aborted, exc)
                 if aborted > max_aborted:
                     raise RoundAborted(f"job {job.id}: {aborted} rounds aborted (limit {max_aborted}); last: {exc}") from None
-                if exc.culprits:
+                if culprits:
                     self._exclude(job.id, spec, coord)
                 continue
             last = version + 1 == spec.rounds
@@ -355,10 +360,13 @@ class CoordinatorService:
                 job.id, r, expected_version=version, params=coord.params, state=strategy.state(),
                 participants=rec.participants, dropped=rec.dropped, evaluation=evaluation, seconds=rec.seconds,
                 metrics=with_traffic(rec, coord.eval_bytes_down if evaluation is not None else None),
+                culprits=protocol.culprits(r),
             )
             acc = (evaluation or {}).get("mean_site_accuracy")
             log.info("job %s round %d applied as version %d: %d sites, %d dropped, %.3f s%s", job.id, r, version,
                      len(rec.participants), len(rec.dropped), rec.seconds, f", mean accuracy {acc:.4f}" if acc is not None else "")
+            if protocol.culprits(r):  # a refused update counts toward exclude_after like an aborted round
+                self._exclude(job.id, spec, coord)
         selection = self._select(job.id, coord, criterion) if criterion is not None else {}
         final = self._evaluate(coord, self.store.job(job.id).next_round)
         final["evaluation_bytes_down"] = dict(coord.eval_bytes_down)  # the final evaluation's request to each site
@@ -378,7 +386,8 @@ class CoordinatorService:
         if not new:
             return
         coord.excluded = frozenset(coord.excluded | set(new))
-        self.excluded[job_id] = {s: f"named as the cause of aborted rounds {', '.join(map(str, rs))} (exclude_after = {spec.exclude_after})"
+        applied = {r["round"] for r in self.store.rounds(job_id) if r["status"] == RoundStatus.APPLIED.value}
+        self.excluded[job_id] = {s: f"named as the cause of {_blamed(rs, applied)} (exclude_after = {spec.exclude_after})"
                                  for s, rs in blame.items()}
         for s in new:
             log.warning("job %s: site %s excluded from later rounds: %s", job_id, s, self.excluded[job_id][s])
@@ -426,6 +435,15 @@ class CoordinatorService:
         if coord.eval_dropped:
             out["dropped"] = dict(coord.eval_dropped)
         return out
+
+
+def _blamed(rounds: list[int], applied: set[int]) -> str:
+    """'aborted rounds 2, 3' / 'refused updates in rounds 4, 5' / both: the rounds a site was blamed for."""
+    aborted = [r for r in rounds if r not in applied]
+    refused = [r for r in rounds if r in applied]
+    parts = ([f"aborted rounds {', '.join(map(str, aborted))}"] if aborted else []) + \
+            ([f"refused updates in rounds {', '.join(map(str, refused))}"] if refused else [])
+    return " and ".join(parts)
 
 
 def with_traffic(rec: Any, evaluation: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:

@@ -236,8 +236,10 @@ class JobStore:
     def apply_round(
         self, job_id: str, round_: int, *, expected_version: int, params: np.ndarray, state: Mapping[str, np.ndarray | None],
         participants: tuple[str, ...], dropped: Mapping[str, str], metrics: Mapping[str, Any], evaluation: Mapping[str, Any] | None, seconds: float,
+        culprits: tuple[str, ...] = (),
     ) -> int:
-        """Record round ``round_`` as applied and store the model it produced; one transaction."""
+        """Record round ``round_`` as applied and store the model it produced; one transaction.
+        ``culprits``: sites whose update the round refused (they count toward ``exclude_after``)."""
         blob = pack_arrays({"params": params})
         with self._tx() as db:
             (applied,) = db.execute("SELECT rounds_applied FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -255,6 +257,8 @@ class JobStore:
                 db.execute("INSERT INTO round_sites VALUES (?,?,?,1,NULL)", (job_id, round_, s))
             for s, why in dropped.items():
                 db.execute("INSERT OR REPLACE INTO round_sites VALUES (?,?,?,0,?)", (job_id, round_, s, why))
+            for s in culprits:
+                db.execute("INSERT OR IGNORE INTO round_blame VALUES (?,?,?)", (job_id, round_, s))
             db.execute(
                 "INSERT INTO models VALUES (?,?,?,?,?,?,?)",
                 (job_id, applied + 1, round_, blob, pack_arrays(state), hashlib.sha256(blob).hexdigest(), time.time()),
@@ -276,7 +280,7 @@ class JobStore:
                 db.execute("INSERT OR REPLACE INTO round_sites VALUES (?,?,?,0,?)", (job_id, round_, s, why))
 
     def blame(self, job_id: str) -> dict[str, list[int]]:
-        """Each site named as the cause of an aborted round of the job, with those rounds."""
+        """Each site named as the cause of an aborted round of the job, or whose update a round refused, with those rounds."""
         with self._lock:
             rows = self._db.execute("SELECT site, round FROM round_blame WHERE job=? ORDER BY round", (job_id,)).fetchall()
         out: dict[str, list[int]] = {}

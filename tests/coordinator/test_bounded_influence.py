@@ -1,0 +1,103 @@
+"""A deployed job against a site that sends a finite, absurd update every round (1e30 × its update).
+
+The real coordinator service (its round loop, SQLite job store, blame and exclusion) and the real
+site nodes (site.toml, approvals, certificates from the sandbox CA), joined by the in-process
+transport instead of mTLS so that everything runs in this process.  The hostile hospital is
+refused in each round it is asked, with a reason naming its norm and the bound; after
+``exclude_after`` such rounds it is left out; the job finishes, and its model is finite and
+exactly the model the three honest hospitals make alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from insitu.coordinator.jobs import JobSpec
+from insitu.coordinator.service import CoordinatorConfig, CoordinatorService, job_coordinator
+from insitu.federation.messages import MessageKind
+from insitu.federation.transport import InProcessTransport
+from insitu.net import sandbox
+from insitu.net.pki import Identity, Role
+
+SITES = sandbox.SITES
+HOSTILE = "va-long-beach"
+SECRETS = {s: bytes([i + 1]) * 32 for i, s in enumerate(SITES)}
+JOB = {"name": "mallory-1e30", "dataset": "heart", "rounds": 5, "seed": 0, "min_sites": 3, "local_steps": 5,
+       "exclude_after": 2, "approval_timeout": 0, "eval_every": 1}
+
+
+class Scaled:
+    """The real site node; every TRAIN reply's update multiplied by 1e30 (finite in float32)."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def handle(self, msg):
+        reply = self.node.handle(msg)
+        if reply.kind is MessageKind.TRAIN_REPLY:
+            reply = replace(reply, tensors={**reply.tensors, "update": reply.tensors["update"] * np.float32(1e30)})
+        return reply
+
+
+class Loopback(InProcessTransport):
+    """The in-process transport with the calls the service makes of a network transport besides exchange."""
+
+    def wait_for(self, names, count, timeout):
+        return sorted(self.sites())
+
+    def connections(self):
+        return []
+
+
+def nodes(sb, plan_hash: str, state: str, sites=SITES) -> dict:
+    from insitu.data.heart import FEATURES
+    from insitu.site.node import SiteNode, load_site_data
+    from insitu.site.policy import SitePolicy
+
+    out = {}
+    for s in sites:
+        policy = SitePolicy.load(sb.write_site_config(s, approved=[plan_hash]))
+        policy = dataclasses.replace(policy, state=sb.root / "state" / state / s)
+        out[s] = SiteNode(policy, s, load_site_data(policy), schema=tuple(FEATURES))
+    return out
+
+
+@pytest.mark.slow
+def test_a_site_sending_huge_updates_is_refused_then_excluded_and_the_model_is_the_honest_one(tmp_path):
+    sb = sandbox.create(tmp_path, SITES, fixed_secrets=SECRETS)
+    spec = JobSpec.from_dict(JOB)
+    h = spec.plan.content_hash()
+    svc = CoordinatorService(CoordinatorConfig.load(sb.write_coordinator_config()))
+    try:
+        hostile = nodes(sb, h, "attacked")
+        hostile[HOSTILE] = Scaled(hostile[HOSTILE])
+        svc.server.transport = Loopback(hostile)
+        svc.operator("submit", {"job": JOB}, Identity("ops", Role.OPERATOR, 1))
+        svc.run_job(svc.store.job(JOB["name"]))
+        row = svc.store.job(JOB["name"])
+        rounds = svc.store.rounds(JOB["name"])
+        assert row.status.value == "done", row.public()
+        assert [r["status"] for r in rounds] == ["applied"] * 5
+        for r in rounds[:2]:  # asked, refused with its norm and the bound, the round applied with the others
+            assert sorted(r["participants"]) == sorted(set(SITES) - {HOSTILE})
+            why = r["dropped"][HOSTILE]
+            assert re.search(r"^refused update: per-record update norm \d\.\d+e\+\d\d is [\d.e+]+× the round's median "
+                             r"[\d.e-]+ \(bound: update_norm_factor 50 × median = [\d.e-]+\)$", why), why
+        for r in rounds[2:]:  # excluded: never asked again
+            assert sorted(r["participants"]) == sorted(set(SITES) - {HOSTILE}) and not r["dropped"]
+        assert svc.store.blame(JOB["name"]) == {HOSTILE: [1, 2]}
+        assert svc.excluded[JOB["name"]] == {HOSTILE: "named as the cause of refused updates in rounds 1, 2 (exclude_after = 2)"}
+        _, _, params, _ = svc.store.latest_model(JOB["name"])
+    finally:
+        svc.stop()
+        svc.store.close()
+    assert np.all(np.isfinite(params)) and float(np.abs(params).max()) < 10
+    # the honest hospitals alone, same plan, same secrets: the same model
+    coord, _, _ = job_coordinator(spec, JOB["name"], InProcessTransport(nodes(sb, h, "honest", [s for s in SITES if s != HOSTILE])))
+    for r in range(1, 6):
+        coord.run_round(r)
+    assert np.array_equal(np.asarray(params, np.float32), coord.params)
