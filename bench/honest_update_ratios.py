@@ -36,6 +36,15 @@ CASES: dict[str, dict] = {
     "pneumoniamnist-scaffold": {"dataset": "pneumoniamnist", "data": str(DATA / "pneumoniamnist.npz"), "rounds": 10,
                                 "strategy": "scaffold", "optimizer": "sgd", "select": "last"},
     "physionet-small": {"dataset": "physionet2012", "data": str(DATA / "physionet2012"), "rounds": 5},
+    "heart-dp-site": {"dp": "site", "epsilon": 5.0},
+    "heart-8-sites-iid": {"sites": 8, "partition": "iid"},
+    "pneumoniamnist-dirichlet0.1-10": {"dataset": "pneumoniamnist", "data": str(DATA / "pneumoniamnist.npz"), "rounds": 5,
+                                       "sites": 10, "partition": "dirichlet:0.1"},
+    "pneumoniamnist-dp-record": {"dataset": "pneumoniamnist", "data": str(DATA / "pneumoniamnist.npz"), "rounds": 5,
+                                 "dp": "record", "epsilon": 8.0},
+    # cross-device (insitu cross-device): 1,000 synthetic wearables, 5 % sampled a round, 10 % offline
+    "crossdevice": {"crossdevice": True, "rounds": 30},
+    "crossdevice-topk": {"crossdevice": True, "rounds": 30, "compress": "topk:0.1"},
 }
 
 
@@ -86,7 +95,12 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             t0 = time.perf_counter()
             with Observer() as obs:
-                simulate(**opts, seed=seed, baselines=False, write=False)
+                if opts.get("crossdevice"):
+                    from insitu.compress.crossdevice import CrossDeviceConfig, cross_device
+
+                    cross_device(CrossDeviceConfig(**{k: v for k, v in opts.items() if k != "crossdevice"}, seed=seed))
+                else:
+                    simulate(**opts, seed=seed, baselines=False, write=False)
             r = sorted(obs.ratios)
             top = r[-1] if r else math.nan
             p99 = r[min(len(r) - 1, int(0.99 * len(r)))] if r else math.nan

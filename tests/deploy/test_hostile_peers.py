@@ -9,8 +9,10 @@ replaced by arbitrary JSON or removed, tensors of another dtype, shape or value 
 another kind, round or job, an ERROR with an odd reason, an unsolicited message before the real
 one, a duplicate, or bytes that are no message at all.  After each, the coordinator process is
 alive, the round it hit ended (applied with the three honest hospitals, or aborted with a reason
-naming ``a-mallory``), no reason says "internal error", and the next round runs.  Last, a clean
-job with all four sites runs to the end.  The tallies are printed at the end of the run.
+naming ``a-mallory``), no reason says "internal error", and the next round runs.  A plain round
+applies the hostile site's reply only when its update and weight are within the plan's bounds;
+finite but absurd ones (×1e30, one value 1e30, a claimed 1e15 records) are refused, naming the value
+and the bound (insitu.federation.robust).  Last, a clean job with all four sites runs to the end.  The tallies are printed at the end of the run.
 """
 from __future__ import annotations
 
@@ -198,6 +200,7 @@ class Armory:
         self.lock = threading.Lock()
         self.armed: tuple[str, MessageKind, int, list[Op]] | None = None
         self.fired: tuple[str, int, MessageKind] | None = None
+        self.sent: list[Message] = []  # the corrupted replies the hostile site last sent
         self.event = threading.Event()
 
     def arm(self, job: str, phase: MessageKind, skip: int, plan: list[Op]) -> None:
@@ -238,6 +241,8 @@ class HostileClient(SiteClient):
             reply = self._answer(msg)
             plan = self.armory.take(msg)
             items = [("reply", reply)] if plan is None else corrupt(reply, msg, plan)
+            if plan is not None:
+                self.armory.sent = [item[1] for item in items if item[0] == "reply"]
             for item in items:
                 try:
                     if item[0] == "raw":
@@ -366,6 +371,11 @@ def test_hostile_site_cannot_take_the_coordinator_down(consortium, protection, p
             for s in HONEST:  # an honest hospital takes part, or was kept out by the hostile one's doing
                 assert s in rec["participants"] or HOSTILE in rec["dropped"].get(s, ""), rec
             assert HOSTILE in rec["participants"] or rec["dropped"].get(HOSTILE), rec  # left out, with the reason
+            if protection == "plain" and phase is MessageKind.TRAIN:
+                if HOSTILE in rec["participants"]:  # what was applied was within the plan's bounds
+                    assert all(within_bounds(m) for m in armory.sent), [(m.meta, m.tensors) for m in armory.sent]
+                elif "refused update" in rec["dropped"].get(HOSTILE, ""):
+                    TALLY["rounds"]["applied without the hostile update (bounds)"] += 1
             ev = rec["evaluation"] or {}
             assert sorted(ev.get("sites", {})) in (sorted(HONEST), sorted((HOSTILE, *HONEST))), ev
         # the next round of the same job runs, and the job is still running
@@ -375,6 +385,38 @@ def test_hostile_site_cannot_take_the_coordinator_down(consortium, protection, p
 
     attack()
     sb.operator("cancel", {"job": RUNNER.job[protection]})
+
+
+def within_bounds(m: Message) -> bool:
+    """A plain TRAIN reply the coordinator may apply: an honest-sized dense update, a record count under the cap."""
+    if m.kind is not MessageKind.TRAIN_REPLY:
+        return True
+    w, u = m.meta.get("weight"), m.tensors.get("update")
+    ok_w = not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 1_000_000_000
+    ok_u = u is None or u.dtype.kind != "f" or not np.all(np.isfinite(u)) or float(np.abs(u).max(initial=0)) < 1e6
+    return ok_w and ok_u
+
+
+@pytest.mark.parametrize("attack, why", [
+    ([Op("scale", pick=0)], "refused update: per-record update norm"),
+    ([Op("poison", pick=3, fill="huge")], "refused update: per-record update norm"),
+    ([Op("set_meta", pick=1, value=10**15)], "bad update: weight 1000000000000000 from a-mallory is above the plan's max_site_records"),
+    ([Op("set_meta", pick=1, value=1e30)], "bad update: weight 1e+30 from a-mallory is above the plan's max_site_records"),
+], ids=["scale-1e30", "poison-huge", "weight-1e15", "weight-1e30"])
+def test_plain_rounds_refuse_finite_absurd_updates_and_weights(consortium, attack, why):
+    """Finite but absurd: applied, these would have ruined the global model for every hospital."""
+    sb, armory = consortium
+    job = RUNNER.fresh(sb, "plain")
+    assert sb.wait_sites(4, timeout=60) == sorted((HOSTILE, *HONEST))
+    armory.arm(job, MessageKind.TRAIN, 0, attack)
+    assert armory.event.wait(120), sb.operator("status", {"job": job})
+    _, r, _ = armory.fired
+    assert sorted(armory.sent[0].meta) == ["metrics", "weight"]  # pick=1 is the weight
+    rec = wait_round(sb, job, r)
+    assert rec["status"] == "applied" and sorted(rec["participants"]) == sorted(HONEST), rec
+    assert rec["dropped"][HOSTILE].startswith(why), rec["dropped"]
+    assert wait_round(sb, job, r + 1)["status"] == "applied"
+    sb.operator("cancel", {"job": job})  # the jobs after this test queue behind a running one
 
 
 def test_a_site_that_keeps_aborting_secure_rounds_is_excluded_and_the_job_ends(consortium):
