@@ -156,6 +156,8 @@ min_sites = {min_sites}                # a round needs this many sites; fewer an
 # local_steps = 50
 secure_aggregation = false             # true: pairwise masks, the coordinator learns only the sum
 # homomorphic = "paillier"             # or "ckks": a homomorphic sum instead
+# update_norm_factor = 50.0            # plain rounds: refuse a site's update longer than this x the round's median
+# max_site_records = 100000            # plain rounds: refuse a site claiming more training records (default 10^9)
 # dp = "record"                        # DP-SGD at every site (part of the plan and its hash); each site
 # noise_multiplier = 1.5               #   computes its own ε and refuses a round past its budget
 # clip = 1.0
@@ -165,7 +167,7 @@ sites = [{sites}]                      # optional: only these sites (default: ev
 round_timeout = 60.0                   # seconds a round waits for the sites' updates
 wait_for_sites = 60.0                  # seconds a round waits for min_sites to be connected
 approval_timeout = 1800.0              # seconds to wait for approvals before round one (0: do not wait)
-# exclude_after = 3                    # leave out a site named as the cause of this many aborted rounds (0: never)
+# exclude_after = 3                    # leave out a site named as the cause of this many aborted rounds or refused updates (0: never)
 """
 
 HEART_DATA = """\

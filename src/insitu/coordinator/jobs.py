@@ -22,7 +22,7 @@ unchanged and sites approve the same hash::
     round_timeout = 60.0
     wait_for_sites = 60.0
     approval_timeout = 1800.0     # before round one, wait this long for the sites to approve the plan (0: do not wait)
-    exclude_after = 3             # leave out a site named as the cause of this many aborted rounds (0: never)
+    exclude_after = 3             # leave out a site named as the cause of this many aborted rounds or refused updates (0: never)
 
     [task]                        # needed for datasets other than heart: the data's shape
     input_shape = [1, 28, 28]
@@ -128,7 +128,7 @@ class JobSpec:
     max_aborted: int | None = None  # give up after this many aborted rounds (default: rounds)
     eval_every: int = 1
     approval_timeout: float = 1800.0  # before round one, wait for the sites' approvals (insitu.coordinator.onboarding)
-    exclude_after: int = 3  # a site named as the cause of this many aborted rounds is left out of the job's later rounds (0: never)
+    exclude_after: int = 3  # a site named as the cause of this many aborted rounds or refused updates is left out of later rounds (0: never)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or len(self.name) > 64 or not all(c.isalnum() or c in "-_." for c in self.name):
