@@ -18,6 +18,7 @@ import pytest
 
 from insitu.coordinator.jobs import JobSpec
 from insitu.coordinator.service import CoordinatorConfig, CoordinatorService, job_coordinator
+from insitu.errors import RoundAborted
 from insitu.federation.messages import MessageKind
 from insitu.federation.transport import InProcessTransport
 from insitu.net import sandbox
@@ -101,3 +102,27 @@ def test_a_site_sending_huge_updates_is_refused_then_excluded_and_the_model_is_t
     for r in range(1, 6):
         coord.run_round(r)
     assert np.array_equal(np.asarray(params, np.float32), coord.params)
+
+
+@pytest.mark.slow
+def test_a_refused_update_that_leaves_too_few_sites_aborts_the_round_and_still_counts(tmp_path):
+    job = {**JOB, "name": "mallory-abort", "min_sites": 4, "rounds": 3, "max_aborted": 2, "sites": list(SITES)}
+    sb = sandbox.create(tmp_path, SITES, fixed_secrets=SECRETS)
+    h = JobSpec.from_dict(job).plan.content_hash()
+    svc = CoordinatorService(CoordinatorConfig.load(sb.write_coordinator_config()))
+    try:
+        sites = nodes(sb, h, "attacked")
+        sites[HOSTILE] = Scaled(sites[HOSTILE])
+        svc.server.transport = Loopback(sites)
+        svc.operator("submit", {"job": job}, Identity("ops", Role.OPERATOR, 1))
+        with pytest.raises(RoundAborted, match="va-long-beach excluded after causing aborted rounds or refused updates; 3 of the "
+                                               "job's sites remain, min_sites is 4"):
+            svc.run_job(svc.store.job(job["name"]))  # the service's job loop marks the job failed with this reason
+        rounds = svc.store.rounds(job["name"])
+        assert [r["status"] for r in rounds] == ["aborted", "aborted"]
+        assert all("3 of 4 sites finished" in r["reason"] and r["dropped"][HOSTILE].startswith("refused update") for r in rounds)
+        assert svc.store.blame(job["name"]) == {HOSTILE: [1, 2]}
+        assert svc.excluded[job["name"]] == {HOSTILE: "named as the cause of aborted rounds 1, 2 (exclude_after = 2)"}
+    finally:
+        svc.stop()
+        svc.store.close()

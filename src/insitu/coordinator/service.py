@@ -392,7 +392,7 @@ class CoordinatorService:
         for s in new:
             log.warning("job %s: site %s excluded from later rounds: %s", job_id, s, self.excluded[job_id][s])
         if spec.sites and len(set(spec.sites) - coord.excluded) < spec.min_sites:
-            raise RoundAborted(f"job {job_id}: {', '.join(sorted(coord.excluded))} excluded after causing aborted rounds; "
+            raise RoundAborted(f"job {job_id}: {', '.join(sorted(coord.excluded))} excluded after causing aborted rounds or refused updates; "
                                f"{len(set(spec.sites) - coord.excluded)} of the job's sites remain, min_sites is {spec.min_sites}")
 
     def _select(self, job_id: str, coord: Coordinator, criterion: Any) -> dict[str, Any]:
