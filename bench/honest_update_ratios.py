@@ -38,8 +38,8 @@ CASES: dict[str, dict] = {
     "physionet-small": {"dataset": "physionet2012", "data": str(DATA / "physionet2012"), "rounds": 5},
     "heart-dp-site": {"dp": "site", "epsilon": 5.0},
     "heart-8-sites-iid": {"sites": 8, "partition": "iid"},
-    "pneumoniamnist-dirichlet0.1-10": {"dataset": "pneumoniamnist", "data": str(DATA / "pneumoniamnist.npz"), "rounds": 5,
-                                       "sites": 10, "partition": "dirichlet:0.1"},
+    "pneumoniamnist-dirichlet0.3-8": {"dataset": "pneumoniamnist", "data": str(DATA / "pneumoniamnist.npz"), "rounds": 5,
+                                       "sites": 8, "partition": "dirichlet:0.3", "select": "last"},
     "pneumoniamnist-dp-record": {"dataset": "pneumoniamnist", "data": str(DATA / "pneumoniamnist.npz"), "rounds": 5,
                                  "dp": "record", "epsilon": 8.0},
     # cross-device (insitu cross-device): 1,000 synthetic wearables, 5 % sampled a round, 10 % offline

@@ -258,3 +258,16 @@ def test_a_site_level_dp_site_that_skips_its_clip_is_refused_even_alone(heart):
     rec = coord.run_round(1)
     assert rec.participants == ("cleveland",)
     assert "above the bound 0.500005 the plan's site-level DP clip promises" in rec.dropped[HOSTILE]
+
+
+def test_a_round_of_zero_updates_refuses_any_other_and_ratios_match_the_rule():
+    ups = {s: (np.zeros(5), 10.0) for s in "abc"}
+    ups["d"] = (np.full(5, 1e-3), 10.0)
+    refused = UpdateScreen().screen(round_plan(5), ups)
+    assert list(refused) == ["d"] and "norm 0.000223607 while the round's median is 0 (bound: update_norm_factor 50 × median = 0)" in refused["d"]
+    rng = np.random.default_rng(4)
+    ups = honest(rng)
+    ratios = UpdateScreen().ratios(ups)
+    assert sorted(ratios) == sorted(ups) and 1.0 <= max(ratios.values()) < DEFAULT_NORM_FACTOR
+    tight = UpdateScreen(norm_factor=max(ratios.values()) * 0.99).screen(round_plan(50), ups)
+    assert list(tight) == [max(ratios, key=ratios.get)]  # the rule refuses exactly what its ratio exceeds

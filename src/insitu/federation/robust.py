@@ -136,30 +136,31 @@ class UpdateScreen:
                                     "promises (the site clips its update before it leaves)")
         if len(updates) < MIN_SCREENED:
             return refused
-        size = next(iter(updates.values()))[0].shape[0]
-        for label, part in self._parts(size):
-            norms = {sid: float(np.linalg.norm(vec[part] / w)) for sid, (vec, w) in updates.items()}
-            med = float(np.median(list(norms.values())))
-            limit = self.norm_factor * med
+        limit_of = lambda med: self.norm_factor * med  # noqa: E731
+        for label, norms, med in self._norms(updates):
             for sid, norm in norms.items():
-                if norm > limit and sid not in refused:
-                    ratio = f"{norm / med:.3g}×" if med > 0 else "above zero, while"
-                    refused[sid] = (f"per-record {label} norm {norm:.6g} is {ratio} the round's median {med:.6g} "
-                                    f"(bound: update_norm_factor {self.norm_factor:g} × median = {limit:.6g})")
+                if norm > limit_of(med) and sid not in refused:
+                    against = f"is {norm / med:.3g}× the round's median {med:.6g}" if med > 0 else "while the round's median is 0"
+                    refused[sid] = (f"per-record {label} norm {norm:.6g} {against} "
+                                    f"(bound: update_norm_factor {self.norm_factor:g} × median = {limit_of(med):.6g})")
         return refused
 
     def ratios(self, updates: Mapping[str, tuple[np.ndarray, float]]) -> dict[str, float]:
         """Each update's largest norm / round median over its parts (what the size rule compares; benchmarks)."""
-        if not updates:
-            return {}
-        size = next(iter(updates.values()))[0].shape[0]
         out = {sid: 0.0 for sid in updates}
-        for _, part in self._parts(size):
-            norms = {sid: float(np.linalg.norm(vec[part] / w)) for sid, (vec, w) in updates.items()}
-            med = float(np.median(list(norms.values())))
+        for _, norms, med in self._norms(updates):
             for sid, norm in norms.items():
                 out[sid] = max(out[sid], norm / med if med > 0 else (math.inf if norm > 0 else 1.0))
         return out
+
+    def _norms(self, updates: Mapping[str, tuple[np.ndarray, float]]):
+        """Per part (the whole update, or Scaffold's two halves): its label, each site's per-record norm, their median."""
+        if not updates:
+            return
+        size = next(iter(updates.values()))[0].shape[0]
+        for label, part in self._parts(size):
+            norms = {sid: float(np.linalg.norm(vec[part] / w)) for sid, (vec, w) in updates.items()}
+            yield label, norms, float(np.median(list(norms.values())))
 
     def _parts(self, size: int) -> list[tuple[str, slice]]:
         if not self.scaffold:
