@@ -39,8 +39,9 @@ from insitu.errors import ConfigError, ProtocolError
 
 #: the screen compares sizes only when at least this many updates arrived (a median of two is no majority)
 MIN_SCREENED = 3
-#: default ``update_norm_factor``: largest honest per-record norm / round median measured on the
-#: project's recipes was 4.6 (bench/honest_update_ratios.py; docs/guide/hostile.md); ×10 margin
+#: default ``update_norm_factor``: the largest honest per-record norm / round median measured over the
+#: project's recipes was 5.65 (heart, DP-SGD at ε = 1; bench/honest_update_ratios.py, table in
+#: docs/guide/hostile.md), so honest runs keep a margin of about 9×
 DEFAULT_NORM_FACTOR = 50.0
 #: default ``max_site_records``: no hospital trains on more records than this; a consortium that
 #: knows its sites' sizes declares a tighter cap in the plan
