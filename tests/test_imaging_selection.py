@@ -161,3 +161,14 @@ def test_summary_table_shows_auc_and_worst_site():
     assert "federated AUC" in text and "worst site" in text
     worst_row = next(line for line in text.splitlines() if "worst site" in line)
     assert f"{s['final']['worst_site_accuracy']:.3f}" in worst_row
+
+
+def test_validation_selection_names_the_sites_a_partition_left_without_validation_records(tmp_path):
+    from dataclasses import replace
+
+    from insitu.apps.simulate import simulate
+
+    data = tiny_images()
+    sites = tuple(replace(s, X_val=s.X_val[:0], y_val=s.y_val[:0]) if s.name in ("h2", "h4") else s for s in data.sites)
+    with pytest.raises(ConfigError, match=r"h2, h4 have no validation records .*--select last"):
+        simulate(data=replace(data, sites=sites), rounds=1, select="best-val", baselines=False, out=str(tmp_path / "run"))

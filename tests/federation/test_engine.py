@@ -161,3 +161,31 @@ def test_random_shift_moves_images_by_at_most_s_pixels():
     pos = torch.nonzero(y[:, 0] == 1.0)[:, 1:]
     assert y.shape == x.shape and len(pos) == 64
     assert int((pos - 4).abs().max()) <= 2 and len({tuple(p.tolist()) for p in pos}) > 5
+
+
+def test_a_site_with_no_test_records_says_so_and_the_others_are_scored(heart):
+    from dataclasses import replace
+
+    sites = [replace(s, X_test=s.X_test[:0], y_test=s.y_test[:0]) if s.name == "switzerland" else s for s in heart.sites]
+    p = Plan(_task(heart), StrategySpec("fedavg"), min_sites=1)
+    coord, _ = build_federation(p, sites)
+    coord.run_round(1)
+    scores = coord.evaluate(1)
+    assert "switzerland" not in scores and len(scores) == len(sites) - 1
+    assert "switzerland has no records in its 'test' split" in coord.eval_dropped["switzerland"]
+
+
+class NanScoreSite(Wrapped):
+    def handle(self, msg):
+        reply = self.site.handle(msg)
+        if msg.kind is MessageKind.EVALUATE and self.site_id == "hungary":
+            return Message(reply.kind, reply.round, reply.job, {**reply.meta, "loss": float("nan")}, reply.tensors)
+        return reply
+
+
+def test_a_reply_that_cannot_be_encoded_drops_the_site_not_the_simulation(heart):
+    coord, _ = _setup(heart, wrap=lambda s: NanScoreSite(s, None))
+    coord.run_round(1)
+    scores = coord.evaluate(1)
+    assert "hungary" not in scores and len(scores) == 3
+    assert "reply cannot be sent" in coord.eval_dropped["hungary"]

@@ -28,11 +28,10 @@ import enum
 import importlib.util
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from insitu.errors import ConfigError, InsituError
+from insitu.errors import ConfigError
 
 log = logging.getLogger("insitu.ray")
 
@@ -254,19 +253,13 @@ class SiteHost:
         """Answer each (site, index of its request in ``wires``, secret): the encoded reply and the
         seconds the site took.  A refusal or a crash is an ERROR reply, as from a deployed site.
         Beside the replies: what this worker's DP sites charged or refused since its last answer."""
-        from insitu.federation.messages import decode, encode, error_reply
+        from insitu.federation.messages import decode
+        from insitu.federation.transport import answer
 
         out = []
         for sid, i, secret in items:
             req = decode(wires[i], max_bytes=self.max_bytes)
-            start = time.perf_counter()
-            try:
-                reply = self.source.site(sid, req.round, secret).handle(req)
-            except InsituError as exc:
-                reply = error_reply(req, str(exc), code=type(exc).__name__)
-            except Exception as exc:  # a site crashing must not crash the coordinator
-                reply = error_reply(req, f"site crashed: {type(exc).__name__}: {exc}", code="crash")
-            out.append((sid, encode(reply, max_bytes=self.max_bytes), time.perf_counter() - start))
+            out.append((sid, *answer(lambda m: self.source.site(sid, m.round, secret).handle(m), req, self.max_bytes)))
         return out, self.news()
 
     def news(self) -> list[Any]:

@@ -492,9 +492,13 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     data = own if own is not None else load_federated(cfg)
-    if cfg.select.startswith("best-val") and any(s.X_val is None or s.X_val.shape[0] == 0 for s in data.sites):
-        lacks = "a site without X_val/y_val" if own is not None else f"{cfg.data!r} has no val_images/val_labels"
-        raise ConfigError(f"--select best-val needs validation splits, and {lacks}; use --select last")
+    empty = [s.name for s in data.sites if s.X_val is None or s.X_val.shape[0] == 0]
+    if cfg.select.startswith("best-val") and empty:
+        if own is None and all(s.X_val is None for s in data.sites):
+            raise ConfigError(f"--select {cfg.select} needs validation splits, and {cfg.data!r} has no val_images/val_labels; use --select last")
+        raise ConfigError(f"--select {cfg.select} needs every site's validation split, and {', '.join(empty)} "
+                          f"{'has' if len(empty) == 1 else 'have'} no validation records (the partition left none); "
+                          "use fewer sites, a larger Dirichlet alpha, or --select last")
     plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
     task = plan.task
     secrets = secrets_for(cfg, [s.name for s in data.sites], site_secrets)

@@ -170,6 +170,8 @@ class Site:
             X, y = self.data.X_val, self.data.y_val
         else:
             raise ProtocolError(f"site {self.site_id} has no {ins.split.value!r} split to evaluate on")
+        if len(y) == 0:
+            raise ProtocolError(f"site {self.site_id} has no records in its {ins.split.value!r} split to score")
         res = evaluate(self.model, X, y, num_outputs=self.task.num_outputs, by_class=True)
         return Message(MessageKind.EVALUATE_REPLY, msg.round, msg.job, res)
 

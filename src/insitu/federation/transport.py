@@ -29,6 +29,24 @@ def sort_reply(sid: str, reply: Message, elapsed: float, timeout: float, replies
         replies[sid] = reply
 
 
+def answer(handle: Callable[[Message], Message], req: Message, max_bytes: int | None) -> tuple[bytes, float]:
+    """A simulated site's encoded reply to ``req`` and the seconds its handler took, as a deployed site
+    answers: a refusal or a crash becomes an ERROR reply naming it, and so does a reply that cannot be
+    encoded (NaN in its meta, too large), so one site never takes the simulation down."""
+    start = time.perf_counter()
+    try:
+        reply = handle(req)
+    except InsituError as exc:
+        reply = error_reply(req, str(exc), code=type(exc).__name__)
+    except Exception as exc:  # a site crashing must not crash the coordinator
+        reply = error_reply(req, f"site crashed: {type(exc).__name__}: {exc}", code="crash")
+    elapsed = time.perf_counter() - start
+    try:
+        return encode(reply, max_bytes=max_bytes), elapsed
+    except ProtocolError as exc:
+        return encode(error_reply(req, f"reply cannot be sent: {exc}", code="ProtocolError"), max_bytes=max_bytes), elapsed
+
+
 @dataclass(frozen=True)
 class Exchange:
     """What came back from one broadcast: replies, and why the others are missing."""
@@ -86,15 +104,7 @@ class InProcessTransport:
                 continue
             wire = encode(req, max_bytes=self._max)
             sent[sid] = len(wire)
-            start = time.perf_counter()
-            try:
-                reply = site.handle(decode(wire, max_bytes=self._max))
-            except InsituError as exc:
-                reply = error_reply(req, str(exc), code=type(exc).__name__)
-            except Exception as exc:  # a site crashing must not crash the coordinator
-                reply = error_reply(req, f"site crashed: {type(exc).__name__}: {exc}", code="crash")
-            elapsed = time.perf_counter() - start
-            back = encode(reply, max_bytes=self._max)
+            back, elapsed = answer(site.handle, decode(wire, max_bytes=self._max), self._max)
             recv[sid] = len(back)
             reply = decode(back, max_bytes=self._max)
             sort_reply(sid, reply, elapsed, timeout, replies, dropped)
