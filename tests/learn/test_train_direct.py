@@ -46,6 +46,9 @@ def test_direct_gradient_is_bit_identical_to_autograd(optimizer, batch):
     for a, b in zip(p_fast, p_ref):
         assert torch.equal(a, b)
     assert s_fast == s_ref  # the reported mean loss too
+    quiet = task.build_model(3)  # without the loss (baselines): the same parameters
+    stats = train_local(quiet, X, y, cfg, torch.Generator().manual_seed(11), num_outputs=1, track_loss=False)
+    assert all(torch.equal(a, b) for a, b in zip(quiet.parameters(), p_ref)) and stats["train_loss"] != stats["train_loss"]
     assert not torch.equal(p_fast[0], task.build_model(3).state_dict()["layers.1.weight"])  # it trained
 
 

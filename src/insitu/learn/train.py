@@ -112,6 +112,10 @@ class _Optimizer:
 
     @torch.no_grad()
     def step(self) -> None:
+        self.update()
+
+    def update(self) -> None:
+        """:meth:`step` for a caller that already holds ``torch.no_grad()`` (one context per loop, not per step)."""
         cfg = self.cfg
         self.t += 1
         for i, p in enumerate(self.params):
@@ -148,13 +152,16 @@ def train_local(
     num_outputs: int,
     correction: list[torch.Tensor] | None = None,
     autograd: bool = False,
+    track_loss: bool = True,
 ) -> dict[str, float]:
     """Run ``cfg.steps`` minibatch steps from the model's current parameters.
 
     ``correction`` (Scaffold's c − cᵢ, one tensor per parameter) is added to every gradient;
     ``cfg.prox_mu`` adds FedProx's μ/2·‖w − w_global‖² with w_global = the starting point.
     A logistic regression takes its gradient without autograd (:func:`_logistic_gradient`, the same
-    bits); ``autograd=True`` forces autograd (the tests compare the two).
+    bits); ``autograd=True`` forces autograd (the tests compare the two).  ``track_loss=False``: the
+    mean training loss is not needed (baselines score the model only) and reported as NaN; the
+    logistic regression then skips computing it, which changes nothing else.
     """
     n = X.shape[0]
     if n == 0:
@@ -166,32 +173,45 @@ def train_local(
     model.train()
     total = 0.0
     bs = min(cfg.batch_size, n)
+    if direct is not None:
+        with torch.no_grad():  # no graph anywhere: one context for the whole loop
+            for _ in range(cfg.steps):
+                idx = torch.randint(0, n, (bs,), generator=generator)
+                xb = X[idx]
+                if cfg.augment_shift and xb.dim() == 4:
+                    xb = random_shift(xb, cfg.augment_shift, generator)
+                loss = direct(xb, y[idx], track_loss)
+                if correction is not None:
+                    for p, c in zip(opt.params, correction):
+                        p.grad.add_(c)
+                opt.update()
+                if track_loss:
+                    total += float(loss)
+        return {"train_loss": total / cfg.steps if track_loss else float("nan"), "num_samples": int(n), "steps": cfg.steps}
     for _ in range(cfg.steps):
         idx = torch.randint(0, n, (bs,), generator=generator)
         opt.zero_grad(set_to_none=True)
         xb = X[idx]
         if cfg.augment_shift and xb.dim() == 4:
             xb = random_shift(xb, cfg.augment_shift, generator)
-        if direct is not None:
-            loss = direct(xb, y[idx])
-        else:
-            loss = crit(model(xb), y[idx])
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                loss = loss + 0.5 * cfg.prox_mu * prox
-            loss.backward()
+        loss = crit(model(xb), y[idx])
+        if anchor is not None:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            loss = loss + 0.5 * cfg.prox_mu * prox
+        loss.backward()
         if correction is not None:
             for p, c in zip(model.parameters(), correction):
                 p.grad.add_(c)
         opt.step()
         total += float(loss.detach())
-    return {"train_loss": total / cfg.steps, "num_samples": int(n), "steps": cfg.steps}
+    return {"train_loss": total / cfg.steps if track_loss else float("nan"), "num_samples": int(n), "steps": cfg.steps}
 
 
 def _logistic_gradient(model: nn.Module, num_outputs: int, cfg: TrainConfig):
     """For a logistic regression (a flatten, then one linear layer with bias and one output, BCE loss,
-    no class weights, no FedProx term): a function ``(xb, yb) -> loss`` that sets the parameters'
-    ``.grad`` without autograd.  None for any other model or setting (autograd trains those).
+    no class weights, no FedProx term): a function ``(xb, yb, with_loss) -> loss or None`` that sets the
+    parameters' ``.grad`` without autograd (call it under ``torch.no_grad()``).  None for any other
+    model or setting (autograd trains those).
 
     A heart step is a 4×13 product; autograd's graph and engine cost ~4× the arithmetic.  These
     are the very kernels autograd runs, in its order (``addmm`` forward; BCE-with-logits backward
@@ -212,12 +232,11 @@ def _logistic_gradient(model: nn.Module, num_outputs: int, cfg: TrainConfig):
     weight, bias = lin.weight, lin.bias
     bce = nn.functional.binary_cross_entropy_with_logits
 
-    @torch.no_grad()
-    def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def step(xb: torch.Tensor, yb: torch.Tensor, with_loss: bool) -> torch.Tensor | None:
         x = xb.flatten(1)
         z = torch.addmm(bias, x, weight.t()).squeeze(-1)
         t = yb.float()
-        loss = bce(z, t)
+        loss = bce(z, t) if with_loss else None
         g = ((z.sigmoid() - t) / z.numel()).unsqueeze(-1)
         weight.grad = g.t().mm(x)
         bias.grad = g.sum(0)
