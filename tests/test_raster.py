@@ -7,7 +7,7 @@ import sys
 
 from PIL import Image
 
-from insitu.report.raster import LineChart, _rgb, _ticks
+from insitu.report.raster import LineChart, _labels, _rgb, _ticks
 
 
 def _history(rounds: int, missing: int | None = None) -> list[dict]:
@@ -29,6 +29,8 @@ def test_ticks_are_round_and_inside_the_range():
     assert _ticks(0.8, 5.2) == [1, 2, 3, 4, 5]
     assert _ticks(-2.0, 63.0) == [0, 10, 20, 30, 40, 50, 60]
     assert _ticks(0.5, 1.5) == [0.6, 0.8, 1.0, 1.2, 1.4]
+    assert _labels([0.6, 0.8, 1.0, 1.2]) == ["0.6", "0.8", "1.0", "1.2"] and _labels([0, 5, 10]) == ["0", "5", "10"]
+    assert _labels([0.25, 0.5, 0.75]) == ["0.25", "0.50", "0.75"]
 
 
 def test_each_line_is_drawn_where_its_values_are(tmp_path):

@@ -104,7 +104,7 @@ class LineChart:
         xticks = _ticks(x0, x1)
         yticks = [self.ylim[0] + i * (self.ylim[1] - self.ylim[0]) / 5 for i in range(6)]
         ytext = [f"{v:.1f}" for v in yticks]
-        xtext = [_fmt(v) for v in xticks]
+        xtext = _labels(xticks)
 
         tick_len = 3.5 * pt
         # the layout: room for the y label, the y tick labels, the x tick labels and x label, the title
@@ -236,8 +236,12 @@ def _ticks(lo: float, hi: float, most: int = 7) -> list[float]:
     return [round(first + i * step, 10) for i in range(n + 1)]
 
 
-def _fmt(v: float) -> str:
-    return str(int(round(v))) if abs(v - round(v)) < 1e-9 else f"{v:g}"
+def _labels(ticks: list[float]) -> list[str]:
+    """Tick labels with one number of decimals for the whole axis (0.8, 1.0, 1.2), none for whole numbers."""
+    decimals = 0
+    while decimals < 6 and any(abs(v * 10**decimals - round(v * 10**decimals)) > 1e-6 for v in ticks):
+        decimals += 1
+    return [f"{v:.{decimals}f}" for v in ticks]
 
 
 def _text_w(d: ImageDraw.ImageDraw, text: str, font) -> float:
