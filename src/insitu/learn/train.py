@@ -221,7 +221,9 @@ def _logistic_gradient(model: nn.Module, num_outputs: int, cfg: TrainConfig):
     """
     if num_outputs != 1 or cfg.class_weights is not None or cfg.prox_mu > 0:
         return None
-    layers = list(model.layers) if type(model).__name__ == "SpecModel" else list(model) if type(model) is nn.Sequential else []
+    from insitu.learn.spec import SpecModel
+
+    layers = list(model.layers) if type(model) is SpecModel else list(model) if type(model) is nn.Sequential else []
     if len(layers) != 2 or type(layers[0]) is not nn.Flatten or type(layers[1]) is not nn.Linear:
         return None
     flat, lin = layers
