@@ -11,7 +11,7 @@ from insitu.errors import InsituError
 #: every command and group answers -h as well as --help (sub-commands inherit it from the root context)
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
-app = typer.Typer(
+_app = typer.Typer(
     name="insitu",
     help="Privacy-preserving federated learning between hospitals: patient data never leaves the site.",
     no_args_is_help=True,
@@ -30,7 +30,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@_app.callback()
 def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Privacy-preserving federated learning between hospitals: patient data never leaves the site."""
@@ -39,43 +39,59 @@ def _root(version: bool = typer.Option(False, "--version", "-V", callback=_versi
 # -- commands (each a few lines over a library function) ---------------------------------------
 from insitu.cli_simulate import simulate_command  # noqa: E402
 
-app.command("simulate")(simulate_command)
+_app.command("simulate")(simulate_command)
 
 
-from insitu.gateway.cli import app as gateway_app  # noqa: E402
+_COMPLETE = False
 
-app.add_typer(gateway_app, name="gateway")
 
-from insitu.net.cli import app as ca_app  # noqa: E402
-from insitu.coordinator.cli import app as coordinator_app, job_app, sites_command  # noqa: E402
-from insitu.site.cli import app as site_app  # noqa: E402
+def _register_all() -> None:
+    """Every command besides ``simulate``: imported and registered on first need (``insitu --help``, any
+    other command, ``from insitu.cli import app``), so that ``insitu simulate`` loads none of them
+    (their modules hold ~8 MB and ~0.2 s of imports: the gateway's pydantic models, the coordinator,
+    the CA, ...)."""
+    global _COMPLETE
+    if _COMPLETE:
+        return
+    _COMPLETE = True
+    from insitu.gateway.cli import app as gateway_app
 
-app.add_typer(ca_app, name="ca")
-app.add_typer(coordinator_app, name="coordinator")
-app.add_typer(job_app, name="job")
-app.command("sites")(sites_command)
-app.add_typer(site_app, name="site")
+    _app.add_typer(gateway_app, name="gateway")
 
-from insitu.deid.cli import app as deid_app  # noqa: E402
-from insitu.audit.cli import app as audit_app  # noqa: E402
+    from insitu.net.cli import app as ca_app
+    from insitu.coordinator.cli import app as coordinator_app, job_app, sites_command
+    from insitu.site.cli import app as site_app
 
-app.add_typer(deid_app, name="deid")
-app.add_typer(audit_app, name="audit")
+    _app.add_typer(ca_app, name="ca")
+    _app.add_typer(coordinator_app, name="coordinator")
+    _app.add_typer(job_app, name="job")
+    _app.command("sites")(sites_command)
+    _app.add_typer(site_app, name="site")
 
-from insitu.compress.cli import crossdevice_command, export_command  # noqa: E402
+    from insitu.deid.cli import app as deid_app
+    from insitu.audit.cli import app as audit_app
 
-app.command("export")(export_command)
-app.command("cross-device")(crossdevice_command)
+    _app.add_typer(deid_app, name="deid")
+    _app.add_typer(audit_app, name="audit")
 
-from insitu.privacy.cli import app as privacy_app  # noqa: E402
-from insitu.kit_cli import kit_command  # noqa: E402
+    from insitu.compress.cli import crossdevice_command, export_command
 
-app.command("kit")(kit_command)
-from insitu.kit_cli import kit_command  # noqa: E402
+    _app.command("export")(export_command)
+    _app.command("cross-device")(crossdevice_command)
 
-app.command("kit")(kit_command)
+    from insitu.privacy.cli import app as privacy_app
+    from insitu.kit_cli import kit_command
 
-app.add_typer(privacy_app, name="privacy")
+    _app.command("kit")(kit_command)
+    _app.add_typer(privacy_app, name="privacy")
+
+
+def __getattr__(name: str):
+    """``insitu.cli.app``: the whole command tree, every command registered."""
+    if name == "app":
+        _register_all()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -101,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     """
     import typer.main
 
-    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] != ["simulate"]:  # `insitu simulate ...` needs no other command (see _register_all)
+        _register_all()
+    command = typer.main.get_command(_app)
     try:
         code = command.main(args=argv, prog_name="insitu", standalone_mode=False)
     except typer.TyperException as exc:  # typer's (vendored click's) usage errors, all subclasses of this

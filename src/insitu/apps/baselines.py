@@ -38,7 +38,7 @@ def local_only(data: FederatedData, task: TaskSpec, steps: int, seed: int = 0) -
     for i, site in enumerate(data.sites):
         model = task.build_model(seed)
         gen = torch.Generator().manual_seed(seed * 7919 + i)
-        train_local(model, site.X_train, site.y_train, cfg, gen, num_outputs=task.num_outputs)
+        train_local(model, site.X_train, site.y_train, cfg, gen, num_outputs=task.num_outputs, track_loss=False)
         sc = _score(model, data, task)
         own[site.name] = sc["site_accuracy"][site.name]
         across[site.name] = sc["mean_site_accuracy"]
@@ -60,5 +60,5 @@ def pooled(data: FederatedData, task: TaskSpec, steps: int, seed: int = 0) -> di
     cfg = task.train_config()
     cfg = replace(cfg, steps=steps, prox_mu=0.0)  # the task's optimiser, augmentation and class weights
     model = task.build_model(seed)
-    train_local(model, X, y, cfg, torch.Generator().manual_seed(seed * 104729 + 1), num_outputs=task.num_outputs)
+    train_local(model, X, y, cfg, torch.Generator().manual_seed(seed * 104729 + 1), num_outputs=task.num_outputs, track_loss=False)
     return _score(model, data, task)

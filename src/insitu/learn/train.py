@@ -112,6 +112,10 @@ class _Optimizer:
 
     @torch.no_grad()
     def step(self) -> None:
+        self.update()
+
+    def update(self) -> None:
+        """:meth:`step` for a caller that already holds ``torch.no_grad()`` (one context per loop, not per step)."""
         cfg = self.cfg
         self.t += 1
         for i, p in enumerate(self.params):
@@ -147,11 +151,17 @@ def train_local(
     *,
     num_outputs: int,
     correction: list[torch.Tensor] | None = None,
+    autograd: bool = False,
+    track_loss: bool = True,
 ) -> dict[str, float]:
     """Run ``cfg.steps`` minibatch steps from the model's current parameters.
 
     ``correction`` (Scaffold's c − cᵢ, one tensor per parameter) is added to every gradient;
     ``cfg.prox_mu`` adds FedProx's μ/2·‖w − w_global‖² with w_global = the starting point.
+    A logistic regression takes its gradient without autograd (:func:`_logistic_gradient`, the same
+    bits); ``autograd=True`` forces autograd (the tests compare the two).  ``track_loss=False``: the
+    mean training loss is not needed (baselines score the model only) and reported as NaN; the
+    logistic regression then skips computing it, which changes nothing else.
     """
     n = X.shape[0]
     if n == 0:
@@ -159,9 +169,25 @@ def train_local(
     crit = loss_fn(num_outputs, cfg.class_weights)
     opt = make_optimizer(model, cfg)
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.prox_mu > 0 else None
+    direct = None if autograd else _logistic_gradient(model, num_outputs, cfg)
     model.train()
     total = 0.0
     bs = min(cfg.batch_size, n)
+    if direct is not None:
+        with torch.no_grad():  # no graph anywhere: one context for the whole loop
+            for _ in range(cfg.steps):
+                idx = torch.randint(0, n, (bs,), generator=generator)
+                xb = X[idx]
+                if cfg.augment_shift and xb.dim() == 4:
+                    xb = random_shift(xb, cfg.augment_shift, generator)
+                loss = direct(xb, y[idx], track_loss)
+                if correction is not None:
+                    for p, c in zip(opt.params, correction):
+                        p.grad.add_(c)
+                opt.update()
+                if track_loss:
+                    total += float(loss)
+        return {"train_loss": total / cfg.steps if track_loss else float("nan"), "num_samples": int(n), "steps": cfg.steps}
     for _ in range(cfg.steps):
         idx = torch.randint(0, n, (bs,), generator=generator)
         opt.zero_grad(set_to_none=True)
@@ -178,7 +204,47 @@ def train_local(
                 p.grad.add_(c)
         opt.step()
         total += float(loss.detach())
-    return {"train_loss": total / cfg.steps, "num_samples": int(n), "steps": cfg.steps}
+    return {"train_loss": total / cfg.steps if track_loss else float("nan"), "num_samples": int(n), "steps": cfg.steps}
+
+
+def _logistic_gradient(model: nn.Module, num_outputs: int, cfg: TrainConfig):
+    """For a logistic regression (a flatten, then one linear layer with bias and one output, BCE loss,
+    no class weights, no FedProx term): a function ``(xb, yb, with_loss) -> loss or None`` that sets the
+    parameters' ``.grad`` without autograd (call it under ``torch.no_grad()``).  None for any other
+    model or setting (autograd trains those).
+
+    A heart step is a 4×13 product; autograd's graph and engine cost ~4× the arithmetic.  These
+    are the very kernels autograd runs, in its order (``addmm`` forward; BCE-with-logits backward
+    ``(σ(z) − y)·1 / n``; ``addmm``'s backward ``gᵀ·x`` for a transposed weight and a sum over
+    the batch for the bias), so the parameters come out bit-identical: tests/learn/
+    test_train_direct.py holds the two paths to ``torch.equal`` over thousands of steps.
+    """
+    if num_outputs != 1 or cfg.class_weights is not None or cfg.prox_mu > 0:
+        return None
+    from insitu.learn.spec import SpecModel
+
+    layers = list(model.layers) if type(model) is SpecModel else list(model) if type(model) is nn.Sequential else []
+    if len(layers) != 2 or type(layers[0]) is not nn.Flatten or type(layers[1]) is not nn.Linear:
+        return None
+    flat, lin = layers
+    if (flat.start_dim, flat.end_dim) != (1, -1) or lin.bias is None or lin.out_features != 1:
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in (model, flat, lin)):
+        return None
+    weight, bias = lin.weight, lin.bias
+    bce = nn.functional.binary_cross_entropy_with_logits
+
+    def step(xb: torch.Tensor, yb: torch.Tensor, with_loss: bool) -> torch.Tensor | None:
+        x = xb.flatten(1)
+        z = torch.addmm(bias, x, weight.t()).squeeze(-1)
+        t = yb.float()
+        loss = bce(z, t) if with_loss else None
+        g = ((z.sigmoid() - t) / z.numel()).unsqueeze(-1)
+        weight.grad = g.t().mm(x)
+        bias.grad = g.sum(0)
+        return loss
+
+    return step
 
 
 def random_shift(x: torch.Tensor, s: int, generator: torch.Generator) -> torch.Tensor:
