@@ -14,6 +14,7 @@ never derives it from a value the coordinator knows or a run records.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets as _secrets
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -32,6 +33,7 @@ from insitu.plan import DownlinkMode, Plan, Protection
 
 if TYPE_CHECKING:
     from insitu.federation.egress import Egress
+    from insitu.federation.robust import ClipBound
 
 SECRET_BYTES = 32
 
@@ -96,6 +98,40 @@ def secagg_bound(plan: Plan) -> float | None:
     return value_bound(dp.clip, noise_std=share)
 
 
+def dp_clip_bound(plan: Plan) -> "ClipBound | None":
+    """The longest update a site of ``plan`` can honestly send under site-level DP, or None.
+
+    The site clips to C (the round's ``dp_clip`` when adaptive), adds its noise share N(0, σ²) per
+    coordinate when the noise is distributed (bounded by σ(√d + 12), exceeded with probability below
+    1e-31), and with dense int8 compression rounds each value by less than its block's scale
+    (‖error‖ ≤ √block / 127 · ‖x‖).  With a sparsifier the error-feedback residual rides along
+    with the clipped update, so no bound is stated (the size rule still applies)."""
+    from insitu.compress.updates import QMAX, CompressionSpec, Quantizer, Sparsifier
+    from insitu.federation.robust import F32_SLACK, NOISE_TAIL
+
+    dp = plan.dp
+    if dp.level is not DPLevel.SITE:
+        return None
+    spec = CompressionSpec.parse(plan.compression)
+    if spec.sparsify is not Sparsifier.NONE:
+        return None
+    quant = 1.0 + math.sqrt(spec.block) / QMAX if spec.quantize is Quantizer.INT8 else 1.0
+    std_per_clip = 0.0
+    if dp.placement is Placement.DISTRIBUTED:
+        std_per_clip = dp.site_noise(plan.rounds) * dp.sensitivity_factor / math.sqrt(plan.min_sites)
+    adaptive, fixed = dp.adaptive_clip, float(dp.clip)
+
+    def bound(round_plan: Any) -> float | None:
+        c = round_plan.instructions.dp_clip if adaptive else fixed
+        if c is None:
+            return None
+        d = round_plan.size
+        noise = std_per_clip * float(c) * (math.sqrt(d) + NOISE_TAIL)
+        return (float(c) + noise) * quant * (1 + F32_SLACK) + 1e-12
+
+    return bound
+
+
 def build_protocol(plan: Plan, *, rng: np.random.Generator | None = None) -> AggregationProtocol:
     """The coordinator half for ``plan``: protection, compression and site-level DP composed in one order.
 
@@ -110,7 +146,7 @@ def build_protocol(plan: Plan, *, rng: np.random.Generator | None = None) -> Agg
 
         from insitu.federation.robust import UpdateScreen
 
-        proto = PlainProtocol(decode_update, UpdateCodec(spec), UpdateScreen.for_plan(plan))
+        proto = PlainProtocol(decode_update, UpdateCodec(spec), UpdateScreen.for_plan(plan, dp_clip_bound(plan)))
     else:
         if kind is Protection.SECAGG:
             from insitu.secure import SecAggConfig, SecAggProtocol

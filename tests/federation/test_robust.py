@@ -20,9 +20,10 @@ from insitu.errors import ConfigError, ProtocolError
 from insitu.federation.instructions import RoundInstructions
 from insitu.federation.messages import MessageKind
 from insitu.federation.protocol import RoundPlan
-from insitu.federation.robust import DEFAULT_MAX_RECORDS, DEFAULT_NORM_FACTOR, UpdateScreen, dp_clip_bound
+from insitu.builder import dp_clip_bound
+from insitu.federation.robust import DEFAULT_MAX_RECORDS, DEFAULT_NORM_FACTOR, UpdateScreen
 from insitu.federation.task import TaskSpec
-from insitu.plan import DPSpec, Plan, ProtectionSpec, StrategySpec
+from insitu.plan import DPSpec, Plan, StrategySpec
 
 SECRETS = {s: bytes([i + 1]) * 32 for i, s in enumerate(("cleveland", "hungary", "switzerland", "va-long-beach"))}
 HOSTILE = "va-long-beach"

@@ -47,9 +47,9 @@ DEFAULT_NORM_FACTOR = 50.0
 #: knows its sites' sizes declares a tighter cap in the plan
 DEFAULT_MAX_RECORDS = 1_000_000_000
 #: float32 transport of a clipped update: relative slack on the clip bound
-_F32_SLACK = 1e-5
+F32_SLACK = 1e-5
 #: Gaussian concentration: ‖N(0, σ²I_d)‖ ≤ σ(√d + t) except with probability exp(−t²/2) (t = 12: < 1e-31)
-_NOISE_TAIL = 12.0
+NOISE_TAIL = 12.0
 
 
 def check_norm_factor(v: Any) -> float:
@@ -93,10 +93,11 @@ class UpdateScreen:
         self.max_records = check_max_records(self.max_records)
 
     @classmethod
-    def for_plan(cls, plan: Any) -> "UpdateScreen":
-        """The screen an approved :class:`~insitu.plan.Plan` states."""
+    def for_plan(cls, plan: Any, clip_bound: ClipBound | None = None) -> "UpdateScreen":
+        """The screen an approved :class:`~insitu.plan.Plan` states; ``clip_bound`` is the plan's
+        site-level DP bound (:func:`insitu.builder.dp_clip_bound`, which knows the compression layer)."""
         return cls(norm_factor=plan.update_norm_factor, max_records=plan.max_site_records, scaffold=plan.strategy.scaffold,
-                   uniform=plan.weighting == "uniform", clip_bound=dp_clip_bound(plan))
+                   uniform=plan.weighting == "uniform", clip_bound=clip_bound)
 
     # -- weight -------------------------------------------------------------------------------
     def check_weight(self, site: str, w: Any) -> float:
@@ -170,39 +171,5 @@ class UpdateScreen:
         return [("model update", slice(0, n)), ("control-variate update", slice(n, size))]
 
 
-def dp_clip_bound(plan: Any) -> ClipBound | None:
-    """The longest update a site of ``plan`` can honestly send under site-level DP, or None.
-
-    The site clips to C (the round's ``dp_clip`` when adaptive), adds its noise share N(0, σ²) per
-    coordinate when the noise is distributed (bounded by σ(√d + 12), exceeded with probability below
-    1e-31), and with dense int8 compression rounds each value by less than its block's scale
-    (‖error‖ ≤ √block / 127 · ‖x‖).  With a sparsifier the error-feedback residual rides along
-    with the clipped update, so no bound is stated (the size rule still applies)."""
-    from insitu.compress.updates import QMAX, CompressionSpec, Quantizer, Sparsifier
-    from insitu.federation.dp import DPLevel, Placement
-
-    dp = plan.dp
-    if dp.level is not DPLevel.SITE:
-        return None
-    spec = CompressionSpec.parse(plan.compression)
-    if spec.sparsify is not Sparsifier.NONE:
-        return None
-    quant = 1.0 + math.sqrt(spec.block) / QMAX if spec.quantize is Quantizer.INT8 else 1.0
-    std_per_clip = 0.0
-    if dp.placement is Placement.DISTRIBUTED:
-        std_per_clip = dp.site_noise(plan.rounds) * dp.sensitivity_factor / math.sqrt(plan.min_sites)
-    adaptive, fixed = dp.adaptive_clip, float(dp.clip)
-
-    def bound(round_plan: Any) -> float | None:
-        c = round_plan.instructions.dp_clip if adaptive else fixed
-        if c is None:
-            return None
-        d = round_plan.size
-        noise = std_per_clip * float(c) * (math.sqrt(d) + _NOISE_TAIL)
-        return (float(c) + noise) * quant * (1 + _F32_SLACK) + 1e-12
-
-    return bound
-
-
-__all__ = ["UpdateScreen", "dp_clip_bound", "check_norm_factor", "check_max_records", "MIN_SCREENED",
+__all__ = ["UpdateScreen", "ClipBound", "NOISE_TAIL", "F32_SLACK", "check_norm_factor", "check_max_records", "MIN_SCREENED",
            "DEFAULT_NORM_FACTOR", "DEFAULT_MAX_RECORDS"]
