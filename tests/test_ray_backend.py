@@ -53,6 +53,23 @@ def _rounds(run_dir) -> list[dict]:
     return rounds
 
 
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        key = f"{prefix}{k}"
+        if isinstance(v, (dict, list)):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _differences(a: list[dict], b: list[dict]) -> list[str]:
+    """Every field that differs between two rounds.jsonl (for a failure message that names it)."""
+    fa, fb = _flat(a), _flat(b)
+    return [f"{k}: {fa.get(k, '(absent)')!r} != {fb.get(k, '(absent)')!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
 @pytest.mark.parametrize("options", [{}, {"secure_aggregation": True}, {"dropout": 0.3, "compress": "int8"}],
                          ids=["plain", "secure-aggregation", "dropout-int8"])
 def test_ray_simulation_gives_the_same_site_accuracies_as_in_process(local_ray, options, tmp_path):
@@ -64,7 +81,7 @@ def test_ray_simulation_gives_the_same_site_accuracies_as_in_process(local_ray, 
     assert there["plan_hash"] == here["plan_hash"]
     # round by round: the same participants and drop-outs, the same bytes each way, the same update
     # norm and test accuracies (everything in rounds.jsonl but the timings)
-    assert _rounds(tmp_path / "there") == _rounds(tmp_path / "here")
+    assert _rounds(tmp_path / "there") == _rounds(tmp_path / "here"), _differences(_rounds(tmp_path / "there"), _rounds(tmp_path / "here"))
     if options.get("dropout"):
         assert any(r["dropped"] for r in _rounds(tmp_path / "here"))  # the drop-out path was exercised
 
