@@ -304,6 +304,10 @@ class Plan:
             check_composes(spec)  # masks cancel only on aligned coordinates: shared:F composes, top-k and int8 do not
         if self.dp.level is DPLevel.SITE and self.dp.placement is Placement.DISTRIBUTED and self.dp.adaptive_clip:
             raise ConfigError("adaptive clipping needs central noise")
+        if self.dp.level is DPLevel.RECORD and isinstance(self.task.class_weights, str):
+            raise ConfigError(f"class_weights = {self.task.class_weights.value!r} derives each site's weights from its training labels, so one "
+                              "record changes every other record's weight and record-level DP's clip bound no longer holds; with dp = record "
+                              "give fixed weights (e.g. 1,0.5) or none")
         if self.dp.level is DPLevel.RECORD and self.task.model_spec is not None:
             from insitu.learn.spec import check_record_dp
 

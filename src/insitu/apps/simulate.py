@@ -32,7 +32,7 @@ from insitu.federation.robust import DEFAULT_MAX_RECORDS, DEFAULT_NORM_FACTOR
 from insitu.federation.strategies import StrategyName
 from insitu.federation.task import TaskSpec
 from insitu.federation.transport import InProcessTransport
-from insitu.learn.train import parse_class_weights
+from insitu.learn.train import parse_class_weights, parse_jitter
 from insitu.plan import DEFAULT_MU, DPSpec, Plan, Protection, ProtectionSpec, Selection, StrategySpec
 
 
@@ -77,6 +77,7 @@ class Defaults:
     strategy: str = "fedavg"
     normalize: str = "site"
     class_weights: str | None = None
+    augment_jitter: str | None = None
 
 
 DEFAULTS: dict[DatasetName, Defaults] = {
@@ -141,7 +142,8 @@ class SimulationConfig:
     accountant: str = "pld"
     privacy_ledger: str | None = None  # SQLite ledger kept across runs (default: in the run directory)
     augment: int | None = None  # images: random shifts of up to N pixels during local training
-    class_weights: str | None = None  # loss weight per class, "W0,W1" ("none": unweighted); default: the dataset's
+    class_weights: str | None = None  # loss weight per class, "W0,W1", or a site-local rule "balanced"/"logit-adjust" ("none": unweighted); default: the dataset's
+    augment_jitter: str | None = None  # images: "ROTATION,SCALE,CONTRAST" random per image in local training ("none": off); default: the dataset's
     select: str | None = None  # final model: the last round's, or the best on the sites' validation splits
     lr_schedule: str | None = None  # constant or cosine (site lr decays to 10% over the rounds)
     normalize: str | None = None  # heart: z-score per site (FLamby) or federated (sites' DP moments); default: the recipe's
@@ -197,15 +199,17 @@ class SimulationConfig:
             strategy=self.strategy or d.strategy,
             normalize=self.normalize or d.normalize,
             class_weights=self.class_weights if self.class_weights is not None else d.class_weights,
+            augment_jitter=self.augment_jitter if self.augment_jitter is not None else d.augment_jitter,
         )
+        parse_jitter(cfg.augment_jitter)
         if cfg.normalize == "federated" and ds is not DatasetName.HEART:
             raise ConfigError(f"--normalize federated needs public per-feature bounds; the heart task states them, {ds.value} has none (use --normalize site)")
         Partition.parse(cfg.partition)
         # validates every plan field (strategy, protection, DP, compression, …); a specification's shapes and the
         # class weights' count are checked against the data's shape and classes in plan_for
-        parse_class_weights(cfg.class_weights)
+        rule = isinstance(parse_class_weights(cfg.class_weights), str)  # a site-local rule (balanced, ...) is checked against DP now
         base = replace(cfg, model="logreg", model_spec=None) if cfg.model_spec is not None else cfg
-        plan = replace(base, class_weights=None).plan_for((1,), 1, ("x",))
+        plan = replace(base, class_weights=cfg.class_weights if rule else None).plan_for((1,), 1, ("x",))
         if plan.select is not Selection.LAST and ds is DatasetName.HEART and own is None:
             raise ConfigError("--select best-val needs validation splits; the heart data has none (FLamby's splits are train/test)")
         from insitu.federation.dp import parse_budgets
@@ -234,7 +238,8 @@ class SimulationConfig:
         kind = Protection.SECAGG if self.secure_aggregation else he
         task = TaskSpec(model=self.model, input_shape=tuple(input_shape), num_outputs=num_outputs, schema=tuple(schema),
                         lr=self.lr, local_steps=self.local_steps, batch_size=self.batch_size, optimizer=self.optimizer,
-                        augment_shift=self.augment or 0, model_spec=self.model_spec, class_weights=parse_class_weights(self.class_weights))
+                        augment_shift=self.augment or 0, model_spec=self.model_spec, class_weights=parse_class_weights(self.class_weights),
+                        augment_jitter=parse_jitter(self.augment_jitter))
         return Plan(
             task=task,
             strategy=StrategySpec(strategy, self.server_lr, self.mu if strategy is StrategyName.FEDPROX else 0.0),

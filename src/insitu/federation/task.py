@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from insitu.errors import ConfigError, ProtocolError, parse_choice
 from insitu.learn.models import MAX_PARAMS, ModelName, build_model, check_size
 from insitu.learn.spec import BUILTIN_SPECS, ModelSpec, validate_spec
+from insitu.learn.balance import ClassBalance
 from insitu.learn.train import OptimizerName, TrainConfig, check_class_weights
 
 if TYPE_CHECKING:
@@ -51,8 +52,13 @@ class TaskSpec:
     optimizer: str = OptimizerName.SGD.value
     augment_shift: int = 0  # images: random shifts of up to this many pixels during local training
     model_spec: ModelSpec | None = None  # model = "spec": the layers (a dict, JSON text or ModelSpec)
-    #: loss weight per class (binary: [negative, positive]); None: every record weighs the same
-    class_weights: tuple[float, ...] | None = None
+    #: loss weight per class (binary: [negative, positive]), or a rule each site applies to its own
+    #: training labels ("balanced", "logit-adjust": :mod:`insitu.learn.balance`; the plan carries the
+    #: rule, never a site's numbers); None: every record weighs the same
+    class_weights: "tuple[float, ...] | ClassBalance | None" = None
+    #: images: random rotation (degrees), scale and contrast change of each training image, at most
+    #: these; None: off (absent from the plan, so plans without it keep their hash)
+    augment_jitter: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         name = parse_choice(ModelName, self.model, "model")
@@ -80,6 +86,10 @@ class TaskSpec:
         object.__setattr__(self, "schema", tuple(self.schema))
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", check_class_weights(self.class_weights, max(2, self.num_outputs)))
+        if self.augment_jitter is not None:
+            from insitu.learn.train import check_jitter
+
+            object.__setattr__(self, "augment_jitter", check_jitter(self.augment_jitter))
         self.param_count()  # checks the size (and a specification's shapes) before any party allocates the model
         self.train_config()  # validates hyper-parameters
 
@@ -94,7 +104,7 @@ class TaskSpec:
                 raise ConfigError(f"{k} must be an integer from 1 to 10,000,000, got {v!r}")
         optimizer = parse_choice(OptimizerName, self.optimizer, "optimizer")
         return TrainConfig(lr=self.lr, steps=self.local_steps, batch_size=self.batch_size, optimizer=optimizer,
-                           prox_mu=prox_mu, augment_shift=shift, class_weights=self.class_weights)
+                           prox_mu=prox_mu, augment_shift=shift, class_weights=self.class_weights, augment_jitter=self.augment_jitter)
 
     # -- the model ----------------------------------------------------------------------------
     def resolved_spec(self) -> ModelSpec | None:
@@ -131,8 +141,14 @@ class TaskSpec:
         del d["model_spec"]  # absent for built-in names: their plans hash as they always did
         if self.model_spec is not None:
             d["model_spec"] = self.model_spec.to_meta()
+        if self.augment_jitter is None:
+            del d["augment_jitter"]  # absent, not null: plans without it keep the hash they had
+        else:
+            d["augment_jitter"] = list(self.augment_jitter)
         if self.class_weights is None:
             del d["class_weights"]  # absent, not null: plans without class weights keep the hash they had
+        elif isinstance(self.class_weights, ClassBalance):
+            d["class_weights"] = self.class_weights.value
         else:
             d["class_weights"] = list(self.class_weights)
         return d

@@ -50,6 +50,8 @@ from insitu.learn.train import TrainConfig, make_optimizer
 def per_sample_loss(num_outputs: int, class_weights: tuple[float, ...] | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Summed loss, so that its gradient with respect to record i's output is record i's gradient
     (times its class's weight, when the task weighs classes: clipping comes after, so the bound holds)."""
+    if isinstance(class_weights, str):  # a rule (balanced, logit-adjust): weights from the data, outside the clip bound
+        raise ConfigError(f"DP-SGD takes fixed class weights only, not the data-derived rule {class_weights!r} (the plan refuses it)")
     if class_weights is not None:
         w = torch.tensor(class_weights, dtype=torch.float32)
         if num_outputs == 1:

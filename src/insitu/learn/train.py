@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from insitu.errors import ConfigError
+from insitu.learn.balance import ClassBalance, balanced_weights, log_prior
 
 
 class OptimizerName(str, enum.Enum):
@@ -28,8 +30,11 @@ class TrainConfig:
     prox_mu: float = 0.0
     weight_decay: float = 0.0
     augment_shift: int = 0  # images: random translation by up to this many pixels (0 = off)
-    #: loss weight of each class (binary: [normal, positive]); None: every record weighs the same
-    class_weights: tuple[float, ...] | None = None
+    #: loss weight of each class (binary: [normal, positive]), or a rule the site applies to its own
+    #: training labels (:class:`~insitu.learn.balance.ClassBalance`); None: every record weighs the same
+    class_weights: tuple[float, ...] | ClassBalance | None = None
+    #: images: (max rotation in degrees, max scale change, max contrast change) drawn per image; None = off
+    augment_jitter: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and np.isfinite(self.lr)):
@@ -43,10 +48,42 @@ class TrainConfig:
         object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", check_class_weights(self.class_weights))
+        if self.augment_jitter is not None:
+            object.__setattr__(self, "augment_jitter", check_jitter(self.augment_jitter))
 
 
-def check_class_weights(weights: object, num_classes: int | None = None) -> tuple[float, ...]:
-    """``weights`` as a tuple of positive finite floats, one per class (refused naming the value)."""
+def check_jitter(value: object) -> tuple[float, float, float]:
+    """``augment_jitter`` as (degrees 0-45, scale 0-0.5, contrast 0-0.9), refused naming the value."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+    if not ok or not (0 <= value[0] <= 45 and 0 <= value[1] <= 0.5 and 0 <= value[2] <= 0.9) or not any(value):
+        raise ConfigError("augment_jitter must be three numbers ROTATION,SCALE,CONTRAST: the largest rotation in degrees (0-45), "
+                          f"scale change (0-0.5) and contrast change (0-0.9), not all zero (e.g. 10,0.1,0.2), got {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def parse_jitter(value: object) -> tuple[float, float, float] | None:
+    """``--augment-jitter`` as given on the command line (``"10,0.1,0.2"``) or in a job file (a list);
+    None or ``"none"``: off."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, str):
+        try:
+            value = [float(x) for x in value.split(",")]
+        except ValueError:
+            raise ConfigError(f"augment_jitter must be three numbers ROTATION,SCALE,CONTRAST (e.g. 10,0.1,0.2), got {value!r}") from None
+    return check_jitter(value)
+
+
+def check_class_weights(weights: object, num_classes: int | None = None) -> tuple[float, ...] | ClassBalance:
+    """``weights`` as a tuple of positive finite floats, one per class, or a rule's name
+    (``balanced``, ``logit-adjust``: :mod:`insitu.learn.balance`); refused naming the value."""
+    if isinstance(weights, str):
+        try:
+            return ClassBalance(weights)
+        except ValueError:
+            raise ConfigError(f"class_weights must be numbers (one per class) or a rule each site applies to its own training labels "
+                              f"({', '.join(r.value for r in ClassBalance)}), got {weights!r}") from None
     if not isinstance(weights, (list, tuple)) or not 2 <= len(weights) <= 100_000 or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w > 0 for w in weights):
         raise ConfigError(f"class_weights must be a list of 2 or more positive numbers (one per class), got {weights!r}")
@@ -55,22 +92,34 @@ def check_class_weights(weights: object, num_classes: int | None = None) -> tupl
     return tuple(float(w) for w in weights)
 
 
-def parse_class_weights(value: object) -> tuple[float, ...] | None:
-    """``--class-weights`` as given on the command line (``"1,0.4"``) or in a job file (a list);
-    None or ``"none"``: no weighting."""
+def parse_class_weights(value: object) -> tuple[float, ...] | ClassBalance | None:
+    """``--class-weights`` as given on the command line (``"1,0.4"``, ``"balanced"``) or in a job file
+    (a list or a rule's name); None or ``"none"``: no weighting."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         return None
+    if isinstance(value, str) and value.strip().lower() in {r.value for r in ClassBalance}:
+        return ClassBalance(value.strip().lower())
     if isinstance(value, str):
         try:
             value = [float(x) for x in value.split(",")]
         except ValueError:
-            raise ConfigError(f"class_weights must be numbers separated by commas (one per class, e.g. 1,0.4), got {value!r}") from None
+            raise ConfigError(f"class_weights must be numbers separated by commas (one per class, e.g. 1,0.4) or a rule each site "
+                              f"applies to its own training labels ({', '.join(r.value for r in ClassBalance)}), got {value!r}") from None
     return check_class_weights(value)
 
 
-def loss_fn(num_outputs: int, class_weights: tuple[float, ...] | None = None):
+def loss_fn(num_outputs: int, class_weights: tuple[float, ...] | None = None, logit_offsets: tuple[float, ...] | None = None):
     """Binary tasks use one logit and BCE; others cross-entropy over classes.  With
-    ``class_weights`` each record's loss is multiplied by its class's weight (mean over the batch)."""
+    ``class_weights`` each record's loss is multiplied by its class's weight (mean over the batch);
+    with ``logit_offsets`` (one per class) they are added to the logits before the loss (a binary
+    task's single logit gets offset[1] − offset[0])."""
+    if logit_offsets is not None:
+        base = loss_fn(num_outputs, class_weights)
+        off = torch.tensor(logit_offsets, dtype=torch.float32)
+        if num_outputs == 1:
+            shift = float(off[1] - off[0])
+            return lambda out, y: base(out + shift, y)
+        return lambda out, y: base(out + off, y)
     w = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
     if num_outputs == 1:
         bce = nn.BCEWithLogitsLoss(reduction="none" if w is not None else "mean")
@@ -82,6 +131,17 @@ def loss_fn(num_outputs: int, class_weights: tuple[float, ...] | None = None):
         return lambda out, y: ce(out, y.long())
     ce_each = nn.CrossEntropyLoss(reduction="none")
     return lambda out, y: (ce_each(out, y.long()) * w[y.long()]).mean()
+
+
+def site_loss(num_outputs: int, class_weights: tuple[float, ...] | ClassBalance | None, y: torch.Tensor):
+    """The training loss of a site whose training labels are ``y``: fixed class weights as given, or
+    the plan's rule turned into numbers from these labels alone (:mod:`insitu.learn.balance`)."""
+    k = max(2, num_outputs)
+    if class_weights is ClassBalance.BALANCED:
+        return loss_fn(num_outputs, balanced_weights(y, k))
+    if class_weights is ClassBalance.LOGIT_ADJUST:
+        return loss_fn(num_outputs, None, log_prior(y, k))
+    return loss_fn(num_outputs, class_weights)
 
 
 #: heavy-ball momentum of ``sgdm`` (torch.optim.SGD's convention: m ← βm + g, w ← w − lr·m)
@@ -166,7 +226,7 @@ def train_local(
     n = X.shape[0]
     if n == 0:
         raise ConfigError("cannot train on a site with no training records")
-    crit = loss_fn(num_outputs, cfg.class_weights)
+    crit = site_loss(num_outputs, cfg.class_weights, y)
     opt = make_optimizer(model, cfg)
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.prox_mu > 0 else None
     direct = None if autograd else _logistic_gradient(model, num_outputs, cfg)
@@ -194,6 +254,8 @@ def train_local(
         xb = X[idx]
         if cfg.augment_shift and xb.dim() == 4:
             xb = random_shift(xb, cfg.augment_shift, generator)
+        if cfg.augment_jitter is not None and xb.dim() == 4:
+            xb = random_jitter(xb, cfg.augment_jitter, generator)
         loss = crit(model(xb), y[idx])
         if anchor is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
@@ -257,6 +319,25 @@ def random_shift(x: torch.Tensor, s: int, generator: torch.Generator) -> torch.T
     rows = (off[:, 0].view(b, 1, 1, 1) + torch.arange(h).view(1, 1, h, 1)).expand(b, c, h, w + 2 * s)
     cols = (off[:, 1].view(b, 1, 1, 1) + torch.arange(w).view(1, 1, 1, w)).expand(b, c, h, w)
     return torch.gather(torch.gather(padded, 2, rows), 3, cols)
+
+
+def random_jitter(x: torch.Tensor, jitter: tuple[float, float, float], generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image by up to ``jitter[0]`` degrees, scale it by up to ±``jitter[1]`` (border
+    padding) and stretch its contrast about its mean by up to ±``jitter[2]``: X-rays from another
+    hospital's machine are framed and exposed a little differently."""
+    b = x.shape[0]
+    u = torch.rand(b, 3, generator=generator) * 2 - 1
+    ang = u[:, 0] * (jitter[0] * math.pi / 180)
+    inv = 1.0 / (1.0 + u[:, 1] * jitter[1])
+    cos, sin = torch.cos(ang) * inv, torch.sin(ang) * inv
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if jitter[2]:
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = (out - mean) * (1 + u[:, 2] * jitter[2]).view(b, 1, 1, 1) + mean
+    return out
 
 
 #: the most classes an evaluation reports per-class counts for (their lists travel in the reply)
