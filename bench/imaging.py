@@ -88,6 +88,7 @@ def pooled_run(data_path: str, row: dict[str, Any]) -> dict[str, Any]:
     p = pooled_selected(data, plan.task, rounds=cfg.rounds, steps_per_round=cfg.local_steps * cfg.sites, criterion=crit, seed=cfg.seed)
     return {"accuracy": p["accuracy"], "auc": p["all_records_auc"], "mean_site_accuracy": p["mean_site_accuracy"],
             "worst_site_accuracy": p["worst_site_accuracy"], "selected_round": p["selected_round"],
+            "validation_score": p.get("validation_score"),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -66,6 +66,7 @@ def pooled_selected(data: FederatedData, task: Any, *, rounds: int, steps_per_ro
     figures = summarize(_answers(final, data, "test", task.num_outputs))
     figures["all_records_auc"] = all_records_auc(task, params, data)
     figures["selected_round"] = best[1] if best is not None else rounds
+    figures["validation_score"] = best[0] if best is not None else None  # what chose the checkpoint
     figures["steps"] = rounds * steps_per_round
     return figures
 
