@@ -10,13 +10,27 @@ from dataclasses import replace
 import pytest
 import torch
 
+from insitu.data.dataset import FederatedData, SiteData
 from insitu.errors import ConfigError, ProtocolError
 from insitu.federation.task import TaskSpec
 from insitu.learn.balance import ClassBalance, balanced_weights, label_counts, log_prior
 from insitu.learn.train import TrainConfig, loss_fn, random_jitter, site_loss, train_local
-from tests.test_imaging_selection import tiny_images
-
 SHAPE = (1, 28, 28)
+
+
+def tiny_images() -> FederatedData:
+    """Three sites of 8×8 images with very different label mixes (10 %, 50 %, 85 % positive, exact)."""
+    g = torch.Generator().manual_seed(7)
+
+    def split(n: int, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.zeros(n)
+        y[:pos] = 1.0
+        X = torch.randn(n, 1, 8, 8, generator=g) + (2 * y - 1).view(-1, 1, 1, 1) * 0.5
+        return X, y
+
+    sites = tuple(SiteData(f"s{i}", *split(40, p), *split(10, max(1, p // 4)), *split(10, max(1, p // 4)))
+                  for i, p in enumerate((4, 20, 34)))
+    return FederatedData("skewed", sites, (1, 8, 8), 2, ("image",))
 
 
 def _plan(**opts):
