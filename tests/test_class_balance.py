@@ -187,3 +187,16 @@ def test_jitter_is_a_plan_field_checked_and_hashed():
             _plan(augment_jitter=bad)
     with pytest.raises(ProtocolError, match="augment_jitter"):
         TaskSpec.from_meta({**on.task.to_meta(), "augment_jitter": [10, 0.1, float("nan")]})
+
+
+def test_a_deployed_job_carries_the_rule_and_jitter_and_refuses_malformed_ones():
+    from insitu.coordinator.jobs import JobSpec
+
+    job = {"name": "x", "sites": ["a", "b"], "dataset": "pneumoniamnist", "rounds": 2,
+           "task": {"input_shape": [1, 28, 28], "num_outputs": 1, "schema": ["image"]}}
+    spec = JobSpec.from_dict({**job, "class_weights": "balanced", "augment_jitter": [10, 0.1, 0.2]})
+    assert spec.plan.task.class_weights is ClassBalance.BALANCED and spec.plan.task.augment_jitter == (10.0, 0.1, 0.2)
+    with pytest.raises(ConfigError, match="'balansed'"):
+        JobSpec.from_dict({**job, "class_weights": "balansed"})
+    with pytest.raises(ConfigError, match=r"augment_jitter must be three numbers.*\[10\]"):
+        JobSpec.from_dict({**job, "augment_jitter": [10]})
