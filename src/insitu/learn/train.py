@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from insitu.errors import ConfigError
+from insitu.errors import ConfigError, parse_choice
 from insitu.learn.balance import ClassBalance, balanced_weights, log_prior
 
 
@@ -79,11 +79,8 @@ def check_class_weights(weights: object, num_classes: int | None = None) -> tupl
     """``weights`` as a tuple of positive finite floats, one per class, or a rule's name
     (``balanced``, ``logit-adjust``: :mod:`insitu.learn.balance`); refused naming the value."""
     if isinstance(weights, str):
-        try:
-            return ClassBalance(weights)
-        except ValueError:
-            raise ConfigError(f"class_weights must be numbers (one per class) or a rule each site applies to its own training labels "
-                              f"({', '.join(r.value for r in ClassBalance)}), got {weights!r}") from None
+        return parse_choice(ClassBalance, weights, "class_weights", choices="numbers, one per class (e.g. 1,0.5), or a rule each site applies "
+                            f"to its own training labels ({', '.join(r.value for r in ClassBalance)})")
     if not isinstance(weights, (list, tuple)) or not 2 <= len(weights) <= 100_000 or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w > 0 for w in weights):
         raise ConfigError(f"class_weights must be a list of 2 or more positive numbers (one per class), got {weights!r}")
