@@ -227,30 +227,33 @@ class PlainProtocol:
 
     def collect(self, plan: RoundPlan, transport: Transport) -> AggregateResult:
         ex, replies, dropped = train_replies(plan, transport)
-        valid: dict[str, tuple[np.ndarray, float]] = {}
+        sizes: dict[str, Any] = {}  # what the screen compares; the decoded vectors are not kept (memory stays one vector)
+        weights: dict[str, float] = {}
         metrics: dict[str, Mapping[str, Any]] = {}
         culprits: list[str] = []
         for sid, rep in replies.items():
             try:
-                vec = finite_vector(self.decode(rep.meta, rep.tensors, plan.size, plan.job, plan.round), plan.size, f"update from {sid}")
+                vec = finite_vector(self._decode(plan, rep), plan.size, f"update from {sid}")
                 w = self.screen.check_weight(sid, rep.require("weight", (int, float)))
                 m = reply_metrics(rep)
             except ProtocolError as exc:
                 dropped[sid] = f"bad update: {exc}"
                 culprits.append(sid)
                 continue
-            valid[sid] = (vec, w)
-            metrics[sid] = m
-        for sid, why in self.screen.screen(plan, valid).items():
+            sizes[sid], weights[sid], metrics[sid] = self.screen.measure(vec, w), w, m
+        for sid, why in self.screen.judge(plan, sizes).items():
             dropped[sid] = f"refused update: {why}"
             culprits.append(sid)
-            del valid[sid], metrics[sid]
+            del metrics[sid]
         total = np.zeros(plan.size, dtype=np.float64)
         weight = 0.0
-        for sid in metrics:  # in reply order, as before the screen existed (exact-equality tests)
-            total += valid[sid][0]
-            weight += valid[sid][1]
+        for sid in metrics:  # in reply order, as before the screen existed (exact-equality tests); decoded again
+            total += self._decode(plan, replies[sid])
+            weight += weights[sid]
         return AggregateResult(total, weight, tuple(metrics), dropped, metrics, ex.bytes_received, ex.bytes_sent, tuple(sorted(culprits)))
+
+    def _decode(self, plan: RoundPlan, rep: Message) -> np.ndarray:
+        return self.decode(rep.meta, rep.tensors, plan.size, plan.job, plan.round)
 
     def site_protection(self, site_id: str) -> SiteProtection:
         return PlainSiteProtection(self.codec)

@@ -72,6 +72,16 @@ def check_max_records(v: Any) -> int:
 ClipBound = Callable[[Any], "float | None"]
 
 
+@dataclass(frozen=True)
+class UpdateSize:
+    """One update as the screen sees it: the L2 norm of the weighted update as received (the DP clip
+    rule), and per part (the whole update, or Scaffold's halves) the per-record norm ‖part‖ / wᵢ."""
+
+    norm: float
+    parts: tuple[str, ...]
+    per_record: tuple[float, ...]
+
+
 @dataclass
 class UpdateScreen:
     """The coordinator's screen of one plain round's updates (see the module docstring).
@@ -123,23 +133,36 @@ class UpdateScreen:
         return w
 
     # -- size ---------------------------------------------------------------------------------
+    def measure(self, vec: np.ndarray, w: float) -> "UpdateSize":
+        """What the rules compare of one update (weighted ``wᵢ·uᵢ`` as received, weight ``wᵢ``): the
+        coordinator measures each update as it decodes it and keeps only these numbers, not the vector."""
+        parts = self._parts(vec.shape[0])
+        # einsum, not np.linalg.norm: BLAS's dot wakes OpenBLAS's threads for every vector (~1 ms each on a
+        # loaded machine, measured in bench/secagg.py); the sum of squares in one pass costs ~50 µs per 1e5 values
+        norms = [math.sqrt(float(np.einsum("i,i->", vec[part], vec[part]))) for _, part in parts]
+        whole = norms[0] if len(norms) == 1 else math.sqrt(sum(n * n for n in norms))
+        return UpdateSize(whole, tuple(label for label, _ in parts), tuple(n / w for n in norms))
+
     def screen(self, plan: Any, updates: Mapping[str, tuple[np.ndarray, float]]) -> dict[str, str]:
         """Sites whose update breaks the size or DP rules, each with the reason (value and bound).
 
         ``updates``: site → (weighted update ``wᵢ·uᵢ`` as received, weight ``wᵢ``), all finite and
         with weights already checked."""
+        return self.judge(plan, {sid: self.measure(vec, w) for sid, (vec, w) in updates.items()})
+
+    def judge(self, plan: Any, sizes: Mapping[str, "UpdateSize"]) -> dict[str, str]:
+        """:meth:`screen` from the measured sizes (in the order the updates arrived)."""
         refused: dict[str, str] = {}
         bound = self.clip_bound(plan) if self.clip_bound is not None else None
         if bound is not None:
-            for sid, (vec, _) in updates.items():
-                norm = float(np.linalg.norm(vec))
-                if norm > bound:
-                    refused[sid] = (f"update norm {norm:.6g} is above the bound {bound:.6g} the plan's site-level DP clip "
+            for sid, size in sizes.items():
+                if size.norm > bound:
+                    refused[sid] = (f"update norm {size.norm:.6g} is above the bound {bound:.6g} the plan's site-level DP clip "
                                     "promises (the site clips its update before it leaves)")
-        if len(updates) < MIN_SCREENED:
+        if len(sizes) < MIN_SCREENED:
             return refused
         limit_of = lambda med: self.norm_factor * med  # noqa: E731
-        for label, norms, med in self._norms(updates):
+        for label, norms, med in self._norms(sizes):
             for sid, norm in norms.items():
                 if norm > limit_of(med) and sid not in refused:
                     against = f"is {norm / med:.3g}× the round's median {med:.6g}" if med > 0 else "while the round's median is 0"
@@ -150,18 +173,19 @@ class UpdateScreen:
     def ratios(self, updates: Mapping[str, tuple[np.ndarray, float]]) -> dict[str, float]:
         """Each update's largest norm / round median over its parts (what the size rule compares; benchmarks)."""
         out = {sid: 0.0 for sid in updates}
-        for _, norms, med in self._norms(updates):
+        for _, norms, med in self._norms({sid: self.measure(vec, w) for sid, (vec, w) in updates.items()}):
             for sid, norm in norms.items():
                 out[sid] = max(out[sid], norm / med if med > 0 else (math.inf if norm > 0 else 1.0))
         return out
 
-    def _norms(self, updates: Mapping[str, tuple[np.ndarray, float]]):
+    @staticmethod
+    def _norms(sizes: Mapping[str, "UpdateSize"]):
         """Per part (the whole update, or Scaffold's two halves): its label, each site's per-record norm, their median."""
-        if not updates:
+        if not sizes:
             return
-        size = next(iter(updates.values()))[0].shape[0]
-        for label, part in self._parts(size):
-            norms = {sid: float(np.linalg.norm(vec[part] / w)) for sid, (vec, w) in updates.items()}
+        labels = next(iter(sizes.values())).parts
+        for k, label in enumerate(labels):
+            norms = {sid: size.per_record[k] for sid, size in sizes.items()}
             yield label, norms, float(np.median(list(norms.values())))
 
     def _parts(self, size: int) -> list[tuple[str, slice]]:
@@ -171,5 +195,5 @@ class UpdateScreen:
         return [("model update", slice(0, n)), ("control-variate update", slice(n, size))]
 
 
-__all__ = ["UpdateScreen", "ClipBound", "NOISE_TAIL", "F32_SLACK", "check_norm_factor", "check_max_records", "MIN_SCREENED",
+__all__ = ["UpdateScreen", "UpdateSize", "ClipBound", "NOISE_TAIL", "F32_SLACK", "check_norm_factor", "check_max_records", "MIN_SCREENED",
            "DEFAULT_NORM_FACTOR", "DEFAULT_MAX_RECORDS"]
