@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,10 +110,20 @@ def test_deployed_grud_job_equals_simulation_on_the_same_records(dep, records, t
     with np.load(run / "model.npz") as dz, np.load(sim_dir / "model.npz") as sz:
         assert dz["params"].shape == sz["params"].shape and np.array_equal(dz["params"], sz["params"])
     assert (run / "task.json").read_text() == (sim_dir / "task.json").read_text()
+    # the served model's decision threshold: chosen from the sites' validation answers exactly as simulate chooses it
+    import json
+
+    dep_clin = json.loads((run / "summary.json").read_text())["final"]["clinical"]
+    sim_clin = sim["final"]["clinical"]
+    assert dep_clin["pooled"]["threshold"] == sim_clin["pooled"]["threshold"] != 0.5
+    assert dep_clin["pooled"]["threshold_source"] == sim_clin["pooled"]["threshold_source"]
+    assert {s: m["threshold"] for s, m in dep_clin["sites"].items() if m["threshold"] is not None} == \
+        {s: m["threshold"] for s, m in sim_clin["sites"].items() if m["threshold_source"] == "site validation"}
     MODEL["run"] = run
+    MODEL["threshold"] = sim_clin["pooled"]["threshold"]
 
 
-MODEL: dict[str, Path] = {}
+MODEL: dict[str, Any] = {}
 
 
 def test_deployed_job_selects_its_round_on_validation_as_simulate_does(dep, records, tmp_path):
@@ -193,6 +204,7 @@ def test_gateway_serves_the_deployed_model_a_risk_for_a_48_hour_series(dep, reco
         assert r.status_code == 200, r.text
         pred = r.json()
         assert pred["risk"] == pytest.approx(expected, abs=1e-5)
+        assert pred["threshold"] == MODEL["threshold"] and pred["positive"] == (pred["risk"] >= MODEL["threshold"])
         assert pred["model"]["input"] == "physionet2012" and pred["model"]["model"] == "grud"
         assert sorted(pred["model"]["training_sites"]) == sorted(ICUS) and pred["model"]["rounds"] == 2
         bad = {"observations": body["observations"] + [["12:00", "Lactose", 1.0]]}

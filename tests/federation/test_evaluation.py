@@ -27,6 +27,8 @@ def test_detailed_answer_passes_and_auc_may_be_null():
     assert reply_evaluation(ev(**DETAIL)) == DETAIL
     assert reply_evaluation(ev(**{**DETAIL, "auc": None}))["auc"] is None
     assert reply_evaluation(ev(**BASE)) == BASE  # the extra fields are optional
+    assert reply_evaluation(ev(**{**DETAIL, "threshold": 0.25}))["threshold"] == 0.25
+    assert reply_evaluation(ev(**{**DETAIL, "threshold": None}))["threshold"] is None
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -41,6 +43,10 @@ def test_detailed_answer_passes_and_auc_may_be_null():
     ({"auc": 1.5}, "'auc' = 1.5 is not a number in [0, 1]"),
     ({"auc": float("nan")}, "'auc' = nan"),
     ({"auc": True}, "'auc' = True"),
+    ({"threshold": 1.01}, "'threshold' = 1.01 is not a risk in [0, 1]"),
+    ({"threshold": -0.1}, "'threshold' = -0.1 is not a risk"),
+    ({"threshold": "0.3"}, "'threshold' = '0.3' is not a risk"),
+    ({"threshold": False}, "'threshold' = False is not a risk"),
 ])
 def test_malformed_detail_is_refused_naming_it(change, needle):
     with pytest.raises(ProtocolError) as err:

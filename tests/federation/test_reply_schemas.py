@@ -102,6 +102,31 @@ def test_a_string_accuracy_leaves_that_site_out_of_the_evaluation(heart):
     assert all(set(e) == {"loss", "correct", "n", "accuracy", "n_by_class", "correct_by_class", "auc"} for e in evals.values())
 
 
+def test_a_validation_answer_carries_the_sites_score1_threshold_and_nothing_else_new(heart):
+    """On its validation split a site of a binary task adds one number, the threshold maximising Score 1
+    there (insitu.learn.clinical.site_threshold of its own risks); a test-split answer never carries one."""
+    from insitu.learn.clinical import model_of, risk_scores, site_threshold, threshold_from_answers
+
+    from insitu.data.dataset import SiteData
+
+    # heart has no validation splits: each site's test split doubles as one here
+    sites = tuple(SiteData(s.name, s.X_train, s.y_train, s.X_test, s.y_test, s.X_test, s.y_test) for s in heart.sites)
+    heart = replace(heart, sites=sites)
+    coord = federation(heart, Protection.PLAIN, lambda m: m)
+    coord.run_round(1)
+    evals = coord.evaluate(2, split="val")
+    assert sorted(evals) == sorted(s.name for s in sites)
+    assert all(set(e) == {"loss", "correct", "n", "accuracy", "n_by_class", "correct_by_class", "auc", "threshold"} for e in evals.values())
+    model = model_of(TaskSpec("logreg", heart.input_shape, 1, heart.schema, lr=0.05, local_steps=5, batch_size=4), coord.params)
+    for s in sites:
+        want = site_threshold(s.y_val.numpy().astype(int), risk_scores(model, s.X_val))
+        assert evals[s.name]["threshold"] == want
+    clin = threshold_from_answers(evals)
+    pos = {k: e["n_by_class"][1] for k, e in evals.items() if e["threshold"] is not None}
+    assert clin["pooled"]["threshold"] == pytest.approx(sum(pos[k] * evals[k]["threshold"] for k in pos) / sum(pos.values()))
+    assert all("threshold" not in e for e in coord.evaluate(2, split="test").values())
+
+
 def test_integer_metrics_drop_the_site_from_a_plain_round(heart):
     coord = federation(heart, Protection.PLAIN, lambda m: replace(m, meta={**m.meta, "metrics": 7}) if m.kind is MessageKind.TRAIN_REPLY else m)
     rec = coord.run_round(1)

@@ -9,7 +9,7 @@ from torch import nn
 from insitu.data.dataset import FederatedData, SiteData
 from insitu.errors import ConfigError
 from insitu.learn import metrics as M
-from insitu.learn.clinical import clinical_evaluation
+from insitu.learn.clinical import POOLED_RULE, clinical_evaluation, pooled_threshold
 
 
 class FirstFeature(nn.Module):
@@ -43,7 +43,11 @@ def test_thresholds_come_from_validation_and_metrics_from_test():
         assert m["score1"] == pytest.approx(M.score1(s.y_test.numpy(), sig(s.X_test), own))
     yv = np.concatenate([s.y_val.numpy() for s in data.sites])
     sv = np.concatenate([sig(s.X_val) for s in data.sites])
-    assert res["pooled"]["threshold"] == pytest.approx(M.best_threshold(yv, sv))
+    # pooled: the sites' own thresholds weighted by their validation positives (what a deployed coordinator can compute)
+    pos = {s.name: s.y_val.numpy().sum() for s in data.sites}
+    want = sum(pos[k] * res["sites"][k]["threshold"] for k in pos) / sum(pos.values())
+    assert res["pooled"]["threshold"] == pytest.approx(want) and not res["pooled"]["threshold"] == pytest.approx(M.best_threshold(yv, sv))
+    assert res["pooled"]["threshold_source"] == POOLED_RULE
     assert res["validation"]["auroc"] == pytest.approx(M.auroc(yv, sv))
     assert res["pooled"]["n"] == 160 and sum(res["calibration"]["count"]) == 160
     # changing the test labels changes no threshold
@@ -60,3 +64,13 @@ def test_needs_a_binary_task_with_validation_splits():
         clinical_evaluation(FirstFeature(), FederatedData("toy", (SiteData("a", s.X_train, s.y_train, s.X_test, s.y_test),), (3,), 2, ("x",) * 3))
     with pytest.raises(ConfigError, match="binary"):
         clinical_evaluation(FirstFeature(), FederatedData("toy", (s,), (3,), 3, ("x",) * 3))
+
+
+def test_pooled_threshold_weighs_sites_by_validation_positives():
+    assert pooled_threshold({"b": (0.4, 30), "a": (0.1, 10)}) == pytest.approx((0.1 * 10 + 0.4 * 30) / 40)
+    # a site without a positive validation record (no threshold) adds nothing; none at all: no threshold
+    assert pooled_threshold({"a": (0.2, 5), "b": (None, 0), "c": (0.9, 0)}) == pytest.approx(0.2)
+    assert pooled_threshold({"a": (None, 0)}) is None and pooled_threshold({}) is None
+    # the same float whatever order the answers came in
+    many = {f"s{i}": (float(np.float32(0.1 + i / 37)), i + 1) for i in range(20)}
+    assert pooled_threshold(dict(reversed(list(many.items())))) == pooled_threshold(many)

@@ -63,6 +63,8 @@ def model_summary(job: Mapping[str, Any], spec: Mapping[str, Any], rounds: list[
         "rounds_aborted": sum(1 for r in rounds if r["status"] in ("aborted", "interrupted")),
         "selected_round": model_round,
     }
+    if isinstance(ev.get("clinical"), dict):  # the decision threshold chosen on the sites' validation splits
+        final["clinical"] = ev["clinical"]
     eps: dict[str, float] = {}
     for r in applied:
         for s, e in (r.get("epsilon") or {}).items():

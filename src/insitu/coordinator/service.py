@@ -370,6 +370,8 @@ class CoordinatorService:
         selection = self._select(job.id, coord, criterion) if criterion is not None else {}
         final = self._evaluate(coord, self.store.job(job.id).next_round)
         final["evaluation_bytes_down"] = dict(coord.eval_bytes_down)  # the final evaluation's request to each site
+        if spec.config.get("dataset") == "physionet2012":  # the served model's threshold, as simulate chooses it
+            final.update(self._clinical_threshold(coord, self.store.job(job.id).next_round))
         final.update({"rounds_applied": version, "rounds_aborted": aborted, **selection,
                       "params_sha256": hashlib.sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
         self.store.set_status(job.id, JobStatus.DONE, final=final)
@@ -413,6 +415,18 @@ class CoordinatorService:
                  best[1], criterion.value, best[0])
         return {"selected_version": version, "selected_round": best[1],
                 "selection": {"split": "val", "criterion": criterion.value, "value": best[0]}}
+
+    def _clinical_threshold(self, coord: Coordinator, round_: int) -> dict[str, Any]:
+        """``{"clinical": ...}``: the decision threshold of the final model from the sites' answers on their
+        validation splits (insitu.learn.clinical.threshold_from_answers), what the gateway serves it at."""
+        from insitu.learn.clinical import threshold_from_answers
+
+        try:
+            clinical = threshold_from_answers(coord.evaluate(round_, split="val"))
+        except Exception as exc:  # noqa: BLE001 - no threshold is reported, the job is not failed: the model is served at 0.5
+            log.warning("job %s: no decision threshold: %s", coord.job, _one_line(exc))
+            return {}
+        return {"clinical": clinical} if clinical is not None else {}
 
     def _evaluate(self, coord: Coordinator, round_: int, criterion: Any = None) -> dict[str, Any]:
         """The sites' answers about the current model: on their test splits, or (``criterion``) on their

@@ -173,6 +173,10 @@ class Site:
         if len(y) == 0:
             raise ProtocolError(f"site {self.site_id} has no records in its {ins.split.value!r} split to score")
         res = evaluate(self.model, X, y, num_outputs=self.task.num_outputs, by_class=True)
+        if ins.split is Split.VAL and self.task.num_outputs == 1:  # the site's own Score 1 threshold (insitu.learn.clinical)
+            from insitu.learn.clinical import risk_scores, site_threshold
+
+            res["threshold"] = site_threshold(y.numpy().astype(int), risk_scores(self.model, X))
         return Message(MessageKind.EVALUATE_REPLY, msg.round, msg.job, res)
 
     def _verify_for_evaluation(self, h: str, msg: Message, params: np.ndarray) -> None:

@@ -154,7 +154,7 @@ MAX_EVAL_RECORDS = 10**9
 #: the keys every EVALUATE_REPLY holds (what insitu.learn.train.evaluate returns)
 EVALUATION_KEYS = frozenset({"loss", "correct", "n", "accuracy"})
 #: keys it may hold besides (``evaluate(..., by_class=True)``): per-class counts, and AUROC for a binary task
-EVALUATION_EXTRA = frozenset({"n_by_class", "correct_by_class", "auc"})
+EVALUATION_EXTRA = frozenset({"n_by_class", "correct_by_class", "auc", "threshold"})
 #: the most classes per-class counts may list
 MAX_EVAL_CLASSES = 1000
 
@@ -164,7 +164,8 @@ def reply_evaluation(rep: Message) -> dict[str, Any]:
     number >= 0), ``n`` (an integer from 1 to MAX_EVAL_RECORDS), ``correct`` (an integer from 0 to n)
     and ``accuracy`` (= correct / n); optionally ``n_by_class`` and ``correct_by_class`` (together:
     lists of 2 to MAX_EVAL_CLASSES integers summing to n and correct, each correct count at most its
-    class count) and ``auc`` (a number in [0, 1], or None when the split holds one class).
+    class count), ``auc`` (a number in [0, 1], or None when the split holds one class) and
+    ``threshold`` (a risk in [0, 1], or None).
     Anything else is a ProtocolError naming the field."""
     meta = rep.meta
     if not EVALUATION_KEYS <= set(meta) <= EVALUATION_KEYS | EVALUATION_EXTRA:
@@ -206,6 +207,11 @@ def reply_evaluation(rep: Message) -> dict[str, Any]:
         if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
             raise ProtocolError(f"evaluate reply field 'auc' = {_clip(a)} is not a number in [0, 1] (or null)")
         out["auc"] = None if a is None else float(a)
+    if "threshold" in meta:  # validation split of a binary task: the site's Score 1 threshold, a risk
+        v = meta["threshold"]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0):
+            raise ProtocolError(f"evaluate reply field 'threshold' = {_clip(v)} is not a risk in [0, 1] (or null)")
+        out["threshold"] = None if v is None else float(v)
     return out
 
 

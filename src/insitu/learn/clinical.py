@@ -2,14 +2,20 @@
 accuracy, per site and over every test record, with Score 1 thresholds taken from validation data.
 
 Thresholds: each site's Score 1 uses the threshold that maximises Score 1 on that site's own
-validation split (a site picks its own operating point without showing anyone a record); the
-pooled figure uses the threshold that maximises it on the union of the validation splits.  The
-test labels never choose anything.  Accuracy is reported at those same thresholds and at 0.5.
+validation split (a site picks its own operating point without showing anyone a record).  The
+pooled figure, and the threshold a served model says ``positive`` at, is :func:`pooled_threshold`
+of those site thresholds: their mean weighted by each validation split's positive records.  A
+deployed coordinator computes exactly this from the sites' evaluation answers on their validation
+splits (each answer carries its site's threshold and per-class counts, nothing else about the
+scores), so a simulated run and a deployed job of the same plan choose the same number; the
+threshold maximising Score 1 on the union of the validation splits would need every validation
+score to leave its site.  The test labels never choose anything.  Accuracy is reported at those
+same thresholds and at 0.5.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -37,8 +43,41 @@ def risk_scores(model: nn.Module, X: torch.Tensor, batch: int = 1024) -> np.ndar
     return np.concatenate([torch.sigmoid(model(X[i : i + batch]).reshape(-1)).numpy() for i in range(0, X.shape[0], batch)])
 
 
-def _threshold(y: np.ndarray, s: np.ndarray) -> float | None:
+def site_threshold(y: np.ndarray, s: np.ndarray) -> float | None:
+    """One site's Score 1 threshold on its validation labels ``y`` and risks ``s``; None with no positive record."""
     return M.best_threshold(y, s) if len(y) and y.any() else None
+
+
+#: how :func:`pooled_threshold` combines the sites' thresholds (written beside it in summaries)
+POOLED_RULE = "mean of the sites' validation Score 1 thresholds weighted by their validation positives"
+
+
+def pooled_threshold(sites: Mapping[str, tuple[float | None, int]]) -> float | None:
+    """The pooled decision threshold from each site's (validation threshold, validation positives):
+    the positives-weighted mean over the sites that have a threshold, summed in site-name order (the
+    same float wherever it is computed); None when no site's validation split holds a positive."""
+    num = den = 0.0
+    for name in sorted(sites):
+        thr, pos = sites[name]
+        if thr is not None and pos > 0:
+            num += float(pos) * float(thr)
+            den += float(pos)
+    return num / den if den > 0 else None
+
+
+def threshold_from_answers(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The served model's decision threshold from the sites' evaluation answers on their validation
+    splits (each: ``threshold`` and ``n_by_class``), as :func:`clinical_evaluation` chooses it from
+    the records themselves: ``{"pooled": {"threshold", "threshold_source"}, "sites": {name: {"threshold",
+    "positives"}}}`` (the part of a run summary's ``final.clinical`` a deployment can know), or None
+    when no answer carries a threshold."""
+    sites = {name: (e.get("threshold"), int(e["n_by_class"][1])) for name, e in evals.items()
+             if "threshold" in e and len(e.get("n_by_class") or ()) == 2}
+    thr = pooled_threshold(sites)
+    if thr is None:
+        return None
+    return {"pooled": {"threshold": thr, "threshold_source": POOLED_RULE},
+            "sites": {name: {"threshold": t, "positives": pos} for name, (t, pos) in sorted(sites.items())}}
 
 
 def clinical_evaluation(model: nn.Module, data: FederatedData) -> dict[str, Any]:
@@ -52,12 +91,13 @@ def clinical_evaluation(model: nn.Module, data: FederatedData) -> dict[str, Any]
     test = {s.name: (s.y_test.numpy().astype(int), risk_scores(model, s.X_test)) for s in data.sites}
     yv = np.concatenate([v[0] for v in val.values()])
     sv = np.concatenate([v[1] for v in val.values()])
-    pooled_thr = _threshold(yv, sv)
+    own_thr = {name: site_threshold(*v) for name, v in val.items()}
+    pooled_thr = pooled_threshold({name: (own_thr[name], int(v[0].sum())) for name, v in val.items()})
     if pooled_thr is None:
         raise ConfigError("no validation split holds a positive record; Score 1 has no threshold")
     sites: dict[str, dict[str, float]] = {}
     for name, (y, s) in test.items():
-        own = _threshold(*val[name])
+        own = own_thr[name]
         m = M.clinical_metrics(y, s, own if own is not None else pooled_thr).as_dict()
         m["threshold_source"] = "site validation" if own is not None else "pooled validation"
         m["accuracy_at_0.5"] = M.accuracy(y, s, 0.5)
@@ -65,6 +105,7 @@ def clinical_evaluation(model: nn.Module, data: FederatedData) -> dict[str, Any]
     yt = np.concatenate([t[0] for t in test.values()])
     st = np.concatenate([t[1] for t in test.values()])
     pooled = M.clinical_metrics(yt, st, pooled_thr).as_dict()
+    pooled["threshold_source"] = POOLED_RULE
     pooled["accuracy_at_0.5"] = M.accuracy(yt, st, 0.5)
     mean_p, freq, count = M.calibration(yt, st, bins=10)
     aurocs = [m["auroc"] for m in sites.values() if not math.isnan(m["auroc"])]
@@ -77,4 +118,4 @@ def clinical_evaluation(model: nn.Module, data: FederatedData) -> dict[str, Any]
     }
 
 
-__all__ = ["clinical_evaluation", "model_of", "risk_scores"]
+__all__ = ["POOLED_RULE", "clinical_evaluation", "model_of", "pooled_threshold", "risk_scores", "site_threshold", "threshold_from_answers"]
