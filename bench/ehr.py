@@ -6,6 +6,8 @@ the published figures and the SAPS-I severity score.
     .venv/bin/python bench/ehr.py --seeds 0,1 --no-dp --strategies fedavg,fedadam
     .venv/bin/python bench/ehr.py --no-dp --strategies fedavg,fedavg/select=best-val,fedprox/mu=0.01   # variants
     .venv/bin/python bench/ehr.py --seeds 0,1,2 --no-dp --strategies fedavg --personalize 300   # + local fine-tuning
+    .venv/bin/python bench/ehr.py --no-dp --strategies fedavg --personalize 600 --personalize-lr 0.001 \
+        --personalize-mode ensemble   # + each site's own model, mixed with the global one (mean risk)
 
 Train on sets A and B (each ICU type is one site), test on set C; every threshold and every
 early-stopping point is chosen on the validation splits carved from A and B, never on C.
@@ -18,6 +20,10 @@ early-stopping point is chosen on the validation splits carved from A and B, nev
 * federated + local fine-tuning (``--personalize STEPS`` or a variant ``fedavg/personalize=300``):
   the same run, then each site fine-tunes the final global model on its own training split, the
   checkpoint (global model included) chosen on its own validation split (insitu.learn.personalize).
+* federated + own model (``--personalize-mode ensemble``): each site also trains a model of its own
+  from scratch (early-stopped on its own validation split, the local-only recipe with
+  ``--personalize-lr 0.001``) and predicts with the mean risk of it and the global model
+  (insitu.learn.personalize.own_model_mixture).
 * DP: the same, with record-level DP-SGD at ε = 1 (δ = 1e-5) for every site.
 * SAPS-I: the severity score in Outcomes-c.txt used as a risk score (no training); its Score 1
   threshold is chosen on sets A and B.
@@ -172,6 +178,11 @@ def _ms(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
 
 
+def _personal(section: dict[str, Any]) -> str:
+    """How a strategy's personal models were made (summary.json final.personalized.mode)."""
+    return "own model (mean risk)" if section.get("mode") == "ensemble" else "local fine-tuning"
+
+
 def report(results: list[dict[str, Any]], saps: dict[str, Any], strategies: tuple[str, ...]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -195,7 +206,7 @@ def report(results: list[dict[str, Any]], saps: dict[str, Any], strategies: tupl
     t.add_row("local-only (each ICU type alone)", "–", "–", "–", _ms(local_mean), "", "")
     personal = [k + FT for k in strategies if all(k + FT in r for r in results)]
     for k in personal:  # each site's own model: no pooled figure (the scores of the test records never leave a site)
-        t.add_row(f"{k[:-len(FT)]} + local fine-tuning (each site its own model)", "–", "–", "–",
+        t.add_row(f"{k[:-len(FT)]} + {_personal(results[0][k])} (each site its own model)", "–", "–", "–",
                   _ms([r[k]["mean_site_auroc"] for r in results]), "", "")
     t.add_section()
     for name, (metric, v) in PUBLISHED.items():
@@ -206,7 +217,7 @@ def report(results: list[dict[str, Any]], saps: dict[str, Any], strategies: tupl
     s = Table(title="AUROC per ICU type on its test split in set C: each site alone, every federated strategy, the pooled model",
               title_justify="left")
     columns = [c for k in strategies for c in (k, *([k + FT] if k + FT in personal else []))]
-    for col in ("site", "SAPS-I", "local-only", *(c.replace(FT, " + fine-tuning") for c in columns), "pooled"):
+    for col in ("site", "SAPS-I", "local-only", *(c.replace(FT, " + " + _personal(results[0][c])) if c.endswith(FT) else c for c in columns), "pooled"):
         s.add_column(col, justify="left" if col == "site" else "right")
     sites = list(results[0]["local"]["sites"])
     below = {k: [] for k in columns}
@@ -224,7 +235,7 @@ def report(results: list[dict[str, Any]], saps: dict[str, Any], strategies: tupl
     print("'<': the federated model's mean AUROC on that site is below the site's own model's")
     for k in columns:
         steps = f" ({results[0][k]['steps']} steps)" if k.endswith(FT) else ""
-        print(f"{k.replace(FT, ' + local fine-tuning')}{steps}: every site at least its local-only AUROC: {'yes' if not below[k] else 'NO, below at ' + ', '.join(below[k])}")
+        print(f"{k.replace(FT, ' + ' + _personal(results[0][k])) if k.endswith(FT) else k}{steps}: every site at least its local-only AUROC: {'yes' if not below[k] else 'NO, below at ' + ', '.join(below[k])}")
     pooled = statistics.mean(r["pooled"]["pooled"]["auroc"] for r in results)
     fed = statistics.mean(r[best]["pooled"]["auroc"] for r in results)
     print(f"pooled GRU-D AUROC {pooled:.3f} (target ≥ 0.85: {'met' if pooled >= 0.85 else 'NOT met'}); "
@@ -246,6 +257,10 @@ def main() -> int:
     ap.add_argument("--personalize", type=int, default=0, metavar="STEPS",
                     help="every strategy also reports federated + local fine-tuning: each site fine-tunes the final model "
                          "for up to STEPS steps, checkpoint on its own validation split (a variant's personalize= wins)")
+    ap.add_argument("--personalize-lr", type=float, default=None, metavar="LR",
+                    help="with --personalize: the learning rate of the sites' personal training (default: the task's)")
+    ap.add_argument("--personalize-mode", choices=("finetune", "ensemble"), default="finetune",
+                    help="with --personalize: fine-tune the final model, or mix it with a model each site trains alone (mean risk)")
     ap.add_argument("--no-dp", action="store_true", help="skip the ε = 1 run")
     ap.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes (one torch thread each)")
     ap.add_argument("--pooled-steps", type=int, default=1500, help="most Adam steps for pooled (early-stopped on validation)")
@@ -257,8 +272,12 @@ def main() -> int:
     strategies = tuple(s for s in args.strategies.split(",") if s)
     if args.personalize < 0:
         raise SystemExit(f"--personalize takes a number of fine-tuning steps ≥ 0 (0: off), got {args.personalize}")
+    if (args.personalize_lr is not None or args.personalize_mode != "finetune") and not args.personalize:
+        raise SystemExit("--personalize-lr / --personalize-mode need --personalize STEPS")
     if args.personalize:
-        strategies = tuple(s if "personalize=" in s else f"{s}/personalize={args.personalize}" for s in strategies)
+        extra = (f"/personalize_lr={args.personalize_lr}" if args.personalize_lr is not None else "") + \
+                (f"/personalize_mode={args.personalize_mode}" if args.personalize_mode != "finetune" else "")
+        strategies = tuple(s if "personalize=" in s else f"{s}/personalize={args.personalize}{extra}" for s in strategies)
     saps = saps_baseline(Path(args.data))
     out = Path(args.out)
     if not args.report_only:

@@ -56,6 +56,7 @@ def simulate_command(
     privacy_ledger: Optional[str] = typer.Option(None, help="SQLite privacy ledger kept across runs (budgets carry over); default: privacy_ledger.sqlite in the run directory."),
     baselines: bool = typer.Option(True, help="Also train local-only and pooled baselines for comparison."),
     personalize_lr: Optional[float] = typer.Option(None, help="With --personalize: the fine-tuning learning rate (default: the task's --lr)."),
+    personalize_mode: str = typer.Option("finetune", help="With --personalize: 'finetune' (fine-tune the final model, checkpoint on the site's validation split) or 'ensemble' (each site also trains a model of its own from scratch, early-stopped on its validation split, and predicts with the mean risk of that model and the global model). Either way the personal model stays at its site."),
     personalize: int = typer.Option(0, metavar="STEPS", help="After federation, each site fine-tunes the final model on its own training records for up to STEPS local steps (the task's optimiser and lr), keeping the checkpoint best on its OWN validation split (the global model itself included). The fine-tuned models stay at their sites; only their test scores are reported, as 'federated + local fine-tuning'. 0 (default): off. Needs validation splits; not with --dp."),
     threads: int = typer.Option(1, help="Torch threads for training (1 is fastest for small models and many small steps; raise it for large CNNs on an idle machine)."),
     backend: str = typer.Option("in-process", help="Where the sites run: in-process (default) or ray (each site in a Ray worker process, on this machine or a cluster; same plan, same round engine, same result). Needs Ray: pip install 'insitu[ray]'."),
@@ -83,7 +84,7 @@ def simulate_command(
         local_steps=local_steps, lr=lr, batch_size=batch_size, optimizer=optimizer, model=model, model_spec=model_spec, mu=mu, server_lr=server_lr,
         min_sites=min_sites, dropout=dropout, seed=seed, augment=augment, select=select, class_weights=class_weights, augment_jitter=augment_jitter, lr_schedule=lr_schedule, normalize=normalize, normalize_epsilon=normalize_epsilon, compress=compress, downlink=downlink, update_norm_factor=update_norm_factor, max_site_records=max_site_records, secure_aggregation=secure_aggregation, secagg_recovery=secagg_recovery, homomorphic=homomorphic,
         dp=dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement, dp_adjacency=dp_adjacency,
-        adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, personalize=personalize, personalize_lr=personalize_lr, out=out_dir,
+        adaptive_clip=adaptive_clip, site_budget=site_budget, accountant=accountant, privacy_ledger=privacy_ledger, baselines=baselines, personalize=personalize, personalize_lr=personalize_lr, personalize_mode=personalize_mode, out=out_dir,
         insecure_replayable_randomness=insecure_replayable_randomness, threads=threads, backend=backend, ray_address=ray_address,
     )
     summary = simulate(cfg, progress=True)

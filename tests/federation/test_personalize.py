@@ -192,3 +192,72 @@ def test_a_dp_site_refuses_to_personalise(data):
     with pytest.raises(ProtocolError, match="differentially private plan"):
         sites["h0"].handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": coord.round_plan(2).plan, "steps": 5},
                                    {"params": coord.params}))
+
+
+def test_mean_risk_is_the_mean_of_the_two_models_probabilities():
+    from insitu.learn.personalize import MeanRisk
+
+    torch.manual_seed(0)
+    a, b, X = torch.nn.Linear(6, 1), torch.nn.Linear(6, 1), torch.randn(50, 6) * 4
+    with torch.no_grad():
+        want = (torch.sigmoid(a(X)) + torch.sigmoid(b(X))) / 2
+        assert torch.allclose(torch.sigmoid(MeanRisk(a, b, 1)(X)), want, atol=1e-6)
+        a3, b3 = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+        want3 = (torch.softmax(a3(X), -1) + torch.softmax(b3(X), -1)) / 2
+        assert torch.allclose(torch.softmax(MeanRisk(a3, b3, 3)(X), -1), want3, atol=1e-6)
+
+
+def test_ensemble_mode_mixes_the_global_model_with_one_the_site_trains_alone_and_sends_neither(data, monkeypatch):
+    """--personalize-mode ensemble: the site's own model starts from scratch (not from the global model),
+    is early-stopped on its validation split, and the reply scores the mean risk of it and the global
+    model; the own model's parameters are in no message."""
+    import insitu.learn.personalize as P
+    from insitu.learn.clinical import risk_scores
+    from insitu.learn.metrics import auroc
+
+    sent: list[Message] = []
+    made: list[tuple] = []
+    handle = Site.handle
+    monkeypatch.setattr(Site, "handle", lambda self, msg: sent.append(handle(self, msg)) or sent[-1])
+    real = P.own_model_mixture
+
+    def spy(global_model, fresh, *a, **k):
+        start = get_flat(fresh).copy()
+        mixture, ft = real(global_model, fresh, *a, **k)
+        made.append((get_flat(global_model).copy(), start, mixture))
+        return mixture, ft
+
+    monkeypatch.setattr(P, "own_model_mixture", spy)
+    secrets = {s.name: bytes([i + 1]) * 32 for i, s in enumerate(data.sites)}
+    summary = simulate(data=data, model="mlp", rounds=3, local_steps=5, optimizer="adam", lr=0.01, personalize=40,
+                       personalize_mode="ensemble", baselines=False, write=False, site_secrets=secrets)
+    per = summary["final"]["personalized"]
+    assert per["mode"] == "ensemble" and len(made) == 3 and set(per["sites"]) == {"h0", "h1", "h2"}
+    for (glob, start, mixture), s in zip(made, data.sites):
+        assert not np.allclose(start, glob)  # a fresh initialisation, not the global model
+        own = get_flat(mixture.second)
+        assert np.array_equal(get_flat(mixture.first), glob) and not np.allclose(own, glob) and not np.allclose(own, start)
+        m = per["sites"][s.name]
+        risk = (risk_scores(mixture.first, s.X_test) + risk_scores(mixture.second, s.X_test)) / 2
+        assert m["auroc"] == pytest.approx(auroc(s.y_test.numpy().astype(int), risk), abs=1e-6)
+        assert m["val_start"] == pytest.approx(auroc(s.y_val.numpy().astype(int), risk_scores(mixture.first, s.X_val)))
+        for msg in sent:
+            for t in msg.tensors.values():
+                arr = np.asarray(t).reshape(-1)
+                assert arr.size != own.size or not np.allclose(arr.astype(np.float64), own, atol=1e-6)
+    replies = [m for m in sent if m.kind is MessageKind.PERSONALIZE_REPLY]
+    assert len(replies) == 3 and all(not m.tensors and set(m.meta) <= set(PERSONALIZE_REPLY.meta) for m in replies)
+    with pytest.raises(ConfigError, match="--personalize-mode"):
+        SimulationConfig(personalize=5, personalize_mode="average").resolved(own=data)
+    with pytest.raises(ConfigError, match="--personalize-mode given without --personalize"):
+        SimulationConfig(personalize_mode="ensemble").resolved(own=data)
+
+
+def test_a_site_refuses_an_unknown_personalize_mode(data):
+    cfg = SimulationConfig(model="mlp", rounds=1, local_steps=3).resolved(own=data)
+    plan = cfg.plan_for(data.input_shape, data.num_outputs, data.schema)
+    coord, sites = build_federation(plan, data.sites)
+    coord.run_round(1)
+    with pytest.raises(ProtocolError, match="personalize request mode: unknown value 'blend'"):
+        sites["h0"].handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": coord.round_plan(2).plan, "steps": 5, "mode": "blend"},
+                                   {"params": coord.params}))

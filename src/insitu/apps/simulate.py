@@ -153,6 +153,7 @@ class SimulationConfig:
     #: steps, checkpoint chosen on its own validation split; only the result's test scores are reported (0: off)
     personalize: int = 0
     personalize_lr: float | None = None  # --personalize: the fine-tuning learning rate (default: the task's lr)
+    personalize_mode: str = "finetune"  # --personalize: finetune | ensemble (insitu.learn.personalize.PersonalMode)
     out: str | None = None
     threads: int = 1  # torch threads for training (1: tiny models and many small steps run fastest)
     backend: str = "in-process"  # where the sites run: in-process, or ray (Ray actors: insitu.apps.raybackend)
@@ -261,9 +262,13 @@ def _check_personalize(cfg: "SimulationConfig", plan: Plan, ds: DatasetName, own
     lr = cfg.personalize_lr
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1):
         raise ConfigError(f"--personalize-lr must be a learning rate in (0, 1], got {lr!r}")
+    from insitu.errors import parse_choice
+    from insitu.learn.personalize import PersonalMode
+
+    mode = parse_choice(PersonalMode, cfg.personalize_mode, "--personalize-mode")
     if check_steps(cfg.personalize) == 0:
-        if lr is not None:
-            raise ConfigError("--personalize-lr given without --personalize STEPS")
+        if lr is not None or mode is not PersonalMode.FINETUNE:
+            raise ConfigError(f"--personalize-{'lr' if lr is not None else 'mode'} given without --personalize STEPS")
         return
     if ds is DatasetName.HEART and own is None:
         raise ConfigError("--personalize chooses each site's checkpoint on its own validation split; the heart data has none "
@@ -634,8 +639,9 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
         if cfg.personalize:  # each site fine-tunes the final model itself; only its test scores come back
             from insitu.federation.personalize import personalize_sites, summarize
 
-            replies, dropped = personalize_sites(coord, cfg.rounds + 1, cfg.personalize, lr=cfg.personalize_lr)
-            summary["final"]["personalized"] = {**summarize(replies, cfg.personalize), "lr": cfg.personalize_lr or task.lr, "dropped": dropped}
+            replies, dropped = personalize_sites(coord, cfg.rounds + 1, cfg.personalize, lr=cfg.personalize_lr, mode=cfg.personalize_mode)
+            summary["final"]["personalized"] = {**summarize(replies, cfg.personalize), "lr": cfg.personalize_lr or task.lr, "dropped": dropped,
+                                                "mode": str(getattr(cfg.personalize_mode, "value", cfg.personalize_mode))}
         if cfg.baselines:
             from insitu.apps.baselines import local_only, pooled
 

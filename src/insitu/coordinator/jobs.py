@@ -56,7 +56,7 @@ DEPLOYMENT_FIELDS = ("name", "sites", "round_timeout", "wait_for_sites", "max_ab
 #: deployment fields that are plain settings of how the job runs (stored and re-read as given)
 RUN_SETTINGS = DEPLOYMENT_FIELDS[2:]
 #: simulate options that have no meaning in a deployment (the site owns them)
-SIMULATE_ONLY = ("data", "partition", "dropout", "site_budget", "privacy_ledger", "baselines", "personalize", "personalize_lr", "out", "backend", "ray_address",
+SIMULATE_ONLY = ("data", "partition", "dropout", "site_budget", "privacy_ledger", "baselines", "personalize", "personalize_lr", "personalize_mode", "out", "backend", "ray_address",
                  "insecure_replayable_randomness")
 #: keys of the job format before the plan: what to write instead
 RENAMED = {

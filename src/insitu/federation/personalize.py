@@ -5,7 +5,8 @@ model and the number of steps.  The site (:func:`site_personalize`, called from
 :meth:`insitu.federation.site.Site.handle`) checks the request like an evaluation — the approved
 plan, and a model of this job, never arbitrary parameters (the evaluation oracle) — fine-tunes a
 copy of it on its own training split with :func:`insitu.learn.personalize.fine_tune`, choosing the
-checkpoint on its own validation split, and answers only the personalised model's metrics on its
+checkpoint on its own validation split (or, the request's ``mode = "ensemble"``, trains a model of
+its own and mixes it with the global model: :func:`insitu.learn.personalize.own_model_mixture`), and answers only the personalised model's metrics on its
 own test split: the fields of :data:`insitu.federation.egress.PERSONALIZE_REPLY`.  The
 personalised parameters are never put in any message; the model is each hospital's own (a
 deployment keeps it at the site; the simulation drops it after scoring).
@@ -21,16 +22,17 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
-from insitu.errors import ConfigError, ProtocolError
+from insitu.errors import ConfigError, ProtocolError, parse_choice
 from insitu.federation.messages import Message, MessageKind
 
 if TYPE_CHECKING:
     from insitu.federation.coordinator import Coordinator
     from insitu.federation.site import Site
 
-#: keys a PERSONALIZE request may carry
-PERSONALIZE_KEYS = frozenset({"plan", "steps", "lr"})
+#: keys a PERSONALIZE request may carry ("mode": insitu.learn.personalize.PersonalMode, default finetune)
+PERSONALIZE_KEYS = frozenset({"plan", "steps", "lr", "mode"})
 #: every key of a PERSONALIZE_REPLY (binary tasks add CLINICAL_KEYS)
 BASE_KEYS = ("n", "accuracy", "best_step", "steps", "val_metric", "val_start", "val_best")
 CLINICAL_KEYS = ("auroc", "auprc", "score1", "sensitivity", "ppv", "threshold", "threshold_source", "accuracy_at_0.5", "positives")
@@ -40,7 +42,7 @@ def site_personalize(site: "Site", msg: Message) -> Message:
     """The site half: fine-tune the sent global model on this site's records; reply its test metrics only."""
     from insitu.learn.clinical import risk_scores
     from insitu.learn import metrics as M
-    from insitu.learn.personalize import check_steps, fine_tune
+    from insitu.learn.personalize import PersonalMode, check_steps, fine_tune, own_model_mixture
     from insitu.learn.train import evaluate
 
     site._check_plan(msg, PERSONALIZE_KEYS)
@@ -52,6 +54,7 @@ def site_personalize(site: "Site", msg: Message) -> Message:
         raise ProtocolError(str(exc)) from None
     if steps == 0:
         raise ProtocolError("personalize request asks for 0 steps")
+    mode = parse_choice(PersonalMode, msg.meta.get("mode", PersonalMode.FINETUNE.value), "personalize request mode", ProtocolError)
     lr = msg.meta.get("lr", site.train_config.lr)  # default: the rate this site trains with every round
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1:
         raise ProtocolError(f"personalize request lr must be a number in (0, 1], got {lr!r}")
@@ -69,8 +72,13 @@ def site_personalize(site: "Site", msg: Message) -> Message:
         raise ProtocolError(f"site {site.site_id} has no validation split to choose its fine-tuning checkpoint on")
     cfg = dataclasses.replace(site.train_config, prox_mu=0.0, lr=float(lr))
     every = max(1, min(site.train_config.steps, steps))  # one round's worth of local steps between checks
-    model, ft = fine_tune(site.model, d.X_train, d.y_train, d.X_val, d.y_val, cfg, site.generator,
-                          num_outputs=site.task.num_outputs, steps=steps, every=every)
+    if mode is PersonalMode.ENSEMBLE:  # a model of the site's own, from a fresh initialisation its secret seeds
+        fresh = site.task.build_model(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=site.generator)))
+        model, ft = own_model_mixture(site.model, fresh, d.X_train, d.y_train, d.X_val, d.y_val, cfg, site.generator,
+                                      num_outputs=site.task.num_outputs, steps=steps, every=every)
+    else:
+        model, ft = fine_tune(site.model, d.X_train, d.y_train, d.X_val, d.y_val, cfg, site.generator,
+                              num_outputs=site.task.num_outputs, steps=steps, every=every)
     meta: dict[str, Any] = {"best_step": ft.best_step, "steps": ft.steps_run, "val_metric": ft.metric,
                             "val_start": ft.val_start, "val_best": ft.val_best}
     if site.task.num_outputs == 1:
@@ -88,14 +96,17 @@ def site_personalize(site: "Site", msg: Message) -> Message:
     return Message(MessageKind.PERSONALIZE_REPLY, msg.round, msg.job, meta)
 
 
-def personalize_sites(coord: "Coordinator", round_: int, steps: int, lr: float | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def personalize_sites(coord: "Coordinator", round_: int, steps: int, lr: float | None = None,
+                      mode: str = "finetune") -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The coordinator half: ask every site to personalise the coordinator's current global model
-    (``lr``: the fine-tuning learning rate; None: each site's training rate).
+    (``lr``: the fine-tuning learning rate; None: each site's training rate; ``mode``: a
+    :class:`~insitu.learn.personalize.PersonalMode` value).
 
     Returns (site → its reply's metrics, site → why it gave none)."""
     from insitu.federation.transport import check_reply
 
-    meta: dict[str, Any] = {"plan": coord._plan_meta, "steps": int(steps), **({"lr": float(lr)} if lr is not None else {})}
+    meta: dict[str, Any] = {"plan": coord._plan_meta, "steps": int(steps), **({"lr": float(lr)} if lr is not None else {}),
+                            **({"mode": str(mode)} if str(mode) != "finetune" else {})}
     req = Message(MessageKind.PERSONALIZE, round_, coord.job, meta,
                   {"params": np.asarray(coord.params, dtype=np.float32)})
     ex = coord.transport.exchange({s: req for s in coord._sites()}, coord.timeout)

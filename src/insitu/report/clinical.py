@@ -33,7 +33,10 @@ def clinical_table(summary: dict[str, Any]) -> Table:
         t.add_section()
         for name, m in ft["sites"].items():
             if "auroc" in m:
-                row(f"{name}, federated + local fine-tuning (best step {m['best_step']}/{m['steps']})", m)
+                if ft.get("mode") == "ensemble":
+                    row(f"{name}, mean risk of the federated model and its own (step {m['best_step']}/{m['steps']})", m)
+                else:
+                    row(f"{name}, federated + local fine-tuning (best step {m['best_step']}/{m['steps']})", m)
     return t
 
 

@@ -34,7 +34,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         t.add_column("federated AUC", justify="right")
     ft = fin.get("personalized")  # --personalize: each site's own fine-tuned model (its test scores only)
     if ft:
-        t.add_column("federated + local fine-tuning", justify="right")
+        t.add_column("federated + own model, mean risk" if ft.get("mode") == "ensemble" else "federated + local fine-tuning", justify="right")
     t.add_column("own model, own split", justify="right")
     t.add_column("local model, every site", justify="right")
     t.add_column("pooled", justify="right")
