@@ -68,3 +68,23 @@ def test_tampered_parameters_or_task_refused_and_nothing_written(tmp_path):
         write_run_dir(tmp_path / "run", other, tensors)
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
     assert params_digest(tensors["params"]) == result["summary"]["params_sha256"]
+
+
+def test_a_done_jobs_validation_threshold_reaches_the_summary_and_the_gateway_card(tmp_path):
+    """The decision threshold the coordinator chose from the sites' validation answers (final.clinical) is
+    written where simulate writes it, so the gateway serving the downloaded model says positive there."""
+    from insitu.coordinator.store import JobStatus
+    from insitu.gateway.model import ServedModel
+
+    result, tensors = _answer(tmp_path)
+    store = JobStore(tmp_path / "c.db")
+    clinical = {"pooled": {"threshold": 0.23, "threshold_source": "rule"}, "sites": {"a": {"threshold": 0.2, "positives": 3}}}
+    store.set_status("h", JobStatus.DONE, final={"mean_site_accuracy": 0.7, "rounds_applied": 1, "clinical": clinical})
+    row = store.job("h")
+    params = tensors["params"]
+    summary = model_summary(row.public(), row.spec, store.rounds("h"), 1, 1, params, {})
+    assert summary["final"]["clinical"] == clinical
+    out = write_run_dir(tmp_path / "run", {"summary": summary, "rounds": store.rounds("h")}, tensors)
+    assert ServedModel.load(out).card.threshold == 0.23
+    # a running job's summary (no final record yet) carries none: the card says 0.5
+    assert "clinical" not in result["summary"]["final"] and ServedModel.load(write_run_dir(tmp_path / "r2", result, tensors)).card.threshold == 0.5
