@@ -162,8 +162,8 @@ def corrupt(reply: Message, request: Message, plan: list[Op]) -> list[tuple[str,
                 tensors[name] = np.concatenate([flat, flat[:1] if flat.size else np.zeros(1, a.dtype)])
             elif op.what == "poison" and flat.size:
                 bad = flat.astype(np.float64) if a.dtype.kind != "f" else flat.copy()
-                bad[op.pick % flat.size] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "huge": 1e30, "max": 1.7e308}[op.fill]
-                with np.errstate(all="ignore"):
+                with np.errstate(all="ignore"):  # 1.7e308 into a float32 array overflows on purpose
+                    bad[op.pick % flat.size] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "huge": 1e30, "max": 1.7e308}[op.fill]
                     tensors[name] = bad.astype(a.dtype if a.dtype.kind == "f" else np.float64).reshape(a.shape if a.dtype.kind == "f" else (-1,))
             elif op.what == "astype":
                 with np.errstate(all="ignore"):
