@@ -67,17 +67,24 @@ def nodes(sb, plan_hash: str, state: str, sites=SITES) -> dict:
     return out
 
 
+def attacked_service(tmp_path, job: dict):
+    """A coordinator service whose sites are real site nodes in this process, the hostile one scaling its
+    updates, with ``job`` submitted; returns (sandbox, the job's plan hash, the service)."""
+    sb = sandbox.create(tmp_path, SITES, fixed_secrets=SECRETS)
+    h = JobSpec.from_dict(job).plan.content_hash()
+    svc = CoordinatorService(CoordinatorConfig.load(sb.write_coordinator_config()))
+    sites = nodes(sb, h, "attacked")
+    sites[HOSTILE] = Scaled(sites[HOSTILE])
+    svc.server.transport = Loopback(sites)
+    svc.operator("submit", {"job": job}, Identity("ops", Role.OPERATOR, 1))
+    return sb, h, svc
+
+
 @pytest.mark.slow
 def test_a_site_sending_huge_updates_is_refused_then_excluded_and_the_model_is_the_honest_one(tmp_path):
-    sb = sandbox.create(tmp_path, SITES, fixed_secrets=SECRETS)
     spec = JobSpec.from_dict(JOB)
-    h = spec.plan.content_hash()
-    svc = CoordinatorService(CoordinatorConfig.load(sb.write_coordinator_config()))
+    sb, h, svc = attacked_service(tmp_path, JOB)
     try:
-        hostile = nodes(sb, h, "attacked")
-        hostile[HOSTILE] = Scaled(hostile[HOSTILE])
-        svc.server.transport = Loopback(hostile)
-        svc.operator("submit", {"job": JOB}, Identity("ops", Role.OPERATOR, 1))
         svc.run_job(svc.store.job(JOB["name"]))
         row = svc.store.job(JOB["name"])
         rounds = svc.store.rounds(JOB["name"])
@@ -107,14 +114,8 @@ def test_a_site_sending_huge_updates_is_refused_then_excluded_and_the_model_is_t
 @pytest.mark.slow
 def test_a_refused_update_that_leaves_too_few_sites_aborts_the_round_and_still_counts(tmp_path):
     job = {**JOB, "name": "mallory-abort", "min_sites": 4, "rounds": 3, "max_aborted": 2, "sites": list(SITES)}
-    sb = sandbox.create(tmp_path, SITES, fixed_secrets=SECRETS)
-    h = JobSpec.from_dict(job).plan.content_hash()
-    svc = CoordinatorService(CoordinatorConfig.load(sb.write_coordinator_config()))
+    _, _, svc = attacked_service(tmp_path, job)
     try:
-        sites = nodes(sb, h, "attacked")
-        sites[HOSTILE] = Scaled(sites[HOSTILE])
-        svc.server.transport = Loopback(sites)
-        svc.operator("submit", {"job": job}, Identity("ops", Role.OPERATOR, 1))
         with pytest.raises(RoundAborted, match="va-long-beach excluded after causing aborted rounds or refused updates; 3 of the "
                                                "job's sites remain, min_sites is 4"):
             svc.run_job(svc.store.job(job["name"]))  # the service's job loop marks the job failed with this reason
