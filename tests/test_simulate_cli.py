@@ -85,6 +85,15 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_an_existing_run_directory_is_refused_before_torch_loads(tmp_path):
+    (tmp_path / "run").mkdir()
+    probe = ("import sys\nfrom insitu.cli import main\ntry:\n    main(['simulate', '--out', sys.argv[1]])\n"
+             "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["2", "False"], res.stdout + res.stderr
+    assert "already exists; choose another --out" in res.stderr
+
+
 def test_seed_fixes_splits_and_init_while_site_randomness_stays_secret(tmp_path):
     """--seed fixes what is public (splits, initial model); each site's sampling comes from its own
     OS-random secret, so two runs differ, unless the same secrets are handed in (tests) or the run

@@ -73,9 +73,10 @@ def simulate_command(
     _check_dp_options(dp, epsilon=epsilon, noise_multiplier=noise_multiplier, clip=clip, dp_placement=dp_placement,
                       adaptive_clip=adaptive_clip, site_budget=site_budget)
     if out_dir is not None:
-        from insitu.clitools import check_writable
+        from insitu.clitools import check_new_dir, check_writable
 
         check_writable(out_dir, "--out", directory=True)
+        check_new_dir(out_dir)  # before torch loads: an existing run directory is refused at once
     from insitu.apps.simulate import SimulationConfig, simulate  # torch loads here, not for `insitu --help`
     from insitu.report.tables import collapse_warnings, summary_table
 

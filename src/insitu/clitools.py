@@ -17,6 +17,15 @@ from insitu.errors import ConfigError
 __all__ = ["check_writable"]
 
 
+def check_new_dir(target: str | os.PathLike[str]) -> Path:
+    """``target`` as a path for a run directory that does not exist yet, else a :class:`ConfigError`
+    (a run never writes into, or over, an earlier one)."""
+    path = Path(target)
+    if path.exists():
+        raise ConfigError(f"output directory {str(path)!r} already exists; choose another --out")
+    return path
+
+
 def check_writable(target: str | os.PathLike[str], option: str, *, directory: bool = False) -> Path:
     """``target`` can be created (or replaced) by this process, else a :class:`ConfigError`.
 

@@ -26,6 +26,7 @@ import torch
 
 from insitu.data.dataset import FederatedData
 from insitu.data.partition import Partition, PartitionKind
+from insitu.clitools import check_new_dir
 from insitu.errors import ConfigError, DataError, RoundAborted, parse_choice
 from insitu.federation.coordinator import Coordinator, RoundRecord, round_bytes_down
 from insitu.federation.robust import DEFAULT_MAX_RECORDS, DEFAULT_NORM_FACTOR
@@ -386,8 +387,7 @@ class RunWriter:
     tmp: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.final.exists():
-            raise ConfigError(f"output directory {str(self.final)!r} already exists; choose another --out")
+        check_new_dir(self.final)
         self.tmp = self.final.with_name(self.final.name + ".partial")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
@@ -475,8 +475,8 @@ def simulate(config: SimulationConfig | None = None, *, progress: bool = False, 
         config = replace(config, dataset=own.name)
     cfg = config.resolved(own=own)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
-    if write and out.exists():
-        raise ConfigError(f"output directory {str(out)!r} already exists; choose another --out")
+    if write:
+        check_new_dir(out)
     if cfg.insecure_replayable_randomness and site_secrets is None:
         log.warning("--insecure-replayable-randomness: site sampling and DP noise are derived from --seed %d; anyone who "
                     "knows the seed can replay them, so this run is NOT private", cfg.seed)

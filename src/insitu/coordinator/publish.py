@@ -116,9 +116,9 @@ def write_run_dir(out: str | Path, result: Mapping[str, Any], tensors: Mapping[s
     whose SHA-256 differs from the coordinator's."""
     from insitu.plan import Plan
 
-    out = Path(out)
-    if out.exists():
-        raise ConfigError(f"output directory {str(out)!r} already exists; choose another --out")
+    from insitu.clitools import check_new_dir
+
+    out = check_new_dir(out)
     try:
         summary = dict(result["summary"])
         params = np.asarray(tensors["params"], dtype=np.float32)
