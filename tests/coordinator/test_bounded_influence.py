@@ -5,7 +5,8 @@ site nodes (site.toml, approvals, certificates from the sandbox CA), joined by t
 transport instead of mTLS so that everything runs in this process.  The hostile hospital is
 refused in each round it is asked, with a reason naming its norm and the bound; after
 ``exclude_after`` such rounds it is left out; the job finishes, and its model is finite and
-exactly the model the three honest hospitals make alone.
+exactly the model the three honest hospitals make alone.  The same harness checks that a hospital
+whose channel is lost after the last round is waited for (bounded) before the final evaluation.
 """
 from __future__ import annotations
 
@@ -127,3 +128,53 @@ def test_a_refused_update_that_leaves_too_few_sites_aborts_the_round_and_still_c
     finally:
         svc.stop()
         svc.store.close()
+
+
+class Reconnecting(Loopback):
+    """A loopback on which ``site`` loses its channel right after the last round's TRAIN and is back
+    as soon as the service waits for it (a site re-dialling after a lost channel)."""
+
+    def __init__(self, sites, site: str, last_round: int):
+        super().__init__(sites)
+        self.site, self.last_round, self.away, self.waited = site, last_round, False, []
+
+    def sites(self):
+        return [s for s in super().sites() if not (self.away and s == self.site)]
+
+    def exchange(self, requests, timeout):
+        here = {s: m for s, m in requests.items() if not (self.away and s == self.site)}
+        ex = super().exchange(here, timeout)
+        if any(m.kind is MessageKind.TRAIN and m.round == self.last_round for m in requests.values()):
+            self.away = True
+        for s in set(requests) - set(here):
+            ex.dropped[s] = "not connected"
+        return ex
+
+    def wait_for(self, names, count, timeout):
+        if self.away and names is not None and self.site in names:
+            self.waited.append(timeout)
+            self.away = False  # it re-dialled
+        return sorted(self.sites())
+
+
+def test_a_site_reconnecting_as_the_job_ends_is_in_its_final_evaluation(tmp_path):
+    """The published figures hold every hospital that took part, even one whose channel was lost after
+    the last round: the service waits (bounded) for it to come back before the final evaluation."""
+    job = {**JOB, "name": "reconnect", "rounds": 2, "exclude_after": 0}
+    sb = sandbox.create(tmp_path, SITES, fixed_secrets=SECRETS)
+    h = JobSpec.from_dict(job).plan.content_hash()
+    svc = CoordinatorService(CoordinatorConfig.load(sb.write_coordinator_config()))
+    try:
+        transport = Reconnecting(nodes(sb, h, "reconnect"), HOSTILE, last_round=2)
+        svc.server.transport = transport
+        svc.operator("submit", {"job": job}, Identity("ops", Role.OPERATOR, 1))
+        svc.run_job(svc.store.job(job["name"]))
+        row = svc.store.job(job["name"])
+        rounds = svc.store.rounds(job["name"])
+    finally:
+        svc.stop()
+        svc.store.close()
+    assert row.status.value == "done"
+    assert HOSTILE not in rounds[-1]["evaluation"]["sites"]  # the last round's evaluation went without it
+    assert transport.waited == [15.0]  # the smaller of the round timeout (60 s) and FINAL_WAIT
+    assert sorted(row.public()["final"]["site_accuracy"]) == sorted(SITES)

@@ -42,6 +42,8 @@ from insitu.net.pki import Credentials, Identity, Role
 from insitu.net.server import CoordinatorServer, NetConfig
 
 log = logging.getLogger("insitu.coordinator")
+#: the longest a finished job waits for a site that took part to reconnect before its final evaluation
+FINAL_WAIT = 15.0
 #: a job during whose setup the coordinator stopped this many times in a row is marked failed, so a
 #: job that kills the process (out of memory, a crash in a library) is not retried in a crash loop
 MAX_SETUP_CRASHES = 2
@@ -367,6 +369,7 @@ class CoordinatorService:
                      len(rec.participants), len(rec.dropped), rec.seconds, f", mean accuracy {acc:.4f}" if acc is not None else "")
             if protocol.culprits(r):  # a refused update counts toward exclude_after like an aborted round
                 self._exclude(job.id, spec, coord)
+        self._await_returning_sites(job.id, coord, spec)
         selection = self._select(job.id, coord, criterion) if criterion is not None else {}
         final = self._evaluate(coord, self.store.job(job.id).next_round)
         final["evaluation_bytes_down"] = dict(coord.eval_bytes_down)  # the final evaluation's request to each site
@@ -376,6 +379,25 @@ class CoordinatorService:
                       "params_sha256": hashlib.sha256(np.asarray(coord.params, np.float32).tobytes()).hexdigest()})
         self.store.set_status(job.id, JobStatus.DONE, final=final)
         log.info("job %s done: %s", job.id, final)
+
+    def _await_returning_sites(self, job_id: str, coord: Coordinator, spec: JobSpec) -> None:
+        """Before the final evaluation: a site that took part in the job and is not connected right now (a
+        channel lost and being re-dialled) gets up to the smaller of the round timeout and
+        :data:`FINAL_WAIT` seconds to come back, so a transient reconnect does not leave it out of the
+        figures the job publishes.  A site that stays away is left out, as before, and named in the log."""
+        transport = self.server.transport
+        wait_for = getattr(transport, "wait_for", None)
+        if wait_for is None:  # a transport without connections (tests in process): every site is always there
+            return
+        took = {s for r in self.store.rounds(job_id) for s in r.get("participants") or ()} - set(coord.excluded)
+        missing = sorted(took - set(transport.sites()))
+        if not missing:
+            return
+        wait = min(spec.round_timeout, FINAL_WAIT)
+        log.info("job %s: waiting up to %.0f s for %s to reconnect before the final evaluation", job_id, wait, ", ".join(missing))
+        back = set(wait_for(took, len(took), wait))
+        if not set(missing) <= back:
+            log.info("job %s: final evaluation without %s (not connected)", job_id, ", ".join(sorted(set(missing) - back)))
 
     def _exclude(self, job_id: str, spec: JobSpec, coord: Coordinator) -> None:
         """Leave out of the job's later rounds every site named as the cause of ``exclude_after``
