@@ -65,16 +65,60 @@ def dashboard_consortium(root: Path, sites: Sequence[str], approved: Mapping[str
         sb.write_site_config(s, approved=approved[s])
     write_keypair(root / "keys", "coordinator")
     sb.dashboard = {"port": 0, "port_file": "dashboard.port", "audit_log": "audit.db", "audit_key": "keys/coordinator.key"}
+    up = running(sb)
+    next(up)
+    try:
+        sb.dash = f"https://127.0.0.1:{sb.dashboard_port()}"
+        yield sb
+    finally:
+        up.close()
+
+
+def running(sb, timeout: float = 90) -> Iterator:
+    """Start the sandbox's coordinator and every site process, yield it once all sites are connected
+    (a failure shows each site's log tail), and stop everything when the generator closes."""
     try:
         sb.start_all()
-        assert sb.wait_sites(len(sites), timeout=90) == sorted(sites)
-        sb.dash = f"https://127.0.0.1:{sb.dashboard_port()}"
+        logs = lambda: {s: (sb.root / f"site-{s}.log").read_text()[-2000:] for s in sb.sites if (sb.root / f"site-{s}.log").exists()}  # noqa: E731
+        assert sb.wait_sites(len(sb.sites), timeout=timeout) == sorted(sb.sites), logs()
         yield sb
     finally:
         sb.stop()
 
 
 @pytest.fixture(scope="session")
+def consortium_running() -> Callable[..., Iterator]:
+    """``running`` as a fixture (module fixtures: ``yield from consortium_running(sandbox.create(...))``)."""
+    return running
+
+
+@pytest.fixture(scope="session")
 def dashboard_deployment() -> Callable[..., Iterator]:
     """``dashboard_consortium`` as a fixture, usable from module-scoped ones."""
     return dashboard_consortium
+
+
+def predict_when_up(port: int, body: dict, token: str, ca_pem: Path, proc, log: Path, timeout: float = 120):
+    """POST ``body`` to a starting gateway's /predict on 127.0.0.1:``port`` until it answers (the
+    gateway process ``proc`` must stay alive; its ``log`` is shown if it dies), the response returned."""
+    import ssl
+    import time
+
+    import httpx
+
+    tls = ssl.create_default_context(cafile=str(ca_pem))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.post(f"https://127.0.0.1:{port}/predict", json=body, headers={"Authorization": f"Bearer {token}"},
+                              verify=tls, timeout=10)
+        except httpx.TransportError:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "gateway did not come up"
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def gateway_predict() -> Callable[..., object]:
+    """``predict_when_up`` as a fixture."""
+    return predict_when_up

@@ -135,7 +135,7 @@ def test_operator_flow_with_site_console_approval_live_rounds_killed_site_and_do
         assert "heart-browser" in text and "task.local_steps" in text and "1500" in text and "no DP" in text
         officer.screenshot(path=str(shots / "site-console-pending.png"), full_page=True)
         officer.click(f"{card} button[data-action=approve]")
-        officer.wait_for_selector(f"#decided tr[data-state=approved]", timeout=30_000)
+        officer.wait_for_selector("#decided tr[data-state=approved]", timeout=30_000)
         assert officer.query_selector(card) is None
 
         # 4. rounds arrive on the dashboard live, without a reload

@@ -45,15 +45,10 @@ def task_hash(job: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def dep(tmp_path_factory):
+def dep(tmp_path_factory, consortium_running):
     root = tmp_path_factory.mktemp("consortium")
     sb = sandbox.create(root, approved=[task_hash(j) for j in (HEART, SECAGG, PAILLIER, RESUME, KILL_SITE)], fixed_secrets=SECRETS)
-    try:
-        sb.start_all()
-        assert sb.wait_sites(4, timeout=90) == sorted(sb.sites)
-        yield sb
-    finally:
-        sb.stop()
+    yield from consortium_running(sb)
 
 
 def hello_accepted(port: int, creds: Credentials) -> bool:

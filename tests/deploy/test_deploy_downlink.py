@@ -19,15 +19,10 @@ RESTART = {**JOB, "name": "dl-restart", "rounds": 5, "seed": 1, "local_steps": 1
 
 
 @pytest.fixture(scope="module")
-def dep(tmp_path_factory):
+def dep(tmp_path_factory, consortium_running):
     root = tmp_path_factory.mktemp("downlink")
     sb = sandbox.create(root, approved=[JobSpec.from_dict(j).plan.content_hash() for j in (JOB, RESTART)], fixed_secrets=SECRETS)
-    try:
-        sb.start_all()
-        assert sb.wait_sites(4, timeout=90) == sorted(sb.sites)
-        yield sb
-    finally:
-        sb.stop()
+    yield from consortium_running(sb)
 
 
 def test_int8_downlink_job_matches_simulation_and_reports_bytes_down(dep):

@@ -26,18 +26,13 @@ BUDGETS = {"cleveland": 3.0, "hungary": 3.0, "va-long-beach": 1.7}
 
 
 @pytest.fixture(scope="module")
-def dep(tmp_path_factory):
+def dep(tmp_path_factory, consortium_running):
     root = tmp_path_factory.mktemp("dp-consortium")
     approved = [JobSpec.from_dict(j).plan.content_hash() for j in (DP_JOB, PLAIN_JOB)]
     sb = sandbox.create(root, SITES, approved=approved)
     for s in SITES:
         sb.write_site_config(s, approved=approved, policy={"epsilon_budget": BUDGETS[s], "delta": 1e-5})
-    try:
-        sb.start_all()
-        assert sb.wait_sites(len(SITES), timeout=90) == sorted(SITES)
-        yield sb
-    finally:
-        sb.stop()
+    yield from consortium_running(sb)
 
 
 def test_each_site_enforces_its_own_budget(dep):
@@ -81,18 +76,13 @@ COMBINED = {"name": "sim-0", "dataset": "heart", "rounds": 3, "seed": 0, "min_si
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory):
+def full(tmp_path_factory, consortium_running):
     root = tmp_path_factory.mktemp("full-consortium")
     approved = [JobSpec.from_dict(COMBINED).plan.content_hash()]
     sb = sandbox.create(root, approved=approved, fixed_secrets=SECRETS)
     for s in sandbox.SITES:
         sb.write_site_config(s, approved=approved, policy={"epsilon_budget": 5.0, "delta": 1e-5})
-    try:
-        sb.start_all()
-        assert sb.wait_sites(4, timeout=90) == sorted(sandbox.SITES)
-        yield sb
-    finally:
-        sb.stop()
+    yield from consortium_running(sb)
 
 
 def test_site_level_dp_with_secure_aggregation_and_compression_matches_simulation(full):

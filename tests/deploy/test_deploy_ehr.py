@@ -73,18 +73,13 @@ def records(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dep(tmp_path_factory, records):
+def dep(tmp_path_factory, records, consortium_running):
     _, sites = records
     root = tmp_path_factory.mktemp("ehr-consortium")
     sb = sandbox.create(root, ICUS, approved=[JobSpec.from_dict(j).plan.content_hash() for j in (JOB, SELECT)], fixed_secrets=SECRETS)
     for s in ICUS:
         use_physionet_records(sb, s, sites[s])
-    try:
-        sb.start_all()
-        assert sb.wait_sites(4, timeout=120) == sorted(ICUS), [(sb.root / f"site-{s}.log").read_text()[-2000:] for s in ICUS]
-        yield sb
-    finally:
-        sb.stop()
+    yield from consortium_running(sb, timeout=120)
 
 
 def test_deployed_grud_job_equals_simulation_on_the_same_records(dep, records, tmp_path):
@@ -154,16 +149,13 @@ def test_deployed_job_selects_its_round_on_validation_as_simulate_does(dep, reco
         assert np.array_equal(dz["params"], sz["params"])  # the chosen round's model (round 1 of 3 with these secrets)
 
 
-def test_gateway_serves_the_deployed_model_a_risk_for_a_48_hour_series(dep, records, tmp_path, gateway_dir):
+def test_gateway_serves_the_deployed_model_a_risk_for_a_48_hour_series(dep, records, tmp_path, gateway_dir, gateway_predict):
     """`insitu job model` → `insitu gateway serve` (a real process, TLS 1.3) → a risk score for one
     ICU stay's raw observations, equal to the model applied to the loader's own tensor of that stay."""
     import os
-    import ssl
     import subprocess
     import sys
-    import time
 
-    import httpx
     import torch
 
     from insitu.cli import app
@@ -190,17 +182,7 @@ def test_gateway_serves_the_deployed_model_a_risk_for_a_48_hour_series(dep, reco
     proc = subprocess.Popen([sys.executable, "-m", "insitu", "gateway", "serve", "--config", str(cfg)], stdout=log,
                             stderr=subprocess.STDOUT, env=env)
     try:
-        tls = ssl.create_default_context(cafile=str(dep.root / "ca" / "ca.pem"))
-        url, auth = f"https://127.0.0.1:{port}/predict", {"Authorization": f"Bearer {token}"}
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                r = httpx.post(url, json=body, headers=auth, verify=tls, timeout=10)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
-                assert time.monotonic() < deadline, "gateway did not come up"
-                time.sleep(0.3)
+        r = gateway_predict(port, body, token, dep.root / "ca" / "ca.pem", proc, tmp_path / "gateway.log")
         assert r.status_code == 200, r.text
         pred = r.json()
         assert pred["risk"] == pytest.approx(expected, abs=1e-5)
@@ -208,7 +190,7 @@ def test_gateway_serves_the_deployed_model_a_risk_for_a_48_hour_series(dep, reco
         assert pred["model"]["input"] == "physionet2012" and pred["model"]["model"] == "grud"
         assert sorted(pred["model"]["training_sites"]) == sorted(ICUS) and pred["model"]["rounds"] == 2
         bad = {"observations": body["observations"] + [["12:00", "Lactose", 1.0]]}
-        r = httpx.post(url, json=bad, headers=auth, verify=tls, timeout=10)
+        r = gateway_predict(port, bad, token, dep.root / "ca" / "ca.pem", proc, tmp_path / "gateway.log")
         assert r.status_code == 422 and r.json()["field"] == f"body.observations.{len(body['observations'])}.parameter", r.text
     finally:
         proc.terminate()

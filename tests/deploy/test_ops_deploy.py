@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
 import subprocess
 import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -43,18 +41,13 @@ def cli(*args) -> str:
 
 
 @pytest.fixture(scope="module")
-def dep(tmp_path_factory):
+def dep(tmp_path_factory, consortium_running):
     root = tmp_path_factory.mktemp("ops-consortium")
     sb = sandbox.create(root, approved=[task_hash(HEART), task_hash(WATCHED), task_hash(THREE)])
-    try:
-        sb.start_all()
-        assert sb.wait_sites(4, timeout=90) == sorted(sb.sites)
-        yield sb
-    finally:
-        sb.stop()
+    yield from consortium_running(sb)
 
 
-def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path, gateway_dir):
+def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path, gateway_dir, gateway_predict):
     dep.operator("submit", {"job": HEART})
     st = dep.wait_job(HEART["name"], timeout=120)
     assert st["status"] == "done", st
@@ -102,16 +95,7 @@ def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path, gate
 
         x = Xte[0].numpy()
         body = {"features": {f: float(v) for f, v in zip(FEATURES, x)}}
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                r = httpx.post(f"https://127.0.0.1:{port}/predict", json=body, headers={"Authorization": f"Bearer {token}"},
-                               verify=ssl.create_default_context(cafile=str(dep.root / "ca" / "ca.pem")), timeout=10)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
-                assert time.monotonic() < deadline, "gateway did not come up"
-                time.sleep(0.3)
+        r = gateway_predict(port, body, token, dep.root / "ca" / "ca.pem", proc, tmp_path / "gateway.log")
         assert r.status_code == 200, r.text
         pred = r.json()
         expected = float(1 / (1 + np.exp(-ref[0, 0])))
