@@ -16,6 +16,7 @@ from insitu.builder import build_federation
 from insitu.data.heart import load_heart
 from insitu.errors import ProtocolError, RoundAborted
 from insitu.federation.messages import Message, MessageKind
+from insitu.federation.instructions import EvalInstructions, Split
 from insitu.federation.task import TaskSpec
 from insitu.federation.transport import error_reason, reply_evaluation, reply_metrics
 from insitu.plan import Plan, Protection, ProtectionSpec
@@ -102,9 +103,10 @@ def test_a_string_accuracy_leaves_that_site_out_of_the_evaluation(heart):
     assert all(set(e) == {"loss", "correct", "n", "accuracy", "n_by_class", "correct_by_class", "auc"} for e in evals.values())
 
 
-def test_a_validation_answer_carries_the_sites_score1_threshold_and_nothing_else_new(heart):
-    """On its validation split a site of a binary task adds one number, the threshold maximising Score 1
-    there (insitu.learn.clinical.site_threshold of its own risks); a test-split answer never carries one."""
+def test_a_validation_answer_carries_the_sites_score1_threshold_only_when_asked(heart):
+    """Asked for it (EvalInstructions.threshold, validation split only), a site of a binary task adds one
+    number, the threshold maximising Score 1 there (insitu.learn.clinical.site_threshold of its own
+    risks); an ordinary validation answer and a test-split answer never carry one."""
     from insitu.learn.clinical import model_of, risk_scores, site_threshold, threshold_from_answers
 
     from insitu.data.dataset import SiteData
@@ -114,7 +116,8 @@ def test_a_validation_answer_carries_the_sites_score1_threshold_and_nothing_else
     heart = replace(heart, sites=sites)
     coord = federation(heart, Protection.PLAIN, lambda m: m)
     coord.run_round(1)
-    evals = coord.evaluate(2, split="val")
+    assert all("threshold" not in e for e in coord.evaluate(2, split="val").values())
+    evals = coord.evaluate(2, split="val", threshold=True)
     assert sorted(evals) == sorted(s.name for s in sites)
     assert all(set(e) == {"loss", "correct", "n", "accuracy", "n_by_class", "correct_by_class", "auc", "threshold"} for e in evals.values())
     model = model_of(TaskSpec("logreg", heart.input_shape, 1, heart.schema, lr=0.05, local_steps=5, batch_size=4), coord.params)
@@ -125,6 +128,11 @@ def test_a_validation_answer_carries_the_sites_score1_threshold_and_nothing_else
     pos = {k: e["n_by_class"][1] for k, e in evals.items() if e["threshold"] is not None}
     assert clin["pooled"]["threshold"] == pytest.approx(sum(pos[k] * evals[k]["threshold"] for k in pos) / sum(pos.values()))
     assert all("threshold" not in e for e in coord.evaluate(2, split="test").values())
+    with pytest.raises(ProtocolError, match="threshold on the test split"):
+        EvalInstructions.from_meta({"split": "test", "threshold": True})
+    with pytest.raises(ProtocolError, match="threshold = 1 is not true or false"):
+        EvalInstructions.from_meta({"split": "val", "threshold": 1})
+    assert EvalInstructions.from_meta({"split": "val"}) == EvalInstructions(Split.VAL) and EvalInstructions(Split.VAL).to_meta() == {"split": "val"}
 
 
 def test_integer_metrics_drop_the_site_from_a_plain_round(heart):

@@ -444,7 +444,7 @@ class CoordinatorService:
         from insitu.learn.clinical import threshold_from_answers
 
         try:
-            clinical = threshold_from_answers(coord.evaluate(round_, split="val"))
+            clinical = threshold_from_answers(coord.evaluate(round_, split="val", threshold=True))
         except Exception as exc:  # noqa: BLE001 - no threshold is reported, the job is not failed: the model is served at 0.5
             log.warning("job %s: no decision threshold: %s", coord.job, _one_line(exc))
             return {}

@@ -118,10 +118,12 @@ class Coordinator:
             update_norm=float(np.linalg.norm(mean[:n])),
         )
 
-    def evaluate(self, round_: int, params: np.ndarray | None = None, split: str = "test") -> dict[str, dict[str, Any]]:
-        """Federated evaluation: each site scores the global model on its own test (or validation) split."""
+    def evaluate(self, round_: int, params: np.ndarray | None = None, split: str = "test", *,
+                 threshold: bool = False) -> dict[str, dict[str, Any]]:
+        """Federated evaluation: each site scores the global model on its own test (or validation) split
+        (``threshold``: validation only, each site also answers its own Score 1 threshold)."""
         params = self.params if params is None else np.asarray(params, dtype=np.float32)
-        ins = EvalInstructions(split=Split(split))
+        ins = EvalInstructions(split=Split(split), threshold=threshold)
         req = Message(MessageKind.EVALUATE, round_, self.job, {"plan": self._plan_meta, "instructions": ins.to_meta()}, {"params": params})
         self.eval_bytes_down = {}
         ex = self.transport.exchange({s: req for s in self._sites()}, self.timeout)

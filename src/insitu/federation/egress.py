@@ -45,9 +45,9 @@ class Declared:
 ERROR_REPLY = Declared({"reason": Release.PUBLIC, "code": Release.PUBLIC, "to": Release.PUBLIC})
 #: an evaluation answer of an approved model on the site's own split: loss, correct, n, accuracy, and
 #: what worst-site, class-balanced and AUC figures need: the split's count and correct count per
-#: class, and (binary tasks) its AUROC; on the validation split of a binary task also the risk
-#: threshold maximising Score 1 there (one number, or null without a positive record), from which the
-#: coordinator chooses the served model's threshold (insitu.learn.clinical.pooled_threshold)
+#: class, and (binary tasks) its AUROC; when the request asks for it (validation split only, binary
+#: tasks: a deployed ICU job, once, for the model it publishes) the risk threshold maximising Score 1
+#: there (one number, or null without a positive record) (insitu.learn.clinical.pooled_threshold)
 EVALUATE_REPLY = Declared({k: Release.PUBLIC for k in ("loss", "correct", "n", "accuracy", "n_by_class", "correct_by_class", "auc", "threshold")})
 #: a personalisation answer (insitu.federation.personalize): the site's fine-tuned model's scores on its own
 #: test split and which checkpoint its own validation split chose; never the fine-tuned parameters

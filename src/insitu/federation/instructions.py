@@ -100,19 +100,28 @@ class RoundInstructions:
 
 @dataclass(frozen=True)
 class EvalInstructions:
-    """An EVALUATE request's only instruction: which split to score on."""
+    """An EVALUATE request's instructions: which split to score on, and (``threshold``, validation
+    split only) whether the site also answers its own Score 1 threshold there, which a deployed
+    ICU job asks once, for the model it publishes (insitu.learn.clinical.threshold_from_answers)."""
 
     split: Split = Split.TEST
+    threshold: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "split", parse_choice(Split, self.split, "evaluation split", ProtocolError))
+        if not isinstance(self.threshold, bool):
+            raise ProtocolError(f"evaluation instructions threshold = {self.threshold!r} is not true or false")
+        if self.threshold and self.split is not Split.VAL:
+            raise ProtocolError("evaluation instructions ask for a threshold on the test split; a threshold is chosen on validation only")
 
     def to_meta(self) -> dict[str, Any]:
-        return {"split": self.split.value}
+        # the key only when asked: every other evaluation request keeps its bytes
+        return {"split": self.split.value, **({"threshold": True} if self.threshold else {})}
 
     @classmethod
     def from_meta(cls, raw: Any) -> "EvalInstructions":
-        return cls(**_strict(cls, raw, "evaluation instructions"))
+        d = _strict(cls, {"threshold": False, **raw} if isinstance(raw, Mapping) else raw, "evaluation instructions")
+        return cls(**d)
 
 
 __all__ = ["RoundInstructions", "EvalInstructions", "Split", "MAX_CLIP"]

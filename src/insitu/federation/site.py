@@ -173,7 +173,7 @@ class Site:
         if len(y) == 0:
             raise ProtocolError(f"site {self.site_id} has no records in its {ins.split.value!r} split to score")
         res = evaluate(self.model, X, y, num_outputs=self.task.num_outputs, by_class=True)
-        if ins.split is Split.VAL and self.task.num_outputs == 1:  # the site's own Score 1 threshold (insitu.learn.clinical)
+        if ins.threshold and self.task.num_outputs == 1:  # asked for: the site's own Score 1 threshold (insitu.learn.clinical)
             from insitu.learn.clinical import risk_scores, site_threshold
 
             res["threshold"] = site_threshold(y.numpy().astype(int), risk_scores(self.model, X))
