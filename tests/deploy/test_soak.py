@@ -4,15 +4,20 @@ A real consortium on 127.0.0.1: the coordinator process (``insitu coordinator se
 two hospital site processes and two hospitals in this process (the real site node over a real
 channel).  A seeded schedule SIGKILLs the coordinator or a site process, or cuts an in-process
 site's channel and drops its state, every second or two, restarting each a moment later, until
-the job's 100 rounds are applied.  One in-process site, the *witness*, records the hash of the
-global model every TRAIN request carries.  At the end:
+the job's 100 rounds are applied.  Both in-process sites are *witnesses*: each records the hash of
+the global model every TRAIN request it is sent carries.  At the end:
 
 * model versions are exactly 1..100, each made by a different round, rounds increasing; every
   round is applied at most once, and a round interrupted by a kill is never applied;
-* no model version is lost: every applied round the witness trained on started from the model
+* no model version is lost: every applied round a witness trained on started from the model
   version before it (version 0 being the seeded initial model), so no restart resumed from an
   older or newer model than the last one stored;
-* no round number is handed out twice (the witness never sees a round number again).
+* no round number is handed out twice (no witness sees a round number again).
+
+Which sites join a round depends on who is connected when it starts (two of four suffice), so one
+witness alone may sit out most rounds on a slow machine (CI once saw 31 of 100); the two together
+must have trained on at least half of the applied rounds, so the model-lineage check is never
+vacuous.
 
 The figures (kills, restarts, rounds applied / aborted / interrupted, rounds applied twice) are
 printed.  Bounded: a tiny model, short rounds; about a minute on an idle 2-core machine.
@@ -45,7 +50,7 @@ JOB = {"name": "soak", "dataset": "heart", "rounds": ROUNDS, "seed": 3, "min_sit
        "wait_for_sites": 60.0, "max_aborted": 1000, "eval_every": 25}
 PROCESS_SITES = ("hungary", "switzerland")
 INPROC_SITES = ("cleveland", "va-long-beach")
-WITNESS = "cleveland"
+WITNESSES = INPROC_SITES
 SEED = int(os.environ.get("INSITU_SOAK_SEED", "20261130"))
 TIME_LIMIT = 240.0
 
@@ -57,21 +62,20 @@ def digest(params: np.ndarray) -> str:
 class InProcessSite:
     """A hospital in this process; ``kill`` cuts its channel and forgets its state, as a killed process would."""
 
-    def __init__(self, config, seen: list[tuple[str, int, str]] | None):
+    def __init__(self, config, seen: list[tuple[str, int, str]]):
         self.config, self.seen = config, seen
         self.client = None
 
     def start(self) -> None:
         node, client = build_node(self.config)
-        if self.seen is not None:
-            inner = node.handle
+        inner = node.handle
 
-            def handle(msg):
-                if msg.kind is MessageKind.TRAIN:
-                    self.seen.append((msg.job, msg.round, digest(msg.tensors["params"])))
-                return inner(msg)
+        def handle(msg):
+            if msg.kind is MessageKind.TRAIN:
+                self.seen.append((msg.job, msg.round, digest(msg.tensors["params"])))
+            return inner(msg)
 
-            client.handler = handle
+        client.handler = handle
         self.client = client
         threading.Thread(target=client.run_forever, daemon=True, name=f"soak-{self.config.parent.name}").start()
 
@@ -85,7 +89,7 @@ def test_soak_kills_and_restarts_never_apply_a_round_twice_or_lose_a_model(tmp_p
     approved = [JobSpec.from_dict(JOB).plan.content_hash()]
     sb = sandbox.create(tmp_path, sites=(*PROCESS_SITES, *INPROC_SITES), approved=approved)
     rng = random.Random(SEED)
-    seen: list[tuple[str, int, str]] = []
+    seen: dict[str, list[tuple[str, int, str]]] = {s: [] for s in WITNESSES}
     counts = collections.Counter()
     inproc: dict[str, InProcessSite] = {}
     try:
@@ -93,7 +97,7 @@ def test_soak_kills_and_restarts_never_apply_a_round_twice_or_lose_a_model(tmp_p
         for s in PROCESS_SITES:
             sb.start_site(s)
         for s in INPROC_SITES:
-            inproc[s] = InProcessSite(sb.write_site_config(s, approved=approved), seen if s == WITNESS else None)
+            inproc[s] = InProcessSite(sb.write_site_config(s, approved=approved), seen[s])
             inproc[s].start()
         assert len(sb.wait_sites(4, timeout=120)) == 4
         sb.operator("submit", {"job": JOB})
@@ -158,7 +162,7 @@ def test_soak_kills_and_restarts_never_apply_a_round_twice_or_lose_a_model(tmp_p
     status = collections.Counter(rounds.values())
     with capsys.disabled():
         print(f"\nsoak (seed {SEED}): {dict(counts)}; rounds {dict(status)}; model versions {len(models)}; "
-              f"rounds applied twice: {applied_twice}; witness trained {len(seen)} rounds")
+              f"rounds applied twice: {applied_twice}; witnesses trained " + ", ".join(f"{s} {len(v)}" for s, v in seen.items()) + " rounds")
     assert applied_twice == 0
     assert counts["coordinator exits (not killed by the soak)"] == 0
     assert counts["coordinator kills"] >= 3 and counts["site process kills"] + counts["in-process site kills"] >= 3, dict(counts)
@@ -172,9 +176,11 @@ def test_soak_kills_and_restarts_never_apply_a_round_twice_or_lose_a_model(tmp_p
     # no model lost: the round that made version k started from version k-1
     before = {r: digest(initial_params(JobSpec.from_dict(JOB).plan, JOB["seed"]) if v == 1 else unpack_arrays(models[v - 2][2])["params"])
               for v, r, _ in models}
-    trained = [(r, h) for job, r, h in seen if job == "soak"]
-    assert len({r for r, _ in trained}) == len(trained), "the witness was sent a round number twice"
-    checked = [(r, h) for r, h in trained if r in before]
-    assert len(checked) >= ROUNDS // 2, f"the witness trained only {len(checked)} applied rounds"
-    wrong = [(r, h[:12], before[r][:12]) for r, h in checked if h != before[r]]
-    assert wrong == [], f"rounds that did not start from the previous model version: {wrong[:5]}"
+    checked: dict[int, str] = {}
+    for site, log in seen.items():
+        trained = [(r, h) for job, r, h in log if job == "soak"]
+        assert len({r for r, _ in trained}) == len(trained), f"witness {site} was sent a round number twice"
+        wrong = [(r, h[:12], before[r][:12]) for r, h in trained if r in before and h != before[r]]
+        assert wrong == [], f"rounds {site} trained that did not start from the previous model version: {wrong[:5]}"
+        checked.update((r, h) for r, h in trained if r in before)
+    assert len(checked) >= ROUNDS // 2, f"the witnesses together trained on only {len(checked)} applied rounds"
