@@ -46,6 +46,13 @@ class ProtocolError(InsituError):
     """A message that is malformed, too large, replayed, out of order or forged."""
 
 
+class UnknownPlanError(ProtocolError):
+    """A request named by its content hash a plan the site did not check whole in that job (it is new,
+    restarted or dropped the job).  Its class name is the refusal's code on the wire; the coordinator
+    answers that code, and no other, by sending the whole plan at once
+    (:mod:`insitu.federation.planref`)."""
+
+
 class RoundAborted(ProtocolError):
     """A round could not complete; the global model stays as it was.
 

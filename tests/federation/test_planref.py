@@ -120,6 +120,40 @@ def test_a_restarted_site_gets_the_whole_plan_in_the_same_round(heart):
     assert coord.transport.plan_stats == {"full": 5, "hash": 11, "retried": 1}  # and by hash again after that
 
 
+def test_only_the_unknown_plan_code_is_retried_never_the_words(heart):
+    """The coordinator resends the whole plan on a refusal whose code is UnknownPlanError; a refusal for
+    another reason whose text happens to contain the same words (a site's own, or a hostile one's) is a
+    plain drop, and a malformed code is named as such."""
+    plan = _plan(heart, min_sites=2)
+    sites = {sd.name: build_site(plan, sd.name, sd, secret=SECRETS[sd.name]) for sd in heart.sites[:3]}
+    impostor = {"code": "ProtocolError"}
+
+    class Process:
+        def __init__(self, name):
+            self.site_id = name
+
+        def handle(self, msg):
+            if self.site_id == "switzerland" and PLAN_REF_KEY in msg.meta:
+                from insitu.federation.messages import error_reply
+
+                return error_reply(msg, f"site switzerland {UNKNOWN_PLAN} {msg.meta[PLAN_REF_KEY]} (or so it says)", code=impostor["code"])
+            return sites[self.site_id].handle(msg)
+
+    coord = build_coordinator(plan, "job-ref", InProcessTransport({n: Process(n) for n in sites}), params=initial_params(plan, 0))
+    coord.run_round(1)
+    rec = coord.run_round(2)
+    assert "switzerland" in rec.dropped and UNKNOWN_PLAN in rec.dropped["switzerland"]  # the words are shown to the operator
+    assert coord.transport.plan_stats["retried"] == 0  # but not acted on
+    assert "switzerland" in coord.run_round(3).participants  # (a site that did not answer gets the whole plan)
+    impostor["code"] = "Unknown Plan Error!" * 10
+    ex = coord.transport.exchange({"switzerland": coord.round_plan(4).train_request("switzerland")}, 10.0)
+    assert ex.refused == {"switzerland": "malformed"} and coord.transport.plan_stats["retried"] == 0
+    # a real site's refusal of a hash it does not hold carries the code, and is answered with the whole plan
+    sites["hungary"] = build_site(plan, "hungary", heart.sites[1], secret=SECRETS["hungary"])
+    rec = coord.run_round(5)
+    assert "hungary" in rec.participants and coord.transport.plan_stats["retried"] == 1
+
+
 def _nodes(tmp_path, plan):
     import dataclasses
 

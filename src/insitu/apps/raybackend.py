@@ -357,6 +357,7 @@ class RayTransport:
         replies: dict[str, Any] = {}
         dropped: dict[str, str] = {}
         recv: dict[str, int] = {}
+        refused: dict[str, str] = {}
         for sid in requests:
             if sid in early:
                 dropped[sid] = early[sid]
@@ -365,8 +366,8 @@ class RayTransport:
             else:
                 wire, seconds = answers[sid]
                 recv[sid] = len(wire)
-                sort_reply(sid, decode(wire, max_bytes=self._max), seconds, timeout, replies, dropped)
-        return Exchange(replies, dropped, sent, recv)
+                sort_reply(sid, decode(wire, max_bytes=self._max), seconds, timeout, replies, dropped, refused)
+        return Exchange(replies, dropped, sent, recv, refused)
 
     def _mirror(self, requests: Mapping[str, Any], news: list[Any], lost: Mapping[str, str]) -> None:
         """Charges and refusals into the driver's ledger in the order an in-process run makes them (by

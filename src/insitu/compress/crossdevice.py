@@ -162,7 +162,7 @@ class _OnDemandTransport:
     def exchange(self, requests, timeout):
         from insitu.federation.transport import Exchange
 
-        replies, dropped, sent, recv = {}, {}, {}, {}
+        replies, dropped, sent, recv, refused = {}, {}, {}, {}, {}
         for sid, req in requests.items():
             try:
                 site = self.devices.site(sid, req.round)
@@ -174,7 +174,8 @@ class _OnDemandTransport:
             dropped.update(ex.dropped)
             sent.update(ex.bytes_sent)
             recv.update(ex.bytes_received)
-        return Exchange(replies, dropped, sent, recv)
+            refused.update(ex.refused)
+        return Exchange(replies, dropped, sent, recv, refused)
 
 
 @dataclass(frozen=True)

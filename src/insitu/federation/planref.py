@@ -10,15 +10,17 @@ until the site has answered a request that carried it, and then only its content
 * ``meta["plan_hash"]``: the plan's content hash (64 lower-case hex digits) instead.  The site accepts
   it only for a plan it holds *and* checked whole in a request of the same job
   (``insitu.federation.site.Site._check_plan``; a deployed site node refuses it first when it holds no plan of the job); anything else, including a request of a job it has
-  no plan for (it is new, restarted or dropped the job), is refused with a
-  :class:`~insitu.errors.ProtocolError` naming the hash and containing :data:`UNKNOWN_PLAN`.
+  no plan for (it is new, restarted or dropped the job), is refused with an
+  :class:`~insitu.errors.UnknownPlanError` naming the hash (its class name is the refusal's code).
 
 A request carries exactly one of the two.  The site's approval check is unchanged: it approved a hash,
 and every round it checks the approval of the plan it holds, whose hash is the one named.
 
 **Fallback.**  The coordinator sends the whole plan again to a site that did not answer its last
 request (dropped, refused, timed out), whose connection count changed (it reconnected, perhaps
-restarted), and at once, in the same exchange, to a site that refuses a hash it does not hold.  The
+restarted), and at once, in the same exchange, to a site whose refusal has the code
+``UnknownPlanError`` (the code, not the refusal's wording: a refusal for any other reason that happens
+to contain the same words is not retried).  The
 round is not lost.  Byte counts are those of every message sent (a refused request and its retry both
 count).
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping
 
-from insitu.errors import ProtocolError
+from insitu.errors import ProtocolError, UnknownPlanError
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.task import canonical_hash
 from insitu.federation.transport import Exchange, Transport
@@ -35,7 +37,8 @@ from insitu.federation.transport import Exchange, Transport
 #: the meta key of the whole plan and of its hash
 PLAN_KEY = "plan"
 PLAN_REF_KEY = "plan_hash"
-#: words every refusal of a plan hash the site does not hold contains; the coordinator then sends the whole plan
+#: words every refusal of a plan hash the site does not hold contains (for the operator; the coordinator acts on
+#: the refusal's code, :class:`~insitu.errors.UnknownPlanError`, never on these words)
 UNKNOWN_PLAN = "does not hold plan"
 #: requests that name the plan (their replies show the site checked it)
 _ANSWERS = {MessageKind.TRAIN: MessageKind.TRAIN_REPLY, MessageKind.EVALUATE: MessageKind.EVALUATE_REPLY}
@@ -50,9 +53,9 @@ def parse_plan_ref(raw: Any) -> str:
     return raw
 
 
-def unknown_plan(site_id: str, plan_hash: str, job: str, why: str) -> ProtocolError:
+def unknown_plan(site_id: str, plan_hash: str, job: str, why: str) -> UnknownPlanError:
     """The refusal of a request that names by hash a plan this site did not check whole in this job."""
-    return ProtocolError(f"site {site_id} {UNKNOWN_PLAN} {plan_hash} for job {job!r} ({why}); the coordinator sends the whole plan instead")
+    return UnknownPlanError(f"site {site_id} {UNKNOWN_PLAN} {plan_hash} for job {job!r} ({why}); the coordinator sends the whole plan instead")
 
 
 def connection_epochs(transport: Any) -> dict[str, Any]:
@@ -70,13 +73,15 @@ def merge_retry(first: Exchange, again: Exchange, retried: list[str]) -> Exchang
     replies.update(again.replies)
     dropped = {k: v for k, v in first.dropped.items() if k not in retried}
     dropped.update(again.dropped)
+    refused = {k: v for k, v in first.refused.items() if k not in retried}
+    refused.update(again.refused)
     sent = dict(first.bytes_sent)
     recv = dict(first.bytes_received)
     for k, v in again.bytes_sent.items():
         sent[k] = sent.get(k, 0) + v
     for k, v in again.bytes_received.items():
         recv[k] = recv.get(k, 0) + v
-    return Exchange(replies, dropped, sent, recv)
+    return Exchange(replies, dropped, sent, recv, refused)
 
 
 class PlanRefTransport:
@@ -125,7 +130,7 @@ class PlanRefTransport:
                 sent[sid] = req
         t0 = time.monotonic()
         ex = self.inner.exchange(sent, timeout)
-        retry = [s for s in short if UNKNOWN_PLAN in ex.dropped.get(s, "")]
+        retry = [s for s in short if ex.refused.get(s) == UnknownPlanError.__name__]
         if retry:  # the site does not hold the plan (restarted, or dropped the job): the whole plan, at once
             again = self.inner.exchange({s: requests[s] for s in retry}, max(1.0, timeout - (time.monotonic() - t0)))
             ex = merge_retry(ex, again, retry)

@@ -19,12 +19,16 @@ from insitu.errors import InsituError, ProtocolError
 from insitu.federation.messages import Message, MessageKind, decode, encode, error_reply
 
 
-def sort_reply(sid: str, reply: Message, elapsed: float, timeout: float, replies: dict, dropped: dict) -> None:
-    """File one site's decoded reply: too late or a refusal drops the site (with the reason), else it is kept."""
+def sort_reply(sid: str, reply: Message, elapsed: float, timeout: float, replies: dict, dropped: dict,
+               refused: dict | None = None) -> None:
+    """File one site's decoded reply: too late or a refusal drops the site (with the reason), else it is
+    kept; a refusal's code goes into ``refused`` (see :func:`refusal_code`)."""
     if elapsed > timeout:
         dropped[sid] = f"timed out ({elapsed:.1f} s > {timeout:.1f} s)"
     elif reply.kind is MessageKind.ERROR:
         dropped[sid] = f"refused: {error_reason(reply)}"
+        if refused is not None:
+            refused[sid] = refusal_code(reply)
     else:
         replies[sid] = reply
 
@@ -55,6 +59,8 @@ class Exchange:
     dropped: dict[str, str]
     bytes_sent: dict[str, int] = field(default_factory=dict)
     bytes_received: dict[str, int] = field(default_factory=dict)
+    #: the code of each refusal among ``dropped`` (a site's ERROR reply): what a caller acts on, never the wording
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -94,6 +100,7 @@ class InProcessTransport:
         dropped: dict[str, str] = {}
         sent: dict[str, int] = {}
         recv: dict[str, int] = {}
+        refused: dict[str, str] = {}
         for sid, req in requests.items():
             site = self._sites.get(sid)
             if site is None:
@@ -107,8 +114,8 @@ class InProcessTransport:
             back, elapsed = answer(site.handle, decode(wire, max_bytes=self._max), self._max)
             recv[sid] = len(back)
             reply = decode(back, max_bytes=self._max)
-            sort_reply(sid, reply, elapsed, timeout, replies, dropped)
-        return Exchange(replies, dropped, sent, recv)
+            sort_reply(sid, reply, elapsed, timeout, replies, dropped, refused)
+        return Exchange(replies, dropped, sent, recv, refused)
 
 
 def check_reply(reply: Message, kind: MessageKind, round_: int, job: str) -> None:
@@ -217,6 +224,15 @@ def reply_evaluation(rep: Message) -> dict[str, Any]:
 
 #: the longest refusal reason kept from a site's ERROR reply (the rest is cut)
 MAX_REASON = 500
+
+
+def refusal_code(reply: Message) -> str:
+    """The code of a site's ERROR reply (its error class name, e.g. ``UnknownPlanError``), checked: a
+    short identifier, else ``"malformed"`` (a hostile site's code is never echoed or acted on as given)."""
+    code = reply.meta.get("code")
+    if isinstance(code, str) and 0 < len(code) <= 64 and code.isidentifier():
+        return code
+    return "malformed"
 
 
 def error_reason(reply: Message) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 
 from insitu.errors import InsituError, ProtocolError, SecurityError
 from insitu.federation.messages import Message, MessageKind
-from insitu.federation.transport import Exchange, error_reason
+from insitu.federation.transport import Exchange, error_reason, refusal_code
 from insitu.net.channel import Channel, ServerTLS
 from insitu.net.pki import Credentials, Identity, Role
 
@@ -180,6 +180,7 @@ class NetworkTransport:
         sent: dict[str, int] = {}
         recv: dict[str, int] = {}
         waiting: dict[str, tuple[SiteConnection, Future, int]] = {}
+        refused: dict[str, str] = {}
         for sid, req in requests.items():
             with self._lock:
                 conn = self._conns.get(sid)
@@ -209,10 +210,11 @@ class NetworkTransport:
             recv[sid] = size
             if reply.kind is MessageKind.ERROR:
                 dropped[sid] = f"refused: {error_reason(reply)}"
+                refused[sid] = refusal_code(reply)
             else:
                 replies[sid] = reply
         ordered = {sid: replies[sid] for sid in requests if sid in replies}
-        return Exchange(ordered, dropped, sent, recv)
+        return Exchange(ordered, dropped, sent, recv, refused)
 
 
 def _wall(monotonic: float) -> float:
