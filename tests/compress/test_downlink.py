@@ -426,23 +426,28 @@ def test_simulate_and_the_deployed_job_path_agree_exactly_with_int8_downlink(tmp
     coord, _, _ = job_coordinator(spec, "sim-3", InProcessTransport(nodes))
     assert isinstance(coord.transport.inner, DownlinkTransport)
     down: dict[str, list[int]] = {s: [] for s in sandbox.SITES}
+    up: dict[str, list[int]] = {s: [] for s in sandbox.SITES}
     evaluation: dict[str, list[int]] = {s: [] for s in sandbox.SITES}
     for r in range(1, 5):
         rec = coord.run_round(r)
         coord.evaluate(r)  # the job's evaluation of each round (eval_every = 1), as coordinator.service runs it
-        traffic = with_traffic(rec, coord.eval_bytes_down)  # what the deployed job's status shows per site and round
+        traffic = with_traffic(rec, coord.eval_bytes_down, coord.eval_bytes_up)  # what the deployed job's status shows per site and round
         for s in sandbox.SITES:
             down[s].append(traffic[s]["bytes_down"])
+            up[s].append(traffic[s]["bytes_up"])
+            assert traffic[s]["bytes_up"] == rec.bytes_up[s] + coord.eval_bytes_up[s] and coord.eval_bytes_up[s] > 0
             evaluation[s].append(coord.eval_bytes_down[s])
             assert traffic[s]["bytes_down"] == rec.bytes_down[s] + coord.eval_bytes_down[s] and coord.eval_bytes_down[s] > 0
     dep = mean_accuracy(coord.evaluate(5))
     assert sim["final"]["evaluation_bytes_down"] == coord.eval_bytes_down
+    assert sim["final"]["evaluation_bytes_up"] == coord.eval_bytes_up
     for s in sandbox.SITES:
         assert dep["site_accuracy"][s] == pytest.approx(sim["final"]["site_accuracy"][s], abs=1e-12)
         assert coord.transport.held[s].params.tobytes() == nodes[s]._sites["sim-3"].downlink.held.tobytes()
         # the same messages on both paths: the same bytes down, evaluation included; round one carries the plan
         # whole and the dense model, later rounds the plan's hash and deltas
         assert float(np.mean(down[s])) == sim["final"]["bytes_down_per_round_per_site"][s]
+        assert float(np.mean(up[s])) == sim["final"]["bytes_up_per_round_per_site"][s]  # evaluation answers included
         assert down[s][0] > 1.5 * max(down[s][1:])
     # each evaluation leaves the site holding the model it scored, so the next TRAIN (of that model) is a lossless
     # delta of zeros; the TRAIN of round one and nothing else went dense

@@ -28,7 +28,7 @@ from insitu.data.dataset import FederatedData
 from insitu.data.partition import Partition, PartitionKind
 from insitu.clitools import check_new_dir
 from insitu.errors import ConfigError, DataError, RoundAborted, parse_choice
-from insitu.federation.coordinator import Coordinator, RoundRecord, round_bytes_down
+from insitu.federation.coordinator import Coordinator, RoundRecord, round_bytes_down, round_bytes_up
 from insitu.federation.robust import DEFAULT_MAX_RECORDS, DEFAULT_NORM_FACTOR
 from insitu.federation.strategies import StrategyName
 from insitu.federation.task import TaskSpec
@@ -589,7 +589,7 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
         if best is not None:
             _, selected, coord.params = best  # the model the sites' validation data chose
         final_eval = coord.evaluate(cfg.rounds + 1)  # the test splits, read once
-        final_down = dict(coord.eval_bytes_down)
+        final_down, final_up = dict(coord.eval_bytes_down), dict(coord.eval_bytes_up)
         mean_acc, pooled_acc = _site_accuracy(final_eval)
         from insitu.federation.evaluation import summarize
 
@@ -624,6 +624,7 @@ def _simulate(cfg: SimulationConfig, out: Path, write: bool, progress: bool, sit
                 "bytes_down_per_round": float(np.mean([h.get("bytes_down_total", 0) for h in history])) if history else 0.0,
                 "bytes_down_per_round_per_site": _per_site(history, data.sites, "bytes_down"),
                 "evaluation_bytes_down": final_down,  # the final evaluation's request to each site (after the rounds)
+                "evaluation_bytes_up": final_up,  # and each site's answer
                 "seconds": fed_time,
             },
         }
@@ -729,9 +730,10 @@ def _one_round(coord: Coordinator, r: int, split: str = "test") -> tuple[dict[st
         return {"round": r, "status": "aborted", "reason": str(exc), "bytes_up_total": 0, "sites": {}}, {}
     evals = coord.evaluate(r, split=split)
     down = round_bytes_down(rec, coord.eval_bytes_down)  # the round's requests and its evaluation's
+    up = round_bytes_up(rec, coord.eval_bytes_up)  # the round's replies and the evaluation's answers
     mean_acc, pooled_acc = _site_accuracy(evals)
     sites = {}
-    for sid in sorted(set(evals) | set(rec.train) | set(rec.dropped) | set(down)):
+    for sid in sorted(set(evals) | set(rec.train) | set(rec.dropped) | set(down) | set(up)):
         entry: dict[str, Any] = {}
         if sid in rec.train:
             entry.update({k: v for k, v in rec.train[sid].items()})
@@ -739,7 +741,7 @@ def _one_round(coord: Coordinator, r: int, split: str = "test") -> tuple[dict[st
             entry.update({f"{split}_loss": evals[sid]["loss"], f"{split}_accuracy": evals[sid]["accuracy"]})
         if sid in rec.dropped:
             entry["dropped"] = rec.dropped[sid]
-        entry["bytes_up"] = rec.bytes_up.get(sid, 0)
+        entry["bytes_up"] = up.get(sid, 0)
         entry["bytes_down"] = down.get(sid, 0)
         sites[sid] = entry
     return {
@@ -752,7 +754,7 @@ def _one_round(coord: Coordinator, r: int, split: str = "test") -> tuple[dict[st
         "pooled_accuracy": pooled_acc,
         "update_norm": rec.update_norm,
         "seconds": rec.seconds,
-        "bytes_up_total": int(sum(rec.bytes_up.values())),
+        "bytes_up_total": int(sum(up.values())),
         "bytes_down_total": int(sum(down.values())),
         "sites": sites,
     }, evals

@@ -361,7 +361,7 @@ class CoordinatorService:
             version = self.store.apply_round(
                 job.id, r, expected_version=version, params=coord.params, state=strategy.state(),
                 participants=rec.participants, dropped=rec.dropped, evaluation=evaluation, seconds=rec.seconds,
-                metrics=with_traffic(rec, coord.eval_bytes_down if evaluation is not None else None),
+                metrics=with_traffic(rec, coord.eval_bytes_down, coord.eval_bytes_up) if evaluation is not None else with_traffic(rec),
                 culprits=protocol.culprits(r),
             )
             acc = (evaluation or {}).get("mean_site_accuracy")
@@ -373,6 +373,7 @@ class CoordinatorService:
         selection = self._select(job.id, coord, criterion) if criterion is not None else {}
         final = self._evaluate(coord, self.store.job(job.id).next_round)
         final["evaluation_bytes_down"] = dict(coord.eval_bytes_down)  # the final evaluation's request to each site
+        final["evaluation_bytes_up"] = dict(coord.eval_bytes_up)  # and each site's answer
         if spec.config.get("dataset") == "physionet2012":  # the served model's threshold, as simulate chooses it
             final.update(self._clinical_threshold(coord, self.store.job(job.id).next_round))
         final.update({"rounds_applied": version, "rounds_aborted": aborted, **selection,
@@ -482,17 +483,18 @@ def _blamed(rounds: list[int], applied: set[int]) -> str:
     return " and ".join(parts)
 
 
-def with_traffic(rec: Any, evaluation: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:
+def with_traffic(rec: Any, evaluation: Mapping[str, int] | None = None, evaluation_up: Mapping[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """A round's per-site metrics with the bytes the coordinator counted each way (what ``job status`` shows
     as bytes up and down per site per round); a site sent the model but dropped has its bytes down only.
-    Bytes down include the round's evaluation request when it was evaluated (``evaluation``: the
-    coordinator's ``eval_bytes_down``), as ``insitu simulate`` counts them (federation.coordinator.round_bytes_down)."""
-    from insitu.federation.coordinator import round_bytes_down
+    When the round was evaluated, bytes down include its evaluation request (``evaluation``: the
+    coordinator's ``eval_bytes_down``) and bytes up each site's answer (``evaluation_up``: its
+    ``eval_bytes_up``), as ``insitu simulate`` counts them (federation.coordinator.round_bytes_down/_up)."""
+    from insitu.federation.coordinator import round_bytes_down, round_bytes_up
 
-    down = round_bytes_down(rec, evaluation)
+    down, up = round_bytes_down(rec, evaluation), round_bytes_up(rec, evaluation_up)
     out = {s: dict(m) for s, m in rec.train.items()}
-    for s in set(rec.bytes_up) | set(down):
-        out.setdefault(s, {}).update({"bytes_up": int(rec.bytes_up.get(s, 0)), "bytes_down": int(down.get(s, 0))})
+    for s in set(up) | set(down):
+        out.setdefault(s, {}).update({"bytes_up": int(up.get(s, 0)), "bytes_down": int(down.get(s, 0))})
     return out
 
 

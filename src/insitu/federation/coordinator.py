@@ -35,14 +35,24 @@ class RoundRecord:
     update_norm: float
 
 
+def _plus(counts: Mapping[str, int], evaluation: Mapping[str, int] | None) -> dict[str, int]:
+    out = {s: int(v) for s, v in counts.items()}
+    for s, v in (evaluation or {}).items():
+        out[s] = out.get(s, 0) + int(v)
+    return out
+
+
 def round_bytes_down(rec: RoundRecord, evaluation: Mapping[str, int] | None = None) -> dict[str, int]:
     """Every byte the coordinator sent each site for one round: the round's requests (every phase of its
     protocol) plus, when the round was evaluated, the evaluation request (``Coordinator.eval_bytes_down``).
     ``insitu simulate`` and a deployed job (coordinator.service.with_traffic) report the same figure."""
-    out = {s: int(v) for s, v in rec.bytes_down.items()}
-    for s, v in (evaluation or {}).items():
-        out[s] = out.get(s, 0) + int(v)
-    return out
+    return _plus(rec.bytes_down, evaluation)
+
+
+def round_bytes_up(rec: RoundRecord, evaluation: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Every byte each site sent the coordinator for one round: its replies to every phase of the round's
+    protocol plus, when the round was evaluated, its evaluation answer (``Coordinator.eval_bytes_up``)."""
+    return _plus(rec.bytes_up, evaluation)
 
 
 @dataclass
@@ -71,6 +81,7 @@ class Coordinator:
         self.eval_dropped: dict[str, str] = {}
         #: bytes the last evaluation sent each site (reports add them to the round's bytes down)
         self.eval_bytes_down: dict[str, int] = {}
+        self.eval_bytes_up: dict[str, int] = {}  # each site's answer to the last evaluation (a refusal's too)
 
     def _sites(self) -> tuple[str, ...]:
         sites = tuple(self.sites) if self.sites is not None else tuple(self.transport.sites())
@@ -125,9 +136,9 @@ class Coordinator:
         params = self.params if params is None else np.asarray(params, dtype=np.float32)
         ins = EvalInstructions(split=Split(split), threshold=threshold)
         req = Message(MessageKind.EVALUATE, round_, self.job, {"plan": self._plan_meta, "instructions": ins.to_meta()}, {"params": params})
-        self.eval_bytes_down = {}
+        self.eval_bytes_down, self.eval_bytes_up = {}, {}
         ex = self.transport.exchange({s: req for s in self._sites()}, self.timeout)
-        self.eval_bytes_down = dict(ex.bytes_sent)
+        self.eval_bytes_down, self.eval_bytes_up = dict(ex.bytes_sent), dict(ex.bytes_received)
         out: dict[str, dict[str, Any]] = {}
         dropped = dict(ex.dropped)
         for sid, rep in ex.replies.items():
