@@ -5,7 +5,7 @@ Kept free of imports so that a configuration error can name the origin without l
 from __future__ import annotations
 
 #: PneumoniaMNIST and the other MedMNIST 2D sets: one .npz each, licence CC BY 4.0
-MEDMNIST_ORIGIN = "insitu does not ship it: download pneumoniamnist.npz (or another MedMNIST 2D .npz) from https://medmnist.com"
+MEDMNIST_ORIGIN = "insitu does not ship it: download pneumoniamnist.npz, or another MedMNIST 2D .npz, from https://medmnist.com"
 
 #: The PhysioNet/CinC Challenge 2012 (ICU mortality): set-a/b/c.tar.gz and Outcomes-a/b/c.txt
 PHYSIONET2012_ORIGIN = ("insitu does not ship it: download set-a.tar.gz, set-b.tar.gz, set-c.tar.gz and "
