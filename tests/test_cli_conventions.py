@@ -94,3 +94,23 @@ def test_markup_in_messages_is_printed_as_is(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["job", "hash", str(job)])
     assert "[task] gives the data's shape only" in capsys.readouterr().err
+
+
+def test_help_texts_survive_rich_markup():
+    """--help renders help as Rich markup, where `[ray]` or `[operator]` is a style tag and vanishes
+    (`pip install 'insitu[ray]'` showed as `pip install 'insitu'`): every bracket meant literally is
+    escaped (`\\[`), so the rendered text says what the source says."""
+    from rich.text import Text
+
+    eaten = []
+    for path, cmd in COMMANDS:
+        texts = [("help", cmd.help or "")] + [(p.name, getattr(p, "help", None) or "") for p in cmd.params]
+        for name, text in texts:
+            if Text.from_markup(text).plain != text.replace("\\[", "["):
+                eaten.append(f"insitu {' '.join(path)} {name}: {text!r}")
+    assert not eaten, "help text that Rich markup would mangle (escape '[' as '\\['):\n" + "\n".join(eaten)
+
+
+def test_escaped_bracket_shows_in_help():
+    res = CliRunner().invoke(app, ["simulate", "-h"], env={"COLUMNS": "400"})
+    assert "pip install 'insitu[ray]'" in res.output

@@ -133,3 +133,23 @@ def test_best_val_selection_picks_a_round_by_validation(pneumonia_npz):
 def test_best_val_refused_for_heart(capsys):
     assert main_exit("simulate", "--select", "best-val", "--rounds", "1") == 2
     assert "needs validation splits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, where",
+    [
+        (["--dataset", "pneumoniamnist"], "https://medmnist.com"),
+        (["--dataset", "pneumoniamnist", "--data", "no-such-dir/pneumoniamnist.npz"], "https://medmnist.com"),
+        (["--dataset", "physionet2012"], "https://physionet.org/content/challenge-2012/"),
+        (["--dataset", "physionet2012", "--data", "no-such-dir/physionet2012"], "https://physionet.org/content/challenge-2012/"),
+    ],
+)
+def test_missing_data_set_says_where_to_get_it(tmp_path, capsys, args, where):
+    """A new user who runs the README's X-ray or ICU line without the data learns that insitu does not
+    ship it and where it comes from, not only that a path is missing."""
+    out = tmp_path / "run"
+    code = main_exit("simulate", *args, "--rounds", "1", "--out", str(out))
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2, err
+    assert "does not ship it" in err and where in err, err
+    assert "Traceback" not in err and not out.exists() and not (tmp_path / "run.partial").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets as _secrets
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
@@ -266,6 +267,8 @@ def build_site(
     if budget is not None:
         trainer = with_epsilon(trainer, budget)
     spec = CompressionSpec.parse(plan.compression)
+    if clip is not None:  # site-level DP: an error-feedback residual would carry earlier rounds' unnoised
+        spec = replace(spec, error_feedback=False)  # updates past the clip the noise is sized for
     compress = None if spec.is_identity else UpdateCompressor(spec, seed=derive_seed(secret, "compress"))
     protect = site_protection(plan, site_id, attestation=attestation, min_group=min_group, inner=protection)
     pipeline = SitePipeline(clip=clip, noise=noise, compress=compress, protection=protect)

@@ -226,7 +226,9 @@ class SimulationConfig:
 
         check_backend(cfg.backend, cfg.ray_address)
         if need_data and own is None and ds is not DatasetName.HEART and not cfg.data:
-            raise ConfigError(f"dataset {ds.value} needs --data PATH ({'a folder with set-a.tar.gz, Outcomes-a.txt, ...' if ds is DatasetName.PHYSIONET2012 else 'a MedMNIST .npz file'})")
+            from insitu.data.origins import MEDMNIST_ORIGIN, PHYSIONET2012_ORIGIN
+
+            raise ConfigError(f"dataset {ds.value} needs --data PATH ({'a folder with set-a.tar.gz, Outcomes-a.txt, ...; ' + PHYSIONET2012_ORIGIN if ds is DatasetName.PHYSIONET2012 else 'a MedMNIST .npz file; ' + MEDMNIST_ORIGIN})")
         return cfg
 
     def plan_for(self, input_shape: tuple[int, ...], num_outputs: int, schema: tuple[str, ...]) -> Plan:

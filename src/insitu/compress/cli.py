@@ -69,7 +69,7 @@ def crossdevice_command(
     offline: float = typer.Option(0.1, help="Probability that a sampled device does not answer."),
     local_steps: int = typer.Option(10, help="Minibatch steps per device per round."),
     seed: int = typer.Option(0, help="Seed for data, sampling and models."),
-    backend: str = typer.Option("in-process", help="Where devices are made and trained: in-process (default) or ray (Ray worker processes, on this machine or a cluster; each makes a device only when it is sampled). Needs Ray: pip install 'insitu[ray]'."),
+    backend: str = typer.Option("in-process", help="Where devices are made and trained: in-process (default) or ray (Ray worker processes, on this machine or a cluster; each makes a device only when it is sampled). Needs Ray: pip install 'insitu\\[ray]'."),
     ray_address: Optional[str] = typer.Option(None, help="With --backend ray: join the Ray cluster at this address (its nodes need insitu installed). Default: a private local Ray for the run, dashboard off, every listener on 127.0.0.1."),
     json_out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the summary (JSON, with per-round records) to this file."),
     _old_json: Any = renamed("--json", "--out"),

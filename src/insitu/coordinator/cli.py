@@ -19,7 +19,7 @@ job_app = typer.Typer(help="Submit, watch and cancel jobs (needs an operator cer
 out = Console()
 
 OPERATOR_CONFIG = typer.Option(Path("operator.toml"), "--config", "-c",
-                               help="operator.toml: [operator] coordinator = HOST:PORT, cert, key, ca.")
+                               help="operator.toml: \\[operator] coordinator = HOST:PORT, cert, key, ca.")
 
 
 @app.callback()
@@ -204,7 +204,7 @@ def model(job: str = typer.Argument(..., help="The job's name (see `insitu job l
           out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to write (must not exist)."),
           config: Path = OPERATOR_CONFIG) -> None:
     """Download a job's newest model as a run directory (model.npz, task.json, summary.json, rounds.jsonl)
-    that `insitu export DIR` and `insitu gateway serve` ([model] run_dir = DIR) take as is."""
+    that `insitu export DIR` and `insitu gateway serve` (\\[model] run_dir = DIR) take as is."""
     from insitu.coordinator.publish import write_run_dir
 
     result, tensors = _request(config, "model", {"job": job})

@@ -16,6 +16,7 @@ import torch
 
 from insitu.data.dataset import FederatedData, SiteData
 from insitu.data.partition import Partition, PartitionKind, split_indices
+from insitu.data.origins import MEDMNIST_ORIGIN
 from insitu.errors import DataError
 
 REQUIRED = ("train_images", "train_labels", "test_images", "test_labels")
@@ -24,7 +25,7 @@ REQUIRED = ("train_images", "train_labels", "test_images", "test_labels")
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.exists():
-        raise DataError(f"MedMNIST file {str(path)!r} does not exist; pass --data PATH to a MedMNIST .npz")
+        raise DataError(f"MedMNIST file {str(path)!r} does not exist; pass --data PATH to a MedMNIST .npz ({MEDMNIST_ORIGIN})")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in REQUIRED if k not in z.files]

@@ -56,6 +56,7 @@ import torch
 
 from insitu.data.dataset import FederatedData, SiteData
 from insitu.data.partition import Partition, PartitionKind, split_indices
+from insitu.data.origins import PHYSIONET2012_ORIGIN
 from insitu.errors import ConfigError, DataError, parse_choice
 
 HEADER = "Time,Parameter,Value"
@@ -369,7 +370,7 @@ def read_set(root: str | Path, name: str, max_records: int | None = None) -> Raw
     """Parse set ``name`` (``a``, ``b`` or ``c``) under ``root``; ``max_records`` reads only the first files."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"PhysioNet 2012 folder {str(root)!r} does not exist; pass --data DIR holding set-a.tar.gz, Outcomes-a.txt, ...")
+        raise DataError(f"PhysioNet 2012 folder {str(root)!r} does not exist; pass --data DIR holding set-a.tar.gz, Outcomes-a.txt, ... ({PHYSIONET2012_ORIGIN})")
     outcomes = read_outcomes(root / f"Outcomes-{name}.txt")
     records: list[RawRecord] = []
     empty = 0

@@ -62,7 +62,7 @@ def import_cmd(
     table: Optional[str] = typer.Option(None, help="table name, for SQLite and PostgreSQL sources"),
     config: Path = ConfigOpt,
 ) -> None:
-    """Load records (a pseudonym column plus the record fields: the columns of [records] schema and ward, or the
+    """Load records (a pseudonym column plus the record fields: the columns of \\[records] schema and ward, or the
     built-in record's) into the gateway's store; every row is validated first."""
     from insitu.gateway.config import GatewayConfig
     from insitu.gateway.service import import_records

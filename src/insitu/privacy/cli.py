@@ -14,7 +14,7 @@ from insitu.errors import ConfigError
 if TYPE_CHECKING:  # the accountant (dp-accounting, scipy) loads only when a command needs it
     from insitu.privacy.budget import PrivacyLedger
 
-app = typer.Typer(help="Differential privacy: per-site budgets and the ledger of ε spent.", no_args_is_help=True)
+app = typer.Typer(help="Privacy: each site's DP budget and ledger of ε spent (ledger); attack a finished run (report) or every defence on one task (compare).", no_args_is_help=True)
 console = Console()
 
 

@@ -56,7 +56,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     if "worst_site_accuracy" in fin:
         worst = lambda b: _fmt(min(b["site_accuracy"].values())) if b.get("site_accuracy") else "–"  # noqa: E731
         t.add_row("worst site", "", "", _fmt(fin["worst_site_accuracy"]), *auc_cell(fin.get("worst_site_auc")), *ft_cell(min(ft["site_accuracy"].values()) if ft and ft["site_accuracy"] else None), worst(loc), "", worst(poo), "", "")
-    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), *auc_cell(fin.get("all_records_auc")), *([""] if ft else []), _fmt(loc.get("pooled_accuracy")), "",
+    all_auc = fin.get("all_records_auc", (fin.get("clinical") or {}).get("pooled", {}).get("auroc"))  # an ICU run's clinical figures hold it
+    t.add_row("all test records", "", "", _fmt(fin["pooled_accuracy"]), *auc_cell(all_auc), *([""] if ft else []), _fmt(loc.get("pooled_accuracy")), "",
               _fmt(poo.get("pooled_accuracy")), "", "")
     t.caption = (("federated + local fine-tuning: each site fine-tuned the federated model on its own records, checkpoint "
                   "chosen on its own validation split; the model stays at the site.  " if ft else "") + "own model, own split: each site trains alone and is scored on its own test split.  local model, every site "
