@@ -24,7 +24,7 @@ import numpy as np
 from insitu.data.dataset import SiteData
 from insitu.errors import ConfigError
 from insitu.federation.coordinator import Coordinator
-from insitu.federation.dp import BudgetGuard, ClipStage, DPLevel, NoiseShareStage, Placement, dpsgd_trainer, with_epsilon
+from insitu.federation.dp import BudgetGuard, ClipStage, DPLevel, NoiseShareStage, Placement, ReclipAfter, dpsgd_trainer, with_epsilon
 from insitu.federation.pipeline import SitePipeline
 from insitu.federation.protocol import AggregationProtocol, PlainProtocol, PlainSiteProtection, SiteProtection
 from insitu.federation.site import Guard, Site, default_trainer
@@ -102,11 +102,12 @@ def secagg_bound(plan: Plan) -> float | None:
 def dp_clip_bound(plan: Plan) -> "ClipBound | None":
     """The longest update a site of ``plan`` can honestly send under site-level DP, or None.
 
-    The site clips to C (the round's ``dp_clip`` when adaptive), adds its noise share N(0, σ²) per
-    coordinate when the noise is distributed (bounded by σ(√d + 12), exceeded with probability below
-    1e-31), and with dense int8 compression rounds each value by less than its block's scale
-    (‖error‖ ≤ √block / 127 · ‖x‖).  With a sparsifier the error-feedback residual rides along
-    with the clipped update, so no bound is stated (the size rule still applies)."""
+    The site clips to C (the round's ``dp_clip`` when adaptive).  With central noise that is all: a
+    sparsifier keeps part of the clipped vector (under site-level DP without an error-feedback
+    residual) and int8 rounding is scaled back to C (:class:`~insitu.federation.dp.ReclipAfter`).
+    With distributed noise the site adds its share N(0, σ²) per coordinate (bounded by σ(√d + 12),
+    exceeded with probability below 1e-31) and int8 then rounds each value by less than its block's
+    scale (‖error‖ ≤ √block / 127 · ‖x‖; top-k quantises its kept values as one block)."""
     from insitu.compress.updates import QMAX, CompressionSpec, Quantizer, Sparsifier
     from insitu.federation.robust import F32_SLACK, NOISE_TAIL
 
@@ -114,11 +115,9 @@ def dp_clip_bound(plan: Plan) -> "ClipBound | None":
     if dp.level is not DPLevel.SITE:
         return None
     spec = CompressionSpec.parse(plan.compression)
-    if spec.sparsify is not Sparsifier.NONE:
-        return None
-    quant = 1.0 + math.sqrt(spec.block) / QMAX if spec.quantize is Quantizer.INT8 else 1.0
+    distributed = dp.placement is Placement.DISTRIBUTED
     std_per_clip = 0.0
-    if dp.placement is Placement.DISTRIBUTED:
+    if distributed:
         std_per_clip = dp.site_noise(plan.rounds) * dp.sensitivity_factor / math.sqrt(plan.min_sites)
     adaptive, fixed = dp.adaptive_clip, float(dp.clip)
 
@@ -127,6 +126,10 @@ def dp_clip_bound(plan: Plan) -> "ClipBound | None":
         if c is None:
             return None
         d = round_plan.size
+        quant = 1.0
+        if distributed and spec.quantize is Quantizer.INT8:
+            block = spec.k(d) if spec.sparsify is Sparsifier.TOPK else spec.block
+            quant = 1.0 + math.sqrt(block) / QMAX
         noise = std_per_clip * float(c) * (math.sqrt(d) + NOISE_TAIL)
         return (float(c) + noise) * quant * (1 + F32_SLACK) + 1e-12
 
@@ -270,6 +273,8 @@ def build_site(
     if clip is not None:  # site-level DP: an error-feedback residual would carry earlier rounds' unnoised
         spec = replace(spec, error_feedback=False)  # updates past the clip the noise is sized for
     compress = None if spec.is_identity else UpdateCompressor(spec, seed=derive_seed(secret, "compress"))
+    if clip is not None and noise is None and compress is not None:  # central noise is sized for C: rounding may not lengthen it
+        compress = ReclipAfter(compress)
     protect = site_protection(plan, site_id, attestation=attestation, min_group=min_group, inner=protection)
     pipeline = SitePipeline(clip=clip, noise=noise, compress=compress, protection=protect)
     all_guards = tuple(guards) + ((budget,) if budget is not None else ())

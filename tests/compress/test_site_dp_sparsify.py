@@ -79,3 +79,36 @@ def test_only_site_level_dp_drops_the_residual(heart):
         built = build_site(Plan(task, dp=dp, compression="shared:0.1"), site.name, site, secret=SECRETS[site.name], ledger=ledger)
         feedback[dp.level.value if dp.level else "off"] = built.pipeline.compress.uses_feedback
     assert feedback == {"off": True, "record": True, "site": False}
+
+
+class Decoded(Watch):
+    """The real site; records the norm of the update each TRAIN reply decodes to (any encoding)."""
+
+    def handle(self, msg):
+        from insitu.compress.codec import decode_update
+
+        reply = self.site.handle(msg)
+        if reply.kind is MessageKind.TRAIN_REPLY:
+            vec = decode_update(reply.meta, reply.tensors, msg.tensors["params"].size, msg.job, msg.round)
+            self.norms.setdefault(self.site_id, []).append(float(np.linalg.norm(vec)))
+        return reply
+
+
+@pytest.mark.parametrize("compression", ["int8", "topk:0.6+int8", "shared:0.9+int8"])
+def test_central_site_level_dp_with_int8_sends_no_more_than_the_clip(heart, compression):
+    """Stochastic int8 rounding lengthens a vector by up to √block/127 of its norm; with the noise
+    added centrally (sized for C) the site scales a rounded update longer than C back to C."""
+    task = TaskSpec("logreg", heart.input_shape, 1, heart.schema, lr=0.05, local_steps=5, batch_size=4)
+    plan = Plan(task, dp=DPSpec(level="site", noise_multiplier=1.0, clip=CLIP), compression=compression)
+    norms: dict[str, list[float]] = {}
+    ledger = PrivacyLedger(":memory:")
+    for s in heart.sites:
+        ledger.set_budget(s.name, Budget(1e6))
+    coord, _ = build_federation(plan, heart.sites, secrets=SECRETS, seed=0, ledger=ledger, wrap=lambda s: Decoded(s, norms))
+    for r in range(1, 9):
+        rec = coord.run_round(r)
+        assert len(rec.participants) == 4, rec.dropped
+        assert not any("dp_reclipped" in m for m in rec.train.values())  # the norm before re-clipping stays at the site
+    worst = max(n for v in norms.values() for n in v)
+    assert worst <= CLIP * (1 + 1e-5), f"a site sent an update of norm {worst:.6g} under a clip of {CLIP}"
+    assert worst > CLIP * 0.95  # the clip binds, so rounding that lengthened it would have shown

@@ -155,12 +155,17 @@ def test_dp_clip_bound_follows_the_plan(heart):
     assert central(round_plan(14)) == pytest.approx(0.5, rel=1e-4)
     adaptive = dp_clip_bound(Plan(task, dp=DPSpec(level="site", noise_multiplier=1.0, adaptive_clip=True)))
     assert adaptive(round_plan(14, dp_clip=0.03)) == pytest.approx(0.03, rel=1e-4)
-    int8 = dp_clip_bound(Plan(task, dp=DPSpec(level="site", noise_multiplier=1.0, clip=0.5), compression="int8"))
-    assert 0.5 < int8(round_plan(14)) < 0.5 * 1.2
-    assert dp_clip_bound(Plan(task, dp=DPSpec(level="site", noise_multiplier=1.0), compression="topk:0.5")) is None
+    for compression in ("int8", "topk:0.5", "shared:0.5+int8", "topk:0.5+int8"):  # central noise: the site sends at most C
+        bound = dp_clip_bound(Plan(task, dp=DPSpec(level="site", noise_multiplier=1.0, clip=0.5), compression=compression))
+        assert bound(round_plan(14)) == pytest.approx(0.5, rel=1e-4), compression
     dist = Plan(task, dp=DPSpec(level="site", noise_multiplier=1.0, clip=0.5, placement="distributed"), min_sites=4)
     std = dist.dp.site_noise(dist.rounds) * 2 * 0.5 / 2  # z · 2C / √m
     assert dp_clip_bound(dist)(round_plan(14)) == pytest.approx((0.5 + std * (14**0.5 + 12)), rel=1e-4)
+    noisy = 0.5 + std * (14**0.5 + 12)
+    int8 = dp_clip_bound(replace(dist, compression="int8"))  # distributed noise, then rounding: √256/127 of slack
+    assert int8(round_plan(14)) == pytest.approx(noisy * (1 + 16 / 127), rel=1e-4)
+    topk8 = dp_clip_bound(replace(dist, compression="topk:0.5+int8"))  # top-k rounds its 7 kept values as one block
+    assert topk8(round_plan(14)) == pytest.approx(noisy * (1 + 7**0.5 / 127), rel=1e-4)
 
 
 # -- through the round engine ---------------------------------------------------------------------------

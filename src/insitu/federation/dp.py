@@ -152,6 +152,35 @@ class ClipStage:
 
 
 @dataclass
+class ReclipAfter:
+    """Wraps a lossy stage (int8 compression): its output may not be longer than the round's clip.
+
+    Under site-level DP with the noise added centrally, the site sends its clipped update and the
+    coordinator's noise is sized for a norm of at most C.  Stochastic int8 rounding can lengthen a
+    vector by up to √block/127 of its norm (13 % for blocks of 256), so what left the site could
+    exceed C.  This stage scales the stage's output back to norm C when it is longer (a uniform
+    scale: the int8 codec still encodes it exactly).  Not for distributed noise, whose shares make
+    the sent vector far longer than C by design (the coordinator's bound allows for both)."""
+
+    inner: Any
+
+    @property
+    def uses_feedback(self) -> bool:
+        return bool(getattr(self.inner, "uses_feedback", False))
+
+    def apply(self, vec: np.ndarray, ctx: RoundContext, info: dict[str, Any]) -> np.ndarray:
+        c = info.get("dp_clip")
+        if c is None:
+            raise ConfigError("re-clipping after compression needs the clip stage before it (the pipeline fixes that order)")
+        out = self.inner.apply(vec, ctx, info)
+        norm = float(np.sqrt(np.einsum("i,i->", out, out)))
+        if norm > c:
+            out = out * (float(c) / norm)
+            info["dp_reclipped"] = norm
+        return out
+
+
+@dataclass
 class NoiseShareStage:
     """Adds this site's share N(0, (zC)²/m) of the distributed noise (before masking)."""
 
