@@ -284,12 +284,32 @@ class SiteNode:
                 except ConfigError as exc:
                     raise ProtocolError(f"{msg.kind.value} for job {msg.job!r}: {exc}") from None
                 if site is None or site.plan_hash != plan.content_hash():
+                    if msg.kind is MessageKind.EVALUATE:  # never builds a job: a new job name is no fresh evaluation allowance
+                        self._evaluated_untrained(msg, plan)
                     self._plans[msg.job] = plan
                     site = self._build(msg.job, plan)
             if site is None:
                 raise ProtocolError(f"{msg.kind.value} for job {msg.job!r} before any train or evaluate request")
+            if msg.kind is MessageKind.EVALUATE and site.last_round < 0:
+                self._evaluated_untrained(msg, None)
             self._sites.move_to_end(msg.job)
             return site
+
+    def _evaluated_untrained(self, msg: Message, plan: Plan | None) -> None:
+        """Refuses an EVALUATE for a job this node has answered no TRAIN of (with the plan it holds for it).
+
+        A Site scores at most two models it was never sent for training, per job; a coordinator free to
+        name new jobs (or to push a job out of the node's memory and reopen it) would get two more with
+        each name.  So a deployed site scores models only in a job it trained in: under DP each such job
+        costs a round charged to the ledger, under secure aggregation a completed masked round."""
+        if plan is not None:
+            try:
+                self.check_task(plan)  # an unapproved plan is refused as such, and kept for review
+            except PolicyViolation as exc:
+                self._refused_plan(msg.job, plan, exc)
+                raise
+        raise ProtocolError(f"site {self.site_id} refuses to evaluate for job {msg.job!r}: it has answered no train request of that job "
+                            "(with this plan, since it started); a deployed site scores models only of jobs it trains in")
 
     def _build(self, job: str, plan: Plan) -> Site:
         try:
