@@ -262,3 +262,68 @@ def test_the_score1_threshold_is_one_exact_record_value_and_is_answered_once_per
     with pytest.raises(ProtocolError, match="already answered"):  # another model does not reopen it
         site.handle(evaluate(plan, "j", np.zeros(D + 1, np.float32), split="val", threshold=True))
     assert "threshold" not in site.handle(evaluate(plan, "j", probe, split="val")).meta  # plain answers go on
+
+
+# -- distributed DP noise under secure aggregation --------------------------------------------------
+class Recorder:
+    """A real site whose refusals are kept (the transport turns them into error replies)."""
+
+    def __init__(self, site):
+        self.site, self.refusals = site, []
+
+    def handle(self, msg: Message) -> Message:
+        try:
+            return self.site.handle(msg)
+        except InsituError as exc:
+            self.refusals.append(str(exc))
+            raise
+
+
+def test_a_sum_short_of_the_noise_shares_each_site_was_sized_for_is_not_unmasked(heart):
+    """Attack on site-level DP with the noise placed at the sites under secure aggregation (4 sites,
+    min_sites = 4: each adds N(0, σ²/4)).  The coordinator announces 4 shares in the TRAIN (as the sites'
+    budget guards require), lets one site drop, and unmasks the other three: a sum with 3/4 of the noise
+    variance every site charged its ledger for (the honest coordinator refuses to publish it, but it has
+    it).  Before: the three sites unmasked it.  Now each refuses, naming the shares it was sized for."""
+    from insitu.apps.simulate import SimulationConfig
+    from insitu.builder import build_federation
+    from insitu.errors import RoundAborted
+    from insitu.federation.transport import InProcessTransport
+    from insitu.privacy import Budget, PrivacyLedger
+
+    cfg = SimulationConfig(dataset="heart", rounds=3, dp="site", epsilon=3.0, dp_placement="distributed",
+                           secure_aggregation=True, min_sites=4).resolved()
+    plan = cfg.plan_for(heart.input_shape, heart.num_outputs, heart.schema)
+    ledger = PrivacyLedger(":memory:")
+    for s in heart.sites:
+        ledger.set_budget(s.name, Budget(1e6))
+    coord, sites = build_federation(plan, heart.sites, ledger=ledger)
+    secagg = coord.protocol.inner  # the hostile coordinator skips the DP wrapper's own refusal
+    victim = "va-long-beach"
+
+    def round_(r: int, drop: bool) -> tuple[dict[str, Recorder], object]:
+        recs = {k: Recorder(v) for k, v in sites.items()}
+        t = InProcessTransport(recs, fail=(lambda sid, _r, kind: drop and sid == victim and kind is MessageKind.TRAIN))
+        rp = coord.round_plan(r)
+        rp = replace(rp, instructions=replace(rp.instructions, dp_min_shares=plan.min_sites), min_sites=3)
+        try:
+            return recs, secagg.collect(rp, t)
+        except RoundAborted as exc:
+            return recs, exc
+
+    from insitu.builder import dp_events
+    from insitu.privacy import PrivacyEvent, epsilon_of
+    from insitu.privacy.accounting import Mechanism
+
+    events, z, _ = dp_events(plan, heart.sites[0].n_train)
+    short = [PrivacyEvent(Mechanism.GAUSSIAN, z * (3 / 4) ** 0.5)]  # what three shares of four carry
+    assert epsilon_of(short * plan.rounds, plan.dp.delta) > 1.1 * epsilon_of(list(events) * plan.rounds, plan.dp.delta)  # the stakes
+
+    _, honest = round_(1, drop=False)  # the harness: with every share in, the sum is unmasked
+    assert len(honest.participants) == 4
+    recs, short = round_(2, drop=True)
+    assert isinstance(short, RoundAborted), f"a sum of {getattr(short, 'participants', '?')} was unmasked"
+    for s in sites:
+        if s != victim:  # it trained and masked its update; it refuses only to unmask the short sum
+            assert sites[s].last_round == 2
+            assert any("refuses to unmask a sum of 3 sites" in r and "sized for a sum of at least 4" in r for r in recs[s].refusals), recs[s].refusals

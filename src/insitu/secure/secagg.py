@@ -83,6 +83,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from insitu.errors import ConfigError, ProtocolError, RoundAborted, SecurityError
+from insitu.federation.instructions import RoundInstructions
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan, TimedHandlers
 from insitu.federation.transport import Transport, reply_metrics
@@ -476,6 +477,7 @@ class _SiteRound:
     statement: bytes = b""
     size: int = 0
     stage: str = "advertised"
+    min_shares: int = 0  # distributed DP: the noise shares this site's share was sized for (the round's dp_min_shares)
 
 
 class SecAggSite(TimedHandlers):
@@ -678,6 +680,9 @@ class SecAggSite(TimedHandlers):
             seed = st.mask_seeds[v] = _mask_seed(agree(s_key, st.keys[v][1]), request.job, request.round, self.site_id, v)
             exp.add(enc, seed, +1 if self.site_id < v else -1)
         st.u2, st.u2_size = u2s, total
+        # distributed DP: the sum must hold as many noise shares as this site's share was sized for; the site
+        # checks it at unmasking, not only the coordinator (a hostile one would unmask a short sum: tests/attacks)
+        st.min_shares = RoundInstructions.from_meta(request.require("instructions", dict)).dp_min_shares or 0
         st.u1, st.u1_commits = None, b""
         st.size = enc.shape[0]
         st.stage = "sent"
@@ -702,6 +707,9 @@ class SecAggSite(TimedHandlers):
         t = st.setup.threshold
         if n_surv < max(self.config.min_group, t):
             raise ConfigError(f"site {self.site_id} refuses to unmask a sum of {n_surv} sites; needs ≥ {max(self.config.min_group, t)}")
+        if n_surv < st.min_shares:
+            raise ConfigError(f"site {self.site_id} refuses to unmask a sum of {n_surv} sites: its differential-privacy noise share "
+                              f"was sized for a sum of at least {st.min_shares} (dp_min_shares), so this sum would carry less noise than its ledger charged")
         st.view = (s3, d)
         st.statement = _statement(msg.job, msg.round, st.seed, st.setup.digest, surv_bits, gone_bits)
         st.stage = "signed"
