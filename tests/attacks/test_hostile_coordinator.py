@@ -205,7 +205,7 @@ def test_a_failed_train_does_not_make_its_model_one_the_site_scores(heart):
     def ask(i, t):
         p = one_feature(t)
         with pytest.raises(ProtocolError, match="without key agreement"):
-            site.handle(train(plan, "j", 1, p))
+            site.handle(train(plan, "j", i + 1, p))  # a failed round is spent: each try takes a new round number
         return above(site.handle(evaluate(plan, "j", p)))
 
     s = Search().run(ask)
@@ -327,3 +327,37 @@ def test_a_sum_short_of_the_noise_shares_each_site_was_sized_for_is_not_unmasked
         if s != victim:  # it trained and masked its update; it refuses only to unmask the short sum
             assert sites[s].last_round == 2
             assert any("refuses to unmask a sum of 3 sites" in r and "sized for a sum of at least 4" in r for r in recs[s].refusals), recs[s].refusals
+
+
+def test_a_site_update_that_does_not_fit_the_announced_encoding_is_not_measured_by_the_error(heart):
+    """Attack on a secure-aggregation plan: announce a fixed-point bound of 1e-9 in the key agreement (the
+    coordinator chooses it), so that every site's masking fails after training.  Before: each error reply
+    named "a coordinate of magnitude 45.5" (the largest value of that site's weighted update, 4 digits), and
+    the same round could be tried again with another crafted model, one more value each time.  Now the
+    error names the bound only, and the round is spent."""
+    import re
+
+    from insitu.builder import build_federation
+    from insitu.federation.transport import InProcessTransport
+    from insitu.secure import SecAggConfig, SecAggProtocol
+
+    plan = JobSpec.from_dict({"name": "j", "dataset": "heart", "rounds": 3, "secure_aggregation": True, "lr": 0.1}).plan
+    coord, sites = build_federation(plan, heart.sites)
+    recs = {k: Recorder(v) for k, v in sites.items()}
+    sent: dict[str, Message] = {}
+
+    class Keep(InProcessTransport):
+        def exchange(self, requests, timeout):
+            sent.update({s: m for s, m in requests.items() if m.kind is MessageKind.TRAIN})
+            return super().exchange(requests, timeout)
+
+    rp = coord.round_plan(1)
+    rp = replace(rp, train_tensors={**rp.train_tensors, "params": np.full(rp.size, 3.0, np.float32)})
+    with pytest.raises(InsituError):
+        SecAggProtocol(SecAggConfig(bound=1e-9)).collect(rp, Keep(recs))
+    for name, rec in recs.items():
+        assert len(rec.refusals) == 1 and "above the fixed-point bound 1e-09" in rec.refusals[0], rec.refusals
+        assert not re.search(r"magnitude|\d\.\d", rec.refusals[0].replace("1e-09", "")), rec.refusals[0]  # no value of the update
+        again = replace(sent[name], tensors={**sent[name].tensors, "params": np.full(rp.size, 30.0, np.float32)})
+        with pytest.raises(ProtocolError, match="round 1 replayed"):
+            sites[name].handle(again)

@@ -145,7 +145,13 @@ class Site:
         if self.scaffold:
             update = np.concatenate([delta, self._scaffold_update(msg, delta, cfg)])
         weight = float(self.data.n_train) if self.weighting == "samples" else 1.0
-        meta, tensors = self.pipeline.run(msg, ins, update, weight, info)
+        try:
+            meta, tensors = self.pipeline.run(msg, ins, update, weight, info)
+        except Exception:
+            # trained, not sent: the round is spent, so no other model is tried on it (whether an update fits
+            # the encoding the coordinator announced is one bit about it: tests/attacks)
+            self.last_round = max(self.last_round, msg.round)
+            raise
         # only a TRAIN answered makes its model one this site may score again: a refused or failed TRAIN
         # (a guard, a missing key agreement) would otherwise vouch for any model at no cost (tests/attacks)
         self._received.add(_model_hash(params))
