@@ -18,6 +18,7 @@ Found by these attacks and mended (each test failed before its fix):
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 
@@ -361,3 +362,55 @@ def test_a_site_update_that_does_not_fit_the_announced_encoding_is_not_measured_
         again = replace(sent[name], tensors={**sent[name].tensors, "params": np.full(rp.size, 30.0, np.float32)})
         with pytest.raises(ProtocolError, match="round 1 replayed"):
             sites[name].handle(again)
+
+
+# -- held: what else a curious coordinator might read or ask ------------------------------------------
+def test_under_secure_aggregation_replies_of_sites_with_different_records_are_the_same_size(heart):
+    """Metadata: under secure aggregation a TRAIN reply's bytes and fields do not depend on the site's
+    records (its record count travels inside the masked vector): four hospitals of 199, 172, 30 and 85
+    training records send replies of one size, with the same declared fields and no metrics."""
+    from insitu.builder import build_federation
+    from insitu.federation.messages import encode
+    from insitu.federation.transport import InProcessTransport
+
+    plan = JobSpec.from_dict({"name": "j", "dataset": "heart", "rounds": 3, "secure_aggregation": True}).plan
+    coord, sites = build_federation(plan, heart.sites)
+    replies: dict[str, Message] = {}
+
+    class Keep(InProcessTransport):
+        def exchange(self, requests, timeout):
+            ex = super().exchange(requests, timeout)
+            replies.update({s: r for s, r in ex.replies.items() if r.kind is MessageKind.TRAIN_REPLY})
+            return ex
+
+    res = coord.protocol.collect(coord.round_plan(1), Keep(sites))
+    assert len(res.participants) == 4 and len({s.n_train for s in heart.sites}) == 4
+    assert len({len(encode(r)) for r in replies.values()}) == 1
+    assert {tuple(sorted(r.meta)) for r in replies.values()} == {("metrics", "secagg")}
+    assert all(r.meta["metrics"] == {} for r in replies.values())
+
+
+def test_a_deployed_site_does_not_fine_tune_for_a_coordinator(sb):
+    """Personalisation fine-tunes a copy on the site's records and answers its scores; a deployed node
+    refuses it (no approved plan covers it), whatever the job."""
+    node, plan = site_node(sb, RECORD_DP, "personalize", epsilon_budget=10.0)
+    node.handle(train(plan, "job", 1, np.zeros(D + 1, np.float32)))
+    with pytest.raises(ProtocolError, match="personalisation is not offered by deployed sites"):
+        node.handle(Message(MessageKind.PERSONALIZE, 2, "job", {"plan": plan.to_meta()}, {"params": np.zeros(D + 1, np.float32)}))
+
+
+def test_a_plan_whose_model_keeps_statistics_of_the_records_is_refused_before_approval(sb):
+    """A model with batchnorm keeps running statistics of the site's training batches outside the update:
+    evaluation answers would then depend on them, unmasked and un-noised, and the same model (same hash)
+    would answer differently after each TRAIN.  The task itself refuses such a model, so a site never
+    builds one, whatever the coordinator sends."""
+    node, plan = site_node(sb, {"secure_aggregation": True, "model_spec": {"layers": [{"type": "linear", "out_features": "outputs"}]}}, "bn")
+    meta = plan.to_meta()
+    from insitu.learn.spec import ModelSpec
+
+    bn = ModelSpec.parse(json.dumps({"layers": [{"type": "batchnorm"}, {"type": "linear", "out_features": "outputs"}]}))
+    meta["task"]["model_spec"] = bn.to_meta()  # in canonical form, as a real plan carries it
+    msg = Message(MessageKind.TRAIN, 1, "job", {"plan": meta, "instructions": RoundInstructions(group=4).to_meta()}, {"params": np.zeros(28, np.float32)})
+    with pytest.raises(ProtocolError, match=r"batchnorm.*running statistics"):
+        node.handle(msg)
+    assert not node._sites
