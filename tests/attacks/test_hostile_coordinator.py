@@ -326,17 +326,17 @@ def test_a_sum_short_of_the_noise_shares_each_site_was_sized_for_is_not_unmasked
             assert any("refuses to unmask a sum of 3 sites" in r and "sized for a sum of at least 4" in r for r in recs[s].refusals), recs[s].refusals
 
 
-def test_a_site_update_that_does_not_fit_the_announced_encoding_is_not_measured_by_the_error(heart):
+def test_a_fixed_point_bound_chosen_to_fail_is_refused_and_the_error_names_no_value_of_the_update(heart):
     """Attack on a secure-aggregation plan: announce a fixed-point bound of 1e-9 in the key agreement (the
     coordinator chooses it), so that every site's masking fails after training.  Before: each error reply
     named "a coordinate of magnitude 45.5" (the largest value of that site's weighted update, 4 digits), and
-    the same round could be tried again with another crafted model, one more value each time.  Now the
-    error names the bound only, and the round is spent."""
-    import re
-
+    the same round could be tried again with another crafted model, one more value each time.  Now a site
+    refuses a bound below the one its plan implies, before encoding (nothing about the update in it), and
+    the round is spent."""
     from insitu.builder import build_federation
     from insitu.federation.transport import InProcessTransport
     from insitu.secure import SecAggConfig, SecAggProtocol
+    from insitu.secure.secagg import UNBOUNDED
 
     plan = JobSpec.from_dict({"name": "j", "dataset": "heart", "rounds": 3, "secure_aggregation": True, "lr": 0.1}).plan
     coord, sites = build_federation(plan, heart.sites)
@@ -353,11 +353,27 @@ def test_a_site_update_that_does_not_fit_the_announced_encoding_is_not_measured_
     with pytest.raises(InsituError):
         SecAggProtocol(SecAggConfig(bound=1e-9)).collect(rp, Keep(recs))
     for name, rec in recs.items():
-        assert len(rec.refusals) == 1 and "above the fixed-point bound 1e-09" in rec.refusals[0], rec.refusals
-        assert not re.search(r"magnitude|\d\.\d", rec.refusals[0].replace("1e-09", "")), rec.refusals[0]  # no value of the update
+        assert len(rec.refusals) == 1 and f"announces a fixed-point bound of 1e-09, below the {UNBOUNDED:g} its plan implies" in rec.refusals[0]
         again = replace(sent[name], tensors={**sent[name].tensors, "params": np.full(rp.size, 30.0, np.float32)})
         with pytest.raises(ProtocolError, match="round 1 replayed"):
             sites[name].handle(again)
+    # the honest bound goes through (the harness)
+    assert len(coord.protocol.collect(coord.round_plan(2), InProcessTransport(sites)).participants) == 4
+
+
+@pytest.mark.parametrize("encoder", ["fixed-point", "paillier"])
+def test_an_update_beyond_the_encoding_bound_is_refused_without_its_size(encoder):
+    """Where an honest bound is exceeded all the same (an update larger than the plan foresaw), the refusal
+    names the bound, never the update's largest value (it leaves in the error reply, outside the mask)."""
+    import re
+
+    from insitu.secure.fixedpoint import FixedPoint
+    from insitu.secure.paillier import PackedLayout
+
+    enc = FixedPoint.fit(64, 10.0, 4).encode if encoder == "fixed-point" else PackedLayout(2048, 20, 10.0, 4).encode
+    with pytest.raises(ProtocolError, match="above the .* bound 10") as info:
+        enc(np.array([0.0, 45.5123]))
+    assert not re.search(r"45|magnitude", str(info.value)), str(info.value)
 
 
 # -- held: what else a curious coordinator might read or ask ------------------------------------------

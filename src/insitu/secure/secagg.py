@@ -522,6 +522,9 @@ class SecAggSite(TimedHandlers):
         self._signing_point = _point(self._signing.public_key())
         self._rounds: dict[str, tuple[int, _SiteRound]] = {}  # job → (round, state)
         self.seconds = 0.0  # time spent in this protocol (for benchmarks)
+        #: the smallest fixed-point bound a round may announce (set by insitu.builder from the plan): a bound the
+        #: coordinator picks to make the encoding fail would tell it whether this site's update fits (tests/attacks)
+        self.min_bound: float | None = None
 
     def handlers(self) -> Mapping[MessageKind, Callable[[Message], Message]]:
         return {
@@ -672,6 +675,9 @@ class SecAggSite(TimedHandlers):
             plain = open_sealed(st.share_keys[v], blob, _share_aad(request.job, request.round, v, self.site_id), f"share from {v} to {self.site_id}")
             st.held[v] = (shamir.from_bytes(plain[: shamir.SHARE_BYTES]), shamir.from_bytes(plain[shamir.SHARE_BYTES :]))
         fp = st.setup.fp
+        if self.min_bound is not None and fp.bound < self.min_bound:
+            raise ProtocolError(f"site {self.site_id}: round {request.round} announces a fixed-point bound of {fp.bound:g}, below the "
+                                f"{self.min_bound:g} its plan implies; refused before encoding")
         enc = fp.encode(weighted, what=f"update of site {self.site_id}", tail=(float(weight),))
         exp = MaskExpander.reused(enc.shape[0], enc.dtype)
         exp.add(enc, st.b_seed, +1)
