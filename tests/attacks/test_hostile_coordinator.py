@@ -426,3 +426,34 @@ def test_a_plan_whose_model_keeps_statistics_of_the_records_is_refused_before_ap
     with pytest.raises(ProtocolError, match=r"batchnorm.*running statistics"):
         node.handle(msg)
     assert not node._sites
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="known, not fixed: homomorphic aggregation trusts the coordinator to ask for sums only "
+                   "(insitu.secure.he's stated trust model); a site cannot tell a sum from one site's ciphertext")
+def test_a_homomorphic_site_does_not_decrypt_another_sites_ciphertext(heart):
+    """Attack on ``homomorphic = "paillier"``: after an honest round, send one site's ciphertext (Switzerland's)
+    to a site that has not decrypted yet this round, as a "sum" of the round's 4 sites.  It decrypts it:
+    less the 3 packing offsets the coordinator knows, Switzerland's own weighted update, its weight (30
+    records) included.  Every site holds the private key, so each round yields one site's update per site
+    that has not yet decrypted.  Secure aggregation has no such oracle (use it against a hostile coordinator)."""
+    from insitu.builder import build_federation
+    from insitu.federation.transport import InProcessTransport
+
+    plan = JobSpec.from_dict({"name": "j", "dataset": "heart", "rounds": 3, "homomorphic": "paillier"}).plan
+    coord, sites = build_federation(plan, heart.sites)
+    replies: dict[str, Message] = {}
+    decrypt: dict[str, Message] = {}
+
+    class Keep(InProcessTransport):
+        def exchange(self, requests, timeout):
+            ex = super().exchange(requests, timeout)
+            decrypt.update({s: m for s, m in requests.items() if m.kind is MessageKind.HE_DECRYPT})
+            replies.update({s: r for s, r in ex.replies.items() if r.kind is MessageKind.TRAIN_REPLY})
+            return ex
+
+    honest = coord.protocol.collect(coord.round_plan(1), Keep(sites))
+    assert honest.weight == sum(s.n_train for s in heart.sites)
+    meta = next(iter(decrypt.values())).meta
+    asked = next(s for s in sites if s not in decrypt and s != "switzerland")
+    with pytest.raises(InsituError):
+        sites[asked].handle(Message(MessageKind.HE_DECRYPT, 1, coord.job, meta, replies["switzerland"].tensors))
