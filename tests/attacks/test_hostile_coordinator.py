@@ -152,6 +152,8 @@ def test_with_a_trained_job_each_job_costs_a_charged_round_and_gives_at_most_thr
     assert s.refusal is not None and "BudgetExceeded" not in s.refusal and "budget" in s.refusal
     assert 0 < s.answered <= 3 * len(rounds) and node.ledger.spent(SITE) <= 2.0
     assert {r.job for r in rounds} == {f"probe-{i}" for i in range(len(rounds))}  # one charged round per job opened
+    print(f"residual oracle: {s.answered} answers for {len(rounds)} charged rounds (eps {node.ledger.spent(SITE):.2f} of 2); "
+          f"oldest age within [{s.low:.7f}, {s.high:.7f}] (width {s.width:.2g}), true {oldest(heart.sites[0]):.7f}")
 
 
 def test_a_new_job_name_does_not_reset_the_privacy_ledger(sb):
