@@ -77,6 +77,10 @@ def site_protection(plan: Plan, site_id: str, *, attestation: Any = None, min_gr
         return PlainSiteProtection(UpdateCodec(spec))
     inner = inner or protection_half(plan.protection.kind, site_id, attestation=attestation, min_group=min_group,
                                      recovery=plan.protection.recovery.value)
+    if plan.protection.kind is Protection.SECAGG:  # the bound its coordinator half declares (build_protocol), at least
+        from insitu.secure.secagg import UNBOUNDED
+
+        inner.min_bound = secagg_bound(plan) or UNBOUNDED  # type: ignore[attr-defined]
     if spec.is_identity:
         return inner
     from insitu.compress.secure import SharedSubsetProtocol

@@ -246,27 +246,43 @@ class DownlinkReceiver:
     vouched: set[str] = field(default_factory=set, init=False)  # full SHA-256 hashes of models a reception vouched for
     _vouchers: list[_Voucher] = field(default_factory=list, init=False, repr=False)
     _candidates: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)  # scored before a reception vouched
+    _pending: tuple[np.ndarray, _Voucher | None] | None = field(default=None, init=False, repr=False)  # received, not yet answered
 
     @property
     def request_keys(self) -> frozenset[str]:
         return frozenset({DOWNLINK_KEY}) if self.mode is not DownlinkMode.DENSE else frozenset()
 
     def receive(self, msg: Message, size: int) -> np.ndarray:
-        """The model ``msg`` (a TRAIN) carries, checked; it becomes the version this site holds."""
+        """The model ``msg`` (a TRAIN) carries, checked.  Nothing changes until :meth:`accept`: the site
+        calls it once it has answered the TRAIN, and only then holds the model and may vouch with it (a
+        refused TRAIN would otherwise buy a free evaluation of any model: tests/attacks)."""
         raw = msg.meta.get(DOWNLINK_KEY)
+        self._pending = None
         if raw is None:
             params = _f32(msg.tensor("params", shape=(size,), dtype="float32")).copy()
             if not np.all(np.isfinite(params)):
                 raise ProtocolError("global parameters hold NaN or infinite values")
-            self._hold(params)
+            self._pending = (params, None)
             return params.copy()
         base, _ = _parse_meta(raw)
         if "params" in msg.tensors:
             raise ProtocolError("a TRAIN request carries both the dense model and a downlink delta")
         self._check_base(base)
         recon = apply_delta(self.mode, self.held, raw, msg.tensors)  # type: ignore[arg-type]  (held_version matched)
+        v = None
         if raw["encoding"] == Encoding.DELTA_I8.value:  # lossy: the site holds an approximation of the model
             v = _Voucher(self.held, np.array(msg.tensors["q"]), np.array(msg.tensors["scale"]))
+        self._pending = (recon, v)
+        return recon.copy()
+
+    def accept(self) -> None:
+        """The TRAIN last received was answered: its model becomes the version this site holds, and an int8
+        reception vouches for the exact global model it approximated (one scored before, or one asked later)."""
+        if self._pending is None:
+            return
+        recon, v = self._pending
+        self._pending = None
+        if v is not None:
             matched = next((h for h, p in self._candidates.items() if _matches(v, p)), None)
             if matched is not None:  # the model it scored before this round is the one this delta approximates
                 self.vouched.add(matched)
@@ -274,7 +290,6 @@ class DownlinkReceiver:
             else:
                 self._vouchers = (self._vouchers + [v])[-MAX_VOUCHERS:]
         self._hold(recon)
-        return recon.copy()
 
     def rebuild(self, msg: Message, size: int) -> np.ndarray:
         """The model an EVALUATE request ``msg`` asks to score, exactly: dense, or a lossless delta against the

@@ -85,6 +85,7 @@ class Site:
         self._plan_jobs: set[str] = set()  # jobs in which a request carried this site's whole plan (then its hash may)
         self._received: set[str] = set()  # hashes of the global models this site was sent for training
         self._unverified: list[str] = []  # models scored before (or without) being sent for training
+        self._threshold_answered = False  # the Score 1 threshold (one validation record's risk) is answered once
 
     # -- dispatch ---------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
@@ -134,7 +135,6 @@ class Site:
         params = received if received is not None else msg.tensor("params", shape=(self.size,), dtype="float32")
         if not np.all(np.isfinite(params)):
             raise ProtocolError("global parameters hold NaN or infinite values")
-        self._received.add(_model_hash(params))
         set_flat(self.model, params)
         cfg = self.train_config
         if ins.lr_scale != 1.0:
@@ -145,7 +145,18 @@ class Site:
         if self.scaffold:
             update = np.concatenate([delta, self._scaffold_update(msg, delta, cfg)])
         weight = float(self.data.n_train) if self.weighting == "samples" else 1.0
-        meta, tensors = self.pipeline.run(msg, ins, update, weight, info)
+        try:
+            meta, tensors = self.pipeline.run(msg, ins, update, weight, info)
+        except Exception:
+            # trained, not sent: the round is spent, so no other model is tried on it (whether an update fits
+            # the encoding the coordinator announced is one bit about it: tests/attacks)
+            self.last_round = max(self.last_round, msg.round)
+            raise
+        # only a TRAIN answered makes its model one this site may score again: a refused or failed TRAIN
+        # (a guard, a missing key agreement) would otherwise vouch for any model at no cost (tests/attacks)
+        self._received.add(_model_hash(params))
+        if self.downlink is not None:
+            self.downlink.accept()
         self.last_round = msg.round
         if self.egress is not None:
             meta["metrics"] = self.egress.allowed_metrics(info)
@@ -156,6 +167,8 @@ class Site:
     def _evaluate(self, msg: Message) -> Message:
         self._check_plan(msg, self._eval_keys)
         ins = EvalInstructions.from_meta(msg.require("instructions", dict))
+        if ins.threshold and self._threshold_answered:  # one record's exact risk score: once per job (tests/attacks)
+            raise ProtocolError(f"site {self.site_id} already answered its Score 1 threshold for job {msg.job!r}; it answers it once per job")
         # a lossless delta against the model this site holds rebuilds exactly the model asked about
         params = self.downlink.rebuild(msg, self.size) if self.downlink is not None else msg.tensor("params", shape=(self.size,), dtype="float32")
         if not np.all(np.isfinite(params)):
@@ -177,6 +190,7 @@ class Site:
             from insitu.learn.clinical import risk_scores, site_threshold
 
             res["threshold"] = site_threshold(y.numpy().astype(int), risk_scores(self.model, X))
+            self._threshold_answered = True
         return Message(MessageKind.EVALUATE_REPLY, msg.round, msg.job, res)
 
     def _verify_for_evaluation(self, h: str, msg: Message, params: np.ndarray) -> None:

@@ -89,8 +89,8 @@ class FixedPoint:
         peak = max(-lo, hi)
         if peak > self.bound:
             raise ProtocolError(
-                f"{what} has a coordinate of magnitude {peak:.4g} above the fixed-point bound {self.bound:g}; "
-                "clip updates (client-level DP clipping) or raise the bound"
+                f"{what} has a coordinate above the fixed-point bound {self.bound:g} (its size is not named: a site's "
+                "update is what the protection hides); clip updates (client-level DP clipping) or raise the bound"
             )
         x = v * 2.0**self.frac_bits
         np.rint(x, out=x)

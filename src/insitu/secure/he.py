@@ -187,7 +187,7 @@ class _CKKSBackend:
             raise ProtocolError(f"{what} holds NaN or infinite values")
         bound = float(meta.get("bound", 2.0**16))
         if v.size and float(np.max(np.abs(v))) > bound:
-            raise ProtocolError(f"{what} has a coordinate of magnitude {float(np.max(np.abs(v))):.4g} above the bound {bound:g}")
+            raise ProtocolError(f"{what} has a coordinate above the bound {bound:g} (its size is not named: it is what the protection hides)")
         data, lengths = _ckks.encrypt(secret, v, self._chunk(meta))
         return {"ct": data, "ct_len": lengths}
 

@@ -76,7 +76,8 @@ class PackedLayout:
             raise ProtocolError(f"{what} holds NaN or infinite values")
         peak = float(np.max(np.abs(v))) if v.size else 0.0
         if peak > self.bound:
-            raise ProtocolError(f"{what} has a coordinate of magnitude {peak:.4g} above the packing bound {self.bound:g}; clip updates or raise the bound")
+            raise ProtocolError(f"{what} has a coordinate above the packing bound {self.bound:g} (its size is not named: a site's update "
+                                "is what the protection hides); clip updates or raise the bound")
         m, sb = self.slots, self.slot_bytes
         ints = np.rint(v * 2.0**self.frac_bits).astype(np.int64) + self.offset
         ints = np.concatenate([ints, np.full((-len(ints)) % m, self.offset, dtype=np.int64)]).astype(">u8")

@@ -83,6 +83,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from insitu.errors import ConfigError, ProtocolError, RoundAborted, SecurityError
+from insitu.federation.instructions import RoundInstructions
 from insitu.federation.messages import Message, MessageKind
 from insitu.federation.protocol import AggregateResult, PhaseRunner, RoundPlan, TimedHandlers
 from insitu.federation.transport import Transport, reply_metrics
@@ -476,6 +477,7 @@ class _SiteRound:
     statement: bytes = b""
     size: int = 0
     stage: str = "advertised"
+    min_shares: int = 0  # distributed DP: the noise shares this site's share was sized for (the round's dp_min_shares)
 
 
 class SecAggSite(TimedHandlers):
@@ -520,6 +522,9 @@ class SecAggSite(TimedHandlers):
         self._signing_point = _point(self._signing.public_key())
         self._rounds: dict[str, tuple[int, _SiteRound]] = {}  # job → (round, state)
         self.seconds = 0.0  # time spent in this protocol (for benchmarks)
+        #: the smallest fixed-point bound a round may announce (set by insitu.builder from the plan): a bound the
+        #: coordinator picks to make the encoding fail would tell it whether this site's update fits (tests/attacks)
+        self.min_bound: float | None = None
 
     def handlers(self) -> Mapping[MessageKind, Callable[[Message], Message]]:
         return {
@@ -670,6 +675,9 @@ class SecAggSite(TimedHandlers):
             plain = open_sealed(st.share_keys[v], blob, _share_aad(request.job, request.round, v, self.site_id), f"share from {v} to {self.site_id}")
             st.held[v] = (shamir.from_bytes(plain[: shamir.SHARE_BYTES]), shamir.from_bytes(plain[shamir.SHARE_BYTES :]))
         fp = st.setup.fp
+        if self.min_bound is not None and fp.bound < self.min_bound:
+            raise ProtocolError(f"site {self.site_id}: round {request.round} announces a fixed-point bound of {fp.bound:g}, below the "
+                                f"{self.min_bound:g} its plan implies; refused before encoding")
         enc = fp.encode(weighted, what=f"update of site {self.site_id}", tail=(float(weight),))
         exp = MaskExpander.reused(enc.shape[0], enc.dtype)
         exp.add(enc, st.b_seed, +1)
@@ -678,6 +686,9 @@ class SecAggSite(TimedHandlers):
             seed = st.mask_seeds[v] = _mask_seed(agree(s_key, st.keys[v][1]), request.job, request.round, self.site_id, v)
             exp.add(enc, seed, +1 if self.site_id < v else -1)
         st.u2, st.u2_size = u2s, total
+        # distributed DP: the sum must hold as many noise shares as this site's share was sized for; the site
+        # checks it at unmasking, not only the coordinator (a hostile one would unmask a short sum: tests/attacks)
+        st.min_shares = RoundInstructions.from_meta(request.require("instructions", dict)).dp_min_shares or 0
         st.u1, st.u1_commits = None, b""
         st.size = enc.shape[0]
         st.stage = "sent"
@@ -702,6 +713,9 @@ class SecAggSite(TimedHandlers):
         t = st.setup.threshold
         if n_surv < max(self.config.min_group, t):
             raise ConfigError(f"site {self.site_id} refuses to unmask a sum of {n_surv} sites; needs ≥ {max(self.config.min_group, t)}")
+        if n_surv < st.min_shares:
+            raise ConfigError(f"site {self.site_id} refuses to unmask a sum of {n_surv} sites: its differential-privacy noise share "
+                              f"was sized for a sum of at least {st.min_shares} (dp_min_shares), so this sum would carry less noise than its ledger charged")
         st.view = (s3, d)
         st.statement = _statement(msg.job, msg.round, st.seed, st.setup.digest, surv_bits, gone_bits)
         st.stage = "signed"

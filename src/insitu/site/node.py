@@ -48,6 +48,8 @@ from insitu.site.policy import Approvals, DataSource, SitePolicy, check_group, c
 
 log = logging.getLogger("insitu.site")
 MAX_JOBS = 8  # Site objects kept (one per recent job)
+#: evaluations a node answers in jobs it has not trained in: this many for each job it trained in, and to start
+UNTRAINED_EVALUATIONS = 2
 
 
 def protocol_of(msg: Message) -> Protection | None:
@@ -172,6 +174,8 @@ class SiteNode:
             log.warning("site %s: insecure_fixed_secret is set: sampling and DP noise are replayable by whoever reads "
                         "site.toml; use it for tests only", site_id)
         self._early: dict[str, Any] = {}  # job → protocol site half created by a phase before TRAIN
+        self._trained_jobs: set[str] = set()  # jobs in which this node answered a TRAIN
+        self._untrained_answers = 0  # evaluations answered by a job's Site that had trained nothing
         self._lock = threading.Lock()
         self._attestation: Any = None
 
@@ -236,12 +240,18 @@ class SiteNode:
             raise ProtocolError("this site does not fine-tune models for a coordinator: personalisation is not offered by deployed sites")
         try:
             site = self._site_for(msg)
+            untrained = site.last_round < 0
             if msg.kind is MessageKind.EVALUATE:
                 self.check_task(self._plans[msg.job])  # scoring a model on local test data is also an approved use only
             reply = site.handle(msg)
         except PolicyViolation as exc:
             self._refused(msg, exc)
             raise
+        with self._lock:
+            if msg.kind is MessageKind.TRAIN:
+                self._trained_jobs.add(msg.job)
+            elif msg.kind is MessageKind.EVALUATE and untrained:
+                self._untrained_answers += 1
         if msg.kind is MessageKind.TRAIN:  # the site's own log of the rounds it trained (insitu.site.journal)
             from insitu.site.journal import record_round
 
@@ -284,12 +294,39 @@ class SiteNode:
                 except ConfigError as exc:
                     raise ProtocolError(f"{msg.kind.value} for job {msg.job!r}: {exc}") from None
                 if site is None or site.plan_hash != plan.content_hash():
+                    if msg.kind is MessageKind.EVALUATE:  # a new job name is no fresh evaluation allowance
+                        self._untrained_allowance(msg, plan)
                     self._plans[msg.job] = plan
                     site = self._build(msg.job, plan)
             if site is None:
                 raise ProtocolError(f"{msg.kind.value} for job {msg.job!r} before any train or evaluate request")
+            if msg.kind is MessageKind.EVALUATE and site.last_round < 0:
+                self._untrained_allowance(msg, None)
             self._sites.move_to_end(msg.job)
             return site
+
+    def _untrained_allowance(self, msg: Message, plan: Plan | None) -> None:
+        """Refuses an EVALUATE in a job whose Site has answered no TRAIN once the node's allowance for such
+        answers is spent: :data:`UNTRAINED_EVALUATIONS` for each job it trained in, and as many to start.
+
+        A Site scores at most two models it was never sent for training, per job; a coordinator free to
+        name new jobs (or to push a job out of the node's memory and reopen it) got two more with each
+        name, at no cost.  The allowance is the node's, earned by training (a round charged to the ledger
+        under DP, a completed masked round under secure aggregation), so no job name mints answers; an
+        honest site that missed a job's first rounds still scores its models.  Checked before anything is built."""
+        if plan is not None:
+            try:
+                self.check_task(plan)  # an unapproved plan is refused as such, and kept for review
+            except PolicyViolation as exc:
+                self._refused_plan(msg.job, plan, exc)
+                raise
+        allowed = UNTRAINED_EVALUATIONS * (1 + len(self._trained_jobs))
+        if self._untrained_answers >= allowed:
+            raise ProtocolError(
+                f"site {self.site_id} refuses to evaluate for job {msg.job!r}: it has answered no train request of that job (with this "
+                f"plan, since it started), and it already scored {self._untrained_answers} model(s) in jobs it had not trained in "
+                f"(allowance {allowed}: {UNTRAINED_EVALUATIONS} for each of the {len(self._trained_jobs)} job(s) it trained in, and "
+                f"{UNTRAINED_EVALUATIONS} to start); a deployed site scores models of the jobs it trains in")
 
     def _build(self, job: str, plan: Plan) -> Site:
         try:
