@@ -311,12 +311,20 @@ def test_complement_choices_never_read_the_test_split(data):
     def run(d):
         s = simulate(data=d, model="mlp", rounds=2, local_steps=5, optimizer="adam", lr=0.01, personalize=30, personalize_mode="complement",
                      baselines=False, write=False, site_secrets={x.name: bytes([i + 7]) * 32 for i, x in enumerate(d.sites)})
-        return s["final"]["personalized"]["sites"]
+        return s
 
     g = torch.Generator().manual_seed(0)
     shuffled = FederatedData(data.name, tuple(SiteData(s.name, s.X_train, s.y_train, s.X_test, s.y_test[torch.randperm(len(s.y_test), generator=g)],
                                                        s.X_val, s.y_val) for s in data.sites), data.input_shape, 2, data.schema)
-    a, b = run(data), run(shuffled)
+    first = run(data)
+    a, b = first["final"]["personalized"]["sites"], run(shuffled)["final"]["personalized"]["sites"]
     for name in a:
         assert (a[name]["best_step"], a[name]["val_best"], a[name]["val_start"]) == (b[name]["best_step"], b[name]["val_best"], b[name]["val_start"])
     assert any(a[n]["auroc"] != b[n]["auroc"] for n in a)
+    from rich.console import Console
+
+    from insitu.report.tables import summary_table
+
+    con = Console(record=True, width=250)
+    con.print(summary_table(first))
+    assert "federated + own model stopped for the mix" in con.export_text()
