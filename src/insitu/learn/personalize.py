@@ -25,8 +25,9 @@ checkpoint choice that fine-tuning shows on the PhysioNet cardiac-surgery unit.
 checkpoint of its own model with which the *mixture* scores best on its own validation split,
 instead of the one that scores best alone.  The own model is early-stopped for the job it does (to
 complement the global model), and the validation split chooses exactly one thing, as it does for
-``ensemble``: a checkpoint, never a weight.  Step 0 (the fresh initialisation) is a candidate, so a
-site whose records add nothing on validation keeps a mixture close to the global model.
+``ensemble``: a checkpoint, never a weight.  Step 0 (the fresh initialisation) is a candidate too;
+an untrained model's risk is not constant, so keeping it re-ranks records at random (on PhysioNet it
+was kept once in twenty site-seeds and cost that unit 0.02 AUROC: docs/guide/ehr.md).
 """
 from __future__ import annotations
 
