@@ -27,7 +27,7 @@ instead of the one that scores best alone.  The own model is early-stopped for t
 complement the global model), and the validation split chooses exactly one thing, as it does for
 ``ensemble``: a checkpoint, never a weight.  Step 0 (the fresh initialisation) is a candidate too;
 an untrained model's risk is not constant, so keeping it re-ranks records at random (on PhysioNet it
-was kept once in twenty site-seeds and cost that unit 0.02 AUROC: docs/guide/ehr.md).
+was kept at 2 of 20 site-seeds and cost them 0.01-0.02 AUROC against the global model: docs/guide/ehr.md).
 """
 from __future__ import annotations
 
