@@ -8,8 +8,8 @@ the published figures and the SAPS-I severity score.
     .venv/bin/python bench/ehr.py --seeds 0,1,2 --no-dp --strategies fedavg --personalize 300   # + local fine-tuning
     .venv/bin/python bench/ehr.py --no-dp --strategies fedavg --personalize 600 --personalize-lr 0.001 \
         --personalize-mode ensemble   # + each site's own model, mixed with the global one (mean risk)
-    .venv/bin/python bench/ehr.py --no-dp --strategies fedavg,fedavg/personalize=600/personalize_lr=0.001/personalize_mode=complement \
-        --personalize 600 --personalize-lr 0.001 --personalize-mode ensemble   # both mixtures beside plain FedAvg in one run
+    .venv/bin/python bench/ehr.py --no-dp --strategies fedavg --personalize 600 --personalize-lr 0.001 \
+        --personalize-mode complement   # the same mixture, the own model stopped on the mixture's validation AUROC
 
 Train on sets A and B (each ICU type is one site), test on set C; every threshold and every
 early-stopping point is chosen on the validation splits carved from A and B, never on C.
