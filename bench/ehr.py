@@ -8,6 +8,8 @@ the published figures and the SAPS-I severity score.
     .venv/bin/python bench/ehr.py --seeds 0,1,2 --no-dp --strategies fedavg --personalize 300   # + local fine-tuning
     .venv/bin/python bench/ehr.py --no-dp --strategies fedavg --personalize 600 --personalize-lr 0.001 \
         --personalize-mode ensemble   # + each site's own model, mixed with the global one (mean risk)
+    .venv/bin/python bench/ehr.py --no-dp --strategies fedavg --personalize 600 --personalize-lr 0.001 \
+        --personalize-mode complement   # the same mixture, the own model stopped on the mixture's validation AUROC
 
 Train on sets A and B (each ICU type is one site), test on set C; every threshold and every
 early-stopping point is chosen on the validation splits carved from A and B, never on C.
@@ -24,6 +26,8 @@ early-stopping point is chosen on the validation splits carved from A and B, nev
   from scratch (early-stopped on its own validation split, the local-only recipe with
   ``--personalize-lr 0.001``) and predicts with the mean risk of it and the global model
   (insitu.learn.personalize.own_model_mixture).
+* federated + own model stopped for the mix (``--personalize-mode complement``): the same mixture, the
+  own model's checkpoint chosen by the mixture's AUROC on the site's validation split.
 * DP: the same, with record-level DP-SGD at ε = 1 (δ = 1e-5) for every site.
 * SAPS-I: the severity score in Outcomes-c.txt used as a risk score (no training); its Score 1
   threshold is chosen on sets A and B.
@@ -180,7 +184,7 @@ def _ms(vals: list[float]) -> str:
 
 def _personal(section: dict[str, Any]) -> str:
     """How a strategy's personal models were made (summary.json final.personalized.mode)."""
-    return "own model (mean risk)" if section.get("mode") == "ensemble" else "local fine-tuning"
+    return {"ensemble": "own model (mean risk)", "complement": "own model stopped for the mix"}.get(section.get("mode"), "local fine-tuning")
 
 
 def report(results: list[dict[str, Any]], saps: dict[str, Any], strategies: tuple[str, ...]) -> None:
@@ -259,8 +263,9 @@ def main() -> int:
                          "for up to STEPS steps, checkpoint on its own validation split (a variant's personalize= wins)")
     ap.add_argument("--personalize-lr", type=float, default=None, metavar="LR",
                     help="with --personalize: the learning rate of the sites' personal training (default: the task's)")
-    ap.add_argument("--personalize-mode", choices=("finetune", "ensemble"), default="finetune",
-                    help="with --personalize: fine-tune the final model, or mix it with a model each site trains alone (mean risk)")
+    ap.add_argument("--personalize-mode", choices=("finetune", "ensemble", "complement"), default="finetune",
+                    help="with --personalize: fine-tune the final model, or mix it with a model each site trains alone (mean risk; "
+                         "complement: that model's checkpoint chosen by the mixture's validation AUROC)")
     ap.add_argument("--no-dp", action="store_true", help="skip the ε = 1 run")
     ap.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes (one torch thread each)")
     ap.add_argument("--pooled-steps", type=int, default=1500, help="most Adam steps for pooled (early-stopped on validation)")

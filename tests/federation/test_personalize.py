@@ -207,10 +207,11 @@ def test_mean_risk_is_the_mean_of_the_two_models_probabilities():
         assert torch.allclose(torch.softmax(MeanRisk(a3, b3, 3)(X), -1), want3, atol=1e-6)
 
 
-def test_ensemble_mode_mixes_the_global_model_with_one_the_site_trains_alone_and_sends_neither(data, monkeypatch):
-    """--personalize-mode ensemble: the site's own model starts from scratch (not from the global model),
-    is early-stopped on its validation split, and the reply scores the mean risk of it and the global
-    model; the own model's parameters are in no message."""
+@pytest.mark.parametrize("mode", ["ensemble", "complement"])
+def test_ensemble_mode_mixes_the_global_model_with_one_the_site_trains_alone_and_sends_neither(data, monkeypatch, mode):
+    """--personalize-mode ensemble / complement: the site's own model starts from scratch (not from the
+    global model), is early-stopped on its validation split, and the reply scores the mean risk of it and
+    the global model; the own model's parameters are in no message."""
     import insitu.learn.personalize as P
     from insitu.learn.clinical import risk_scores
     from insitu.learn.metrics import auroc
@@ -230,9 +231,9 @@ def test_ensemble_mode_mixes_the_global_model_with_one_the_site_trains_alone_and
     monkeypatch.setattr(P, "own_model_mixture", spy)
     secrets = {s.name: bytes([i + 1]) * 32 for i, s in enumerate(data.sites)}
     summary = simulate(data=data, model="mlp", rounds=3, local_steps=5, optimizer="adam", lr=0.01, personalize=40,
-                       personalize_mode="ensemble", baselines=False, write=False, site_secrets=secrets)
+                       personalize_mode=mode, baselines=False, write=False, site_secrets=secrets)
     per = summary["final"]["personalized"]
-    assert per["mode"] == "ensemble" and len(made) == 3 and set(per["sites"]) == {"h0", "h1", "h2"}
+    assert per["mode"] == mode and len(made) == 3 and set(per["sites"]) == {"h0", "h1", "h2"}
     for (glob, start, mixture), s in zip(made, data.sites):
         assert not np.allclose(start, glob)  # a fresh initialisation, not the global model
         own = get_flat(mixture.second)
@@ -261,3 +262,69 @@ def test_a_site_refuses_an_unknown_personalize_mode(data):
     with pytest.raises(ProtocolError, match="personalize request mode: unknown value 'blend'"):
         sites["h0"].handle(Message(MessageKind.PERSONALIZE, 2, coord.job, {"plan": coord.round_plan(2).plan, "steps": 5, "mode": "blend"},
                                    {"params": coord.params}))
+
+
+def _checkpoints(data, stop_on_mixture: bool):
+    """One site's own-model training, run twice from the same generator: once by own_model_mixture, once by
+    fine_tune with a scorer that records every checkpoint and scores it independently (numpy means of the
+    two models' risks; never the test split)."""
+    from insitu.learn.clinical import risk_scores
+    from insitu.learn.metrics import auroc
+    from insitu.learn.personalize import own_model_mixture
+
+    s = data.sites[2]
+    glob = build_model("mlp", (6,), 1, seed=11)
+    cfg = TrainConfig(lr=0.05, steps=1, batch_size=16, optimizer="adam")
+    yv, gv = s.y_val.numpy().astype(int), risk_scores(glob, s.X_val)
+    mixture, ft = own_model_mixture(glob, build_model("mlp", (6,), 1, seed=12), s.X_train, s.y_train, s.X_val, s.y_val, cfg,
+                                    torch.Generator().manual_seed(5), num_outputs=1, steps=60, every=5, stop_on_mixture=stop_on_mixture)
+    seen: list[tuple[float, float, np.ndarray]] = []  # (mixture AUROC, own AUROC, parameters) at each check
+
+    def record(m):
+        own = risk_scores(m, s.X_val)
+        seen.append((auroc(yv, (gv + own) / 2), auroc(yv, own), get_flat(m).copy()))
+        return "auroc", seen[-1][0 if stop_on_mixture else 1]
+
+    fine_tune(build_model("mlp", (6,), 1, seed=12), s.X_train, s.y_train, s.X_val, s.y_val, cfg, torch.Generator().manual_seed(5),
+              num_outputs=1, steps=60, every=5, score=record)
+    return mixture, ft, seen
+
+
+def test_complement_keeps_the_own_checkpoint_whose_mixture_scores_best_on_validation(data):
+    """--personalize-mode complement chooses the own model's checkpoint by the MIXTURE's validation AUROC
+    (ensemble: by the own model's alone); on this site the two rules keep different checkpoints."""
+    kept = {}
+    for stop_on_mixture in (True, False):
+        mixture, ft, seen = _checkpoints(data, stop_on_mixture)
+        assert len(seen) == 13  # step 0 and every 5 steps up to 60
+        by = 0 if stop_on_mixture else 1
+        best = max(range(len(seen)), key=lambda i: (seen[i][by], -i))  # the first checkpoint with the best score
+        assert np.array_equal(get_flat(mixture.second), seen[best][2]) and ft.best_step == 5 * best
+        assert ft.val_best == pytest.approx(seen[best][0])  # the reply's val_best is the kept mixture's validation AUROC
+        kept[stop_on_mixture] = ft.best_step
+    assert kept[True] != kept[False]
+
+
+def test_complement_choices_never_read_the_test_split(data):
+    """Same secrets, same training and validation records, the test labels shuffled: every site keeps the
+    same checkpoint with the same validation score; only the test figures move."""
+    def run(d):
+        s = simulate(data=d, model="mlp", rounds=2, local_steps=5, optimizer="adam", lr=0.01, personalize=30, personalize_mode="complement",
+                     baselines=False, write=False, site_secrets={x.name: bytes([i + 7]) * 32 for i, x in enumerate(d.sites)})
+        return s
+
+    g = torch.Generator().manual_seed(0)
+    shuffled = FederatedData(data.name, tuple(SiteData(s.name, s.X_train, s.y_train, s.X_test, s.y_test[torch.randperm(len(s.y_test), generator=g)],
+                                                       s.X_val, s.y_val) for s in data.sites), data.input_shape, 2, data.schema)
+    first = run(data)
+    a, b = first["final"]["personalized"]["sites"], run(shuffled)["final"]["personalized"]["sites"]
+    for name in a:
+        assert (a[name]["best_step"], a[name]["val_best"], a[name]["val_start"]) == (b[name]["best_step"], b[name]["val_best"], b[name]["val_start"])
+    assert any(a[n]["auroc"] != b[n]["auroc"] for n in a)
+    from rich.console import Console
+
+    from insitu.report.tables import summary_table
+
+    con = Console(record=True, width=250)
+    con.print(summary_table(first))
+    assert "federated + own model stopped for the mix" in con.export_text()

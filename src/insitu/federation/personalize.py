@@ -6,7 +6,8 @@ model and the number of steps.  The site (:func:`site_personalize`, called from
 plan, and a model of this job, never arbitrary parameters (the evaluation oracle) — fine-tunes a
 copy of it on its own training split with :func:`insitu.learn.personalize.fine_tune`, choosing the
 checkpoint on its own validation split (or, the request's ``mode = "ensemble"``, trains a model of
-its own and mixes it with the global model: :func:`insitu.learn.personalize.own_model_mixture`), and answers only the personalised model's metrics on its
+its own and mixes it with the global model: :func:`insitu.learn.personalize.own_model_mixture`; ``"complement"``:
+the same, the own model's checkpoint chosen by the mixture's validation score), and answers only the personalised model's metrics on its
 own test split: the fields of :data:`insitu.federation.egress.PERSONALIZE_REPLY`.  The
 personalised parameters are never put in any message; the model is each hospital's own (a
 deployment keeps it at the site; the simulation drops it after scoring).
@@ -72,10 +73,11 @@ def site_personalize(site: "Site", msg: Message) -> Message:
         raise ProtocolError(f"site {site.site_id} has no validation split to choose its fine-tuning checkpoint on")
     cfg = dataclasses.replace(site.train_config, prox_mu=0.0, lr=float(lr))
     every = max(1, min(site.train_config.steps, steps))  # one round's worth of local steps between checks
-    if mode is PersonalMode.ENSEMBLE:  # a model of the site's own, from a fresh initialisation its secret seeds
+    if mode in (PersonalMode.ENSEMBLE, PersonalMode.COMPLEMENT):  # a model of the site's own, from a fresh initialisation its secret seeds
         fresh = site.task.build_model(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=site.generator)))
         model, ft = own_model_mixture(site.model, fresh, d.X_train, d.y_train, d.X_val, d.y_val, cfg, site.generator,
-                                      num_outputs=site.task.num_outputs, steps=steps, every=every)
+                                      num_outputs=site.task.num_outputs, steps=steps, every=every,
+                                      stop_on_mixture=mode is PersonalMode.COMPLEMENT)
     else:
         model, ft = fine_tune(site.model, d.X_train, d.y_train, d.X_val, d.y_val, cfg, site.generator,
                               num_outputs=site.task.num_outputs, steps=steps, every=every)

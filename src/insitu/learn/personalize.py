@@ -20,6 +20,14 @@ local-only model is trained) and predicts with the mean of the two models' predi
 probabilities (:class:`MeanRisk`).  The weights are fixed at one half, not chosen: on a unit with
 a few deaths in its validation split a chosen weight follows that split's noise, the failure of
 checkpoint choice that fine-tuning shows on the PhysioNet cardiac-surgery unit.
+
+:class:`PersonalMode` ``complement`` is the same mixture with one choice moved: the site keeps the
+checkpoint of its own model with which the *mixture* scores best on its own validation split,
+instead of the one that scores best alone.  The own model is early-stopped for the job it does (to
+complement the global model), and the validation split chooses exactly one thing, as it does for
+``ensemble``: a checkpoint, never a weight.  Step 0 (the fresh initialisation) is a candidate too;
+an untrained model's risk is not constant, so keeping it re-ranks records at random (on PhysioNet it
+was kept at 2 of 20 site-seeds and cost them 0.01-0.02 AUROC against the global model: docs/guide/ehr.md).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import copy
 import enum
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -52,6 +61,7 @@ class PersonalMode(str, enum.Enum):
 
     FINETUNE = "finetune"  # fine-tune a copy of the global model, checkpoint chosen on the site's validation split
     ENSEMBLE = "ensemble"  # the mean risk of the global model and a model the site trains alone (early-stopped)
+    COMPLEMENT = "complement"  # the same mean risk; the own model's checkpoint is the one whose MIXTURE scores best on validation
 
 
 class MeanRisk(nn.Module):
@@ -95,10 +105,17 @@ def _val_score(model: nn.Module, X: torch.Tensor, y: torch.Tensor, num_outputs: 
     return "accuracy", float((pred.numpy() == yy).mean())
 
 
+#: how a checkpoint is scored on the validation split: model → (metric name, score; higher is better)
+Scorer = Callable[[nn.Module], tuple[str, float]]
+
+
 def fine_tune(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor, cfg: TrainConfig,
-              generator: torch.Generator, *, num_outputs: int, steps: int, every: int) -> tuple[nn.Module, FineTuned]:
+              generator: torch.Generator, *, num_outputs: int, steps: int, every: int,
+              score: Scorer | None = None) -> tuple[nn.Module, FineTuned]:
     """A copy of ``model`` fine-tuned for up to ``steps`` steps, at the checkpoint (every ``every`` steps,
-    step 0 included) with the best score on (X_val, y_val); ``model`` itself is left untouched."""
+    step 0 included) with the best score on (X_val, y_val); ``model`` itself is left untouched.
+    ``score`` scores a checkpoint on the validation split (default: the model's own AUROC or accuracy
+    there); it must read no other records."""
     steps = check_steps(steps, "fine-tuning steps")
     if steps == 0:
         raise ConfigError("fine-tuning needs at least one step (0 means personalisation is off)")
@@ -109,8 +126,10 @@ def fine_tune(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.T
         raise ConfigError("cannot fine-tune on a site with no training records")
     if X_val is None or X_val.shape[0] == 0:
         raise ConfigError("personalisation chooses its checkpoint on the site's own validation split, and this site has none")
+    if score is None:
+        score = lambda m: _val_score(m, X_val, y_val, num_outputs)  # noqa: E731
     model = copy.deepcopy(model)
-    metric, start = _val_score(model, X_val, y_val, num_outputs)
+    metric, start = score(model)
     best = (start, 0, get_flat(model))
     crit = loss_fn(num_outputs)
     opt = make_optimizer(model, cfg)
@@ -125,9 +144,9 @@ def fine_tune(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.T
         crit(model(xb), y[idx]).backward()
         opt.step()
         if step % every == 0 or step == steps:
-            _, score = _val_score(model, X_val, y_val, num_outputs)
-            if not math.isnan(score) and (math.isnan(best[0]) or score > best[0]):
-                best = (score, step, get_flat(model))
+            _, value = score(model)
+            if not math.isnan(value) and (math.isnan(best[0]) or value > best[0]):
+                best = (value, step, get_flat(model))
     set_flat(model, best[2])
     model.eval()
     return model, FineTuned(best_step=best[1], steps_run=steps, metric=metric, val_start=float(start), val_best=float(best[0]))
@@ -135,13 +154,18 @@ def fine_tune(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.T
 
 def own_model_mixture(global_model: nn.Module, fresh: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor,
                       y_val: torch.Tensor, cfg: TrainConfig, generator: torch.Generator, *, num_outputs: int, steps: int,
-                      every: int) -> tuple[nn.Module, FineTuned]:
+                      every: int, stop_on_mixture: bool = False) -> tuple[nn.Module, FineTuned]:
     """:class:`PersonalMode` ``ensemble``: train ``fresh`` (a new initialisation) on the site's records for up to
     ``steps`` steps, checkpoint chosen on (X_val, y_val), and return the equal mixture of ``global_model`` and it.
-    In the returned :class:`FineTuned`, ``best_step`` is the own model's checkpoint, ``val_start`` the global
-    model's validation score and ``val_best`` the mixture's (not chosen: it may be lower)."""
-    own, ft = fine_tune(fresh, X, y, X_val, y_val, cfg, generator, num_outputs=num_outputs, steps=steps, every=every)
+    With ``stop_on_mixture`` (mode ``complement``) the checkpoint kept is the one with which the mixture scores
+    best there; otherwise the one that scores best alone.  In the returned :class:`FineTuned`, ``best_step`` is
+    the own model's checkpoint, ``val_start`` the global model's validation score and ``val_best`` the
+    mixture's (with ``stop_on_mixture`` the score it was chosen by; otherwise not chosen: it may be lower)."""
     glob = copy.deepcopy(global_model).eval()
+    score: Scorer | None = None
+    if stop_on_mixture:
+        score = lambda m: _val_score(MeanRisk(glob, m, num_outputs), X_val, y_val, num_outputs)  # noqa: E731
+    own, ft = fine_tune(fresh, X, y, X_val, y_val, cfg, generator, num_outputs=num_outputs, steps=steps, every=every, score=score)
     mixture = MeanRisk(glob, own, num_outputs).eval()
     _, start = _val_score(glob, X_val, y_val, num_outputs)
     _, mixed = _val_score(mixture, X_val, y_val, num_outputs)

@@ -35,6 +35,8 @@ def clinical_table(summary: dict[str, Any]) -> Table:
             if "auroc" in m:
                 if ft.get("mode") == "ensemble":
                     row(f"{name}, mean risk of the federated model and its own (step {m['best_step']}/{m['steps']})", m)
+                elif ft.get("mode") == "complement":
+                    row(f"{name}, mean risk of the federated model and its own, stopped for the mix (step {m['best_step']}/{m['steps']})", m)
                 else:
                     row(f"{name}, federated + local fine-tuning (best step {m['best_step']}/{m['steps']})", m)
     return t

@@ -19,6 +19,10 @@ def _bytes(v: Any) -> str:
     return f"{v:.0f} B"
 
 
+#: the table column of each --personalize-mode (insitu.learn.personalize.PersonalMode); fine-tuning otherwise
+_PERSONAL_COLUMN = {"ensemble": "federated + own model, mean risk", "complement": "federated + own model stopped for the mix"}
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     fin = summary["final"]
     base = summary.get("baselines", {})
@@ -34,7 +38,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         t.add_column("federated AUC", justify="right")
     ft = fin.get("personalized")  # --personalize: each site's own fine-tuned model (its test scores only)
     if ft:
-        t.add_column("federated + own model, mean risk" if ft.get("mode") == "ensemble" else "federated + local fine-tuning", justify="right")
+        t.add_column(_PERSONAL_COLUMN.get(ft.get("mode"), "federated + local fine-tuning"), justify="right")
     t.add_column("own model, own split", justify="right")
     t.add_column("local model, every site", justify="right")
     t.add_column("pooled", justify="right")
