@@ -41,17 +41,19 @@ def main() -> None:
     from insitu.net import sandbox
 
     base = {"dataset": "heart", "rounds": rounds, "seed": 0, "min_sites": 4, "round_timeout": 60.0}
+    protection = {"plain": {}, "secagg": {"secure_aggregation": True}, "paillier": {"homomorphic": "paillier"}, "ckks": {"homomorphic": "ckks"}}
+    jobs = {proto: {**base, "name": f"bench-{proto}", **protection[proto]} for proto in args.protocols.split(",")}
     root = Path(tempfile.mkdtemp(prefix="insitu-deploy-bench-"))
-    sb = sandbox.create(root, approved=[JobSpec.from_dict({"name": "x", **base}).task.content_hash()])
+    sb = sandbox.create(root, approved=[JobSpec.from_dict(job).plan.content_hash() for job in jobs.values()])
     t0 = time.perf_counter()
     sb.start_all()
     sites = sb.wait_sites(4, timeout=180)
     startup = time.perf_counter() - t0
     results = {}
     try:
-        for proto in args.protocols.split(","):
-            name = f"bench-{proto}"
-            sb.operator("submit", {"job": {**base, "name": name, "protocol": proto}})
+        for proto, job in jobs.items():
+            name = job["name"]
+            sb.operator("submit", {"job": job})
             st = sb.wait_job(name, timeout=600)
             if st["status"] != "done":
                 raise SystemExit(f"{name} ended {st['status']}: {st.get('error')}")

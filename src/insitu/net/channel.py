@@ -21,14 +21,26 @@ streamed as chunks so that no single frame is large, and the receiver refuses
 a message that grows past its limit before buffering it.  The sequence number
 pairs a reply with its request: a late reply to a request the coordinator gave
 up on is recognised and discarded, never taken for the answer to the next one.
+
+**One TLS object, two threads.**  A channel is read by one thread and written by others (requests,
+replies, heart-beats) at the same time.  OpenSSL forbids calling ``SSL_read`` and ``SSL_write`` on one
+connection concurrently, and Python 3.11's ``ssl`` module does not serialise them: under load a
+fresh connection's first read (processing the TLS 1.3 session tickets) racing a first write
+corrupted the record layer ("bad record mac") and both ends saw the channel close.  So every TLS
+call of a channel runs under one lock, on a non-blocking socket, and a thread waits for the socket
+(``select``) outside the lock: a reader waiting for data never holds up a writer, and neither can
+deadlock the other.  The timeout set on the socket (``channel.sock.settimeout``) keeps its meaning:
+how long one read, or one whole send, may wait.
 """
 from __future__ import annotations
 
 import enum
+import select
 import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,31 +143,98 @@ class Channel:
     max_bytes: int = DEFAULT_MAX_MESSAGE
 
     def __post_init__(self) -> None:
-        self._wlock = threading.Lock()
+        self._wlock = threading.Lock()  # one writer at a time: a message's frames stay together
+        self._io = threading.Lock()  # one TLS call at a time (OpenSSL's rule; see the module docstring)
         self.closed = False
+        self._timeout: float | None = self.sock.gettimeout()
+        self.sock.settimeout(0.0)
 
     def send(self, msg: Message, seq: int = 0) -> int:
         """Send ``msg`` tagged with ``seq``; returns the encoded message size in bytes."""
         data = encode(msg, max_bytes=self.max_bytes)
         view = memoryview(data)
         with self._wlock:
+            deadline = self._deadline()
             if len(data) <= CHUNK_BYTES:
-                self.sock.sendall(_FRAME.pack(FrameKind.WHOLE, seq, len(data)) + data)
+                self._write_all(memoryview(_FRAME.pack(FrameKind.WHOLE, seq, len(data)) + data), deadline)
             else:
                 for off in range(0, len(data), CHUNK_BYTES):
                     part = view[off : off + CHUNK_BYTES]
                     last = off + CHUNK_BYTES >= len(data)
-                    self.sock.sendall(_FRAME.pack(FrameKind.END if last else FrameKind.CHUNK, seq, len(part)))
-                    self.sock.sendall(part)
+                    self._write_all(memoryview(_FRAME.pack(FrameKind.END if last else FrameKind.CHUNK, seq, len(part))), deadline)
+                    self._write_all(part, deadline)
         return len(data)
+
+    def settimeout(self, timeout: float | None) -> None:
+        """How long one read, or one whole send, may wait (None: for ever).  ``channel.sock.settimeout``
+        still works: the channel takes the value over at its next TLS call and keeps the socket non-blocking."""
+        with self._io:
+            self._timeout = timeout
+            self.sock.settimeout(0.0)
+
+    # -- TLS calls, one at a time ----------------------------------------------------------------
+    def _deadline(self) -> float | None:
+        with self._io:
+            self._adopt_timeout()
+        return None if self._timeout is None else time.monotonic() + self._timeout
+
+    def _adopt_timeout(self) -> None:
+        """(Under the TLS lock.)  A timeout someone set on the socket itself becomes the channel's."""
+        timeout = self.sock.gettimeout()
+        if timeout != 0.0:
+            self._timeout = timeout
+            try:
+                self.sock.settimeout(0.0)
+            except OSError:  # closed meanwhile: the next call says so
+                pass
+
+    def _tls(self, call):
+        """``call()`` under the TLS lock on the non-blocking socket; ``(result, None)``, or ``(None,
+        "read"/"write")`` when it would block (what to wait for, outside the lock)."""
+        with self._io:
+            if self.closed:
+                raise ConnectionError("channel closed")
+            self._adopt_timeout()
+            try:
+                return call(), None
+            except ssl.SSLWantReadError:
+                return None, "read"
+            except (ssl.SSLWantWriteError, BlockingIOError):
+                return None, "write"
+
+    def _wait(self, what: str, deadline: float | None) -> None:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError("timed out")
+        try:
+            r, w, _ = select.select([self.sock] if what == "read" else [], [self.sock] if what == "write" else [], [], left)
+        except (ValueError, OSError):  # the socket was closed by another thread
+            raise ConnectionError("channel closed") from None
+        if not r and not w:
+            raise TimeoutError("timed out")
+
+    def _write_all(self, data: memoryview, deadline: float | None) -> None:
+        off = 0
+        while off < len(data):
+            piece = data[off : off + _WRITE_PIECE]
+            n, wait = self._tls(lambda: self.sock.send(piece))  # a retry after "would block" sends the same bytes again
+            if wait is not None:
+                self._wait(wait, deadline)
+            else:
+                off += n
 
     def _read_exact(self, n: int) -> bytes:
         buf = bytearray()
+        deadline = self._deadline()
         while len(buf) < n:
-            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            chunk, wait = self._tls(lambda: self.sock.recv(min(n - len(buf), 1 << 20)))
+            if wait is not None:
+                self._wait(wait, deadline)
+                continue
             if not chunk:
                 raise ConnectionError("peer closed the channel")
             buf += chunk
+            deadline = self._deadline()  # the timeout bounds each wait for data, as a blocking socket's does
         return bytes(buf)
 
     def recv(self) -> tuple[int, Message, int]:
@@ -193,5 +272,8 @@ class Channel:
         except OSError:
             pass
 
+
+#: bytes handed to one TLS write: small enough that a reader waiting for the lock is not held up long
+_WRITE_PIECE = 256 * 1024
 
 __all__ = ["Channel", "ServerTLS", "dial", "server_context", "client_context", "CHUNK_BYTES", "FrameKind"]

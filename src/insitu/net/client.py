@@ -85,7 +85,7 @@ class SiteClient:
                 channel.close()
 
     def _session(self, channel: Channel) -> None:
-        channel.sock.settimeout(self.config.dead_after)
+        channel.settimeout(self.config.dead_after)
         channel.send(Message(MessageKind.HELLO, meta=self.hello), 1)
         _, reply, _ = channel.recv()
         if reply.kind is not MessageKind.HELLO_REPLY:
@@ -158,7 +158,7 @@ def operator_request(host: str, port: int, creds: Credentials, op: str, args: Ma
     """One operator request; returns its JSON result and the arrays that came with it (a model)."""
     channel, _ = dial(host, port, creds, timeout=timeout)
     try:
-        channel.sock.settimeout(timeout)
+        channel.settimeout(timeout)
         channel.send(Message(MessageKind.OPERATOR, meta={"op": op, "args": dict(args or {})}), 1)
         try:
             _, reply, _ = channel.recv()

@@ -304,7 +304,7 @@ class CoordinatorServer:
             channel.close()
 
     def _serve_site(self, channel: Channel, ident: Identity) -> None:
-        channel.sock.settimeout(self.config.hello_timeout)
+        channel.settimeout(self.config.hello_timeout)
         seq, hello, _ = channel.recv()
         if hello.kind is MessageKind.OPERATOR:
             log.warning("refused operator request from site %s: only operator certificates may run jobs", ident.name)
@@ -312,7 +312,7 @@ class CoordinatorServer:
             return
         if hello.kind is not MessageKind.HELLO:
             raise ProtocolError(f"{ident.name}: first message must be hello, got {hello.kind.value}")
-        channel.sock.settimeout(None)
+        channel.settimeout(None)
         # the identity is the certificate's CN; a name claimed in the hello is ignored
         channel.send(Message(MessageKind.HELLO_REPLY, meta={"site": ident.name, "heartbeat": self.config.heartbeat}), seq)
         conn = SiteConnection(channel, ident, hello.meta)
@@ -341,7 +341,7 @@ class CoordinatorServer:
             (log.warning if why.startswith("malformed") else log.info)("site %s detached: %s", ident.name, why)
 
     def _serve_operator(self, channel: Channel, ident: Identity) -> None:
-        channel.sock.settimeout(self.config.dead_after * 6)
+        channel.settimeout(self.config.dead_after * 6)
         while True:
             seq, msg, _ = channel.recv()
             if msg.kind is MessageKind.BYE:
