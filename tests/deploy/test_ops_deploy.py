@@ -102,6 +102,7 @@ def test_model_downloaded_exported_and_served_by_the_gateway(dep, tmp_path, gate
         assert pred["risk"] == pytest.approx(expected, abs=1e-5)
         card = pred["model"]
         assert card["task_hash"] == JobSpec.from_dict(HEART).task.content_hash() and card["rounds"] == 3
+        assert card["plan_hash"] == JobSpec.from_dict(HEART).plan.content_hash()  # the hash the sites approved
         assert sorted(card["training_sites"]) == sorted(dep.sites) and card["strategy"] == "fedavg"
         assert card["differential_privacy"] is False
     finally:

@@ -195,6 +195,8 @@ class ModelInfo(BaseModel):
     threshold: float = Field(0.5, description="risk at which a prediction is positive: chosen on the training sites' "
                                               "validation data where the run made that choice (physionet2012), else 0.5")
     task_hash: str
+    plan_hash: str | None = Field(None, description="content hash of the plan the training sites approved (what `insitu site "
+                                                    "pending` and each site's approvals name), when the run recorded it")
     features: list[str]
     training_sites: list[str]
     rounds: int

@@ -40,10 +40,12 @@ class ModelCard:
     mean_site_accuracy: float | None
     input: str = "tabular"  # what /predict takes (insitu.gateway.inputs.InputKind)
     threshold: float = 0.5  # risk at which /predict says positive: the run's validation choice where it made one
+    plan_hash: str | None = None  # the plan the training sites approved (`insitu site pending` shows it), when the run recorded it
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "input": self.input, "threshold": self.threshold, "task_hash": self.task_hash, "features": list(self.features),
+            "model": self.model, "input": self.input, "threshold": self.threshold, "task_hash": self.task_hash,
+            "plan_hash": self.plan_hash, "features": list(self.features),
             "training_sites": list(self.training_sites), "rounds": self.rounds,
             "epsilon": self.epsilon, "delta": self.delta,
             "differential_privacy": self.epsilon is not None,
@@ -122,6 +124,7 @@ class ServedModel:
             strategy=(summary.get("config") or {}).get("strategy"),
             mean_site_accuracy=final.get("mean_site_accuracy"),
             threshold=_validation_threshold(final),
+            plan_hash=summary.get("plan_hash") if isinstance(summary.get("plan_hash"), str) else None,
         )
         try:
             from insitu.gateway.inputs import InputSchema
