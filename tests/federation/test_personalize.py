@@ -298,11 +298,29 @@ def test_complement_keeps_the_own_checkpoint_whose_mixture_scores_best_on_valida
         mixture, ft, seen = _checkpoints(data, stop_on_mixture)
         assert len(seen) == 13  # step 0 and every 5 steps up to 60
         by = 0 if stop_on_mixture else 1
-        best = max(range(len(seen)), key=lambda i: (seen[i][by], -i))  # the first checkpoint with the best score
+        first = 1 if stop_on_mixture else 0  # complement: the untrained own model (step 0) is no candidate
+        best = max(range(first, len(seen)), key=lambda i: (seen[i][by], -i))  # the first checkpoint with the best score
         assert np.array_equal(get_flat(mixture.second), seen[best][2]) and ft.best_step == 5 * best
         assert ft.val_best == pytest.approx(seen[best][0])  # the reply's val_best is the kept mixture's validation AUROC
         kept[stop_on_mixture] = ft.best_step
     assert kept[True] != kept[False]
+
+
+def test_complement_never_keeps_the_untrained_own_model(data):
+    """A fresh initialisation's risk re-ranks records at random, so step 0 is no candidate: here training
+    cannot move the model (a learning rate of 1e-30), every checkpoint ties, and the first TRAINED one is kept
+    where a tie would otherwise keep step 0 (ensemble still may)."""
+    from insitu.learn.personalize import own_model_mixture
+
+    s = data.sites[2]
+    cfg = TrainConfig(lr=1e-30, steps=1, batch_size=16, optimizer="sgd")  # far below float32 resolution: no step moves a weight
+    kept = {}
+    for stop_on_mixture in (True, False):
+        _, ft = own_model_mixture(build_model("mlp", (6,), 1, seed=11), build_model("mlp", (6,), 1, seed=20), s.X_train, s.y_train,
+                                  s.X_val, s.y_val, cfg, torch.Generator().manual_seed(0), num_outputs=1, steps=10, every=5,
+                                  stop_on_mixture=stop_on_mixture)
+        kept[stop_on_mixture] = ft.best_step
+    assert kept == {True: 5, False: 0}
 
 
 def test_complement_choices_never_read_the_test_split(data):

@@ -25,9 +25,10 @@ checkpoint choice that fine-tuning shows on the PhysioNet cardiac-surgery unit.
 checkpoint of its own model with which the *mixture* scores best on its own validation split,
 instead of the one that scores best alone.  The own model is early-stopped for the job it does (to
 complement the global model), and the validation split chooses exactly one thing, as it does for
-``ensemble``: a checkpoint, never a weight.  Step 0 (the fresh initialisation) is a candidate too;
-an untrained model's risk is not constant, so keeping it re-ranks records at random (on PhysioNet it
-was kept at 2 of 20 site-seeds and cost them 0.01-0.02 AUROC against the global model: docs/guide/ehr.md).
+``ensemble``: a checkpoint, never a weight.  Step 0 (the fresh initialisation) is not a candidate:
+an untrained model's risk is not constant, so keeping it re-ranks records at random (on PhysioNet the
+first version kept it at 2 of 20 site-seeds and lost 0.01-0.02 AUROC against the global model there:
+docs/guide/ehr.md).
 """
 from __future__ import annotations
 
@@ -111,11 +112,11 @@ Scorer = Callable[[nn.Module], tuple[str, float]]
 
 def fine_tune(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor, cfg: TrainConfig,
               generator: torch.Generator, *, num_outputs: int, steps: int, every: int,
-              score: Scorer | None = None) -> tuple[nn.Module, FineTuned]:
+              score: Scorer | None = None, trained_only: bool = False) -> tuple[nn.Module, FineTuned]:
     """A copy of ``model`` fine-tuned for up to ``steps`` steps, at the checkpoint (every ``every`` steps,
-    step 0 included) with the best score on (X_val, y_val); ``model`` itself is left untouched.
-    ``score`` scores a checkpoint on the validation split (default: the model's own AUROC or accuracy
-    there); it must read no other records."""
+    step 0 included unless ``trained_only``) with the best score on (X_val, y_val); ``model`` itself is
+    left untouched.  ``score`` scores a checkpoint on the validation split (default: the model's own
+    AUROC or accuracy there); it must read no other records."""
     steps = check_steps(steps, "fine-tuning steps")
     if steps == 0:
         raise ConfigError("fine-tuning needs at least one step (0 means personalisation is off)")
@@ -130,7 +131,7 @@ def fine_tune(model: nn.Module, X: torch.Tensor, y: torch.Tensor, X_val: torch.T
         score = lambda m: _val_score(m, X_val, y_val, num_outputs)  # noqa: E731
     model = copy.deepcopy(model)
     metric, start = score(model)
-    best = (start, 0, get_flat(model))
+    best = (math.nan if trained_only else start, 0, get_flat(model))  # NaN: the first trained checkpoint replaces it
     crit = loss_fn(num_outputs)
     opt = make_optimizer(model, cfg)
     bs = min(cfg.batch_size, n)
@@ -165,7 +166,8 @@ def own_model_mixture(global_model: nn.Module, fresh: nn.Module, X: torch.Tensor
     score: Scorer | None = None
     if stop_on_mixture:
         score = lambda m: _val_score(MeanRisk(glob, m, num_outputs), X_val, y_val, num_outputs)  # noqa: E731
-    own, ft = fine_tune(fresh, X, y, X_val, y_val, cfg, generator, num_outputs=num_outputs, steps=steps, every=every, score=score)
+    own, ft = fine_tune(fresh, X, y, X_val, y_val, cfg, generator, num_outputs=num_outputs, steps=steps, every=every, score=score,
+                        trained_only=stop_on_mixture)
     mixture = MeanRisk(glob, own, num_outputs).eval()
     _, start = _val_score(glob, X_val, y_val, num_outputs)
     _, mixed = _val_score(mixture, X_val, y_val, num_outputs)
